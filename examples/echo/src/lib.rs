@@ -1,0 +1,17 @@
+//! Echoes the request: the body back as the body, and the method, the path (with query)
+//! and the `x-test` header as response headers.
+use kiln_guest::{Request, Response};
+
+fn echo(req: Request) -> Response {
+    let (parts, body) = req.into_parts();
+    let mut resp = Response::new(body);
+    let h = resp.headers_mut();
+    h.insert("x-method", parts.method.as_str().parse().expect("method is a header value"));
+    h.insert("x-path", parts.uri.to_string().parse().expect("uri is a header value"));
+    if let Some(v) = parts.headers.get("x-test") {
+        h.insert("x-test", v.clone());
+    }
+    resp
+}
+
+kiln_guest::export!(echo);

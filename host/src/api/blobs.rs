@@ -1,0 +1,86 @@
+//! `PUT`/`HEAD /v1/blobs/sha256:{hex}`: content-addressed uploads, streamed to disk while
+//! hashing, never held whole in memory, refused with 413 as soon as they pass the limit.
+
+use std::sync::Arc;
+
+use http::{Request, Response, StatusCode, header};
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+
+use super::ApiError;
+use crate::app::App;
+use crate::server::{Body, empty, json_response};
+use crate::store::{BlobError, Digest};
+
+fn parse_digest(s: &str) -> Result<Digest, ApiError> {
+    s.parse()
+        .map_err(|e: crate::store::DigestError| ApiError::InvalidRequest(e.to_string()))
+}
+
+pub(super) fn head(app: &Arc<App>, digest: &str) -> Result<Response<Body>, ApiError> {
+    let digest = parse_digest(digest)?;
+    let size = app
+        .blobs
+        .size(&digest)
+        .ok_or_else(|| ApiError::BlobNotFound(digest.to_string()))?;
+    let mut resp = Response::new(empty());
+    resp.headers_mut()
+        .insert(header::CONTENT_LENGTH, size.into());
+    Ok(resp)
+}
+
+pub(super) async fn put(
+    app: &Arc<App>,
+    digest: &str,
+    req: Request<Incoming>,
+) -> Result<Response<Body>, ApiError> {
+    let digest = parse_digest(digest)?;
+    if let Some(size) = app.blobs.size(&digest) {
+        return Ok(json_response(
+            StatusCode::OK,
+            &serde_json::json!({"digest": digest, "size": size, "created": false}),
+        ));
+    }
+    let (stored, size) = receive(
+        app,
+        req.into_body(),
+        Some(digest),
+        app.config.max_upload_bytes,
+    )
+    .await?;
+    Ok(json_response(
+        StatusCode::CREATED,
+        &serde_json::json!({"digest": stored, "size": size, "created": true}),
+    ))
+}
+
+/// Streams a request body into the blob store; returns the digest and size.
+pub(super) async fn receive(
+    app: &Arc<App>,
+    mut body: Incoming,
+    expected: Option<Digest>,
+    limit: u64,
+) -> Result<(Digest, u64), ApiError> {
+    if let Some(len) = http_body::Body::size_hint(&body).exact()
+        && len > limit
+    {
+        return Err(BlobError::TooLarge { limit }.into());
+    }
+    let mut writer = app
+        .blobs
+        .writer(expected, limit)
+        .map_err(|e| ApiError::Internal(anyhow::Error::from(e).context("creating blob file")))?;
+    let mut size = 0u64;
+    while let Some(frame) = body.frame().await {
+        let frame = frame
+            .map_err(|e| ApiError::InvalidRequest(format!("reading the upload failed: {e}")))?;
+        if let Some(data) = frame.data_ref() {
+            size += data.len() as u64;
+            writer.write_chunk(data)?;
+        }
+    }
+    let digest = tokio::task::spawn_blocking(move || writer.finish())
+        .await
+        .map_err(|e| ApiError::Internal(e.into()))??;
+    Ok((digest, size))
+}

@@ -1,0 +1,189 @@
+//! `/v1/functions...`: list, show, delete functions; list, show and create versions.
+
+use std::sync::Arc;
+
+use http::{Request, Response, StatusCode, header};
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use serde::{Deserialize, Serialize};
+
+use super::{ApiError, blobs};
+use crate::app::App;
+use crate::deploy::{FunctionEntry, RouteError, validate_name};
+use crate::runtime::LimitsSpec;
+use crate::server::{Body, json_response};
+use crate::store::{Digest, VersionRecord};
+
+/// Largest JSON manifest accepted, in bytes.
+const MAX_MANIFEST_BYTES: usize = 1 << 20;
+
+/// The JSON body of `POST /v1/functions/{name}/versions` that names stored blobs.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateVersion {
+    /// Digest of the component blob (`sha256:<hex>`), uploaded beforehand.
+    pub component: Digest,
+    /// Limits; unset ones take the server's defaults.
+    #[serde(default)]
+    pub limits: LimitsSpec,
+}
+
+fn base_url<B>(app: &App, req: &Request<B>) -> String {
+    let host = req
+        .headers()
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .map(str::to_string)
+        .unwrap_or_else(|| app.config.listen.to_string());
+    format!("http://{host}")
+}
+
+fn version_json(rec: &VersionRecord, base: &str) -> serde_json::Value {
+    serde_json::json!({
+        "function": rec.function,
+        "version": rec.version,
+        "digest": rec.digest,
+        "size": rec.size,
+        "limits": rec.limits,
+        "created_at": rec.created_at,
+        "url": format!("{base}/fn/{}@{}/", rec.function, rec.version),
+    })
+}
+
+fn function_json(f: &FunctionEntry, base: &str) -> serde_json::Value {
+    serde_json::json!({
+        "name": f.name,
+        "created_at": f.created_at,
+        "latest_version": f.latest().map(|v| v.record.version),
+        "versions": f.versions.len(),
+        "url": format!("{base}/fn/{}/", f.name),
+    })
+}
+
+fn function(app: &App, name: &str) -> Result<Arc<FunctionEntry>, ApiError> {
+    app.registry
+        .function(name)
+        .ok_or_else(|| RouteError::NoFunction(name.to_string()).into())
+}
+
+pub(super) fn list(app: &Arc<App>) -> Result<Response<Body>, ApiError> {
+    let base = format!("http://{}", app.config.listen);
+    let all: Vec<_> = app
+        .registry
+        .functions()
+        .iter()
+        .map(|f| function_json(f, &base))
+        .collect();
+    Ok(json_response(
+        StatusCode::OK,
+        &serde_json::json!({"functions": all}),
+    ))
+}
+
+pub(super) fn show<B>(
+    app: &Arc<App>,
+    name: &str,
+    req: &Request<B>,
+) -> Result<Response<Body>, ApiError> {
+    let f = function(app, name)?;
+    let base = base_url(app, req);
+    let mut json = function_json(&f, &base);
+    json["version_list"] = f
+        .versions
+        .values()
+        .map(|v| version_json(&v.record, &base))
+        .collect();
+    Ok(json_response(StatusCode::OK, &json))
+}
+
+pub(super) fn delete(app: &Arc<App>, name: &str) -> Result<Response<Body>, ApiError> {
+    if !app.delete_function(name)? {
+        return Err(RouteError::NoFunction(name.to_string()).into());
+    }
+    Ok(json_response(
+        StatusCode::OK,
+        &serde_json::json!({"deleted": name}),
+    ))
+}
+
+pub(super) fn versions(app: &Arc<App>, name: &str) -> Result<Response<Body>, ApiError> {
+    let f = function(app, name)?;
+    let base = format!("http://{}", app.config.listen);
+    let list: Vec<_> = f
+        .versions
+        .values()
+        .map(|v| version_json(&v.record, &base))
+        .collect();
+    Ok(json_response(
+        StatusCode::OK,
+        &serde_json::json!({"versions": list}),
+    ))
+}
+
+pub(super) fn version(app: &Arc<App>, name: &str, v: &str) -> Result<Response<Body>, ApiError> {
+    let n: u32 = v.parse().map_err(|_| {
+        ApiError::InvalidRequest(format!("invalid version {v:?}: expected a number"))
+    })?;
+    let entry = app.registry.route(name, Some(n))?;
+    let base = format!("http://{}", app.config.listen);
+    Ok(json_response(
+        StatusCode::OK,
+        &version_json(&entry.record, &base),
+    ))
+}
+
+pub(super) async fn create_version(
+    app: &Arc<App>,
+    name: &str,
+    req: Request<Incoming>,
+) -> Result<Response<Body>, ApiError> {
+    validate_name(name).map_err(ApiError::InvalidRequest)?;
+    let base = base_url(app, &req);
+    let content_type = req
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .split(';')
+        .next()
+        .unwrap_or("")
+        .trim()
+        .to_ascii_lowercase();
+    let (component, limits) = match content_type.as_str() {
+        "application/wasm" => {
+            let spec = LimitsSpec::from_query(req.uri().query().unwrap_or(""))
+                .map_err(ApiError::InvalidRequest)?;
+            let limit = app
+                .config
+                .max_upload_bytes
+                .min(app.config.runtime.max_component_bytes);
+            let (digest, _) = blobs::receive(app, req.into_body(), None, limit).await?;
+            (digest, spec)
+        }
+        "application/json" => {
+            if req.uri().query().is_some_and(|q| !q.is_empty()) {
+                return Err(ApiError::InvalidRequest(
+                    "with a JSON manifest, limits go in its \"limits\" object, not the query string".into(),
+                ));
+            }
+            let body = http_body_util::Limited::new(req.into_body(), MAX_MANIFEST_BYTES)
+                .collect()
+                .await
+                .map_err(|e| ApiError::TooLarge(format!("manifest: {e}")))?
+                .to_bytes();
+            let manifest: CreateVersion = serde_json::from_slice(&body)
+                .map_err(|e| ApiError::InvalidRequest(format!("invalid version manifest: {e}")))?;
+            (manifest.component, manifest.limits)
+        }
+        other => {
+            return Err(ApiError::UnsupportedMediaType(format!(
+                "content-type {other:?} is not accepted: send application/wasm (a component) or application/json (a manifest naming blobs)"
+            )));
+        }
+    };
+    let limits = limits.resolve(&app.config.runtime.default_limits);
+    let rec = app.deploy(name, component, limits).await?;
+    let mut json = version_json(&rec, &base);
+    json["url"] = format!("{base}/fn/{}/", rec.function).into();
+    Ok(json_response(StatusCode::CREATED, &json))
+}

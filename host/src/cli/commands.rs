@@ -1,0 +1,262 @@
+//! The client commands: build, deploy, invoke, list, delete.
+
+use std::io::{IsTerminal, Read, Write};
+use std::path::Path;
+use std::process::Command as Process;
+
+use anyhow::{Context, bail};
+use serde_json::{Value, json};
+
+use super::{Client, Output};
+use crate::manifest::Manifest;
+use crate::runtime::LimitsSpec;
+use crate::store::Digest;
+
+/// Uploads over this size show a progress bar (when stderr is a terminal).
+const PROGRESS_THRESHOLD: u64 = 4 << 20;
+
+/// `kiln build [DIR]`.
+pub fn build(dir: &Path) -> anyhow::Result<()> {
+    let m = Manifest::load(dir)?;
+    let Some(cmd) = m.build_command() else {
+        bail!(
+            "{} has no [build] command and is not a Rust crate; build {} yourself",
+            dir.display(),
+            m.component.display()
+        );
+    };
+    eprintln!("building {} in {}: {cmd}", m.name, m.dir.display());
+    let status = Process::new("sh")
+        .arg("-c")
+        .arg(&cmd)
+        .current_dir(&m.dir)
+        .status()
+        .with_context(|| format!("running {cmd:?}"))?;
+    if !status.success() {
+        bail!("build command {cmd:?} failed ({status})");
+    }
+    let out = m.component_path();
+    if !out.is_file() {
+        bail!(
+            "the build succeeded but {} does not exist; check `component` in kiln.toml",
+            out.display()
+        );
+    }
+    println!("{}", out.display());
+    Ok(())
+}
+
+/// `kiln deploy [DIR | FILE.wasm]`.
+pub fn deploy(client: &Client, path: &Path, name: Option<String>) -> anyhow::Result<()> {
+    let (name, component, limits) =
+        if path.is_file() && path.extension().is_some_and(|e| e == "wasm") {
+            let name = match name {
+                Some(n) => n,
+                None => path
+                    .file_stem()
+                    .map(|s| s.to_string_lossy().replace('.', "-"))
+                    .context("cannot derive a function name from the file; pass --name")?,
+            };
+            (name, path.to_path_buf(), LimitsSpec::default())
+        } else {
+            let m = Manifest::load(path)?;
+            let component = m.component_path();
+            if !component.is_file() {
+                bail!(
+                    "component {} not found; run `kiln build {}` first",
+                    component.display(),
+                    path.display()
+                );
+            }
+            (name.unwrap_or(m.name), component, m.limits)
+        };
+    crate::deploy::validate_name(&name).map_err(anyhow::Error::msg)?;
+
+    let digest = upload(client, &component)?;
+    let answer = client.post_json(
+        &format!("/v1/functions/{name}/versions"),
+        &json!({"component": digest, "limits": limits}),
+    )?;
+    println!(
+        "deployed {} version {} ({})",
+        answer["function"].as_str().unwrap_or(&name),
+        answer["version"],
+        answer["digest"].as_str().unwrap_or_default()
+    );
+    println!("{}", answer["url"].as_str().unwrap_or_default());
+    Ok(())
+}
+
+/// Uploads a file as a blob unless the server already has it; returns its digest.
+fn upload(client: &Client, file: &Path) -> anyhow::Result<Digest> {
+    let bytes = std::fs::read(file).with_context(|| format!("reading {}", file.display()))?;
+    let digest = Digest::of(&bytes);
+    if client.has_blob(&digest.to_string())? {
+        return Ok(digest);
+    }
+    let len = bytes.len() as u64;
+    let mut reader: Box<dyn Read> = Box::new(std::io::Cursor::new(bytes));
+    let bar = (len > PROGRESS_THRESHOLD && std::io::stderr().is_terminal()).then(|| {
+        let bar = indicatif::ProgressBar::new(len);
+        bar.set_style(
+            indicatif::ProgressStyle::with_template(
+                "uploading {bytes}/{total_bytes} {wide_bar} {eta}",
+            )
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+        );
+        bar
+    });
+    if let Some(bar) = &bar {
+        reader = Box::new(bar.wrap_read(reader));
+    }
+    client.put_blob(&digest.to_string(), len, &mut reader)?;
+    if let Some(bar) = bar {
+        bar.finish_and_clear();
+    }
+    Ok(digest)
+}
+
+/// Arguments of `kiln invoke`.
+pub struct InvokeArgs {
+    pub name: String,
+    pub path: String,
+    pub method: Option<String>,
+    pub headers: Vec<String>,
+    pub data: Option<String>,
+    pub include: bool,
+}
+
+/// `kiln invoke NAME`.
+pub fn invoke(client: &Client, args: &InvokeArgs) -> anyhow::Result<()> {
+    let body = match args.data.as_deref() {
+        Some(d) if d.starts_with('@') => {
+            std::fs::read(&d[1..]).with_context(|| format!("reading {}", &d[1..]))?
+        }
+        Some(d) => d.as_bytes().to_vec(),
+        None => Vec::new(),
+    };
+    let method = match &args.method {
+        Some(m) => m.to_ascii_uppercase(),
+        None if args.data.is_some() => "POST".into(),
+        None => "GET".into(),
+    };
+    let path = if args.path.starts_with('/') {
+        args.path.clone()
+    } else {
+        format!("/{}", args.path)
+    };
+    let mut req = http::Request::builder()
+        .method(method.as_str())
+        .uri(format!("{}/fn/{}{path}", client.base(), args.name));
+    for h in &args.headers {
+        let (k, v) = h
+            .split_once(':')
+            .with_context(|| format!("header {h:?} is not 'name: value'"))?;
+        req = req.header(k.trim(), v.trim());
+    }
+    let req = req.body(body).context("building the request")?;
+    let mut resp = client
+        .agent()
+        .run(req)
+        .with_context(|| format!("connecting to {}", client.base()))?;
+    let status = resp.status();
+    if args.include {
+        eprintln!("HTTP {status}");
+        for (k, v) in resp.headers() {
+            eprintln!("{k}: {}", v.to_str().unwrap_or("<binary>"));
+        }
+        eprintln!();
+    }
+    let bytes = resp
+        .body_mut()
+        .with_config()
+        .limit(u64::MAX)
+        .read_to_vec()
+        .context("reading the response")?;
+    std::io::stdout().write_all(&bytes)?;
+    if !status.is_success() {
+        bail!("the function answered HTTP {}", status.as_u16());
+    }
+    Ok(())
+}
+
+/// `kiln functions`.
+pub fn functions(client: &Client, output: Output) -> anyhow::Result<()> {
+    let v = client.get_json("/v1/functions")?;
+    print_table(
+        &v,
+        output,
+        "functions",
+        &["name", "latest_version", "versions", "url"],
+    )
+}
+
+/// `kiln versions NAME`.
+pub fn versions(client: &Client, name: &str, output: Output) -> anyhow::Result<()> {
+    let v = client.get_json(&format!("/v1/functions/{name}/versions"))?;
+    print_table(
+        &v,
+        output,
+        "versions",
+        &["version", "digest", "size", "created_at"],
+    )
+}
+
+/// `kiln delete NAME`.
+pub fn delete(client: &Client, name: &str) -> anyhow::Result<()> {
+    client.delete(&format!("/v1/functions/{name}"))?;
+    println!("deleted {name}");
+    Ok(())
+}
+
+fn print_table(v: &Value, output: Output, key: &str, columns: &[&str]) -> anyhow::Result<()> {
+    if let Output::Json = output {
+        println!("{}", serde_json::to_string_pretty(&v[key])?);
+        return Ok(());
+    }
+    let rows: Vec<Vec<String>> = v[key]
+        .as_array()
+        .map(|a| a.as_slice())
+        .unwrap_or_default()
+        .iter()
+        .map(|row| {
+            columns
+                .iter()
+                .map(|c| match &row[*c] {
+                    Value::String(s) => s.clone(),
+                    Value::Null => "-".into(),
+                    other => other.to_string(),
+                })
+                .collect()
+        })
+        .collect();
+    let widths: Vec<usize> = columns
+        .iter()
+        .enumerate()
+        .map(|(i, c)| {
+            rows.iter()
+                .map(|r| r[i].len())
+                .chain([c.len()])
+                .max()
+                .unwrap_or(0)
+        })
+        .collect();
+    let line = |cells: Vec<String>| {
+        cells
+            .iter()
+            .zip(&widths)
+            .map(|(c, w)| format!("{c:<w$}"))
+            .collect::<Vec<_>>()
+            .join("  ")
+            .trim_end()
+            .to_string()
+    };
+    println!(
+        "{}",
+        line(columns.iter().map(|c| c.to_uppercase()).collect())
+    );
+    for r in rows {
+        println!("{}", line(r));
+    }
+    Ok(())
+}

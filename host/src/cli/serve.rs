@@ -1,0 +1,59 @@
+//! `kiln serve`: load the configuration, open the data dir, listen, print the URL, and shut
+//! down gracefully on SIGTERM or ctrl-c.
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+
+use crate::app::App;
+use crate::config::{ConfigFile, ServerConfig};
+
+pub fn run(
+    listen: Option<String>,
+    data_dir: Option<PathBuf>,
+    config: Option<PathBuf>,
+) -> anyhow::Result<()> {
+    let file = match &config {
+        Some(path) => ConfigFile::load(path)?,
+        None => ConfigFile::default(),
+    };
+    let config = ServerConfig::resolve(file, listen, data_dir)?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("kiln-worker")
+        .build()
+        .context("starting the tokio runtime")?;
+    runtime.block_on(async move {
+        let listener = tokio::net::TcpListener::bind(config.listen)
+            .await
+            .with_context(|| format!("binding {}", config.listen))?;
+        let addr = listener.local_addr()?;
+        let app = App::open(config)?;
+        tracing::info!(data_dir = %app.config.data_dir.display(), functions = app.registry.functions().len(), "kiln ready");
+        println!("kiln serving on http://{addr}");
+        crate::server::serve(app, listener, shutdown_signal()).await
+    })
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        if tokio::signal::ctrl_c().await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {},
+        () = term => {},
+    }
+}

@@ -1,0 +1,252 @@
+//! Server configuration: defaults, an optional TOML file, `KILN_*` environment variables and
+//! command-line flags, merged in that order (later wins) into one [`ServerConfig`].
+//!
+//! The file uses human units (`"16MiB"`, `"30s"` are not needed: every field says its unit in
+//! its name) and rejects unknown keys, naming them with their line. [`ServerConfig::validate`]
+//! is the one place that checks the values; each subsystem then reads only its own part.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, bail};
+use serde::Deserialize;
+
+use crate::runtime::Limits;
+
+/// Default address the server listens on.
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
+/// Default data directory (SQLite metadata, blobs, compiled artifacts).
+pub const DEFAULT_DATA_DIR: &str = ".kiln";
+/// Default cap on a request body sent to a function, in bytes (16 MiB).
+pub const DEFAULT_MAX_BODY_BYTES: u64 = 16 << 20;
+/// Default cap on an uploaded blob or bare component, in bytes (256 MiB).
+pub const DEFAULT_MAX_UPLOAD_BYTES: u64 = 256 << 20;
+/// Default cap on a component that will be compiled, in bytes (64 MiB).
+pub const DEFAULT_MAX_COMPONENT_BYTES: u64 = 64 << 20;
+/// Default number of loaded (pre-instantiated) versions kept in memory.
+pub const DEFAULT_LOADED_VERSIONS: usize = 256;
+/// Default number of instances alive at once across all functions.
+pub const DEFAULT_MAX_INSTANCES: u32 = 1000;
+/// Default ceiling on any function's `memory_mb`, in MiB.
+pub const DEFAULT_MAX_MEMORY_MB: u64 = 1024;
+/// Default ceiling on any function's `timeout_ms`, in milliseconds (5 minutes).
+pub const DEFAULT_MAX_TIMEOUT_MS: u64 = 300_000;
+/// Default number of requests that may wait for a busy function's concurrency slot.
+pub const DEFAULT_QUEUE_DEPTH: u32 = 64;
+/// Default time a client may take to send its request headers, in milliseconds.
+pub const DEFAULT_HEADER_TIMEOUT_MS: u64 = 10_000;
+/// Default time in-flight requests get to finish on shutdown, in milliseconds.
+pub const DEFAULT_DRAIN_TIMEOUT_MS: u64 = 30_000;
+/// Default bytes of linear memory reset with `memset` instead of `madvise` when an instance
+/// slot is reused (saves page faults on the next request; see BENCHMARKS.md).
+pub const DEFAULT_MEMORY_KEEP_RESIDENT_BYTES: u64 = 1 << 20;
+
+/// The validated server configuration.
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    /// Address to listen on.
+    pub listen: SocketAddr,
+    /// Directory for all persistent state.
+    pub data_dir: PathBuf,
+    /// Largest request body a function receives, in bytes (413 beyond).
+    pub max_body_bytes: u64,
+    /// Largest blob or bare component upload, in bytes (413 beyond).
+    pub max_upload_bytes: u64,
+    /// How long a client may take to send request headers, in milliseconds.
+    pub header_timeout_ms: u64,
+    /// How long shutdown waits for in-flight requests, in milliseconds.
+    pub drain_timeout_ms: u64,
+    /// Runtime (engine, pool, compile) settings.
+    pub runtime: RuntimeConfig,
+}
+
+/// Settings of the wasmtime runtime: the engine, the instance pool and compilation.
+#[derive(Debug, Clone)]
+pub struct RuntimeConfig {
+    /// Loaded versions kept pre-instantiated in memory (LRU beyond).
+    pub loaded_versions: usize,
+    /// Instances alive at once across all functions (pool size).
+    pub max_instances: u32,
+    /// Ceiling on a function's `memory_mb` and size of a pool memory slot, in MiB.
+    pub max_memory_mb: u64,
+    /// Ceiling on a function's `timeout_ms`.
+    pub max_timeout_ms: u64,
+    /// Largest component accepted for compilation, in bytes.
+    pub max_component_bytes: u64,
+    /// Compilations allowed at once (the rest wait; the API stays responsive).
+    pub compile_concurrency: usize,
+    /// Requests that may queue for a busy function before it answers 503.
+    pub queue_depth: u32,
+    /// Bytes of each memory slot reset by memset rather than madvise on reuse.
+    pub memory_keep_resident_bytes: u64,
+    /// Limits a version gets when its manifest names none.
+    pub default_limits: Limits,
+}
+
+impl Default for RuntimeConfig {
+    fn default() -> Self {
+        RuntimeConfig {
+            loaded_versions: DEFAULT_LOADED_VERSIONS,
+            max_instances: DEFAULT_MAX_INSTANCES,
+            max_memory_mb: DEFAULT_MAX_MEMORY_MB,
+            max_timeout_ms: DEFAULT_MAX_TIMEOUT_MS,
+            max_component_bytes: DEFAULT_MAX_COMPONENT_BYTES,
+            compile_concurrency: std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(1),
+            queue_depth: DEFAULT_QUEUE_DEPTH,
+            memory_keep_resident_bytes: DEFAULT_MEMORY_KEEP_RESIDENT_BYTES,
+            default_limits: Limits::default(),
+        }
+    }
+}
+
+/// The raw configuration file (`--config FILE`): every field optional, unknown keys rejected.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConfigFile {
+    pub listen: Option<String>,
+    pub data_dir: Option<PathBuf>,
+    pub max_body_bytes: Option<u64>,
+    pub max_upload_bytes: Option<u64>,
+    pub header_timeout_ms: Option<u64>,
+    pub drain_timeout_ms: Option<u64>,
+    #[serde(default)]
+    pub runtime: RuntimeFile,
+}
+
+/// The `[runtime]` table of the configuration file.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RuntimeFile {
+    pub loaded_versions: Option<usize>,
+    pub max_instances: Option<u32>,
+    pub max_memory_mb: Option<u64>,
+    pub max_timeout_ms: Option<u64>,
+    pub max_component_bytes: Option<u64>,
+    pub compile_concurrency: Option<usize>,
+    pub queue_depth: Option<u32>,
+    pub memory_keep_resident_bytes: Option<u64>,
+    pub default_timeout_ms: Option<u64>,
+    pub default_memory_mb: Option<u64>,
+    pub default_max_concurrency: Option<u32>,
+}
+
+impl ConfigFile {
+    /// Reads and parses a configuration file; errors name the file, the line and the key.
+    pub fn load(path: &Path) -> anyhow::Result<Self> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("reading config file {}", path.display()))?;
+        toml::from_str(&text).with_context(|| format!("in config file {}", path.display()))
+    }
+}
+
+impl ServerConfig {
+    /// Merges the file (if any) with the already-resolved flag/env values and validates.
+    /// `listen` and `data_dir` are `Some` when given as a flag or `KILN_*` variable.
+    pub fn resolve(
+        file: ConfigFile,
+        listen: Option<String>,
+        data_dir: Option<PathBuf>,
+    ) -> anyhow::Result<Self> {
+        let listen = listen
+            .or(file.listen)
+            .unwrap_or_else(|| DEFAULT_LISTEN.to_string());
+        let listen: SocketAddr = listen
+            .parse()
+            .with_context(|| format!("invalid listen address {listen:?} (want IP:PORT)"))?;
+        let r = file.runtime;
+        let base = RuntimeConfig::default();
+        let default_limits = Limits {
+            timeout_ms: r
+                .default_timeout_ms
+                .unwrap_or(base.default_limits.timeout_ms),
+            memory_mb: r.default_memory_mb.unwrap_or(base.default_limits.memory_mb),
+            max_concurrency: r
+                .default_max_concurrency
+                .unwrap_or(base.default_limits.max_concurrency),
+        };
+        let config = ServerConfig {
+            listen,
+            data_dir: data_dir
+                .or(file.data_dir)
+                .unwrap_or_else(|| PathBuf::from(DEFAULT_DATA_DIR)),
+            max_body_bytes: file.max_body_bytes.unwrap_or(DEFAULT_MAX_BODY_BYTES),
+            max_upload_bytes: file.max_upload_bytes.unwrap_or(DEFAULT_MAX_UPLOAD_BYTES),
+            header_timeout_ms: file.header_timeout_ms.unwrap_or(DEFAULT_HEADER_TIMEOUT_MS),
+            drain_timeout_ms: file.drain_timeout_ms.unwrap_or(DEFAULT_DRAIN_TIMEOUT_MS),
+            runtime: RuntimeConfig {
+                loaded_versions: r.loaded_versions.unwrap_or(base.loaded_versions),
+                max_instances: r.max_instances.unwrap_or(base.max_instances),
+                max_memory_mb: r.max_memory_mb.unwrap_or(base.max_memory_mb),
+                max_timeout_ms: r.max_timeout_ms.unwrap_or(base.max_timeout_ms),
+                max_component_bytes: r.max_component_bytes.unwrap_or(base.max_component_bytes),
+                compile_concurrency: r.compile_concurrency.unwrap_or(base.compile_concurrency),
+                queue_depth: r.queue_depth.unwrap_or(base.queue_depth),
+                memory_keep_resident_bytes: r
+                    .memory_keep_resident_bytes
+                    .unwrap_or(base.memory_keep_resident_bytes),
+                default_limits,
+            },
+        };
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks every value once, so that subsystems can trust their part.
+    pub fn validate(&self) -> anyhow::Result<()> {
+        let r = &self.runtime;
+        if r.loaded_versions == 0 {
+            bail!("runtime.loaded_versions must be at least 1");
+        }
+        if r.max_instances == 0 {
+            bail!("runtime.max_instances must be at least 1");
+        }
+        if r.max_memory_mb == 0 || r.max_memory_mb > 4096 {
+            bail!("runtime.max_memory_mb must be between 1 and 4096");
+        }
+        if r.compile_concurrency == 0 {
+            bail!("runtime.compile_concurrency must be at least 1");
+        }
+        if self.max_body_bytes == 0 || self.max_upload_bytes == 0 {
+            bail!("max_body_bytes and max_upload_bytes must be at least 1");
+        }
+        if r.memory_keep_resident_bytes > r.max_memory_mb << 20 {
+            bail!("runtime.memory_keep_resident_bytes exceeds runtime.max_memory_mb");
+        }
+        r.default_limits
+            .check(r)
+            .context("in the runtime.default_* limits")?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn config_unknown_key_is_rejected_with_line() {
+        let err = toml::from_str::<ConfigFile>("listen = \"127.0.0.1:1\"\n[runtime]\nbogus = 1\n")
+            .map(|_| ())
+            .expect_err("unknown key must fail");
+        let msg = err.to_string();
+        assert!(msg.contains("bogus"), "{msg}");
+        assert!(msg.contains("line 3"), "{msg}");
+    }
+
+    #[test]
+    fn config_flags_override_file() {
+        let file: ConfigFile = toml::from_str("listen = \"127.0.0.1:1\"\n").expect("parse");
+        let c = ServerConfig::resolve(file, Some("127.0.0.1:2".into()), None).expect("valid");
+        assert_eq!(c.listen.port(), 2);
+        assert_eq!(c.data_dir, PathBuf::from(DEFAULT_DATA_DIR));
+    }
+
+    #[test]
+    fn config_bad_listen_is_rejected() {
+        let err = ServerConfig::resolve(ConfigFile::default(), Some("nope".into()), None)
+            .expect_err("must fail");
+        assert!(format!("{err:#}").contains("nope"));
+    }
+}

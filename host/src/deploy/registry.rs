@@ -1,0 +1,152 @@
+//! The registry: every function and version, in memory, for the data plane.
+//!
+//! Each function is an immutable snapshot (`Arc<FunctionEntry>`) replaced whole on change,
+//! so a reader sees the function either before or after a deploy, never halfway. SQLite
+//! remains the source of truth; the registry is rebuilt from it at start.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, RwLock};
+
+use super::admission::Admission;
+use crate::store::VersionRecord;
+
+/// One version and its admission gate.
+#[derive(Debug)]
+pub struct VersionEntry {
+    pub record: VersionRecord,
+    pub admission: Admission,
+}
+
+/// One function: its versions by number.
+#[derive(Debug, Clone)]
+pub struct FunctionEntry {
+    pub name: String,
+    pub created_at: i64,
+    pub versions: BTreeMap<u32, Arc<VersionEntry>>,
+}
+
+impl FunctionEntry {
+    /// The newest version, which serves unpinned requests.
+    pub fn latest(&self) -> Option<&Arc<VersionEntry>> {
+        self.versions.values().next_back()
+    }
+}
+
+/// Why a request names nothing that exists.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum RouteError {
+    #[error("function {0:?} does not exist")]
+    NoFunction(String),
+    #[error("function {0:?} has no version {1}")]
+    NoVersion(String, u32),
+}
+
+/// All functions, by name.
+#[derive(Debug)]
+pub struct Registry {
+    functions: RwLock<HashMap<String, Arc<FunctionEntry>>>,
+    queue_depth: u32,
+}
+
+impl Registry {
+    /// An empty registry; `queue_depth` sizes each version's admission queue.
+    pub fn new(queue_depth: u32) -> Self {
+        Registry {
+            functions: RwLock::new(HashMap::new()),
+            queue_depth,
+        }
+    }
+
+    /// Adds a version (creating its function entry on the first one).
+    pub fn add(&self, record: VersionRecord, created_at: i64) {
+        let entry = Arc::new(VersionEntry {
+            admission: Admission::new(record.limits.max_concurrency, self.queue_depth),
+            record,
+        });
+        let mut map = self.functions.write().unwrap_or_else(|p| p.into_inner());
+        let name = entry.record.function.clone();
+        let mut f = map
+            .get(&name)
+            .map(|f| (**f).clone())
+            .unwrap_or_else(|| FunctionEntry {
+                name: name.clone(),
+                created_at,
+                versions: BTreeMap::new(),
+            });
+        f.versions.insert(entry.record.version, entry);
+        map.insert(name, Arc::new(f));
+    }
+
+    /// Removes a function; returns it so its versions can be unloaded.
+    pub fn remove(&self, name: &str) -> Option<Arc<FunctionEntry>> {
+        let mut map = self.functions.write().unwrap_or_else(|p| p.into_inner());
+        map.remove(name)
+    }
+
+    /// The function named `name`.
+    pub fn function(&self, name: &str) -> Option<Arc<FunctionEntry>> {
+        let map = self.functions.read().unwrap_or_else(|p| p.into_inner());
+        map.get(name).cloned()
+    }
+
+    /// All functions, sorted by name.
+    pub fn functions(&self) -> Vec<Arc<FunctionEntry>> {
+        let map = self.functions.read().unwrap_or_else(|p| p.into_inner());
+        let mut all: Vec<_> = map.values().cloned().collect();
+        all.sort_by(|a, b| a.name.cmp(&b.name));
+        all
+    }
+
+    /// Picks the version that serves a request: the pinned one, else the latest.
+    pub fn route(&self, name: &str, pinned: Option<u32>) -> Result<Arc<VersionEntry>, RouteError> {
+        let f = self
+            .function(name)
+            .ok_or_else(|| RouteError::NoFunction(name.to_string()))?;
+        let v = match pinned {
+            Some(n) => f.versions.get(&n),
+            None => f.latest(),
+        };
+        v.cloned().ok_or_else(|| match pinned {
+            Some(n) => RouteError::NoVersion(name.to_string(), n),
+            None => RouteError::NoFunction(name.to_string()),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::runtime::Limits;
+    use crate::store::Digest;
+
+    fn rec(function: &str, version: u32) -> VersionRecord {
+        VersionRecord {
+            id: i64::from(version),
+            function: function.into(),
+            version,
+            digest: Digest::of(&version.to_le_bytes()),
+            size: 1,
+            limits: Limits::default(),
+            created_at: 0,
+        }
+    }
+
+    #[test]
+    fn route_picks_latest_or_pinned() {
+        let r = Registry::new(4);
+        r.add(rec("f", 1), 0);
+        r.add(rec("f", 2), 0);
+        assert_eq!(r.route("f", None).expect("latest").record.version, 2);
+        assert_eq!(r.route("f", Some(1)).expect("pinned").record.version, 1);
+        assert_eq!(
+            r.route("f", Some(3)).err(),
+            Some(RouteError::NoVersion("f".into(), 3))
+        );
+        assert_eq!(
+            r.route("g", None).err(),
+            Some(RouteError::NoFunction("g".into()))
+        );
+        assert!(r.remove("f").is_some());
+        assert!(r.route("f", None).is_err());
+    }
+}

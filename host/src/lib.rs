@@ -1,0 +1,23 @@
+//! Kiln: a serverless platform for WebAssembly inference functions.
+//!
+//! A user uploads a `wasi:http/proxy` component; Kiln compiles it once at deploy time,
+//! persists the compiled artifact, and serves every HTTP request to it from a fresh,
+//! limited wasmtime instance. A request flows through the modules in one direction:
+//!
+//! ```text
+//! server -> deploy (pick a version) -> runtime (instantiate + call the guest)
+//!                \-> api (control plane: blobs, functions, versions) -> store
+//! ```
+//!
+//! Nothing in [`runtime`] knows about HTTP routing or SQL; [`api`] is the only place that
+//! turns JSON into calls on the other modules.
+
+pub mod api;
+pub mod app;
+pub mod cli;
+pub mod config;
+pub mod deploy;
+pub mod manifest;
+pub mod runtime;
+pub mod server;
+pub mod store;

@@ -1,0 +1,35 @@
+//! The `kiln` binary: parses the command line, sets up logging, runs the command.
+
+use clap::Parser;
+
+fn main() -> std::process::ExitCode {
+    quiet_library_backtraces();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("KILN_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = kiln_host::cli::Cli::parse();
+    match kiln_host::cli::run(cli) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+/// `RUST_BACKTRACE=1` makes every `wasmtime::Error` capture a backtrace: slow on error paths
+/// a guest can trigger at will, and noise in messages. Panics keep their backtraces; library
+/// errors only get one when `RUST_LIB_BACKTRACE` asks for it explicitly.
+fn quiet_library_backtraces() {
+    if std::env::var_os("RUST_LIB_BACKTRACE").is_none() {
+        // SAFETY: called first thing in `main`, before any other thread exists.
+        #[allow(unsafe_code)]
+        unsafe {
+            std::env::set_var("RUST_LIB_BACKTRACE", "0");
+        }
+    }
+}

@@ -1,0 +1,126 @@
+//! `kiln.toml`, the function manifest beside a function's sources. Paths are relative to the
+//! manifest's directory. Unknown keys are an error that names the key and its line.
+//!
+//! ```toml
+//! name = "hello"
+//! component = "target/wasm32-wasip2/release/hello.wasm"
+//! [build]
+//! command = "cargo build --release --target wasm32-wasip2"
+//! [limits]
+//! timeout_ms = 5000
+//! memory_mb = 128
+//! max_concurrency = 64
+//! ```
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, bail};
+use serde::Deserialize;
+
+use crate::runtime::LimitsSpec;
+
+/// File name of the manifest inside a function directory.
+pub const MANIFEST_FILE: &str = "kiln.toml";
+/// Build command used when a Rust function (with a `Cargo.toml`) names none.
+pub const DEFAULT_RUST_BUILD: &str = "cargo build --release --target wasm32-wasip2";
+
+/// A parsed `kiln.toml`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Manifest {
+    /// Function name (what `/fn/{name}/` serves).
+    pub name: String,
+    /// Path of the built component, relative to the manifest.
+    pub component: PathBuf,
+    /// How to build it.
+    #[serde(default)]
+    pub build: BuildSpec,
+    /// Resource limits of every version deployed from this manifest.
+    #[serde(default)]
+    pub limits: LimitsSpec,
+    /// The directory holding the manifest (not part of the file).
+    #[serde(skip)]
+    pub dir: PathBuf,
+}
+
+/// The `[build]` table.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BuildSpec {
+    /// Shell command run in the manifest's directory.
+    pub command: Option<String>,
+}
+
+impl Manifest {
+    /// Reads `DIR/kiln.toml` (or the file itself when given one).
+    pub fn load(path: &Path) -> anyhow::Result<Manifest> {
+        let file = if path.is_dir() {
+            path.join(MANIFEST_FILE)
+        } else {
+            path.to_path_buf()
+        };
+        let text = std::fs::read_to_string(&file)
+            .with_context(|| format!("reading {}", file.display()))?;
+        let mut m = Self::parse(&text).with_context(|| format!("in {}", file.display()))?;
+        m.dir = file
+            .parent()
+            .map(Path::to_path_buf)
+            .unwrap_or_else(|| PathBuf::from("."));
+        Ok(m)
+    }
+
+    /// Parses manifest text and validates the name.
+    pub fn parse(text: &str) -> anyhow::Result<Manifest> {
+        let m: Manifest = toml::from_str(text)?;
+        if let Err(e) = crate::deploy::validate_name(&m.name) {
+            bail!("name: {e}");
+        }
+        Ok(m)
+    }
+
+    /// Absolute (or cwd-relative) path of the component.
+    pub fn component_path(&self) -> PathBuf {
+        self.dir.join(&self.component)
+    }
+
+    /// The build command: the manifest's, or the Rust default when a `Cargo.toml` is present.
+    pub fn build_command(&self) -> Option<String> {
+        self.build.command.clone().or_else(|| {
+            self.dir
+                .join("Cargo.toml")
+                .exists()
+                .then(|| DEFAULT_RUST_BUILD.to_string())
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn manifest_parses_the_documented_example() {
+        let m = Manifest::parse(
+            "name = \"hello\"\ncomponent = \"a.wasm\"\n[build]\ncommand = \"make\"\n[limits]\ntimeout_ms = 5000\nmemory_mb = 128\nmax_concurrency = 64\n",
+        )
+        .expect("parse");
+        assert_eq!(m.name, "hello");
+        assert_eq!(m.limits.timeout_ms, Some(5000));
+        assert_eq!(m.build.command.as_deref(), Some("make"));
+    }
+
+    #[test]
+    fn manifest_unknown_key_names_key_and_line() {
+        let err =
+            Manifest::parse("name = \"hello\"\ncomponent = \"a.wasm\"\n[limits]\nmemory = 5\n")
+                .expect_err("unknown key");
+        let msg = format!("{err:#}");
+        assert!(msg.contains("memory"), "{msg}");
+        assert!(msg.contains("line 4"), "{msg}");
+    }
+
+    #[test]
+    fn manifest_bad_name_is_rejected() {
+        assert!(Manifest::parse("name = \"Bad Name\"\ncomponent = \"a.wasm\"\n").is_err());
+    }
+}

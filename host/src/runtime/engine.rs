@@ -1,0 +1,137 @@
+//! [`Runtime`]: the one wasmtime `Engine` (pooling allocator, copy-on-write memory images,
+//! epoch interruption), the linker every component is checked against, and the epoch
+//! ticker thread that turns a function's `timeout_ms` into a trap inside guest code.
+
+use std::hash::{Hash, Hasher};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use anyhow::Context;
+use wasmtime::component::Linker;
+use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig};
+
+use super::loaded::LoadedCache;
+use super::state::HostState;
+use crate::config::RuntimeConfig;
+
+/// Period of the epoch ticker; timeouts are enforced with this granularity.
+pub const EPOCH_TICK: Duration = Duration::from_millis(5);
+/// Wasm stack a guest may use before it traps with a stack overflow.
+pub const MAX_WASM_STACK: usize = 1 << 20;
+/// Host stack each async guest call runs on (must exceed [`MAX_WASM_STACK`]).
+pub const ASYNC_STACK: usize = 2 << 20;
+
+/// The engine and everything shared by all versions and requests.
+pub struct Runtime {
+    pub(super) engine: Engine,
+    pub(super) linker: Linker<HostState>,
+    pub(super) config: RuntimeConfig,
+    pub(super) compiled_dir: PathBuf,
+    pub(super) fingerprint: String,
+    pub(super) compile_permits: tokio::sync::Semaphore,
+    pub(super) loaded: LoadedCache,
+    ticker_stop: Arc<AtomicBool>,
+}
+
+impl Runtime {
+    /// Builds the engine and linker and starts the epoch ticker. Called once at startup.
+    pub fn new(config: RuntimeConfig, data_dir: &Path) -> anyhow::Result<Runtime> {
+        let engine = Engine::new(&engine_config(&config))
+            .map_err(anyhow::Error::from)
+            .context("creating wasmtime engine")?;
+        let mut linker = Linker::new(&engine);
+        // The full WASI 0.2 CLI world links, so that ordinary Rust `std` guests (which import
+        // `wasi:cli/environment` and `wasi:cli/exit`) run unchanged; the context built for each
+        // request grants no filesystem, environment or sockets.
+        wasmtime_wasi::p2::add_to_linker_async(&mut linker)
+            .map_err(anyhow::Error::from)
+            .context("linking WASI")?;
+        wasmtime_wasi_http::p2::add_only_http_to_linker_async(&mut linker)
+            .map_err(anyhow::Error::from)
+            .context("linking wasi:http")?;
+
+        let mut hasher = std::collections::hash_map::DefaultHasher::new();
+        engine.precompile_compatibility_hash().hash(&mut hasher);
+        let fingerprint = format!("{:016x}", hasher.finish());
+        let compiled_dir = data_dir.join("compiled");
+        std::fs::create_dir_all(&compiled_dir)
+            .with_context(|| format!("creating {}", compiled_dir.display()))?;
+
+        let ticker_stop = Arc::new(AtomicBool::new(false));
+        spawn_epoch_ticker(engine.clone(), ticker_stop.clone())?;
+
+        Ok(Runtime {
+            engine,
+            linker,
+            compile_permits: tokio::sync::Semaphore::new(config.compile_concurrency),
+            loaded: LoadedCache::new(config.loaded_versions),
+            config,
+            compiled_dir,
+            fingerprint,
+            ticker_stop,
+        })
+    }
+
+    /// The engine (for tools and benches that compile or inspect components).
+    pub fn engine(&self) -> &Engine {
+        &self.engine
+    }
+
+    /// Runtime settings this engine was built with.
+    pub fn config(&self) -> &RuntimeConfig {
+        &self.config
+    }
+
+    /// Path of the compiled artifact of a component for this engine.
+    pub(super) fn artifact_path(&self, digest: &crate::store::Digest) -> PathBuf {
+        self.compiled_dir
+            .join(format!("{}-{}.cwasm", digest.hex(), self.fingerprint))
+    }
+}
+
+impl Drop for Runtime {
+    fn drop(&mut self) {
+        self.ticker_stop.store(true, Ordering::Relaxed);
+    }
+}
+
+fn engine_config(rt: &RuntimeConfig) -> Config {
+    let mut pool = PoolingAllocationConfig::new();
+    let n = rt.max_instances;
+    // A Rust wasip2 component holds a handful of core instances (the program, the WASI
+    // adapter and shims), each with at most one memory and a table or two.
+    pool.total_component_instances(n)
+        .total_core_instances(n.saturating_mul(8))
+        .total_memories(n.saturating_mul(2))
+        .total_tables(n.saturating_mul(4))
+        .total_stacks(n)
+        .max_memory_size((rt.max_memory_mb as usize) << 20)
+        .table_elements(super::state::MAX_TABLE_ELEMENTS)
+        .linear_memory_keep_resident(rt.memory_keep_resident_bytes as usize)
+        .table_keep_resident(64 * 1024);
+
+    let mut config = Config::new();
+    config
+        .wasm_component_model(true)
+        .epoch_interruption(true)
+        .memory_init_cow(true)
+        .max_wasm_stack(MAX_WASM_STACK)
+        .async_stack_size(ASYNC_STACK)
+        .allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
+    config
+}
+
+fn spawn_epoch_ticker(engine: Engine, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
+    std::thread::Builder::new()
+        .name("kiln-epoch".into())
+        .spawn(move || {
+            while !stop.load(Ordering::Relaxed) {
+                std::thread::sleep(EPOCH_TICK);
+                engine.increment_epoch();
+            }
+        })
+        .context("starting the epoch ticker thread")?;
+    Ok(())
+}

@@ -1,0 +1,145 @@
+//! One request: a fresh `Store` (limits, epoch deadline), instantiate from the version's
+//! `ProxyPre`, call `wasi:http/incoming-handler.handle`, and wait for the guest's response
+//! head under the version's timeout. The handler keeps running in its own task while it
+//! streams the body, still bounded by the same deadline.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body::Body;
+use wasmtime::{Store, Trap};
+use wasmtime_wasi_http::WasiHttpView;
+use wasmtime_wasi_http::p2::bindings::http::types::Scheme;
+
+use super::engine::{EPOCH_TICK, Runtime};
+use super::loaded::LoadedVersion;
+use super::state::HostState;
+
+/// Body of a guest's response, streamed from the guest as it writes it.
+pub type ResponseBody = wasmtime_wasi_http::p2::body::HyperOutgoingBody;
+
+/// Where the time of one invocation went (for `server-timing` and metering).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Timings {
+    /// Mapping the compiled artifact, when this request found the version cold.
+    pub cold: Option<Duration>,
+    /// Creating the store and instantiating the component.
+    pub instantiate: Duration,
+    /// From the call into the guest until it produced a response head.
+    pub handler: Duration,
+}
+
+/// A guest's answer, or why there is none.
+pub type InvokeOutcome = Result<http::Response<ResponseBody>, InvokeError>;
+
+/// Why an invocation produced no response; each has a fixed HTTP status.
+#[derive(Debug, thiserror::Error)]
+pub enum InvokeError {
+    /// The guest ran past its `timeout_ms` (504).
+    #[error("the function did not answer within its timeout of {0} ms")]
+    Timeout(u64),
+    /// The guest trapped: panic, out of memory, stack overflow... (500).
+    #[error("the function trapped: {0}")]
+    Trap(String),
+    /// The guest returned without setting a response (500).
+    #[error("the function returned without sending a response")]
+    NoResponse,
+    /// The guest answered with a `wasi:http` error code instead of a response (500).
+    #[error("the function answered with an error: {0}")]
+    GuestError(String),
+    /// The host failed to set up the request (500, logged).
+    #[error("internal error running the function: {0:#}")]
+    Internal(anyhow::Error),
+}
+
+impl Runtime {
+    /// Runs one request on a fresh instance of `loaded`.
+    pub async fn invoke<B>(
+        &self,
+        loaded: Arc<LoadedVersion>,
+        req: http::Request<B>,
+        timings: &mut Timings,
+    ) -> InvokeOutcome
+    where
+        B: Body<Data = Bytes> + Send + 'static,
+        B::Error: Into<wasmtime_wasi_http::Error>,
+    {
+        let timeout_ms = loaded.limits.timeout_ms;
+        let deadline = tokio::time::Instant::now() + Duration::from_millis(timeout_ms);
+        let started = Instant::now();
+
+        let mut store = Store::new(
+            &self.engine,
+            HostState::new(&loaded.function, &loaded.limits),
+        );
+        store.limiter(|s| &mut s.limits);
+        store.set_epoch_deadline(timeout_ms.div_ceil(EPOCH_TICK.as_millis() as u64) + 1);
+        store.epoch_deadline_trap();
+
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let (req, out) = {
+            let mut http = store.data_mut().http();
+            let req = http
+                .new_incoming_request(Scheme::Http, req)
+                .map_err(|e| InvokeError::Internal(e.into()))?;
+            let out = http
+                .new_response_outparam(tx)
+                .map_err(|e| InvokeError::Internal(e.into()))?;
+            (req, out)
+        };
+        let proxy =
+            match tokio::time::timeout_at(deadline, loaded.pre.instantiate_async(&mut store)).await
+            {
+                Ok(Ok(proxy)) => proxy,
+                Ok(Err(e)) => return Err(classify(e, timeout_ms)),
+                Err(_) => return Err(InvokeError::Timeout(timeout_ms)),
+            };
+        timings.instantiate = started.elapsed();
+
+        let called = Instant::now();
+        let task = tokio::spawn(async move {
+            let call = proxy
+                .wasi_http_incoming_handler()
+                .call_handle(&mut store, req, out);
+            match tokio::time::timeout_at(deadline, call).await {
+                Ok(result) => result,
+                Err(_) => Err(wasmtime::Error::from(Trap::Interrupt)),
+            }
+        });
+
+        let head = tokio::time::timeout_at(deadline, rx).await;
+        timings.handler = called.elapsed();
+        match head {
+            Ok(Ok(Ok(response))) => Ok(response),
+            Ok(Ok(Err(code))) => Err(InvokeError::GuestError(format!("{code:?}"))),
+            // The guest never set the response: the task ended; its result says why.
+            Ok(Err(_)) => match task.await {
+                Ok(Ok(())) => Err(InvokeError::NoResponse),
+                Ok(Err(e)) => Err(classify(e, timeout_ms)),
+                Err(join) => Err(InvokeError::Internal(join.into())),
+            },
+            Err(_) => {
+                task.abort();
+                Err(InvokeError::Timeout(timeout_ms))
+            }
+        }
+    }
+}
+
+/// Turns a wasmtime error into the outcome a client should see.
+fn classify(e: wasmtime::Error, timeout_ms: u64) -> InvokeError {
+    if let Some(trap) = e.downcast_ref::<Trap>() {
+        return match trap {
+            Trap::Interrupt => InvokeError::Timeout(timeout_ms),
+            Trap::StackOverflow => InvokeError::Trap("wasm stack overflow".into()),
+            Trap::UnreachableCodeReached => {
+                InvokeError::Trap("unreachable code reached (a panic or abort in the guest)".into())
+            }
+            other => InvokeError::Trap(other.to_string()),
+        };
+    }
+    // Limit breaches (memory growth past `memory_mb`, resource table full) and host-side
+    // traps arrive as plain errors; the root cause is the readable part.
+    InvokeError::Trap(e.root_cause().to_string())
+}

@@ -1,0 +1,99 @@
+//! `HostState`: the data of one request's `Store` — WASI and wasi-http contexts, the
+//! resource table they share, and the store limits. Built fresh for every request.
+
+use std::sync::Arc;
+
+use wasmtime::component::ResourceTable;
+use wasmtime::{StoreLimits, StoreLimitsBuilder};
+use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
+use wasmtime_wasi_http::{WasiBody, WasiHttpCtx, WasiHttpCtxView, WasiHttpHooks, WasiHttpView};
+
+use super::guest_log::GuestLog;
+use super::limits::Limits;
+
+/// Table entries (resources) one instance may hold: bounds handle leaks.
+pub const MAX_RESOURCES: usize = 10_000;
+/// Largest table a guest may grow, in elements.
+pub const MAX_TABLE_ELEMENTS: usize = 100_000;
+/// Largest `wasi:random` request, in bytes (bounds a random-bytes bomb).
+pub const MAX_RANDOM_BYTES: u64 = 1 << 20;
+/// Largest header map a guest may build, in bytes of in-memory representation.
+pub const MAX_FIELDS_BYTES: usize = 64 * 1024;
+
+/// Per-request store data.
+pub struct HostState {
+    wasi: WasiCtx,
+    http: WasiHttpCtx,
+    table: ResourceTable,
+    hooks: DenyOutbound,
+    pub(crate) limits: StoreLimits,
+}
+
+impl HostState {
+    /// A sandbox with no filesystem, no environment, no sockets and no outbound HTTP.
+    pub fn new(function: &Arc<str>, limits: &Limits) -> Self {
+        let wasi = WasiCtx::builder()
+            .stdout(GuestLog::new(function.clone(), "stdout"))
+            .stderr(GuestLog::new(function.clone(), "stderr"))
+            .allow_tcp(false)
+            .allow_udp(false)
+            .allow_ip_name_lookup(false)
+            .max_random_size(MAX_RANDOM_BYTES)
+            .build();
+        let mut http = WasiHttpCtx::new();
+        http.set_field_size_limit(MAX_FIELDS_BYTES);
+        let mut table = ResourceTable::new();
+        table.set_max_capacity(MAX_RESOURCES);
+        HostState {
+            wasi,
+            http,
+            table,
+            hooks: DenyOutbound,
+            limits: StoreLimitsBuilder::new()
+                .memory_size((limits.memory_mb as usize) << 20)
+                .table_elements(MAX_TABLE_ELEMENTS)
+                .trap_on_grow_failure(true)
+                .build(),
+        }
+    }
+}
+
+impl WasiView for HostState {
+    fn ctx(&mut self) -> WasiCtxView<'_> {
+        WasiCtxView {
+            ctx: &mut self.wasi,
+            table: &mut self.table,
+        }
+    }
+}
+
+impl WasiHttpView for HostState {
+    fn http(&mut self) -> WasiHttpCtxView<'_> {
+        WasiHttpCtxView {
+            ctx: &mut self.http,
+            table: &mut self.table,
+            hooks: &mut self.hooks,
+        }
+    }
+}
+
+/// Outbound HTTP is denied: the guest's `outgoing-handler.handle` fails with
+/// `HTTP-request-denied` before any connection is made.
+struct DenyOutbound;
+
+type SendResult = wasmtime_wasi_http::Result<(
+    http::Response<WasiBody>,
+    Box<dyn Future<Output = wasmtime_wasi_http::Result<()>> + Send>,
+)>;
+
+impl WasiHttpHooks for DenyOutbound {
+    fn send_request(
+        &mut self,
+        request: http::Request<WasiBody>,
+        _options: Option<wasmtime_wasi_http::RequestOptions>,
+        _fut: Box<dyn Future<Output = wasmtime_wasi_http::Result<()>> + Send>,
+    ) -> Box<dyn Future<Output = SendResult> + Send> {
+        tracing::debug!(uri = %request.uri(), "guest outbound request denied");
+        Box::new(async { Err(wasmtime_wasi_http::Error::HttpRequestDenied) })
+    }
+}

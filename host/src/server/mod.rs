@@ -1,0 +1,12 @@
+//! The HTTP front on hyper + tokio: the accept loop (HTTP/1.1 and h2c), header-read timeout
+//! against slow clients, graceful drain on shutdown, request ids, and routing between the
+//! data plane (`/fn/...`), the control plane (`/v1/...`) and `/healthz`.
+
+mod body;
+mod data_plane;
+mod listener;
+mod router;
+
+pub use body::{Body, BodyError, LimitedBody, empty, full};
+pub use listener::serve;
+pub use router::{handle, json_response};

@@ -1,0 +1,81 @@
+//! Top-level routing and the request id. Every response carries `x-kiln-request-id`;
+//! every error is JSON `{"error":{"code","message"}}`.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use http::{HeaderValue, Request, Response, StatusCode, header};
+use hyper::body::Incoming;
+
+use super::body::{Body, full};
+use crate::api::{self, ApiError};
+use crate::app::App;
+
+/// Header carrying the request id, echoed on every response.
+pub const REQUEST_ID: &str = "x-kiln-request-id";
+
+static NEXT_ID: AtomicU64 = AtomicU64::new(0);
+
+fn request_id() -> HeaderValue {
+    // Process start (seconds) and a counter: unique per server, cheap, sortable.
+    static EPOCH: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    let epoch = *EPOCH.get_or_init(|| {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0)
+    });
+    let n = NEXT_ID.fetch_add(1, Ordering::Relaxed);
+    HeaderValue::try_from(format!("{epoch:x}-{n:x}")).unwrap_or(HeaderValue::from_static("0"))
+}
+
+/// Handles one request from any connection.
+pub async fn handle(app: Arc<App>, req: Request<Incoming>) -> Response<Body> {
+    let id = request_id();
+    let path = req.uri().path();
+    let mut resp = if path.starts_with("/fn/") {
+        super::data_plane::handle(&app, req).await
+    } else if path == "/healthz" {
+        Ok(json_response(
+            StatusCode::OK,
+            &serde_json::json!({"status": "ok", "functions": app.registry.functions().len()}),
+        ))
+    } else if path.starts_with("/v1/") {
+        api::handle(&app, req).await
+    } else {
+        Err(ApiError::NoRoute(format!("{} {path}", req.method())))
+    }
+    .unwrap_or_else(|e| error_response(&e));
+    resp.headers_mut().insert(REQUEST_ID, id);
+    resp
+}
+
+/// A JSON response with `status`.
+pub fn json_response(status: StatusCode, value: &serde_json::Value) -> Response<Body> {
+    let mut resp = Response::new(full(value.to_string()));
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    resp
+}
+
+/// The one conversion of an [`ApiError`] into a response; 5xx are logged here, once.
+pub fn error_response(e: &ApiError) -> Response<Body> {
+    let status = e.status();
+    if status.is_server_error() {
+        match e {
+            ApiError::Invoke(_) | ApiError::Overloaded(_) => {
+                tracing::info!(code = e.code(), "{e:#}")
+            }
+            _ => tracing::error!(code = e.code(), "{e:#}"),
+        }
+    }
+    let mut resp = json_response(status, &e.to_json());
+    if matches!(e, ApiError::Overloaded(_)) {
+        resp.headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+    }
+    resp
+}

@@ -1,0 +1,348 @@
+//! Test support: builds the `kiln` binary and the example components once, runs a real
+//! server on `127.0.0.1:0` with its own data dir, and talks to it over HTTP.
+//!
+//! A server's log (guest output included) is printed when a test panics, so a failure
+//! shows what the server saw.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::io::{BufRead, BufReader, Read};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::OnceLock;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+pub use serde_json::{Value, json};
+
+/// The workspace root.
+pub fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
+}
+
+fn profile_dir() -> PathBuf {
+    // target/<profile>/deps/<test binary>
+    std::env::current_exe()
+        .unwrap()
+        .parent()
+        .unwrap()
+        .parent()
+        .unwrap()
+        .to_path_buf()
+}
+
+fn cargo() -> Command {
+    let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    for var in [
+        "CARGO_TARGET_DIR",
+        "RUSTFLAGS",
+        "CARGO_BUILD_TARGET",
+        "CARGO_ENCODED_RUSTFLAGS",
+    ] {
+        cmd.env_remove(var);
+    }
+    cmd
+}
+
+/// Path of the `kiln` binary. `cargo test` builds it (kiln-host has an integration test, so
+/// its binary is built with the same features as everything else); when only this crate's
+/// tests are run and it is missing, it is built here.
+pub fn kiln_bin() -> &'static Path {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| {
+        let dir = profile_dir();
+        let bin = dir.join("kiln");
+        if !bin.exists() {
+            let mut cmd = cargo();
+            cmd.args(["build", "-q", "-p", "kiln-host", "--bin", "kiln"]);
+            if dir.file_name().is_some_and(|n| n == "release") {
+                cmd.arg("--release");
+            }
+            let status = cmd
+                .env("CARGO_TARGET_DIR", dir.parent().unwrap())
+                .current_dir(root())
+                .status()
+                .expect("running cargo build for the kiln binary");
+            assert!(status.success(), "building the kiln binary failed");
+        }
+        bin
+    })
+}
+
+/// Path of an example component (`hello`, `echo`, `hostile`), building the examples once.
+pub fn example(name: &str) -> PathBuf {
+    static BUILT: OnceLock<()> = OnceLock::new();
+    BUILT.get_or_init(|| {
+        let status = cargo()
+            .args(["build", "-q", "--release", "--target", "wasm32-wasip2"])
+            .current_dir(root().join("examples"))
+            .status()
+            .expect("running cargo build for examples/");
+        assert!(
+            status.success(),
+            "building the examples failed (is the wasm32-wasip2 target installed?)"
+        );
+    });
+    root()
+        .join("examples/target/wasm32-wasip2/release")
+        .join(format!("{name}.wasm"))
+}
+
+/// A fresh, empty temporary directory.
+pub fn temp_dir(tag: &str) -> PathBuf {
+    static N: AtomicU32 = AtomicU32::new(0);
+    let dir = std::env::temp_dir().join(format!(
+        "kiln-test-{tag}-{}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    ));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+fn spawn(data_dir: &Path, config: Option<&Path>, log: &Path) -> (Child, String) {
+    let mut cmd = Command::new(kiln_bin());
+    cmd.args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(data_dir)
+        .env("KILN_LOG", "info")
+        .env_remove("KILN_LISTEN")
+        .env_remove("KILN_DATA_DIR")
+        .stdout(Stdio::piped())
+        .stderr(
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(log)
+                .unwrap(),
+        );
+    if let Some(c) = config {
+        cmd.arg("--config").arg(c);
+    }
+    let mut child = cmd.spawn().expect("starting kiln serve");
+    let stdout = child.stdout.take().unwrap();
+    let mut lines = BufReader::new(stdout).lines();
+    let url = loop {
+        match lines.next() {
+            Some(Ok(line)) => {
+                if let Some(url) = line.strip_prefix("kiln serving on ") {
+                    break url.trim().to_string();
+                }
+            }
+            _ => {
+                let _ = child.wait();
+                panic!(
+                    "kiln serve exited before serving:\n{}",
+                    std::fs::read_to_string(log).unwrap_or_default()
+                );
+            }
+        }
+    };
+    // Keep draining stdout so the server never blocks on a full pipe.
+    std::thread::spawn(move || for _ in lines {});
+    (child, url)
+}
+
+/// A running `kiln serve` process.
+pub struct TestServer {
+    child: Option<Child>,
+    pub data_dir: PathBuf,
+    pub url: String,
+    log: PathBuf,
+    config: Option<PathBuf>,
+    agent: ureq::Agent,
+}
+
+/// An HTTP answer, read whole.
+#[derive(Debug)]
+pub struct Answer {
+    pub status: u16,
+    pub headers: http::HeaderMap,
+    pub body: Vec<u8>,
+}
+
+impl Answer {
+    /// The body as text.
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+
+    /// The body as JSON.
+    pub fn json(&self) -> Value {
+        serde_json::from_slice(&self.body)
+            .unwrap_or_else(|e| panic!("not JSON ({e}): {}", self.text()))
+    }
+
+    /// A header as text.
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).and_then(|v| v.to_str().ok())
+    }
+
+    /// The `error.code` of a JSON error body.
+    pub fn error_code(&self) -> String {
+        self.json()["error"]["code"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string()
+    }
+}
+
+impl TestServer {
+    /// Starts a server with a new data dir and default settings.
+    pub fn start() -> TestServer {
+        Self::start_in(temp_dir("data"), None)
+    }
+
+    /// Starts a server with extra TOML configuration.
+    pub fn start_with_config(toml: &str) -> TestServer {
+        let dir = temp_dir("data");
+        let config = dir.join("kiln-config.toml");
+        std::fs::write(&config, toml).unwrap();
+        Self::start_in(dir, Some(config))
+    }
+
+    fn start_in(data_dir: PathBuf, config: Option<PathBuf>) -> TestServer {
+        let log = data_dir.join("server.log");
+        let (child, url) = spawn(&data_dir, config.as_deref(), &log);
+        let agent = ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .timeout_global(Some(Duration::from_secs(60)))
+            .max_idle_connections_per_host(64)
+            .build()
+            .into();
+        TestServer {
+            child: Some(child),
+            data_dir,
+            url,
+            log,
+            config,
+            agent,
+        }
+    }
+
+    /// Stops with SIGTERM (asserting a clean exit) and starts again on the same data dir.
+    pub fn restart(&mut self) {
+        let code = self.terminate();
+        assert_eq!(code, Some(0), "server did not exit cleanly on SIGTERM");
+        let (child, url) = spawn(&self.data_dir, self.config.as_deref(), &self.log);
+        self.child = Some(child);
+        self.url = url;
+    }
+
+    /// Sends SIGTERM and waits for the exit code.
+    pub fn terminate(&mut self) -> Option<i32> {
+        let mut child = self.child.take()?;
+        let _ = Command::new("kill")
+            .arg("-TERM")
+            .arg(child.id().to_string())
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(40);
+        loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                return status.code();
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Process id of the server.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map(Child::id).unwrap_or(0)
+    }
+
+    /// The server's log so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Sends a request; `body` may be empty.
+    pub fn request(
+        &self,
+        method: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: &[u8],
+    ) -> Answer {
+        let mut req = http::Request::builder()
+            .method(method)
+            .uri(format!("{}{path}", self.url));
+        for (k, v) in headers {
+            req = req.header(*k, *v);
+        }
+        let req = req.body(body.to_vec()).unwrap();
+        let mut resp = self
+            .agent
+            .run(req)
+            .expect("request failed at the transport level");
+        let status = resp.status().as_u16();
+        let headers = resp.headers().clone();
+        let mut body = Vec::new();
+        resp.body_mut().as_reader().read_to_end(&mut body).unwrap();
+        Answer {
+            status,
+            headers,
+            body,
+        }
+    }
+
+    pub fn get(&self, path: &str) -> Answer {
+        self.request("GET", path, &[], b"")
+    }
+
+    /// Deploys a component file as a bare `application/wasm` upload.
+    pub fn deploy_wasm(&self, name: &str, wasm: &[u8], query: &str) -> Answer {
+        let q = if query.is_empty() {
+            String::new()
+        } else {
+            format!("?{query}")
+        };
+        self.request(
+            "POST",
+            &format!("/v1/functions/{name}/versions{q}"),
+            &[("content-type", "application/wasm")],
+            wasm,
+        )
+    }
+
+    /// Deploys an example, asserting success; returns the created version.
+    pub fn deploy_example(&self, name: &str, example_name: &str, query: &str) -> Value {
+        let wasm = std::fs::read(example(example_name)).unwrap();
+        let a = self.deploy_wasm(name, &wasm, query);
+        assert_eq!(a.status, 201, "deploy failed: {}", a.text());
+        a.json()
+    }
+
+    /// Runs the `kiln` CLI against this server.
+    pub fn cli(&self, args: &[&str]) -> std::process::Output {
+        Command::new(kiln_bin())
+            .args(args)
+            .env("KILN_SERVER", &self.url)
+            .current_dir(root())
+            .output()
+            .expect("running kiln")
+    }
+}
+
+impl Drop for TestServer {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        if std::thread::panicking() {
+            eprintln!(
+                "----- kiln server log ({}) -----\n{}",
+                self.data_dir.display(),
+                self.log()
+            );
+        } else {
+            let _ = std::fs::remove_dir_all(&self.data_dir);
+        }
+    }
+}

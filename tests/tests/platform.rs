@@ -1,0 +1,243 @@
+//! Deploy, invoke, pin, list, delete, restart, and the CLI, end to end over HTTP.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use kiln_tests::{TestServer, Value, example, root};
+
+#[test]
+fn deploy_invoke_pin_list_delete() {
+    let server = TestServer::start();
+    let v1 = server.deploy_example("greet", "hello", "timeout_ms=2000&memory_mb=64");
+    assert_eq!(v1["function"], "greet");
+    assert_eq!(v1["version"], 1);
+    assert!(v1["digest"].as_str().unwrap().starts_with("sha256:"));
+    assert!(v1["url"].as_str().unwrap().ends_with("/fn/greet/"));
+    assert_eq!(v1["limits"]["timeout_ms"], 2000);
+    assert_eq!(v1["limits"]["memory_mb"], 64);
+
+    let a = server.get("/fn/greet/");
+    assert_eq!(a.status, 200, "{}", a.text());
+    assert_eq!(a.text(), "hello\n");
+    assert_eq!(a.header("x-kiln-version"), Some("1"));
+    let timing = a.header("server-timing").unwrap();
+    assert!(
+        timing.contains("instantiate;dur=") && timing.contains("handler;dur="),
+        "{timing}"
+    );
+    assert!(a.header("x-kiln-request-id").is_some());
+
+    // A second version takes over unpinned traffic; the first stays reachable pinned.
+    let v2 = server.deploy_example("greet", "echo", "");
+    assert_eq!(v2["version"], 2);
+    let a = server.request(
+        "POST",
+        "/fn/greet/some/path?q=1",
+        &[("x-test", "yes")],
+        b"payload",
+    );
+    assert_eq!(a.status, 200);
+    assert_eq!(a.header("x-kiln-version"), Some("2"));
+    assert_eq!(a.header("x-path"), Some("/some/path?q=1"));
+    assert_eq!(a.header("x-method"), Some("POST"));
+    assert_eq!(a.header("x-test"), Some("yes"));
+    assert_eq!(a.body, b"payload");
+    let a = server.get("/fn/greet@1/");
+    assert_eq!((a.status, a.text().as_str()), (200, "hello\n"));
+    let a = server.get("/fn/greet@7/");
+    assert_eq!(
+        (a.status, a.error_code().as_str()),
+        (404, "version.not_found")
+    );
+
+    let list = server.get("/v1/functions").json();
+    let f = &list["functions"][0];
+    assert_eq!(
+        (f["name"].as_str(), f["latest_version"].as_u64()),
+        (Some("greet"), Some(2))
+    );
+    let versions = server.get("/v1/functions/greet/versions").json();
+    assert_eq!(versions["versions"].as_array().unwrap().len(), 2);
+    let one = server.get("/v1/functions/greet/versions/1").json();
+    assert_eq!(one["digest"], v1["digest"]);
+    assert_eq!(
+        server.get("/v1/functions/greet").json()["latest_version"],
+        2
+    );
+
+    let a = server.request("DELETE", "/v1/functions/greet", &[], b"");
+    assert_eq!(a.status, 200, "{}", a.text());
+    let a = server.get("/fn/greet/");
+    assert_eq!(
+        (a.status, a.error_code().as_str()),
+        (404, "function.not_found")
+    );
+    assert_eq!(server.get("/v1/functions/greet").status, 404);
+    assert_eq!(
+        server
+            .request("DELETE", "/v1/functions/greet", &[], b"")
+            .status,
+        404
+    );
+
+    // Version numbers are never reused, even after a delete.
+    let v3 = server.deploy_example("greet", "hello", "");
+    assert_eq!(v3["version"], 3);
+}
+
+#[test]
+fn restart_serves_every_function_from_compiled_artifacts() {
+    let mut server = TestServer::start();
+    server.deploy_example("hello", "hello", "");
+    server.deploy_example("echo", "echo", "");
+    assert_eq!(server.get("/fn/hello/").status, 200);
+
+    server.restart();
+    assert!(server.log().contains("kiln ready"));
+    let a = server.get("/fn/hello/");
+    assert_eq!((a.status, a.text().as_str()), (200, "hello\n"));
+    // The first request after a restart maps the artifact (a cold start), the next is warm.
+    assert!(
+        a.header("server-timing").unwrap().contains("cold;dur="),
+        "{:?}",
+        a.headers
+    );
+    let again = server.get("/fn/hello/");
+    assert!(!again.header("server-timing").unwrap().contains("cold"));
+    assert_eq!(
+        server.request("PUT", "/fn/echo/x", &[], b"abc").body,
+        b"abc"
+    );
+    // Mapping, not recompiling: no "recompiling" warning in the log.
+    assert!(!server.log().contains("recompiling"), "{}", server.log());
+    assert_eq!(
+        server.get("/v1/functions").json()["functions"]
+            .as_array()
+            .unwrap()
+            .len(),
+        2
+    );
+}
+
+#[test]
+fn cli_builds_deploys_invokes_and_lists() {
+    let server = TestServer::start();
+    example("hello"); // make sure the example workspace is built once before `kiln build`
+    let dir = root().join("examples/hello");
+    let out = server.cli(&["build", dir.to_str().unwrap()]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let out = server.cli(&["deploy", dir.to_str().unwrap()]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("deployed hello version 1"), "{stdout}");
+    assert!(stdout.contains("/fn/hello/"), "{stdout}");
+
+    let out = server.cli(&["invoke", "hello"]);
+    assert!(out.status.success());
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "hello\n");
+
+    // A bare .wasm file deploys too; --name overrides the file stem.
+    let echo = example("echo");
+    let out = server.cli(&["deploy", echo.to_str().unwrap(), "--name", "parrot"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = server.cli(&[
+        "invoke",
+        "parrot",
+        "--path",
+        "/p",
+        "--data",
+        "squawk",
+        "-H",
+        "x-test: 1",
+    ]);
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "squawk");
+
+    let out = server.cli(&["functions", "--output", "json"]);
+    let list: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let names: Vec<_> = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| f["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["hello", "parrot"]);
+    let out = server.cli(&["functions"]);
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        table.starts_with("NAME") && table.contains("parrot"),
+        "{table}"
+    );
+    let out = server.cli(&["versions", "hello", "--output", "json"]);
+    let versions: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(versions[0]["version"], 1);
+
+    // Errors reach the user as the server's message and a failing exit code.
+    let out = server.cli(&["versions", "nope"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("function.not_found"));
+}
+
+#[test]
+fn manifest_with_unknown_key_is_rejected_naming_key_and_line() {
+    let server = TestServer::start();
+    let dir = kiln_tests::temp_dir("manifest");
+    std::fs::write(
+        dir.join("kiln.toml"),
+        "name = \"x\"\ncomponent = \"x.wasm\"\n[limits]\ntimeout_ms = 5\nmemroy_mb = 1\n",
+    )
+    .unwrap();
+    let out = server.cli(&["deploy", dir.to_str().unwrap()]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(err.contains("memroy_mb") && err.contains("line 5"), "{err}");
+}
+
+#[test]
+fn sigterm_drains_in_flight_requests_then_exits_zero() {
+    let mut server = TestServer::start();
+    server.deploy_example("slow", "hostile", "");
+    let url = server.url.clone();
+    let inflight = std::thread::spawn(move || {
+        let agent: ureq::Agent = ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .build()
+            .into();
+        let mut r = agent
+            .get(format!("{url}/fn/slow/sleep?ms=1500"))
+            .call()
+            .unwrap();
+        (r.status().as_u16(), r.body_mut().read_to_string().unwrap())
+    });
+    std::thread::sleep(std::time::Duration::from_millis(400));
+    assert_eq!(server.terminate(), Some(0));
+    let (status, body) = inflight.join().unwrap();
+    assert_eq!((status, body.as_str()), (200, "slept\n"));
+}
+
+#[test]
+fn health_and_unknown_routes_answer_json() {
+    let server = TestServer::start();
+    let h = server.get("/healthz");
+    assert_eq!((h.status, h.json()["status"].as_str()), (200, Some("ok")));
+    let a = server.get("/nope");
+    assert_eq!(
+        (a.status, a.error_code().as_str()),
+        (404, "route.not_found")
+    );
+    let a = server.request("PATCH", "/v1/functions", &[], b"");
+    assert_eq!(
+        (a.status, a.error_code().as_str()),
+        (405, "method.not_allowed")
+    );
+}
