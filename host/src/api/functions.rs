@@ -132,13 +132,17 @@ pub(super) fn version(app: &Arc<App>, name: &str, v: &str) -> Result<Response<Bo
     ))
 }
 
-pub(super) async fn create_version(
-    app: &Arc<App>,
-    name: &str,
-    req: Request<Incoming>,
-) -> Result<Response<Body>, ApiError> {
+/// How a create-version request carries its component.
+enum Upload {
+    /// A bare component in the body; limits from the query string.
+    Wasm(LimitsSpec),
+    /// A JSON manifest naming blobs.
+    Manifest,
+}
+
+/// Checks what can be checked before reading the body.
+fn precheck<B>(name: &str, req: &Request<B>) -> Result<Upload, ApiError> {
     validate_name(name).map_err(ApiError::InvalidRequest)?;
-    let base = base_url(app, &req);
     let content_type = req
         .headers()
         .get(header::CONTENT_TYPE)
@@ -149,10 +153,38 @@ pub(super) async fn create_version(
         .unwrap_or("")
         .trim()
         .to_ascii_lowercase();
-    let (component, limits) = match content_type.as_str() {
-        "application/wasm" => {
-            let spec = LimitsSpec::from_query(req.uri().query().unwrap_or(""))
-                .map_err(ApiError::InvalidRequest)?;
+    let query = req.uri().query().unwrap_or("");
+    match content_type.as_str() {
+        "application/wasm" => Ok(Upload::Wasm(
+            LimitsSpec::from_query(query).map_err(ApiError::InvalidRequest)?,
+        )),
+        "application/json" if query.is_empty() => Ok(Upload::Manifest),
+        "application/json" => Err(ApiError::InvalidRequest(
+            "with a JSON manifest, limits go in its \"limits\" object, not the query string".into(),
+        )),
+        other => Err(ApiError::UnsupportedMediaType(format!(
+            "content-type {other:?} is not accepted: send application/wasm (a component) or application/json (a manifest naming blobs)"
+        ))),
+    }
+}
+
+pub(super) async fn create_version(
+    app: &Arc<App>,
+    name: &str,
+    req: Request<Incoming>,
+) -> Result<Response<Body>, ApiError> {
+    let base = base_url(app, &req);
+    let upload = match precheck(name, &req) {
+        Ok(u) => u,
+        Err(e) => {
+            // Read (and drop) the rest of a modest body so the client, still sending, sees
+            // the answer rather than a reset connection.
+            super::drain(req.into_body()).await;
+            return Err(e);
+        }
+    };
+    let (component, limits) = match upload {
+        Upload::Wasm(spec) => {
             let limit = app
                 .config
                 .max_upload_bytes
@@ -160,12 +192,7 @@ pub(super) async fn create_version(
             let (digest, _) = blobs::receive(app, req.into_body(), None, limit).await?;
             (digest, spec)
         }
-        "application/json" => {
-            if req.uri().query().is_some_and(|q| !q.is_empty()) {
-                return Err(ApiError::InvalidRequest(
-                    "with a JSON manifest, limits go in its \"limits\" object, not the query string".into(),
-                ));
-            }
+        Upload::Manifest => {
             let body = http_body_util::Limited::new(req.into_body(), MAX_MANIFEST_BYTES)
                 .collect()
                 .await
@@ -174,11 +201,6 @@ pub(super) async fn create_version(
             let manifest: CreateVersion = serde_json::from_slice(&body)
                 .map_err(|e| ApiError::InvalidRequest(format!("invalid version manifest: {e}")))?;
             (manifest.component, manifest.limits)
-        }
-        other => {
-            return Err(ApiError::UnsupportedMediaType(format!(
-                "content-type {other:?} is not accepted: send application/wasm (a component) or application/json (a manifest naming blobs)"
-            )));
         }
     };
     let limits = limits.resolve(&app.config.runtime.default_limits);

@@ -51,6 +51,21 @@ pub async fn handle(app: &Arc<App>, req: Request<Incoming>) -> Result<Response<B
     }
 }
 
+/// Bytes of a refused request's body read and dropped before answering.
+const DRAIN_CAP: usize = 16 << 20;
+
+/// Reads and drops up to [`DRAIN_CAP`] bytes of a body that will not be used.
+async fn drain(mut body: Incoming) {
+    use http_body_util::BodyExt;
+    let mut seen = 0usize;
+    while let Some(Ok(frame)) = body.frame().await {
+        seen += frame.data_ref().map_or(0, |d| d.len());
+        if seen > DRAIN_CAP {
+            break;
+        }
+    }
+}
+
 fn not_allowed(method: &Method) -> ApiError {
     ApiError::MethodNotAllowed(method.to_string())
 }
