@@ -97,8 +97,12 @@ impl Runtime {
             };
         timings.instantiate = started.elapsed();
 
+        // Run the handler inline: most guests write their whole response and return before
+        // anyone reads it, and then no task is spawned. Only a guest still running once its
+        // response head is out (streaming a body) moves to its own task, still under the
+        // same deadline.
         let called = Instant::now();
-        let task = tokio::spawn(async move {
+        let mut call = Box::pin(async move {
             let call = proxy
                 .wasi_http_incoming_handler()
                 .call_handle(&mut store, req, out);
@@ -107,22 +111,38 @@ impl Runtime {
                 Err(_) => Err(wasmtime::Error::from(Trap::Interrupt)),
             }
         });
-
-        let head = tokio::time::timeout_at(deadline, rx).await;
+        let mut rx = rx;
+        let head = tokio::select! {
+            biased;
+            finished = &mut call => {
+                timings.handler = called.elapsed();
+                return match rx.await {
+                    Ok(Ok(response)) => Ok(response),
+                    Ok(Err(code)) => Err(InvokeError::GuestError(format!("{code:?}"))),
+                    Err(_) => match finished {
+                        Ok(()) => Err(InvokeError::NoResponse),
+                        Err(e) => Err(classify(e, timeout_ms)),
+                    },
+                };
+            }
+            head = &mut rx => head,
+        };
         timings.handler = called.elapsed();
         match head {
-            Ok(Ok(Ok(response))) => Ok(response),
-            Ok(Ok(Err(code))) => Err(InvokeError::GuestError(format!("{code:?}"))),
-            // The guest never set the response: the task ended; its result says why.
-            Ok(Err(_)) => match task.await {
-                Ok(Ok(())) => Err(InvokeError::NoResponse),
-                Ok(Err(e)) => Err(classify(e, timeout_ms)),
-                Err(join) => Err(InvokeError::Internal(join.into())),
-            },
-            Err(_) => {
-                task.abort();
-                Err(InvokeError::Timeout(timeout_ms))
+            Ok(Ok(response)) => {
+                tokio::spawn(async move {
+                    if let Err(e) = call.await {
+                        tracing::debug!("guest failed after sending its response head: {e:#}");
+                    }
+                });
+                Ok(response)
             }
+            Ok(Err(code)) => Err(InvokeError::GuestError(format!("{code:?}"))),
+            // The sender is gone but the call is not finished: finish it to learn why.
+            Err(_) => match call.await {
+                Ok(()) => Err(InvokeError::NoResponse),
+                Err(e) => Err(classify(e, timeout_ms)),
+            },
         }
     }
 }
