@@ -38,8 +38,9 @@ pub const DEFAULT_HEADER_TIMEOUT_MS: u64 = 10_000;
 /// Default time in-flight requests get to finish on shutdown, in milliseconds.
 pub const DEFAULT_DRAIN_TIMEOUT_MS: u64 = 30_000;
 /// Default bytes of linear memory reset with `memset` instead of `madvise` when an instance
-/// slot is reused (saves page faults on the next request; see BENCHMARKS.md).
-pub const DEFAULT_MEMORY_KEEP_RESIDENT_BYTES: u64 = 1 << 20;
+/// slot is reused. 0: a Rust guest's touched pages sit above its 1 MiB shadow stack, so a
+/// memset large enough to cover them cost more than the page faults it saved (BENCHMARKS.md).
+pub const DEFAULT_MEMORY_KEEP_RESIDENT_BYTES: u64 = 0;
 
 /// The validated server configuration.
 #[derive(Debug, Clone)]

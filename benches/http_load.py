@@ -10,7 +10,7 @@ the whole process over the measured window) and is the steadier figure on a shar
 Also measured: cold start of an evicted version over HTTP (from Kiln's `server-timing`),
 and process start to first response for each server.
 
-Usage: python3 benches/http.py [--rounds 3] [--duration 5] [--conc 1,16,64]
+Usage: python3 benches/http_load.py [--rounds 3] [--duration 5] [--conc 1,16,64]
 Needs: wrk (apt-get install wrk), the release build (cargo build --release --workspace),
 the examples built for wasm32-wasip2. `wasmtime` 48.0.8 is installed with
 `cargo install wasmtime-cli --version 48.0.8 --locked` when missing (slow: ~20 min here).
@@ -123,6 +123,7 @@ def kiln_server(port, data_dir, config=None):
 def cold_starts(port, data_dir, n=200):
     """Alternates two functions on a server that keeps one loaded version: every request
     after the first is a cold start of an evicted version. Returns server-timing cold ms."""
+    os.makedirs(data_dir, exist_ok=True)
     cfg = os.path.join(data_dir, "cold.toml")
     with open(cfg, "w") as f:
         f.write("[runtime]\nloaded_versions = 1\n")
