@@ -14,7 +14,7 @@ use anyhow::{Context, bail};
 fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let (runs, url, cmd) = match args.iter().position(|a| a == "--") {
-        Some(i) if i == 2 => (args[0].parse::<usize>()?, &args[1], &args[3..]),
+        Some(2) => (args[0].parse::<usize>()?, &args[1], &args[3..]),
         _ => bail!("usage: first-response RUNS URL -- COMMAND ARGS..."),
     };
     let rest = url.strip_prefix("http://").context("URL must be http://")?;

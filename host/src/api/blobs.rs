@@ -34,8 +34,17 @@ pub(super) async fn put(
     digest: &str,
     req: Request<Incoming>,
 ) -> Result<Response<Body>, ApiError> {
-    let digest = parse_digest(digest)?;
+    let digest = match parse_digest(digest) {
+        Ok(d) => d,
+        Err(e) => {
+            super::drain(req.into_body()).await;
+            return Err(e);
+        }
+    };
     if let Some(size) = app.blobs.size(&digest) {
+        // Already stored: the upload is not needed, but read it so the client, still
+        // sending, gets this answer instead of a reset connection.
+        super::drain(req.into_body()).await;
         return Ok(json_response(
             StatusCode::OK,
             &serde_json::json!({"digest": digest, "size": size, "created": false}),
@@ -54,14 +63,28 @@ pub(super) async fn put(
     ))
 }
 
-/// Streams a request body into the blob store; returns the digest and size.
+/// Streams a request body into the blob store; returns the digest and size. On failure the
+/// rest of a modest body is drained so the client sees the answer.
 pub(super) async fn receive(
     app: &Arc<App>,
     mut body: Incoming,
     expected: Option<Digest>,
     limit: u64,
 ) -> Result<(Digest, u64), ApiError> {
-    if let Some(len) = http_body::Body::size_hint(&body).exact()
+    let result = store(app, &mut body, expected, limit).await;
+    if result.is_err() {
+        super::drain(body).await;
+    }
+    result
+}
+
+async fn store(
+    app: &Arc<App>,
+    body: &mut Incoming,
+    expected: Option<Digest>,
+    limit: u64,
+) -> Result<(Digest, u64), ApiError> {
+    if let Some(len) = http_body::Body::size_hint(&*body).exact()
         && len > limit
     {
         return Err(BlobError::TooLarge { limit }.into());

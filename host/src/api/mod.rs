@@ -24,6 +24,7 @@ pub use functions::CreateVersion;
 
 use crate::app::App;
 use crate::server::Body;
+pub(crate) use crate::server::drain;
 
 /// Dispatches a `/v1/...` request.
 pub async fn handle(app: &Arc<App>, req: Request<Incoming>) -> Result<Response<Body>, ApiError> {
@@ -48,21 +49,6 @@ pub async fn handle(app: &Arc<App>, req: Request<Incoming>) -> Result<Response<B
         (["functions", name, "versions", v], &Method::GET) => functions::version(app, name, v),
         (["functions", _, "versions", _], _) => Err(not_allowed(&method)),
         _ => Err(ApiError::NoRoute(format!("{method} {path}"))),
-    }
-}
-
-/// Bytes of a refused request's body read and dropped before answering.
-const DRAIN_CAP: usize = 16 << 20;
-
-/// Reads and drops up to [`DRAIN_CAP`] bytes of a body that will not be used.
-async fn drain(mut body: Incoming) {
-    use http_body_util::BodyExt;
-    let mut seen = 0usize;
-    while let Some(Ok(frame)) = body.frame().await {
-        seen += frame.data_ref().map_or(0, |d| d.len());
-        if seen > DRAIN_CAP {
-            break;
-        }
     }
 }
 

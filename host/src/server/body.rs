@@ -127,3 +127,18 @@ impl<B: HttpBody + Unpin, G: Unpin> HttpBody for Holding<B, G> {
         self.inner.size_hint()
     }
 }
+
+/// Bytes of a refused request's body read and dropped before answering.
+pub const DRAIN_CAP: usize = 16 << 20;
+
+/// Reads and drops up to [`DRAIN_CAP`] bytes of a body that will not be used, so that a
+/// client still sending it reads the answer instead of a connection reset.
+pub async fn drain(mut body: hyper::body::Incoming) {
+    let mut seen = 0usize;
+    while let Some(Ok(frame)) = body.frame().await {
+        seen += frame.data_ref().map_or(0, |d| d.len());
+        if seen > DRAIN_CAP {
+            break;
+        }
+    }
+}

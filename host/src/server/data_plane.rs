@@ -51,6 +51,9 @@ pub async fn handle(app: &Arc<App>, req: Request<Incoming>) -> Result<Response<B
     if let Some(len) = content_length(&req)
         && len > max_body
     {
+        if len <= super::body::DRAIN_CAP as u64 {
+            super::body::drain(req.into_body()).await;
+        }
         return Err(ApiError::TooLarge(format!(
             "request body of {len} bytes exceeds the limit of {max_body} bytes"
         )));

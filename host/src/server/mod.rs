@@ -7,6 +7,6 @@ mod data_plane;
 mod listener;
 mod router;
 
-pub use body::{Body, BodyError, LimitedBody, empty, full};
+pub use body::{Body, BodyError, DRAIN_CAP, LimitedBody, drain, empty, full};
 pub use listener::serve;
 pub use router::{handle, json_response};
