@@ -145,6 +145,26 @@ fn spawn(data_dir: &Path, config: Option<&Path>, log: &Path) -> (Child, String) 
     (child, url)
 }
 
+/// GETs `url` on a new thread (for requests that must be in flight while the test goes
+/// on); the handle yields the status and the body.
+pub fn spawn_get(url: String) -> std::thread::JoinHandle<(u16, String)> {
+    std::thread::spawn(move || {
+        let agent: ureq::Agent = ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .timeout_global(Some(Duration::from_secs(60)))
+            .build()
+            .into();
+        let mut r = agent
+            .get(url)
+            .call()
+            .expect("request failed at the transport level");
+        (
+            r.status().as_u16(),
+            r.body_mut().read_to_string().unwrap_or_default(),
+        )
+    })
+}
+
 /// A running `kiln serve` process.
 pub struct TestServer {
     child: Option<Child>,

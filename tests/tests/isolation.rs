@@ -16,26 +16,15 @@ fn server_with_hostile(query: &str) -> TestServer {
 #[test]
 fn infinite_loop_answers_504_within_timeout_while_others_answer() {
     let server = server_with_hostile("timeout_ms=500");
-    let url = server.url.clone();
     let started = Instant::now();
-    let looping = std::thread::spawn(move || {
-        let agent: ureq::Agent = ureq::Agent::config_builder()
-            .http_status_as_error(false)
-            .build()
-            .into();
-        let mut r = agent.get(format!("{url}/fn/hostile/loop")).call().unwrap();
-        (
-            r.status().as_u16(),
-            r.body_mut().read_to_string().unwrap(),
-            started.elapsed(),
-        )
-    });
+    let looping = kiln_tests::spawn_get(format!("{}/fn/hostile/loop", server.url));
     // While the loop spins, another function answers at once.
     std::thread::sleep(Duration::from_millis(100));
     for _ in 0..20 {
         assert_eq!(server.get("/fn/hello/").status, 200);
     }
-    let (status, body, elapsed) = looping.join().unwrap();
+    let (status, body) = looping.join().unwrap();
+    let elapsed = started.elapsed();
     assert_eq!(status, 504, "{body}");
     assert!(body.contains("function.timeout"), "{body}");
     assert!(elapsed < Duration::from_secs(5), "took {elapsed:?}");
@@ -118,19 +107,7 @@ fn busy_function_with_full_queue_answers_503_with_retry_after() {
     let server = TestServer::start_with_config("[runtime]\nqueue_depth = 0\n");
     server.deploy_example("one", "hostile", "max_concurrency=1");
     server.deploy_example("hello", "hello", "");
-    let url = server.url.clone();
-    let busy = std::thread::spawn(move || {
-        let agent: ureq::Agent = ureq::Agent::config_builder()
-            .http_status_as_error(false)
-            .build()
-            .into();
-        agent
-            .get(format!("{url}/fn/one/sleep?ms=1500"))
-            .call()
-            .unwrap()
-            .status()
-            .as_u16()
-    });
+    let busy = kiln_tests::spawn_get(format!("{}/fn/one/sleep?ms=1500", server.url));
     std::thread::sleep(Duration::from_millis(400));
     let a = server.get("/fn/one/counter");
     assert_eq!(
@@ -139,7 +116,7 @@ fn busy_function_with_full_queue_answers_503_with_retry_after() {
     );
     assert_eq!(a.header("retry-after"), Some("1"));
     assert_eq!(server.get("/fn/hello/").status, 200);
-    assert_eq!(busy.join().unwrap(), 200);
+    assert_eq!(busy.join().unwrap().0, 200);
     assert_eq!(server.get("/fn/one/counter").status, 200);
 }
 

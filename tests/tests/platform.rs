@@ -207,18 +207,7 @@ fn manifest_with_unknown_key_is_rejected_naming_key_and_line() {
 fn sigterm_drains_in_flight_requests_then_exits_zero() {
     let mut server = TestServer::start();
     server.deploy_example("slow", "hostile", "");
-    let url = server.url.clone();
-    let inflight = std::thread::spawn(move || {
-        let agent: ureq::Agent = ureq::Agent::config_builder()
-            .http_status_as_error(false)
-            .build()
-            .into();
-        let mut r = agent
-            .get(format!("{url}/fn/slow/sleep?ms=1500"))
-            .call()
-            .unwrap();
-        (r.status().as_u16(), r.body_mut().read_to_string().unwrap())
-    });
+    let inflight = kiln_tests::spawn_get(format!("{}/fn/slow/sleep?ms=1500", server.url));
     std::thread::sleep(std::time::Duration::from_millis(400));
     assert_eq!(server.terminate(), Some(0));
     let (status, body) = inflight.join().unwrap();

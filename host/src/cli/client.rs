@@ -41,19 +41,19 @@ impl Client {
 
     /// GET a JSON document.
     pub fn get_json(&self, path: &str) -> anyhow::Result<Value> {
-        let resp = self
-            .agent
-            .get(self.url(path))
-            .call()
-            .with_context(|| format!("connecting to {}", self.base))?;
-        json_or_error(resp)
+        self.call(self.agent.get(self.url(path)))
     }
 
     /// DELETE, returning the JSON answer.
     pub fn delete(&self, path: &str) -> anyhow::Result<Value> {
-        let resp = self
-            .agent
-            .delete(self.url(path))
+        self.call(self.agent.delete(self.url(path)))
+    }
+
+    fn call(
+        &self,
+        req: ureq::RequestBuilder<ureq::typestate::WithoutBody>,
+    ) -> anyhow::Result<Value> {
+        let resp = req
             .call()
             .with_context(|| format!("connecting to {}", self.base))?;
         json_or_error(resp)
