@@ -2,7 +2,6 @@
 //! the few operations that touch several of them (deploy a version, delete a function).
 
 use std::sync::Arc;
-use std::time::Instant;
 
 use anyhow::Context;
 
@@ -18,7 +17,6 @@ pub struct App {
     pub blobs: BlobStore,
     pub runtime: Runtime,
     pub registry: Registry,
-    pub started: Instant,
 }
 
 /// Why a deploy failed.
@@ -59,7 +57,6 @@ impl App {
             blobs,
             runtime,
             registry,
-            started: Instant::now(),
         }))
     }
 

@@ -145,6 +145,16 @@ fn spawn(data_dir: &Path, config: Option<&Path>, log: &Path) -> (Child, String) 
     (child, url)
 }
 
+/// An HTTP client that returns every status as an answer (never as an error).
+pub fn agent() -> ureq::Agent {
+    ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .timeout_global(Some(Duration::from_secs(60)))
+        .max_idle_connections_per_host(64)
+        .build()
+        .into()
+}
+
 /// GETs `url` on a new thread (for requests that must be in flight while the test goes
 /// on); the handle yields the status and the body.
 pub fn spawn_get(url: String) -> std::thread::JoinHandle<(u16, String)> {
@@ -226,19 +236,13 @@ impl TestServer {
     fn start_in(data_dir: PathBuf, config: Option<PathBuf>) -> TestServer {
         let log = data_dir.join("server.log");
         let (child, url) = spawn(&data_dir, config.as_deref(), &log);
-        let agent = ureq::Agent::config_builder()
-            .http_status_as_error(false)
-            .timeout_global(Some(Duration::from_secs(60)))
-            .max_idle_connections_per_host(64)
-            .build()
-            .into();
         TestServer {
             child: Some(child),
             data_dir,
             url,
             log,
             config,
-            agent,
+            agent: agent(),
         }
     }
 

@@ -86,11 +86,7 @@ fn five_hundred_concurrent_requests_are_all_answered() {
             let url = url.clone();
             let barrier = barrier.clone();
             std::thread::spawn(move || {
-                let agent: ureq::Agent = ureq::Agent::config_builder()
-                    .http_status_as_error(false)
-                    .timeout_global(Some(Duration::from_secs(60)))
-                    .build()
-                    .into();
+                let agent = kiln_tests::agent();
                 barrier.wait();
                 let mut r = agent.get(format!("{url}/fn/hello/")).call().unwrap();
                 (r.status().as_u16(), r.body_mut().read_to_string().unwrap())

@@ -79,11 +79,6 @@ impl Runtime {
         &self.engine
     }
 
-    /// Runtime settings this engine was built with.
-    pub fn config(&self) -> &RuntimeConfig {
-        &self.config
-    }
-
     /// Path of the compiled artifact of a component for this engine.
     pub(super) fn artifact_path(&self, digest: &crate::store::Digest) -> PathBuf {
         self.compiled_dir

@@ -29,13 +29,6 @@ pub struct LoadedVersion {
     pub(super) limits: Limits,
 }
 
-impl LoadedVersion {
-    /// The limits the version runs under.
-    pub fn limits(&self) -> &Limits {
-        &self.limits
-    }
-}
-
 type Slot = Arc<OnceCell<Arc<LoadedVersion>>>;
 
 /// The LRU of loaded versions.

@@ -38,7 +38,11 @@ pub async fn handle(app: Arc<App>, req: Request<Incoming>) -> Response<Body> {
     } else if path == "/healthz" {
         Ok(json_response(
             StatusCode::OK,
-            &serde_json::json!({"status": "ok", "functions": app.registry.functions().len()}),
+            &serde_json::json!({
+                "status": "ok",
+                "functions": app.registry.functions().len(),
+                "loaded_versions": app.runtime.loaded_count(),
+            }),
         ))
     } else if path.starts_with("/v1/") {
         api::handle(&app, req).await

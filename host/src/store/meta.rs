@@ -15,16 +15,6 @@ use serde::Serialize;
 use super::Digest;
 use crate::runtime::Limits;
 
-/// One function as listed by the API.
-#[derive(Debug, Clone, Serialize)]
-pub struct FunctionRecord {
-    pub name: String,
-    /// Unix seconds.
-    pub created_at: i64,
-    pub latest_version: u32,
-    pub versions: u32,
-}
-
 /// One immutable version of a function.
 #[derive(Debug, Clone, Serialize)]
 pub struct VersionRecord {

@@ -11,4 +11,4 @@ mod meta;
 
 pub use blobs::{BlobError, BlobStore, BlobWriter};
 pub use digest::{Digest, DigestError};
-pub use meta::{FunctionRecord, MetaStore, NewVersion, VersionRecord};
+pub use meta::{MetaStore, NewVersion, VersionRecord};
