@@ -37,14 +37,14 @@ pub(super) async fn put(
     let digest = match parse_digest(digest) {
         Ok(d) => d,
         Err(e) => {
-            super::drain(req.into_body()).await;
+            crate::server::drain(req.into_body()).await;
             return Err(e);
         }
     };
     if let Some(size) = app.blobs.size(&digest) {
         // Already stored: the upload is not needed, but read it so the client, still
         // sending, gets this answer instead of a reset connection.
-        super::drain(req.into_body()).await;
+        crate::server::drain(req.into_body()).await;
         return Ok(json_response(
             StatusCode::OK,
             &serde_json::json!({"digest": digest, "size": size, "created": false}),
@@ -73,7 +73,7 @@ pub(super) async fn receive(
 ) -> Result<(Digest, u64), ApiError> {
     let result = store(app, &mut body, expected, limit).await;
     if result.is_err() {
-        super::drain(body).await;
+        crate::server::drain(body).await;
     }
     result
 }

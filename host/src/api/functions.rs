@@ -179,7 +179,7 @@ pub(super) async fn create_version(
         Err(e) => {
             // Read (and drop) the rest of a modest body so the client, still sending, sees
             // the answer rather than a reset connection.
-            super::drain(req.into_body()).await;
+            crate::server::drain(req.into_body()).await;
             return Err(e);
         }
     };

@@ -24,7 +24,6 @@ pub use functions::CreateVersion;
 
 use crate::app::App;
 use crate::server::Body;
-pub(crate) use crate::server::drain;
 
 /// Dispatches a `/v1/...` request.
 pub async fn handle(app: &Arc<App>, req: Request<Incoming>) -> Result<Response<Body>, ApiError> {

@@ -112,37 +112,35 @@ impl Runtime {
             }
         });
         let mut rx = rx;
-        let head = tokio::select! {
+        let (head, finished) = tokio::select! {
             biased;
-            finished = &mut call => {
-                timings.handler = called.elapsed();
-                return match rx.await {
-                    Ok(Ok(response)) => Ok(response),
-                    Ok(Err(code)) => Err(InvokeError::GuestError(format!("{code:?}"))),
-                    Err(_) => match finished {
-                        Ok(()) => Err(InvokeError::NoResponse),
-                        Err(e) => Err(classify(e, timeout_ms)),
-                    },
-                };
-            }
-            head = &mut rx => head,
+            finished = &mut call => (rx.await, Some(finished)),
+            head = &mut rx => (head, None),
         };
         timings.handler = called.elapsed();
         match head {
             Ok(Ok(response)) => {
-                tokio::spawn(async move {
-                    if let Err(e) = call.await {
-                        tracing::debug!("guest failed after sending its response head: {e:#}");
-                    }
-                });
+                if finished.is_none() {
+                    tokio::spawn(async move {
+                        if let Err(e) = call.await {
+                            tracing::debug!("guest failed after sending its response head: {e:#}");
+                        }
+                    });
+                }
                 Ok(response)
             }
             Ok(Err(code)) => Err(InvokeError::GuestError(format!("{code:?}"))),
-            // The sender is gone but the call is not finished: finish it to learn why.
-            Err(_) => match call.await {
-                Ok(()) => Err(InvokeError::NoResponse),
-                Err(e) => Err(classify(e, timeout_ms)),
-            },
+            // No response was set: the call's own result says why (finish it if needed).
+            Err(_) => {
+                let finished = match finished {
+                    Some(f) => f,
+                    None => call.await,
+                };
+                match finished {
+                    Ok(()) => Err(InvokeError::NoResponse),
+                    Err(e) => Err(classify(e, timeout_ms)),
+                }
+            }
         }
     }
 }
