@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use criterion::{Criterion, criterion_group, criterion_main};
 use http_body_util::{BodyExt, Empty};
-use kiln_host::config::RuntimeConfig;
+use kiln_host::config::{NnConfig, RuntimeConfig};
 use kiln_host::runtime::{Limits, Runtime, Timings};
 use kiln_host::store::{BlobStore, Digest};
 
@@ -32,7 +32,8 @@ fn runtime_benches(c: &mut Criterion) {
         .unwrap();
     let dir = std::env::temp_dir().join(format!("kiln-bench-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
-    let runtime = Arc::new(Runtime::new(RuntimeConfig::default(), &dir).unwrap());
+    let models = kiln_host::nn::open(&NnConfig::default()).unwrap();
+    let runtime = Arc::new(Runtime::new(RuntimeConfig::default(), &dir, models).unwrap());
     let blobs = BlobStore::open(&dir).unwrap();
     let bytes = hello_wasm();
     let digest: Digest = blobs.put(&bytes).unwrap();
@@ -55,7 +56,10 @@ fn runtime_benches(c: &mut Criterion) {
                     )
                     .unwrap();
                 let mut timings = Timings::default();
-                let resp = runtime.invoke(loaded, req, &mut timings).await.unwrap();
+                let resp = runtime
+                    .invoke(loaded, Arc::default(), req, &mut timings)
+                    .await
+                    .unwrap();
                 let body = resp.into_body().collect().await.unwrap().to_bytes();
                 assert_eq!(&body[..], b"hello\n");
             }

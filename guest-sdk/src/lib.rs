@@ -15,6 +15,7 @@ pub use http;
 
 #[doc(hidden)]
 pub mod __private;
+pub mod nn;
 
 /// An incoming request with its whole body.
 pub type Request = http::Request<Vec<u8>>;
@@ -78,6 +79,16 @@ pub fn text(status: StatusCode, body: impl Into<String>) -> Response {
     r.headers_mut().insert(
         http::header::CONTENT_TYPE,
         http::HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    r
+}
+
+/// An `application/json` response; `body` is JSON text.
+pub fn json(status: StatusCode, body: impl Into<String>) -> Response {
+    let mut r = text(status, body);
+    r.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("application/json"),
     );
     r
 }

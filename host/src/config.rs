@@ -42,6 +42,13 @@ pub const DEFAULT_DRAIN_TIMEOUT_MS: u64 = 30_000;
 /// memset large enough to cover them cost more than the page faults it saved (BENCHMARKS.md).
 pub const DEFAULT_MEMORY_KEEP_RESIDENT_BYTES: u64 = 0;
 
+/// Default time an unused model stays loaded, in milliseconds (10 minutes).
+pub const DEFAULT_MODEL_IDLE_UNLOAD_MS: u64 = 600_000;
+/// Default bound on the estimated memory of all loaded models, in MiB.
+pub const DEFAULT_MODEL_MEMORY_MB: u64 = 4096;
+/// Default threads one ONNX Runtime inference uses (concurrency comes from the session pool).
+pub const DEFAULT_ONNXRUNTIME_THREADS: usize = 1;
+
 /// The validated server configuration.
 #[derive(Debug, Clone)]
 pub struct ServerConfig {
@@ -59,6 +66,62 @@ pub struct ServerConfig {
     pub drain_timeout_ms: u64,
     /// Runtime (engine, pool, compile) settings.
     pub runtime: RuntimeConfig,
+    /// Inference (`wasi:nn`) settings.
+    pub nn: NnConfig,
+}
+
+/// Which backend runs a model whose manifest names none.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum DefaultBackend {
+    /// ONNX Runtime when its library is available, else tract.
+    #[default]
+    Auto,
+    Tract,
+    Onnxruntime,
+}
+
+/// Settings of the inference backends and the model cache.
+#[derive(Debug, Clone)]
+pub struct NnConfig {
+    /// `libonnxruntime.so` to load; `None`: the onnxruntime backend is off.
+    pub onnxruntime_library: Option<PathBuf>,
+    /// ONNX Runtime sessions per loaded model (concurrent inferences on it).
+    pub onnxruntime_sessions: usize,
+    /// Threads each ONNX Runtime inference uses.
+    pub onnxruntime_threads: usize,
+    pub default_backend: DefaultBackend,
+    /// An unused model is unloaded after this long, in milliseconds.
+    pub model_idle_unload_ms: u64,
+    /// Bound on the estimated memory of all loaded models, in MiB.
+    pub model_memory_mb: u64,
+}
+
+impl Default for NnConfig {
+    /// tract only, default cache settings (what a server without `[nn]` and without
+    /// `ORT_DYLIB_PATH` gets).
+    fn default() -> Self {
+        NnConfig {
+            onnxruntime_library: None,
+            onnxruntime_sessions: 1,
+            onnxruntime_threads: DEFAULT_ONNXRUNTIME_THREADS,
+            default_backend: DefaultBackend::Auto,
+            model_idle_unload_ms: DEFAULT_MODEL_IDLE_UNLOAD_MS,
+            model_memory_mb: DEFAULT_MODEL_MEMORY_MB,
+        }
+    }
+}
+
+/// The `[nn]` table of the configuration file.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NnFile {
+    pub onnxruntime_library: Option<PathBuf>,
+    pub onnxruntime_sessions: Option<usize>,
+    pub onnxruntime_threads: Option<usize>,
+    pub default_backend: Option<DefaultBackend>,
+    pub model_idle_unload_ms: Option<u64>,
+    pub model_memory_mb: Option<u64>,
 }
 
 /// Settings of the wasmtime runtime: the engine, the instance pool and compilation.
@@ -114,6 +177,8 @@ pub struct ConfigFile {
     pub drain_timeout_ms: Option<u64>,
     #[serde(default)]
     pub runtime: RuntimeFile,
+    #[serde(default)]
+    pub nn: NnFile,
 }
 
 /// The `[runtime]` table of the configuration file.
@@ -145,11 +210,30 @@ impl ConfigFile {
 impl ServerConfig {
     /// Merges the file (if any) with the already-resolved flag/env values and validates.
     /// `listen` and `data_dir` are `Some` when given as a flag or `KILN_*` variable.
+    /// `onnxruntime_library` comes from `ORT_DYLIB_PATH` when the file names none.
     pub fn resolve(
         file: ConfigFile,
         listen: Option<String>,
         data_dir: Option<PathBuf>,
     ) -> anyhow::Result<Self> {
+        let n = file.nn;
+        let cores = std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1);
+        let nn = NnConfig {
+            onnxruntime_library: n.onnxruntime_library.or_else(|| {
+                std::env::var_os("ORT_DYLIB_PATH")
+                    .filter(|v| !v.is_empty())
+                    .map(PathBuf::from)
+            }),
+            onnxruntime_sessions: n.onnxruntime_sessions.unwrap_or(cores),
+            onnxruntime_threads: n.onnxruntime_threads.unwrap_or(DEFAULT_ONNXRUNTIME_THREADS),
+            default_backend: n.default_backend.unwrap_or_default(),
+            model_idle_unload_ms: n
+                .model_idle_unload_ms
+                .unwrap_or(DEFAULT_MODEL_IDLE_UNLOAD_MS),
+            model_memory_mb: n.model_memory_mb.unwrap_or(DEFAULT_MODEL_MEMORY_MB),
+        };
         let listen = listen
             .or(file.listen)
             .unwrap_or_else(|| DEFAULT_LISTEN.to_string());
@@ -189,6 +273,7 @@ impl ServerConfig {
                     .unwrap_or(base.memory_keep_resident_bytes),
                 default_limits,
             },
+            nn,
         };
         config.validate()?;
         Ok(config)
@@ -214,6 +299,13 @@ impl ServerConfig {
         }
         if r.memory_keep_resident_bytes > r.max_memory_mb << 20 {
             bail!("runtime.memory_keep_resident_bytes exceeds runtime.max_memory_mb");
+        }
+        let n = &self.nn;
+        if n.onnxruntime_sessions == 0 || n.onnxruntime_threads == 0 {
+            bail!("nn.onnxruntime_sessions and nn.onnxruntime_threads must be at least 1");
+        }
+        if n.model_idle_unload_ms == 0 || n.model_memory_mb == 0 {
+            bail!("nn.model_idle_unload_ms and nn.model_memory_mb must be at least 1");
         }
         r.default_limits
             .check(r)

@@ -10,6 +10,13 @@
 //! timeout_ms = 5000
 //! memory_mb = 128
 //! max_concurrency = 64
+//! [models.digits]              # guests call graph::load-by-name("digits")
+//! path = "model/digits.onnx"
+//! encoding = "onnx"
+//! target = "cpu"               # or "gpu" (fail without one), "auto" (GPU if present)
+//! backend = "tract"            # optional: "tract" or "onnxruntime"; default: the server's
+//! [nn]
+//! guest_load_max_mb = 16       # optional: let guests pass model bytes to graph::load
 //! ```
 
 use std::path::{Path, PathBuf};
@@ -17,6 +24,10 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, bail};
 use serde::Deserialize;
 
+use std::collections::BTreeMap;
+
+use crate::api::functions::NnOptions;
+use crate::nn::{BackendKind, Encoding, Target};
 use crate::runtime::LimitsSpec;
 
 /// File name of the manifest inside a function directory.
@@ -38,9 +49,29 @@ pub struct Manifest {
     /// Resource limits of every version deployed from this manifest.
     #[serde(default)]
     pub limits: LimitsSpec,
+    /// Models by the name guests load them with.
+    #[serde(default)]
+    pub models: BTreeMap<String, ModelSpec>,
+    /// `wasi:nn` options.
+    #[serde(default)]
+    pub nn: NnOptions,
     /// The directory holding the manifest (not part of the file).
     #[serde(skip)]
     pub dir: PathBuf,
+}
+
+/// One `[models.<name>]` table.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelSpec {
+    /// Model file, relative to the manifest.
+    pub path: PathBuf,
+    #[serde(default)]
+    pub encoding: Encoding,
+    #[serde(default)]
+    pub target: Target,
+    #[serde(default)]
+    pub backend: Option<BackendKind>,
 }
 
 /// The `[build]` table.
@@ -76,6 +107,11 @@ impl Manifest {
             bail!("name: {e}");
         }
         Ok(m)
+    }
+
+    /// Path of model `spec`'s file.
+    pub fn model_path(&self, spec: &ModelSpec) -> PathBuf {
+        self.dir.join(&spec.path)
     }
 
     /// Absolute (or cwd-relative) path of the component.
@@ -117,6 +153,30 @@ mod tests {
         let msg = format!("{err:#}");
         assert!(msg.contains("memory"), "{msg}");
         assert!(msg.contains("line 4"), "{msg}");
+    }
+
+    #[test]
+    fn manifest_models_parse_with_defaults() {
+        let m = Manifest::parse(
+            "name = \"digits\"\ncomponent = \"a.wasm\"\n[models.digits]\npath = \"m.onnx\"\ntarget = \"auto\"\n[models.other]\npath = \"o.onnx\"\nbackend = \"onnxruntime\"\n[nn]\nguest_load_max_mb = 4\n",
+        )
+        .expect("parse");
+        let d = &m.models["digits"];
+        assert_eq!(
+            (d.encoding, d.target, d.backend),
+            (Encoding::Onnx, Target::Auto, None)
+        );
+        let o = &m.models["other"];
+        assert_eq!(
+            (o.target, o.backend),
+            (Target::Cpu, Some(BackendKind::Onnxruntime))
+        );
+        assert_eq!(m.nn.guest_load_max_mb, Some(4));
+        let bad = Manifest::parse(
+            "name = \"d\"\ncomponent = \"a.wasm\"\n[models.d]\npath = \"m\"\ntarget = \"tpu\"\n",
+        )
+        .expect_err("tpu");
+        assert!(format!("{bad:#}").contains("tpu"), "{bad:#}");
     }
 
     #[test]

@@ -90,6 +90,51 @@ pub fn example(name: &str) -> PathBuf {
         .join(format!("{name}.wasm"))
 }
 
+/// `libonnxruntime.so` for the onnxruntime backend: `ORT_DYLIB_PATH`, else the library inside
+/// the `onnxruntime` Python package. `None` when neither exists; under `CI=true` that is a
+/// failure (CI installs the package), elsewhere the caller skips the ONNX Runtime part.
+pub fn onnxruntime_library() -> Option<PathBuf> {
+    static LIB: OnceLock<Option<PathBuf>> = OnceLock::new();
+    let found = LIB.get_or_init(|| {
+        if let Some(p) = std::env::var_os("ORT_DYLIB_PATH").filter(|p| !p.is_empty()) {
+            return Some(PathBuf::from(p));
+        }
+        let out = Command::new("python3")
+            .args([
+                "-c",
+                "import onnxruntime, os; print(os.path.dirname(onnxruntime.__file__))",
+            ])
+            .output()
+            .ok()?;
+        let dir = PathBuf::from(String::from_utf8(out.stdout).ok()?.trim()).join("capi");
+        let mut libs: Vec<PathBuf> = std::fs::read_dir(&dir)
+            .ok()?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| {
+                p.file_name()
+                    .and_then(|n| n.to_str())
+                    .is_some_and(|n| n.starts_with("libonnxruntime.so"))
+            })
+            .collect();
+        libs.sort();
+        libs.pop()
+    });
+    if found.is_none() {
+        assert!(
+            std::env::var("CI").as_deref() != Ok("true"),
+            "CI=true but no ONNX Runtime library: pip install onnxruntime, or set ORT_DYLIB_PATH"
+        );
+        eprintln!("ONNX Runtime not found (pip install onnxruntime): skipping its part");
+    }
+    found.clone()
+}
+
+/// `sha256:<hex>` of `bytes`, as the blob API names them.
+pub fn digest(bytes: &[u8]) -> String {
+    use sha2::Digest;
+    format!("sha256:{}", hex::encode(sha2::Sha256::digest(bytes)))
+}
+
 /// A fresh, empty temporary directory.
 pub fn temp_dir(tag: &str) -> PathBuf {
     static N: AtomicU32 = AtomicU32::new(0);
@@ -110,6 +155,8 @@ fn spawn(data_dir: &Path, config: Option<&Path>, log: &Path) -> (Child, String) 
         .env("KILN_LOG", "info")
         .env_remove("KILN_LISTEN")
         .env_remove("KILN_DATA_DIR")
+        // ONNX Runtime only where a test configures it, so backends are chosen on purpose.
+        .env_remove("ORT_DYLIB_PATH")
         .stdout(Stdio::piped())
         .stderr(
             std::fs::OpenOptions::new()
@@ -340,6 +387,28 @@ impl TestServer {
         let a = self.deploy_wasm(name, &wasm, query);
         assert_eq!(a.status, 201, "deploy failed: {}", a.text());
         a.json()
+    }
+
+    /// Uploads `bytes` as a blob (201, or 200 if present); returns its digest.
+    pub fn put_blob(&self, bytes: &[u8]) -> String {
+        let d = digest(bytes);
+        let a = self.request("PUT", &format!("/v1/blobs/{d}"), &[], bytes);
+        assert!(
+            a.status == 201 || a.status == 200,
+            "blob upload: {}",
+            a.text()
+        );
+        d
+    }
+
+    /// Creates a version from a JSON manifest naming blobs.
+    pub fn deploy_manifest(&self, name: &str, manifest: &Value) -> Answer {
+        self.request(
+            "POST",
+            &format!("/v1/functions/{name}/versions"),
+            &[("content-type", "application/json")],
+            manifest.to_string().as_bytes(),
+        )
     }
 
     /// Runs the `kiln` CLI against this server.

@@ -10,8 +10,12 @@
 //! | `/counter` | increments a global | always `1`: a fresh instance per request |
 //! | `/sandbox` | looks at env, files, outbound HTTP | nothing is granted |
 //! | `/sleep?ms=N` | waits N ms (host clock), then answers | 200 |
+//! | `/nn/load?name=M` | loads model `M` by name | `ok`, or the wasi-nn error (`NotFound`...) |
+//! | `/nn/bytes` | passes its own (garbage) model bytes to `graph.load` | the wasi-nn error |
+//! | `/nn/malformed?case=C` | runs model `digits` on a bad tensor (`shape`, `type`, `bytes`, `name`) | the wasi-nn error |
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use kiln_guest::nn::{Model, Tensor};
 use kiln_guest::{Request, StatusCode, text};
 
 static COUNTER: AtomicU64 = AtomicU64::new(0);
@@ -48,8 +52,45 @@ fn hostile(req: Request) -> kiln_guest::Response {
             std::thread::sleep(std::time::Duration::from_millis(ms));
             text(StatusCode::OK, "slept\n")
         }
+        "/nn/load" => nn_answer(Model::load(query(&req, "name")).map(|_| ())),
+        "/nn/bytes" => nn_answer(Model::from_onnx(&[0u8; 64]).map(|_| ())),
+        "/nn/malformed" => nn_answer(malformed(query(&req, "case"))),
         _ => text(StatusCode::NOT_FOUND, "unknown path\n"),
     }
+}
+
+fn query<'a>(req: &'a Request, key: &str) -> &'a str {
+    req.uri()
+        .query()
+        .unwrap_or("")
+        .split('&')
+        .find_map(|kv| kv.strip_prefix(key)?.strip_prefix('='))
+        .unwrap_or("")
+}
+
+fn nn_answer(r: Result<(), kiln_guest::nn::Error>) -> kiln_guest::Response {
+    match r {
+        Ok(()) => text(StatusCode::OK, "ok\n"),
+        Err(e) => text(StatusCode::OK, format!("{e}\n")),
+    }
+}
+
+/// Feeds the digits model (input `input`: f32 [N, 64]) a tensor that breaks one rule.
+fn malformed(case: &str) -> Result<(), kiln_guest::nn::Error> {
+    let model = Model::load("digits")?;
+    let good = vec![0.0f32; 64];
+    let input = match case {
+        "shape" => ("input", Tensor::f32(&[1, 63], &good[..63])),
+        "type" => ("input", Tensor::i64(&[1, 64], &[0i64; 64])),
+        "bytes" => {
+            let mut t = Tensor::f32(&[2, 64], &good);
+            t.data.truncate(100);
+            ("input", t)
+        }
+        "name" => ("pixels", Tensor::f32(&[1, 64], &good)),
+        _ => ("input", Tensor::f32(&[1, 64], &good)),
+    };
+    model.run(&[input]).map(|_| ())
 }
 
 fn recurse(n: u64) -> u64 {

@@ -28,6 +28,10 @@ pub enum ApiError {
     TooLarge(String),
     #[error(transparent)]
     Compile(CompileError),
+    /// A model of the version cannot be used; the code says whether it is the model or
+    /// this server (no GPU, backend missing).
+    #[error("{0}")]
+    Model(String, &'static str),
     #[error(transparent)]
     Blob(BlobError),
     #[error(transparent)]
@@ -51,6 +55,7 @@ impl ApiError {
             Compile(CompileError::TooLarge { .. }) => StatusCode::PAYLOAD_TOO_LARGE,
             Compile(CompileError::Internal(_)) => StatusCode::INTERNAL_SERVER_ERROR,
             Compile(_) => StatusCode::BAD_REQUEST,
+            Model(..) => StatusCode::BAD_REQUEST,
             Blob(BlobError::TooLarge { .. }) => StatusCode::PAYLOAD_TOO_LARGE,
             Blob(BlobError::DigestMismatch { .. }) => StatusCode::BAD_REQUEST,
             Blob(BlobError::NotFound(_)) => StatusCode::NOT_FOUND,
@@ -82,6 +87,7 @@ impl ApiError {
             Compile(CompileError::NotAProxy(_)) => "component.not_http_proxy",
             Compile(CompileError::Instantiate(_)) => "component.instantiate_failed",
             Compile(CompileError::Internal(_)) => "internal",
+            Model(_, code) => code,
             Blob(BlobError::DigestMismatch { .. }) => "blob.digest_mismatch",
             Blob(BlobError::Io(_)) => "internal",
             Overloaded(_) => "function.overloaded",
@@ -120,6 +126,18 @@ impl From<DeployError> for ApiError {
                 "{d} is not on this server; upload it first with PUT /v1/blobs/{d}"
             )),
             DeployError::Limits(l) => ApiError::InvalidRequest(l.to_string()),
+            DeployError::Model { ref error, .. } => {
+                let code = match error.code {
+                    crate::nn::ErrorCode::UnsupportedOperation => "model.unsupported",
+                    crate::nn::ErrorCode::TooLarge => "model.too_large",
+                    crate::nn::ErrorCode::RuntimeError => "model.load_failed",
+                    _ => "model.invalid",
+                };
+                ApiError::Model(e.to_string(), code)
+            }
+            DeployError::Models(_) | DeployError::Embedded(_) => {
+                ApiError::Model(e.to_string(), "model.invalid")
+            }
             DeployError::Internal(e) => ApiError::Internal(e),
         }
     }

@@ -1,5 +1,6 @@
 //! `/v1/functions...`: list, show, delete functions; list, show and create versions.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use http::{Request, Response, StatusCode, header};
@@ -9,7 +10,8 @@ use serde::{Deserialize, Serialize};
 
 use super::{ApiError, blobs};
 use crate::app::App;
-use crate::deploy::{FunctionEntry, RouteError, validate_name};
+use crate::deploy::{FunctionEntry, RouteError, VersionEntry, validate_name};
+use crate::nn::{BackendKind, Encoding, ModelRef, NnSpec, Target};
 use crate::runtime::LimitsSpec;
 use crate::server::{Body, json_response};
 use crate::store::{Digest, VersionRecord};
@@ -26,6 +28,59 @@ pub struct CreateVersion {
     /// Limits; unset ones take the server's defaults.
     #[serde(default)]
     pub limits: LimitsSpec,
+    /// Models by the name guests load them with; their blobs are uploaded beforehand.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub models: BTreeMap<String, ModelDecl>,
+    /// `wasi:nn` options.
+    #[serde(default)]
+    pub nn: NnOptions,
+}
+
+/// One model in a version manifest.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelDecl {
+    pub digest: Digest,
+    #[serde(default)]
+    pub encoding: Encoding,
+    #[serde(default)]
+    pub target: Target,
+    /// `tract` or `onnxruntime`; unset takes the server's default.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backend: Option<BackendKind>,
+}
+
+/// The `[nn]` options of a version.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NnOptions {
+    /// Lets guests pass models of up to this many MiB to `graph.load`; unset: refused.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub guest_load_max_mb: Option<u64>,
+}
+
+impl CreateVersion {
+    /// The models and options as a version records them (sizes are filled in at deploy).
+    pub fn nn_spec(&self) -> NnSpec {
+        NnSpec {
+            models: self
+                .models
+                .iter()
+                .map(|(name, m)| ModelRef {
+                    name: name.clone(),
+                    digest: m.digest,
+                    size: 0,
+                    encoding: m.encoding,
+                    target: m.target,
+                    backend: m.backend,
+                })
+                .collect(),
+            guest_load_max_bytes: self
+                .nn
+                .guest_load_max_mb
+                .map(|mb| mb.saturating_mul(1 << 20)),
+        }
+    }
 }
 
 fn base_url<B>(app: &App, req: &Request<B>) -> String {
@@ -39,7 +94,7 @@ fn base_url<B>(app: &App, req: &Request<B>) -> String {
 }
 
 fn version_json(rec: &VersionRecord, base: &str) -> serde_json::Value {
-    serde_json::json!({
+    let mut json = serde_json::json!({
         "function": rec.function,
         "version": rec.version,
         "digest": rec.digest,
@@ -47,7 +102,19 @@ fn version_json(rec: &VersionRecord, base: &str) -> serde_json::Value {
         "limits": rec.limits,
         "created_at": rec.created_at,
         "url": format!("{base}/fn/{}@{}/", rec.function, rec.version),
-    })
+    });
+    if let Some(max) = rec.nn.guest_load_max_bytes {
+        json["nn"] = serde_json::json!({"guest_load_max_bytes": max});
+    }
+    json
+}
+
+/// A version with the live state of its models (backend, device, loaded or not).
+fn version_detail(app: &App, entry: &VersionEntry, base: &str) -> serde_json::Value {
+    let mut json = version_json(&entry.record, base);
+    json["models"] =
+        serde_json::to_value(app.runtime.models().info(&entry.models)).unwrap_or_default();
+    json
 }
 
 fn function_json(f: &FunctionEntry, base: &str) -> serde_json::Value {
@@ -128,7 +195,7 @@ pub(super) fn version(app: &Arc<App>, name: &str, v: &str) -> Result<Response<Bo
     let base = format!("http://{}", app.config.listen);
     Ok(json_response(
         StatusCode::OK,
-        &version_json(&entry.record, &base),
+        &version_detail(app, &entry, &base),
     ))
 }
 
@@ -183,14 +250,14 @@ pub(super) async fn create_version(
             return Err(e);
         }
     };
-    let (component, limits) = match upload {
+    let (component, limits, nn) = match upload {
         Upload::Wasm(spec) => {
             let limit = app
                 .config
                 .max_upload_bytes
                 .min(app.config.runtime.max_component_bytes);
             let (digest, _) = blobs::receive(app, req.into_body(), None, limit).await?;
-            (digest, spec)
+            (digest, spec, NnSpec::default())
         }
         Upload::Manifest => {
             let body = http_body_util::Limited::new(req.into_body(), MAX_MANIFEST_BYTES)
@@ -200,12 +267,14 @@ pub(super) async fn create_version(
                 .to_bytes();
             let manifest: CreateVersion = serde_json::from_slice(&body)
                 .map_err(|e| ApiError::InvalidRequest(format!("invalid version manifest: {e}")))?;
-            (manifest.component, manifest.limits)
+            let nn = manifest.nn_spec();
+            (manifest.component, manifest.limits, nn)
         }
     };
     let limits = limits.resolve(&app.config.runtime.default_limits);
-    let rec = app.deploy(name, component, limits).await?;
-    let mut json = version_json(&rec, &base);
+    let rec = app.deploy(name, component, limits, nn).await?;
+    let entry = app.registry.route(name, Some(rec.version))?;
+    let mut json = version_detail(app, &entry, &base);
     json["url"] = format!("{base}/fn/{}/", rec.function).into();
     Ok(json_response(StatusCode::CREATED, &json))
 }

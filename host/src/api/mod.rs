@@ -12,7 +12,7 @@
 
 mod blobs;
 mod error;
-mod functions;
+pub mod functions;
 
 use std::sync::Arc;
 

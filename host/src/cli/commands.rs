@@ -8,15 +8,17 @@ use anyhow::{Context, bail};
 use serde_json::{Value, json};
 
 use super::{Client, Output};
+use crate::api::functions::ModelDecl;
 use crate::manifest::Manifest;
+use crate::nn::embed::{self, EmbeddedModel};
 use crate::runtime::LimitsSpec;
 use crate::store::Digest;
 
 /// Uploads over this size show a progress bar (when stderr is a terminal).
 const PROGRESS_THRESHOLD: u64 = 4 << 20;
 
-/// `kiln build [DIR]`.
-pub fn build(dir: &Path) -> anyhow::Result<()> {
+/// `kiln build [DIR] [--embed-models]`.
+pub fn build(dir: &Path, embed_models: bool) -> anyhow::Result<()> {
     let m = Manifest::load(dir)?;
     let Some(cmd) = m.build_command() else {
         bail!(
@@ -42,13 +44,48 @@ pub fn build(dir: &Path) -> anyhow::Result<()> {
             out.display()
         );
     }
+    if embed_models {
+        embed_models_into(&m, &out)?;
+    }
     println!("{}", out.display());
+    Ok(())
+}
+
+/// Rewrites the built component with the manifest's models in custom sections.
+fn embed_models_into(m: &Manifest, component: &Path) -> anyhow::Result<()> {
+    let mut models = Vec::new();
+    for (name, spec) in &m.models {
+        let path = m.model_path(spec);
+        let bytes = std::fs::read(&path)
+            .with_context(|| format!("reading model {name:?} at {}", path.display()))?;
+        models.push((
+            EmbeddedModel {
+                name: name.clone(),
+                encoding: spec.encoding,
+                target: spec.target,
+                backend: spec.backend,
+            },
+            bytes,
+        ));
+    }
+    let original = std::fs::read(component)?;
+    let embedded = embed::embed(&original, &models)
+        .with_context(|| format!("embedding models into {}", component.display()))?;
+    let tmp = component.with_extension("wasm.tmp");
+    std::fs::write(&tmp, &embedded)?;
+    std::fs::rename(&tmp, component)?;
+    eprintln!(
+        "embedded {} model(s) into {} ({} bytes)",
+        models.len(),
+        component.display(),
+        embedded.len()
+    );
     Ok(())
 }
 
 /// `kiln deploy [DIR | FILE.wasm]`.
 pub fn deploy(client: &Client, path: &Path, name: Option<String>) -> anyhow::Result<()> {
-    let (name, component, limits) =
+    let (name, component, limits, manifest) =
         if path.is_file() && path.extension().is_some_and(|e| e == "wasm") {
             let name = match name {
                 Some(n) => n,
@@ -57,7 +94,7 @@ pub fn deploy(client: &Client, path: &Path, name: Option<String>) -> anyhow::Res
                     .map(|s| s.to_string_lossy().replace('.', "-"))
                     .context("cannot derive a function name from the file; pass --name")?,
             };
-            (name, path.to_path_buf(), LimitsSpec::default())
+            (name, path.to_path_buf(), LimitsSpec::default(), None)
         } else {
             let m = Manifest::load(path)?;
             let component = m.component_path();
@@ -68,15 +105,22 @@ pub fn deploy(client: &Client, path: &Path, name: Option<String>) -> anyhow::Res
                     path.display()
                 );
             }
-            (name.unwrap_or(m.name), component, m.limits)
+            (
+                name.unwrap_or_else(|| m.name.clone()),
+                component,
+                m.limits,
+                Some(m),
+            )
         };
     crate::deploy::validate_name(&name).map_err(anyhow::Error::msg)?;
 
     let digest = upload(client, &component)?;
-    let answer = client.post_json(
-        &format!("/v1/functions/{name}/versions"),
-        &json!({"component": digest, "limits": limits}),
-    )?;
+    let mut body = json!({"component": digest, "limits": limits});
+    if let Some(m) = &manifest {
+        body["models"] = model_decls(client, m, &component)?;
+        body["nn"] = serde_json::to_value(&m.nn)?;
+    }
+    let answer = client.post_json(&format!("/v1/functions/{name}/versions"), &body)?;
     println!(
         "deployed {} version {} ({})",
         answer["function"].as_str().unwrap_or(&name),
@@ -87,12 +131,54 @@ pub fn deploy(client: &Client, path: &Path, name: Option<String>) -> anyhow::Res
     Ok(())
 }
 
+/// Uploads the manifest's models (each only if the server lacks it) and returns the
+/// manifest's `models` object. Models already embedded in the component, byte for byte,
+/// travel with it and are left out.
+fn model_decls(client: &Client, m: &Manifest, component: &Path) -> anyhow::Result<Value> {
+    let wasm = std::fs::read(component)?;
+    let embedded: Vec<(String, Digest)> = embed::extract(&wasm)
+        .map(|found| {
+            found
+                .into_iter()
+                .map(|(meta, range)| (meta.name, Digest::of(&wasm[range])))
+                .collect()
+        })
+        .unwrap_or_default();
+    let mut decls = serde_json::Map::new();
+    for (name, spec) in &m.models {
+        let path = m.model_path(spec);
+        let bytes = std::fs::read(&path)
+            .with_context(|| format!("reading model {name:?} at {}", path.display()))?;
+        let digest = Digest::of(&bytes);
+        if embedded.contains(&(name.clone(), digest)) {
+            continue;
+        }
+        upload_bytes(client, bytes, digest)?;
+        decls.insert(
+            name.clone(),
+            serde_json::to_value(ModelDecl {
+                digest,
+                encoding: spec.encoding,
+                target: spec.target,
+                backend: spec.backend,
+            })?,
+        );
+    }
+    Ok(Value::Object(decls))
+}
+
 /// Uploads a file as a blob unless the server already has it; returns its digest.
 fn upload(client: &Client, file: &Path) -> anyhow::Result<Digest> {
     let bytes = std::fs::read(file).with_context(|| format!("reading {}", file.display()))?;
     let digest = Digest::of(&bytes);
+    upload_bytes(client, bytes, digest)?;
+    Ok(digest)
+}
+
+/// Uploads `bytes` (whose digest is `digest`) unless the server already has them.
+fn upload_bytes(client: &Client, bytes: Vec<u8>, digest: Digest) -> anyhow::Result<()> {
     if client.has_blob(&digest.to_string())? {
-        return Ok(digest);
+        return Ok(());
     }
     let len = bytes.len() as u64;
     let mut reader: Box<dyn Read> = Box::new(std::io::Cursor::new(bytes));
@@ -113,7 +199,7 @@ fn upload(client: &Client, file: &Path) -> anyhow::Result<Digest> {
     if let Some(bar) = bar {
         bar.finish_and_clear();
     }
-    Ok(digest)
+    Ok(())
 }
 
 /// Arguments of `kiln invoke`.

@@ -59,6 +59,10 @@ pub enum Command {
         /// Function directory (holding kiln.toml).
         #[arg(default_value = ".")]
         dir: PathBuf,
+        /// Write each [models.<name>] into a custom section of the built component, so the
+        /// .wasm alone is the whole deployable.
+        #[arg(long)]
+        embed_models: bool,
     },
     /// Deploy a function directory (kiln.toml) or a bare .wasm component.
     Deploy {
@@ -124,7 +128,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             data_dir,
             config,
         } => serve::run(listen, data_dir, config),
-        Command::Build { dir } => commands::build(&dir),
+        Command::Build { dir, embed_models } => commands::build(&dir, embed_models),
         Command::Deploy { path, name, server } => {
             commands::deploy(&Client::new(&server.server), &path, name)
         }

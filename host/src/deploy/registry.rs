@@ -8,13 +8,24 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, RwLock};
 
 use super::admission::Admission;
+use crate::nn::VersionModels;
 use crate::store::VersionRecord;
 
-/// One version and its admission gate.
-#[derive(Debug)]
+/// One version, its admission gate and its models.
 pub struct VersionEntry {
     pub record: VersionRecord,
     pub admission: Admission,
+    /// The version's `wasi:nn` models, by name.
+    pub models: Arc<VersionModels>,
+}
+
+impl std::fmt::Debug for VersionEntry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VersionEntry")
+            .field("record", &self.record)
+            .field("models", &self.models.names())
+            .finish()
+    }
 }
 
 /// One function: its versions by number.
@@ -58,10 +69,11 @@ impl Registry {
     }
 
     /// Adds a version (creating its function entry on the first one).
-    pub fn add(&self, record: VersionRecord, created_at: i64) {
+    pub fn add(&self, record: VersionRecord, created_at: i64, models: Arc<VersionModels>) {
         let entry = Arc::new(VersionEntry {
             admission: Admission::new(record.limits.max_concurrency, self.queue_depth),
             record,
+            models,
         });
         let mut map = self.functions.write().unwrap_or_else(|p| p.into_inner());
         let name = entry.record.function.clone();
@@ -127,6 +139,7 @@ mod tests {
             digest: Digest::of(&version.to_le_bytes()),
             size: 1,
             limits: Limits::default(),
+            nn: Default::default(),
             created_at: 0,
         }
     }
@@ -134,8 +147,8 @@ mod tests {
     #[test]
     fn route_picks_latest_or_pinned() {
         let r = Registry::new(4);
-        r.add(rec("f", 1), 0);
-        r.add(rec("f", 2), 0);
+        r.add(rec("f", 1), 0, Arc::default());
+        r.add(rec("f", 2), 0, Arc::default());
         assert_eq!(r.route("f", None).expect("latest").record.version, 2);
         assert_eq!(r.route("f", Some(1)).expect("pinned").record.version, 1);
         assert_eq!(

@@ -17,6 +17,7 @@ use super::engine::{EPOCH_TICK, Runtime};
 use super::limits::Limits;
 use super::loaded::LoadedVersion;
 use super::state::HostState;
+use crate::nn::NnCtx;
 use crate::store::Digest;
 
 /// Why a component was refused at deploy; each maps to a 400 (or 413 / 500) for the client.
@@ -124,7 +125,18 @@ impl Runtime {
         pre: &InstancePre<HostState>,
         limits: &Limits,
     ) -> Result<(), CompileError> {
-        let mut store = Store::new(&self.engine, HostState::new(&Arc::from(function), limits));
+        let deadline =
+            std::time::Instant::now() + std::time::Duration::from_millis(limits.timeout_ms);
+        let nn = NnCtx::new(
+            Arc::default(),
+            self.models.clone(),
+            deadline,
+            Arc::default(),
+        );
+        let mut store = Store::new(
+            &self.engine,
+            HostState::new(&Arc::from(function), limits, nn),
+        );
         store.limiter(|s| &mut s.limits);
         store.set_epoch_deadline(limits.timeout_ms.div_ceil(EPOCH_TICK.as_millis() as u64) + 1);
         store.epoch_deadline_trap();

@@ -15,6 +15,7 @@ use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConf
 use super::loaded::LoadedCache;
 use super::state::HostState;
 use crate::config::RuntimeConfig;
+use crate::nn::ModelManager;
 
 /// Period of the epoch ticker; timeouts are enforced with this granularity.
 pub const EPOCH_TICK: Duration = Duration::from_millis(5);
@@ -32,12 +33,18 @@ pub struct Runtime {
     pub(super) fingerprint: String,
     pub(super) compile_permits: tokio::sync::Semaphore,
     pub(super) loaded: LoadedCache,
+    pub(super) models: Arc<ModelManager>,
     ticker_stop: Arc<AtomicBool>,
 }
 
 impl Runtime {
     /// Builds the engine and linker and starts the epoch ticker. Called once at startup.
-    pub fn new(config: RuntimeConfig, data_dir: &Path) -> anyhow::Result<Runtime> {
+    /// Guests reach `models` through `wasi:nn`.
+    pub fn new(
+        config: RuntimeConfig,
+        data_dir: &Path,
+        models: Arc<ModelManager>,
+    ) -> anyhow::Result<Runtime> {
         let engine = Engine::new(&engine_config(&config))
             .map_err(anyhow::Error::from)
             .context("creating wasmtime engine")?;
@@ -51,6 +58,9 @@ impl Runtime {
         wasmtime_wasi_http::p2::add_only_http_to_linker_async(&mut linker)
             .map_err(anyhow::Error::from)
             .context("linking wasi:http")?;
+        crate::nn::host::add_to_linker(&mut linker, super::state::nn_view)
+            .map_err(anyhow::Error::from)
+            .context("linking wasi:nn")?;
 
         let mut hasher = std::collections::hash_map::DefaultHasher::new();
         engine.precompile_compatibility_hash().hash(&mut hasher);
@@ -67,6 +77,7 @@ impl Runtime {
             linker,
             compile_permits: tokio::sync::Semaphore::new(config.compile_concurrency),
             loaded: LoadedCache::new(config.loaded_versions),
+            models,
             config,
             compiled_dir,
             fingerprint,
@@ -77,6 +88,11 @@ impl Runtime {
     /// The engine (for tools and benches that compile or inspect components).
     pub fn engine(&self) -> &Engine {
         &self.engine
+    }
+
+    /// The model cache guests' `wasi:nn` calls use.
+    pub fn models(&self) -> &Arc<ModelManager> {
+        &self.models
     }
 
     /// Path of the compiled artifact of a component for this engine.

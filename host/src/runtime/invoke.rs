@@ -15,6 +15,7 @@ use wasmtime_wasi_http::p2::bindings::http::types::Scheme;
 use super::engine::{EPOCH_TICK, Runtime};
 use super::loaded::LoadedVersion;
 use super::state::HostState;
+use crate::nn::{Device, InferenceTime, NnCtx, VersionModels};
 
 /// Body of a guest's response, streamed from the guest as it writes it.
 pub type ResponseBody = wasmtime_wasi_http::p2::body::HyperOutgoingBody;
@@ -28,6 +29,9 @@ pub struct Timings {
     pub instantiate: Duration,
     /// From the call into the guest until it produced a response head.
     pub handler: Duration,
+    /// Native inference (`wasi:nn` compute) inside the handler, per device.
+    pub inference_cpu: Duration,
+    pub inference_gpu: Duration,
 }
 
 /// A guest's answer, or why there is none.
@@ -58,6 +62,7 @@ impl Runtime {
     pub async fn invoke<B>(
         &self,
         loaded: Arc<LoadedVersion>,
+        models: Arc<VersionModels>,
         req: http::Request<B>,
         timings: &mut Timings,
     ) -> InvokeOutcome
@@ -68,10 +73,17 @@ impl Runtime {
         let timeout_ms = loaded.limits.timeout_ms;
         let deadline = tokio::time::Instant::now() + Duration::from_millis(timeout_ms);
         let started = Instant::now();
+        let inference = Arc::new(InferenceTime::default());
+        let nn = NnCtx::new(
+            models,
+            self.models.clone(),
+            started + Duration::from_millis(timeout_ms),
+            inference.clone(),
+        );
 
         let mut store = Store::new(
             &self.engine,
-            HostState::new(&loaded.function, &loaded.limits),
+            HostState::new(&loaded.function, &loaded.limits, nn),
         );
         store.limiter(|s| &mut s.limits);
         store.set_epoch_deadline(timeout_ms.div_ceil(EPOCH_TICK.as_millis() as u64) + 1);
@@ -118,6 +130,8 @@ impl Runtime {
             head = &mut rx => (head, None),
         };
         timings.handler = called.elapsed();
+        timings.inference_cpu = inference.on(Device::Cpu);
+        timings.inference_gpu = inference.on(Device::Gpu);
         match head {
             Ok(Ok(response)) => {
                 if finished.is_none() {

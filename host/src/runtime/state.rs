@@ -1,5 +1,5 @@
-//! `HostState`: the data of one request's `Store` — WASI and wasi-http contexts, the
-//! resource table they share, and the store limits. Built fresh for every request.
+//! `HostState`: the data of one request's `Store` — WASI, wasi-http and wasi-nn contexts,
+//! the resource table they share, and the store limits. Built fresh for every request.
 
 use std::sync::Arc;
 
@@ -10,6 +10,7 @@ use wasmtime_wasi_http::{WasiBody, WasiHttpCtx, WasiHttpCtxView, WasiHttpHooks, 
 
 use super::guest_log::GuestLog;
 use super::limits::Limits;
+use crate::nn::{NnCtx, host::NnView};
 
 /// Table entries (resources) one instance may hold: bounds handle leaks.
 pub const MAX_RESOURCES: usize = 10_000;
@@ -26,12 +27,14 @@ pub struct HostState {
     http: WasiHttpCtx,
     table: ResourceTable,
     hooks: DenyOutbound,
+    nn: NnCtx,
     pub(crate) limits: StoreLimits,
 }
 
 impl HostState {
     /// A sandbox with no filesystem, no environment, no sockets and no outbound HTTP.
-    pub fn new(function: &Arc<str>, limits: &Limits) -> Self {
+    /// `nn` gives the guest its version's models.
+    pub fn new(function: &Arc<str>, limits: &Limits, nn: NnCtx) -> Self {
         let wasi = WasiCtx::builder()
             .stdout(GuestLog::new(function.clone(), "stdout"))
             .stderr(GuestLog::new(function.clone(), "stderr"))
@@ -49,12 +52,21 @@ impl HostState {
             http,
             table,
             hooks: DenyOutbound,
+            nn,
             limits: StoreLimitsBuilder::new()
                 .memory_size((limits.memory_mb as usize) << 20)
                 .table_elements(MAX_TABLE_ELEMENTS)
                 .trap_on_grow_failure(true)
                 .build(),
         }
+    }
+}
+
+/// The `wasi:nn` view of a request's state (the linker's accessor).
+pub(super) fn nn_view(s: &mut HostState) -> NnView<'_> {
+    NnView {
+        ctx: &mut s.nn,
+        table: &mut s.table,
     }
 }
 

@@ -95,7 +95,12 @@ pub async fn handle(app: &Arc<App>, req: Request<Incoming>) -> Result<Response<B
     };
     let outcome = app
         .runtime
-        .invoke(loaded, Request::from_parts(parts, body), &mut timings)
+        .invoke(
+            loaded,
+            entry.models.clone(),
+            Request::from_parts(parts, body),
+            &mut timings,
+        )
         .await;
     // A body that went over the limit makes the request invalid whatever the guest then
     // did with the truncated stream (answered, failed or trapped).
@@ -140,6 +145,15 @@ fn server_timing(t: &Timings) -> String {
         ms(t.instantiate),
         ms(t.handler)
     );
+    let inference = t.inference_cpu + t.inference_gpu;
+    if !inference.is_zero() {
+        let device = if t.inference_gpu.is_zero() {
+            "cpu"
+        } else {
+            "gpu"
+        };
+        let _ = write!(s, ", inference;dur={:.3};desc=\"{device}\"", ms(inference));
+    }
     s
 }
 

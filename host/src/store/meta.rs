@@ -13,6 +13,7 @@ use rusqlite::{Connection, OptionalExtension, params};
 use serde::Serialize;
 
 use super::Digest;
+use crate::nn::NnSpec;
 use crate::runtime::Limits;
 
 /// One immutable version of a function.
@@ -28,6 +29,8 @@ pub struct VersionRecord {
     /// Component size in bytes.
     pub size: u64,
     pub limits: Limits,
+    /// Models and `wasi:nn` settings.
+    pub nn: NnSpec,
     /// Unix seconds.
     pub created_at: i64,
 }
@@ -39,6 +42,7 @@ pub struct NewVersion {
     pub digest: Digest,
     pub size: u64,
     pub limits: Limits,
+    pub nn: NnSpec,
 }
 
 /// The SQLite metadata store. Calls are short; a mutex serializes them.
@@ -66,6 +70,7 @@ CREATE TABLE IF NOT EXISTS versions (
     memory_mb       INTEGER NOT NULL,
     max_concurrency INTEGER NOT NULL,
     created_at      INTEGER NOT NULL,
+    nn              TEXT NOT NULL DEFAULT '{}',  -- JSON NnSpec: models by digest
     UNIQUE (function, version)
 );
 ";
@@ -87,6 +92,14 @@ impl MetaStore {
         conn.pragma_update(None, "foreign_keys", "ON")?;
         conn.busy_timeout(std::time::Duration::from_secs(5))?;
         conn.execute_batch(SCHEMA).context("creating schema")?;
+        // Databases created before models existed get the column.
+        let has_nn: bool = conn
+            .prepare("SELECT 1 FROM pragma_table_info('versions') WHERE name = 'nn'")?
+            .exists([])?;
+        if !has_nn {
+            conn.execute_batch("ALTER TABLE versions ADD COLUMN nn TEXT NOT NULL DEFAULT '{}'")
+                .context("adding the nn column")?;
+        }
         Ok(MetaStore {
             conn: Mutex::new(conn),
         })
@@ -122,8 +135,8 @@ impl MetaStore {
         )?;
         tx.execute(
             "INSERT INTO versions (function, version, digest, size, timeout_ms, memory_mb,
-                                   max_concurrency, created_at)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+                                   max_concurrency, created_at, nn)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
             params![
                 new.function,
                 version,
@@ -132,7 +145,8 @@ impl MetaStore {
                 new.limits.timeout_ms as i64,
                 new.limits.memory_mb as i64,
                 new.limits.max_concurrency,
-                now
+                now,
+                serde_json::to_string(&new.nn)?
             ],
         )?;
         let id = tx.last_insert_rowid();
@@ -144,6 +158,7 @@ impl MetaStore {
             digest: new.digest,
             size: new.size,
             limits: new.limits,
+            nn: new.nn.clone(),
             created_at: now,
         })
     }
@@ -153,13 +168,14 @@ impl MetaStore {
         let conn = self.conn();
         let mut stmt = conn.prepare(
             "SELECT id, function, version, digest, size, timeout_ms, memory_mb,
-                    max_concurrency, created_at
+                    max_concurrency, created_at, nn
              FROM versions ORDER BY id",
         )?;
         let rows = stmt.query_map([], |r| {
             let digest: String = r.get(3)?;
+            let nn: String = r.get(9)?;
             Ok((
-                digest,
+                (digest, nn),
                 VersionRecord {
                     id: r.get(0)?,
                     function: r.get(1)?,
@@ -171,16 +187,19 @@ impl MetaStore {
                         memory_mb: r.get::<_, i64>(6)? as u64,
                         max_concurrency: r.get(7)?,
                     },
+                    nn: NnSpec::default(),
                     created_at: r.get(8)?,
                 },
             ))
         })?;
         let mut out = Vec::new();
         for row in rows {
-            let (digest, mut rec) = row?;
+            let ((digest, nn), mut rec) = row?;
             rec.digest = digest
                 .parse()
                 .with_context(|| format!("corrupt digest in versions row {}", rec.id))?;
+            rec.nn = serde_json::from_str(&nn)
+                .with_context(|| format!("corrupt nn column in versions row {}", rec.id))?;
             out.push(rec);
         }
         Ok(out)
@@ -222,6 +241,7 @@ mod tests {
             digest: Digest::of(b"x"),
             size: 1,
             limits: Limits::default(),
+            nn: NnSpec::default(),
         }
     }
 
@@ -236,6 +256,21 @@ mod tests {
         assert_eq!(meta.create_version(&new("a")).expect("v3").version, 3);
         let all = meta.all_versions().expect("all");
         assert_eq!(all.len(), 2);
+        // Models round-trip through the nn column.
+        let mut with_model = new("m");
+        with_model.nn.models.push(crate::nn::ModelRef {
+            name: "digits".into(),
+            digest: Digest::of(b"model"),
+            size: 5,
+            encoding: crate::nn::Encoding::Onnx,
+            target: crate::nn::Target::Auto,
+            backend: Some(crate::nn::BackendKind::Tract),
+        });
+        with_model.nn.guest_load_max_bytes = Some(1024);
+        meta.create_version(&with_model).expect("m1");
+        let all = meta.all_versions().expect("all");
+        let m = all.iter().find(|r| r.function == "m").expect("m");
+        assert_eq!(m.nn, with_model.nn);
         let _ = std::fs::remove_dir_all(dir);
     }
 }

@@ -1,0 +1,394 @@
+//! The `wasi:nn` imports a guest calls, on top of the per-request [`NnCtx`].
+//!
+//! - `graph.load-by-name` looks only at the calling version's models; the graph comes from
+//!   the shared cache (loading it if it was unloaded).
+//! - `graph.load` (guest-supplied bytes) is refused unless the version enabled it, and then
+//!   capped in size; such a graph lives only as long as the request.
+//! - `compute` checks every input against the model first, then runs: inline when the
+//!   model is known to be quick, otherwise on the blocking pool so that the request's
+//!   timeout still fires (and cancels the run where the backend allows).
+//! - Inference wall time is added up per device for metering and `server-timing`.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use wasmtime::component::{HasData, Linker, Resource, ResourceTable};
+
+use super::backend::{Cancel, check_inputs};
+use super::models::{LoadedGraph, ModelManager, ModelSlot, VersionModels};
+use super::{Device, ElementType, ErrorCode, NnError, Target, Tensor};
+
+mod generated {
+    wasmtime::component::bindgen!({
+        world: "ml",
+        path: "../wit/wasi-nn.wit",
+        with: {
+            "wasi:nn/graph.graph": super::GraphHandle,
+            "wasi:nn/tensor.tensor": crate::nn::Tensor,
+            "wasi:nn/inference.graph-execution-context": super::ExecContext,
+            "wasi:nn/errors.error": crate::nn::NnError,
+        },
+        imports: {
+            "wasi:nn/graph.load": async | trappable,
+            "wasi:nn/graph.load-by-name": async | trappable,
+            "wasi:nn/inference.[method]graph-execution-context.compute": async | trappable,
+            default: trappable,
+        },
+    });
+}
+
+use generated::wasi::nn::{errors, graph, inference, tensor};
+
+/// A graph as a guest holds it: the shared loaded graph and the cache slot it came from.
+#[derive(Clone)]
+pub struct GraphHandle {
+    graph: Arc<LoadedGraph>,
+    slot: Option<Arc<ModelSlot>>,
+}
+
+/// An execution context: which graph it runs.
+pub struct ExecContext {
+    graph: GraphHandle,
+}
+
+/// Inference time of one request, per device, shared with the code that reports it.
+#[derive(Debug, Default)]
+pub struct InferenceTime {
+    cpu_ns: AtomicU64,
+    gpu_ns: AtomicU64,
+}
+
+impl InferenceTime {
+    fn add(&self, device: Device, d: Duration) {
+        let ns = d.as_nanos() as u64;
+        match device {
+            Device::Cpu => self.cpu_ns.fetch_add(ns, Ordering::Relaxed),
+            Device::Gpu => self.gpu_ns.fetch_add(ns, Ordering::Relaxed),
+        };
+    }
+
+    /// Time spent in inference on `device` so far.
+    pub fn on(&self, device: Device) -> Duration {
+        Duration::from_nanos(match device {
+            Device::Cpu => self.cpu_ns.load(Ordering::Relaxed),
+            Device::Gpu => self.gpu_ns.load(Ordering::Relaxed),
+        })
+    }
+
+    /// Time spent in inference on all devices.
+    pub fn total(&self) -> Duration {
+        self.on(Device::Cpu) + self.on(Device::Gpu)
+    }
+}
+
+/// Per-request `wasi:nn` state.
+pub struct NnCtx {
+    models: Arc<VersionModels>,
+    manager: Arc<ModelManager>,
+    deadline: Instant,
+    time: Arc<InferenceTime>,
+}
+
+impl NnCtx {
+    /// State for one request of a version with `models`, ending at `deadline`.
+    pub fn new(
+        models: Arc<VersionModels>,
+        manager: Arc<ModelManager>,
+        deadline: Instant,
+        time: Arc<InferenceTime>,
+    ) -> Self {
+        NnCtx {
+            models,
+            manager,
+            deadline,
+            time,
+        }
+    }
+}
+
+/// What the generated bindings call into: the request's state and its resource table.
+pub struct NnView<'a> {
+    pub ctx: &'a mut NnCtx,
+    pub table: &'a mut ResourceTable,
+}
+
+struct HasNn;
+
+impl HasData for HasNn {
+    type Data<'a> = NnView<'a>;
+}
+
+/// Adds the `wasi:nn` imports to `linker`; `view` finds the request's state.
+pub fn add_to_linker<T: Send + 'static>(
+    linker: &mut Linker<T>,
+    view: fn(&mut T) -> NnView<'_>,
+) -> wasmtime::Result<()> {
+    graph::add_to_linker::<T, HasNn>(linker, view)?;
+    tensor::add_to_linker::<T, HasNn>(linker, view)?;
+    inference::add_to_linker::<T, HasNn>(linker, view)?;
+    errors::add_to_linker::<T, HasNn>(linker, view)?;
+    Ok(())
+}
+
+type GuestResult<T> = wasmtime::Result<Result<Resource<T>, Resource<NnError>>>;
+
+impl NnView<'_> {
+    /// Hands a result to the guest: values and errors both become resources.
+    fn give<T: Send + 'static>(&mut self, r: Result<T, NnError>) -> GuestResult<T> {
+        match r {
+            Ok(v) => Ok(Ok(self.table.push(v)?)),
+            Err(e) => {
+                tracing::debug!(code = ?e.code, "wasi-nn error for the guest: {}", e.message);
+                Ok(Err(self.table.push(e)?))
+            }
+        }
+    }
+}
+
+fn element_type(t: tensor::TensorType) -> ElementType {
+    use tensor::TensorType as W;
+    match t {
+        W::Fp16 => ElementType::F16,
+        W::Fp32 => ElementType::F32,
+        W::Fp64 => ElementType::F64,
+        W::Bf16 => ElementType::Bf16,
+        W::U8 => ElementType::U8,
+        W::I32 => ElementType::I32,
+        W::I64 => ElementType::I64,
+    }
+}
+
+fn tensor_type(t: ElementType) -> tensor::TensorType {
+    use tensor::TensorType as W;
+    match t {
+        ElementType::F16 => W::Fp16,
+        ElementType::F32 => W::Fp32,
+        ElementType::F64 => W::Fp64,
+        ElementType::Bf16 => W::Bf16,
+        ElementType::U8 => W::U8,
+        ElementType::I32 => W::I32,
+        ElementType::I64 => W::I64,
+    }
+}
+
+impl graph::Host for NnView<'_> {
+    async fn load(
+        &mut self,
+        builders: Vec<graph::GraphBuilder>,
+        encoding: graph::GraphEncoding,
+        target: graph::ExecutionTarget,
+    ) -> GuestResult<GraphHandle> {
+        let r = async {
+            let Some(cap) = self.ctx.models.guest_load_max_bytes else {
+                return Err(NnError::new(
+                    ErrorCode::Security,
+                    "graph.load with guest-supplied bytes is off for this function: load its models by name, or enable it with [nn] guest_load_max_mb in kiln.toml",
+                ));
+            };
+            if encoding != graph::GraphEncoding::Onnx {
+                return Err(NnError::new(
+                    ErrorCode::InvalidEncoding,
+                    format!("encoding {encoding:?} is not supported: only onnx"),
+                ));
+            }
+            let target = match target {
+                graph::ExecutionTarget::Cpu => Target::Cpu,
+                graph::ExecutionTarget::Gpu => Target::Gpu,
+                graph::ExecutionTarget::Tpu => {
+                    return Err(NnError::new(
+                        ErrorCode::UnsupportedOperation,
+                        "no TPU on this server",
+                    ));
+                }
+            };
+            let [model] = <[Vec<u8>; 1]>::try_from(builders).map_err(|b| {
+                NnError::invalid(format!("an ONNX model is one builder, got {}", b.len()))
+            })?;
+            if model.len() as u64 > cap {
+                return Err(NnError::new(
+                    ErrorCode::TooLarge,
+                    format!(
+                        "the model is {} bytes; this function allows {cap}",
+                        model.len()
+                    ),
+                ));
+            }
+            let graph = self.ctx.manager.load_guest_model(model, target).await?;
+            Ok(GraphHandle { graph, slot: None })
+        }
+        .await;
+        self.give(r)
+    }
+
+    async fn load_by_name(&mut self, name: String) -> GuestResult<GraphHandle> {
+        let r = match self.ctx.models.get(&name).cloned() {
+            None => Err(NnError::new(
+                ErrorCode::NotFound,
+                format!(
+                    "no model named {name:?} in this function version (models: {})",
+                    self.ctx.models.names().join(", ")
+                ),
+            )),
+            Some(slot) => self
+                .ctx
+                .manager
+                .graph(&slot)
+                .await
+                .map(|graph| GraphHandle {
+                    graph,
+                    slot: Some(slot),
+                }),
+        };
+        self.give(r)
+    }
+}
+
+impl graph::HostGraph for NnView<'_> {
+    fn init_execution_context(&mut self, graph: Resource<GraphHandle>) -> GuestResult<ExecContext> {
+        let graph = self.table.get(&graph)?.clone();
+        self.give(Ok(ExecContext { graph }))
+    }
+
+    fn drop(&mut self, graph: Resource<GraphHandle>) -> wasmtime::Result<()> {
+        self.table.delete(graph)?;
+        Ok(())
+    }
+}
+
+/// Cancels an inference if the request stops waiting for it.
+struct CancelOnDrop(Option<Cancel>);
+
+impl Drop for CancelOnDrop {
+    fn drop(&mut self) {
+        if let Some(c) = self.0.take() {
+            c.cancel();
+        }
+    }
+}
+
+impl inference::HostGraphExecutionContext for NnView<'_> {
+    async fn compute(
+        &mut self,
+        ctx: Resource<ExecContext>,
+        inputs: Vec<inference::NamedTensor>,
+    ) -> wasmtime::Result<Result<Vec<inference::NamedTensor>, Resource<NnError>>> {
+        let handle = self.table.get(&ctx)?.graph.clone();
+        let mut given = Vec::with_capacity(inputs.len());
+        for (name, t) in inputs {
+            given.push((name, self.table.delete(t)?));
+        }
+        let graph = handle.graph;
+        let checked = check_inputs(graph.graph.inputs(), given);
+        let ran = match checked {
+            Err(e) => Err(e),
+            Ok(_) if Instant::now() >= self.ctx.deadline => Err(NnError::new(
+                ErrorCode::Timeout,
+                "the request's time ran out before inference",
+            )),
+            Ok(inputs) => {
+                if let Some(slot) = &handle.slot {
+                    slot.count_run();
+                }
+                let started = Instant::now();
+                let out = if graph.runs_inline() {
+                    graph.graph.run(inputs, &Cancel::default())
+                } else {
+                    let cancel = Cancel::default();
+                    let mut guard = CancelOnDrop(Some(cancel.clone()));
+                    let g = graph.clone();
+                    let out = tokio::task::spawn_blocking(move || g.graph.run(inputs, &cancel))
+                        .await
+                        .map_err(|e| NnError::runtime("inference task", e))
+                        .and_then(|r| r);
+                    guard.0 = None;
+                    out
+                };
+                let took = started.elapsed();
+                graph.record_run(took);
+                self.ctx.time.add(graph.device, took);
+                out
+            }
+        };
+        match ran {
+            Ok(outputs) => {
+                let mut named = Vec::with_capacity(outputs.len());
+                for (info, t) in graph.graph.outputs().iter().zip(outputs) {
+                    named.push((info.name.clone(), self.table.push(t)?));
+                }
+                Ok(Ok(named))
+            }
+            Err(e) => {
+                tracing::debug!(code = ?e.code, "wasi-nn compute error for the guest: {}", e.message);
+                Ok(Err(self.table.push(e)?))
+            }
+        }
+    }
+
+    fn drop(&mut self, ctx: Resource<ExecContext>) -> wasmtime::Result<()> {
+        self.table.delete(ctx)?;
+        Ok(())
+    }
+}
+
+impl tensor::HostTensor for NnView<'_> {
+    fn new(
+        &mut self,
+        dimensions: Vec<u32>,
+        ty: tensor::TensorType,
+        data: Vec<u8>,
+    ) -> wasmtime::Result<Resource<Tensor>> {
+        Ok(self.table.push(Tensor {
+            dims: dimensions,
+            ty: element_type(ty),
+            data,
+        })?)
+    }
+
+    fn dimensions(&mut self, t: Resource<Tensor>) -> wasmtime::Result<Vec<u32>> {
+        Ok(self.table.get(&t)?.dims.clone())
+    }
+
+    fn ty(&mut self, t: Resource<Tensor>) -> wasmtime::Result<tensor::TensorType> {
+        Ok(tensor_type(self.table.get(&t)?.ty))
+    }
+
+    fn data(&mut self, t: Resource<Tensor>) -> wasmtime::Result<Vec<u8>> {
+        Ok(self.table.get(&t)?.data.clone())
+    }
+
+    fn drop(&mut self, t: Resource<Tensor>) -> wasmtime::Result<()> {
+        self.table.delete(t)?;
+        Ok(())
+    }
+}
+
+impl errors::HostError for NnView<'_> {
+    fn code(&mut self, e: Resource<NnError>) -> wasmtime::Result<errors::ErrorCode> {
+        use errors::ErrorCode as W;
+        Ok(match self.table.get(&e)?.code {
+            ErrorCode::InvalidArgument => W::InvalidArgument,
+            ErrorCode::InvalidEncoding => W::InvalidEncoding,
+            ErrorCode::Timeout => W::Timeout,
+            ErrorCode::RuntimeError => W::RuntimeError,
+            ErrorCode::UnsupportedOperation => W::UnsupportedOperation,
+            ErrorCode::TooLarge => W::TooLarge,
+            ErrorCode::NotFound => W::NotFound,
+            ErrorCode::Security => W::Security,
+            ErrorCode::Unknown => W::Unknown,
+        })
+    }
+
+    fn data(&mut self, e: Resource<NnError>) -> wasmtime::Result<String> {
+        Ok(self.table.get(&e)?.message.clone())
+    }
+
+    fn drop(&mut self, e: Resource<NnError>) -> wasmtime::Result<()> {
+        self.table.delete(e)?;
+        Ok(())
+    }
+}
+
+impl tensor::Host for NnView<'_> {}
+impl inference::Host for NnView<'_> {}
+impl errors::Host for NnView<'_> {}

@@ -1,0 +1,545 @@
+//! The graph cache: every model of every version, loaded at most once per (model digest,
+//! backend, target) and shared by all instances and requests; unloaded when idle (scale to
+//! zero for models too) or to stay within the memory budget, and reloaded on demand.
+//!
+//! A version holds [`VersionModels`]: its model names mapped to shared [`ModelSlot`]s. Names
+//! are the version's own, so one function can never reach another's models by name. Loads
+//! happen at deploy (to fail early) or on first use after a restart or an unload; concurrent
+//! first uses wait for one load.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+
+use super::backend::{Backend, BackendGraph};
+use super::{BackendKind, Device, Encoding, ErrorCode, NnError, Target};
+use crate::store::Digest;
+
+/// A model as a version records it (persisted with the version).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelRef {
+    /// The name guests pass to `graph.load-by-name`.
+    pub name: String,
+    /// Digest of the model blob.
+    pub digest: Digest,
+    /// Model size in bytes.
+    pub size: u64,
+    #[serde(default)]
+    pub encoding: Encoding,
+    #[serde(default)]
+    pub target: Target,
+    /// Backend asked for; `None` takes the server's default.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backend: Option<BackendKind>,
+}
+
+/// What a version records about inference.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NnSpec {
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub models: Vec<ModelRef>,
+    /// Largest model a guest may pass to `graph.load` itself, in bytes; `None`: not allowed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub guest_load_max_bytes: Option<u64>,
+}
+
+/// Settings of the graph cache.
+#[derive(Debug, Clone)]
+pub struct ModelsConfig {
+    /// Backend for models that name none.
+    pub default_backend: BackendKind,
+    /// A graph unused this long is unloaded.
+    pub idle_unload: Duration,
+    /// Bound on the estimated memory of all loaded graphs, in bytes.
+    pub memory_budget: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+struct SlotKey {
+    digest: Digest,
+    backend: BackendKind,
+    target: Target,
+}
+
+/// A loaded graph and where it runs.
+pub struct LoadedGraph {
+    pub graph: Box<dyn BackendGraph>,
+    pub backend: BackendKind,
+    pub device: Device,
+    /// Moving average of one run, in nanoseconds (`u64::MAX` until the first run).
+    run_ns: AtomicU64,
+}
+
+/// Runs shorter than this on average stay on the server thread that asked; longer ones move
+/// to the blocking pool so they can be abandoned at the request's deadline.
+const INLINE_RUN: Duration = Duration::from_micros(250);
+
+impl LoadedGraph {
+    /// Wraps a backend graph.
+    pub fn new(graph: Box<dyn BackendGraph>, backend: BackendKind, device: Device) -> Self {
+        LoadedGraph {
+            graph,
+            backend,
+            device,
+            run_ns: AtomicU64::new(u64::MAX),
+        }
+    }
+
+    /// Whether a run is short enough to do inline (known, and under [`INLINE_RUN`]).
+    pub fn runs_inline(&self) -> bool {
+        self.run_ns.load(Ordering::Relaxed) < INLINE_RUN.as_nanos() as u64
+    }
+
+    /// Records the duration of one run.
+    pub fn record_run(&self, took: Duration) {
+        let ns = took.as_nanos().min(u128::from(u64::MAX / 2)) as u64;
+        let old = self.run_ns.load(Ordering::Relaxed);
+        let new = if old == u64::MAX {
+            ns
+        } else {
+            (old * 7 + ns) / 8
+        };
+        self.run_ns.store(new, Ordering::Relaxed);
+    }
+}
+
+#[derive(Default)]
+struct SlotState {
+    graph: Option<Arc<LoadedGraph>>,
+    /// Why the device differs from the target (auto fell back to the CPU).
+    note: Option<String>,
+    /// The last load failure, shown in the version info.
+    error: Option<String>,
+}
+
+/// One model in the cache, shared by every version that names the same bytes.
+pub struct ModelSlot {
+    key: SlotKey,
+    path: PathBuf,
+    size: u64,
+    state: Mutex<SlotState>,
+    load_lock: tokio::sync::Mutex<()>,
+    last_used_ms: AtomicU64,
+    loads: AtomicU64,
+    runs: AtomicU64,
+}
+
+impl ModelSlot {
+    fn state(&self) -> std::sync::MutexGuard<'_, SlotState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Counts one compute on this model.
+    pub fn count_run(&self) {
+        self.runs.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// A version's models by name, and whether its guests may load their own.
+#[derive(Default)]
+pub struct VersionModels {
+    models: BTreeMap<String, (ModelRef, Arc<ModelSlot>)>,
+    /// Cap on a guest-supplied model; `None`: `graph.load` is refused.
+    pub guest_load_max_bytes: Option<u64>,
+}
+
+impl VersionModels {
+    /// The slot of model `name`, if this version has one.
+    pub fn get(&self, name: &str) -> Option<&Arc<ModelSlot>> {
+        self.models.get(name).map(|(_, s)| s)
+    }
+
+    /// Names of this version's models.
+    pub fn names(&self) -> Vec<&str> {
+        self.models.keys().map(String::as_str).collect()
+    }
+
+    /// Whether the version has models at all.
+    pub fn is_empty(&self) -> bool {
+        self.models.is_empty()
+    }
+}
+
+/// Load state of one model of a version, for `GET /v1/functions/{name}/versions/{v}`.
+#[derive(Debug, Clone, Serialize)]
+pub struct ModelInfo {
+    pub name: String,
+    pub digest: Digest,
+    pub size: u64,
+    pub encoding: Encoding,
+    pub target: Target,
+    pub backend: BackendKind,
+    /// Where it runs (or will run) once loaded; `None` before the first load.
+    pub device: Option<Device>,
+    /// `loaded` or `unloaded`.
+    pub state: &'static str,
+    /// Times this graph was loaded since the server started (1 while it stays loaded).
+    pub loads: u64,
+    /// Computes run on it since the server started.
+    pub runs: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub note: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// Declared inputs and outputs, when loaded.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub inputs: Option<Vec<super::TensorInfo>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub outputs: Option<Vec<super::TensorInfo>>,
+}
+
+/// The backends this server has and the cache of loaded graphs.
+pub struct ModelManager {
+    backends: Vec<Arc<dyn Backend>>,
+    /// Why a backend compiled in is not usable here (e.g. no ONNX Runtime library).
+    missing: HashMap<BackendKind, String>,
+    config: ModelsConfig,
+    slots: Mutex<HashMap<SlotKey, Weak<ModelSlot>>>,
+    started: Instant,
+}
+
+impl ModelManager {
+    /// A cache over `backends`; `missing` says why other backends are unavailable.
+    pub fn new(
+        backends: Vec<Arc<dyn Backend>>,
+        missing: HashMap<BackendKind, String>,
+        config: ModelsConfig,
+    ) -> Arc<Self> {
+        Arc::new(ModelManager {
+            backends,
+            missing,
+            config,
+            slots: Mutex::new(HashMap::new()),
+            started: Instant::now(),
+        })
+    }
+
+    /// The backend of `kind`, or why this server has none.
+    pub fn backend(&self, kind: BackendKind) -> Result<&Arc<dyn Backend>, NnError> {
+        self.backends
+            .iter()
+            .find(|b| b.kind() == kind)
+            .ok_or_else(|| {
+                let why = self
+                    .missing
+                    .get(&kind)
+                    .cloned()
+                    .unwrap_or_else(|| "it is not compiled into this server".into());
+                NnError::new(
+                    ErrorCode::UnsupportedOperation,
+                    format!("the {kind} backend is not available: {why}"),
+                )
+            })
+    }
+
+    /// Backends usable on this server, and the default.
+    pub fn available(&self) -> (Vec<BackendKind>, BackendKind) {
+        (
+            self.backends.iter().map(|b| b.kind()).collect(),
+            self.config.default_backend,
+        )
+    }
+
+    fn now_ms(&self) -> u64 {
+        self.started.elapsed().as_millis() as u64
+    }
+
+    /// Builds a version's model table (no loading). `path` locates a model blob.
+    pub fn version_models(
+        &self,
+        spec: &NnSpec,
+        path: impl Fn(&Digest) -> PathBuf,
+    ) -> VersionModels {
+        let mut slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
+        let mut models = BTreeMap::new();
+        for m in &spec.models {
+            let key = SlotKey {
+                digest: m.digest,
+                backend: m.backend.unwrap_or(self.config.default_backend),
+                target: m.target,
+            };
+            let slot = match slots.get(&key).and_then(Weak::upgrade) {
+                Some(s) => s,
+                None => {
+                    let s = Arc::new(ModelSlot {
+                        key,
+                        path: path(&m.digest),
+                        size: m.size,
+                        state: Mutex::default(),
+                        load_lock: tokio::sync::Mutex::new(()),
+                        last_used_ms: AtomicU64::new(self.now_ms()),
+                        loads: AtomicU64::new(0),
+                        runs: AtomicU64::new(0),
+                    });
+                    slots.insert(key, Arc::downgrade(&s));
+                    s
+                }
+            };
+            models.insert(m.name.clone(), (m.clone(), slot));
+        }
+        slots.retain(|_, w| w.strong_count() > 0);
+        VersionModels {
+            models,
+            guest_load_max_bytes: spec.guest_load_max_bytes,
+        }
+    }
+
+    /// Loads every model of a version now (deploy), failing with the first model's error.
+    pub async fn load_all(&self, models: &VersionModels) -> Result<(), (String, NnError)> {
+        for (name, (_, slot)) in &models.models {
+            self.graph(slot).await.map_err(|e| (name.clone(), e))?;
+        }
+        Ok(())
+    }
+
+    /// The loaded graph of `slot`, loading it first if needed. Marks it used.
+    pub async fn graph(&self, slot: &Arc<ModelSlot>) -> Result<Arc<LoadedGraph>, NnError> {
+        slot.last_used_ms.store(self.now_ms(), Ordering::Relaxed);
+        if let Some(g) = slot.state().graph.clone() {
+            return Ok(g);
+        }
+        let _loading = slot.load_lock.lock().await;
+        if let Some(g) = slot.state().graph.clone() {
+            return Ok(g);
+        }
+        let result = self.load(slot).await;
+        let mut state = slot.state();
+        match result {
+            Ok((graph, note)) => {
+                let graph = Arc::new(graph);
+                state.graph = Some(graph.clone());
+                state.note = note;
+                state.error = None;
+                slot.loads.fetch_add(1, Ordering::Relaxed);
+                slot.last_used_ms.store(self.now_ms(), Ordering::Relaxed);
+                Ok(graph)
+            }
+            Err(e) => {
+                state.error = Some(e.message.clone());
+                Err(e)
+            }
+        }
+    }
+
+    async fn load(&self, slot: &ModelSlot) -> Result<(LoadedGraph, Option<String>), NnError> {
+        let backend = self.backend(slot.key.backend)?.clone();
+        let (device, mut note) = match slot.key.target {
+            Target::Cpu => (Device::Cpu, None),
+            Target::Gpu => match backend.gpu_unavailable() {
+                None => (Device::Gpu, None),
+                Some(why) => {
+                    return Err(NnError::new(
+                        ErrorCode::UnsupportedOperation,
+                        format!(
+                            "the model asks for a GPU (target = \"gpu\"), but {why}; use target = \"auto\" to fall back to the CPU"
+                        ),
+                    ));
+                }
+            },
+            Target::Auto => match backend.gpu_unavailable() {
+                None => (Device::Gpu, None),
+                Some(why) => (Device::Cpu, Some(format!("running on the CPU: {why}"))),
+            },
+        };
+        let bytes = tokio::fs::read(&slot.path).await.map_err(|e| {
+            NnError::runtime(&format!("reading model blob {}", slot.path.display()), e)
+        })?;
+        // Verify the bytes are the ones the version was deployed with.
+        let digest = Digest::of(&bytes);
+        if digest != slot.key.digest {
+            return Err(NnError::runtime(
+                "model blob",
+                format!("content is {digest}, expected {}", slot.key.digest),
+            ));
+        }
+        self.make_room(slot.size.saturating_mul(2))?;
+        let target = slot.key.target;
+        let kind = slot.key.backend;
+        let loaded = tokio::task::spawn_blocking(move || {
+            match backend.load(&bytes, device) {
+                Ok(g) => Ok((g, device, None)),
+                // `auto` falls back to the CPU when the GPU load itself fails.
+                Err(e) if target == Target::Auto && device == Device::Gpu => {
+                    backend.load(&bytes, Device::Cpu).map(|g| {
+                        (
+                            g,
+                            Device::Cpu,
+                            Some(format!("running on the CPU: {}", e.message)),
+                        )
+                    })
+                }
+                Err(e) => Err(e),
+            }
+        })
+        .await
+        .map_err(|e| NnError::runtime("model load task", e))??;
+        let (graph, device, fallback) = loaded;
+        if fallback.is_some() {
+            note = fallback;
+        }
+        if let Some(n) = &note {
+            tracing::warn!(digest = %slot.key.digest, "model target auto: {n}");
+        }
+        tracing::info!(digest = %slot.key.digest, backend = %kind, %device, "model loaded");
+        Ok((LoadedGraph::new(graph, kind, device), note))
+    }
+
+    /// Live slots, without holding the lock while looking at them.
+    fn live_slots(&self) -> Vec<Arc<ModelSlot>> {
+        let slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
+        slots.values().filter_map(Weak::upgrade).collect()
+    }
+
+    /// Estimated bytes of all loaded graphs.
+    pub fn loaded_bytes(&self) -> u64 {
+        self.live_slots()
+            .iter()
+            .filter_map(|s| s.state().graph.as_ref().map(|g| g.graph.memory_bytes()))
+            .sum()
+    }
+
+    /// Unloads idle graphs, least recently used first, until `need` more bytes fit the
+    /// budget. Graphs in use by a request are never unloaded.
+    fn make_room(&self, need: u64) -> Result<(), NnError> {
+        let budget = self.config.memory_budget;
+        if need > budget {
+            return Err(NnError::new(
+                ErrorCode::TooLarge,
+                format!(
+                    "the model needs about {need} bytes, more than the server's model memory budget of {budget} bytes"
+                ),
+            ));
+        }
+        let mut loaded: Vec<_> = self
+            .live_slots()
+            .into_iter()
+            .filter(|s| s.state().graph.is_some())
+            .collect();
+        loaded.sort_by_key(|s| s.last_used_ms.load(Ordering::Relaxed));
+        let mut used = self.loaded_bytes();
+        for slot in loaded {
+            if used + need <= budget {
+                break;
+            }
+            if let Some(freed) = unload_if_unused(&slot) {
+                tracing::info!(digest = %slot.key.digest, "model unloaded to make room");
+                used = used.saturating_sub(freed);
+            }
+        }
+        if used + need > budget {
+            return Err(NnError::new(
+                ErrorCode::TooLarge,
+                format!(
+                    "the server's model memory budget of {budget} bytes is taken by models in use; try again"
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Unloads every graph unused for the idle time. Returns how many were unloaded.
+    pub fn sweep_idle(&self) -> usize {
+        let now = self.now_ms();
+        let idle = self.config.idle_unload.as_millis() as u64;
+        let mut n = 0;
+        for slot in self.live_slots() {
+            let last = slot.last_used_ms.load(Ordering::Relaxed);
+            if now.saturating_sub(last) >= idle && unload_if_unused(&slot).is_some() {
+                tracing::info!(digest = %slot.key.digest, "idle model unloaded");
+                n += 1;
+            }
+        }
+        n
+    }
+
+    /// Runs [`sweep_idle`](Self::sweep_idle) periodically until the manager is dropped.
+    pub fn spawn_sweeper(self: &Arc<Self>) {
+        let weak = Arc::downgrade(self);
+        let period =
+            (self.config.idle_unload / 4).clamp(Duration::from_millis(50), Duration::from_secs(30));
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(period);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                let Some(m) = weak.upgrade() else { return };
+                m.sweep_idle();
+            }
+        });
+    }
+
+    /// The info of each model of a version.
+    pub fn info(&self, models: &VersionModels) -> Vec<ModelInfo> {
+        models
+            .models
+            .iter()
+            .map(|(name, (r, slot))| {
+                let state = slot.state();
+                let graph = state.graph.as_ref();
+                ModelInfo {
+                    name: name.clone(),
+                    digest: r.digest,
+                    size: r.size,
+                    encoding: r.encoding,
+                    target: r.target,
+                    backend: slot.key.backend,
+                    device: graph.map(|g| g.device),
+                    state: if graph.is_some() {
+                        "loaded"
+                    } else {
+                        "unloaded"
+                    },
+                    loads: slot.loads.load(Ordering::Relaxed),
+                    runs: slot.runs.load(Ordering::Relaxed),
+                    note: state.note.clone(),
+                    error: state.error.clone(),
+                    inputs: graph.map(|g| g.graph.inputs().to_vec()),
+                    outputs: graph.map(|g| g.graph.outputs().to_vec()),
+                }
+            })
+            .collect()
+    }
+
+    /// Loads a model a guest passed in itself: private to the request, never cached.
+    pub async fn load_guest_model(
+        &self,
+        bytes: Vec<u8>,
+        target: Target,
+    ) -> Result<Arc<LoadedGraph>, NnError> {
+        let kind = self.config.default_backend;
+        let backend = self.backend(kind)?.clone();
+        let device = match target {
+            Target::Gpu if backend.gpu_unavailable().is_none() => Device::Gpu,
+            Target::Gpu => {
+                return Err(NnError::new(
+                    ErrorCode::UnsupportedOperation,
+                    format!("no GPU: {}", backend.gpu_unavailable().unwrap_or_default()),
+                ));
+            }
+            _ => Device::Cpu,
+        };
+        let graph = tokio::task::spawn_blocking(move || backend.load(&bytes, device))
+            .await
+            .map_err(|e| NnError::runtime("model load task", e))??;
+        Ok(Arc::new(LoadedGraph::new(graph, kind, device)))
+    }
+}
+
+/// Drops the slot's graph unless a request holds it; returns the bytes freed.
+fn unload_if_unused(slot: &ModelSlot) -> Option<u64> {
+    let mut state = slot.state();
+    let graph = state.graph.as_ref()?;
+    // One reference is the slot's own: more means a request is using it.
+    if Arc::strong_count(graph) > 1 {
+        return None;
+    }
+    let freed = graph.graph.memory_bytes();
+    state.graph = None;
+    Some(freed)
+}
