@@ -10,6 +10,9 @@
 //!
 //! Build with `cargo build --release --target wasm32-wasip2` (or `kiln build`). The SDK
 //! holds no state and adds no policy: limits, retries and caching live in the host.
+//!
+//! [`nn`] runs the models a function version was deployed with (`wasi:nn`): see
+//! `examples/digits` for a classifier in a few dozen lines.
 
 pub use http;
 

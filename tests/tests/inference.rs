@@ -468,3 +468,38 @@ fn ocr_reads_text_lines_through_onnxruntime() {
         a.text()
     );
 }
+
+#[test]
+fn a_long_native_inference_still_answers_at_the_functions_timeout() {
+    let (Some(rec), Some(ort)) = (ocr_model(), ort_config()) else {
+        return;
+    };
+    // One session: the follow-up request can only run if the cancelled run released it.
+    let server = TestServer::start_with_config(&format!("{ort}onnxruntime_sessions = 1\n"));
+    let model = server.put_blob(&std::fs::read(rec).unwrap());
+    let component = server.put_blob(&std::fs::read(example("nn_probe")).unwrap());
+    let a = server.deploy_manifest(
+        "probe",
+        &json!({"component": component, "limits": {"timeout_ms": 1000, "memory_mb": 256},
+                "models": {"model": {"digest": model, "backend": "onnxruntime"}}}),
+    );
+    assert_eq!(a.status, 201, "{}", a.text());
+    // One run over a 48x16000 line takes seconds of native work, all inside one host call
+    // where no wasm epoch can interrupt it.
+    let started = Instant::now();
+    let a = server.get("/fn/probe/?model=model&input=x&dims=1,3,48,16000&iters=1");
+    let took = started.elapsed();
+    assert_eq!(
+        (a.status, a.error_code().as_str()),
+        (504, "function.timeout"),
+        "{}",
+        a.text()
+    );
+    assert!(
+        took < Duration::from_millis(3500),
+        "answered after {took:?}"
+    );
+    // The cancelled run gave its session back: the model keeps serving.
+    let a = server.get("/fn/probe/?model=model&input=x&dims=1,3,48,320&iters=1");
+    assert_eq!(a.status, 200, "{}", a.text());
+}

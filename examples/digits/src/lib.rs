@@ -42,14 +42,23 @@ fn classify(req: Request) -> Response {
     if let Some(bad) = rows.iter().position(|r| r.len() != PIXELS) {
         return error(
             StatusCode::BAD_REQUEST,
-            &format!("image {bad} has {} pixels; expected {PIXELS} (8x8)", rows[bad].len()),
+            &format!(
+                "image {bad} has {} pixels; expected {PIXELS} (8x8)",
+                rows[bad].len()
+            ),
         );
     }
     let flat: Vec<f32> = rows.concat();
     let run = || {
         let model = Model::load("digits")?;
-        let out = model.run(&[("input", Tensor::f32(&[rows.len() as u32, PIXELS as u32], &flat))])?;
-        Ok::<_, kiln_guest::nn::Error>((out.get("label")?.i64s()?, out.get("probabilities")?.f32s()?))
+        let out = model.run(&[(
+            "input",
+            Tensor::f32(&[rows.len() as u32, PIXELS as u32], &flat),
+        )])?;
+        Ok::<_, kiln_guest::nn::Error>((
+            out.get("label")?.i64s()?,
+            out.get("probabilities")?.f32s()?,
+        ))
     };
     let (labels, probs) = match run() {
         Ok(r) => r,

@@ -6,8 +6,22 @@ fn echo(req: Request) -> Response {
     let (parts, body) = req.into_parts();
     let mut resp = Response::new(body);
     let h = resp.headers_mut();
-    h.insert("x-method", parts.method.as_str().parse().expect("method is a header value"));
-    h.insert("x-path", parts.uri.to_string().parse().expect("uri is a header value"));
+    h.insert(
+        "x-method",
+        parts
+            .method
+            .as_str()
+            .parse()
+            .expect("method is a header value"),
+    );
+    h.insert(
+        "x-path",
+        parts
+            .uri
+            .to_string()
+            .parse()
+            .expect("uri is a header value"),
+    );
     if let Some(v) = parts.headers.get("x-test") {
         h.insert("x-test", v.clone());
     }

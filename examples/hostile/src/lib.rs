@@ -35,7 +35,10 @@ fn hostile(req: Request) -> kiln_guest::Response {
                 std::hint::black_box(&hoard);
             }
         }
-        "/recurse" => text(StatusCode::OK, format!("{}\n", recurse(std::hint::black_box(1)))),
+        "/recurse" => text(
+            StatusCode::OK,
+            format!("{}\n", recurse(std::hint::black_box(1))),
+        ),
         "/panic" => panic!("the guest panicked on purpose"),
         "/counter" => {
             let n = COUNTER.fetch_add(1, Ordering::SeqCst) + 1;

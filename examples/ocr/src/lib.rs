@@ -18,7 +18,10 @@ const MAX_WIDTH: usize = 1600;
 const MAX_PIXELS: usize = 16 << 20;
 
 fn error(status: StatusCode, message: &str) -> Response {
-    json(status, serde_json::json!({"error": {"message": message}}).to_string())
+    json(
+        status,
+        serde_json::json!({"error": {"message": message}}).to_string(),
+    )
 }
 
 /// Decodes a PNG into 8-bit RGB.
@@ -31,13 +34,21 @@ fn decode(bytes: &[u8]) -> Result<(usize, usize, Vec<u8>), String> {
         return Err(format!("image is {w}x{h}; at most {MAX_PIXELS} pixels"));
     }
     let mut buf = vec![0; reader.output_buffer_size().ok_or("image too large")?];
-    let frame = reader.next_frame(&mut buf).map_err(|e| format!("bad PNG data: {e}"))?;
+    let frame = reader
+        .next_frame(&mut buf)
+        .map_err(|e| format!("bad PNG data: {e}"))?;
     let data = &buf[..frame.buffer_size()];
     let rgb = match frame.color_type {
         png::ColorType::Rgb => data.to_vec(),
-        png::ColorType::Rgba => data.chunks_exact(4).flat_map(|p| [p[0], p[1], p[2]]).collect(),
+        png::ColorType::Rgba => data
+            .chunks_exact(4)
+            .flat_map(|p| [p[0], p[1], p[2]])
+            .collect(),
         png::ColorType::Grayscale => data.iter().flat_map(|&g| [g, g, g]).collect(),
-        png::ColorType::GrayscaleAlpha => data.chunks_exact(2).flat_map(|p| [p[0], p[0], p[0]]).collect(),
+        png::ColorType::GrayscaleAlpha => data
+            .chunks_exact(2)
+            .flat_map(|p| [p[0], p[0], p[0]])
+            .collect(),
         png::ColorType::Indexed => return Err("indexed PNG was not expanded".into()),
     };
     Ok((w, h, rgb))
@@ -79,17 +90,22 @@ fn decode_ctc(probs: &[f32], classes: usize) -> (String, f32) {
     let mut confidence = Vec::new();
     let mut previous = 0;
     for step in probs.chunks_exact(classes) {
-        let (best, p) = step
-            .iter()
-            .enumerate()
-            .fold((0, f32::MIN), |acc, (i, &p)| if p > acc.1 { (i, p) } else { acc });
+        let (best, p) =
+            step.iter().enumerate().fold(
+                (0, f32::MIN),
+                |acc, (i, &p)| if p > acc.1 { (i, p) } else { acc },
+            );
         if best != 0 && best != previous {
             text.push_str(keys.get(best - 1).copied().unwrap_or(" "));
             confidence.push(p);
         }
         previous = best;
     }
-    let mean = if confidence.is_empty() { 0.0 } else { confidence.iter().sum::<f32>() / confidence.len() as f32 };
+    let mean = if confidence.is_empty() {
+        0.0
+    } else {
+        confidence.iter().sum::<f32>() / confidence.len() as f32
+    };
     (text.trim().to_string(), mean)
 }
 
@@ -102,19 +118,28 @@ fn read_text(req: Request) -> Response {
     let run = || {
         let model = Model::load("rec")?;
         let out = model.run(&[("x", Tensor::f32(&[1, 3, HEIGHT as u32, out_w as u32], &chw))])?;
-        let probs = out.iter().next().map(|(_, t)| t.clone()).ok_or_else(|| kiln_guest::nn::Error {
-            code: ErrorCode::RuntimeError,
-            message: "the model returned no output".into(),
-        })?;
+        let probs =
+            out.iter()
+                .next()
+                .map(|(_, t)| t.clone())
+                .ok_or_else(|| kiln_guest::nn::Error {
+                    code: ErrorCode::RuntimeError,
+                    message: "the model returned no output".into(),
+                })?;
         let classes = *probs.dims.last().unwrap_or(&1) as usize;
         Ok::<_, kiln_guest::nn::Error>((probs.f32s()?, classes))
     };
     match run() {
         Ok((probs, classes)) => {
             let (text, confidence) = decode_ctc(&probs, classes.max(1));
-            json(StatusCode::OK, serde_json::json!({"text": text, "confidence": confidence}).to_string())
+            json(
+                StatusCode::OK,
+                serde_json::json!({"text": text, "confidence": confidence}).to_string(),
+            )
         }
-        Err(e) if e.code == ErrorCode::InvalidArgument => error(StatusCode::BAD_REQUEST, &e.to_string()),
+        Err(e) if e.code == ErrorCode::InvalidArgument => {
+            error(StatusCode::BAD_REQUEST, &e.to_string())
+        }
         Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, &e.to_string()),
     }
 }

@@ -187,6 +187,28 @@ fn check_tensor(info: &TensorInfo, t: &Tensor) -> Result<(), NnError> {
     }
 }
 
+/// Decodes little-endian tensor bytes into values (`f32::from_le_bytes`...). Copies: the
+/// guest's bytes carry no alignment guarantee.
+pub fn from_le<T, const N: usize>(data: &[u8], f: fn([u8; N]) -> T) -> Vec<T> {
+    data.chunks_exact(N)
+        .map(|c| {
+            let mut b = [0u8; N];
+            b.copy_from_slice(c);
+            f(b)
+        })
+        .collect()
+}
+
+/// Encodes values as little-endian tensor bytes (`f32::to_le_bytes`...).
+pub fn to_le<T: Copy, const N: usize>(values: &[T], f: fn(T) -> [u8; N]) -> Vec<u8> {
+    // Fixed-size chunks of a zeroed buffer: the loop vectorizes (a push per element did not).
+    let mut out = vec![0u8; values.len() * N];
+    for (chunk, v) in out.chunks_exact_mut(N).zip(values) {
+        chunk.copy_from_slice(&f(*v));
+    }
+    out
+}
+
 /// `[?, 64]`-style text for a declared shape.
 pub fn shape_text(dims: &[Option<u64>]) -> String {
     let parts: Vec<String> = dims

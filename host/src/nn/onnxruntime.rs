@@ -18,7 +18,7 @@ use ort::session::run_options::RunOptions;
 use ort::tensor::TensorElementType;
 use ort::value::{DynValue, ValueType};
 
-use super::backend::{Backend, BackendGraph, Cancel, TensorInfo, wasi_dims};
+use super::backend::{Backend, BackendGraph, Cancel, TensorInfo, from_le, to_le, wasi_dims};
 use super::{BackendKind, Device, ElementType, ErrorCode, NnError, Tensor};
 
 /// ONNX Runtime, opened once per process.
@@ -279,33 +279,23 @@ fn info(name: &str, vt: &ValueType) -> TensorInfo {
     }
 }
 
-fn decode<T, const N: usize>(data: &[u8], f: fn([u8; N]) -> T) -> Vec<T> {
-    data.chunks_exact(N)
-        .map(|c| {
-            let mut b = [0u8; N];
-            b.copy_from_slice(c);
-            f(b)
-        })
-        .collect()
-}
-
 fn to_ort(t: Tensor) -> Result<DynValue, NnError> {
     let shape: Vec<i64> = t.dims.iter().map(|d| i64::from(*d)).collect();
     let made = match t.ty {
         ElementType::F32 => {
-            ort::value::Tensor::from_array((shape, decode(&t.data, f32::from_le_bytes)))
+            ort::value::Tensor::from_array((shape, from_le(&t.data, f32::from_le_bytes)))
                 .map(|v| v.into_dyn())
         }
         ElementType::F64 => {
-            ort::value::Tensor::from_array((shape, decode(&t.data, f64::from_le_bytes)))
+            ort::value::Tensor::from_array((shape, from_le(&t.data, f64::from_le_bytes)))
                 .map(|v| v.into_dyn())
         }
         ElementType::I32 => {
-            ort::value::Tensor::from_array((shape, decode(&t.data, i32::from_le_bytes)))
+            ort::value::Tensor::from_array((shape, from_le(&t.data, i32::from_le_bytes)))
                 .map(|v| v.into_dyn())
         }
         ElementType::I64 => {
-            ort::value::Tensor::from_array((shape, decode(&t.data, i64::from_le_bytes)))
+            ort::value::Tensor::from_array((shape, from_le(&t.data, i64::from_le_bytes)))
                 .map(|v| v.into_dyn())
         }
         ElementType::U8 => ort::value::Tensor::from_array((shape, t.data)).map(|v| v.into_dyn()),
@@ -319,33 +309,25 @@ fn to_ort(t: Tensor) -> Result<DynValue, NnError> {
     made.map_err(|e| NnError::invalid(format!("building an ONNX Runtime tensor: {e}")))
 }
 
-fn le_bytes<T: Copy, const N: usize>(values: &[T], f: fn(T) -> [u8; N]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(values.len() * N);
-    for v in values {
-        out.extend_from_slice(&f(*v));
-    }
-    out
-}
-
 fn from_ort(v: &DynValue) -> Result<Tensor, NnError> {
     let read = |e: ort::Error| NnError::runtime("reading an ONNX Runtime output", e);
     let (ty, shape, data) = match v.dtype() {
         ValueType::Tensor { ty, .. } => match ty {
             TensorElementType::Float32 => {
                 let (s, d) = v.try_extract_tensor::<f32>().map_err(read)?;
-                (ElementType::F32, s.to_vec(), le_bytes(d, f32::to_le_bytes))
+                (ElementType::F32, s.to_vec(), to_le(d, f32::to_le_bytes))
             }
             TensorElementType::Float64 => {
                 let (s, d) = v.try_extract_tensor::<f64>().map_err(read)?;
-                (ElementType::F64, s.to_vec(), le_bytes(d, f64::to_le_bytes))
+                (ElementType::F64, s.to_vec(), to_le(d, f64::to_le_bytes))
             }
             TensorElementType::Int32 => {
                 let (s, d) = v.try_extract_tensor::<i32>().map_err(read)?;
-                (ElementType::I32, s.to_vec(), le_bytes(d, i32::to_le_bytes))
+                (ElementType::I32, s.to_vec(), to_le(d, i32::to_le_bytes))
             }
             TensorElementType::Int64 => {
                 let (s, d) = v.try_extract_tensor::<i64>().map_err(read)?;
-                (ElementType::I64, s.to_vec(), le_bytes(d, i64::to_le_bytes))
+                (ElementType::I64, s.to_vec(), to_le(d, i64::to_le_bytes))
             }
             TensorElementType::Uint8 => {
                 let (s, d) = v.try_extract_tensor::<u8>().map_err(read)?;

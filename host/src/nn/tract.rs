@@ -8,7 +8,7 @@ use std::sync::Arc;
 use tract_onnx::prelude::*;
 use tract_onnx::tract_hir::infer::{Factoid, GenericFactoid, InferenceFact};
 
-use super::backend::{Backend, BackendGraph, Cancel, TensorInfo, wasi_dims};
+use super::backend::{Backend, BackendGraph, Cancel, TensorInfo, from_le, to_le, wasi_dims};
 use super::{BackendKind, Device, ElementType, ErrorCode, NnError, Tensor};
 
 /// The tract engine (stateless: all state lives in each loaded graph).
@@ -166,16 +166,7 @@ fn decode<T: Datum + Copy, const N: usize>(
     shape: &[usize],
     f: fn([u8; N]) -> T,
 ) -> TractResult<tract_onnx::prelude::Tensor> {
-    let values: Vec<T> = t
-        .data
-        .chunks_exact(N)
-        .map(|c| {
-            let mut b = [0u8; N];
-            b.copy_from_slice(c);
-            f(b)
-        })
-        .collect();
-    tract_onnx::prelude::Tensor::from_shape(shape, &values)
+    tract_onnx::prelude::Tensor::from_shape(shape, &from_le(&t.data, f))
 }
 
 fn to_tract(t: &Tensor) -> Result<tract_onnx::prelude::Tensor, NnError> {
@@ -211,12 +202,12 @@ fn from_tract(v: &TValue) -> Result<Tensor, NnError> {
             let cast = v
                 .cast_to::<i64>()
                 .map_err(|e| NnError::runtime("casting an index output to i64", e))?;
-            le_bytes(slice::<i64>(&cast)?, i64::to_le_bytes)
+            to_le(slice::<i64>(&cast)?, i64::to_le_bytes)
         }
-        DatumType::F32 => le_bytes(slice::<f32>(v)?, f32::to_le_bytes),
-        DatumType::F64 => le_bytes(slice::<f64>(v)?, f64::to_le_bytes),
-        DatumType::I32 => le_bytes(slice::<i32>(v)?, i32::to_le_bytes),
-        DatumType::I64 => le_bytes(slice::<i64>(v)?, i64::to_le_bytes),
+        DatumType::F32 => to_le(slice::<f32>(v)?, f32::to_le_bytes),
+        DatumType::F64 => to_le(slice::<f64>(v)?, f64::to_le_bytes),
+        DatumType::I32 => to_le(slice::<i32>(v)?, i32::to_le_bytes),
+        DatumType::I64 => to_le(slice::<i64>(v)?, i64::to_le_bytes),
         DatumType::U8 => slice::<u8>(v)?.to_vec(),
         other => return Err(unsupported(other)),
     };
@@ -227,12 +218,4 @@ fn slice<T: Datum>(v: &tract_onnx::prelude::Tensor) -> Result<&[T], NnError> {
     v.try_as_plain_ram()
         .and_then(|p| p.as_slice::<T>())
         .map_err(|e| NnError::runtime("reading a tract output", e))
-}
-
-fn le_bytes<T: Copy, const N: usize>(values: &[T], f: fn(T) -> [u8; N]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(values.len() * N);
-    for v in values {
-        out.extend_from_slice(&f(*v));
-    }
-    out
 }
