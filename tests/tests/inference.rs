@@ -196,11 +196,28 @@ fn models_resolve_only_inside_their_own_version_and_bad_tensors_are_guest_errors
         "{unknown}"
     );
 
-    // Guest-supplied model bytes are refused unless the manifest enables them.
+    // Guest-supplied model bytes are refused unless the manifest enables them, and then
+    // capped; within the cap they reach a backend, which says what is wrong with them.
     let bytes = body("/fn/probe/nn/bytes");
     assert!(
         bytes.starts_with("security:") && bytes.contains("guest_load_max_mb"),
         "{bytes}"
+    );
+    let a = server.deploy_manifest(
+        "loader",
+        &json!({"component": server.put_blob(&hostile_wasm), "nn": {"guest_load_max_mb": 1}}),
+    );
+    assert_eq!(a.status, 201, "{}", a.text());
+    assert_eq!(a.json()["nn"]["guest_load_max_bytes"], 1 << 20);
+    let small = body("/fn/loader/nn/bytes?size=64");
+    assert!(
+        small.starts_with("invalid-encoding:") && small.contains("cannot load"),
+        "{small}"
+    );
+    let big = body("/fn/loader/nn/bytes?size=2000000");
+    assert!(
+        big.starts_with("too-large:") && big.contains("allows 1048576"),
+        "{big}"
     );
 
     // Malformed tensors are checked before the backend sees them.
@@ -502,4 +519,32 @@ fn a_long_native_inference_still_answers_at_the_functions_timeout() {
     // The cancelled run gave its session back: the model keeps serving.
     let a = server.get("/fn/probe/?model=model&input=x&dims=1,3,48,320&iters=1");
     assert_eq!(a.status, 200, "{}", a.text());
+}
+
+#[test]
+fn a_model_over_the_servers_model_memory_budget_is_refused_at_deploy() {
+    let Some(rec) = ocr_model() else {
+        return;
+    };
+    let server = TestServer::start_with_config("[nn]\nmodel_memory_mb = 1\n");
+    let model = server.put_blob(&std::fs::read(rec).unwrap());
+    let component = server.put_blob(&std::fs::read(example("ocr")).unwrap());
+    let a = server.deploy_manifest(
+        "ocr",
+        &json!({"component": component, "models": {"rec": {"digest": model}}}),
+    );
+    assert_eq!(
+        (a.status, a.error_code().as_str()),
+        (400, "model.too_large"),
+        "{}",
+        a.text()
+    );
+    assert!(
+        a.text().contains("model memory budget of 1048576 bytes"),
+        "{}",
+        a.text()
+    );
+    // The small digits model still fits.
+    let digits = server.put_blob(&model_bytes());
+    deploy_digits(&server, "digits", "digits", json!({"digest": digits}));
 }

@@ -11,7 +11,7 @@
 //! | `/sandbox` | looks at env, files, outbound HTTP | nothing is granted |
 //! | `/sleep?ms=N` | waits N ms (host clock), then answers | 200 |
 //! | `/nn/load?name=M` | loads model `M` by name | `ok`, or the wasi-nn error (`NotFound`...) |
-//! | `/nn/bytes` | passes its own (garbage) model bytes to `graph.load` | the wasi-nn error |
+//! | `/nn/bytes?size=N` | passes N bytes of its own (garbage) model to `graph.load` | the wasi-nn error |
 //! | `/nn/malformed?case=C` | runs model `digits` on a bad tensor (`shape`, `type`, `bytes`, `name`) | the wasi-nn error |
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -56,7 +56,10 @@ fn hostile(req: Request) -> kiln_guest::Response {
             text(StatusCode::OK, "slept\n")
         }
         "/nn/load" => nn_answer(Model::load(query(&req, "name")).map(|_| ())),
-        "/nn/bytes" => nn_answer(Model::from_onnx(&[0u8; 64]).map(|_| ())),
+        "/nn/bytes" => {
+            let size = query(&req, "size").parse().unwrap_or(64);
+            nn_answer(Model::from_onnx(&vec![0u8; size]).map(|_| ()))
+        }
         "/nn/malformed" => nn_answer(malformed(query(&req, "case"))),
         _ => text(StatusCode::NOT_FOUND, "unknown path\n"),
     }
