@@ -32,7 +32,7 @@ fn runtime_benches(c: &mut Criterion) {
         .unwrap();
     let dir = std::env::temp_dir().join(format!("kiln-bench-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
-    let models = kiln_host::nn::open(&NnConfig::default()).unwrap();
+    let models = kiln_host::nn::open(&NnConfig::default(), Default::default()).unwrap();
     let runtime = Arc::new(Runtime::new(RuntimeConfig::default(), &dir, models).unwrap());
     let blobs = BlobStore::open(&dir).unwrap();
     let bytes = hello_wasm();

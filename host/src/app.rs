@@ -8,6 +8,7 @@ use anyhow::Context;
 
 use crate::config::ServerConfig;
 use crate::deploy::Registry;
+use crate::meter::Metrics;
 use crate::nn::embed::{self, EmbedError};
 use crate::nn::{ModelRef, NnError, NnSpec};
 use crate::runtime::{CompileError, Limits, Runtime};
@@ -20,6 +21,8 @@ pub struct App {
     pub blobs: BlobStore,
     pub runtime: Runtime,
     pub registry: Registry,
+    /// Prometheus metrics (`GET /metrics`).
+    pub metrics: Arc<Metrics>,
 }
 
 /// Why a deploy failed.
@@ -52,7 +55,8 @@ impl App {
             .with_context(|| format!("creating data dir {}", config.data_dir.display()))?;
         let meta = MetaStore::open(&config.data_dir.join("kiln.db"))?;
         let blobs = BlobStore::open(&config.data_dir).context("opening blob store")?;
-        let models = crate::nn::open(&config.nn)?;
+        let metrics = Arc::new(Metrics::new());
+        let models = crate::nn::open(&config.nn, metrics.clone())?;
         if tokio::runtime::Handle::try_current().is_ok() {
             models.spawn_sweeper();
         }
@@ -74,6 +78,7 @@ impl App {
             blobs,
             runtime,
             registry,
+            metrics,
         }))
     }
 
@@ -160,10 +165,12 @@ impl App {
         let size = bytes.len() as u64;
         // Bytes that are not a component get the compiler's error, not the extractor's.
         let embedded = self.store_embedded(&bytes);
+        let started = std::time::Instant::now();
         let loaded = self
             .runtime
             .compile(function, bytes, component, limits)
             .await?;
+        self.metrics.compiled(started.elapsed());
         let nn = self.resolve_models(embedded?, nn)?;
         let models = self
             .runtime

@@ -18,6 +18,7 @@ pub mod cli;
 pub mod config;
 pub mod deploy;
 pub mod manifest;
+pub mod meter;
 pub mod nn;
 pub mod runtime;
 pub mod server;

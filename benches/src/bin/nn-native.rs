@@ -25,12 +25,15 @@ fn main() -> anyhow::Result<()> {
     };
     let dims: Vec<u32> = dims.split(',').map(str::parse).collect::<Result<_, _>>()?;
     let iters: u32 = iters.parse()?;
-    let manager = kiln_host::nn::open(&NnConfig {
-        onnxruntime_library: std::env::var_os("ORT_DYLIB_PATH").map(Into::into),
-        onnxruntime_sessions: 1,
-        default_backend: DefaultBackend::Tract,
-        ..NnConfig::default()
-    })?;
+    let manager = kiln_host::nn::open(
+        &NnConfig {
+            onnxruntime_library: std::env::var_os("ORT_DYLIB_PATH").map(Into::into),
+            onnxruntime_sessions: 1,
+            default_backend: DefaultBackend::Tract,
+            ..NnConfig::default()
+        },
+        Default::default(),
+    )?;
     let bytes = std::fs::read(model).with_context(|| format!("reading {model}"))?;
     let graph = manager
         .backend(kind)?

@@ -307,6 +307,10 @@ impl inference::HostGraphExecutionContext for NnView<'_> {
                 let took = started.elapsed();
                 graph.record_run(took);
                 self.ctx.time.add(graph.device, took);
+                self.ctx
+                    .manager
+                    .metrics()
+                    .inference(graph.backend, graph.device, took);
                 out
             }
         };

@@ -32,6 +32,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use crate::config::{DefaultBackend, NnConfig};
+use crate::meter::Metrics;
 
 pub use backend::{Backend, BackendGraph, TensorInfo};
 pub use host::{InferenceTime, NnCtx};
@@ -40,7 +41,8 @@ pub use models::{ModelInfo, ModelManager, ModelRef, ModelsConfig, NnSpec, Versio
 /// Opens the backends `config` asks for and builds the model cache. ONNX Runtime is used
 /// when its library opens; if it was asked for explicitly (`default_backend =
 /// "onnxruntime"`) and cannot open, startup fails with the reason.
-pub fn open(config: &NnConfig) -> anyhow::Result<Arc<ModelManager>> {
+/// Every inference is recorded in `metrics`.
+pub fn open(config: &NnConfig, metrics: Arc<Metrics>) -> anyhow::Result<Arc<ModelManager>> {
     let mut backends: Vec<Arc<dyn Backend>> = Vec::new();
     let mut missing = HashMap::new();
     #[cfg(feature = "tract")]
@@ -105,6 +107,7 @@ pub fn open(config: &NnConfig) -> anyhow::Result<Arc<ModelManager>> {
             idle_unload: Duration::from_millis(config.model_idle_unload_ms),
             memory_budget: config.model_memory_mb.saturating_mul(1 << 20),
         },
+        metrics,
     ))
 }
 

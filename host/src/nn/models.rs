@@ -17,6 +17,7 @@ use serde::{Deserialize, Serialize};
 
 use super::backend::{Backend, BackendGraph};
 use super::{BackendKind, Device, Encoding, ErrorCode, NnError, Target};
+use crate::meter::Metrics;
 use crate::store::Digest;
 
 /// A model as a version records it (persisted with the version).
@@ -202,6 +203,7 @@ pub struct ModelManager {
     config: ModelsConfig,
     slots: Mutex<HashMap<SlotKey, Weak<ModelSlot>>>,
     started: Instant,
+    metrics: Arc<Metrics>,
 }
 
 impl ModelManager {
@@ -210,6 +212,7 @@ impl ModelManager {
         backends: Vec<Arc<dyn Backend>>,
         missing: HashMap<BackendKind, String>,
         config: ModelsConfig,
+        metrics: Arc<Metrics>,
     ) -> Arc<Self> {
         Arc::new(ModelManager {
             backends,
@@ -217,7 +220,13 @@ impl ModelManager {
             config,
             slots: Mutex::new(HashMap::new()),
             started: Instant::now(),
+            metrics,
         })
+    }
+
+    /// Where inference times are recorded.
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
     }
 
     /// The backend of `kind`, or why this server has none.

@@ -6,7 +6,7 @@
 use std::fmt::Write as _;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use http::{HeaderValue, Request, Response, Uri, header};
 use http_body_util::BodyExt;
@@ -15,7 +15,8 @@ use hyper::body::Incoming;
 use super::body::{Body, Holding, LimitedBody};
 use crate::api::ApiError;
 use crate::app::App;
-use crate::runtime::Timings;
+use crate::meter::Outcome;
+use crate::runtime::{InvokeError, Timings};
 
 /// Splits `/fn/{name}[@{version}]{/rest}` into its parts; `rest` is at least `/`.
 pub fn parse_fn_path(path: &str) -> Result<(&str, Option<u32>, &str), ApiError> {
@@ -47,10 +48,22 @@ pub fn parse_fn_path(path: &str) -> Result<(&str, Option<u32>, &str), ApiError> 
 pub async fn handle(app: &Arc<App>, req: Request<Incoming>) -> Result<Response<Body>, ApiError> {
     let (name, pinned, rest) = parse_fn_path(req.uri().path())?;
     let entry = app.registry.route(name, pinned)?;
+    let record = &entry.record;
+    let started = Instant::now();
+    let rejected = || {
+        app.metrics.invocation(
+            &record.function,
+            record.version,
+            Outcome::Rejected,
+            None,
+            false,
+        )
+    };
     let max_body = app.config.max_body_bytes;
     if let Some(len) = content_length(&req)
         && len > max_body
     {
+        rejected();
         if len <= super::body::DRAIN_CAP as u64 {
             super::body::drain(req.into_body()).await;
         }
@@ -58,11 +71,17 @@ pub async fn handle(app: &Arc<App>, req: Request<Incoming>) -> Result<Response<B
             "request body of {len} bytes exceeds the limit of {max_body} bytes"
         )));
     }
-    let record = &entry.record;
-    let admitted = entry
+    let admitted = match entry
         .admission
         .admit(Duration::from_millis(record.limits.timeout_ms))
-        .await?;
+        .await
+    {
+        Ok(a) => a,
+        Err(e) => {
+            rejected();
+            return Err(e.into());
+        }
+    };
     let blob = app.blobs.path(&record.digest);
     let (loaded, cold) = app
         .runtime
@@ -93,6 +112,7 @@ pub async fn handle(app: &Arc<App>, req: Request<Incoming>) -> Result<Response<B
         cold,
         ..Timings::default()
     };
+    let instance = app.metrics.instance();
     let outcome = app
         .runtime
         .invoke(
@@ -102,6 +122,20 @@ pub async fn handle(app: &Arc<App>, req: Request<Incoming>) -> Result<Response<B
             &mut timings,
         )
         .await;
+    drop(instance);
+    let label = match &outcome {
+        Ok(_) => Outcome::Ok,
+        Err(InvokeError::Timeout(_)) => Outcome::Timeout,
+        Err(InvokeError::NoResponse | InvokeError::GuestError(_)) => Outcome::GuestError,
+        Err(InvokeError::Trap(_) | InvokeError::Internal(_)) => Outcome::Trap,
+    };
+    app.metrics.invocation(
+        &record.function,
+        record.version,
+        label,
+        Some(started.elapsed()),
+        timings.cold.is_some(),
+    );
     // A body that went over the limit makes the request invalid whatever the guest then
     // did with the truncated stream (answered, failed or trapped).
     if tripped.load(Ordering::Relaxed) {

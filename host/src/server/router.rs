@@ -44,6 +44,13 @@ pub async fn handle(app: Arc<App>, req: Request<Incoming>) -> Response<Body> {
                 "loaded_versions": app.runtime.loaded_count(),
             }),
         ))
+    } else if path == "/metrics" {
+        let mut resp = Response::new(full(app.metrics.encode()));
+        resp.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/openmetrics-text; version=1.0.0; charset=utf-8"),
+        );
+        Ok(resp)
     } else if path.starts_with("/v1/") {
         api::handle(&app, req).await
     } else {

@@ -1,0 +1,262 @@
+//! `GET /metrics`: Prometheus (OpenMetrics) text, named after OpenTelemetry's FaaS
+//! conventions with a `kiln_` prefix and base units (seconds). Labels are bounded sets
+//! (function, version, outcome, backend, device); tenants and request ids belong in the
+//! usage ledger, not here.
+//!
+//! | metric | type | labels |
+//! |---|---|---|
+//! | `kiln_faas_invocations_total` | counter | function, version, outcome |
+//! | `kiln_faas_invoke_duration_seconds` | histogram | function |
+//! | `kiln_faas_coldstarts_total` | counter | function |
+//! | `kiln_faas_active_instances` | gauge | |
+//! | `kiln_nn_inference_duration_seconds` | histogram | backend, device |
+//! | `kiln_compile_duration_seconds` | histogram | |
+
+use std::sync::atomic::AtomicI64;
+use std::time::Duration;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+use crate::nn::{BackendKind, Device};
+
+/// How an invocation ended (the `outcome` label).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// The guest answered (any status it chose).
+    Ok,
+    /// The guest answered with an error instead of a response, or with none.
+    GuestError,
+    /// Past `timeout_ms` (504).
+    Timeout,
+    /// Trapped: panic, out of memory, stack overflow (500).
+    Trap,
+    /// Refused before running: concurrency and queue full (503) or body too large (413).
+    Rejected,
+}
+
+impl Outcome {
+    fn label(self) -> &'static str {
+        match self {
+            Outcome::Ok => "ok",
+            Outcome::GuestError => "guest_error",
+            Outcome::Timeout => "timeout",
+            Outcome::Trap => "trap",
+            Outcome::Rejected => "rejected",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct InvocationLabels {
+    function: String,
+    version: String,
+    outcome: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct FunctionLabels {
+    function: String,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct InferenceLabels {
+    backend: &'static str,
+    device: &'static str,
+}
+
+type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
+
+/// 100 µs .. ~105 s, doubling.
+fn request_histogram() -> Histogram {
+    Histogram::new(exponential_buckets(0.0001, 2.0, 21))
+}
+
+/// 5 µs .. ~84 s, quadrupling.
+fn inference_histogram() -> Histogram {
+    Histogram::new(exponential_buckets(0.000005, 4.0, 13))
+}
+
+/// The server's metrics.
+pub struct Metrics {
+    registry: Registry,
+    invocations: Family<InvocationLabels, Counter>,
+    duration: HistogramFamily<FunctionLabels>,
+    coldstarts: Family<FunctionLabels, Counter>,
+    active: Gauge<i64, AtomicI64>,
+    inference: HistogramFamily<InferenceLabels>,
+    compile: Histogram,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    /// Registers every metric (all start at zero).
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("kiln");
+        let invocations = Family::<InvocationLabels, Counter>::default();
+        registry.register(
+            "faas_invocations",
+            "Invocations by function, version and outcome",
+            invocations.clone(),
+        );
+        let duration: HistogramFamily<FunctionLabels> =
+            Family::new_with_constructor(request_histogram);
+        registry.register(
+            "faas_invoke_duration_seconds",
+            "Time from routing a request to the guest's response head",
+            duration.clone(),
+        );
+        let coldstarts = Family::<FunctionLabels, Counter>::default();
+        registry.register(
+            "faas_coldstarts",
+            "Requests that had to map a version's compiled artifact first",
+            coldstarts.clone(),
+        );
+        let active = Gauge::<i64, AtomicI64>::default();
+        registry.register(
+            "faas_active_instances",
+            "Instances running a request right now",
+            active.clone(),
+        );
+        let inference: HistogramFamily<InferenceLabels> =
+            Family::new_with_constructor(inference_histogram);
+        registry.register(
+            "nn_inference_duration_seconds",
+            "Native inference time of one wasi-nn compute",
+            inference.clone(),
+        );
+        let compile = request_histogram();
+        registry.register(
+            "compile_duration_seconds",
+            "Compiling a component at deploy",
+            compile.clone(),
+        );
+        Metrics {
+            registry,
+            invocations,
+            duration,
+            coldstarts,
+            active,
+            inference,
+            compile,
+        }
+    }
+
+    /// Records one finished invocation (`took` is `None` when it never ran).
+    pub fn invocation(
+        &self,
+        function: &str,
+        version: u32,
+        outcome: Outcome,
+        took: Option<Duration>,
+        cold: bool,
+    ) {
+        self.invocations
+            .get_or_create(&InvocationLabels {
+                function: function.to_string(),
+                version: version.to_string(),
+                outcome: outcome.label(),
+            })
+            .inc();
+        let f = FunctionLabels {
+            function: function.to_string(),
+        };
+        if let Some(t) = took {
+            self.duration.get_or_create(&f).observe(t.as_secs_f64());
+        }
+        if cold {
+            self.coldstarts.get_or_create(&f).inc();
+        }
+    }
+
+    /// Marks an instance started; the guard marks it finished when dropped.
+    pub fn instance(&self) -> ActiveInstance {
+        self.active.inc();
+        ActiveInstance(self.active.clone())
+    }
+
+    /// Records one native inference.
+    pub fn inference(&self, backend: BackendKind, device: Device, took: Duration) {
+        let backend = match backend {
+            BackendKind::Tract => "tract",
+            BackendKind::Onnxruntime => "onnxruntime",
+        };
+        let device = match device {
+            Device::Cpu => "cpu",
+            Device::Gpu => "gpu",
+        };
+        self.inference
+            .get_or_create(&InferenceLabels { backend, device })
+            .observe(took.as_secs_f64());
+    }
+
+    /// Records one component compilation.
+    pub fn compiled(&self, took: Duration) {
+        self.compile.observe(took.as_secs_f64());
+    }
+
+    /// The OpenMetrics text of every metric.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        // Writing into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+}
+
+/// An instance counted in `kiln_faas_active_instances` until dropped.
+pub struct ActiveInstance(Gauge<i64, AtomicI64>);
+
+impl Drop for ActiveInstance {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn metrics_are_named_after_the_faas_conventions() {
+        let m = Metrics::new();
+        m.invocation(
+            "hello",
+            2,
+            Outcome::Timeout,
+            Some(Duration::from_millis(3)),
+            true,
+        );
+        m.inference(BackendKind::Tract, Device::Cpu, Duration::from_micros(20));
+        let guard = m.instance();
+        let text = m.encode();
+        drop(guard);
+        assert!(
+            text.contains(
+                "kiln_faas_invocations_total{function=\"hello\",version=\"2\",outcome=\"timeout\"} 1"
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains("kiln_faas_coldstarts_total{function=\"hello\"} 1"),
+            "{text}"
+        );
+        assert!(text.contains("kiln_faas_active_instances 1"), "{text}");
+        assert!(
+            text.contains(
+                "kiln_nn_inference_duration_seconds_count{backend=\"tract\",device=\"cpu\"} 1"
+            ),
+            "{text}"
+        );
+        assert!(m.encode().contains("kiln_faas_active_instances 0"));
+    }
+}
