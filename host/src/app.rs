@@ -70,7 +70,8 @@ impl App {
                 .copied()
                 .unwrap_or(rec.created_at);
             let models = runtime.models().version_models(&rec.nn, |d| blobs.path(d));
-            registry.add(rec, at, Arc::new(models));
+            let series = metrics.version(&rec.function, rec.version);
+            registry.add(rec, at, Arc::new(models), series);
         }
         Ok(Arc::new(App {
             config,
@@ -190,8 +191,12 @@ impl App {
             nn,
         })?;
         self.runtime.insert_loaded(record.id, loaded);
-        self.registry
-            .add(record.clone(), record.created_at, Arc::new(models));
+        self.registry.add(
+            record.clone(),
+            record.created_at,
+            Arc::new(models),
+            self.metrics.version(function, record.version),
+        );
         tracing::info!(function, version = record.version, %component, models = record.nn.models.len(), "deployed");
         Ok(record)
     }

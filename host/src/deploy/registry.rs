@@ -8,6 +8,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, RwLock};
 
 use super::admission::Admission;
+use crate::meter::VersionMetrics;
 use crate::nn::VersionModels;
 use crate::store::VersionRecord;
 
@@ -17,6 +18,8 @@ pub struct VersionEntry {
     pub admission: Admission,
     /// The version's `wasi:nn` models, by name.
     pub models: Arc<VersionModels>,
+    /// The version's invocation metrics.
+    pub metrics: VersionMetrics,
 }
 
 impl std::fmt::Debug for VersionEntry {
@@ -69,11 +72,18 @@ impl Registry {
     }
 
     /// Adds a version (creating its function entry on the first one).
-    pub fn add(&self, record: VersionRecord, created_at: i64, models: Arc<VersionModels>) {
+    pub fn add(
+        &self,
+        record: VersionRecord,
+        created_at: i64,
+        models: Arc<VersionModels>,
+        metrics: VersionMetrics,
+    ) {
         let entry = Arc::new(VersionEntry {
             admission: Admission::new(record.limits.max_concurrency, self.queue_depth),
             record,
             models,
+            metrics,
         });
         let mut map = self.functions.write().unwrap_or_else(|p| p.into_inner());
         let name = entry.record.function.clone();
@@ -147,8 +157,9 @@ mod tests {
     #[test]
     fn route_picks_latest_or_pinned() {
         let r = Registry::new(4);
-        r.add(rec("f", 1), 0, Arc::default());
-        r.add(rec("f", 2), 0, Arc::default());
+        let m = crate::meter::Metrics::new();
+        r.add(rec("f", 1), 0, Arc::default(), m.version("f", 1));
+        r.add(rec("f", 2), 0, Arc::default(), m.version("f", 2));
         assert_eq!(r.route("f", None).expect("latest").record.version, 2);
         assert_eq!(r.route("f", Some(1)).expect("pinned").record.version, 1);
         assert_eq!(

@@ -40,6 +40,14 @@ pub enum Outcome {
 }
 
 impl Outcome {
+    const ALL: [Outcome; 5] = [
+        Outcome::Ok,
+        Outcome::GuestError,
+        Outcome::Timeout,
+        Outcome::Trap,
+        Outcome::Rejected,
+    ];
+
     fn label(self) -> &'static str {
         match self {
             Outcome::Ok => "ok",
@@ -151,30 +159,25 @@ impl Metrics {
         }
     }
 
-    /// Records one finished invocation (`took` is `None` when it never ran).
-    pub fn invocation(
-        &self,
-        function: &str,
-        version: u32,
-        outcome: Outcome,
-        took: Option<Duration>,
-        cold: bool,
-    ) {
-        self.invocations
-            .get_or_create(&InvocationLabels {
-                function: function.to_string(),
-                version: version.to_string(),
-                outcome: outcome.label(),
-            })
-            .inc();
+    /// The handles of one version's series, made once (at deploy or startup) so that a
+    /// request only increments them: no label strings or map lookups per request.
+    pub fn version(&self, function: &str, version: u32) -> VersionMetrics {
+        let outcomes = Outcome::ALL.map(|o| {
+            self.invocations
+                .get_or_create(&InvocationLabels {
+                    function: function.to_string(),
+                    version: version.to_string(),
+                    outcome: o.label(),
+                })
+                .clone()
+        });
         let f = FunctionLabels {
             function: function.to_string(),
         };
-        if let Some(t) = took {
-            self.duration.get_or_create(&f).observe(t.as_secs_f64());
-        }
-        if cold {
-            self.coldstarts.get_or_create(&f).inc();
+        VersionMetrics {
+            outcomes,
+            duration: self.duration.get_or_create(&f).clone(),
+            coldstarts: self.coldstarts.get_or_create(&f).clone(),
         }
     }
 
@@ -186,16 +189,11 @@ impl Metrics {
 
     /// Records one native inference.
     pub fn inference(&self, backend: BackendKind, device: Device, took: Duration) {
-        let backend = match backend {
-            BackendKind::Tract => "tract",
-            BackendKind::Onnxruntime => "onnxruntime",
-        };
-        let device = match device {
-            Device::Cpu => "cpu",
-            Device::Gpu => "gpu",
-        };
         self.inference
-            .get_or_create(&InferenceLabels { backend, device })
+            .get_or_create(&InferenceLabels {
+                backend: backend.as_str(),
+                device: device.as_str(),
+            })
             .observe(took.as_secs_f64());
     }
 
@@ -210,6 +208,28 @@ impl Metrics {
         // Writing into a String cannot fail.
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
         out
+    }
+}
+
+/// One version's invocation series (see [`Metrics::version`]).
+#[derive(Clone)]
+pub struct VersionMetrics {
+    /// Indexed like [`Outcome::ALL`].
+    outcomes: [Counter; 5],
+    duration: Histogram,
+    coldstarts: Counter,
+}
+
+impl VersionMetrics {
+    /// Records one finished invocation (`took` is `None` when it never ran).
+    pub fn record(&self, outcome: Outcome, took: Option<Duration>, cold: bool) {
+        self.outcomes[outcome as usize].inc();
+        if let Some(t) = took {
+            self.duration.observe(t.as_secs_f64());
+        }
+        if cold {
+            self.coldstarts.inc();
+        }
     }
 }
 
@@ -229,13 +249,8 @@ mod tests {
     #[test]
     fn metrics_are_named_after_the_faas_conventions() {
         let m = Metrics::new();
-        m.invocation(
-            "hello",
-            2,
-            Outcome::Timeout,
-            Some(Duration::from_millis(3)),
-            true,
-        );
+        m.version("hello", 2)
+            .record(Outcome::Timeout, Some(Duration::from_millis(3)), true);
         m.inference(BackendKind::Tract, Device::Cpu, Duration::from_micros(20));
         let guard = m.instance();
         let text = m.encode();

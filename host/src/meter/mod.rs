@@ -3,4 +3,4 @@
 
 pub mod metrics;
 
-pub use metrics::{Metrics, Outcome};
+pub use metrics::{Metrics, Outcome, VersionMetrics};

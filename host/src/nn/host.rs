@@ -75,11 +75,6 @@ impl InferenceTime {
             Device::Gpu => self.gpu_ns.load(Ordering::Relaxed),
         })
     }
-
-    /// Time spent in inference on all devices.
-    pub fn total(&self) -> Duration {
-        self.on(Device::Cpu) + self.on(Device::Gpu)
-    }
 }
 
 /// Per-request `wasi:nn` state.

@@ -145,21 +145,35 @@ pub enum BackendKind {
     Onnxruntime,
 }
 
-impl fmt::Display for BackendKind {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
+impl BackendKind {
+    /// The name used in manifests, version info and metric labels.
+    pub fn as_str(self) -> &'static str {
+        match self {
             BackendKind::Tract => "tract",
             BackendKind::Onnxruntime => "onnxruntime",
-        })
+        }
+    }
+}
+
+impl Device {
+    /// The name used in version info, `server-timing` and metric labels.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Device::Cpu => "cpu",
+            Device::Gpu => "gpu",
+        }
+    }
+}
+
+impl fmt::Display for BackendKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
     }
 }
 
 impl fmt::Display for Device {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Device::Cpu => "cpu",
-            Device::Gpu => "gpu",
-        })
+        f.write_str(self.as_str())
     }
 }
 

@@ -160,11 +160,6 @@ impl VersionModels {
     pub fn names(&self) -> Vec<&str> {
         self.models.keys().map(String::as_str).collect()
     }
-
-    /// Whether the version has models at all.
-    pub fn is_empty(&self) -> bool {
-        self.models.is_empty()
-    }
 }
 
 /// Load state of one model of a version, for `GET /v1/functions/{name}/versions/{v}`.
@@ -245,14 +240,6 @@ impl ModelManager {
                     format!("the {kind} backend is not available: {why}"),
                 )
             })
-    }
-
-    /// Backends usable on this server, and the default.
-    pub fn available(&self) -> (Vec<BackendKind>, BackendKind) {
-        (
-            self.backends.iter().map(|b| b.kind()).collect(),
-            self.config.default_backend,
-        )
     }
 
     fn now_ms(&self) -> u64 {
@@ -338,24 +325,7 @@ impl ModelManager {
 
     async fn load(&self, slot: &ModelSlot) -> Result<(LoadedGraph, Option<String>), NnError> {
         let backend = self.backend(slot.key.backend)?.clone();
-        let (device, mut note) = match slot.key.target {
-            Target::Cpu => (Device::Cpu, None),
-            Target::Gpu => match backend.gpu_unavailable() {
-                None => (Device::Gpu, None),
-                Some(why) => {
-                    return Err(NnError::new(
-                        ErrorCode::UnsupportedOperation,
-                        format!(
-                            "the model asks for a GPU (target = \"gpu\"), but {why}; use target = \"auto\" to fall back to the CPU"
-                        ),
-                    ));
-                }
-            },
-            Target::Auto => match backend.gpu_unavailable() {
-                None => (Device::Gpu, None),
-                Some(why) => (Device::Cpu, Some(format!("running on the CPU: {why}"))),
-            },
-        };
+        let (device, mut note) = resolve_device(backend.as_ref(), slot.key.target)?;
         let bytes = tokio::fs::read(&slot.path).await.map_err(|e| {
             NnError::runtime(&format!("reading model blob {}", slot.path.display()), e)
         })?;
@@ -406,7 +376,7 @@ impl ModelManager {
     }
 
     /// Estimated bytes of all loaded graphs.
-    pub fn loaded_bytes(&self) -> u64 {
+    fn loaded_bytes(&self) -> u64 {
         self.live_slots()
             .iter()
             .filter_map(|s| s.state().graph.as_ref().map(|g| g.graph.memory_bytes()))
@@ -523,20 +493,30 @@ impl ModelManager {
     ) -> Result<Arc<LoadedGraph>, NnError> {
         let kind = self.config.default_backend;
         let backend = self.backend(kind)?.clone();
-        let device = match target {
-            Target::Gpu if backend.gpu_unavailable().is_none() => Device::Gpu,
-            Target::Gpu => {
-                return Err(NnError::new(
-                    ErrorCode::UnsupportedOperation,
-                    format!("no GPU: {}", backend.gpu_unavailable().unwrap_or_default()),
-                ));
-            }
-            _ => Device::Cpu,
-        };
+        let (device, _) = resolve_device(backend.as_ref(), target)?;
         let graph = tokio::task::spawn_blocking(move || backend.load(&bytes, device))
             .await
             .map_err(|e| NnError::runtime("model load task", e))??;
         Ok(Arc::new(LoadedGraph::new(graph, kind, device)))
+    }
+}
+
+/// Where `backend` will run a model asking for `target`, and why that is not the target
+/// (an `auto` model on a host without a GPU). A GPU model on such a host is an error.
+fn resolve_device(
+    backend: &dyn Backend,
+    target: Target,
+) -> Result<(Device, Option<String>), NnError> {
+    match (target, backend.gpu_unavailable()) {
+        (Target::Cpu, _) => Ok((Device::Cpu, None)),
+        (Target::Gpu | Target::Auto, None) => Ok((Device::Gpu, None)),
+        (Target::Gpu, Some(why)) => Err(NnError::new(
+            ErrorCode::UnsupportedOperation,
+            format!(
+                "the model asks for a GPU (target = \"gpu\"), but {why}; use target = \"auto\" to fall back to the CPU"
+            ),
+        )),
+        (Target::Auto, Some(why)) => Ok((Device::Cpu, Some(format!("running on the CPU: {why}")))),
     }
 }
 

@@ -50,15 +50,7 @@ pub async fn handle(app: &Arc<App>, req: Request<Incoming>) -> Result<Response<B
     let entry = app.registry.route(name, pinned)?;
     let record = &entry.record;
     let started = Instant::now();
-    let rejected = || {
-        app.metrics.invocation(
-            &record.function,
-            record.version,
-            Outcome::Rejected,
-            None,
-            false,
-        )
-    };
+    let rejected = || entry.metrics.record(Outcome::Rejected, None, false);
     let max_body = app.config.max_body_bytes;
     if let Some(len) = content_length(&req)
         && len > max_body
@@ -129,13 +121,9 @@ pub async fn handle(app: &Arc<App>, req: Request<Incoming>) -> Result<Response<B
         Err(InvokeError::NoResponse | InvokeError::GuestError(_)) => Outcome::GuestError,
         Err(InvokeError::Trap(_) | InvokeError::Internal(_)) => Outcome::Trap,
     };
-    app.metrics.invocation(
-        &record.function,
-        record.version,
-        label,
-        Some(started.elapsed()),
-        timings.cold.is_some(),
-    );
+    entry
+        .metrics
+        .record(label, Some(started.elapsed()), timings.cold.is_some());
     // A body that went over the limit makes the request invalid whatever the guest then
     // did with the truncated stream (answered, failed or trapped).
     if tripped.load(Ordering::Relaxed) {
