@@ -1,14 +1,17 @@
-//! [`App`]: the composition root that owns the stores, the runtime (with its model cache)
-//! and the registry, and the few operations that touch several of them (deploy a version,
-//! delete a function).
+//! [`App`]: the composition root that owns the stores, the runtime (with its model cache),
+//! the registry, the prediction caches and the usage ledger, and the few operations that
+//! touch several of them (deploy a version, delete a function, clear its caches).
 
 use std::sync::Arc;
 
 use anyhow::Context;
 
+use crate::cache::inference::{InferenceCache, InferenceScope};
+use crate::cache::responses::ResponseCache;
+use crate::cache::{CacheSpec, Placement};
 use crate::config::ServerConfig;
 use crate::deploy::Registry;
-use crate::meter::Metrics;
+use crate::meter::{Ledger, Metrics};
 use crate::nn::embed::{self, EmbedError};
 use crate::nn::{ModelRef, NnError, NnSpec};
 use crate::runtime::{CompileError, Limits, Runtime};
@@ -23,6 +26,12 @@ pub struct App {
     pub registry: Registry,
     /// Prometheus metrics (`GET /metrics`).
     pub metrics: Arc<Metrics>,
+    /// Whole responses of functions that opt in.
+    pub responses: Arc<ResponseCache>,
+    /// `wasi:nn` compute results.
+    pub inference: Arc<InferenceCache>,
+    /// Usage records; `None` when metering is off.
+    pub ledger: Option<Ledger>,
 }
 
 /// Why a deploy failed.
@@ -62,25 +71,92 @@ impl App {
         }
         let runtime = Runtime::new(config.runtime.clone(), &config.data_dir, models)?;
         let registry = Registry::new(config.runtime.queue_depth);
-        let created: std::collections::HashMap<_, _> =
-            meta.function_created_at()?.into_iter().collect();
-        for rec in meta.all_versions()? {
-            let at = created
-                .get(&rec.function)
-                .copied()
-                .unwrap_or(rec.created_at);
-            let models = runtime.models().version_models(&rec.nn, |d| blobs.path(d));
-            let series = metrics.version(&rec.function, rec.version);
-            registry.add(rec, at, Arc::new(models), series);
-        }
-        Ok(Arc::new(App {
+        let responses = Arc::new(ResponseCache::new(
+            config.cache.responses_memory_mb << 20,
+            metrics.cache("response"),
+        ));
+        let inference = Arc::new(InferenceCache::new(
+            config.cache.inference_memory_mb << 20,
+            metrics.cache("inference"),
+        ));
+        let ledger = if config.metering.enabled {
+            Some(Ledger::open(
+                &config.data_dir.join("usage.db"),
+                config.metering.durability,
+                std::time::Duration::from_millis(config.metering.commit_interval_ms),
+                metrics.clone(),
+            )?)
+        } else {
+            None
+        };
+        let app = App {
             config,
             meta,
             blobs,
             runtime,
             registry,
             metrics,
-        }))
+            responses,
+            inference,
+            ledger,
+        };
+        let created: std::collections::HashMap<_, _> =
+            app.meta.function_created_at()?.into_iter().collect();
+        for rec in app.meta.all_versions()? {
+            let at = created
+                .get(&rec.function)
+                .copied()
+                .unwrap_or(rec.created_at);
+            let models = app.version_models(&rec);
+            let series = app.metrics.version(&rec.function, rec.version);
+            app.registry.add(rec, at, Arc::new(models), series);
+        }
+        Ok(Arc::new(app))
+    }
+
+    /// A version's model table, wired to the inference cache unless the version opted out.
+    fn version_models(&self, rec: &VersionRecord) -> crate::nn::VersionModels {
+        let mut models = self
+            .runtime
+            .models()
+            .version_models(&rec.nn, |d| self.blobs.path(d));
+        if rec.cache.inference && self.inference.enabled() {
+            models.cache = Some(InferenceScope {
+                cache: self.inference.clone(),
+                at: Placement {
+                    owner: Arc::from(rec.function.as_str()),
+                    scope: rec.id as u64,
+                    ttl: std::time::Duration::from_millis(self.config.cache.inference_ttl_ms),
+                    max_entries: None,
+                },
+            });
+        }
+        models
+    }
+
+    /// Where a version's responses are cached, if it caches them.
+    pub fn response_placement(&self, rec: &VersionRecord) -> Option<Placement> {
+        let p = rec.cache.responses.as_ref()?;
+        self.responses.enabled().then(|| Placement {
+            owner: Arc::from(rec.function.as_str()),
+            scope: rec.id as u64,
+            ttl: p.ttl.0,
+            max_entries: p
+                .max_entries
+                .map(|n| usize::try_from(n).unwrap_or(usize::MAX)),
+        })
+    }
+
+    /// Drops every cached response and inference result of function `name`.
+    pub fn clear_caches(&self, name: &str) -> (usize, usize) {
+        (self.responses.clear(name), self.inference.clear(name))
+    }
+
+    /// Flushes what must survive the process (the usage ledger); called after the drain.
+    pub fn close(&self) {
+        if let Some(l) = &self.ledger {
+            l.close();
+        }
     }
 
     /// Copies the models embedded in `component` out into blobs.
@@ -149,6 +225,7 @@ impl App {
         component: Digest,
         limits: Limits,
         nn: NnSpec,
+        cache: CacheSpec,
     ) -> Result<VersionRecord, DeployError> {
         limits.check(&self.config.runtime)?;
         let path = self.blobs.path(&component);
@@ -189,8 +266,11 @@ impl App {
             size,
             limits,
             nn,
+            cache,
         })?;
         self.runtime.insert_loaded(record.id, loaded);
+        // The same slots as `models` (loaded above), now tied to the version's cache scope.
+        let models = self.version_models(&record);
         self.registry.add(
             record.clone(),
             record.created_at,
@@ -204,6 +284,7 @@ impl App {
     /// Deletes a function and every version; false when there was none.
     pub fn delete_function(&self, name: &str) -> anyhow::Result<bool> {
         let existed = self.meta.delete_function(name)?;
+        self.clear_caches(name);
         if let Some(f) = self.registry.remove(name) {
             for v in f.versions.values() {
                 self.runtime.unload(v.record.id);

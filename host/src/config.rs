@@ -11,6 +11,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, bail};
 use serde::Deserialize;
 
+use crate::meter::{Durability, Pricing};
 use crate::runtime::Limits;
 
 /// Default address the server listens on.
@@ -49,6 +50,15 @@ pub const DEFAULT_MODEL_MEMORY_MB: u64 = 4096;
 /// Default threads one ONNX Runtime inference uses (concurrency comes from the session pool).
 pub const DEFAULT_ONNXRUNTIME_THREADS: usize = 1;
 
+/// Default byte budget of the inference cache, in MiB.
+pub const DEFAULT_INFERENCE_CACHE_MB: u64 = 256;
+/// Default byte budget of the response cache, in MiB.
+pub const DEFAULT_RESPONSE_CACHE_MB: u64 = 256;
+/// Default lifetime of an inference cache entry, in milliseconds (1 hour).
+pub const DEFAULT_INFERENCE_TTL_MS: u64 = 3_600_000;
+/// Default commit window of the usage ledger in `batched` mode, in milliseconds.
+pub const DEFAULT_COMMIT_INTERVAL_MS: u64 = 100;
+
 /// The validated server configuration.
 #[derive(Debug, Clone)]
 pub struct ServerConfig {
@@ -68,6 +78,55 @@ pub struct ServerConfig {
     pub runtime: RuntimeConfig,
     /// Inference (`wasi:nn`) settings.
     pub nn: NnConfig,
+    /// Prediction cache budgets.
+    pub cache: CacheConfig,
+    /// Usage records and the ledger.
+    pub metering: MeteringConfig,
+    /// The price plan usage records are costed with.
+    pub pricing: Pricing,
+}
+
+/// Budgets of the prediction caches (`[cache]`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CacheConfig {
+    /// Byte budget of the inference cache, in MiB (0: off server-wide).
+    pub inference_memory_mb: u64,
+    /// Byte budget of the response cache, in MiB (0: off server-wide).
+    pub responses_memory_mb: u64,
+    /// How long an inference result is kept, in milliseconds.
+    pub inference_ttl_ms: u64,
+}
+
+impl Default for CacheConfig {
+    fn default() -> Self {
+        CacheConfig {
+            inference_memory_mb: DEFAULT_INFERENCE_CACHE_MB,
+            responses_memory_mb: DEFAULT_RESPONSE_CACHE_MB,
+            inference_ttl_ms: DEFAULT_INFERENCE_TTL_MS,
+        }
+    }
+}
+
+/// Usage metering (`[metering]`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MeteringConfig {
+    /// Write a usage record per request (off only to measure its cost).
+    pub enabled: bool,
+    pub durability: Durability,
+    /// `batched`: records are committed at most this often, in milliseconds.
+    pub commit_interval_ms: u64,
+}
+
+impl Default for MeteringConfig {
+    fn default() -> Self {
+        MeteringConfig {
+            enabled: true,
+            durability: Durability::Batched,
+            commit_interval_ms: DEFAULT_COMMIT_INTERVAL_MS,
+        }
+    }
 }
 
 /// Which backend runs a model whose manifest names none.
@@ -179,6 +238,12 @@ pub struct ConfigFile {
     pub runtime: RuntimeFile,
     #[serde(default)]
     pub nn: NnFile,
+    #[serde(default)]
+    pub cache: CacheConfig,
+    #[serde(default)]
+    pub metering: MeteringConfig,
+    #[serde(default)]
+    pub pricing: Pricing,
 }
 
 /// The `[runtime]` table of the configuration file.
@@ -274,6 +339,9 @@ impl ServerConfig {
                 default_limits,
             },
             nn,
+            cache: file.cache,
+            metering: file.metering,
+            pricing: file.pricing,
         };
         config.validate()?;
         Ok(config)
@@ -307,6 +375,13 @@ impl ServerConfig {
         if n.model_idle_unload_ms == 0 || n.model_memory_mb == 0 {
             bail!("nn.model_idle_unload_ms and nn.model_memory_mb must be at least 1");
         }
+        if self.metering.commit_interval_ms > 60_000 {
+            bail!("metering.commit_interval_ms must be at most 60000");
+        }
+        if self.cache.inference_ttl_ms == 0 {
+            bail!("cache.inference_ttl_ms must be at least 1");
+        }
+        self.pricing.validate().map_err(anyhow::Error::msg)?;
         r.default_limits
             .check(r)
             .context("in the runtime.default_* limits")?;

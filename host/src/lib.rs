@@ -5,8 +5,10 @@
 //! limited wasmtime instance. A request flows through the modules in one direction:
 //!
 //! ```text
-//! server -> deploy (pick a version) -> runtime (instantiate + call the guest)
-//!                \-> api (control plane: blobs, functions, versions) -> store
+//! server -> deploy (pick a version) -> cache::responses -> runtime (instantiate + call
+//!   the guest) -> nn -> cache::inference -> backend
+//!   \-> meter (usage record into the ledger, metrics) once the response is sent
+//!   \-> api (control plane: blobs, functions, versions, caches, usage) -> store
 //! ```
 //!
 //! Nothing in [`runtime`] knows about HTTP routing or SQL; [`api`] is the only place that
@@ -14,6 +16,7 @@
 
 pub mod api;
 pub mod app;
+pub mod cache;
 pub mod cli;
 pub mod config;
 pub mod deploy;

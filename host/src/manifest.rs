@@ -17,6 +17,9 @@
 //! backend = "tract"            # optional: "tract" or "onnxruntime"; default: the server's
 //! [nn]
 //! guest_load_max_mb = 16       # optional: let guests pass model bytes to graph::load
+//! [cache]
+//! inference = true             # default: identical wasi:nn inputs reuse stored outputs
+//! responses = { ttl = "60s", max_entries = 1000, vary = ["accept"] }   # opt-in
 //! ```
 
 use std::path::{Path, PathBuf};
@@ -27,6 +30,7 @@ use serde::Deserialize;
 use std::collections::BTreeMap;
 
 use crate::api::functions::NnOptions;
+use crate::cache::CacheSpec;
 use crate::nn::{BackendKind, Encoding, Target};
 use crate::runtime::LimitsSpec;
 
@@ -55,6 +59,9 @@ pub struct Manifest {
     /// `wasi:nn` options.
     #[serde(default)]
     pub nn: NnOptions,
+    /// Response and inference caching.
+    #[serde(default)]
+    pub cache: CacheSpec,
     /// The directory holding the manifest (not part of the file).
     #[serde(skip)]
     pub dir: PathBuf,
@@ -102,10 +109,11 @@ impl Manifest {
 
     /// Parses manifest text and validates the name.
     pub fn parse(text: &str) -> anyhow::Result<Manifest> {
-        let m: Manifest = toml::from_str(text)?;
+        let mut m: Manifest = toml::from_str(text)?;
         if let Err(e) = crate::deploy::validate_name(&m.name) {
             bail!("name: {e}");
         }
+        m.cache = m.cache.validate().map_err(anyhow::Error::msg)?;
         Ok(m)
     }
 
@@ -177,6 +185,23 @@ mod tests {
         )
         .expect_err("tpu");
         assert!(format!("{bad:#}").contains("tpu"), "{bad:#}");
+    }
+
+    #[test]
+    fn manifest_cache_table_parses_and_is_checked() {
+        let m = Manifest::parse(
+            "name = \"e\"\ncomponent = \"a.wasm\"\n[cache]\ninference = false\nresponses = { ttl = \"60s\", vary = [\"X-User\"] }\n",
+        )
+        .expect("parse");
+        assert!(!m.cache.inference);
+        let p = m.cache.responses.expect("responses");
+        assert_eq!(p.ttl.0, std::time::Duration::from_secs(60));
+        assert_eq!(p.vary, ["x-user"]);
+        let bad = Manifest::parse(
+            "name = \"e\"\ncomponent = \"a.wasm\"\n[cache]\nresponses = { ttl = \"forever\" }\n",
+        )
+        .expect_err("bad ttl");
+        assert!(format!("{bad:#}").contains("forever"), "{bad:#}");
     }
 
     #[test]

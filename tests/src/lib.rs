@@ -439,3 +439,35 @@ impl Drop for TestServer {
         }
     }
 }
+
+/// Crash and recovery, for the tests of what survives a `kill -9`.
+impl TestServer {
+    /// Sends SIGKILL: the process dies at once, with no drain and no flush, as in a crash.
+    /// Takes `&self`, so a test can kill the server while its clients are still sending.
+    pub fn kill9(&self) {
+        // Never `kill -KILL 0`: that would be the whole process group, the test included.
+        if let Some(child) = &self.child {
+            let _ = Command::new("kill")
+                .arg("-KILL")
+                .arg(child.id().to_string())
+                .status();
+        }
+    }
+
+    /// Kills the server with SIGKILL (unless [`kill9`](Self::kill9) already did), asserts it
+    /// died of it, and starts it again on the same data dir, as a supervisor would.
+    pub fn restart_after_kill9(&mut self) {
+        use std::os::unix::process::ExitStatusExt;
+        self.kill9();
+        let mut child = self.child.take().expect("the server is running");
+        let status = child.wait().unwrap();
+        assert_eq!(
+            status.signal(),
+            Some(9),
+            "the server did not die of SIGKILL: {status}"
+        );
+        let (child, url) = spawn(&self.data_dir, self.config.as_deref(), &self.log);
+        self.child = Some(child);
+        self.url = url;
+    }
+}

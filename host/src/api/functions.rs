@@ -1,4 +1,5 @@
-//! `/v1/functions...`: list, show, delete functions; list, show and create versions.
+//! `/v1/functions...`: list, show, delete functions; list, show and create versions; clear
+//! a function's caches.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -10,6 +11,7 @@ use serde::{Deserialize, Serialize};
 
 use super::{ApiError, blobs};
 use crate::app::App;
+use crate::cache::CacheSpec;
 use crate::deploy::{FunctionEntry, RouteError, VersionEntry, validate_name};
 use crate::nn::{BackendKind, Encoding, ModelRef, NnSpec, Target};
 use crate::runtime::LimitsSpec;
@@ -34,6 +36,9 @@ pub struct CreateVersion {
     /// `wasi:nn` options.
     #[serde(default)]
     pub nn: NnOptions,
+    /// Response and inference caching.
+    #[serde(default)]
+    pub cache: CacheSpec,
 }
 
 /// One model in a version manifest.
@@ -106,6 +111,7 @@ fn version_json(rec: &VersionRecord, base: &str) -> serde_json::Value {
     if let Some(max) = rec.nn.guest_load_max_bytes {
         json["nn"] = serde_json::json!({"guest_load_max_bytes": max});
     }
+    json["cache"] = serde_json::to_value(&rec.cache).unwrap_or_default();
     json
 }
 
@@ -173,6 +179,17 @@ pub(super) fn delete(app: &Arc<App>, name: &str) -> Result<Response<Body>, ApiEr
     ))
 }
 
+/// `DELETE /v1/functions/{name}/cache`: drops the function's cached responses and
+/// inference results (every version).
+pub(super) fn clear_cache(app: &Arc<App>, name: &str) -> Result<Response<Body>, ApiError> {
+    function(app, name)?;
+    let (responses, inference) = app.clear_caches(name);
+    Ok(json_response(
+        StatusCode::OK,
+        &serde_json::json!({"function": name, "removed": {"responses": responses, "inference": inference}}),
+    ))
+}
+
 pub(super) fn versions(app: &Arc<App>, name: &str) -> Result<Response<Body>, ApiError> {
     let f = function(app, name)?;
     let base = format!("http://{}", app.config.listen);
@@ -201,8 +218,8 @@ pub(super) fn version(app: &Arc<App>, name: &str, v: &str) -> Result<Response<Bo
 
 /// How a create-version request carries its component.
 enum Upload {
-    /// A bare component in the body; limits from the query string.
-    Wasm(LimitsSpec),
+    /// A bare component in the body; limits and caching from the query string.
+    Wasm(LimitsSpec, CacheSpec),
     /// A JSON manifest naming blobs.
     Manifest,
 }
@@ -222,9 +239,23 @@ fn precheck<B>(name: &str, req: &Request<B>) -> Result<Upload, ApiError> {
         .to_ascii_lowercase();
     let query = req.uri().query().unwrap_or("");
     match content_type.as_str() {
-        "application/wasm" => Ok(Upload::Wasm(
-            LimitsSpec::from_query(query).map_err(ApiError::InvalidRequest)?,
-        )),
+        "application/wasm" => {
+            // Caching parameters first; the rest are limits (which reject unknown keys).
+            let mut cache = CacheSpec::default();
+            let mut limits = Vec::new();
+            for pair in query.split('&').filter(|p| !p.is_empty()) {
+                let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+                if !cache
+                    .set_from_query(k, v)
+                    .map_err(ApiError::InvalidRequest)?
+                {
+                    limits.push(pair);
+                }
+            }
+            let limits =
+                LimitsSpec::from_query(&limits.join("&")).map_err(ApiError::InvalidRequest)?;
+            Ok(Upload::Wasm(limits, cache))
+        }
         "application/json" if query.is_empty() => Ok(Upload::Manifest),
         "application/json" => Err(ApiError::InvalidRequest(
             "with a JSON manifest, limits go in its \"limits\" object, not the query string".into(),
@@ -250,14 +281,14 @@ pub(super) async fn create_version(
             return Err(e);
         }
     };
-    let (component, limits, nn) = match upload {
-        Upload::Wasm(spec) => {
+    let (component, limits, nn, cache) = match upload {
+        Upload::Wasm(spec, cache) => {
             let limit = app
                 .config
                 .max_upload_bytes
                 .min(app.config.runtime.max_component_bytes);
             let (digest, _) = blobs::receive(app, req.into_body(), None, limit).await?;
-            (digest, spec, NnSpec::default())
+            (digest, spec, NnSpec::default(), cache)
         }
         Upload::Manifest => {
             let body = http_body_util::Limited::new(req.into_body(), MAX_MANIFEST_BYTES)
@@ -268,11 +299,12 @@ pub(super) async fn create_version(
             let manifest: CreateVersion = serde_json::from_slice(&body)
                 .map_err(|e| ApiError::InvalidRequest(format!("invalid version manifest: {e}")))?;
             let nn = manifest.nn_spec();
-            (manifest.component, manifest.limits, nn)
+            (manifest.component, manifest.limits, nn, manifest.cache)
         }
     };
+    let cache = cache.validate().map_err(ApiError::InvalidRequest)?;
     let limits = limits.resolve(&app.config.runtime.default_limits);
-    let rec = app.deploy(name, component, limits, nn).await?;
+    let rec = app.deploy(name, component, limits, nn, cache).await?;
     let entry = app.registry.route(name, Some(rec.version))?;
     let mut json = version_detail(app, &entry, &base);
     json["url"] = format!("{base}/fn/{}/", rec.function).into();

@@ -9,10 +9,13 @@
 //! | `GET` | `/v1/functions/{name}/versions` | list versions |
 //! | `POST` | `/v1/functions/{name}/versions` | deploy: `application/wasm` body or JSON manifest |
 //! | `GET` | `/v1/functions/{name}/versions/{v}` | show one version |
+//! | `DELETE` | `/v1/functions/{name}/cache` | drop the function's cached responses and inference results |
+//! | `GET` | `/v1/usage` | usage totals (grouped) or records as CSV |
 
 mod blobs;
 mod error;
 pub mod functions;
+pub mod usage;
 
 use std::sync::Arc;
 
@@ -47,6 +50,10 @@ pub async fn handle(app: &Arc<App>, req: Request<Incoming>) -> Result<Response<B
         (["functions", _, "versions"], _) => Err(not_allowed(&method)),
         (["functions", name, "versions", v], &Method::GET) => functions::version(app, name, v),
         (["functions", _, "versions", _], _) => Err(not_allowed(&method)),
+        (["functions", name, "cache"], &Method::DELETE) => functions::clear_cache(app, name),
+        (["functions", _, "cache"], _) => Err(not_allowed(&method)),
+        (["usage"], &Method::GET) => usage::get(app, req.uri().query().unwrap_or("")).await,
+        (["usage"], _) => Err(not_allowed(&method)),
         _ => Err(ApiError::NoRoute(format!("{method} {path}"))),
     }
 }

@@ -44,6 +44,24 @@ impl Client {
         self.call(self.agent.get(self.url(path)))
     }
 
+    /// GET a text document (an error answer becomes an error).
+    pub fn get_text(&self, path: &str) -> anyhow::Result<String> {
+        let mut resp = self
+            .agent
+            .get(self.url(path))
+            .call()
+            .with_context(|| format!("connecting to {}", self.base))?;
+        if !resp.status().is_success() {
+            json_or_error(resp)?;
+            bail!("the server refused the request");
+        }
+        resp.body_mut()
+            .with_config()
+            .limit(1 << 30)
+            .read_to_string()
+            .context("reading the server's answer")
+    }
+
     /// DELETE, returning the JSON answer.
     pub fn delete(&self, path: &str) -> anyhow::Result<Value> {
         self.call(self.agent.delete(self.url(path)))

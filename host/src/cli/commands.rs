@@ -119,6 +119,7 @@ pub fn deploy(client: &Client, path: &Path, name: Option<String>) -> anyhow::Res
     if let Some(m) = &manifest {
         body["models"] = model_decls(client, m, &component)?;
         body["nn"] = serde_json::to_value(&m.nn)?;
+        body["cache"] = serde_json::to_value(&m.cache)?;
     }
     let answer = client.post_json(&format!("/v1/functions/{name}/versions"), &body)?;
     println!(
@@ -293,6 +294,94 @@ pub fn delete(client: &Client, name: &str) -> anyhow::Result<()> {
     client.delete(&format!("/v1/functions/{name}"))?;
     println!("deleted {name}");
     Ok(())
+}
+
+/// `kiln usage`: totals (per group) as a table, the JSON answer, or the records as CSV.
+pub fn usage(
+    client: &Client,
+    filters: &[(&str, Option<String>)],
+    output: super::UsageOutput,
+) -> anyhow::Result<()> {
+    let mut query: Vec<String> = filters
+        .iter()
+        .filter_map(|(k, v)| v.as_ref().map(|v| format!("{k}={}", percent_encode(v))))
+        .collect();
+    if let super::UsageOutput::Csv = output {
+        query.push("format=csv".into());
+        print!(
+            "{}",
+            client.get_text(&format!("/v1/usage?{}", query.join("&")))?
+        );
+        return Ok(());
+    }
+    let v = client.get_json(&format!("/v1/usage?{}", query.join("&")))?;
+    if let super::UsageOutput::Json = output {
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(());
+    }
+    let flat = |t: &Value, key: &str| {
+        json!({
+            "key": key,
+            "requests": t["requests"],
+            "cache_hits": t["cache_hits"],
+            "errors": t["errors"],
+            "cpu_ms": format!("{:.3}", t["cpu_ms"].as_f64().unwrap_or(0.0)),
+            "gb_s": format!("{:.6}", t["gb_s"].as_f64().unwrap_or(0.0)),
+            "inference_cpu_ms": format!("{:.3}", t["inference_ms"]["cpu"].as_f64().unwrap_or(0.0)),
+            "inference_gpu_ms": format!("{:.3}", t["inference_ms"]["gpu"].as_f64().unwrap_or(0.0)),
+            "bytes_in": t["bytes_in"],
+            "bytes_out": t["bytes_out"],
+            "cost": t["cost"],
+        })
+    };
+    let mut rows: Vec<Value> = v["groups"]
+        .as_array()
+        .map(|g| {
+            g.iter()
+                .map(|g| flat(g, g["key"].as_str().unwrap_or("-")))
+                .collect()
+        })
+        .unwrap_or_default();
+    rows.push(flat(&v["totals"], "TOTAL"));
+    print_table(
+        &json!({ "rows": rows }),
+        Output::Table,
+        "rows",
+        &[
+            "key",
+            "requests",
+            "cache_hits",
+            "errors",
+            "cpu_ms",
+            "gb_s",
+            "inference_cpu_ms",
+            "inference_gpu_ms",
+            "bytes_in",
+            "bytes_out",
+            "cost",
+        ],
+    )?;
+    println!(
+        "cost in micro-{} ({})",
+        v["currency"].as_str().unwrap_or("units"),
+        match (v["since"].as_str(), v["until"].as_str()) {
+            (None, None) => "all time".to_string(),
+            (s, u) => format!("{} .. {}", s.unwrap_or("start"), u.unwrap_or("now")),
+        }
+    );
+    Ok(())
+}
+
+/// Escapes a query parameter value (times carry `:` and `+`).
+fn percent_encode(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
 }
 
 fn print_table(v: &Value, output: Output, key: &str, columns: &[&str]) -> anyhow::Result<()> {

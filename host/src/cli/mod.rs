@@ -32,6 +32,18 @@ pub enum Output {
     Json,
 }
 
+/// Output format of `kiln usage`.
+#[derive(Debug, Clone, Copy, Default, ValueEnum)]
+pub enum UsageOutput {
+    /// Totals (per group) as a table.
+    #[default]
+    Table,
+    /// The API's JSON answer.
+    Json,
+    /// Every record of the window, as CSV.
+    Csv,
+}
+
 /// Where client commands send their requests.
 #[derive(Debug, Clone, clap::Args)]
 pub struct ServerArg {
@@ -118,6 +130,28 @@ pub enum Command {
         #[command(flatten)]
         server: ServerArg,
     },
+    /// Usage and cost from the ledger: totals for a window, optionally grouped.
+    Usage {
+        /// Only this function.
+        #[arg(long)]
+        function: Option<String>,
+        /// Only this tenant.
+        #[arg(long)]
+        tenant: Option<String>,
+        /// Window start: RFC 3339 (2026-11-27T10:00:00Z) or unix milliseconds.
+        #[arg(long)]
+        since: Option<String>,
+        /// Window end (exclusive), same forms.
+        #[arg(long)]
+        until: Option<String>,
+        /// function, version, tenant, hour or day.
+        #[arg(long)]
+        group_by: Option<String>,
+        #[arg(long, value_enum, default_value_t)]
+        output: UsageOutput,
+        #[command(flatten)]
+        server: ServerArg,
+    },
 }
 
 /// Runs a parsed command line.
@@ -160,5 +194,23 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             server,
         } => commands::versions(&Client::new(&server.server), &name, output),
         Command::Delete { name, server } => commands::delete(&Client::new(&server.server), &name),
+        Command::Usage {
+            function,
+            tenant,
+            since,
+            until,
+            group_by,
+            output,
+            server,
+        } => {
+            let filters = [
+                ("function", function),
+                ("tenant", tenant),
+                ("since", since),
+                ("until", until),
+                ("group_by", group_by),
+            ];
+            commands::usage(&Client::new(&server.server), &filters, output)
+        }
     }
 }

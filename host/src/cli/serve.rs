@@ -31,7 +31,14 @@ pub fn run(
         let app = App::open(config)?;
         tracing::info!(data_dir = %app.config.data_dir.display(), functions = app.registry.functions().len(), "kiln ready");
         println!("kiln serving on http://{addr}");
-        crate::server::serve(app, listener, shutdown_signal()).await
+        let served = crate::server::serve(app.clone(), listener, shutdown_signal()).await;
+        // Every drained request has submitted its usage record: commit them all.
+        let closing = app.clone();
+        tokio::task::spawn_blocking(move || closing.close())
+            .await
+            .context("flushing the usage ledger")?;
+        tracing::info!("usage ledger flushed");
+        served
     })
 }
 

@@ -150,6 +150,7 @@ mod tests {
             size: 1,
             limits: Limits::default(),
             nn: Default::default(),
+            cache: Default::default(),
             created_at: 0,
         }
     }

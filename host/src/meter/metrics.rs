@@ -11,6 +11,10 @@
 //! | `kiln_faas_active_instances` | gauge | |
 //! | `kiln_nn_inference_duration_seconds` | histogram | backend, device |
 //! | `kiln_compile_duration_seconds` | histogram | |
+//! | `kiln_cache_hits_total`, `kiln_cache_misses_total`, `kiln_cache_evictions_total` | counter | cache (`response`, `inference`) |
+//! | `kiln_cache_bytes` | gauge | cache |
+//! | `kiln_ledger_records_total` | counter | |
+//! | `kiln_ledger_commit_duration_seconds` | histogram | |
 
 use std::sync::atomic::AtomicI64;
 use std::time::Duration;
@@ -48,7 +52,8 @@ impl Outcome {
         Outcome::Rejected,
     ];
 
-    fn label(self) -> &'static str {
+    /// The label value (also the ledger's `outcome` column).
+    pub fn as_str(self) -> &'static str {
         match self {
             Outcome::Ok => "ok",
             Outcome::GuestError => "guest_error",
@@ -77,6 +82,11 @@ struct InferenceLabels {
     device: &'static str,
 }
 
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct CacheLabels {
+    cache: &'static str,
+}
+
 type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
 
 /// 100 µs .. ~105 s, doubling.
@@ -98,6 +108,14 @@ pub struct Metrics {
     active: Gauge<i64, AtomicI64>,
     inference: HistogramFamily<InferenceLabels>,
     compile: Histogram,
+    cache_hits: Family<CacheLabels, Counter>,
+    cache_misses: Family<CacheLabels, Counter>,
+    cache_evictions: Family<CacheLabels, Counter>,
+    cache_bytes: Family<CacheLabels, Gauge<i64, AtomicI64>>,
+    /// Usage records committed to the ledger.
+    pub ledger_records: Counter,
+    /// Time of one ledger commit (a batch of records).
+    pub ledger_commit: Histogram,
 }
 
 impl Default for Metrics {
@@ -148,6 +166,38 @@ impl Metrics {
             "Compiling a component at deploy",
             compile.clone(),
         );
+        let cache_hits = Family::<CacheLabels, Counter>::default();
+        registry.register(
+            "cache_hits",
+            "Lookups answered from a cache",
+            cache_hits.clone(),
+        );
+        let cache_misses = Family::<CacheLabels, Counter>::default();
+        registry.register(
+            "cache_misses",
+            "Lookups that had to compute",
+            cache_misses.clone(),
+        );
+        let cache_evictions = Family::<CacheLabels, Counter>::default();
+        registry.register(
+            "cache_evictions",
+            "Entries dropped to stay within the byte budget or a version's cap",
+            cache_evictions.clone(),
+        );
+        let cache_bytes = Family::<CacheLabels, Gauge<i64, AtomicI64>>::default();
+        registry.register("cache_bytes", "Bytes held by a cache", cache_bytes.clone());
+        let ledger_records = Counter::default();
+        registry.register(
+            "ledger_records",
+            "Usage records committed to the ledger",
+            ledger_records.clone(),
+        );
+        let ledger_commit = Histogram::new(exponential_buckets(0.0001, 2.0, 16));
+        registry.register(
+            "ledger_commit_duration_seconds",
+            "One group commit of usage records",
+            ledger_commit.clone(),
+        );
         Metrics {
             registry,
             invocations,
@@ -156,6 +206,12 @@ impl Metrics {
             active,
             inference,
             compile,
+            cache_hits,
+            cache_misses,
+            cache_evictions,
+            cache_bytes,
+            ledger_records,
+            ledger_commit,
         }
     }
 
@@ -167,7 +223,7 @@ impl Metrics {
                 .get_or_create(&InvocationLabels {
                     function: function.to_string(),
                     version: version.to_string(),
-                    outcome: o.label(),
+                    outcome: o.as_str(),
                 })
                 .clone()
         });
@@ -195,6 +251,17 @@ impl Metrics {
                 device: device.as_str(),
             })
             .observe(took.as_secs_f64());
+    }
+
+    /// The series of cache `name` (`response`, `inference`).
+    pub fn cache(&self, name: &'static str) -> CacheMetrics {
+        let l = CacheLabels { cache: name };
+        CacheMetrics {
+            hits: self.cache_hits.get_or_create(&l).clone(),
+            misses: self.cache_misses.get_or_create(&l).clone(),
+            evictions: self.cache_evictions.get_or_create(&l).clone(),
+            bytes: self.cache_bytes.get_or_create(&l).clone(),
+        }
     }
 
     /// Records one component compilation.
@@ -231,6 +298,15 @@ impl VersionMetrics {
             self.coldstarts.inc();
         }
     }
+}
+
+/// One cache's series (see [`Metrics::cache`]).
+#[derive(Clone)]
+pub struct CacheMetrics {
+    pub hits: Counter,
+    pub misses: Counter,
+    pub evictions: Counter,
+    pub bytes: Gauge<i64, AtomicI64>,
 }
 
 /// An instance counted in `kiln_faas_active_instances` until dropped.

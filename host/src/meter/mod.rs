@@ -1,6 +1,12 @@
-//! Metering: what every request cost. Today the Prometheus metrics behind `GET /metrics`;
-//! per-request usage records, prices and the ledger build on the same observations.
+//! Metering: what every request used and cost. [`UsageRecord`]s priced by a [`Pricing`]
+//! plan go to the durable [`Ledger`] (SQLite, group commit); [`query`] answers usage
+//! totals and exports; [`Metrics`] serves `GET /metrics`.
 
+pub mod ledger;
 pub mod metrics;
+pub mod query;
+pub mod usage;
 
-pub use metrics::{Metrics, Outcome, VersionMetrics};
+pub use ledger::{Durability, Ledger};
+pub use metrics::{CacheMetrics, Metrics, Outcome, VersionMetrics};
+pub use usage::{Pricing, UsageRecord};

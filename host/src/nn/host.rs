@@ -7,6 +7,8 @@
 //! - `compute` checks every input against the model first, then runs: inline when the
 //!   model is known to be quick, otherwise on the blocking pool so that the request's
 //!   timeout still fires (and cancels the run where the backend allows).
+//! - Identical inputs on the same graph come from the version's inference cache (blake3
+//!   key over graph identity and every input), concurrent identical computes run once.
 //! - Inference wall time is added up per device for metering and `server-timing`.
 
 use std::sync::Arc;
@@ -18,6 +20,8 @@ use wasmtime::component::{HasData, Linker, Resource, ResourceTable};
 use super::backend::{Cancel, check_inputs};
 use super::models::{LoadedGraph, ModelManager, ModelSlot, VersionModels};
 use super::{Device, ElementType, ErrorCode, NnError, Target, Tensor};
+use crate::cache::Lookup;
+use crate::cache::inference as inference_cache;
 
 mod generated {
     wasmtime::component::bindgen!({
@@ -52,11 +56,14 @@ pub struct ExecContext {
     graph: GraphHandle,
 }
 
-/// Inference time of one request, per device, shared with the code that reports it.
+/// Inference time of one request, per device, and its inference cache hits and misses,
+/// shared with the code that reports them.
 #[derive(Debug, Default)]
 pub struct InferenceTime {
     cpu_ns: AtomicU64,
     gpu_ns: AtomicU64,
+    cache_hits: AtomicU64,
+    cache_misses: AtomicU64,
 }
 
 impl InferenceTime {
@@ -66,6 +73,14 @@ impl InferenceTime {
             Device::Cpu => self.cpu_ns.fetch_add(ns, Ordering::Relaxed),
             Device::Gpu => self.gpu_ns.fetch_add(ns, Ordering::Relaxed),
         };
+    }
+
+    /// Inference cache hits and misses of this request so far.
+    pub fn cache(&self) -> (u64, u64) {
+        (
+            self.cache_hits.load(Ordering::Relaxed),
+            self.cache_misses.load(Ordering::Relaxed),
+        )
     }
 
     /// Time spent in inference on `device` so far.
@@ -282,6 +297,33 @@ impl inference::HostGraphExecutionContext for NnView<'_> {
                 "the request's time ran out before inference",
             )),
             Ok(inputs) => {
+                // Only the version's own models are cached: a guest-loaded graph lives for
+                // one request.
+                let cache = match (&handle.slot, &self.ctx.models.cache) {
+                    (Some(slot), Some(c)) if c.cache.enabled() => Some((slot, c)),
+                    _ => None,
+                };
+                let mut fill = None;
+                if let Some((slot, c)) = cache {
+                    let key = inference_cache::key(
+                        c.at.scope,
+                        slot.identity(),
+                        graph.graph.inputs(),
+                        &inputs,
+                    );
+                    let wait = self.ctx.deadline.saturating_duration_since(Instant::now());
+                    match c.cache.lookup(&c.at, key, wait).await {
+                        Lookup::Hit(outputs, _) => {
+                            slot.count_cache_hit();
+                            self.ctx.time.cache_hits.fetch_add(1, Ordering::Relaxed);
+                            return self.hand_out(&graph, Ok(outputs.as_ref().clone()));
+                        }
+                        Lookup::Miss(f) => {
+                            self.ctx.time.cache_misses.fetch_add(1, Ordering::Relaxed);
+                            fill = Some((f, c));
+                        }
+                    }
+                }
                 if let Some(slot) = &handle.slot {
                     slot.count_run();
                 }
@@ -306,9 +348,31 @@ impl inference::HostGraphExecutionContext for NnView<'_> {
                     .manager
                     .metrics()
                     .inference(graph.backend, graph.device, took);
+                if let (Ok(outputs), Some((mut f, c))) = (&out, fill) {
+                    let size = inference_cache::size(outputs);
+                    if size <= c.cache.max_entry() {
+                        f.store(&c.at, Arc::new(outputs.clone()), size);
+                    }
+                }
                 out
             }
         };
+        self.hand_out(&graph, ran)
+    }
+
+    fn drop(&mut self, ctx: Resource<ExecContext>) -> wasmtime::Result<()> {
+        self.table.delete(ctx)?;
+        Ok(())
+    }
+}
+
+impl NnView<'_> {
+    /// Gives compute's outputs (named by the graph) or its error to the guest.
+    fn hand_out(
+        &mut self,
+        graph: &LoadedGraph,
+        ran: Result<Vec<Tensor>, NnError>,
+    ) -> wasmtime::Result<Result<Vec<inference::NamedTensor>, Resource<NnError>>> {
         match ran {
             Ok(outputs) => {
                 let mut named = Vec::with_capacity(outputs.len());
@@ -322,11 +386,6 @@ impl inference::HostGraphExecutionContext for NnView<'_> {
                 Ok(Err(self.table.push(e)?))
             }
         }
-    }
-
-    fn drop(&mut self, ctx: Resource<ExecContext>) -> wasmtime::Result<()> {
-        self.table.delete(ctx)?;
-        Ok(())
     }
 }
 

@@ -129,6 +129,7 @@ pub struct ModelSlot {
     last_used_ms: AtomicU64,
     loads: AtomicU64,
     runs: AtomicU64,
+    cache_hits: AtomicU64,
 }
 
 impl ModelSlot {
@@ -140,6 +141,16 @@ impl ModelSlot {
     pub fn count_run(&self) {
         self.runs.fetch_add(1, Ordering::Relaxed);
     }
+
+    /// Counts one compute answered by the inference cache.
+    pub fn count_cache_hit(&self) {
+        self.cache_hits.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// What makes this graph's outputs: model digest, backend and target.
+    pub fn identity(&self) -> (Digest, BackendKind, Target) {
+        (self.key.digest, self.key.backend, self.key.target)
+    }
 }
 
 /// A version's models by name, and whether its guests may load their own.
@@ -148,6 +159,8 @@ pub struct VersionModels {
     models: BTreeMap<String, (ModelRef, Arc<ModelSlot>)>,
     /// Cap on a guest-supplied model; `None`: `graph.load` is refused.
     pub guest_load_max_bytes: Option<u64>,
+    /// Where this version's compute results are cached; `None`: not cached.
+    pub cache: Option<crate::cache::inference::InferenceScope>,
 }
 
 impl VersionModels {
@@ -179,6 +192,8 @@ pub struct ModelInfo {
     pub loads: u64,
     /// Computes run on it since the server started.
     pub runs: u64,
+    /// Computes answered by the inference cache instead.
+    pub cache_hits: u64,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub note: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -272,6 +287,7 @@ impl ModelManager {
                         last_used_ms: AtomicU64::new(self.now_ms()),
                         loads: AtomicU64::new(0),
                         runs: AtomicU64::new(0),
+                        cache_hits: AtomicU64::new(0),
                     });
                     slots.insert(key, Arc::downgrade(&s));
                     s
@@ -283,6 +299,7 @@ impl ModelManager {
         VersionModels {
             models,
             guest_load_max_bytes: spec.guest_load_max_bytes,
+            cache: None,
         }
     }
 
@@ -476,6 +493,7 @@ impl ModelManager {
                     },
                     loads: slot.loads.load(Ordering::Relaxed),
                     runs: slot.runs.load(Ordering::Relaxed),
+                    cache_hits: slot.cache_hits.load(Ordering::Relaxed),
                     note: state.note.clone(),
                     error: state.error.clone(),
                     inputs: graph.map(|g| g.graph.inputs().to_vec()),

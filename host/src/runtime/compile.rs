@@ -135,7 +135,7 @@ impl Runtime {
         );
         let mut store = Store::new(
             &self.engine,
-            HostState::new(&Arc::from(function), limits, nn),
+            HostState::new(&Arc::from(function), limits, nn, Arc::default()),
         );
         store.limiter(|s| &mut s.limits);
         store.set_epoch_deadline(limits.timeout_ms.div_ceil(EPOCH_TICK.as_millis() as u64) + 1);

@@ -14,14 +14,14 @@ use wasmtime_wasi_http::p2::bindings::http::types::Scheme;
 
 use super::engine::{EPOCH_TICK, Runtime};
 use super::loaded::LoadedVersion;
-use super::state::HostState;
+use super::state::{GuestUsage, HostState};
 use crate::nn::{Device, InferenceTime, NnCtx, VersionModels};
 
 /// Body of a guest's response, streamed from the guest as it writes it.
 pub type ResponseBody = wasmtime_wasi_http::p2::body::HyperOutgoingBody;
 
 /// Where the time of one invocation went (for `server-timing` and metering).
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Default)]
 pub struct Timings {
     /// Mapping the compiled artifact, when this request found the version cold.
     pub cold: Option<Duration>,
@@ -32,6 +32,12 @@ pub struct Timings {
     /// Native inference (`wasi:nn` compute) inside the handler, per device.
     pub inference_cpu: Duration,
     pub inference_gpu: Duration,
+    /// Inference cache hits and misses inside the handler.
+    pub inference_cache: (u64, u64),
+    /// Guest time and memory, final once the guest has finished (read them then).
+    pub usage: Arc<GuestUsage>,
+    /// Inference per device, final once the guest has finished.
+    pub inference: Arc<InferenceTime>,
 }
 
 /// A guest's answer, or why there is none.
@@ -73,7 +79,7 @@ impl Runtime {
         let timeout_ms = loaded.limits.timeout_ms;
         let deadline = tokio::time::Instant::now() + Duration::from_millis(timeout_ms);
         let started = Instant::now();
-        let inference = Arc::new(InferenceTime::default());
+        let inference = timings.inference.clone();
         let nn = NnCtx::new(
             models,
             self.models.clone(),
@@ -83,9 +89,10 @@ impl Runtime {
 
         let mut store = Store::new(
             &self.engine,
-            HostState::new(&loaded.function, &loaded.limits, nn),
+            HostState::new(&loaded.function, &loaded.limits, nn, timings.usage.clone()),
         );
         store.limiter(|s| &mut s.limits);
+        store.call_hook(super::state::meter_guest_time);
         store.set_epoch_deadline(timeout_ms.div_ceil(EPOCH_TICK.as_millis() as u64) + 1);
         store.epoch_deadline_trap();
 
@@ -132,6 +139,7 @@ impl Runtime {
         timings.handler = called.elapsed();
         timings.inference_cpu = inference.on(Device::Cpu);
         timings.inference_gpu = inference.on(Device::Gpu);
+        timings.inference_cache = inference.cache();
         match head {
             Ok(Ok(response)) => {
                 if finished.is_none() {

@@ -24,4 +24,4 @@ pub use engine::Runtime;
 pub use invoke::{InvokeError, InvokeOutcome, ResponseBody, Timings};
 pub use limits::{LimitError, Limits, LimitsSpec};
 pub use loaded::LoadedVersion;
-pub use state::HostState;
+pub use state::{GuestUsage, HostState};

@@ -2,9 +2,11 @@
 //! the resource table they share, and the store limits. Built fresh for every request.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Instant;
 
 use wasmtime::component::ResourceTable;
-use wasmtime::{StoreLimits, StoreLimitsBuilder};
+use wasmtime::{CallHook, ResourceLimiter, StoreLimits, StoreLimitsBuilder};
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 use wasmtime_wasi_http::{WasiBody, WasiHttpCtx, WasiHttpCtxView, WasiHttpHooks, WasiHttpView};
 
@@ -28,13 +30,109 @@ pub struct HostState {
     table: ResourceTable,
     hooks: DenyOutbound,
     nn: NnCtx,
-    pub(crate) limits: StoreLimits,
+    pub(crate) limits: MeteredLimits,
+    /// When the guest's current stretch of its own code began (`None`: in host code).
+    guest_since: Option<Instant>,
+}
+
+/// What a guest used, read by metering once the request is over.
+#[derive(Debug, Default)]
+pub struct GuestUsage {
+    /// Nanoseconds spent in the guest's own code (host calls excluded).
+    cpu_ns: AtomicU64,
+    /// Largest total linear memory the instance had, in bytes.
+    memory_peak: AtomicU64,
+}
+
+impl GuestUsage {
+    /// Time in the guest's own code so far.
+    pub fn cpu(&self) -> std::time::Duration {
+        std::time::Duration::from_nanos(self.cpu_ns.load(Ordering::Relaxed))
+    }
+
+    /// Peak linear memory so far, in bytes.
+    pub fn memory_peak(&self) -> u64 {
+        self.memory_peak.load(Ordering::Relaxed)
+    }
+}
+
+/// The store's limits, recording the instance's peak memory as it grows.
+pub struct MeteredLimits {
+    inner: StoreLimits,
+    /// Bytes of all linear memories now.
+    memory: usize,
+    usage: Arc<GuestUsage>,
+}
+
+impl ResourceLimiter for MeteredLimits {
+    fn memory_growing(
+        &mut self,
+        current: usize,
+        desired: usize,
+        maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        let ok = self.inner.memory_growing(current, desired, maximum)?;
+        if ok {
+            self.memory = self.memory.saturating_sub(current).saturating_add(desired);
+            self.usage
+                .memory_peak
+                .fetch_max(self.memory as u64, Ordering::Relaxed);
+        }
+        Ok(ok)
+    }
+
+    fn memory_grow_failed(&mut self, error: wasmtime::Error) -> wasmtime::Result<()> {
+        self.inner.memory_grow_failed(error)
+    }
+
+    fn table_growing(
+        &mut self,
+        current: usize,
+        desired: usize,
+        maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        self.inner.table_growing(current, desired, maximum)
+    }
+
+    fn table_grow_failed(&mut self, error: wasmtime::Error) -> wasmtime::Result<()> {
+        self.inner.table_grow_failed(error)
+    }
+
+    fn instances(&self) -> usize {
+        self.inner.instances()
+    }
+
+    fn tables(&self) -> usize {
+        self.inner.tables()
+    }
+
+    fn memories(&self) -> usize {
+        self.inner.memories()
+    }
+}
+
+/// The store's call hook: adds up the time between entering guest code and leaving it.
+/// A stretch of guest code never spans a suspension (async host calls suspend inside the
+/// host), so each stretch runs on one thread and its wall time is the guest's CPU time
+/// (preemption by the OS aside). Costs two clock reads per host call.
+pub(super) fn meter_guest_time(
+    mut cx: wasmtime::StoreContextMut<'_, HostState>,
+    hook: CallHook,
+) -> wasmtime::Result<()> {
+    let s = cx.data_mut();
+    if hook.exiting_host() {
+        s.guest_since = Some(Instant::now());
+    } else if let Some(since) = s.guest_since.take() {
+        let ns = since.elapsed().as_nanos() as u64;
+        s.limits.usage.cpu_ns.fetch_add(ns, Ordering::Relaxed);
+    }
+    Ok(())
 }
 
 impl HostState {
     /// A sandbox with no filesystem, no environment, no sockets and no outbound HTTP.
-    /// `nn` gives the guest its version's models.
-    pub fn new(function: &Arc<str>, limits: &Limits, nn: NnCtx) -> Self {
+    /// `nn` gives the guest its version's models; `usage` receives what it used.
+    pub fn new(function: &Arc<str>, limits: &Limits, nn: NnCtx, usage: Arc<GuestUsage>) -> Self {
         let wasi = WasiCtx::builder()
             .stdout(GuestLog::new(function.clone(), "stdout"))
             .stderr(GuestLog::new(function.clone(), "stderr"))
@@ -53,11 +151,16 @@ impl HostState {
             table,
             hooks: DenyOutbound,
             nn,
-            limits: StoreLimitsBuilder::new()
-                .memory_size((limits.memory_mb as usize) << 20)
-                .table_elements(MAX_TABLE_ELEMENTS)
-                .trap_on_grow_failure(true)
-                .build(),
+            limits: MeteredLimits {
+                inner: StoreLimitsBuilder::new()
+                    .memory_size((limits.memory_mb as usize) << 20)
+                    .table_elements(MAX_TABLE_ELEMENTS)
+                    .trap_on_grow_failure(true)
+                    .build(),
+                memory: 0,
+                usage,
+            },
+            guest_since: None,
         }
     }
 }

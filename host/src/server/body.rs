@@ -1,10 +1,11 @@
 //! Body types of the HTTP front: the one response body type, a request body with a byte
-//! limit that tells the caller when it tripped, and a body wrapper that holds a value
-//! (a concurrency permit) until the response has been fully sent.
+//! limit that tells the caller when it tripped and how much it read, and a response body
+//! wrapper that holds a value (a concurrency permit) until the response has been fully
+//! sent and reports the bytes sent (for metering).
 
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
@@ -35,19 +36,26 @@ pub struct LimitedBody {
     inner: hyper::body::Incoming,
     remaining: u64,
     limit: u64,
-    tripped: Arc<AtomicBool>,
+    stats: Arc<BodyStats>,
+}
+
+/// What a [`LimitedBody`] saw: bytes read, and whether the limit tripped.
+#[derive(Debug, Default)]
+pub struct BodyStats {
+    pub read: AtomicU64,
+    pub tripped: AtomicBool,
 }
 
 impl LimitedBody {
-    pub fn new(inner: hyper::body::Incoming, limit: u64) -> (Self, Arc<AtomicBool>) {
-        let tripped = Arc::new(AtomicBool::new(false));
+    pub fn new(inner: hyper::body::Incoming, limit: u64) -> (Self, Arc<BodyStats>) {
+        let stats = Arc::new(BodyStats::default());
         let body = LimitedBody {
             inner,
             remaining: limit,
             limit,
-            tripped: tripped.clone(),
+            stats: stats.clone(),
         };
-        (body, tripped)
+        (body, stats)
     }
 }
 
@@ -65,12 +73,13 @@ impl HttpBody for LimitedBody {
                 if let Some(data) = frame.data_ref() {
                     let n = data.len() as u64;
                     if n > this.remaining {
-                        this.tripped.store(true, Ordering::Relaxed);
+                        this.stats.tripped.store(true, Ordering::Relaxed);
                         return Poll::Ready(Some(Err(BodyError::HttpRequestBodySize(Some(
                             this.limit,
                         )))));
                     }
                     this.remaining -= n;
+                    this.stats.read.fetch_add(n, Ordering::Relaxed);
                 }
                 Poll::Ready(Some(Ok(frame)))
             }
@@ -89,42 +98,111 @@ impl HttpBody for LimitedBody {
     }
 }
 
-/// A body that keeps `guard` alive until the body is finished or dropped.
-pub struct Holding<B, G> {
+/// Called once when a response body ends (or is dropped unfinished) with the bytes sent;
+/// may return a receiver the end of the body waits for (a strict usage record).
+pub type OnEnd = Box<dyn FnOnce(u64) -> Option<tokio::sync::oneshot::Receiver<()>> + Send>;
+
+/// A response body that keeps `guard` (a concurrency permit) alive until it is finished,
+/// counts the bytes it sends and reports them at the end through [`OnEnd`].
+///
+/// With `hold_last`, the last frame is held back until the receiver `on_end` returned has
+/// completed: the client cannot see a complete response before its usage record is durable.
+pub struct Finishing<B, G> {
     inner: B,
     guard: Option<G>,
+    on_end: Option<OnEnd>,
+    hold_last: bool,
+    held: Option<Frame<Bytes>>,
+    ack: Option<tokio::sync::oneshot::Receiver<()>>,
+    sent: u64,
+    done: bool,
 }
 
-impl<B, G> Holding<B, G> {
-    pub fn new(inner: B, guard: G) -> Self {
-        Holding {
+impl<B, G> Finishing<B, G> {
+    pub fn new(inner: B, guard: G, on_end: Option<OnEnd>, hold_last: bool) -> Self {
+        Finishing {
             inner,
             guard: Some(guard),
+            hold_last: hold_last && on_end.is_some(),
+            on_end,
+            held: None,
+            ack: None,
+            sent: 0,
+            done: false,
         }
+    }
+
+    fn end(&mut self) -> Option<tokio::sync::oneshot::Receiver<()>> {
+        self.guard = None;
+        self.on_end.take().and_then(|f| f(self.sent))
     }
 }
 
-impl<B: HttpBody + Unpin, G: Unpin> HttpBody for Holding<B, G> {
-    type Data = B::Data;
-    type Error = B::Error;
+impl<B, G> HttpBody for Finishing<B, G>
+where
+    B: HttpBody<Data = Bytes, Error = BodyError> + Unpin,
+    G: Unpin,
+{
+    type Data = Bytes;
+    type Error = BodyError;
 
     fn poll_frame(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<B::Data>, B::Error>>> {
-        let polled = Pin::new(&mut self.inner).poll_frame(cx);
-        if let Poll::Ready(None) = polled {
-            self.guard = None;
+    ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
+        let this = &mut *self;
+        loop {
+            if let Some(ack) = &mut this.ack {
+                let acked = std::task::ready!(Pin::new(ack).poll(cx));
+                this.ack = None;
+                this.done = true;
+                if acked.is_err() {
+                    this.held = None;
+                    return Poll::Ready(Some(Err(BodyError::InternalError(Some(
+                        "the usage record of this response could not be written".into(),
+                    )))));
+                }
+            }
+            if this.done {
+                return Poll::Ready(this.held.take().map(Ok));
+            }
+            match std::task::ready!(Pin::new(&mut this.inner).poll_frame(cx)) {
+                Some(Ok(frame)) => {
+                    this.sent += frame.data_ref().map_or(0, |d| d.len() as u64);
+                    if !this.hold_last {
+                        return Poll::Ready(Some(Ok(frame)));
+                    }
+                    if let Some(prev) = this.held.replace(frame) {
+                        return Poll::Ready(Some(Ok(prev)));
+                    }
+                }
+                Some(Err(e)) => {
+                    this.done = true;
+                    this.held = None;
+                    drop(this.end());
+                    return Poll::Ready(Some(Err(e)));
+                }
+                None => match this.end() {
+                    Some(ack) if this.hold_last => this.ack = Some(ack),
+                    _ => this.done = true,
+                },
+            }
         }
-        polled
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
+        self.done && self.held.is_none() && self.ack.is_none()
     }
 
     fn size_hint(&self) -> SizeHint {
         self.inner.size_hint()
+    }
+}
+
+impl<B, G> Drop for Finishing<B, G> {
+    fn drop(&mut self) {
+        // A client that went away before the end still used what it used.
+        drop(self.end());
     }
 }
 
@@ -140,5 +218,45 @@ pub async fn drain(mut body: hyper::body::Incoming) {
         if seen > DRAIN_CAP {
             break;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Mutex;
+
+    #[tokio::test]
+    async fn finishing_reports_bytes_and_holds_the_end_until_acknowledged() {
+        let seen = Arc::new(Mutex::new(None));
+        let (ack_tx, ack_rx) = tokio::sync::oneshot::channel();
+        let mut ack_rx = Some(ack_rx);
+        let s = seen.clone();
+        let on_end: OnEnd = Box::new(move |sent| {
+            *s.lock().expect("lock") = Some(sent);
+            ack_rx.take()
+        });
+        let mut body = Finishing::new(full("hello"), (), Some(on_end), true);
+        // The only frame is held back until the record is acknowledged.
+        let early = tokio::time::timeout(std::time::Duration::from_millis(50), body.frame()).await;
+        assert!(
+            early.is_err(),
+            "the end was released before the acknowledgement"
+        );
+        assert_eq!(*seen.lock().expect("lock"), Some(5));
+        ack_tx.send(()).expect("send");
+        let frame = body.frame().await.expect("frame").expect("ok");
+        assert_eq!(frame.into_data().expect("data"), "hello");
+        assert!(body.frame().await.is_none());
+
+        // Without holding, the record is made when the body is dropped unfinished.
+        let seen = Arc::new(Mutex::new(None));
+        let s = seen.clone();
+        let on_end: OnEnd = Box::new(move |sent| {
+            *s.lock().expect("lock") = Some(sent);
+            None
+        });
+        drop(Finishing::new(full("abc"), (), Some(on_end), false));
+        assert_eq!(*seen.lock().expect("lock"), Some(0));
     }
 }

@@ -1,9 +1,10 @@
-//! The data plane: `/fn/{name}[@{version}]/{rest...}`. Picks the version, enforces the body
-//! limit and the version's admission gate, loads the version (cold start if needed), runs
-//! the guest on a fresh instance with the path rewritten to `/{rest...}`, and adds
-//! `x-kiln-version` and `server-timing` to the guest's response.
+//! The data plane: `/fn/{name}[@{version}]/{rest...}`. Picks the version, answers from the
+//! response cache when the function has one, enforces the body limit and the version's
+//! admission gate, loads the version (cold start if needed), runs the guest on a fresh
+//! instance with the path rewritten to `/{rest...}`, adds `x-kiln-version`,
+//! `x-kiln-cache` and `server-timing` to the response, and writes the request's usage
+//! record when its body has been sent.
 
-use std::fmt::Write as _;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
@@ -12,11 +13,15 @@ use http::{HeaderValue, Request, Response, Uri, header};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 
-use super::body::{Body, Holding, LimitedBody};
+use super::body::{Body, BodyStats, Finishing, LimitedBody, OnEnd, full};
 use crate::api::ApiError;
 use crate::app::App;
-use crate::meter::Outcome;
-use crate::runtime::{InvokeError, Timings};
+use crate::cache::responses::{self, CacheStatus, CachedResponse};
+use crate::cache::{Lookup, Placement};
+use crate::deploy::{Admitted, VersionEntry};
+use crate::meter::{Durability, Outcome, UsageRecord};
+use crate::nn::{Device, InferenceTime};
+use crate::runtime::{GuestUsage, InvokeError, ResponseBody, Timings};
 
 /// Splits `/fn/{name}[@{version}]{/rest}` into its parts; `rest` is at least `/`.
 pub fn parse_fn_path(path: &str) -> Result<(&str, Option<u32>, &str), ApiError> {
@@ -44,25 +49,371 @@ pub fn parse_fn_path(path: &str) -> Result<(&str, Option<u32>, &str), ApiError> 
     Ok((name, pinned, rest))
 }
 
-/// Serves one data-plane request.
-pub async fn handle(app: &Arc<App>, req: Request<Incoming>) -> Result<Response<Body>, ApiError> {
+/// What the usage record of one request has gathered so far.
+struct Usage {
+    request_id: String,
+    start_ms: i64,
+    started: Instant,
+    cold: bool,
+    cache: &'static str,
+    bytes_in: u64,
+    body_stats: Option<Arc<BodyStats>>,
+    guest: Option<(Arc<GuestUsage>, Arc<InferenceTime>)>,
+}
+
+impl Usage {
+    fn new(request_id: &HeaderValue, caching: bool) -> Usage {
+        Usage {
+            request_id: request_id.to_str().unwrap_or_default().to_string(),
+            start_ms: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_millis() as i64)
+                .unwrap_or(0),
+            started: Instant::now(),
+            cold: false,
+            cache: if caching { "miss" } else { "off" },
+            bytes_in: 0,
+            body_stats: None,
+            guest: None,
+        }
+    }
+
+    /// The finished record, priced.
+    fn record(
+        self,
+        app: &App,
+        entry: &VersionEntry,
+        outcome: Outcome,
+        status: u16,
+        bytes_out: u64,
+    ) -> UsageRecord {
+        let us = |d: Duration| d.as_micros() as u64;
+        let bytes_in = self
+            .body_stats
+            .as_ref()
+            .map_or(self.bytes_in, |s| s.read.load(Ordering::Relaxed));
+        let (cpu, memory, inf_cpu, inf_gpu) = match &self.guest {
+            Some((g, nn)) => (
+                us(g.cpu()),
+                g.memory_peak(),
+                us(nn.on(Device::Cpu)),
+                us(nn.on(Device::Gpu)),
+            ),
+            None => (0, 0, 0, 0),
+        };
+        let mut r = UsageRecord {
+            request_id: self.request_id,
+            tenant: ANONYMOUS.to_string(),
+            function: entry.record.function.clone(),
+            version: entry.record.version,
+            start_ms: self.start_ms,
+            wall_us: us(self.started.elapsed()),
+            cpu_us: cpu,
+            memory_peak_bytes: memory,
+            inference_cpu_us: inf_cpu,
+            inference_gpu_us: inf_gpu,
+            bytes_in,
+            bytes_out,
+            cold: self.cold,
+            cache: self.cache,
+            outcome,
+            status,
+            cost: 0,
+        };
+        r.cost = app.config.pricing.cost(&r);
+        r
+    }
+
+    /// Writes the record of a request answered with an error (no body to wait for).
+    async fn fail(self, app: &App, entry: &VersionEntry, e: &ApiError) {
+        let Some(ledger) = &app.ledger else { return };
+        let rec = self.record(app, entry, outcome_of(e), e.status().as_u16(), 0);
+        if let Some(ack) = ledger.submit(rec) {
+            let _ = ack.await;
+        }
+    }
+
+    /// Attaches the record to `resp`'s body: it is written when the body ends, and in
+    /// strict mode the body's end waits for it.
+    fn finish<B>(
+        self,
+        app: &Arc<App>,
+        entry: &Arc<VersionEntry>,
+        resp: Response<B>,
+        guard: Option<Admitted>,
+    ) -> Response<Body>
+    where
+        B: http_body::Body<Data = bytes::Bytes, Error = super::BodyError> + Send + Unpin + 'static,
+    {
+        let status = resp.status().as_u16();
+        let (parts, body) = resp.into_parts();
+        let on_end: Option<OnEnd> = app.ledger.as_ref().map(|_| {
+            let (app, entry) = (app.clone(), entry.clone());
+            Box::new(move |sent: u64| {
+                let rec = self.record(&app, &entry, Outcome::Ok, status, sent);
+                app.ledger.as_ref().and_then(|l| l.submit(rec))
+            }) as OnEnd
+        });
+        let strict = app.config.metering.durability == Durability::Strict;
+        Response::from_parts(
+            parts,
+            Finishing::new(body, guard, on_end, strict).boxed_unsync(),
+        )
+    }
+}
+
+/// The tenant of every request until API keys exist.
+const ANONYMOUS: &str = "anonymous";
+
+fn outcome_of(e: &ApiError) -> Outcome {
+    match e {
+        ApiError::Invoke(InvokeError::Timeout(_)) => Outcome::Timeout,
+        ApiError::Invoke(InvokeError::NoResponse | InvokeError::GuestError(_)) => {
+            Outcome::GuestError
+        }
+        ApiError::Invoke(_) | ApiError::Internal(_) => Outcome::Trap,
+        _ => Outcome::Rejected,
+    }
+}
+
+/// A response and the concurrency permit its body holds (none for a cache hit).
+type Served = (Response<Body>, Option<Admitted>);
+
+/// Serves one data-plane request; `id` is its request id (the usage record's key).
+pub async fn handle(
+    app: &Arc<App>,
+    req: Request<Incoming>,
+    id: &HeaderValue,
+) -> Result<Response<Body>, ApiError> {
     let (name, pinned, rest) = parse_fn_path(req.uri().path())?;
     let entry = app.registry.route(name, pinned)?;
+    let placement = app.response_placement(&entry.record);
+    let mut usage = Usage::new(id, placement.is_some());
+    let rest = rest.to_string();
+    let served = match &placement {
+        Some(at) if !responses::bypass(req.method(), req.headers()) => {
+            cached(app, &entry, req, &rest, at, &mut usage).await
+        }
+        Some(_) => {
+            usage.cache = CacheStatus::Bypass.as_str();
+            streamed(
+                app,
+                &entry,
+                req,
+                &rest,
+                &mut usage,
+                Some(CacheStatus::Bypass),
+            )
+            .await
+        }
+        None => streamed(app, &entry, req, &rest, &mut usage, None).await,
+    };
+    match served {
+        Ok((mut resp, guard)) => {
+            let h = resp.headers_mut();
+            h.insert("x-kiln-version", HeaderValue::from(entry.record.version));
+            if placement.is_some() {
+                h.insert("x-kiln-cache", HeaderValue::from_static(usage.cache));
+            }
+            Ok(usage.finish(app, &entry, resp, guard))
+        }
+        Err(e) => {
+            usage.fail(app, &entry, &e).await;
+            Err(e)
+        }
+    }
+}
+
+/// Refuses a body announced larger than the limit (reading a modest one first, so the
+/// client sees the answer rather than a reset).
+async fn refuse_large(entry: &VersionEntry, req: Request<Incoming>, max: u64) -> ApiError {
+    entry.metrics.record(Outcome::Rejected, None, false);
+    let len = content_length(&req).unwrap_or(0);
+    if len <= super::body::DRAIN_CAP as u64 {
+        super::body::drain(req.into_body()).await;
+    }
+    ApiError::TooLarge(format!(
+        "request body of {len} bytes exceeds the limit of {max} bytes"
+    ))
+}
+
+/// The uncached path: the request body streams into the guest, its response out.
+/// `cache` is set when a cacheable function's request bypasses the cache.
+async fn streamed(
+    app: &Arc<App>,
+    entry: &VersionEntry,
+    req: Request<Incoming>,
+    rest: &str,
+    usage: &mut Usage,
+    cache: Option<CacheStatus>,
+) -> Result<Served, ApiError> {
+    let max_body = app.config.max_body_bytes;
+    if content_length(&req).is_some_and(|len| len > max_body) {
+        return Err(refuse_large(entry, req, max_body).await);
+    }
+    let (parts, body) = req.into_parts();
+    let (body, stats) = LimitedBody::new(body, max_body);
+    usage.body_stats = Some(stats.clone());
+    let (resp, admitted, timings) = run(app, entry, parts, body, rest, usage, Some(&stats)).await?;
+    let (mut parts, body) = resp.into_parts();
+    let cache = cache.map(|c| (c, Duration::ZERO));
+    set_server_timing(&mut parts.headers, Some(&timings), cache);
+    Ok((
+        Response::from_parts(parts, body.boxed_unsync()),
+        Some(admitted),
+    ))
+}
+
+/// The cached path: the body is read whole (it is part of the key); a hit answers from
+/// the cache, a miss runs the guest once for every concurrent identical request and stores
+/// a storable answer.
+async fn cached(
+    app: &Arc<App>,
+    entry: &VersionEntry,
+    req: Request<Incoming>,
+    rest: &str,
+    at: &Placement,
+    usage: &mut Usage,
+) -> Result<Served, ApiError> {
+    let max_body = app.config.max_body_bytes;
+    if content_length(&req).is_some_and(|len| len > max_body) {
+        return Err(refuse_large(entry, req, max_body).await);
+    }
+    let (parts, body) = req.into_parts();
+    let body = match http_body_util::Limited::new(body, max_body as usize)
+        .collect()
+        .await
+    {
+        Ok(b) => b.to_bytes(),
+        Err(e) if e.is::<http_body_util::LengthLimitError>() => {
+            entry.metrics.record(Outcome::Rejected, None, false);
+            return Err(ApiError::TooLarge(format!(
+                "request body exceeds the limit of {max_body} bytes"
+            )));
+        }
+        Err(e) => {
+            entry.metrics.record(Outcome::Rejected, None, false);
+            return Err(ApiError::InvalidRequest(format!(
+                "reading the request body: {e}"
+            )));
+        }
+    };
+    usage.bytes_in = body.len() as u64;
+    let record = &entry.record;
+    let vary = record
+        .cache
+        .responses
+        .as_ref()
+        .map_or(&[][..], |p| p.vary.as_slice());
+    let path_and_query = match parts.uri.query() {
+        Some(q) => format!("{rest}?{q}"),
+        None => rest.to_string(),
+    };
+    let key = responses::key(
+        at.scope,
+        &record.digest,
+        &parts.method,
+        &path_and_query,
+        vary,
+        &parts.headers,
+        &body,
+    );
+    let looked = Instant::now();
+    let wait = Duration::from_millis(record.limits.timeout_ms);
+    match app.responses.lookup(at, key, wait).await {
+        Lookup::Hit(stored, age) => {
+            usage.cache = CacheStatus::Hit.as_str();
+            let mut resp = Response::new(full(stored.body.clone()));
+            *resp.status_mut() = stored.status;
+            *resp.headers_mut() = stored.headers.clone();
+            resp.headers_mut()
+                .insert(header::AGE, HeaderValue::from(age.as_secs()));
+            set_server_timing(
+                resp.headers_mut(),
+                None,
+                Some((CacheStatus::Hit, looked.elapsed())),
+            );
+            Ok((resp, None))
+        }
+        Lookup::Miss(mut fill) => {
+            let lookup = looked.elapsed();
+            let (resp, admitted, timings) =
+                run(app, entry, parts, full(body), rest, usage, None).await?;
+            let (mut head, body) = resp.into_parts();
+            let body = if responses::storable(head.status, &head.headers) {
+                match collect_up_to(body, app.responses.max_entry()).await {
+                    Ok(Ok(bytes)) => {
+                        let stored = CachedResponse {
+                            status: head.status,
+                            headers: head.headers.clone(),
+                            body: bytes.clone(),
+                        };
+                        let size = stored.size();
+                        fill.store(at, Arc::new(stored), size);
+                        full(bytes)
+                    }
+                    Ok(Err(partial)) => partial,
+                    Err(e) => {
+                        return Err(ApiError::Invoke(InvokeError::GuestError(format!(
+                            "the response body failed: {e}"
+                        ))));
+                    }
+                }
+            } else {
+                body.boxed_unsync()
+            };
+            drop(fill);
+            set_server_timing(
+                &mut head.headers,
+                Some(&timings),
+                Some((CacheStatus::Miss, lookup)),
+            );
+            Ok((Response::from_parts(head, body), Some(admitted)))
+        }
+    }
+}
+
+/// Reads `body` whole if it is at most `max` bytes; otherwise gives back a body that
+/// replays what was read and streams the rest.
+async fn collect_up_to(
+    mut body: ResponseBody,
+    max: u64,
+) -> Result<Result<bytes::Bytes, Body>, super::BodyError> {
+    let mut buf = bytes::BytesMut::new();
+    while let Some(frame) = body.frame().await {
+        let frame = frame?;
+        if let Some(data) = frame.data_ref() {
+            buf.extend_from_slice(data);
+        }
+        if buf.len() as u64 > max {
+            let head = futures::stream::once(futures::future::ready(Ok(http_body::Frame::data(
+                buf.freeze(),
+            ))));
+            let tail = http_body_util::BodyStream::new(body);
+            let stream = futures::StreamExt::chain(head, tail);
+            return Ok(Err(http_body_util::StreamBody::new(stream).boxed_unsync()));
+        }
+    }
+    Ok(Ok(buf.freeze()))
+}
+
+/// Runs the guest: admission, load (cold start), a fresh instance. Returns the guest's
+/// response head, the concurrency permit its body must hold, and where the time went.
+async fn run<B>(
+    app: &Arc<App>,
+    entry: &VersionEntry,
+    mut parts: http::request::Parts,
+    body: B,
+    rest: &str,
+    usage: &mut Usage,
+    stats: Option<&BodyStats>,
+) -> Result<(Response<ResponseBody>, Admitted, Timings), ApiError>
+where
+    B: http_body::Body<Data = bytes::Bytes> + Send + 'static,
+    B::Error: Into<wasmtime_wasi_http::Error>,
+{
     let record = &entry.record;
     let started = Instant::now();
-    let rejected = || entry.metrics.record(Outcome::Rejected, None, false);
-    let max_body = app.config.max_body_bytes;
-    if let Some(len) = content_length(&req)
-        && len > max_body
-    {
-        rejected();
-        if len <= super::body::DRAIN_CAP as u64 {
-            super::body::drain(req.into_body()).await;
-        }
-        return Err(ApiError::TooLarge(format!(
-            "request body of {len} bytes exceeds the limit of {max_body} bytes"
-        )));
-    }
     let admitted = match entry
         .admission
         .admit(Duration::from_millis(record.limits.timeout_ms))
@@ -70,7 +421,7 @@ pub async fn handle(app: &Arc<App>, req: Request<Incoming>) -> Result<Response<B
     {
         Ok(a) => a,
         Err(e) => {
-            rejected();
+            entry.metrics.record(Outcome::Rejected, None, false);
             return Err(e.into());
         }
     };
@@ -86,11 +437,10 @@ pub async fn handle(app: &Arc<App>, req: Request<Incoming>) -> Result<Response<B
         )
         .await?;
 
-    let path_and_query = match req.uri().query() {
+    let path_and_query = match parts.uri.query() {
         Some(q) => format!("{rest}?{q}"),
         None => rest.to_string(),
     };
-    let (mut parts, body) = req.into_parts();
     parts.uri = Uri::try_from(path_and_query)
         .map_err(|e| ApiError::InvalidRequest(format!("invalid request path: {e}")))?;
     if !parts.headers.contains_key(header::HOST) {
@@ -98,12 +448,13 @@ pub async fn handle(app: &Arc<App>, req: Request<Incoming>) -> Result<Response<B
             .headers
             .insert(header::HOST, HeaderValue::from_static("localhost"));
     }
-    let (body, tripped) = LimitedBody::new(body, max_body);
 
     let mut timings = Timings {
         cold,
         ..Timings::default()
     };
+    usage.cold = cold.is_some();
+    usage.guest = Some((timings.usage.clone(), timings.inference.clone()));
     let instance = app.metrics.instance();
     let outcome = app
         .runtime
@@ -126,24 +477,13 @@ pub async fn handle(app: &Arc<App>, req: Request<Incoming>) -> Result<Response<B
         .record(label, Some(started.elapsed()), timings.cold.is_some());
     // A body that went over the limit makes the request invalid whatever the guest then
     // did with the truncated stream (answered, failed or trapped).
-    if tripped.load(Ordering::Relaxed) {
+    if stats.is_some_and(|s| s.tripped.load(Ordering::Relaxed)) {
         return Err(ApiError::TooLarge(format!(
-            "request body exceeds the limit of {max_body} bytes"
+            "request body exceeds the limit of {} bytes",
+            app.config.max_body_bytes
         )));
     }
-    let resp = outcome?;
-
-    let (mut parts, body) = resp.into_parts();
-    parts
-        .headers
-        .insert("x-kiln-version", HeaderValue::from(record.version));
-    if let Ok(v) = HeaderValue::try_from(server_timing(&timings)) {
-        parts.headers.insert("server-timing", v);
-    }
-    Ok(Response::from_parts(
-        parts,
-        Holding::new(body, admitted).boxed_unsync(),
-    ))
+    Ok((outcome?, admitted, timings))
 }
 
 fn content_length<B>(req: &Request<B>) -> Option<u64> {
@@ -155,28 +495,57 @@ fn content_length<B>(req: &Request<B>) -> Option<u64> {
         .ok()
 }
 
-fn server_timing(t: &Timings) -> String {
+/// Sets `server-timing`: `cache` (response cache), `cold`, `instantiate`, `handler`,
+/// `inference` (backend time, by device) and `inference-cache`.
+fn set_server_timing(
+    headers: &mut http::HeaderMap,
+    t: Option<&Timings>,
+    cache: Option<(CacheStatus, Duration)>,
+) {
+    if let Ok(v) = HeaderValue::try_from(server_timing(t, cache)) {
+        headers.insert("server-timing", v);
+    }
+}
+
+fn server_timing(t: Option<&Timings>, cache: Option<(CacheStatus, Duration)>) -> String {
     let ms = |d: Duration| d.as_secs_f64() * 1000.0;
-    let mut s = String::with_capacity(64);
-    if let Some(cold) = t.cold {
-        let _ = write!(s, "cold;dur={:.3}, ", ms(cold));
+    let mut parts = Vec::with_capacity(6);
+    if let Some((status, took)) = cache {
+        parts.push(format!(
+            "cache;dur={:.3};desc=\"{}\"",
+            ms(took),
+            status.as_str()
+        ));
     }
-    let _ = write!(
-        s,
-        "instantiate;dur={:.3}, handler;dur={:.3}",
-        ms(t.instantiate),
-        ms(t.handler)
-    );
-    let inference = t.inference_cpu + t.inference_gpu;
-    if !inference.is_zero() {
-        let device = if t.inference_gpu.is_zero() {
-            "cpu"
-        } else {
-            "gpu"
-        };
-        let _ = write!(s, ", inference;dur={:.3};desc=\"{device}\"", ms(inference));
+    if let Some(t) = t {
+        if let Some(cold) = t.cold {
+            parts.push(format!("cold;dur={:.3}", ms(cold)));
+        }
+        parts.push(format!("instantiate;dur={:.3}", ms(t.instantiate)));
+        parts.push(format!("handler;dur={:.3}", ms(t.handler)));
+        let inference = t.inference_cpu + t.inference_gpu;
+        if !inference.is_zero() {
+            let device = if t.inference_gpu.is_zero() {
+                "cpu"
+            } else {
+                "gpu"
+            };
+            parts.push(format!(
+                "inference;dur={:.3};desc=\"{device}\"",
+                ms(inference)
+            ));
+        }
+        let (hits, misses) = t.inference_cache;
+        if hits + misses > 0 {
+            let desc = match (hits, misses) {
+                (_, 0) => "hit",
+                (0, _) => "miss",
+                _ => "partial",
+            };
+            parts.push(format!("inference-cache;desc=\"{desc}\""));
+        }
     }
-    s
+    parts.join(", ")
 }
 
 #[cfg(test)]

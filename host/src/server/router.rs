@@ -17,12 +17,13 @@ pub const REQUEST_ID: &str = "x-kiln-request-id";
 static NEXT_ID: AtomicU64 = AtomicU64::new(0);
 
 fn request_id() -> HeaderValue {
-    // Process start (seconds) and a counter: unique per server, cheap, sortable.
-    static EPOCH: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    // Process start (nanoseconds) and a counter: unique across restarts (the usage ledger
+    // keys records by it), cheap, sortable.
+    static EPOCH: std::sync::OnceLock<u128> = std::sync::OnceLock::new();
     let epoch = *EPOCH.get_or_init(|| {
         std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_secs())
+            .map(|d| d.as_nanos())
             .unwrap_or(0)
     });
     let n = NEXT_ID.fetch_add(1, Ordering::Relaxed);
@@ -34,7 +35,7 @@ pub async fn handle(app: Arc<App>, req: Request<Incoming>) -> Response<Body> {
     let id = request_id();
     let path = req.uri().path();
     let mut resp = if path.starts_with("/fn/") {
-        super::data_plane::handle(&app, req).await
+        super::data_plane::handle(&app, req, &id).await
     } else if path == "/healthz" {
         Ok(json_response(
             StatusCode::OK,

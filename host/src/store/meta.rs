@@ -13,6 +13,7 @@ use rusqlite::{Connection, OptionalExtension, params};
 use serde::Serialize;
 
 use super::Digest;
+use crate::cache::CacheSpec;
 use crate::nn::NnSpec;
 use crate::runtime::Limits;
 
@@ -31,6 +32,8 @@ pub struct VersionRecord {
     pub limits: Limits,
     /// Models and `wasi:nn` settings.
     pub nn: NnSpec,
+    /// Caching of responses and inference results.
+    pub cache: CacheSpec,
     /// Unix seconds.
     pub created_at: i64,
 }
@@ -43,6 +46,7 @@ pub struct NewVersion {
     pub size: u64,
     pub limits: Limits,
     pub nn: NnSpec,
+    pub cache: CacheSpec,
 }
 
 /// The SQLite metadata store. Calls are short; a mutex serializes them.
@@ -71,6 +75,7 @@ CREATE TABLE IF NOT EXISTS versions (
     max_concurrency INTEGER NOT NULL,
     created_at      INTEGER NOT NULL,
     nn              TEXT NOT NULL DEFAULT '{}',  -- JSON NnSpec: models by digest
+    cache           TEXT NOT NULL DEFAULT '{}',  -- JSON CacheSpec
     UNIQUE (function, version)
 );
 ";
@@ -92,13 +97,17 @@ impl MetaStore {
         conn.pragma_update(None, "foreign_keys", "ON")?;
         conn.busy_timeout(std::time::Duration::from_secs(5))?;
         conn.execute_batch(SCHEMA).context("creating schema")?;
-        // Databases created before models existed get the column.
-        let has_nn: bool = conn
-            .prepare("SELECT 1 FROM pragma_table_info('versions') WHERE name = 'nn'")?
-            .exists([])?;
-        if !has_nn {
-            conn.execute_batch("ALTER TABLE versions ADD COLUMN nn TEXT NOT NULL DEFAULT '{}'")
-                .context("adding the nn column")?;
+        // Databases created before models (or caching) existed get the column.
+        for column in ["nn", "cache"] {
+            let present: bool = conn
+                .prepare("SELECT 1 FROM pragma_table_info('versions') WHERE name = ?1")?
+                .exists([column])?;
+            if !present {
+                conn.execute_batch(&format!(
+                    "ALTER TABLE versions ADD COLUMN {column} TEXT NOT NULL DEFAULT '{{}}'"
+                ))
+                .with_context(|| format!("adding the {column} column"))?;
+            }
         }
         Ok(MetaStore {
             conn: Mutex::new(conn),
@@ -135,8 +144,8 @@ impl MetaStore {
         )?;
         tx.execute(
             "INSERT INTO versions (function, version, digest, size, timeout_ms, memory_mb,
-                                   max_concurrency, created_at, nn)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+                                   max_concurrency, created_at, nn, cache)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
             params![
                 new.function,
                 version,
@@ -146,7 +155,8 @@ impl MetaStore {
                 new.limits.memory_mb as i64,
                 new.limits.max_concurrency,
                 now,
-                serde_json::to_string(&new.nn)?
+                serde_json::to_string(&new.nn)?,
+                serde_json::to_string(&new.cache)?
             ],
         )?;
         let id = tx.last_insert_rowid();
@@ -159,6 +169,7 @@ impl MetaStore {
             size: new.size,
             limits: new.limits,
             nn: new.nn.clone(),
+            cache: new.cache.clone(),
             created_at: now,
         })
     }
@@ -168,14 +179,15 @@ impl MetaStore {
         let conn = self.conn();
         let mut stmt = conn.prepare(
             "SELECT id, function, version, digest, size, timeout_ms, memory_mb,
-                    max_concurrency, created_at, nn
+                    max_concurrency, created_at, nn, cache
              FROM versions ORDER BY id",
         )?;
         let rows = stmt.query_map([], |r| {
             let digest: String = r.get(3)?;
             let nn: String = r.get(9)?;
+            let cache: String = r.get(10)?;
             Ok((
-                (digest, nn),
+                (digest, nn, cache),
                 VersionRecord {
                     id: r.get(0)?,
                     function: r.get(1)?,
@@ -188,18 +200,21 @@ impl MetaStore {
                         max_concurrency: r.get(7)?,
                     },
                     nn: NnSpec::default(),
+                    cache: CacheSpec::default(),
                     created_at: r.get(8)?,
                 },
             ))
         })?;
         let mut out = Vec::new();
         for row in rows {
-            let ((digest, nn), mut rec) = row?;
+            let ((digest, nn, cache), mut rec) = row?;
             rec.digest = digest
                 .parse()
                 .with_context(|| format!("corrupt digest in versions row {}", rec.id))?;
             rec.nn = serde_json::from_str(&nn)
                 .with_context(|| format!("corrupt nn column in versions row {}", rec.id))?;
+            rec.cache = serde_json::from_str(&cache)
+                .with_context(|| format!("corrupt cache column in versions row {}", rec.id))?;
             out.push(rec);
         }
         Ok(out)
@@ -242,6 +257,7 @@ mod tests {
             size: 1,
             limits: Limits::default(),
             nn: NnSpec::default(),
+            cache: CacheSpec::default(),
         }
     }
 

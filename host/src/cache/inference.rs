@@ -1,0 +1,54 @@
+//! The inference cache: outputs of `wasi:nn` computes, keyed by the graph's identity (model
+//! digest, backend, target), the calling version and every input's name, type, shape and
+//! bytes. A hit hands the stored outputs back without calling the backend.
+
+use std::sync::Arc;
+
+use super::{ByteCache, Key, Placement};
+use crate::nn::{BackendKind, Target, Tensor, TensorInfo};
+use crate::store::Digest;
+
+/// Outputs of one compute, by the graph's output order.
+pub type InferenceCache = ByteCache<Arc<Vec<Tensor>>>;
+
+/// A version's view of the inference cache: the cache and where its entries go.
+#[derive(Clone)]
+pub struct InferenceScope {
+    pub cache: Arc<InferenceCache>,
+    pub at: Placement,
+}
+
+/// Bytes a set of tensors costs the budget.
+pub fn size(tensors: &[Tensor]) -> u64 {
+    tensors
+        .iter()
+        .map(|t| (t.data.len() + t.dims.len() * 4 + 48) as u64)
+        .sum()
+}
+
+/// The key of one compute: `inputs` are in the graph's input order (`infos`).
+pub fn key(
+    scope: u64,
+    graph: (Digest, BackendKind, Target),
+    infos: &[TensorInfo],
+    inputs: &[Tensor],
+) -> Key {
+    let mut h = blake3::Hasher::new();
+    h.update(b"kiln.inference.v1\0");
+    h.update(&scope.to_le_bytes());
+    h.update(&graph.0.0);
+    let mut field = |b: &[u8]| {
+        h.update(&(b.len() as u64).to_le_bytes());
+        h.update(b);
+    };
+    field(graph.1.as_str().as_bytes());
+    field(graph.2.to_string().as_bytes());
+    for (info, t) in infos.iter().zip(inputs) {
+        field(info.name.as_bytes());
+        field(t.ty.to_string().as_bytes());
+        let dims: Vec<u8> = t.dims.iter().flat_map(|d| d.to_le_bytes()).collect();
+        field(&dims);
+        field(&t.data);
+    }
+    *h.finalize().as_bytes()
+}

@@ -1,0 +1,279 @@
+//! The usage ledger: every [`UsageRecord`] in SQLite (`<data>/usage.db`, WAL,
+//! `synchronous = FULL`), written by one thread with group commit, off the response path.
+//!
+//! Durability modes:
+//! - `batched` (default): a record is queued and committed with the others of its commit
+//!   window (`commit_interval_ms`). A crash (even `kill -9`) loses at most the records of
+//!   the last window plus the commit in progress; a graceful shutdown loses nothing.
+//! - `strict`: the end of a response is released only after its record is committed, so
+//!   every answered request is in the ledger.
+//!
+//! The request id is the primary key and records are inserted with `INSERT OR IGNORE`: a
+//! replayed record counts once.
+
+use std::sync::Mutex;
+use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, TrySendError};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use rusqlite::{Connection, params};
+use serde::Deserialize;
+
+use super::metrics::Metrics;
+use super::usage::UsageRecord;
+
+/// How long a response waits for its record to be durable.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Durability {
+    /// Records are committed in the background, a window at a time.
+    #[default]
+    Batched,
+    /// A response finishes only once its record is committed.
+    Strict,
+}
+
+/// Records queued at most before submitters wait (about 10 MB).
+const QUEUE: usize = 32_768;
+/// Records in one commit at most.
+const MAX_BATCH: usize = 8_192;
+
+enum Msg {
+    Record(Box<UsageRecord>, Option<tokio::sync::oneshot::Sender<()>>),
+    Close,
+}
+
+/// The ledger: a writer thread and a read connection for queries.
+pub struct Ledger {
+    tx: SyncSender<Msg>,
+    writer: Mutex<Option<JoinHandle<()>>>,
+    reader: Mutex<Connection>,
+    durability: Durability,
+}
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS usage (
+    request_id        TEXT PRIMARY KEY,
+    tenant            TEXT NOT NULL,
+    function          TEXT NOT NULL,
+    version           INTEGER NOT NULL,
+    start_ms          INTEGER NOT NULL,
+    wall_us           INTEGER NOT NULL,
+    cpu_us            INTEGER NOT NULL,
+    memory_peak_bytes INTEGER NOT NULL,
+    mem_mib_ms        INTEGER NOT NULL,
+    inference_cpu_us  INTEGER NOT NULL,
+    inference_gpu_us  INTEGER NOT NULL,
+    bytes_in          INTEGER NOT NULL,
+    bytes_out         INTEGER NOT NULL,
+    cold              INTEGER NOT NULL,
+    cache             TEXT NOT NULL,
+    outcome           TEXT NOT NULL,
+    status            INTEGER NOT NULL,
+    cost              INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS usage_start ON usage (start_ms);
+CREATE INDEX IF NOT EXISTS usage_function_start ON usage (function, start_ms);
+CREATE INDEX IF NOT EXISTS usage_tenant_start ON usage (tenant, start_ms);
+";
+
+fn open(path: &std::path::Path) -> anyhow::Result<Connection> {
+    let conn = Connection::open(path)
+        .with_context(|| format!("opening usage ledger {}", path.display()))?;
+    conn.pragma_update(None, "journal_mode", "WAL")?;
+    conn.pragma_update(None, "synchronous", "FULL")?;
+    conn.busy_timeout(Duration::from_secs(5))?;
+    Ok(conn)
+}
+
+impl Ledger {
+    /// Opens (creating) the ledger at `path` and starts its writer.
+    pub fn open(
+        path: &std::path::Path,
+        durability: Durability,
+        commit_interval: Duration,
+        metrics: std::sync::Arc<Metrics>,
+    ) -> anyhow::Result<Ledger> {
+        let conn = open(path)?;
+        conn.execute_batch(SCHEMA)
+            .context("creating the usage schema")?;
+        let reader = open(path)?;
+        let (tx, rx) = std::sync::mpsc::sync_channel(QUEUE);
+        let interval = match durability {
+            Durability::Batched => commit_interval,
+            Durability::Strict => Duration::ZERO,
+        };
+        let writer = std::thread::Builder::new()
+            .name("kiln-ledger".into())
+            .spawn(move || write_loop(conn, rx, interval, &metrics))
+            .context("starting the ledger writer")?;
+        Ok(Ledger {
+            tx,
+            writer: Mutex::new(Some(writer)),
+            reader: Mutex::new(reader),
+            durability,
+        })
+    }
+
+    /// Queues a record. In `strict` mode the receiver completes once it is committed (and
+    /// fails if it could not be); in `batched` mode there is none.
+    pub fn submit(&self, record: UsageRecord) -> Option<tokio::sync::oneshot::Receiver<()>> {
+        let (ack, done) = match self.durability {
+            Durability::Strict => {
+                let (tx, rx) = tokio::sync::oneshot::channel();
+                (Some(tx), Some(rx))
+            }
+            Durability::Batched => (None, None),
+        };
+        match self.tx.try_send(Msg::Record(Box::new(record), ack)) {
+            Ok(()) => {}
+            Err(TrySendError::Full(msg)) => {
+                // The writer is behind: wait for room off the async threads rather than
+                // drop a billing record or grow without bound.
+                tracing::warn!("usage ledger queue full; a request waits for the writer");
+                let tx = self.tx.clone();
+                let send = move || {
+                    if tx.send(msg).is_err() {
+                        tracing::error!("usage ledger closed; a record was not written");
+                    }
+                };
+                match tokio::runtime::Handle::try_current() {
+                    Ok(h) => drop(h.spawn_blocking(send)),
+                    Err(_) => send(),
+                }
+            }
+            Err(TrySendError::Disconnected(_)) => {
+                tracing::error!("usage ledger closed; a record was not written");
+            }
+        }
+        done
+    }
+
+    /// Commits everything queued and stops the writer (graceful shutdown).
+    pub fn close(&self) {
+        let _ = self.tx.send(Msg::Close);
+        let writer = self.writer.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some(w) = writer
+            && w.join().is_err()
+        {
+            tracing::error!("the usage ledger writer panicked");
+        }
+    }
+
+    /// Runs `f` on the read connection (queries see every committed record).
+    pub fn read<R>(&self, f: impl FnOnce(&Connection) -> anyhow::Result<R>) -> anyhow::Result<R> {
+        let conn = self.reader.lock().unwrap_or_else(|p| p.into_inner());
+        f(&conn)
+    }
+}
+
+fn write_loop(mut conn: Connection, rx: Receiver<Msg>, interval: Duration, metrics: &Metrics) {
+    let mut last = Instant::now();
+    let mut closing = false;
+    while !closing {
+        let mut batch = Vec::new();
+        let mut acks = Vec::new();
+        let take = |msg: Msg, batch: &mut Vec<_>, acks: &mut Vec<_>, closing: &mut bool| match msg {
+            Msg::Record(r, ack) => {
+                batch.push(r);
+                acks.extend(ack);
+            }
+            Msg::Close => *closing = true,
+        };
+        match rx.recv() {
+            Ok(m) => take(m, &mut batch, &mut acks, &mut closing),
+            Err(_) => break,
+        }
+        // Batched: gather the rest of this commit window.
+        let until = last + interval;
+        while !closing {
+            let now = Instant::now();
+            if now >= until || batch.len() >= MAX_BATCH {
+                break;
+            }
+            match rx.recv_timeout(until - now) {
+                Ok(m) => take(m, &mut batch, &mut acks, &mut closing),
+                Err(RecvTimeoutError::Timeout) => break,
+                Err(RecvTimeoutError::Disconnected) => closing = true,
+            }
+        }
+        // Everything already queued joins this commit (group commit).
+        while !closing && batch.len() < MAX_BATCH {
+            match rx.try_recv() {
+                Ok(m) => take(m, &mut batch, &mut acks, &mut closing),
+                Err(_) => break,
+            }
+        }
+        if batch.is_empty() {
+            continue;
+        }
+        let started = Instant::now();
+        let mut attempt = 0u32;
+        loop {
+            match commit(&mut conn, &batch) {
+                Ok(()) => break,
+                Err(e) if attempt < 50 => {
+                    attempt += 1;
+                    tracing::error!(
+                        records = batch.len(),
+                        "usage ledger commit failed (retrying): {e:#}"
+                    );
+                    std::thread::sleep(Duration::from_millis(100 * u64::from(attempt.min(10))));
+                }
+                Err(e) => {
+                    tracing::error!(
+                        records = batch.len(),
+                        "usage ledger commit failed; records lost: {e:#}"
+                    );
+                    acks.clear();
+                    break;
+                }
+            }
+        }
+        metrics
+            .ledger_commit
+            .observe(started.elapsed().as_secs_f64());
+        metrics.ledger_records.inc_by(batch.len() as u64);
+        for ack in acks {
+            let _ = ack.send(());
+        }
+        last = Instant::now();
+    }
+}
+
+fn commit(conn: &mut Connection, batch: &[Box<UsageRecord>]) -> rusqlite::Result<()> {
+    let tx = conn.transaction()?;
+    {
+        let mut stmt = tx.prepare_cached(
+            "INSERT OR IGNORE INTO usage (request_id, tenant, function, version, start_ms,
+                wall_us, cpu_us, memory_peak_bytes, mem_mib_ms, inference_cpu_us,
+                inference_gpu_us, bytes_in, bytes_out, cold, cache, outcome, status, cost)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18)",
+        )?;
+        let int = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
+        for r in batch {
+            stmt.execute(params![
+                r.request_id,
+                r.tenant,
+                r.function,
+                r.version,
+                r.start_ms,
+                int(r.wall_us),
+                int(r.cpu_us),
+                int(r.memory_peak_bytes),
+                int(r.mem_mib_ms()),
+                int(r.inference_cpu_us),
+                int(r.inference_gpu_us),
+                int(r.bytes_in),
+                int(r.bytes_out),
+                r.cold,
+                r.cache,
+                r.outcome.as_str(),
+                r.status,
+                int(r.cost),
+            ])?;
+        }
+    }
+    tx.commit()
+}
