@@ -135,10 +135,11 @@ impl App {
     }
 
     /// Where a version's responses are cached, if it caches them.
-    pub fn response_placement(&self, rec: &VersionRecord) -> Option<Placement> {
+    pub fn response_placement(&self, entry: &crate::deploy::VersionEntry) -> Option<Placement> {
+        let rec = &entry.record;
         let p = rec.cache.responses.as_ref()?;
         self.responses.enabled().then(|| Placement {
-            owner: Arc::from(rec.function.as_str()),
+            owner: entry.function.clone(),
             scope: rec.id as u64,
             ttl: p.ttl.0,
             max_entries: p

@@ -204,6 +204,9 @@ pub struct RuntimeConfig {
     pub memory_keep_resident_bytes: u64,
     /// Limits a version gets when its manifest names none.
     pub default_limits: Limits,
+    /// Measure the CPU time each guest uses (thread CPU clock around its polls); on with
+    /// metering.
+    pub meter_guest_time: bool,
 }
 
 impl Default for RuntimeConfig {
@@ -220,6 +223,7 @@ impl Default for RuntimeConfig {
             queue_depth: DEFAULT_QUEUE_DEPTH,
             memory_keep_resident_bytes: DEFAULT_MEMORY_KEEP_RESIDENT_BYTES,
             default_limits: Limits::default(),
+            meter_guest_time: true,
         }
     }
 }
@@ -337,6 +341,7 @@ impl ServerConfig {
                     .memory_keep_resident_bytes
                     .unwrap_or(base.memory_keep_resident_bytes),
                 default_limits,
+                meter_guest_time: file.metering.enabled,
             },
             nn,
             cache: file.cache,

@@ -15,7 +15,7 @@ fn record(i: u64) -> UsageRecord {
     UsageRecord {
         request_id: format!("bench-{i:016x}"),
         tenant: "anonymous".into(),
-        function: format!("fn{}", i % 8),
+        function: format!("fn{}", i % 8).into(),
         version: 1,
         start_ms: 1_790_000_000_000 + i as i64,
         wall_us: 180,

@@ -15,6 +15,8 @@ use crate::store::VersionRecord;
 /// One version, its admission gate and its models.
 pub struct VersionEntry {
     pub record: VersionRecord,
+    /// The function's name, shared by usage records and cache entries.
+    pub function: Arc<str>,
     pub admission: Admission,
     /// The version's `wasi:nn` models, by name.
     pub models: Arc<VersionModels>,
@@ -81,6 +83,7 @@ impl Registry {
     ) {
         let entry = Arc::new(VersionEntry {
             admission: Admission::new(record.limits.max_concurrency, self.queue_depth),
+            function: Arc::from(record.function.as_str()),
             record,
             models,
             metrics,

@@ -12,12 +12,12 @@
 //! replayed record counts once.
 
 use std::sync::Mutex;
-use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, TrySendError};
+use std::sync::mpsc::{Receiver, SyncSender, TrySendError};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use rusqlite::{Connection, params};
+use rusqlite::Connection;
 use serde::Deserialize;
 
 use super::metrics::Metrics;
@@ -40,7 +40,7 @@ const QUEUE: usize = 32_768;
 const MAX_BATCH: usize = 8_192;
 
 enum Msg {
-    Record(Box<UsageRecord>, Option<tokio::sync::oneshot::Sender<()>>),
+    Record(UsageRecord, Option<tokio::sync::oneshot::Sender<()>>),
     Close,
 }
 
@@ -54,7 +54,7 @@ pub struct Ledger {
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS usage (
-    request_id        TEXT PRIMARY KEY,
+    request_id        TEXT PRIMARY KEY NOT NULL,
     tenant            TEXT NOT NULL,
     function          TEXT NOT NULL,
     version           INTEGER NOT NULL,
@@ -72,10 +72,8 @@ CREATE TABLE IF NOT EXISTS usage (
     outcome           TEXT NOT NULL,
     status            INTEGER NOT NULL,
     cost              INTEGER NOT NULL
-);
+) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS usage_start ON usage (start_ms);
-CREATE INDEX IF NOT EXISTS usage_function_start ON usage (function, start_ms);
-CREATE INDEX IF NOT EXISTS usage_tenant_start ON usage (tenant, start_ms);
 ";
 
 fn open(path: &std::path::Path) -> anyhow::Result<Connection> {
@@ -126,7 +124,7 @@ impl Ledger {
             }
             Durability::Batched => (None, None),
         };
-        match self.tx.try_send(Msg::Record(Box::new(record), ack)) {
+        match self.tx.try_send(Msg::Record(record, ack)) {
             Ok(()) => {}
             Err(TrySendError::Full(msg)) => {
                 // The writer is behind: wait for room off the async threads rather than
@@ -171,6 +169,7 @@ impl Ledger {
 fn write_loop(mut conn: Connection, rx: Receiver<Msg>, interval: Duration, metrics: &Metrics) {
     let mut last = Instant::now();
     let mut closing = false;
+    let mut backlog = false;
     while !closing {
         let mut batch = Vec::new();
         let mut acks = Vec::new();
@@ -185,18 +184,14 @@ fn write_loop(mut conn: Connection, rx: Receiver<Msg>, interval: Duration, metri
             Ok(m) => take(m, &mut batch, &mut acks, &mut closing),
             Err(_) => break,
         }
-        // Batched: gather the rest of this commit window.
-        let until = last + interval;
-        while !closing {
-            let now = Instant::now();
-            if now >= until || batch.len() >= MAX_BATCH {
-                break;
-            }
-            match rx.recv_timeout(until - now) {
-                Ok(m) => take(m, &mut batch, &mut acks, &mut closing),
-                Err(RecvTimeoutError::Timeout) => break,
-                Err(RecvTimeoutError::Disconnected) => closing = true,
-            }
+        // Batched: let the rest of this commit window queue up (unless the last commit
+        // left a backlog). Sleeping rather than waiting on the channel means senders never
+        // wake this thread one record at a time.
+        if !closing
+            && !backlog
+            && let Some(left) = (last + interval).checked_duration_since(Instant::now())
+        {
+            std::thread::sleep(left);
         }
         // Everything already queued joins this commit (group commit).
         while !closing && batch.len() < MAX_BATCH {
@@ -205,6 +200,7 @@ fn write_loop(mut conn: Connection, rx: Receiver<Msg>, interval: Duration, metri
                 Err(_) => break,
             }
         }
+        backlog = batch.len() >= MAX_BATCH;
         if batch.is_empty() {
             continue;
         }
@@ -242,37 +238,64 @@ fn write_loop(mut conn: Connection, rx: Receiver<Msg>, interval: Duration, metri
     }
 }
 
-fn commit(conn: &mut Connection, batch: &[Box<UsageRecord>]) -> rusqlite::Result<()> {
+/// Rows per multi-row INSERT (18 parameters each; SQLite allows 32766).
+const ROWS_PER_INSERT: usize = 32;
+
+fn insert_sql(rows: usize) -> String {
+    let mut sql = String::from(
+        "INSERT OR IGNORE INTO usage (request_id, tenant, function, version, start_ms,
+            wall_us, cpu_us, memory_peak_bytes, mem_mib_ms, inference_cpu_us,
+            inference_gpu_us, bytes_in, bytes_out, cold, cache, outcome, status, cost) VALUES ",
+    );
+    let row = format!("({})", vec!["?"; 18].join(","));
+    sql.push_str(&vec![row; rows].join(","));
+    sql
+}
+
+fn bind(stmt: &mut rusqlite::Statement<'_>, rows: &[UsageRecord]) -> rusqlite::Result<()> {
+    let int = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
+    for (n, r) in rows.iter().enumerate() {
+        let at = n * 18;
+        let (tenant, function): (&str, &str) = (&r.tenant, &r.function);
+        let values: [&dyn rusqlite::ToSql; 18] = [
+            &r.request_id,
+            &tenant,
+            &function,
+            &r.version,
+            &r.start_ms,
+            &int(r.wall_us),
+            &int(r.cpu_us),
+            &int(r.memory_peak_bytes),
+            &int(r.mem_mib_ms()),
+            &int(r.inference_cpu_us),
+            &int(r.inference_gpu_us),
+            &int(r.bytes_in),
+            &int(r.bytes_out),
+            &r.cold,
+            &r.cache,
+            &r.outcome.as_str(),
+            &r.status,
+            &int(r.cost),
+        ];
+        for (i, v) in values.iter().enumerate() {
+            stmt.raw_bind_parameter(at + i + 1, v)?;
+        }
+    }
+    stmt.raw_execute()?;
+    Ok(())
+}
+
+fn commit(conn: &mut Connection, batch: &[UsageRecord]) -> rusqlite::Result<()> {
     let tx = conn.transaction()?;
     {
-        let mut stmt = tx.prepare_cached(
-            "INSERT OR IGNORE INTO usage (request_id, tenant, function, version, start_ms,
-                wall_us, cpu_us, memory_peak_bytes, mem_mib_ms, inference_cpu_us,
-                inference_gpu_us, bytes_in, bytes_out, cold, cache, outcome, status, cost)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18)",
-        )?;
-        let int = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
-        for r in batch {
-            stmt.execute(params![
-                r.request_id,
-                r.tenant,
-                r.function,
-                r.version,
-                r.start_ms,
-                int(r.wall_us),
-                int(r.cpu_us),
-                int(r.memory_peak_bytes),
-                int(r.mem_mib_ms()),
-                int(r.inference_cpu_us),
-                int(r.inference_gpu_us),
-                int(r.bytes_in),
-                int(r.bytes_out),
-                r.cold,
-                r.cache,
-                r.outcome.as_str(),
-                r.status,
-                int(r.cost),
-            ])?;
+        let mut chunks = batch.chunks_exact(ROWS_PER_INSERT);
+        let mut many = tx.prepare_cached(&insert_sql(ROWS_PER_INSERT))?;
+        for chunk in chunks.by_ref() {
+            bind(&mut many, chunk)?;
+        }
+        let mut one = tx.prepare_cached(&insert_sql(1))?;
+        for r in chunks.remainder() {
+            bind(&mut one, std::slice::from_ref(r))?;
         }
     }
     tx.commit()

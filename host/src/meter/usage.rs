@@ -15,6 +15,8 @@
 //!           + per_inference_ms_gpu * inference_gpu_us / 1000
 //! ```
 
+use std::sync::Arc;
+
 use serde::{Deserialize, Serialize};
 
 use super::Outcome;
@@ -25,14 +27,15 @@ pub struct UsageRecord {
     /// The `x-kiln-request-id` answered to the client: unique, makes replays count once.
     pub request_id: String,
     /// Who pays (`anonymous` until API keys exist).
-    pub tenant: String,
-    pub function: String,
+    pub tenant: Arc<str>,
+    pub function: Arc<str>,
     pub version: u32,
     /// Unix milliseconds when the request reached the function.
     pub start_ms: i64,
     /// From routing to the last byte of the response.
     pub wall_us: u64,
-    /// Time in the guest's own code (host calls excluded).
+    /// CPU time running the guest (its code and synchronous host calls; inference is
+    /// counted apart, waiting never).
     pub cpu_us: u64,
     /// Largest total linear memory the instance had.
     pub memory_peak_bytes: u64,

@@ -64,6 +64,8 @@ pub struct InferenceTime {
     gpu_ns: AtomicU64,
     cache_hits: AtomicU64,
     cache_misses: AtomicU64,
+    /// Part of the above that ran on the guest's own thread (inside its CPU time).
+    inline_ns: AtomicU64,
 }
 
 impl InferenceTime {
@@ -73,6 +75,12 @@ impl InferenceTime {
             Device::Cpu => self.cpu_ns.fetch_add(ns, Ordering::Relaxed),
             Device::Gpu => self.gpu_ns.fetch_add(ns, Ordering::Relaxed),
         };
+    }
+
+    /// Inference run on the guest's thread so far (already counted as inference, so
+    /// metering takes it out of the guest's CPU time).
+    pub fn inline(&self) -> Duration {
+        Duration::from_nanos(self.inline_ns.load(Ordering::Relaxed))
     }
 
     /// Inference cache hits and misses of this request so far.
@@ -328,7 +336,8 @@ impl inference::HostGraphExecutionContext for NnView<'_> {
                     slot.count_run();
                 }
                 let started = Instant::now();
-                let out = if graph.runs_inline() {
+                let inline = graph.runs_inline();
+                let out = if inline {
                     graph.graph.run(inputs, &Cancel::default())
                 } else {
                     let cancel = Cancel::default();
@@ -344,6 +353,12 @@ impl inference::HostGraphExecutionContext for NnView<'_> {
                 let took = started.elapsed();
                 graph.record_run(took);
                 self.ctx.time.add(graph.device, took);
+                if inline {
+                    self.ctx
+                        .time
+                        .inline_ns
+                        .fetch_add(took.as_nanos() as u64, Ordering::Relaxed);
+                }
                 self.ctx
                     .manager
                     .metrics()

@@ -3,10 +3,9 @@
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Instant;
 
 use wasmtime::component::ResourceTable;
-use wasmtime::{CallHook, ResourceLimiter, StoreLimits, StoreLimitsBuilder};
+use wasmtime::{ResourceLimiter, StoreLimits, StoreLimitsBuilder};
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 use wasmtime_wasi_http::{WasiBody, WasiHttpCtx, WasiHttpCtxView, WasiHttpHooks, WasiHttpView};
 
@@ -31,23 +30,26 @@ pub struct HostState {
     hooks: DenyOutbound,
     nn: NnCtx,
     pub(crate) limits: MeteredLimits,
-    /// When the guest's current stretch of its own code began (`None`: in host code).
-    guest_since: Option<Instant>,
 }
 
 /// What a guest used, read by metering once the request is over.
 #[derive(Debug, Default)]
 pub struct GuestUsage {
-    /// Nanoseconds spent in the guest's own code (host calls excluded).
+    /// Nanoseconds the guest was running on a thread (its code and its synchronous host
+    /// calls; never time spent waiting).
     cpu_ns: AtomicU64,
     /// Largest total linear memory the instance had, in bytes.
     memory_peak: AtomicU64,
 }
 
 impl GuestUsage {
-    /// Time in the guest's own code so far.
+    /// CPU time spent running the guest so far.
     pub fn cpu(&self) -> std::time::Duration {
         std::time::Duration::from_nanos(self.cpu_ns.load(Ordering::Relaxed))
+    }
+
+    pub(super) fn add_cpu(&self, ns: u64) {
+        self.cpu_ns.fetch_add(ns, Ordering::Relaxed);
     }
 
     /// Peak linear memory so far, in bytes.
@@ -111,24 +113,6 @@ impl ResourceLimiter for MeteredLimits {
     }
 }
 
-/// The store's call hook: adds up the time between entering guest code and leaving it.
-/// A stretch of guest code never spans a suspension (async host calls suspend inside the
-/// host), so each stretch runs on one thread and its wall time is the guest's CPU time
-/// (preemption by the OS aside). Costs two clock reads per host call.
-pub(super) fn meter_guest_time(
-    mut cx: wasmtime::StoreContextMut<'_, HostState>,
-    hook: CallHook,
-) -> wasmtime::Result<()> {
-    let s = cx.data_mut();
-    if hook.exiting_host() {
-        s.guest_since = Some(Instant::now());
-    } else if let Some(since) = s.guest_since.take() {
-        let ns = since.elapsed().as_nanos() as u64;
-        s.limits.usage.cpu_ns.fetch_add(ns, Ordering::Relaxed);
-    }
-    Ok(())
-}
-
 impl HostState {
     /// A sandbox with no filesystem, no environment, no sockets and no outbound HTTP.
     /// `nn` gives the guest its version's models; `usage` receives what it used.
@@ -160,7 +144,6 @@ impl HostState {
                 memory: 0,
                 usage,
             },
-            guest_since: None,
         }
     }
 }

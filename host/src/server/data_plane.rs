@@ -94,7 +94,7 @@ impl Usage {
             .map_or(self.bytes_in, |s| s.read.load(Ordering::Relaxed));
         let (cpu, memory, inf_cpu, inf_gpu) = match &self.guest {
             Some((g, nn)) => (
-                us(g.cpu()),
+                us(g.cpu().saturating_sub(nn.inline())),
                 g.memory_peak(),
                 us(nn.on(Device::Cpu)),
                 us(nn.on(Device::Gpu)),
@@ -103,8 +103,8 @@ impl Usage {
         };
         let mut r = UsageRecord {
             request_id: self.request_id,
-            tenant: ANONYMOUS.to_string(),
-            function: entry.record.function.clone(),
+            tenant: anonymous(),
+            function: entry.function.clone(),
             version: entry.record.version,
             start_ms: self.start_ms,
             wall_us: us(self.started.elapsed()),
@@ -163,7 +163,10 @@ impl Usage {
 }
 
 /// The tenant of every request until API keys exist.
-const ANONYMOUS: &str = "anonymous";
+fn anonymous() -> Arc<str> {
+    static ANONYMOUS: std::sync::OnceLock<Arc<str>> = std::sync::OnceLock::new();
+    ANONYMOUS.get_or_init(|| Arc::from("anonymous")).clone()
+}
 
 fn outcome_of(e: &ApiError) -> Outcome {
     match e {
@@ -187,7 +190,7 @@ pub async fn handle(
 ) -> Result<Response<Body>, ApiError> {
     let (name, pinned, rest) = parse_fn_path(req.uri().path())?;
     let entry = app.registry.route(name, pinned)?;
-    let placement = app.response_placement(&entry.record);
+    let placement = app.response_placement(&entry);
     let mut usage = Usage::new(id, placement.is_some());
     let rest = rest.to_string();
     let served = match &placement {
