@@ -707,9 +707,18 @@ fn kill9_in_strict_mode_loses_no_answered_request() {
         Instant::now(),
     );
     assert_eq!(usage(&server, "")["totals"]["requests"], 1);
+    // A response without a body (HEAD) is only answered once its record is committed too.
+    let head = server.request("HEAD", "/fn/hello/", &[], b"");
+    assert_eq!(head.status, 200);
+    assert_eq!(usage(&server, "")["totals"]["requests"], 2);
+    let second = (
+        head.header("x-kiln-request-id").unwrap().to_string(),
+        Instant::now(),
+    );
 
     let mut crash = hello_under_load_then_kill9(&mut server, Duration::from_millis(2000));
     crash.answered.push(first);
+    crash.answered.push(second);
     let ledger = ledger_after(&server, &crash);
     let lost: Vec<&str> = crash
         .answered
@@ -724,4 +733,39 @@ fn kill9_in_strict_mode_loses_no_answered_request() {
         crash.answered.len(),
         &lost[..lost.len().min(5)]
     );
+}
+
+#[test]
+fn a_client_that_goes_away_is_still_billed_for_what_ran() {
+    let server = TestServer::start_with_config(METERING);
+    server.deploy_example("hostile", "hostile", "timeout_ms=5000");
+    // The client gives up after 300 ms; the guest sleeps 1.5 s.
+    let impatient: ureq::Agent = ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .timeout_global(Some(Duration::from_millis(300)))
+        .build()
+        .into();
+    let gave_up = impatient
+        .get(format!("{}/fn/hostile/sleep?ms=1500", server.url))
+        .call();
+    assert!(
+        gave_up.is_err(),
+        "the request should have timed out at the client"
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let records = loop {
+        let records = usage_csv(&server, "&function=hostile");
+        if !records.is_empty() || Instant::now() > deadline {
+            break records;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert_eq!(records.len(), 1, "one record for the abandoned request");
+    let r = &records[0];
+    // `cancelled` when the server noticed the client leave while the guest ran; `ok` when
+    // it only noticed on writing the answer. Either way the request is billed.
+    assert!(["cancelled", "ok"].contains(&r.get("outcome")), "{r:?}");
+    assert!(r.num("wall_us") >= 250_000, "{r:?}");
+    assert!(r.num("memory_peak_bytes") > 0, "{r:?}");
+    assert!(r.num("cost") > 0, "{r:?}");
 }

@@ -245,8 +245,9 @@ fn precheck<B>(name: &str, req: &Request<B>) -> Result<Upload, ApiError> {
             let mut limits = Vec::new();
             for pair in query.split('&').filter(|p| !p.is_empty()) {
                 let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+                let v = super::percent_decode(v).map_err(ApiError::InvalidRequest)?;
                 if !cache
-                    .set_from_query(k, v)
+                    .set_from_query(k, &v)
                     .map_err(ApiError::InvalidRequest)?
                 {
                     limits.push(pair);

@@ -58,6 +58,35 @@ pub async fn handle(app: &Arc<App>, req: Request<Incoming>) -> Result<Response<B
     }
 }
 
+/// Decodes a query parameter value: `%XX` escapes and `+` (times carry `+01:00` offsets
+/// and `:`; header lists carry `,`).
+pub(crate) fn percent_decode(s: &str) -> Result<String, String> {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'%' => {
+                let hex = s
+                    .get(i + 1..i + 3)
+                    .and_then(|h| u8::from_str_radix(h, 16).ok())
+                    .ok_or_else(|| format!("bad %-escape in {s:?}"))?;
+                out.push(hex);
+                i += 3;
+            }
+            b'+' => {
+                out.push(b' ');
+                i += 1;
+            }
+            b => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8(out).map_err(|_| format!("{s:?} is not UTF-8"))
+}
+
 fn not_allowed(method: &Method) -> ApiError {
     ApiError::MethodNotAllowed(method.to_string())
 }

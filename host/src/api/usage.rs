@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use http::{HeaderValue, Response, StatusCode, header};
 
-use super::ApiError;
+use super::{ApiError, percent_decode};
 use crate::app::App;
 use crate::meter::query::{self, GroupBy, UsageQuery};
 use crate::server::{Body, full, json_response};
@@ -41,34 +41,6 @@ pub fn parse(query_string: &str) -> Result<(UsageQuery, bool), String> {
         }
     }
     Ok((q, csv))
-}
-
-/// Decodes `%XX` escapes and `+` (times carry `+01:00` offsets and `:`).
-fn percent_decode(s: &str) -> Result<String, String> {
-    let bytes = s.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        match bytes[i] {
-            b'%' => {
-                let hex = s
-                    .get(i + 1..i + 3)
-                    .and_then(|h| u8::from_str_radix(h, 16).ok())
-                    .ok_or_else(|| format!("bad %-escape in {s:?}"))?;
-                out.push(hex);
-                i += 3;
-            }
-            b'+' => {
-                out.push(b' ');
-                i += 1;
-            }
-            b => {
-                out.push(b);
-                i += 1;
-            }
-        }
-    }
-    String::from_utf8(out).map_err(|_| format!("{s:?} is not UTF-8"))
 }
 
 enum Answer {

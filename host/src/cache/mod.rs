@@ -142,16 +142,6 @@ impl<V: Clone> ByteCache<V> {
         self.budget / 4
     }
 
-    /// The value under `key` if present and fresh, with its age. Counts a hit or a miss.
-    pub fn get(&self, at: &Placement, key: &Key) -> Option<(V, Duration)> {
-        let found = self.peek(at, key);
-        match found {
-            Some(_) => self.metrics.hits.inc(),
-            None => self.metrics.misses.inc(),
-        };
-        found
-    }
-
     fn peek(&self, at: &Placement, key: &Key) -> Option<(V, Duration)> {
         let now = Instant::now();
         let mut guard = self.lock();
@@ -167,8 +157,15 @@ impl<V: Clone> ByteCache<V> {
         }
         let size = entry.size;
         scope.entries.pop(key);
+        let scope_empty = scope.entries.is_empty();
         owner.bytes -= size;
         inner.bytes -= size;
+        if scope_empty {
+            owner.scopes.remove(&at.scope);
+        }
+        if owner.scopes.is_empty() {
+            inner.owners.remove(&at.owner);
+        }
         self.metrics.bytes.set(inner.bytes as i64);
         None
     }
@@ -218,7 +215,7 @@ impl<V: Clone> ByteCache<V> {
     }
 
     /// Stores `value` (`size` bytes) under `key`, evicting to stay within the budget;
-    /// false when it is too large to keep.
+    /// false when it is too large to keep (or was evicted at once to make room).
     pub fn insert(&self, at: &Placement, key: Key, value: V, size: u64) -> bool {
         let size = size + ENTRY_OVERHEAD;
         if size > self.max_entry() {
@@ -271,7 +268,11 @@ impl<V: Clone> ByteCache<V> {
             self.metrics.evictions.inc();
         }
         self.metrics.bytes.set(inner.bytes as i64);
-        true
+        inner
+            .owners
+            .get(&at.owner)
+            .and_then(|o| o.scopes.get(&at.scope))
+            .is_some_and(|s| s.entries.contains(&key))
     }
 
     /// Evicts the least recently used entry of the function holding the most bytes.
@@ -317,7 +318,8 @@ impl<V: Clone> ByteCache<V> {
     }
 
     /// Bytes held now (entries plus their bookkeeping).
-    pub fn bytes(&self) -> u64 {
+    #[cfg(test)]
+    fn bytes(&self) -> u64 {
         self.lock().bytes
     }
 }
@@ -352,10 +354,10 @@ mod tests {
             c.insert(&a, key(n), u32::from(n), 100);
         }
         assert!(c.bytes() <= 16 * (ENTRY_OVERHEAD + 100));
-        c.get(&a, &key(0)).expect("0 still there");
+        c.peek(&a, &key(0)).expect("0 still there");
         c.insert(&a, key(16), 16, 100);
-        assert!(c.get(&a, &key(0)).is_some(), "recently used survives");
-        assert!(c.get(&a, &key(1)).is_none(), "least recently used went");
+        assert!(c.peek(&a, &key(0)).is_some(), "recently used survives");
+        assert!(c.peek(&a, &key(1)).is_none(), "least recently used went");
     }
 
     #[test]
@@ -372,7 +374,7 @@ mod tests {
         }
         // The hot function was evicted from first: the quiet one keeps its share.
         for n in 0..5 {
-            assert!(c.get(&quiet, &key(n)).is_some(), "quiet entry {n} evicted");
+            assert!(c.peek(&quiet, &key(n)).is_some(), "quiet entry {n} evicted");
         }
         assert!(c.bytes() <= 40 * per);
     }
@@ -381,14 +383,14 @@ mod tests {
     fn versions_ttl_caps_and_clear() {
         let c = cache(1 << 20);
         c.insert(&at("f", 1), key(1), 1, 10);
-        assert!(c.get(&at("f", 2), &key(1)).is_none(), "other version");
+        assert!(c.peek(&at("f", 2), &key(1)).is_none(), "other version");
         let short = Placement {
             ttl: Duration::from_millis(1),
             ..at("f", 3)
         };
         c.insert(&short, key(1), 1, 10);
         std::thread::sleep(Duration::from_millis(5));
-        assert!(c.get(&short, &key(1)).is_none(), "expired");
+        assert!(c.peek(&short, &key(1)).is_none(), "expired");
         let capped = Placement {
             max_entries: Some(2),
             ..at("g", 4)
@@ -401,7 +403,7 @@ mod tests {
         assert_eq!(c.bytes(), 0);
         // Too big for one entry: not stored.
         c.insert(&at("f", 1), key(9), 9, 1 << 20);
-        assert!(c.get(&at("f", 1), &key(9)).is_none());
+        assert!(c.peek(&at("f", 1), &key(9)).is_none());
     }
 
     #[tokio::test]

@@ -127,18 +127,19 @@ impl Ledger {
         match self.tx.try_send(Msg::Record(record, ack)) {
             Ok(()) => {}
             Err(TrySendError::Full(msg)) => {
-                // The writer is behind: wait for room off the async threads rather than
-                // drop a billing record or grow without bound.
+                // The writer is behind: wait for room (backpressure on this request) rather
+                // than drop a billing record or queue without bound.
                 tracing::warn!("usage ledger queue full; a request waits for the writer");
-                let tx = self.tx.clone();
-                let send = move || {
-                    if tx.send(msg).is_err() {
+                let send = || {
+                    if self.tx.send(msg).is_err() {
                         tracing::error!("usage ledger closed; a record was not written");
                     }
                 };
-                match tokio::runtime::Handle::try_current() {
-                    Ok(h) => drop(h.spawn_blocking(send)),
-                    Err(_) => send(),
+                match tokio::runtime::Handle::try_current().map(|h| h.runtime_flavor()) {
+                    Ok(tokio::runtime::RuntimeFlavor::MultiThread) => {
+                        tokio::task::block_in_place(send)
+                    }
+                    _ => send(),
                 }
             }
             Err(TrySendError::Disconnected(_)) => {
@@ -193,8 +194,9 @@ fn write_loop(mut conn: Connection, rx: Receiver<Msg>, interval: Duration, metri
         {
             std::thread::sleep(left);
         }
-        // Everything already queued joins this commit (group commit).
-        while !closing && batch.len() < MAX_BATCH {
+        // Everything already queued joins this commit (group commit); on close, everything
+        // that is still queued at all.
+        while batch.len() < MAX_BATCH || closing {
             match rx.try_recv() {
                 Ok(m) => take(m, &mut batch, &mut acks, &mut closing),
                 Err(_) => break,

@@ -41,15 +41,18 @@ pub enum Outcome {
     Trap,
     /// Refused before running: concurrency and queue full (503) or body too large (413).
     Rejected,
+    /// The client went away before the answer was ready.
+    Cancelled,
 }
 
 impl Outcome {
-    const ALL: [Outcome; 5] = [
+    const ALL: [Outcome; 6] = [
         Outcome::Ok,
         Outcome::GuestError,
         Outcome::Timeout,
         Outcome::Trap,
         Outcome::Rejected,
+        Outcome::Cancelled,
     ];
 
     /// The label value (also the ledger's `outcome` column).
@@ -60,6 +63,7 @@ impl Outcome {
             Outcome::Timeout => "timeout",
             Outcome::Trap => "trap",
             Outcome::Rejected => "rejected",
+            Outcome::Cancelled => "cancelled",
         }
     }
 }
@@ -282,7 +286,7 @@ impl Metrics {
 #[derive(Clone)]
 pub struct VersionMetrics {
     /// Indexed like [`Outcome::ALL`].
-    outcomes: [Counter; 5],
+    outcomes: [Counter; 6],
     duration: Histogram,
     coldstarts: Counter,
 }

@@ -365,7 +365,8 @@ impl inference::HostGraphExecutionContext for NnView<'_> {
                     .inference(graph.backend, graph.device, took);
                 if let (Ok(outputs), Some((mut f, c))) = (&out, fill) {
                     let size = inference_cache::size(outputs);
-                    if size <= c.cache.max_entry() {
+                    // Too large for the cache: skip the copy `store` would refuse anyway.
+                    if size < c.cache.max_entry() {
                         f.store(&c.at, Arc::new(outputs.clone()), size);
                     }
                 }

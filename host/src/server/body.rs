@@ -98,9 +98,10 @@ impl HttpBody for LimitedBody {
     }
 }
 
-/// Called once when a response body ends (or is dropped unfinished) with the bytes sent;
-/// may return a receiver the end of the body waits for (a strict usage record).
-pub type OnEnd = Box<dyn FnOnce(u64) -> Option<tokio::sync::oneshot::Receiver<()>> + Send>;
+/// Called once when a response body ends (or is dropped unfinished) with the bytes sent
+/// and whether the body failed; may return a receiver the end of the body waits for (a
+/// strict usage record).
+pub type OnEnd = Box<dyn FnOnce(u64, bool) -> Option<tokio::sync::oneshot::Receiver<()>> + Send>;
 
 /// A response body that keeps `guard` (a concurrency permit) alive until it is finished,
 /// counts the bytes it sends and reports them at the end through [`OnEnd`].
@@ -132,9 +133,9 @@ impl<B, G> Finishing<B, G> {
         }
     }
 
-    fn end(&mut self) -> Option<tokio::sync::oneshot::Receiver<()>> {
+    fn end(&mut self, failed: bool) -> Option<tokio::sync::oneshot::Receiver<()>> {
         self.guard = None;
-        self.on_end.take().and_then(|f| f(self.sent))
+        self.on_end.take().and_then(|f| f(self.sent, failed))
     }
 }
 
@@ -179,10 +180,10 @@ where
                 Some(Err(e)) => {
                     this.done = true;
                     this.held = None;
-                    drop(this.end());
+                    drop(this.end(true));
                     return Poll::Ready(Some(Err(e)));
                 }
-                None => match this.end() {
+                None => match this.end(false) {
                     Some(ack) if this.hold_last => this.ack = Some(ack),
                     _ => this.done = true,
                 },
@@ -202,7 +203,7 @@ where
 impl<B, G> Drop for Finishing<B, G> {
     fn drop(&mut self) {
         // A client that went away before the end still used what it used.
-        drop(self.end());
+        drop(self.end(false));
     }
 }
 
@@ -232,7 +233,7 @@ mod tests {
         let (ack_tx, ack_rx) = tokio::sync::oneshot::channel();
         let mut ack_rx = Some(ack_rx);
         let s = seen.clone();
-        let on_end: OnEnd = Box::new(move |sent| {
+        let on_end: OnEnd = Box::new(move |sent, _failed| {
             *s.lock().expect("lock") = Some(sent);
             ack_rx.take()
         });
@@ -252,7 +253,7 @@ mod tests {
         // Without holding, the record is made when the body is dropped unfinished.
         let seen = Arc::new(Mutex::new(None));
         let s = seen.clone();
-        let on_end: OnEnd = Box::new(move |sent| {
+        let on_end: OnEnd = Box::new(move |sent, _failed| {
             *s.lock().expect("lock") = Some(sent);
             None
         });

@@ -49,11 +49,17 @@ pub fn parse_fn_path(path: &str) -> Result<(&str, Option<u32>, &str), ApiError> 
     Ok((name, pinned, rest))
 }
 
-/// What the usage record of one request has gathered so far.
+/// What the usage record of one request has gathered so far. It is written exactly once:
+/// when the response body ends, when the request fails, or (dropped unwritten) when the
+/// client went away first; disarmed from the start when metering is off.
 struct Usage {
+    app: Arc<App>,
+    entry: Arc<VersionEntry>,
+    written: bool,
     request_id: String,
     start_ms: i64,
     started: Instant,
+    head: bool,
     cold: bool,
     cache: &'static str,
     bytes_in: u64,
@@ -62,14 +68,24 @@ struct Usage {
 }
 
 impl Usage {
-    fn new(request_id: &HeaderValue, caching: bool) -> Usage {
+    fn new(
+        app: &Arc<App>,
+        entry: &Arc<VersionEntry>,
+        request_id: &HeaderValue,
+        caching: bool,
+        head: bool,
+    ) -> Usage {
         Usage {
+            app: app.clone(),
+            entry: entry.clone(),
+            written: app.ledger.is_none(),
             request_id: request_id.to_str().unwrap_or_default().to_string(),
             start_ms: std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .map(|d| d.as_millis() as i64)
                 .unwrap_or(0),
             started: Instant::now(),
+            head,
             cold: false,
             cache: if caching { "miss" } else { "off" },
             bytes_in: 0,
@@ -78,15 +94,16 @@ impl Usage {
         }
     }
 
-    /// The finished record, priced.
-    fn record(
-        self,
-        app: &App,
-        entry: &VersionEntry,
+    /// Writes the record (once); in strict mode the receiver completes when it is durable.
+    fn write(
+        &mut self,
         outcome: Outcome,
         status: u16,
         bytes_out: u64,
-    ) -> UsageRecord {
+    ) -> Option<tokio::sync::oneshot::Receiver<()>> {
+        if std::mem::replace(&mut self.written, true) {
+            return None;
+        }
         let us = |d: Duration| d.as_micros() as u64;
         let bytes_in = self
             .body_stats
@@ -102,10 +119,10 @@ impl Usage {
             None => (0, 0, 0, 0),
         };
         let mut r = UsageRecord {
-            request_id: self.request_id,
+            request_id: std::mem::take(&mut self.request_id),
             tenant: anonymous(),
-            function: entry.function.clone(),
-            version: entry.record.version,
+            function: self.entry.function.clone(),
+            version: self.entry.record.version,
             start_ms: self.start_ms,
             wall_us: us(self.started.elapsed()),
             cpu_us: cpu,
@@ -120,45 +137,63 @@ impl Usage {
             status,
             cost: 0,
         };
-        r.cost = app.config.pricing.cost(&r);
-        r
+        r.cost = self.app.config.pricing.cost(&r);
+        self.app.ledger.as_ref().and_then(|l| l.submit(r))
+    }
+
+    fn strict(&self) -> bool {
+        !self.written && self.app.config.metering.durability == Durability::Strict
     }
 
     /// Writes the record of a request answered with an error (no body to wait for).
-    async fn fail(self, app: &App, entry: &VersionEntry, e: &ApiError) {
-        let Some(ledger) = &app.ledger else { return };
-        let rec = self.record(app, entry, outcome_of(e), e.status().as_u16(), 0);
-        if let Some(ack) = ledger.submit(rec) {
+    async fn fail(mut self, e: &ApiError) {
+        if let Some(ack) = self.write(outcome_of(e), e.status().as_u16(), 0) {
             let _ = ack.await;
         }
     }
 
     /// Attaches the record to `resp`'s body: it is written when the body ends, and in
-    /// strict mode the body's end waits for it.
-    fn finish<B>(
-        self,
-        app: &Arc<App>,
-        entry: &Arc<VersionEntry>,
-        resp: Response<B>,
-        guard: Option<Admitted>,
-    ) -> Response<Body>
-    where
-        B: http_body::Body<Data = bytes::Bytes, Error = super::BodyError> + Send + Unpin + 'static,
-    {
-        let status = resp.status().as_u16();
+    /// strict mode the body's end waits for it. A response without a body to wait on
+    /// (HEAD, empty) is recorded here, and in strict mode only answered once durable.
+    async fn finish(mut self, resp: Response<Body>, guard: Option<Admitted>) -> Response<Body> {
+        let status = resp.status();
         let (parts, body) = resp.into_parts();
-        let on_end: Option<OnEnd> = app.ledger.as_ref().map(|_| {
-            let (app, entry) = (app.clone(), entry.clone());
-            Box::new(move |sent: u64| {
-                let rec = self.record(&app, &entry, Outcome::Ok, status, sent);
-                app.ledger.as_ref().and_then(|l| l.submit(rec))
+        let bodiless = self.head
+            || http_body::Body::is_end_stream(&body)
+            || http_body::Body::size_hint(&body).exact() == Some(0)
+            || status == http::StatusCode::NO_CONTENT
+            || status == http::StatusCode::NOT_MODIFIED;
+        if bodiless
+            && self.strict()
+            && let Some(ack) = self.write(Outcome::Ok, status.as_u16(), 0)
+        {
+            let _ = ack.await;
+        }
+        let strict = self.strict();
+        let timeout = Duration::from_millis(self.entry.record.limits.timeout_ms);
+        let on_end: Option<OnEnd> = (!self.written).then(|| {
+            Box::new(move |sent: u64, failed: bool| {
+                // A body cut short by the guest: it trapped, or ran out of time mid-stream.
+                let outcome = match failed {
+                    false => Outcome::Ok,
+                    true if self.started.elapsed() >= timeout => Outcome::Timeout,
+                    true => Outcome::Trap,
+                };
+                self.write(outcome, status.as_u16(), sent)
             }) as OnEnd
         });
-        let strict = app.config.metering.durability == Durability::Strict;
         Response::from_parts(
             parts,
             Finishing::new(body, guard, on_end, strict).boxed_unsync(),
         )
+    }
+}
+
+impl Drop for Usage {
+    fn drop(&mut self) {
+        // Neither answered nor failed: the client went away while the function ran. What
+        // it used is still billed.
+        drop(self.write(Outcome::Cancelled, 499, 0));
     }
 }
 
@@ -191,7 +226,8 @@ pub async fn handle(
     let (name, pinned, rest) = parse_fn_path(req.uri().path())?;
     let entry = app.registry.route(name, pinned)?;
     let placement = app.response_placement(&entry);
-    let mut usage = Usage::new(id, placement.is_some());
+    let head = req.method() == http::Method::HEAD;
+    let mut usage = Usage::new(app, &entry, id, placement.is_some(), head);
     let rest = rest.to_string();
     let served = match &placement {
         Some(at) if !responses::bypass(req.method(), req.headers()) => {
@@ -218,10 +254,10 @@ pub async fn handle(
             if placement.is_some() {
                 h.insert("x-kiln-cache", HeaderValue::from_static(usage.cache));
             }
-            Ok(usage.finish(app, &entry, resp, guard))
+            Ok(usage.finish(resp, guard).await)
         }
         Err(e) => {
-            usage.fail(app, &entry, &e).await;
+            usage.fail(&e).await;
             Err(e)
         }
     }
