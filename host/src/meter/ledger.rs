@@ -8,8 +8,9 @@
 //! - `strict`: the end of a response is released only after its record is committed, so
 //!   every answered request is in the ledger.
 //!
-//! The request id is the primary key and records are inserted with `INSERT OR IGNORE`: a
-//! replayed record counts once.
+//! The primary key is (start, request id), so the table is clustered by time (usage queries
+//! are time windows) and records are inserted with `INSERT OR IGNORE`: a replayed record
+//! counts once.
 
 use std::sync::Mutex;
 use std::sync::mpsc::{Receiver, SyncSender, TrySendError};
@@ -54,7 +55,7 @@ pub struct Ledger {
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS usage (
-    request_id        TEXT PRIMARY KEY NOT NULL,
+    request_id        TEXT NOT NULL,
     tenant            TEXT NOT NULL,
     function          TEXT NOT NULL,
     version           INTEGER NOT NULL,
@@ -71,9 +72,11 @@ CREATE TABLE IF NOT EXISTS usage (
     cache             TEXT NOT NULL,
     outcome           TEXT NOT NULL,
     status            INTEGER NOT NULL,
-    cost              INTEGER NOT NULL
+    cost              INTEGER NOT NULL,
+    -- Clustered by time (usage queries are time windows); a replayed record (same request,
+    -- same start) is ignored.
+    PRIMARY KEY (start_ms, request_id)
 ) WITHOUT ROWID;
-CREATE INDEX IF NOT EXISTS usage_start ON usage (start_ms);
 ";
 
 fn open(path: &std::path::Path) -> anyhow::Result<Connection> {
