@@ -10,10 +10,10 @@ use crate::cache::inference::{InferenceCache, InferenceScope};
 use crate::cache::responses::ResponseCache;
 use crate::cache::{CacheSpec, Placement};
 use crate::config::ServerConfig;
-use crate::deploy::Registry;
+use crate::deploy::{Registry, VersionEntry};
 use crate::meter::{Ledger, Metrics};
 use crate::nn::embed::{self, EmbedError};
-use crate::nn::{ModelRef, NnError, NnSpec};
+use crate::nn::{ModelRef, NnError, NnSpec, VersionModels};
 use crate::runtime::{CompileError, Limits, Runtime};
 use crate::store::{BlobStore, Digest, MetaStore, NewVersion, VersionRecord};
 
@@ -107,45 +107,56 @@ impl App {
                 .get(&rec.function)
                 .copied()
                 .unwrap_or(rec.created_at);
-            let models = app.version_models(&rec);
-            let series = app.metrics.version(&rec.function, rec.version);
-            app.registry.add(rec, at, Arc::new(models), series);
+            let models = app
+                .runtime
+                .models()
+                .version_models(&rec.nn, |d| app.blobs.path(d));
+            app.register(rec, at, models);
         }
         Ok(Arc::new(app))
     }
 
-    /// A version's model table, wired to the inference cache unless the version opted out.
-    fn version_models(&self, rec: &VersionRecord) -> crate::nn::VersionModels {
-        let mut models = self
-            .runtime
-            .models()
-            .version_models(&rec.nn, |d| self.blobs.path(d));
+    /// Makes a stored version servable: its models tied to the inference cache (unless it
+    /// opted out), its response cache placement and its metric series, all made once here
+    /// rather than per request.
+    fn register(&self, rec: VersionRecord, created_at: i64, mut models: VersionModels) {
+        let owner: Arc<str> = Arc::from(rec.function.as_str());
         if rec.cache.inference && self.inference.enabled() {
             models.cache = Some(InferenceScope {
                 cache: self.inference.clone(),
                 at: Placement {
-                    owner: Arc::from(rec.function.as_str()),
+                    owner: owner.clone(),
                     scope: rec.id as u64,
                     ttl: std::time::Duration::from_millis(self.config.cache.inference_ttl_ms),
                     max_entries: None,
                 },
             });
         }
-        models
-    }
-
-    /// Where a version's responses are cached, if it caches them.
-    pub fn response_placement(&self, entry: &crate::deploy::VersionEntry) -> Option<Placement> {
-        let rec = &entry.record;
-        let p = rec.cache.responses.as_ref()?;
-        self.responses.enabled().then(|| Placement {
-            owner: entry.function.clone(),
-            scope: rec.id as u64,
-            ttl: p.ttl.0,
-            max_entries: p
-                .max_entries
-                .map(|n| usize::try_from(n).unwrap_or(usize::MAX)),
-        })
+        let responses = rec
+            .cache
+            .responses
+            .as_ref()
+            .filter(|_| self.responses.enabled())
+            .map(|p| Placement {
+                owner: owner.clone(),
+                scope: rec.id as u64,
+                ttl: p.ttl.0,
+                max_entries: p
+                    .max_entries
+                    .map(|n| usize::try_from(n).unwrap_or(usize::MAX)),
+            });
+        let metrics = self.metrics.version(&rec.function, rec.version);
+        self.registry.add(
+            VersionEntry {
+                admission: self.registry.admission(rec.limits.max_concurrency),
+                function: owner,
+                record: rec,
+                models: Arc::new(models),
+                metrics,
+                responses,
+            },
+            created_at,
+        );
     }
 
     /// Drops every cached response and inference result of function `name`.
@@ -270,14 +281,7 @@ impl App {
             cache,
         })?;
         self.runtime.insert_loaded(record.id, loaded);
-        // The same slots as `models` (loaded above), now tied to the version's cache scope.
-        let models = self.version_models(&record);
-        self.registry.add(
-            record.clone(),
-            record.created_at,
-            Arc::new(models),
-            self.metrics.version(function, record.version),
-        );
+        self.register(record.clone(), record.created_at, models);
         tracing::info!(function, version = record.version, %component, models = record.nn.models.len(), "deployed");
         Ok(record)
     }

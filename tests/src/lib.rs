@@ -471,3 +471,113 @@ impl TestServer {
         self.url = url;
     }
 }
+
+/// The value of the `/metrics` sample line starting with `prefix` (labels included).
+pub fn metric_sample(text: &str, prefix: &str) -> f64 {
+    text.lines()
+        .find(|l| l.starts_with(prefix))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no sample {prefix} in:\n{text}"))
+}
+
+impl TestServer {
+    /// Deploys `examples/digits` with its model on tract as function `name`, asserting
+    /// success; the keys of `extra` (e.g. `"cache"`) join the manifest. Returns the version.
+    pub fn deploy_digits(&self, name: &str, extra: Value) -> Value {
+        let model = self
+            .put_blob(&std::fs::read(root().join("examples/digits/model/digits.onnx")).unwrap());
+        let component = self.put_blob(&std::fs::read(example("digits")).unwrap());
+        let mut manifest = json!({
+            "component": component,
+            "models": {"digits": {"digest": model, "backend": "tract"}},
+        });
+        if let Value::Object(extra) = extra {
+            for (k, v) in extra {
+                manifest[k] = v;
+            }
+        }
+        let a = self.deploy_manifest(name, &manifest);
+        assert_eq!(a.status, 201, "deploy {name}: {}", a.text());
+        a.json()
+    }
+}
+
+/// Usage ledger views: `GET /v1/usage` as JSON and its CSV export as records.
+/// The columns of the usage CSV export, in order.
+pub const USAGE_COLUMNS: [&str; 19] = [
+    "request_id",
+    "tenant",
+    "function",
+    "version",
+    "start",
+    "start_ms",
+    "wall_us",
+    "cpu_us",
+    "memory_peak_bytes",
+    "mem_mib_ms",
+    "inference_cpu_us",
+    "inference_gpu_us",
+    "bytes_in",
+    "bytes_out",
+    "cold",
+    "cache",
+    "outcome",
+    "status",
+    "cost",
+];
+
+/// One usage record (a CSV line) by column.
+#[derive(Debug)]
+pub struct Record(pub std::collections::BTreeMap<String, String>);
+
+impl Record {
+    pub fn get(&self, column: &str) -> &str {
+        self.0
+            .get(column)
+            .unwrap_or_else(|| panic!("no column {column}"))
+    }
+
+    pub fn num(&self, column: &str) -> u64 {
+        self.get(column)
+            .parse()
+            .unwrap_or_else(|_| panic!("{column} is not a whole number: {self:?}"))
+    }
+}
+
+/// Parses the usage CSV, asserting its header.
+pub fn parse_csv(text: &str) -> Vec<Record> {
+    let mut lines = text.lines();
+    let header: Vec<&str> = lines.next().unwrap_or_default().split(',').collect();
+    assert_eq!(header, USAGE_COLUMNS, "CSV header of:\n{text}");
+    lines
+        .filter(|l| !l.is_empty())
+        .map(|line| {
+            let cells: Vec<&str> = line.split(',').collect();
+            assert_eq!(cells.len(), USAGE_COLUMNS.len(), "{line}");
+            Record(
+                USAGE_COLUMNS
+                    .iter()
+                    .zip(cells)
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+                    .collect(),
+            )
+        })
+        .collect()
+}
+
+/// `GET /v1/usage?{query}` as JSON.
+pub fn usage(server: &TestServer, query: &str) -> Value {
+    let a = server.get(&format!("/v1/usage?{query}"));
+    assert_eq!(a.status, 200, "{query}: {}", a.text());
+    a.json()
+}
+
+/// `GET /v1/usage?format=csv{query}` as records.
+pub fn usage_csv(server: &TestServer, query: &str) -> Vec<Record> {
+    let a = server.get(&format!("/v1/usage?format=csv{query}"));
+    assert_eq!(a.status, 200, "{query}: {}", a.text());
+    let content_type = a.header("content-type").unwrap_or_default();
+    assert!(content_type.starts_with("text/csv"), "{content_type}");
+    parse_csv(&a.text())
+}

@@ -5,20 +5,11 @@
 
 use std::time::{Duration, Instant};
 
-use kiln_tests::{Answer, TestServer, Value, example, json, root, temp_dir};
-
-/// The value of the sample line starting with `prefix` (labels included).
-fn sample(text: &str, prefix: &str) -> f64 {
-    text.lines()
-        .find(|l| l.starts_with(prefix))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or_else(|| panic!("no sample {prefix} in:\n{text}"))
-}
+use kiln_tests::{Answer, TestServer, Value, example, json, metric_sample, root, temp_dir};
 
 /// `kiln_faas_invocations_total` of one function's version 1 with outcome `ok`.
 fn invocations_ok(server: &TestServer, function: &str) -> f64 {
-    sample(
+    metric_sample(
         &server.get("/metrics").text(),
         &format!(
             "kiln_faas_invocations_total{{function=\"{function}\",version=\"1\",outcome=\"ok\"}}"
@@ -156,11 +147,11 @@ fn response_cache_hits_identical_requests_and_misses_on_body_vary_bypass_and_exp
 
     let metrics = server.get("/metrics").text();
     assert!(
-        sample(&metrics, "kiln_cache_hits_total{cache=\"response\"}") >= 1.0,
+        metric_sample(&metrics, "kiln_cache_hits_total{cache=\"response\"}") >= 1.0,
         "{metrics}"
     );
     assert!(
-        sample(&metrics, "kiln_cache_misses_total{cache=\"response\"}") >= 4.0,
+        metric_sample(&metrics, "kiln_cache_misses_total{cache=\"response\"}") >= 4.0,
         "{metrics}"
     );
 
@@ -184,7 +175,7 @@ fn response_cache_stores_only_200_answers() {
         assert_eq!((a.status, cache_state(&a)), (404, "miss"), "{}", a.text());
     }
     assert_eq!(
-        sample(
+        metric_sample(
             &server.get("/metrics").text(),
             "kiln_faas_invocations_total{function=\"hostile\",version=\"1\",outcome=\"ok\"}"
         ),
@@ -322,21 +313,11 @@ fn runs_and_hits(server: &TestServer, name: &str) -> (u64, u64) {
 #[test]
 fn inference_cache_answers_repeated_computes_without_running_the_model() {
     let server = TestServer::start();
-    let model =
-        server.put_blob(&std::fs::read(root().join("examples/digits/model/digits.onnx")).unwrap());
-    let component = server.put_blob(&std::fs::read(example("digits")).unwrap());
-    let models = json!({"digits": {"digest": model, "backend": "tract"}});
-    let a = server.deploy_manifest("digits", &json!({"component": component, "models": models}));
-    assert_eq!(a.status, 201, "{}", a.text());
-    let v = a.json();
+    let v = server.deploy_digits("digits", json!({}));
     assert_eq!(v["cache"]["inference"], true, "on by default: {v}");
     assert!(v["cache"].get("responses").is_none(), "{v}");
-    let a = server.deploy_manifest(
-        "digits-nocache",
-        &json!({"component": component, "models": models, "cache": {"inference": false}}),
-    );
-    assert_eq!(a.status, 201, "{}", a.text());
-    assert_eq!(a.json()["cache"]["inference"], false);
+    let v = server.deploy_digits("digits-nocache", json!({"cache": {"inference": false}}));
+    assert_eq!(v["cache"]["inference"], false);
 
     let pixels = json!({"pixels": heldout()["inputs"][0]}).to_string();
     let classify = |name: &str| {
@@ -376,7 +357,7 @@ fn inference_cache_answers_repeated_computes_without_running_the_model() {
 
     let metrics = server.get("/metrics").text();
     assert!(
-        sample(&metrics, "kiln_cache_hits_total{cache=\"inference\"}") >= 1.0,
+        metric_sample(&metrics, "kiln_cache_hits_total{cache=\"inference\"}") >= 1.0,
         "{metrics}"
     );
 

@@ -1,37 +1,12 @@
 //! Per-request metering end to end: every answered `/fn/` request is exactly one usage record,
 //! priced by the published formula; `GET /v1/usage` (JSON, CSV, groups, windows) and
-//! `kiln usage` add up; a graceful restart keeps every record, and a `kill -9` under load loses
-//! at most the last commit interval (nothing in strict mode) and never duplicates one.
+//! `kiln usage` add up. What survives restarts and crashes is in `ledger.rs`.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::collections::{BTreeSet, HashMap};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use kiln_tests::{TestServer, Value, example, json, root};
-
-/// The CSV columns, in order.
-const COLUMNS: [&str; 19] = [
-    "request_id",
-    "tenant",
-    "function",
-    "version",
-    "start",
-    "start_ms",
-    "wall_us",
-    "cpu_us",
-    "memory_peak_bytes",
-    "mem_mib_ms",
-    "inference_cpu_us",
-    "inference_gpu_us",
-    "bytes_in",
-    "bytes_out",
-    "cold",
-    "cache",
-    "outcome",
-    "status",
-    "cost",
-];
+use kiln_tests::{Record, TestServer, Value, json, parse_csv, usage, usage_csv};
 
 // Prices (micro-USD) large enough that every term of a record's cost can be non-zero.
 const PER_REQUEST: u64 = 2000;
@@ -51,61 +26,6 @@ fn pricing() -> String {
          per_inference_ms_gpu = {PER_INFERENCE_MS_GPU}\n\
          cache_hit_discount_percent = {CACHE_HIT_DISCOUNT_PERCENT}\n"
     )
-}
-
-/// One usage record (a CSV line) by column.
-#[derive(Debug)]
-struct Record(BTreeMap<String, String>);
-
-impl Record {
-    fn get(&self, column: &str) -> &str {
-        self.0
-            .get(column)
-            .unwrap_or_else(|| panic!("no column {column}"))
-    }
-
-    fn num(&self, column: &str) -> u64 {
-        self.get(column)
-            .parse()
-            .unwrap_or_else(|_| panic!("{column} is not a whole number: {self:?}"))
-    }
-}
-
-/// Parses the usage CSV, asserting its header.
-fn parse_csv(text: &str) -> Vec<Record> {
-    let mut lines = text.lines();
-    let header: Vec<&str> = lines.next().unwrap_or_default().split(',').collect();
-    assert_eq!(header, COLUMNS, "CSV header of:\n{text}");
-    lines
-        .filter(|l| !l.is_empty())
-        .map(|line| {
-            let cells: Vec<&str> = line.split(',').collect();
-            assert_eq!(cells.len(), COLUMNS.len(), "{line}");
-            Record(
-                COLUMNS
-                    .iter()
-                    .zip(cells)
-                    .map(|(k, v)| (k.to_string(), v.to_string()))
-                    .collect(),
-            )
-        })
-        .collect()
-}
-
-/// `GET /v1/usage?{query}` as JSON.
-fn usage(server: &TestServer, query: &str) -> Value {
-    let a = server.get(&format!("/v1/usage?{query}"));
-    assert_eq!(a.status, 200, "{query}: {}", a.text());
-    a.json()
-}
-
-/// `GET /v1/usage?format=csv{query}` as records.
-fn usage_csv(server: &TestServer, query: &str) -> Vec<Record> {
-    let a = server.get(&format!("/v1/usage?format=csv{query}"));
-    assert_eq!(a.status, 200, "{query}: {}", a.text());
-    let content_type = a.header("content-type").unwrap_or_default();
-    assert!(content_type.starts_with("text/csv"), "{content_type}");
-    parse_csv(&a.text())
 }
 
 /// Polls the usage totals until they count `n` requests (records are committed off the
@@ -173,17 +93,6 @@ fn rfc3339(ms: u64) -> String {
     )
 }
 
-fn deploy_digits(server: &TestServer) {
-    let model =
-        server.put_blob(&std::fs::read(root().join("examples/digits/model/digits.onnx")).unwrap());
-    let component = server.put_blob(&std::fs::read(example("digits")).unwrap());
-    let a = server.deploy_manifest(
-        "digits",
-        &json!({"component": component, "models": {"digits": {"digest": model, "backend": "tract"}}}),
-    );
-    assert_eq!(a.status, 201, "{}", a.text());
-}
-
 /// A request sent, and what its record must say.
 #[derive(Debug)]
 struct Sent {
@@ -211,7 +120,7 @@ fn every_answered_request_is_one_priced_record_and_every_view_adds_up() {
     server.deploy_example("hello", "hello", "");
     server.deploy_example("echo", "echo", "cache_ttl=60s");
     server.deploy_example("hostile", "hostile", "timeout_ms=200");
-    deploy_digits(&server);
+    server.deploy_digits("digits", json!({}));
     // An unknown function is nobody's usage.
     assert_eq!(server.get("/fn/nothing/").status, 404);
 
@@ -544,228 +453,4 @@ fn usage_with_a_bad_parameter_is_400_and_good_ones_are_accepted() {
         assert_eq!(a.status, 200, "{query}: {}", a.text());
     }
     assert_eq!(usage(&server, "")["totals"]["requests"], 0);
-}
-
-#[test]
-fn sigterm_commits_every_pending_record() {
-    // Nothing would be committed on the timer during the test.
-    let mut server =
-        TestServer::start_with_config("[metering]\nenabled = true\ncommit_interval_ms = 5000\n");
-    server.deploy_example("hello", "hello", "");
-    let sent: BTreeSet<String> = (0..20)
-        .map(|_| {
-            let a = server.get("/fn/hello/");
-            assert_eq!(a.status, 200);
-            a.header("x-kiln-request-id").unwrap().to_string()
-        })
-        .collect();
-    assert_eq!(sent.len(), 20, "request ids are unique");
-
-    server.restart();
-    let records = usage_csv(&server, "");
-    assert_eq!(records.len(), 20);
-    let recorded: BTreeSet<String> = records
-        .iter()
-        .map(|r| r.get("request_id").to_string())
-        .collect();
-    assert_eq!(recorded, sent);
-    assert_eq!(usage(&server, "")["totals"]["requests"], 20);
-}
-
-/// Clients sending at once while the server is killed.
-const CLIENTS: usize = 4;
-
-/// What the clients saw of a server killed under load.
-struct Crash {
-    /// Request ids of the complete answers, with when each arrived.
-    answered: Vec<(String, Instant)>,
-    /// Requests the kill cut off (sent, never answered): at most one per client.
-    cut_off: usize,
-    killed_at: Instant,
-}
-
-/// One client: requests `url` until told to stop or cut off. Returns the request ids of its
-/// complete answers with when each arrived, and whether its last request was cut off.
-fn client(url: &str, stop: &AtomicBool) -> (Vec<(String, Instant)>, bool) {
-    let agent = kiln_tests::agent();
-    let mut answered = Vec::new();
-    while !stop.load(Ordering::Relaxed) {
-        let Ok(mut resp) = agent.get(url).call() else {
-            return (answered, true);
-        };
-        let id = resp
-            .headers()
-            .get("x-kiln-request-id")
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_string);
-        if resp.body_mut().read_to_string().is_err() {
-            return (answered, true);
-        }
-        let id = id.expect("every answer has an x-kiln-request-id");
-        answered.push((id, Instant::now()));
-    }
-    (answered, false)
-}
-
-/// Sends `GET /fn/hello/` from [`CLIENTS`] threads for `load`, kills the server with SIGKILL
-/// while they are still sending, and starts it again on the same data dir.
-fn hello_under_load_then_kill9(server: &mut TestServer, load: Duration) -> Crash {
-    let url = format!("{}/fn/hello/", server.url);
-    let stop = AtomicBool::new(false);
-    let (url, stop_ref) = (url.as_str(), &stop);
-    let (clients, killed_at) = std::thread::scope(|s| {
-        let clients: Vec<_> = (0..CLIENTS)
-            .map(move |_| s.spawn(move || client(url, stop_ref)))
-            .collect();
-        std::thread::sleep(load);
-        let killed_at = Instant::now();
-        server.kill9();
-        stop_ref.store(true, Ordering::Relaxed);
-        let clients: Vec<_> = clients.into_iter().map(|c| c.join().unwrap()).collect();
-        (clients, killed_at)
-    });
-    server.restart_after_kill9();
-    let mut crash = Crash {
-        answered: Vec::new(),
-        cut_off: 0,
-        killed_at,
-    };
-    for (answered, cut_off) in clients {
-        crash.answered.extend(answered);
-        crash.cut_off += usize::from(cut_off);
-    }
-    assert!(
-        crash.answered.len() >= 50,
-        "only {} answers under load",
-        crash.answered.len()
-    );
-    crash
-}
-
-/// The hello ledger after the restart: no request twice, and nothing nobody sent (every
-/// record is of an answered request or of one the kill cut off).
-fn ledger_after(server: &TestServer, crash: &Crash) -> HashSet<String> {
-    let mut ledger = HashSet::new();
-    for r in usage_csv(server, "&function=hello") {
-        assert!(
-            ledger.insert(r.get("request_id").to_string()),
-            "recorded twice: {r:?}"
-        );
-    }
-    let answered: HashSet<&str> = crash.answered.iter().map(|(id, _)| id.as_str()).collect();
-    let unanswered = ledger
-        .iter()
-        .filter(|id| !answered.contains(id.as_str()))
-        .count();
-    assert!(
-        unanswered <= crash.cut_off,
-        "{unanswered} records of requests never answered, but only {} were cut off",
-        crash.cut_off
-    );
-    ledger
-}
-
-#[test]
-fn kill9_under_load_loses_at_most_the_last_commit_interval_and_duplicates_nothing() {
-    let mut server = TestServer::start_with_config(
-        "[metering]\nenabled = true\ndurability = \"batched\"\ncommit_interval_ms = 50\n",
-    );
-    server.deploy_example("hello", "hello", "");
-    let crash = hello_under_load_then_kill9(&mut server, Duration::from_millis(2500));
-    let ledger = ledger_after(&server, &crash);
-    let old: Vec<&str> = crash
-        .answered
-        .iter()
-        .filter(|(_, at)| *at + Duration::from_secs(1) < crash.killed_at)
-        .map(|(id, _)| id.as_str())
-        .collect();
-    assert!(!old.is_empty(), "no answer came over 1 s before the kill");
-    let lost: Vec<&str> = old
-        .iter()
-        .copied()
-        .filter(|id| !ledger.contains(*id))
-        .collect();
-    assert!(
-        lost.is_empty(),
-        "{} of {} requests answered over 1 s before the kill are not in the ledger, e.g. {:?}",
-        lost.len(),
-        old.len(),
-        &lost[..lost.len().min(5)]
-    );
-}
-
-#[test]
-fn kill9_in_strict_mode_loses_no_answered_request() {
-    let mut server =
-        TestServer::start_with_config("[metering]\nenabled = true\ndurability = \"strict\"\n");
-    server.deploy_example("hello", "hello", "");
-    // Strict: an answered request is already committed, no polling needed.
-    let a = server.get("/fn/hello/");
-    assert_eq!(a.status, 200);
-    let first = (
-        a.header("x-kiln-request-id").unwrap().to_string(),
-        Instant::now(),
-    );
-    assert_eq!(usage(&server, "")["totals"]["requests"], 1);
-    // A response without a body (HEAD) is only answered once its record is committed too.
-    let head = server.request("HEAD", "/fn/hello/", &[], b"");
-    assert_eq!(head.status, 200);
-    assert_eq!(usage(&server, "")["totals"]["requests"], 2);
-    let second = (
-        head.header("x-kiln-request-id").unwrap().to_string(),
-        Instant::now(),
-    );
-
-    let mut crash = hello_under_load_then_kill9(&mut server, Duration::from_millis(2000));
-    crash.answered.push(first);
-    crash.answered.push(second);
-    let ledger = ledger_after(&server, &crash);
-    let lost: Vec<&str> = crash
-        .answered
-        .iter()
-        .map(|(id, _)| id.as_str())
-        .filter(|id| !ledger.contains(*id))
-        .collect();
-    assert!(
-        lost.is_empty(),
-        "{} of {} answered requests are not in the ledger, e.g. {:?}",
-        lost.len(),
-        crash.answered.len(),
-        &lost[..lost.len().min(5)]
-    );
-}
-
-#[test]
-fn a_client_that_goes_away_is_still_billed_for_what_ran() {
-    let server = TestServer::start_with_config(METERING);
-    server.deploy_example("hostile", "hostile", "timeout_ms=5000");
-    // The client gives up after 300 ms; the guest sleeps 1.5 s.
-    let impatient: ureq::Agent = ureq::Agent::config_builder()
-        .http_status_as_error(false)
-        .timeout_global(Some(Duration::from_millis(300)))
-        .build()
-        .into();
-    let gave_up = impatient
-        .get(format!("{}/fn/hostile/sleep?ms=1500", server.url))
-        .call();
-    assert!(
-        gave_up.is_err(),
-        "the request should have timed out at the client"
-    );
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let records = loop {
-        let records = usage_csv(&server, "&function=hostile");
-        if !records.is_empty() || Instant::now() > deadline {
-            break records;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    };
-    assert_eq!(records.len(), 1, "one record for the abandoned request");
-    let r = &records[0];
-    // `cancelled` when the server noticed the client leave while the guest ran; `ok` when
-    // it only noticed on writing the answer. Either way the request is billed.
-    assert!(["cancelled", "ok"].contains(&r.get("outcome")), "{r:?}");
-    assert!(r.num("wall_us") >= 250_000, "{r:?}");
-    assert!(r.num("memory_peak_bytes") > 0, "{r:?}");
-    assert!(r.num("cost") > 0, "{r:?}");
 }

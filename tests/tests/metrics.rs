@@ -1,30 +1,14 @@
 //! `GET /metrics`: Prometheus text with the FaaS-named metrics, counted from real requests.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use kiln_tests::{TestServer, example, json, root};
-
-/// The value of the sample line starting with `prefix` (labels included).
-fn sample(text: &str, prefix: &str) -> f64 {
-    text.lines()
-        .find(|l| l.starts_with(prefix))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or_else(|| panic!("no sample {prefix} in:\n{text}"))
-}
+use kiln_tests::{TestServer, json, metric_sample};
 
 #[test]
 fn metrics_count_invocations_by_outcome_cold_starts_inference_and_compiles() {
     let server = TestServer::start();
     server.deploy_example("hello", "hello", "");
     server.deploy_example("hostile", "hostile", "timeout_ms=200");
-    let model =
-        server.put_blob(&std::fs::read(root().join("examples/digits/model/digits.onnx")).unwrap());
-    let component = server.put_blob(&std::fs::read(example("digits")).unwrap());
-    let a = server.deploy_manifest(
-        "digits",
-        &json!({"component": component, "models": {"digits": {"digest": model, "backend": "tract"}}}),
-    );
-    assert_eq!(a.status, 201, "{}", a.text());
+    server.deploy_digits("digits", json!({}));
 
     for _ in 0..3 {
         assert_eq!(server.get("/fn/hello/").status, 200);
@@ -49,7 +33,7 @@ fn metrics_count_invocations_by_outcome_cold_starts_inference_and_compiles() {
     );
     let text = a.text();
     let inv = |f: &str, v: u32, o: &str| {
-        sample(
+        metric_sample(
             &text,
             &format!(
                 "kiln_faas_invocations_total{{function=\"{f}\",version=\"{v}\",outcome=\"{o}\"}}"
@@ -61,21 +45,24 @@ fn metrics_count_invocations_by_outcome_cold_starts_inference_and_compiles() {
     assert_eq!(inv("hostile", 1, "trap"), 1.0);
     assert_eq!(inv("digits", 1, "ok"), 1.0);
     assert_eq!(
-        sample(
+        metric_sample(
             &text,
             "kiln_faas_invoke_duration_seconds_count{function=\"hello\"}"
         ),
         3.0
     );
     assert_eq!(
-        sample(
+        metric_sample(
             &text,
             "kiln_nn_inference_duration_seconds_count{backend=\"tract\",device=\"cpu\"}"
         ),
         1.0
     );
-    assert_eq!(sample(&text, "kiln_compile_duration_seconds_count"), 3.0);
-    assert_eq!(sample(&text, "kiln_faas_active_instances"), 0.0);
+    assert_eq!(
+        metric_sample(&text, "kiln_compile_duration_seconds_count"),
+        3.0
+    );
+    assert_eq!(metric_sample(&text, "kiln_faas_active_instances"), 0.0);
     // No per-request or tenant labels, and nothing for unknown functions.
     assert!(
         !text.contains("request_id") && !text.contains("nothing"),
@@ -88,7 +75,7 @@ fn metrics_count_invocations_by_outcome_cold_starts_inference_and_compiles() {
     assert_eq!(server.get("/fn/hello/").status, 200);
     let text = server.get("/metrics").text();
     assert_eq!(
-        sample(&text, "kiln_faas_coldstarts_total{function=\"hello\"}"),
+        metric_sample(&text, "kiln_faas_coldstarts_total{function=\"hello\"}"),
         1.0
     );
 }

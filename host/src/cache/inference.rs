@@ -4,7 +4,7 @@
 
 use std::sync::Arc;
 
-use super::{ByteCache, Key, Placement};
+use super::{ByteCache, Key, KeyHasher, Placement};
 use crate::nn::{BackendKind, Target, Tensor, TensorInfo};
 use crate::store::Digest;
 
@@ -33,22 +33,16 @@ pub fn key(
     infos: &[TensorInfo],
     inputs: &[Tensor],
 ) -> Key {
-    let mut h = blake3::Hasher::new();
-    h.update(b"kiln.inference.v1\0");
-    h.update(&scope.to_le_bytes());
-    h.update(&graph.0.0);
-    let mut field = |b: &[u8]| {
-        h.update(&(b.len() as u64).to_le_bytes());
-        h.update(b);
-    };
-    field(graph.1.as_str().as_bytes());
-    field(graph.2.to_string().as_bytes());
+    let mut h = KeyHasher::new(b"kiln.inference.v1", scope);
+    h.field(&graph.0.0)
+        .field(graph.1.as_str().as_bytes())
+        .field(graph.2.to_string().as_bytes());
     for (info, t) in infos.iter().zip(inputs) {
-        field(info.name.as_bytes());
-        field(t.ty.to_string().as_bytes());
         let dims: Vec<u8> = t.dims.iter().flat_map(|d| d.to_le_bytes()).collect();
-        field(&dims);
-        field(&t.data);
+        h.field(info.name.as_bytes())
+            .field(t.ty.to_string().as_bytes())
+            .field(&dims)
+            .field(&t.data);
     }
-    *h.finalize().as_bytes()
+    h.finish()
 }

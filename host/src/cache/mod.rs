@@ -26,6 +26,30 @@ use crate::meter::CacheMetrics;
 /// A cache key: a blake3 hash of everything the cached value depends on.
 pub type Key = [u8; 32];
 
+/// Builds a [`Key`]: a domain tag and the version's scope, then length-prefixed fields, so
+/// that no two different lists of fields hash alike.
+pub(crate) struct KeyHasher(blake3::Hasher);
+
+impl KeyHasher {
+    pub(crate) fn new(domain: &[u8], scope: u64) -> Self {
+        let mut h = blake3::Hasher::new();
+        h.update(domain);
+        h.update(b"\0");
+        h.update(&scope.to_le_bytes());
+        KeyHasher(h)
+    }
+
+    pub(crate) fn field(&mut self, bytes: &[u8]) -> &mut Self {
+        self.0.update(&(bytes.len() as u64).to_le_bytes());
+        self.0.update(bytes);
+        self
+    }
+
+    pub(crate) fn finish(&self) -> Key {
+        *self.0.finalize().as_bytes()
+    }
+}
+
 /// Bookkeeping bytes charged per entry on top of the caller's size (key, links, timestamps).
 const ENTRY_OVERHEAD: u64 = 128;
 

@@ -13,7 +13,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 use http::{HeaderMap, Method, StatusCode, header};
 
-use super::{ByteCache, Key};
+use super::{ByteCache, Key, KeyHasher};
 use crate::store::Digest;
 
 /// A stored response.
@@ -94,30 +94,19 @@ pub fn key(
     headers: &HeaderMap,
     body: &[u8],
 ) -> Key {
-    let mut h = blake3::Hasher::new();
-    h.update(b"kiln.response.v1\0");
-    h.update(&scope.to_le_bytes());
-    h.update(&digest.0);
-    let mut field = |b: &[u8]| {
-        h.update(&(b.len() as u64).to_le_bytes());
-        h.update(b);
-    };
-    field(method.as_str().as_bytes());
-    field(path_and_query.as_bytes());
+    let mut h = KeyHasher::new(b"kiln.response.v1", scope);
+    h.field(&digest.0)
+        .field(method.as_str().as_bytes())
+        .field(path_and_query.as_bytes());
     for name in vary {
-        field(name.as_bytes());
-        let values: Vec<&[u8]> = headers
-            .get_all(name.as_str())
-            .iter()
-            .map(|v| v.as_bytes())
-            .collect();
-        field(&(values.len() as u64).to_le_bytes());
+        let values = headers.get_all(name.as_str());
+        h.field(name.as_bytes())
+            .field(&(values.iter().count() as u64).to_le_bytes());
         for v in values {
-            field(v);
+            h.field(v.as_bytes());
         }
     }
-    field(blake3::hash(body).as_bytes());
-    *h.finalize().as_bytes()
+    h.field(blake3::hash(body).as_bytes()).finish()
 }
 
 #[cfg(test)]

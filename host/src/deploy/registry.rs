@@ -8,6 +8,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, RwLock};
 
 use super::admission::Admission;
+use crate::cache::Placement;
 use crate::meter::VersionMetrics;
 use crate::nn::VersionModels;
 use crate::store::VersionRecord;
@@ -22,6 +23,8 @@ pub struct VersionEntry {
     pub models: Arc<VersionModels>,
     /// The version's invocation metrics.
     pub metrics: VersionMetrics,
+    /// Where its responses are cached; `None`: it does not cache them.
+    pub responses: Option<Placement>,
 }
 
 impl std::fmt::Debug for VersionEntry {
@@ -73,21 +76,14 @@ impl Registry {
         }
     }
 
+    /// The admission gate of a new version allowing `max_concurrency` at once.
+    pub fn admission(&self, max_concurrency: u32) -> Admission {
+        Admission::new(max_concurrency, self.queue_depth)
+    }
+
     /// Adds a version (creating its function entry on the first one).
-    pub fn add(
-        &self,
-        record: VersionRecord,
-        created_at: i64,
-        models: Arc<VersionModels>,
-        metrics: VersionMetrics,
-    ) {
-        let entry = Arc::new(VersionEntry {
-            admission: Admission::new(record.limits.max_concurrency, self.queue_depth),
-            function: Arc::from(record.function.as_str()),
-            record,
-            models,
-            metrics,
-        });
+    pub fn add(&self, entry: VersionEntry, created_at: i64) {
+        let entry = Arc::new(entry);
         let mut map = self.functions.write().unwrap_or_else(|p| p.into_inner());
         let name = entry.record.function.clone();
         let mut f = map
@@ -158,12 +154,22 @@ mod tests {
         }
     }
 
+    fn entry(r: &Registry, function: &str, version: u32) -> VersionEntry {
+        VersionEntry {
+            record: rec(function, version),
+            function: Arc::from(function),
+            admission: r.admission(1),
+            models: Arc::default(),
+            metrics: crate::meter::Metrics::new().version(function, version),
+            responses: None,
+        }
+    }
+
     #[test]
     fn route_picks_latest_or_pinned() {
         let r = Registry::new(4);
-        let m = crate::meter::Metrics::new();
-        r.add(rec("f", 1), 0, Arc::default(), m.version("f", 1));
-        r.add(rec("f", 2), 0, Arc::default(), m.version("f", 2));
+        r.add(entry(&r, "f", 1), 0);
+        r.add(entry(&r, "f", 2), 0);
         assert_eq!(r.route("f", None).expect("latest").record.version, 2);
         assert_eq!(r.route("f", Some(1)).expect("pinned").record.version, 1);
         assert_eq!(

@@ -225,11 +225,11 @@ pub async fn handle(
 ) -> Result<Response<Body>, ApiError> {
     let (name, pinned, rest) = parse_fn_path(req.uri().path())?;
     let entry = app.registry.route(name, pinned)?;
-    let placement = app.response_placement(&entry);
+    let placement = &entry.responses;
     let head = req.method() == http::Method::HEAD;
     let mut usage = Usage::new(app, &entry, id, placement.is_some(), head);
     let rest = rest.to_string();
-    let served = match &placement {
+    let served = match placement {
         Some(at) if !responses::bypass(req.method(), req.headers()) => {
             cached(app, &entry, req, &rest, at, &mut usage).await
         }
