@@ -24,7 +24,7 @@ import argparse, hashlib, json, os, statistics, subprocess, sys, tempfile, time
 import urllib.request
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from http_load import (REL, ROOT, SERVER_CORE, LOAD_CORE, TICKS, HELLO, Server, cpu_ticks,
+from http_load import (BENCH_KEY, REL, ROOT, SERVER_CORE, LOAD_CORE, TICKS, HELLO, Server, cpu_ticks,
                        wait_http)
 import re
 
@@ -58,7 +58,7 @@ def deploy(base, name, example, models, cache):
 
 
 def wrk(url, conc, duration, body_file=None, ctype=None):
-    argv = ["taskset", "-c", LOAD_CORE, "wrk", "-t1", f"-c{conc}", f"-d{duration}s", "--latency"]
+    argv = ["taskset", "-c", LOAD_CORE, "wrk", "-H", f"authorization: Bearer {BENCH_KEY}", "-t1", f"-c{conc}", f"-d{duration}s", "--latency"]
     lua = None
     if body_file:
         lua = tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False)

@@ -19,6 +19,16 @@ import argparse, json, os, re, shutil, signal, statistics, subprocess, sys, temp
 import urllib.request
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# Every Kiln server here adopts this admin key (KILN_ADMIN_KEY) and every request carries it,
+# as production traffic does: authentication is part of what is measured. Other servers
+# ignore the header.
+BENCH_KEY = "kiln-bench-admin-key-0123456789abcdef"
+os.environ["KILN_ADMIN_KEY"] = BENCH_KEY
+os.environ["KILN_API_KEY"] = BENCH_KEY
+_opener = urllib.request.build_opener()
+_opener.addheaders = [("authorization", f"Bearer {BENCH_KEY}")]
+urllib.request.install_opener(_opener)
+
 REL = os.path.join(ROOT, "target", "release")
 HELLO = os.path.join(ROOT, "examples", "target", "wasm32-wasip2", "release", "hello.wasm")
 ECHO = os.path.join(ROOT, "examples", "target", "wasm32-wasip2", "release", "echo.wasm")
@@ -78,7 +88,7 @@ class Server:
 
 
 def wrk(url, conc, duration):
-    out = subprocess.run(["taskset", "-c", LOAD_CORE, "wrk", "-t1", f"-c{conc}", f"-d{duration}s",
+    out = subprocess.run(["taskset", "-c", LOAD_CORE, "wrk", "-H", f"authorization: Bearer {BENCH_KEY}", "-t1", f"-c{conc}", f"-d{duration}s",
                           "--latency", url], capture_output=True, text=True, check=True).stdout
     def lat(p):
         m = re.search(rf"^\s+{p}%\s+([\d.]+)(us|ms|s)\s*$", out, re.M)

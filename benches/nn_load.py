@@ -17,6 +17,16 @@ import argparse, json, os, re, statistics, subprocess, sys, tempfile, time
 import urllib.request
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# Every Kiln server here adopts this admin key (KILN_ADMIN_KEY) and every request carries it,
+# as production traffic does: authentication is part of what is measured. Other servers
+# ignore the header.
+BENCH_KEY = "kiln-bench-admin-key-0123456789abcdef"
+os.environ["KILN_ADMIN_KEY"] = BENCH_KEY
+os.environ["KILN_API_KEY"] = BENCH_KEY
+_opener = urllib.request.build_opener()
+_opener.addheaders = [("authorization", f"Bearer {BENCH_KEY}")]
+urllib.request.install_opener(_opener)
+
 REL = os.path.join(ROOT, "target", "release")
 WASM = os.path.join(ROOT, "examples", "target", "wasm32-wasip2", "release")
 SERVER_CORE, LOAD_CORE = "0", "1"
@@ -85,7 +95,7 @@ def wrk(path, body_file, ctype, conc, duration):
     with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as lua:
         lua.write(f'wrk.method = "POST"\nwrk.headers["content-type"] = "{ctype}"\n'
                   f'local f = io.open("{body_file}", "rb")\nwrk.body = f:read("*a")\nf:close()\n')
-    out = subprocess.run(["taskset", "-c", LOAD_CORE, "wrk", "-t1", f"-c{conc}", f"-d{duration}s",
+    out = subprocess.run(["taskset", "-c", LOAD_CORE, "wrk", "-H", f"authorization: Bearer {BENCH_KEY}", "-t1", f"-c{conc}", f"-d{duration}s",
                           "--latency", "-s", lua.name, BASE + path],
                          capture_output=True, text=True, check=True).stdout
     os.unlink(lua.name)

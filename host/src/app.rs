@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use anyhow::Context;
 
+use crate::auth::{Auth, Bootstrap};
 use crate::cache::inference::{InferenceCache, InferenceScope};
 use crate::cache::responses::ResponseCache;
 use crate::cache::{CacheSpec, Placement};
@@ -15,7 +16,7 @@ use crate::meter::{Ledger, Metrics};
 use crate::nn::embed::{self, EmbedError};
 use crate::nn::{ModelRef, NnError, NnSpec, VersionModels};
 use crate::runtime::{CompileError, Limits, Runtime};
-use crate::store::{BlobStore, Digest, MetaStore, NewVersion, VersionRecord};
+use crate::store::{BlobStore, Digest, FunctionInfo, MetaStore, NewVersion, VersionRecord};
 
 /// Everything a running server shares between requests.
 pub struct App {
@@ -32,6 +33,21 @@ pub struct App {
     pub inference: Arc<InferenceCache>,
     /// Usage records; `None` when metering is off.
     pub ledger: Option<Ledger>,
+    /// API keys and the audit log.
+    pub auth: Auth,
+}
+
+/// Who deploys a version, as far as [`App::deploy`] is concerned.
+#[derive(Debug, Clone)]
+pub struct Deployer {
+    /// The tenant that owns a function it creates; blobs must be this tenant's.
+    pub tenant: String,
+    /// May deploy onto any tenant's function and name any blob.
+    pub admin: bool,
+    /// Make the function public (or private); `None` leaves it as it is.
+    pub public: Option<bool>,
+    /// The publisher key that signed the bundle.
+    pub signer: Option<String>,
 }
 
 /// Why a deploy failed.
@@ -43,6 +59,11 @@ pub enum DeployError {
     MissingBlob(Digest),
     #[error(transparent)]
     Limits(#[from] crate::runtime::LimitError),
+    #[error(transparent)]
+    NotOwner(#[from] crate::store::NotOwner),
+    /// A signed bundle's blob is not what its digest says.
+    #[error("blob {0} does not match its digest: the stored bytes changed")]
+    Tampered(Digest),
     /// A model failed to load (bad ONNX, GPU asked for on a CPU host, backend missing...).
     #[error("model {name:?}: {error}")]
     Model { name: String, error: NnError },
@@ -58,11 +79,21 @@ pub enum DeployError {
 
 impl App {
     /// Opens the data dir, builds the runtime and reloads every function from the database.
-    /// Versions are loaded lazily: the first request maps the compiled artifact.
-    pub fn open(config: ServerConfig) -> anyhow::Result<Arc<App>> {
+    /// Versions are loaded lazily: the first request maps the compiled artifact. Also
+    /// returns the admin key made at first start, to be shown once.
+    pub fn open(config: ServerConfig) -> anyhow::Result<(Arc<App>, Option<String>)> {
         std::fs::create_dir_all(&config.data_dir)
             .with_context(|| format!("creating data dir {}", config.data_dir.display()))?;
         let meta = MetaStore::open(&config.data_dir.join("kiln.db"))?;
+        let (auth, admin_secret) = Auth::open(
+            &config.data_dir.join("kiln.db"),
+            &Bootstrap {
+                admin_key: config.auth.admin_key.clone(),
+                listen: config.listen,
+                insecure: config.auth.insecure,
+            },
+            config.auth.default_key_rate,
+        )?;
         let blobs = BlobStore::open(&config.data_dir).context("opening blob store")?;
         let metrics = Arc::new(Metrics::new());
         let models = crate::nn::open(&config.nn, metrics.clone())?;
@@ -99,27 +130,31 @@ impl App {
             responses,
             inference,
             ledger,
+            auth,
         };
-        let created: std::collections::HashMap<_, _> =
-            app.meta.function_created_at()?.into_iter().collect();
+        let functions: std::collections::HashMap<_, _> = app
+            .meta
+            .functions()?
+            .into_iter()
+            .map(|f| (f.name.clone(), f))
+            .collect();
         for rec in app.meta.all_versions()? {
-            let at = created
-                .get(&rec.function)
-                .copied()
-                .unwrap_or(rec.created_at);
+            let Some(info) = functions.get(&rec.function) else {
+                continue;
+            };
             let models = app
                 .runtime
                 .models()
                 .version_models(&rec.nn, |d| app.blobs.path(d));
-            app.register(rec, at, models);
+            app.register(rec, info, models);
         }
-        Ok(Arc::new(app))
+        Ok((Arc::new(app), admin_secret))
     }
 
     /// Makes a stored version servable: its models tied to the inference cache (unless it
     /// opted out), its response cache placement and its metric series, all made once here
     /// rather than per request.
-    fn register(&self, rec: VersionRecord, created_at: i64, mut models: VersionModels) {
+    fn register(&self, rec: VersionRecord, info: &FunctionInfo, mut models: VersionModels) {
         let owner: Arc<str> = Arc::from(rec.function.as_str());
         if rec.cache.inference && self.inference.enabled() {
             models.cache = Some(InferenceScope {
@@ -155,7 +190,7 @@ impl App {
                 metrics,
                 responses,
             },
-            created_at,
+            info,
         );
     }
 
@@ -171,8 +206,9 @@ impl App {
         }
     }
 
-    /// Copies the models embedded in `component` out into blobs.
-    fn store_embedded(&self, component: &[u8]) -> Result<Vec<ModelRef>, DeployError> {
+    /// Copies the models embedded in `component` out into blobs (held by `tenant`, who
+    /// has their bytes).
+    fn store_embedded(&self, component: &[u8], tenant: &str) -> Result<Vec<ModelRef>, DeployError> {
         let mut out = Vec::new();
         for (meta, range) in embed::extract(component)? {
             let bytes = &component[range];
@@ -180,6 +216,7 @@ impl App {
                 .blobs
                 .put(bytes)
                 .map_err(|e| anyhow::Error::from(e).context("storing an embedded model"))?;
+            self.meta.add_blob_owner(&digest, tenant)?;
             out.push(ModelRef {
                 name: meta.name,
                 digest,
@@ -192,12 +229,23 @@ impl App {
         Ok(out)
     }
 
+    /// Whether `by` may name blob `digest` in a manifest: it is on this server and (unless
+    /// `by` is an admin) its tenant uploaded it. Another tenant's blob is answered as
+    /// missing, so digests cannot be probed across tenants.
+    fn check_blob(&self, digest: &Digest, by: &Deployer) -> Result<(), DeployError> {
+        if !by.admin && !self.meta.owns_blob(digest, &by.tenant)? {
+            return Err(DeployError::MissingBlob(*digest));
+        }
+        Ok(())
+    }
+
     /// Adds the embedded models to `nn`, then checks every model: a valid name, its blob
-    /// present, one digest per name.
-    fn resolve_models(
+    /// present (and the deployer's), one digest per name.
+    async fn resolve_models(
         &self,
         embedded: Vec<ModelRef>,
         mut nn: NnSpec,
+        by: &Deployer,
     ) -> Result<NnSpec, DeployError> {
         for e in embedded {
             match nn.models.iter().find(|m| m.name == e.name) {
@@ -225,8 +273,26 @@ impl App {
                 .blobs
                 .size(&m.digest)
                 .ok_or(DeployError::MissingBlob(m.digest))?;
+            self.check_blob(&m.digest, by)?;
+            if by.signer.is_some() {
+                self.verify_blob(&m.digest).await?;
+            }
         }
         Ok(nn)
+    }
+
+    /// Hashes a stored blob again (signed bundles: what runs must be what was signed).
+    async fn verify_blob(&self, digest: &Digest) -> Result<(), DeployError> {
+        let path = self.blobs.path(digest);
+        let expected = *digest;
+        let actual = tokio::task::spawn_blocking(move || Digest::of_file(&path))
+            .await
+            .map_err(|e| anyhow::anyhow!("hashing a blob: {e}"))?
+            .context("hashing a blob")?;
+        if actual != expected {
+            return Err(DeployError::Tampered(expected));
+        }
+        Ok(())
     }
 
     /// Creates a version of `function` from a stored component blob: compile, persist,
@@ -238,8 +304,19 @@ impl App {
         limits: Limits,
         nn: NnSpec,
         cache: CacheSpec,
+        by: &Deployer,
     ) -> Result<VersionRecord, DeployError> {
         limits.check(&self.config.runtime)?;
+        if let Some(f) = self.registry.function(function)
+            && !by.admin
+            && *f.owner != *by.tenant
+        {
+            return Err(crate::store::NotOwner {
+                function: function.to_string(),
+            }
+            .into());
+        }
+        self.check_blob(&component, by)?;
         let path = self.blobs.path(&component);
         let bytes = match tokio::fs::read(&path).await {
             Ok(b) => b,
@@ -253,15 +330,18 @@ impl App {
             }
         };
         let size = bytes.len() as u64;
+        if by.signer.is_some() && Digest::of(&bytes) != component {
+            return Err(DeployError::Tampered(component));
+        }
         // Bytes that are not a component get the compiler's error, not the extractor's.
-        let embedded = self.store_embedded(&bytes);
+        let embedded = self.store_embedded(&bytes, &by.tenant);
         let started = std::time::Instant::now();
         let loaded = self
             .runtime
             .compile(function, bytes, component, limits)
             .await?;
         self.metrics.compiled(started.elapsed());
-        let nn = self.resolve_models(embedded?, nn)?;
+        let nn = self.resolve_models(embedded?, nn, by).await?;
         let models = self
             .runtime
             .models()
@@ -272,16 +352,26 @@ impl App {
             .load_all(&models)
             .await
             .map_err(|(name, error)| DeployError::Model { name, error })?;
-        let record = self.meta.create_version(&NewVersion {
-            function: function.to_string(),
-            digest: component,
-            size,
-            limits,
-            nn,
-            cache,
-        })?;
+        let (record, info) = self
+            .meta
+            .create_version(&NewVersion {
+                function: function.to_string(),
+                digest: component,
+                size,
+                limits,
+                nn,
+                cache,
+                signer: by.signer.clone(),
+                tenant: by.tenant.clone(),
+                enforce_owner: !by.admin,
+                public: by.public,
+            })
+            .map_err(|e| match e.downcast::<crate::store::NotOwner>() {
+                Ok(not_owner) => DeployError::NotOwner(not_owner),
+                Err(e) => DeployError::Internal(e),
+            })?;
         self.runtime.insert_loaded(record.id, loaded);
-        self.register(record.clone(), record.created_at, models);
+        self.register(record.clone(), &info, models);
         tracing::info!(function, version = record.version, %component, models = record.nn.models.len(), "deployed");
         Ok(record)
     }

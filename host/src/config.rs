@@ -84,6 +84,30 @@ pub struct ServerConfig {
     pub metering: MeteringConfig,
     /// The price plan usage records are costed with.
     pub pricing: Pricing,
+    /// API keys, bundle signatures.
+    pub auth: AuthConfig,
+}
+
+/// Authentication settings (`[auth]`, plus the bootstrap from flags and the environment).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuthConfig {
+    /// Rate limit of keys created without `--rate` (unset: none).
+    #[serde(default)]
+    pub default_key_rate: Option<crate::auth::Rate>,
+    /// Publisher keys trusted for every tenant: once any applies to a tenant, its deploys
+    /// must be signed by one of them.
+    #[serde(default)]
+    pub trusted_publishers: Vec<crate::auth::signing::PublicKey>,
+    /// Publisher keys trusted for one tenant each (`[auth.tenant_publishers]`).
+    #[serde(default)]
+    pub tenant_publishers: std::collections::HashMap<String, Vec<crate::auth::signing::PublicKey>>,
+    /// `KILN_ADMIN_KEY` (never from the file).
+    #[serde(skip)]
+    pub admin_key: Option<String>,
+    /// `--insecure`: with no keys at all, serve without authentication.
+    #[serde(skip)]
+    pub insecure: bool,
 }
 
 /// Budgets of the prediction caches (`[cache]`).
@@ -228,6 +252,20 @@ impl Default for RuntimeConfig {
     }
 }
 
+impl AuthConfig {
+    /// The publisher keys trusted for `tenant`'s bundles.
+    pub fn trust(&self, tenant: &str) -> crate::auth::signing::Trust<'_> {
+        crate::auth::signing::Trust {
+            global: &self.trusted_publishers,
+            tenant: self
+                .tenant_publishers
+                .get(tenant)
+                .map_or(&[][..], Vec::as_slice),
+            tenant_name: tenant.to_string(),
+        }
+    }
+}
+
 /// The raw configuration file (`--config FILE`): every field optional, unknown keys rejected.
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -248,6 +286,8 @@ pub struct ConfigFile {
     pub metering: MeteringConfig,
     #[serde(default)]
     pub pricing: Pricing,
+    #[serde(default)]
+    pub auth: AuthConfig,
 }
 
 /// The `[runtime]` table of the configuration file.
@@ -319,6 +359,7 @@ impl ServerConfig {
             max_concurrency: r
                 .default_max_concurrency
                 .unwrap_or(base.default_limits.max_concurrency),
+            rate: None,
         };
         let config = ServerConfig {
             listen,
@@ -347,6 +388,7 @@ impl ServerConfig {
             cache: file.cache,
             metering: file.metering,
             pricing: file.pricing,
+            auth: file.auth,
         };
         config.validate()?;
         Ok(config)

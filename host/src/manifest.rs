@@ -4,12 +4,14 @@
 //! ```toml
 //! name = "hello"
 //! component = "target/wasm32-wasip2/release/hello.wasm"
+//! public = true                # optional: callable without an API key
 //! [build]
 //! command = "cargo build --release --target wasm32-wasip2"
 //! [limits]
 //! timeout_ms = 5000
 //! memory_mb = 128
 //! max_concurrency = 64
+//! rate = "100/s"               # optional: requests per second (or /m, /h) across the function
 //! [models.digits]              # guests call graph::load-by-name("digits")
 //! path = "model/digits.onnx"
 //! encoding = "onnx"
@@ -62,6 +64,9 @@ pub struct Manifest {
     /// Response and inference caching.
     #[serde(default)]
     pub cache: CacheSpec,
+    /// `true`: anyone may call the function without a key (default: only keys of its tenant).
+    #[serde(default)]
+    pub public: Option<bool>,
     /// The directory holding the manifest (not part of the file).
     #[serde(skip)]
     pub dir: PathBuf,

@@ -148,13 +148,49 @@ pub fn temp_dir(tag: &str) -> PathBuf {
     dir
 }
 
-fn spawn(data_dir: &Path, config: Option<&Path>, log: &Path) -> (Child, String) {
+/// The admin key every [`TestServer`] is started with (`KILN_ADMIN_KEY`).
+pub const ADMIN_KEY: &str = "kiln-test-admin-key-0123456789abcdef";
+/// `authorization` header value of [`ADMIN_KEY`].
+pub const ADMIN_BEARER: &str = "Bearer kiln-test-admin-key-0123456789abcdef";
+
+/// How a [`TestServer`] is started.
+#[derive(Debug, Clone)]
+pub struct Launch {
+    /// `KILN_ADMIN_KEY`; `None` starts without one.
+    pub admin_key: Option<String>,
+    /// Extra `kiln serve` arguments (`--listen` is `127.0.0.1:0` unless given here).
+    pub args: Vec<String>,
+}
+
+impl Default for Launch {
+    fn default() -> Self {
+        Launch {
+            admin_key: Some(ADMIN_KEY.into()),
+            args: Vec::new(),
+        }
+    }
+}
+
+/// Starts `kiln serve`; returns the process, its URL and what it printed before serving
+/// (the bootstrap admin key, when it made one), or the log when it exited before serving.
+fn try_spawn(
+    data_dir: &Path,
+    config: Option<&Path>,
+    log: &Path,
+    launch: &Launch,
+) -> Result<(Child, String, Vec<String>), String> {
     let mut cmd = Command::new(kiln_bin());
-    cmd.args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+    cmd.arg("serve");
+    if !launch.args.iter().any(|a| a == "--listen") {
+        cmd.args(["--listen", "127.0.0.1:0"]);
+    }
+    cmd.args(&launch.args)
+        .arg("--data-dir")
         .arg(data_dir)
         .env("KILN_LOG", "info")
         .env_remove("KILN_LISTEN")
         .env_remove("KILN_DATA_DIR")
+        .env_remove("KILN_ADMIN_KEY")
         // ONNX Runtime only where a test configures it, so backends are chosen on purpose.
         .env_remove("ORT_DYLIB_PATH")
         .stdout(Stdio::piped())
@@ -168,28 +204,37 @@ fn spawn(data_dir: &Path, config: Option<&Path>, log: &Path) -> (Child, String) 
     if let Some(c) = config {
         cmd.arg("--config").arg(c);
     }
+    if let Some(k) = &launch.admin_key {
+        cmd.env("KILN_ADMIN_KEY", k);
+    }
     let mut child = cmd.spawn().expect("starting kiln serve");
     let stdout = child.stdout.take().unwrap();
     let mut lines = BufReader::new(stdout).lines();
+    let mut banner = Vec::new();
     let url = loop {
         match lines.next() {
             Some(Ok(line)) => {
                 if let Some(url) = line.strip_prefix("kiln serving on ") {
                     break url.trim().to_string();
                 }
+                banner.push(line);
             }
             _ => {
                 let _ = child.wait();
-                panic!(
-                    "kiln serve exited before serving:\n{}",
-                    std::fs::read_to_string(log).unwrap_or_default()
-                );
+                return Err(std::fs::read_to_string(log).unwrap_or_default());
             }
         }
     };
     // Keep draining stdout so the server never blocks on a full pipe.
     std::thread::spawn(move || for _ in lines {});
-    (child, url)
+    Ok((child, url, banner))
+}
+
+fn spawn(data_dir: &Path, config: Option<&Path>, log: &Path, launch: &Launch) -> (Child, String) {
+    match try_spawn(data_dir, config, log, launch) {
+        Ok((child, url, _)) => (child, url),
+        Err(log) => panic!("kiln serve exited before serving:\n{log}"),
+    }
 }
 
 /// An HTTP client that returns every status as an answer (never as an error).
@@ -202,8 +247,8 @@ pub fn agent() -> ureq::Agent {
         .into()
 }
 
-/// GETs `url` on a new thread (for requests that must be in flight while the test goes
-/// on); the handle yields the status and the body.
+/// GETs `url` with the admin key on a new thread (for requests that must be in flight
+/// while the test goes on); the handle yields the status and the body.
 pub fn spawn_get(url: String) -> std::thread::JoinHandle<(u16, String)> {
     std::thread::spawn(move || {
         let agent: ureq::Agent = ureq::Agent::config_builder()
@@ -213,6 +258,7 @@ pub fn spawn_get(url: String) -> std::thread::JoinHandle<(u16, String)> {
             .into();
         let mut r = agent
             .get(url)
+            .header("authorization", ADMIN_BEARER)
             .call()
             .expect("request failed at the transport level");
         (
@@ -229,7 +275,10 @@ pub struct TestServer {
     pub url: String,
     log: PathBuf,
     config: Option<PathBuf>,
+    launch: Launch,
     agent: ureq::Agent,
+    /// What the server printed before serving.
+    pub banner: Vec<String>,
 }
 
 /// An HTTP answer, read whole.
@@ -281,25 +330,45 @@ impl TestServer {
     }
 
     fn start_in(data_dir: PathBuf, config: Option<PathBuf>) -> TestServer {
+        Self::launch(data_dir, config, Launch::default())
+            .unwrap_or_else(|log| panic!("kiln serve exited before serving:\n{log}"))
+    }
+
+    /// Starts a server as `launch` says on `data_dir`; the server's log if it exits
+    /// before serving.
+    pub fn launch(
+        data_dir: PathBuf,
+        config: Option<PathBuf>,
+        launch: Launch,
+    ) -> Result<TestServer, String> {
         let log = data_dir.join("server.log");
-        let (child, url) = spawn(&data_dir, config.as_deref(), &log);
-        TestServer {
+        let (child, url, banner) = try_spawn(&data_dir, config.as_deref(), &log, &launch)?;
+        Ok(TestServer {
             child: Some(child),
             data_dir,
             url,
             log,
             config,
+            launch,
             agent: agent(),
-        }
+            banner,
+        })
     }
 
     /// Stops with SIGTERM (asserting a clean exit) and starts again on the same data dir.
     pub fn restart(&mut self) {
         let code = self.terminate();
         assert_eq!(code, Some(0), "server did not exit cleanly on SIGTERM");
-        let (child, url) = spawn(&self.data_dir, self.config.as_deref(), &self.log);
+        let (child, url, banner) = try_spawn(
+            &self.data_dir,
+            self.config.as_deref(),
+            &self.log,
+            &self.launch,
+        )
+        .unwrap_or_else(|log| panic!("kiln serve exited before serving:\n{log}"));
         self.child = Some(child);
         self.url = url;
+        self.banner = banner;
     }
 
     /// Sends SIGTERM and waits for the exit code.
@@ -332,7 +401,8 @@ impl TestServer {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
-    /// Sends a request; `body` may be empty.
+    /// Sends a request; `body` may be empty. It carries the admin key unless `headers`
+    /// name an `authorization` of their own (an empty one: send none).
     pub fn request(
         &self,
         method: &str,
@@ -343,8 +413,16 @@ impl TestServer {
         let mut req = http::Request::builder()
             .method(method)
             .uri(format!("{}{path}", self.url));
+        if !headers
+            .iter()
+            .any(|(k, _)| k.eq_ignore_ascii_case("authorization"))
+        {
+            req = req.header("authorization", ADMIN_BEARER);
+        }
         for (k, v) in headers {
-            req = req.header(*k, *v);
+            if !(k.eq_ignore_ascii_case("authorization") && v.is_empty()) {
+                req = req.header(*k, *v);
+            }
         }
         let req = req.body(body.to_vec()).unwrap();
         let mut resp = self
@@ -411,14 +489,22 @@ impl TestServer {
         )
     }
 
-    /// Runs the `kiln` CLI against this server.
+    /// Runs the `kiln` CLI against this server with the admin key.
     pub fn cli(&self, args: &[&str]) -> std::process::Output {
-        Command::new(kiln_bin())
-            .args(args)
+        self.cli_as(ADMIN_KEY, args)
+    }
+
+    /// Runs the `kiln` CLI against this server with API key `key` (empty: none).
+    pub fn cli_as(&self, key: &str, args: &[&str]) -> std::process::Output {
+        let mut cmd = Command::new(kiln_bin());
+        cmd.args(args)
             .env("KILN_SERVER", &self.url)
-            .current_dir(root())
-            .output()
-            .expect("running kiln")
+            .env_remove("KILN_API_KEY")
+            .current_dir(root());
+        if !key.is_empty() {
+            cmd.env("KILN_API_KEY", key);
+        }
+        cmd.output().expect("running kiln")
     }
 }
 
@@ -466,7 +552,12 @@ impl TestServer {
             Some(9),
             "the server did not die of SIGKILL: {status}"
         );
-        let (child, url) = spawn(&self.data_dir, self.config.as_deref(), &self.log);
+        let (child, url) = spawn(
+            &self.data_dir,
+            self.config.as_deref(),
+            &self.log,
+            &self.launch,
+        );
         self.child = Some(child);
         self.url = url;
     }

@@ -347,7 +347,11 @@ fn concurrent_requests_share_one_loaded_graph() {
                 for i in 0..8 {
                     let n = t * 8 + i;
                     let body = json!({"pixels": reference["inputs"][n]}).to_string();
-                    let mut resp = agent.post(&url).send(body.as_bytes()).unwrap();
+                    let mut resp = agent
+                        .post(&url)
+                        .header("authorization", kiln_tests::ADMIN_BEARER)
+                        .send(body.as_bytes())
+                        .unwrap();
                     let got: Value =
                         serde_json::from_str(&resp.body_mut().read_to_string().unwrap()).unwrap();
                     assert_eq!(got["digit"], reference["predicted"][n]);

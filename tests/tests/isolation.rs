@@ -88,7 +88,11 @@ fn five_hundred_concurrent_requests_are_all_answered() {
             std::thread::spawn(move || {
                 let agent = kiln_tests::agent();
                 barrier.wait();
-                let mut r = agent.get(format!("{url}/fn/hello/")).call().unwrap();
+                let mut r = agent
+                    .get(format!("{url}/fn/hello/"))
+                    .header("authorization", kiln_tests::ADMIN_BEARER)
+                    .call()
+                    .unwrap();
                 (r.status().as_u16(), r.body_mut().read_to_string().unwrap())
             })
         })

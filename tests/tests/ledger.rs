@@ -56,7 +56,11 @@ fn client(url: &str, stop: &AtomicBool) -> (Vec<(String, Instant)>, bool) {
     let agent = kiln_tests::agent();
     let mut answered = Vec::new();
     while !stop.load(Ordering::Relaxed) {
-        let Ok(mut resp) = agent.get(url).call() else {
+        let Ok(mut resp) = agent
+            .get(url)
+            .header("authorization", kiln_tests::ADMIN_BEARER)
+            .call()
+        else {
             return (answered, true);
         };
         let id = resp
@@ -213,6 +217,7 @@ fn a_client_that_goes_away_is_still_billed_for_what_ran() {
         .into();
     let gave_up = impatient
         .get(format!("{}/fn/hostile/sleep?ms=1500", server.url))
+        .header("authorization", kiln_tests::ADMIN_BEARER)
         .call();
     assert!(
         gave_up.is_err(),

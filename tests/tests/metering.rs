@@ -195,7 +195,7 @@ fn every_answered_request_is_one_priced_record_and_every_view_adds_up() {
             .unwrap_or_else(|| panic!("no record for {s:?}"));
         assert_eq!(
             (r.get("function"), r.get("version"), r.get("tenant")),
-            (s.function, "1", "anonymous"),
+            (s.function, "1", "default"),
             "{r:?}"
         );
         assert_eq!(
@@ -327,7 +327,7 @@ fn every_answered_request_is_one_priced_record_and_every_view_adds_up() {
                 BTreeSet::from(["digits@1", "echo@1", "hello@1", "hostile@1"]),
                 "{u}"
             ),
-            "tenant" => assert_eq!(keys, BTreeSet::from(["anonymous"]), "{u}"),
+            "tenant" => assert_eq!(keys, BTreeSet::from(["default"]), "{u}"),
             "hour" => assert!(keys.iter().all(|k| k.contains(":00:00")), "{u}"),
             _ => assert!(keys.iter().all(|k| k.contains("T00:00:00")), "{u}"),
         }
@@ -336,7 +336,7 @@ fn every_answered_request_is_one_priced_record_and_every_view_adds_up() {
     // Filters.
     assert_eq!(usage(&server, "function=hello")["totals"]["requests"], 5);
     assert_eq!(
-        usage(&server, "tenant=anonymous")["totals"]["requests"],
+        usage(&server, "tenant=default")["totals"]["requests"],
         records.len()
     );
 

@@ -2,7 +2,8 @@
 //!
 //! `first-response RUNS URL -- COMMAND ARGS...` starts COMMAND, polls URL (plain HTTP/1.1
 //! GET over a fresh TCP connection) until it answers 200, kills the server, and repeats.
-//! Prints each run and the median, in milliseconds.
+//! Prints each run and the median, in milliseconds. `KILN_API_KEY`, when set, is sent as
+//! `authorization: Bearer` (other servers ignore it).
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
@@ -20,7 +21,10 @@ fn main() -> anyhow::Result<()> {
     let rest = url.strip_prefix("http://").context("URL must be http://")?;
     let (host, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
     let path = if path.is_empty() { "/" } else { path };
-    let request = format!("GET {path} HTTP/1.1\r\nhost: {host}\r\nconnection: close\r\n\r\n");
+    let auth = std::env::var("KILN_API_KEY")
+        .map(|k| format!("authorization: Bearer {k}\r\n"))
+        .unwrap_or_default();
+    let request = format!("GET {path} HTTP/1.1\r\nhost: {host}\r\n{auth}connection: close\r\n\r\n");
 
     let mut times = Vec::new();
     for run in 0..runs {

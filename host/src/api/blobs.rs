@@ -1,5 +1,9 @@
 //! `PUT`/`HEAD /v1/blobs/sha256:{hex}`: content-addressed uploads, streamed to disk while
 //! hashing, never held whole in memory, refused with 413 as soon as they pass the limit.
+//!
+//! Blobs are stored once but held per tenant: a tenant holds a blob once it has uploaded
+//! the bytes (verified against the digest, even when another tenant stored them first),
+//! and sees and uses only the blobs it holds.
 
 use std::sync::Arc;
 
@@ -9,6 +13,7 @@ use hyper::body::Incoming;
 
 use super::ApiError;
 use crate::app::App;
+use crate::auth::Caller;
 use crate::server::{Body, empty, json_response};
 use crate::store::{BlobError, Digest};
 
@@ -17,11 +22,21 @@ fn parse_digest(s: &str) -> Result<Digest, ApiError> {
         .map_err(|e: crate::store::DigestError| ApiError::InvalidRequest(e.to_string()))
 }
 
-pub(super) fn head(app: &Arc<App>, digest: &str) -> Result<Response<Body>, ApiError> {
+/// Whether `caller` holds blob `digest` (admins hold every blob).
+fn holds(app: &App, digest: &Digest, caller: &Caller) -> Result<bool, ApiError> {
+    Ok(caller.is_admin() || app.meta.owns_blob(digest, caller.tenant().unwrap_or(""))?)
+}
+
+pub(super) fn head(
+    app: &Arc<App>,
+    digest: &str,
+    caller: &Caller,
+) -> Result<Response<Body>, ApiError> {
     let digest = parse_digest(digest)?;
     let size = app
         .blobs
         .size(&digest)
+        .filter(|_| holds(app, &digest, caller).unwrap_or(false))
         .ok_or_else(|| ApiError::BlobNotFound(digest.to_string()))?;
     let mut resp = Response::new(empty());
     resp.headers_mut()
@@ -33,6 +48,7 @@ pub(super) async fn put(
     app: &Arc<App>,
     digest: &str,
     req: Request<Incoming>,
+    caller: &Caller,
 ) -> Result<Response<Body>, ApiError> {
     let digest = match parse_digest(digest) {
         Ok(d) => d,
@@ -41,8 +57,11 @@ pub(super) async fn put(
             return Err(e);
         }
     };
-    if let Some(size) = app.blobs.size(&digest) {
-        // Already stored: the upload is not needed, but read it so the client, still
+    let tenant = caller.tenant().unwrap_or_default().to_string();
+    if let Some(size) = app.blobs.size(&digest)
+        && holds(app, &digest, caller)?
+    {
+        // Already held: the upload is not needed, but read it so the client, still
         // sending, gets this answer instead of a reset connection.
         crate::server::drain(req.into_body()).await;
         return Ok(json_response(
@@ -57,6 +76,7 @@ pub(super) async fn put(
         app.config.max_upload_bytes,
     )
     .await?;
+    app.meta.add_blob_owner(&stored, &tenant)?;
     Ok(json_response(
         StatusCode::CREATED,
         &serde_json::json!({"digest": stored, "size": size, "created": true}),

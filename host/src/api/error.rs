@@ -5,6 +5,8 @@
 use http::StatusCode;
 
 use crate::app::DeployError;
+use crate::auth::AuthError;
+use crate::auth::signing::SignError;
 use crate::deploy::{Rejected, RouteError};
 use crate::runtime::{CompileError, InvokeError};
 use crate::store::BlobError;
@@ -16,6 +18,8 @@ pub enum ApiError {
     Route(#[from] RouteError),
     #[error("blob {0} not found")]
     BlobNotFound(String),
+    #[error("no API key {0:?}")]
+    KeyNotFound(String),
     #[error("no such endpoint: {0}")]
     NoRoute(String),
     #[error("method {0} is not allowed on this endpoint")]
@@ -35,6 +39,13 @@ pub enum ApiError {
     #[error(transparent)]
     Blob(BlobError),
     #[error(transparent)]
+    Auth(#[from] AuthError),
+    #[error(transparent)]
+    Sign(#[from] SignError),
+    /// A signed bundle's stored blob no longer matches its digest.
+    #[error("{0}")]
+    Tampered(String),
+    #[error(transparent)]
     Overloaded(#[from] Rejected),
     #[error(transparent)]
     Invoke(#[from] InvokeError),
@@ -47,7 +58,7 @@ impl ApiError {
     pub fn status(&self) -> StatusCode {
         use ApiError::*;
         match self {
-            Route(_) | BlobNotFound(_) | NoRoute(_) => StatusCode::NOT_FOUND,
+            Route(_) | BlobNotFound(_) | KeyNotFound(_) | NoRoute(_) => StatusCode::NOT_FOUND,
             MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
             InvalidRequest(_) => StatusCode::BAD_REQUEST,
             UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
@@ -60,6 +71,13 @@ impl ApiError {
             Blob(BlobError::DigestMismatch { .. }) => StatusCode::BAD_REQUEST,
             Blob(BlobError::NotFound(_)) => StatusCode::NOT_FOUND,
             Blob(BlobError::Io(_)) => StatusCode::INTERNAL_SERVER_ERROR,
+            Auth(AuthError::Missing | AuthError::Invalid | AuthError::Revoked(_)) => {
+                StatusCode::UNAUTHORIZED
+            }
+            Auth(AuthError::Forbidden(_)) => StatusCode::FORBIDDEN,
+            Auth(AuthError::RateLimited { .. }) => StatusCode::TOO_MANY_REQUESTS,
+            Sign(SignError::Unsigned(_) | SignError::Untrusted(..)) => StatusCode::FORBIDDEN,
+            Sign(_) | Tampered(_) => StatusCode::BAD_REQUEST,
             Overloaded(_) => StatusCode::SERVICE_UNAVAILABLE,
             Invoke(InvokeError::Timeout(_)) => StatusCode::GATEWAY_TIMEOUT,
             Invoke(_) => StatusCode::INTERNAL_SERVER_ERROR,
@@ -74,6 +92,7 @@ impl ApiError {
             Route(RouteError::NoFunction(_)) => "function.not_found",
             Route(RouteError::NoVersion(..)) => "version.not_found",
             BlobNotFound(_) | Blob(BlobError::NotFound(_)) => "blob.not_found",
+            KeyNotFound(_) => "key.not_found",
             NoRoute(_) => "route.not_found",
             MethodNotAllowed(_) => "method.not_allowed",
             InvalidRequest(_) => "request.invalid",
@@ -90,6 +109,17 @@ impl ApiError {
             Model(_, code) => code,
             Blob(BlobError::DigestMismatch { .. }) => "blob.digest_mismatch",
             Blob(BlobError::Io(_)) => "internal",
+            Auth(AuthError::Missing) => "auth.missing_key",
+            Auth(AuthError::Invalid) => "auth.invalid_key",
+            Auth(AuthError::Revoked(_)) => "auth.revoked_key",
+            Auth(AuthError::Forbidden(_)) => "auth.forbidden",
+            Auth(AuthError::RateLimited { .. }) => "rate.limited",
+            Sign(SignError::Unsigned(_)) => "bundle.unsigned",
+            Sign(SignError::Untrusted(..)) => "bundle.untrusted_signer",
+            Sign(SignError::BadSignature) => "bundle.bad_signature",
+            Sign(SignError::Malformed(_)) => "bundle.malformed_signature",
+            Sign(SignError::BareUpload) => "bundle.bare_upload",
+            Tampered(_) => "bundle.digest_mismatch",
             Overloaded(_) => "function.overloaded",
             Invoke(InvokeError::Timeout(_)) => "function.timeout",
             Invoke(InvokeError::Trap(_)) => "function.trap",
@@ -126,6 +156,8 @@ impl From<DeployError> for ApiError {
                 "{d} is not on this server; upload it first with PUT /v1/blobs/{d}"
             )),
             DeployError::Limits(l) => ApiError::InvalidRequest(l.to_string()),
+            DeployError::NotOwner(n) => ApiError::Auth(AuthError::Forbidden(n.to_string())),
+            DeployError::Tampered(_) => ApiError::Tampered(e.to_string()),
             DeployError::Model { ref error, .. } => {
                 let code = match error.code {
                     crate::nn::ErrorCode::UnsupportedOperation => "model.unsupported",

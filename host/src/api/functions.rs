@@ -9,8 +9,10 @@ use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use serde::{Deserialize, Serialize};
 
-use super::{ApiError, blobs};
-use crate::app::App;
+use super::{ApiError, AuditDetail, blobs};
+use crate::app::{App, Deployer};
+use crate::auth::Caller;
+use crate::auth::signing::{self, SignError};
 use crate::cache::CacheSpec;
 use crate::deploy::{FunctionEntry, RouteError, VersionEntry, validate_name};
 use crate::nn::{BackendKind, Encoding, ModelRef, NnSpec, Target};
@@ -39,6 +41,10 @@ pub struct CreateVersion {
     /// Response and inference caching.
     #[serde(default)]
     pub cache: CacheSpec,
+    /// Whether anyone may call the function without a key; unset keeps what it was
+    /// (private for a new function).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub public: Option<bool>,
 }
 
 /// One model in a version manifest.
@@ -112,6 +118,9 @@ fn version_json(rec: &VersionRecord, base: &str) -> serde_json::Value {
         json["nn"] = serde_json::json!({"guest_load_max_bytes": max});
     }
     json["cache"] = serde_json::to_value(&rec.cache).unwrap_or_default();
+    if let Some(signer) = &rec.signer {
+        json["signer"] = signer.as_str().into();
+    }
     json
 }
 
@@ -126,6 +135,8 @@ fn version_detail(app: &App, entry: &VersionEntry, base: &str) -> serde_json::Va
 fn function_json(f: &FunctionEntry, base: &str) -> serde_json::Value {
     serde_json::json!({
         "name": f.name,
+        "tenant": &*f.owner,
+        "public": f.public,
         "created_at": f.created_at,
         "latest_version": f.latest().map(|v| v.record.version),
         "versions": f.versions.len(),
@@ -139,12 +150,14 @@ fn function(app: &App, name: &str) -> Result<Arc<FunctionEntry>, ApiError> {
         .ok_or_else(|| RouteError::NoFunction(name.to_string()).into())
 }
 
-pub(super) fn list(app: &Arc<App>) -> Result<Response<Body>, ApiError> {
+/// `GET /v1/functions`: the caller's tenant's functions (every one for an admin).
+pub(super) fn list(app: &Arc<App>, caller: &Caller) -> Result<Response<Body>, ApiError> {
     let base = format!("http://{}", app.config.listen);
     let all: Vec<_> = app
         .registry
         .functions()
         .iter()
+        .filter(|f| caller.is_admin() || caller.tenant() == Some(&*f.owner))
         .map(|f| function_json(f, &base))
         .collect();
     Ok(json_response(
@@ -218,8 +231,8 @@ pub(super) fn version(app: &Arc<App>, name: &str, v: &str) -> Result<Response<Bo
 
 /// How a create-version request carries its component.
 enum Upload {
-    /// A bare component in the body; limits and caching from the query string.
-    Wasm(LimitsSpec, CacheSpec),
+    /// A bare component in the body; limits, caching and visibility from the query string.
+    Wasm(LimitsSpec, CacheSpec, Option<bool>),
     /// A JSON manifest naming blobs.
     Manifest,
 }
@@ -242,20 +255,25 @@ fn precheck<B>(name: &str, req: &Request<B>) -> Result<Upload, ApiError> {
         "application/wasm" => {
             // Caching parameters first; the rest are limits (which reject unknown keys).
             let mut cache = CacheSpec::default();
+            let mut public = None;
             let mut limits = Vec::new();
             for pair in query.split('&').filter(|p| !p.is_empty()) {
                 let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
                 let v = super::percent_decode(v).map_err(ApiError::InvalidRequest)?;
-                if !cache
+                if k == "public" {
+                    public = Some(v.parse::<bool>().map_err(|_| {
+                        ApiError::InvalidRequest(format!("public={v:?}: use true or false"))
+                    })?);
+                } else if !cache
                     .set_from_query(k, &v)
                     .map_err(ApiError::InvalidRequest)?
                 {
-                    limits.push(pair);
+                    limits.push(format!("{k}={v}"));
                 }
             }
             let limits =
                 LimitsSpec::from_query(&limits.join("&")).map_err(ApiError::InvalidRequest)?;
-            Ok(Upload::Wasm(limits, cache))
+            Ok(Upload::Wasm(limits, cache, public))
         }
         "application/json" if query.is_empty() => Ok(Upload::Manifest),
         "application/json" => Err(ApiError::InvalidRequest(
@@ -267,13 +285,25 @@ fn precheck<B>(name: &str, req: &Request<B>) -> Result<Upload, ApiError> {
     }
 }
 
+/// `POST /v1/functions/{name}/versions`: deploys a version; with trusted publisher keys
+/// configured for the caller's tenant, only a signed manifest.
 pub(super) async fn create_version(
     app: &Arc<App>,
     name: &str,
     req: Request<Incoming>,
+    caller: &Caller,
 ) -> Result<Response<Body>, ApiError> {
     let base = base_url(app, &req);
+    let tenant = caller.tenant().unwrap_or_default().to_string();
+    let trust = app.config.auth.trust(&tenant);
     let upload = match precheck(name, &req) {
+        Ok(Upload::Wasm(..)) if req.headers().contains_key(signing::SIGNATURE_HEADER) => {
+            Err(SignError::BareUpload.into())
+        }
+        Ok(Upload::Wasm(..)) if trust.required() => Err(SignError::Unsigned(tenant.clone()).into()),
+        other => other,
+    };
+    let upload = match upload {
         Ok(u) => u,
         Err(e) => {
             // Read (and drop) the rest of a modest body so the client, still sending, sees
@@ -282,32 +312,59 @@ pub(super) async fn create_version(
             return Err(e);
         }
     };
-    let (component, limits, nn, cache) = match upload {
-        Upload::Wasm(spec, cache) => {
+    let mut signer = None;
+    let (component, limits, nn, cache, public) = match upload {
+        Upload::Wasm(spec, cache, public) => {
             let limit = app
                 .config
                 .max_upload_bytes
                 .min(app.config.runtime.max_component_bytes);
             let (digest, _) = blobs::receive(app, req.into_body(), None, limit).await?;
-            (digest, spec, NnSpec::default(), cache)
+            app.meta.add_blob_owner(&digest, &tenant)?;
+            (digest, spec, NnSpec::default(), cache, public)
         }
         Upload::Manifest => {
-            let body = http_body_util::Limited::new(req.into_body(), MAX_MANIFEST_BYTES)
+            let (parts, body) = req.into_parts();
+            let body = http_body_util::Limited::new(body, MAX_MANIFEST_BYTES)
                 .collect()
                 .await
                 .map_err(|e| ApiError::TooLarge(format!("manifest: {e}")))?
                 .to_bytes();
+            // The signature covers the bytes as sent; check it before reading them.
+            signer = signing::verify(&parts.headers, name, &body)?;
+            trust.check(signer.as_ref())?;
             let manifest: CreateVersion = serde_json::from_slice(&body)
                 .map_err(|e| ApiError::InvalidRequest(format!("invalid version manifest: {e}")))?;
             let nn = manifest.nn_spec();
-            (manifest.component, manifest.limits, nn, manifest.cache)
+            (
+                manifest.component,
+                manifest.limits,
+                nn,
+                manifest.cache,
+                manifest.public,
+            )
         }
     };
     let cache = cache.validate().map_err(ApiError::InvalidRequest)?;
     let limits = limits.resolve(&app.config.runtime.default_limits);
-    let rec = app.deploy(name, component, limits, nn, cache).await?;
+    let by = Deployer {
+        tenant,
+        admin: caller.is_admin(),
+        public,
+        signer: signer.map(|s| s.to_string()),
+    };
+    let rec = app.deploy(name, component, limits, nn, cache, &by).await?;
     let entry = app.registry.route(name, Some(rec.version))?;
     let mut json = version_detail(app, &entry, &base);
     json["url"] = format!("{base}/fn/{}/", rec.function).into();
-    Ok(json_response(StatusCode::CREATED, &json))
+    let mut resp = json_response(StatusCode::CREATED, &json);
+    let signed = match &rec.signer {
+        Some(s) => format!(", signed by {s}"),
+        None => String::new(),
+    };
+    resp.extensions_mut().insert(AuditDetail(format!(
+        "version {} ({}){signed}",
+        rec.version, rec.digest
+    )));
+    Ok(resp)
 }

@@ -1,20 +1,27 @@
 //! The control plane: JSON over HTTP under `/v1`. The only module that turns requests into
-//! calls on the stores, the runtime and the registry.
+//! calls on the stores, the runtime and the registry. Every call needs an API key with the
+//! right scope; each change, each read of keys, usage or the audit log, and each refusal is
+//! written to the audit log.
 //!
-//! | method | path | what |
-//! |---|---|---|
-//! | `PUT`, `HEAD` | `/v1/blobs/sha256:{hex}` | upload (digest verified) / check a blob |
-//! | `GET` | `/v1/functions` | list functions |
-//! | `GET`, `DELETE` | `/v1/functions/{name}` | show / delete a function |
-//! | `GET` | `/v1/functions/{name}/versions` | list versions |
-//! | `POST` | `/v1/functions/{name}/versions` | deploy: `application/wasm` body or JSON manifest |
-//! | `GET` | `/v1/functions/{name}/versions/{v}` | show one version |
-//! | `DELETE` | `/v1/functions/{name}/cache` | drop the function's cached responses and inference results |
-//! | `GET` | `/v1/usage` | usage totals (grouped) or records as CSV |
+//! | method | path | what | needs |
+//! |---|---|---|---|
+//! | `PUT`, `HEAD` | `/v1/blobs/sha256:{hex}` | upload (digest verified) / check a blob | deploy |
+//! | `GET` | `/v1/functions` | list functions (the tenant's; all for admin) | a key |
+//! | `GET`, `DELETE` | `/v1/functions/{name}` | show / delete a function | owner / deploy |
+//! | `GET` | `/v1/functions/{name}/versions` | list versions | owner |
+//! | `POST` | `/v1/functions/{name}/versions` | deploy: `application/wasm` body or JSON manifest | deploy |
+//! | `GET` | `/v1/functions/{name}/versions/{v}` | show one version | owner |
+//! | `DELETE` | `/v1/functions/{name}/cache` | drop the function's cached responses and inference results | deploy |
+//! | `GET` | `/v1/usage` | usage totals (grouped) or records as CSV | `usage:read` |
+//! | `POST`, `GET` | `/v1/keys` | create a key (its secret shown once) / list keys | admin |
+//! | `DELETE` | `/v1/keys/{id}` | revoke a key, at once | admin |
+//! | `GET` | `/v1/audit` | the audit log, newest first | `audit:read` |
 
+mod audit;
 mod blobs;
 mod error;
 pub mod functions;
+mod keys;
 pub mod usage;
 
 use std::sync::Arc;
@@ -26,35 +33,191 @@ pub use error::ApiError;
 pub use functions::CreateVersion;
 
 use crate::app::App;
+use crate::auth::{Caller, Scope};
 use crate::server::Body;
 
-/// Dispatches a `/v1/...` request.
+/// What a handler adds to its audit entry (set as a response extension).
+#[derive(Debug, Clone)]
+pub(crate) struct AuditDetail(pub String);
+
+/// One control-plane operation, parsed from the method and path.
+#[derive(Debug, Clone, Copy)]
+enum Op<'a> {
+    PutBlob(&'a str),
+    HeadBlob(&'a str),
+    ListFunctions,
+    ShowFunction(&'a str),
+    DeleteFunction(&'a str),
+    ListVersions(&'a str),
+    CreateVersion(&'a str),
+    ShowVersion(&'a str, &'a str),
+    ClearCache(&'a str),
+    Usage,
+    CreateKey,
+    ListKeys,
+    RevokeKey(&'a str),
+    Audit,
+}
+
+impl<'a> Op<'a> {
+    fn parse(method: &Method, segments: &[&'a str], path: &str) -> Result<Op<'a>, ApiError> {
+        let not_allowed = || ApiError::MethodNotAllowed(method.to_string());
+        Ok(match (segments, method) {
+            (["blobs", d], &Method::PUT) => Op::PutBlob(d),
+            (["blobs", d], &Method::HEAD) => Op::HeadBlob(d),
+            (["blobs", _], _) => return Err(not_allowed()),
+            (["functions"], &Method::GET) => Op::ListFunctions,
+            (["functions"], _) => return Err(not_allowed()),
+            (["functions", n], &Method::GET) => Op::ShowFunction(n),
+            (["functions", n], &Method::DELETE) => Op::DeleteFunction(n),
+            (["functions", _], _) => return Err(not_allowed()),
+            (["functions", n, "versions"], &Method::GET) => Op::ListVersions(n),
+            (["functions", n, "versions"], &Method::POST) => Op::CreateVersion(n),
+            (["functions", _, "versions"], _) => return Err(not_allowed()),
+            (["functions", n, "versions", v], &Method::GET) => Op::ShowVersion(n, v),
+            (["functions", _, "versions", _], _) => return Err(not_allowed()),
+            (["functions", n, "cache"], &Method::DELETE) => Op::ClearCache(n),
+            (["functions", _, "cache"], _) => return Err(not_allowed()),
+            (["usage"], &Method::GET) => Op::Usage,
+            (["usage"], _) => return Err(not_allowed()),
+            (["keys"], &Method::POST) => Op::CreateKey,
+            (["keys"], &Method::GET) => Op::ListKeys,
+            (["keys"], _) => return Err(not_allowed()),
+            (["keys", id], &Method::DELETE) => Op::RevokeKey(id),
+            (["keys", _], _) => return Err(not_allowed()),
+            (["audit"], &Method::GET) => Op::Audit,
+            (["audit"], _) => return Err(not_allowed()),
+            _ => return Err(ApiError::NoRoute(format!("{method} {path}"))),
+        })
+    }
+
+    /// The audit log's name for it, and what it acts on.
+    fn describe(self) -> (&'static str, &'a str) {
+        match self {
+            Op::PutBlob(d) => ("blob.put", d),
+            Op::HeadBlob(d) => ("blob.check", d),
+            Op::ListFunctions => ("function.list", ""),
+            Op::ShowFunction(n) => ("function.show", n),
+            Op::DeleteFunction(n) => ("function.delete", n),
+            Op::ListVersions(n) => ("version.list", n),
+            Op::CreateVersion(n) => ("version.create", n),
+            Op::ShowVersion(n, _) => ("version.show", n),
+            Op::ClearCache(n) => ("cache.clear", n),
+            Op::Usage => ("usage.read", ""),
+            Op::CreateKey => ("key.create", ""),
+            Op::ListKeys => ("key.list", ""),
+            Op::RevokeKey(id) => ("key.revoke", id),
+            Op::Audit => ("audit.read", ""),
+        }
+    }
+
+    /// Whether it is audited when it succeeds (refusals always are): changes, and reads
+    /// of keys, usage and the log itself.
+    fn audited(self) -> bool {
+        !matches!(
+            self,
+            Op::HeadBlob(_)
+                | Op::ListFunctions
+                | Op::ShowFunction(_)
+                | Op::ListVersions(_)
+                | Op::ShowVersion(..)
+        )
+    }
+
+    /// Checks that `caller` may do it (what depends on the request's content is checked
+    /// by the handler: blob ownership, usage and audit filters).
+    fn authorize(self, app: &App, caller: &Caller) -> Result<(), ApiError> {
+        caller.authenticated()?;
+        let owner = |name: &str| app.registry.function(name).map(|f| f.owner.clone());
+        match self {
+            Op::PutBlob(_) | Op::HeadBlob(_) => caller.may_upload()?,
+            Op::ListFunctions => {}
+            Op::ShowFunction(n) | Op::ListVersions(n) | Op::ShowVersion(n, _) => {
+                if let Some(o) = owner(n) {
+                    caller.may_read(n, &o)?;
+                }
+            }
+            Op::DeleteFunction(n) | Op::CreateVersion(n) | Op::ClearCache(n) => {
+                caller.may_deploy(n, owner(n).as_deref())?;
+            }
+            Op::Usage => caller.need(&Scope::UsageRead)?,
+            Op::CreateKey | Op::ListKeys | Op::RevokeKey(_) => caller.need(&Scope::Admin)?,
+            Op::Audit => caller.need(&Scope::AuditRead)?,
+        }
+        Ok(())
+    }
+}
+
+/// Dispatches a `/v1/...` request: authenticates, authorizes, runs it, audits it.
 pub async fn handle(app: &Arc<App>, req: Request<Incoming>) -> Result<Response<Body>, ApiError> {
     let path = req.uri().path().trim_end_matches('/').to_string();
     let segments: Vec<&str> = path.split('/').skip(2).collect();
     let method = req.method().clone();
-    match (segments.as_slice(), &method) {
-        (["blobs", digest], &Method::PUT) => blobs::put(app, digest, req).await,
-        (["blobs", digest], &Method::HEAD) => blobs::head(app, digest),
-        (["blobs", _], _) => Err(not_allowed(&method)),
-        (["functions"], &Method::GET) => functions::list(app),
-        (["functions"], _) => Err(not_allowed(&method)),
-        (["functions", name], &Method::GET) => functions::show(app, name, &req),
-        (["functions", name], &Method::DELETE) => functions::delete(app, name),
-        (["functions", _], _) => Err(not_allowed(&method)),
-        (["functions", name, "versions"], &Method::GET) => functions::versions(app, name),
-        (["functions", name, "versions"], &Method::POST) => {
-            let name = name.to_string();
-            functions::create_version(app, &name, req).await
+    let op = Op::parse(&method, &segments, &path)?;
+    let caller = app.auth.authenticate(req.headers());
+    let result = match &caller {
+        Ok(c) => match op.authorize(app, c) {
+            Ok(()) => dispatch(app, op, c, req).await,
+            Err(e) => {
+                crate::server::drain(req.into_body()).await;
+                Err(e)
+            }
+        },
+        Err(e) => {
+            let e = ApiError::from(e.clone());
+            crate::server::drain(req.into_body()).await;
+            Err(e)
         }
-        (["functions", _, "versions"], _) => Err(not_allowed(&method)),
-        (["functions", name, "versions", v], &Method::GET) => functions::version(app, name, v),
-        (["functions", _, "versions", _], _) => Err(not_allowed(&method)),
-        (["functions", name, "cache"], &Method::DELETE) => functions::clear_cache(app, name),
-        (["functions", _, "cache"], _) => Err(not_allowed(&method)),
-        (["usage"], &Method::GET) => usage::get(app, req.uri().query().unwrap_or("")).await,
-        (["usage"], _) => Err(not_allowed(&method)),
-        _ => Err(ApiError::NoRoute(format!("{method} {path}"))),
+    };
+    let status = match &result {
+        Ok(r) => r.status(),
+        Err(e) => e.status(),
+    };
+    let refused = matches!(status.as_u16(), 401 | 403 | 429);
+    if op.audited() || refused {
+        let (action, target) = op.describe();
+        let detail = match &result {
+            Ok(r) => r
+                .extensions()
+                .get::<AuditDetail>()
+                .map(|d| d.0.clone())
+                .unwrap_or_default(),
+            Err(e) => format!("{e:#}"),
+        };
+        let app = app.clone();
+        let caller = caller.ok();
+        let (action, target) = (action.to_string(), target.to_string());
+        // One short SQLite insert: off the async workers.
+        let _ = tokio::task::spawn_blocking(move || {
+            app.auth
+                .record(caller.as_ref(), &action, &target, status.as_u16(), &detail)
+        })
+        .await;
+    }
+    result
+}
+
+async fn dispatch(
+    app: &Arc<App>,
+    op: Op<'_>,
+    caller: &Caller,
+    req: Request<Incoming>,
+) -> Result<Response<Body>, ApiError> {
+    match op {
+        Op::PutBlob(d) => blobs::put(app, d, req, caller).await,
+        Op::HeadBlob(d) => blobs::head(app, d, caller),
+        Op::ListFunctions => functions::list(app, caller),
+        Op::ShowFunction(n) => functions::show(app, n, &req),
+        Op::DeleteFunction(n) => functions::delete(app, n),
+        Op::ListVersions(n) => functions::versions(app, n),
+        Op::CreateVersion(n) => functions::create_version(app, n, req, caller).await,
+        Op::ShowVersion(n, v) => functions::version(app, n, v),
+        Op::ClearCache(n) => functions::clear_cache(app, n),
+        Op::Usage => usage::get(app, req.uri().query().unwrap_or(""), caller).await,
+        Op::CreateKey => keys::create(app, req, caller).await,
+        Op::ListKeys => keys::list(app),
+        Op::RevokeKey(id) => keys::revoke(app, id).await,
+        Op::Audit => audit::get(app, req.uri().query().unwrap_or(""), caller).await,
     }
 }
 
@@ -85,8 +248,4 @@ pub(crate) fn percent_decode(s: &str) -> Result<String, String> {
         }
     }
     String::from_utf8(out).map_err(|_| format!("{s:?} is not UTF-8"))
-}
-
-fn not_allowed(method: &Method) -> ApiError {
-    ApiError::MethodNotAllowed(method.to_string())
 }

@@ -10,6 +10,7 @@ use http::{HeaderValue, Response, StatusCode, header};
 
 use super::{ApiError, percent_decode};
 use crate::app::App;
+use crate::auth::Caller;
 use crate::meter::query::{self, GroupBy, UsageQuery};
 use crate::server::{Body, full, json_response};
 
@@ -48,8 +49,14 @@ enum Answer {
     Json(serde_json::Value),
 }
 
-pub(super) async fn get(app: &Arc<App>, query_string: &str) -> Result<Response<Body>, ApiError> {
-    let (q, csv) = parse(query_string).map_err(ApiError::InvalidRequest)?;
+/// A key without `admin` reads its own tenant's usage only.
+pub(super) async fn get(
+    app: &Arc<App>,
+    query_string: &str,
+    caller: &Caller,
+) -> Result<Response<Body>, ApiError> {
+    let (mut q, csv) = parse(query_string).map_err(ApiError::InvalidRequest)?;
+    q.tenant = caller.tenant_filter(q.tenant.take(), "usage")?;
     if app.ledger.is_none() {
         return Err(ApiError::InvalidRequest(
             "metering is off on this server ([metering] enabled = false)".into(),

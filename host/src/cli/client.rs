@@ -10,11 +10,14 @@ use serde_json::Value;
 pub struct Client {
     base: String,
     agent: ureq::Agent,
+    /// `authorization` header value, when an API key was given.
+    bearer: Option<String>,
 }
 
 impl Client {
-    /// A client for `base` (e.g. `http://127.0.0.1:8080`).
-    pub fn new(base: &str) -> Self {
+    /// A client for `base` (e.g. `http://127.0.0.1:8080`) sending `api_key` (if any) as
+    /// `authorization: Bearer`.
+    pub fn new(base: &str, api_key: Option<&str>) -> Self {
         let agent = ureq::Agent::config_builder()
             .http_status_as_error(false)
             .build()
@@ -22,6 +25,22 @@ impl Client {
         Client {
             base: base.trim_end_matches('/').to_string(),
             agent,
+            bearer: api_key
+                .map(str::trim)
+                .filter(|k| !k.is_empty())
+                .map(|k| format!("Bearer {k}")),
+        }
+    }
+
+    /// The `authorization` header value, if a key was given.
+    pub fn bearer(&self) -> Option<&str> {
+        self.bearer.as_deref()
+    }
+
+    fn auth<B>(&self, req: ureq::RequestBuilder<B>) -> ureq::RequestBuilder<B> {
+        match &self.bearer {
+            Some(b) => req.header("authorization", b),
+            None => req,
         }
     }
 
@@ -41,14 +60,13 @@ impl Client {
 
     /// GET a JSON document.
     pub fn get_json(&self, path: &str) -> anyhow::Result<Value> {
-        self.call(self.agent.get(self.url(path)))
+        self.call(self.auth(self.agent.get(self.url(path))))
     }
 
     /// GET a text document (an error answer becomes an error).
     pub fn get_text(&self, path: &str) -> anyhow::Result<String> {
         let mut resp = self
-            .agent
-            .get(self.url(path))
+            .auth(self.agent.get(self.url(path)))
             .call()
             .with_context(|| format!("connecting to {}", self.base))?;
         if !resp.status().is_success() {
@@ -64,7 +82,7 @@ impl Client {
 
     /// DELETE, returning the JSON answer.
     pub fn delete(&self, path: &str) -> anyhow::Result<Value> {
-        self.call(self.agent.delete(self.url(path)))
+        self.call(self.auth(self.agent.delete(self.url(path))))
     }
 
     fn call(
@@ -80,13 +98,13 @@ impl Client {
     /// Whether the server has a blob.
     pub fn has_blob(&self, digest: &str) -> anyhow::Result<bool> {
         let resp = self
-            .agent
-            .head(self.url(&format!("/v1/blobs/{digest}")))
+            .auth(self.agent.head(self.url(&format!("/v1/blobs/{digest}"))))
             .call()
             .with_context(|| format!("connecting to {}", self.base))?;
         match resp.status().as_u16() {
             200 => Ok(true),
             404 => Ok(false),
+            401 | 403 => json_or_error(resp).map(|_| false),
             s => bail!("HEAD blob {digest}: unexpected status {s}"),
         }
     }
@@ -94,8 +112,7 @@ impl Client {
     /// Uploads a blob from a reader of `len` bytes.
     pub fn put_blob(&self, digest: &str, len: u64, reader: &mut dyn Read) -> anyhow::Result<Value> {
         let resp = self
-            .agent
-            .put(self.url(&format!("/v1/blobs/{digest}")))
+            .auth(self.agent.put(self.url(&format!("/v1/blobs/{digest}"))))
             .header("content-type", "application/octet-stream")
             .header("content-length", len.to_string())
             .send(ureq::SendBody::from_reader(reader))
@@ -105,11 +122,24 @@ impl Client {
 
     /// POSTs a JSON document.
     pub fn post_json(&self, path: &str, body: &Value) -> anyhow::Result<Value> {
-        let resp = self
-            .agent
-            .post(self.url(path))
-            .header("content-type", "application/json")
-            .send(body.to_string())
+        self.post_bytes(path, body.to_string().as_bytes(), &[])
+    }
+
+    /// POSTs JSON text as given (signed manifests are sent byte for byte), with extra headers.
+    pub fn post_bytes(
+        &self,
+        path: &str,
+        json: &[u8],
+        headers: &[(&str, &str)],
+    ) -> anyhow::Result<Value> {
+        let mut req = self
+            .auth(self.agent.post(self.url(path)))
+            .header("content-type", "application/json");
+        for (k, v) in headers {
+            req = req.header(*k, *v);
+        }
+        let resp = req
+            .send(json)
             .with_context(|| format!("connecting to {}", self.base))?;
         json_or_error(resp)
     }

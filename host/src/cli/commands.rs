@@ -1,4 +1,4 @@
-//! The client commands: build, deploy, invoke, list, delete.
+//! The client commands: build, deploy, invoke, list, delete, usage, keys, audit, keygen.
 
 use std::io::{IsTerminal, Read, Write};
 use std::path::Path;
@@ -9,6 +9,7 @@ use serde_json::{Value, json};
 
 use super::{Client, Output};
 use crate::api::functions::ModelDecl;
+use crate::auth::signing;
 use crate::manifest::Manifest;
 use crate::nn::embed::{self, EmbeddedModel};
 use crate::runtime::LimitsSpec;
@@ -83,8 +84,19 @@ fn embed_models_into(m: &Manifest, component: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// `kiln deploy [DIR | FILE.wasm]`.
-pub fn deploy(client: &Client, path: &Path, name: Option<String>) -> anyhow::Result<()> {
+/// `kiln deploy [DIR | FILE.wasm] [--sign KEYFILE]`.
+pub fn deploy(
+    client: &Client,
+    path: &Path,
+    name: Option<String>,
+    sign: Option<&Path>,
+) -> anyhow::Result<()> {
+    // Read the key first: a bad key file fails before anything is uploaded.
+    let secret = sign
+        .map(|p| {
+            std::fs::read_to_string(p).with_context(|| format!("reading key file {}", p.display()))
+        })
+        .transpose()?;
     let (name, component, limits, manifest) =
         if path.is_file() && path.extension().is_some_and(|e| e == "wasm") {
             let name = match name {
@@ -120,8 +132,30 @@ pub fn deploy(client: &Client, path: &Path, name: Option<String>) -> anyhow::Res
         body["models"] = model_decls(client, m, &component)?;
         body["nn"] = serde_json::to_value(&m.nn)?;
         body["cache"] = serde_json::to_value(&m.cache)?;
+        if let Some(public) = m.public {
+            body["public"] = public.into();
+        }
     }
-    let answer = client.post_json(&format!("/v1/functions/{name}/versions"), &body)?;
+    // The manifest names every blob by digest; signing its bytes signs the whole bundle.
+    let manifest = body.to_string();
+    let headers = match &secret {
+        Some(secret) => {
+            let (signer, sig) =
+                signing::sign(secret, &name, manifest.as_bytes()).map_err(anyhow::Error::msg)?;
+            eprintln!("signed by {signer}");
+            vec![
+                (signing::SIGNER_HEADER, signer),
+                (signing::SIGNATURE_HEADER, sig),
+            ]
+        }
+        None => Vec::new(),
+    };
+    let headers: Vec<(&str, &str)> = headers.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let answer = client.post_bytes(
+        &format!("/v1/functions/{name}/versions"),
+        manifest.as_bytes(),
+        &headers,
+    )?;
     println!(
         "deployed {} version {} ({})",
         answer["function"].as_str().unwrap_or(&name),
@@ -235,6 +269,9 @@ pub fn invoke(client: &Client, args: &InvokeArgs) -> anyhow::Result<()> {
     let mut req = http::Request::builder()
         .method(method.as_str())
         .uri(format!("{}/fn/{}{path}", client.base(), args.name));
+    if let Some(bearer) = client.bearer() {
+        req = req.header("authorization", bearer);
+    }
     for h in &args.headers {
         let (k, v) = h
             .split_once(':')
@@ -382,6 +419,106 @@ fn percent_encode(s: &str) -> String {
             _ => format!("%{b:02X}"),
         })
         .collect()
+}
+
+/// `kiln keys create`: prints the key's details, then its secret alone on the last line.
+pub fn keys_create(
+    client: &Client,
+    tenant: &str,
+    scopes: &[String],
+    rate: Option<&str>,
+) -> anyhow::Result<()> {
+    let mut body = json!({"tenant": tenant, "scopes": scopes});
+    if let Some(r) = rate {
+        body["rate"] = r.into();
+    }
+    let v = client.post_json("/v1/keys", &body)?;
+    let scopes: Vec<&str> = v["scopes"]
+        .as_array()
+        .map(|a| a.iter().filter_map(Value::as_str).collect())
+        .unwrap_or_default();
+    eprintln!(
+        "created key {} for tenant {} ({}); it is shown only now:",
+        v["id"].as_str().unwrap_or_default(),
+        v["tenant"].as_str().unwrap_or_default(),
+        scopes.join(" ")
+    );
+    println!("{}", v["key"].as_str().context("the server sent no key")?);
+    Ok(())
+}
+
+/// `kiln keys list`.
+pub fn keys_list(client: &Client, output: Output) -> anyhow::Result<()> {
+    let mut v = client.get_json("/v1/keys")?;
+    if let (Output::Table, Some(keys)) = (output, v["keys"].as_array_mut()) {
+        for k in keys {
+            let scopes: Vec<&str> = k["scopes"]
+                .as_array()
+                .map(|a| a.iter().filter_map(Value::as_str).collect())
+                .unwrap_or_default();
+            k["scopes"] = scopes.join(",").into();
+            k["status"] = if k["revoked_at"].is_null() {
+                "active"
+            } else {
+                "revoked"
+            }
+            .into();
+        }
+    }
+    print_table(
+        &v,
+        output,
+        "keys",
+        &["id", "tenant", "scopes", "rate", "status", "created_at"],
+    )
+}
+
+/// `kiln keys revoke ID`.
+pub fn keys_revoke(client: &Client, id: &str) -> anyhow::Result<()> {
+    client.delete(&format!("/v1/keys/{}", percent_encode(id)))?;
+    println!("revoked {id}");
+    Ok(())
+}
+
+/// `kiln audit`.
+pub fn audit(
+    client: &Client,
+    filters: &[(&str, Option<String>)],
+    output: Output,
+) -> anyhow::Result<()> {
+    let query: Vec<String> = filters
+        .iter()
+        .filter_map(|(k, v)| v.as_ref().map(|v| format!("{k}={}", percent_encode(v))))
+        .collect();
+    let v = client.get_json(&format!("/v1/audit?{}", query.join("&")))?;
+    print_table(
+        &v,
+        output,
+        "entries",
+        &[
+            "at", "key_id", "tenant", "action", "target", "outcome", "status", "detail",
+        ],
+    )
+}
+
+/// `kiln keygen --out FILE`.
+pub fn keygen(out: &Path) -> anyhow::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let (secret, public) = signing::keygen()?;
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(out)
+        .with_context(|| format!("creating {} (it must not exist yet)", out.display()))?;
+    file.write_all(secret.as_bytes())?;
+    file.sync_all()?;
+    eprintln!(
+        "wrote the secret key to {}; trust the public key on servers with\n  [auth] trusted_publishers = [\"{public}\"]",
+        out.display()
+    );
+    println!("{public}");
+    Ok(())
 }
 
 fn print_table(v: &Value, output: Output, key: &str, columns: &[&str]) -> anyhow::Result<()> {

@@ -44,12 +44,55 @@ pub enum UsageOutput {
     Csv,
 }
 
-/// Where client commands send their requests.
+/// Where client commands send their requests, and with which key.
 #[derive(Debug, Clone, clap::Args)]
 pub struct ServerArg {
     /// URL of the Kiln server.
     #[arg(long, env = "KILN_SERVER", default_value = DEFAULT_SERVER)]
     pub server: String,
+    /// API key, sent as `authorization: Bearer`.
+    #[arg(long, env = "KILN_API_KEY", hide_env_values = true)]
+    pub api_key: Option<String>,
+}
+
+impl ServerArg {
+    /// A client of the server, carrying the key.
+    pub fn client(&self) -> Client {
+        Client::new(&self.server, self.api_key.as_deref())
+    }
+}
+
+/// `kiln keys ...`.
+#[derive(Debug, Subcommand)]
+pub enum KeysCommand {
+    /// Create an API key; its secret is printed on the last line, this once.
+    Create {
+        /// The tenant the key acts for and bills.
+        #[arg(long)]
+        tenant: String,
+        /// admin, deploy:PATTERN, invoke:PATTERN, usage:read or audit:read (repeatable;
+        /// PATTERN matches function names, `*` for any run of characters).
+        #[arg(long = "scope", required = true)]
+        scopes: Vec<String>,
+        /// Rate limit of the key: N/s, N/m or N/h (default: the server's).
+        #[arg(long)]
+        rate: Option<String>,
+        #[command(flatten)]
+        server: ServerArg,
+    },
+    /// List API keys (never their secrets).
+    List {
+        #[arg(long, value_enum, default_value_t)]
+        output: Output,
+        #[command(flatten)]
+        server: ServerArg,
+    },
+    /// Revoke an API key; it is refused from the next request on.
+    Revoke {
+        id: String,
+        #[command(flatten)]
+        server: ServerArg,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -65,6 +108,10 @@ pub enum Command {
         /// TOML configuration file; flags and KILN_* variables override it.
         #[arg(long)]
         config: Option<PathBuf>,
+        /// With no API keys at all, serve without authentication instead of refusing
+        /// (any address) or making an admin key (loopback).
+        #[arg(long)]
+        insecure: bool,
     },
     /// Build the function in DIR with the command its kiln.toml names.
     Build {
@@ -84,6 +131,9 @@ pub enum Command {
         /// Function name (default: the manifest's name, or the file's stem).
         #[arg(long)]
         name: Option<String>,
+        /// Sign the version manifest with this secret key file (from `kiln keygen`).
+        #[arg(long, value_name = "KEYFILE")]
+        sign: Option<PathBuf>,
         #[command(flatten)]
         server: ServerArg,
     },
@@ -152,6 +202,40 @@ pub enum Command {
         #[command(flatten)]
         server: ServerArg,
     },
+    /// Manage API keys (admin).
+    Keys {
+        #[command(subcommand)]
+        command: KeysCommand,
+    },
+    /// Read the audit log of control-plane actions, newest first.
+    Audit {
+        /// Window start: RFC 3339 or unix milliseconds.
+        #[arg(long)]
+        since: Option<String>,
+        /// Window end (exclusive).
+        #[arg(long)]
+        until: Option<String>,
+        /// Only this tenant.
+        #[arg(long)]
+        tenant: Option<String>,
+        /// Only this action (e.g. version.create, key.revoke).
+        #[arg(long)]
+        action: Option<String>,
+        /// At most this many entries.
+        #[arg(long)]
+        limit: Option<u32>,
+        #[arg(long, value_enum, default_value_t)]
+        output: Output,
+        #[command(flatten)]
+        server: ServerArg,
+    },
+    /// Make an Ed25519 key pair for signing bundles: writes the secret key to FILE
+    /// (mode 0600) and prints the public key to trust on servers.
+    Keygen {
+        /// Where to write the secret key.
+        #[arg(long, default_value = "kiln-signing.key")]
+        out: PathBuf,
+    },
 }
 
 /// Runs a parsed command line.
@@ -161,11 +245,15 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             listen,
             data_dir,
             config,
-        } => serve::run(listen, data_dir, config),
+            insecure,
+        } => serve::run(listen, data_dir, config, insecure),
         Command::Build { dir, embed_models } => commands::build(&dir, embed_models),
-        Command::Deploy { path, name, server } => {
-            commands::deploy(&Client::new(&server.server), &path, name)
-        }
+        Command::Deploy {
+            path,
+            name,
+            sign,
+            server,
+        } => commands::deploy(&server.client(), &path, name, sign.as_deref()),
         Command::Invoke {
             name,
             path,
@@ -175,7 +263,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             include,
             server,
         } => commands::invoke(
-            &Client::new(&server.server),
+            &server.client(),
             &commands::InvokeArgs {
                 name,
                 path,
@@ -185,15 +273,13 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                 include,
             },
         ),
-        Command::Functions { output, server } => {
-            commands::functions(&Client::new(&server.server), output)
-        }
+        Command::Functions { output, server } => commands::functions(&server.client(), output),
         Command::Versions {
             name,
             output,
             server,
-        } => commands::versions(&Client::new(&server.server), &name, output),
-        Command::Delete { name, server } => commands::delete(&Client::new(&server.server), &name),
+        } => commands::versions(&server.client(), &name, output),
+        Command::Delete { name, server } => commands::delete(&server.client(), &name),
         Command::Usage {
             function,
             tenant,
@@ -210,7 +296,36 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                 ("until", until),
                 ("group_by", group_by),
             ];
-            commands::usage(&Client::new(&server.server), &filters, output)
+            commands::usage(&server.client(), &filters, output)
         }
+        Command::Keys { command } => match command {
+            KeysCommand::Create {
+                tenant,
+                scopes,
+                rate,
+                server,
+            } => commands::keys_create(&server.client(), &tenant, &scopes, rate.as_deref()),
+            KeysCommand::List { output, server } => commands::keys_list(&server.client(), output),
+            KeysCommand::Revoke { id, server } => commands::keys_revoke(&server.client(), &id),
+        },
+        Command::Audit {
+            since,
+            until,
+            tenant,
+            action,
+            limit,
+            output,
+            server,
+        } => {
+            let filters = [
+                ("since", since),
+                ("until", until),
+                ("tenant", tenant),
+                ("action", action),
+                ("limit", limit.map(|l| l.to_string())),
+            ];
+            commands::audit(&server.client(), &filters, output)
+        }
+        Command::Keygen { out } => commands::keygen(&out),
     }
 }

@@ -12,12 +12,17 @@ pub fn run(
     listen: Option<String>,
     data_dir: Option<PathBuf>,
     config: Option<PathBuf>,
+    insecure: bool,
 ) -> anyhow::Result<()> {
     let file = match &config {
         Some(path) => ConfigFile::load(path)?,
         None => ConfigFile::default(),
     };
-    let config = ServerConfig::resolve(file, listen, data_dir)?;
+    let mut config = ServerConfig::resolve(file, listen, data_dir)?;
+    config.auth.admin_key = std::env::var("KILN_ADMIN_KEY")
+        .ok()
+        .filter(|k| !k.is_empty());
+    config.auth.insecure = insecure;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("kiln-worker")
@@ -28,8 +33,11 @@ pub fn run(
             .await
             .with_context(|| format!("binding {}", config.listen))?;
         let addr = listener.local_addr()?;
-        let app = App::open(config)?;
-        tracing::info!(data_dir = %app.config.data_dir.display(), functions = app.registry.functions().len(), "kiln ready");
+        let (app, admin_key) = App::open(config)?;
+        if let Some(key) = admin_key {
+            println!("kiln admin key (shown once; keep it, then `export KILN_API_KEY=...`):\n{key}");
+        }
+        tracing::info!(data_dir = %app.config.data_dir.display(), functions = app.registry.functions().len(), auth = !app.auth.is_open(), "kiln ready");
         println!("kiln serving on http://{addr}");
         let served = crate::server::serve(app.clone(), listener, shutdown_signal()).await;
         // Every drained request has submitted its usage record: commit them all.

@@ -8,10 +8,11 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, RwLock};
 
 use super::admission::Admission;
+use crate::auth::Limiter;
 use crate::cache::Placement;
 use crate::meter::VersionMetrics;
 use crate::nn::VersionModels;
-use crate::store::VersionRecord;
+use crate::store::{FunctionInfo, VersionRecord};
 
 /// One version, its admission gate and its models.
 pub struct VersionEntry {
@@ -36,18 +37,36 @@ impl std::fmt::Debug for VersionEntry {
     }
 }
 
-/// One function: its versions by number.
+/// One function: its owner, its versions by number, its request budget.
 #[derive(Debug, Clone)]
 pub struct FunctionEntry {
     pub name: String,
     pub created_at: i64,
+    /// The tenant that owns it.
+    pub owner: Arc<str>,
+    /// Callable without a key.
+    pub public: bool,
     pub versions: BTreeMap<u32, Arc<VersionEntry>>,
+    /// The rate limit of the newest version's `[limits] rate`, shared by every version.
+    pub limiter: Option<Arc<Limiter>>,
 }
 
 impl FunctionEntry {
     /// The newest version, which serves unpinned requests.
     pub fn latest(&self) -> Option<&Arc<VersionEntry>> {
         self.versions.values().next_back()
+    }
+
+    /// The version that serves a request: the pinned one, else the latest.
+    pub fn pick(&self, pinned: Option<u32>) -> Result<&Arc<VersionEntry>, RouteError> {
+        let v = match pinned {
+            Some(n) => self.versions.get(&n),
+            None => self.latest(),
+        };
+        v.ok_or_else(|| match pinned {
+            Some(n) => RouteError::NoVersion(self.name.clone(), n),
+            None => RouteError::NoFunction(self.name.clone()),
+        })
     }
 }
 
@@ -81,8 +100,9 @@ impl Registry {
         Admission::new(max_concurrency, self.queue_depth)
     }
 
-    /// Adds a version (creating its function entry on the first one).
-    pub fn add(&self, entry: VersionEntry, created_at: i64) {
+    /// Adds a version (creating its function entry on the first one); `info` is the
+    /// function as the database has it now (owner, visibility).
+    pub fn add(&self, entry: VersionEntry, info: &FunctionInfo) {
         let entry = Arc::new(entry);
         let mut map = self.functions.write().unwrap_or_else(|p| p.into_inner());
         let name = entry.record.function.clone();
@@ -91,10 +111,18 @@ impl Registry {
             .map(|f| (**f).clone())
             .unwrap_or_else(|| FunctionEntry {
                 name: name.clone(),
-                created_at,
+                created_at: info.created_at,
+                owner: Arc::from(info.tenant.as_str()),
+                public: info.public,
                 versions: BTreeMap::new(),
+                limiter: None,
             });
+        f.public = info.public;
         f.versions.insert(entry.record.version, entry);
+        let rate = f.latest().and_then(|v| v.record.limits.rate);
+        if f.limiter.as_ref().map(|l| l.rate()) != rate {
+            f.limiter = rate.map(|r| Arc::new(Limiter::new(r)));
+        }
         map.insert(name, Arc::new(f));
     }
 
@@ -120,17 +148,10 @@ impl Registry {
 
     /// Picks the version that serves a request: the pinned one, else the latest.
     pub fn route(&self, name: &str, pinned: Option<u32>) -> Result<Arc<VersionEntry>, RouteError> {
-        let f = self
-            .function(name)
-            .ok_or_else(|| RouteError::NoFunction(name.to_string()))?;
-        let v = match pinned {
-            Some(n) => f.versions.get(&n),
-            None => f.latest(),
-        };
-        v.cloned().ok_or_else(|| match pinned {
-            Some(n) => RouteError::NoVersion(name.to_string(), n),
-            None => RouteError::NoFunction(name.to_string()),
-        })
+        self.function(name)
+            .ok_or_else(|| RouteError::NoFunction(name.to_string()))?
+            .pick(pinned)
+            .cloned()
     }
 }
 
@@ -150,6 +171,7 @@ mod tests {
             limits: Limits::default(),
             nn: Default::default(),
             cache: Default::default(),
+            signer: None,
             created_at: 0,
         }
     }
@@ -168,8 +190,14 @@ mod tests {
     #[test]
     fn route_picks_latest_or_pinned() {
         let r = Registry::new(4);
-        r.add(entry(&r, "f", 1), 0);
-        r.add(entry(&r, "f", 2), 0);
+        let info = FunctionInfo {
+            name: "f".into(),
+            created_at: 0,
+            tenant: "t".into(),
+            public: false,
+        };
+        r.add(entry(&r, "f", 1), &info);
+        r.add(entry(&r, "f", 2), &info);
         assert_eq!(r.route("f", None).expect("latest").record.version, 2);
         assert_eq!(r.route("f", Some(1)).expect("pinned").record.version, 1);
         assert_eq!(

@@ -2,6 +2,7 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::auth::Rate;
 use crate::config::RuntimeConfig;
 
 /// Default per-request timeout of a version, in milliseconds.
@@ -21,6 +22,10 @@ pub struct Limits {
     pub memory_mb: u64,
     /// Requests served at once; more wait in a short queue, then get 503.
     pub max_concurrency: u32,
+    /// Requests accepted per second, minute or hour across the function (429 beyond);
+    /// `None`: no limit.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate: Option<Rate>,
 }
 
 impl Default for Limits {
@@ -29,6 +34,7 @@ impl Default for Limits {
             timeout_ms: DEFAULT_TIMEOUT_MS,
             memory_mb: DEFAULT_MEMORY_MB,
             max_concurrency: DEFAULT_MAX_CONCURRENCY,
+            rate: None,
         }
     }
 }
@@ -74,6 +80,9 @@ pub struct LimitsSpec {
     pub memory_mb: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_concurrency: Option<u32>,
+    /// `"N/s"`, `"N/m"` or `"N/h"`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate: Option<Rate>,
 }
 
 impl LimitsSpec {
@@ -83,6 +92,7 @@ impl LimitsSpec {
             timeout_ms: self.timeout_ms.unwrap_or(defaults.timeout_ms),
             memory_mb: self.memory_mb.unwrap_or(defaults.memory_mb),
             max_concurrency: self.max_concurrency.unwrap_or(defaults.max_concurrency),
+            rate: self.rate.or(defaults.rate),
         }
     }
 
@@ -98,6 +108,7 @@ impl LimitsSpec {
             match k {
                 "timeout_ms" => spec.timeout_ms = Some(num()?),
                 "memory_mb" => spec.memory_mb = Some(num()?),
+                "rate" => spec.rate = Some(v.parse()?),
                 "max_concurrency" => {
                     spec.max_concurrency =
                         Some(u32::try_from(num()?).map_err(|_| {
@@ -106,7 +117,7 @@ impl LimitsSpec {
                 }
                 other => {
                     return Err(format!(
-                        "unknown query parameter {other:?} (known: timeout_ms, memory_mb, max_concurrency)"
+                        "unknown query parameter {other:?} (known: timeout_ms, memory_mb, max_concurrency, rate)"
                     ));
                 }
             }

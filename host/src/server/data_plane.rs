@@ -16,9 +16,10 @@ use hyper::body::Incoming;
 use super::body::{Body, BodyStats, Finishing, LimitedBody, OnEnd, full};
 use crate::api::ApiError;
 use crate::app::App;
+use crate::auth::{AuthError, Caller};
 use crate::cache::responses::{self, CacheStatus, CachedResponse};
 use crate::cache::{Lookup, Placement};
-use crate::deploy::{Admitted, VersionEntry};
+use crate::deploy::{Admitted, RouteError, VersionEntry};
 use crate::meter::{Durability, Outcome, UsageRecord};
 use crate::nn::{Device, InferenceTime};
 use crate::runtime::{GuestUsage, InvokeError, ResponseBody, Timings};
@@ -55,6 +56,7 @@ pub fn parse_fn_path(path: &str) -> Result<(&str, Option<u32>, &str), ApiError> 
 struct Usage {
     app: Arc<App>,
     entry: Arc<VersionEntry>,
+    tenant: Arc<str>,
     written: bool,
     request_id: String,
     start_ms: i64,
@@ -71,6 +73,7 @@ impl Usage {
     fn new(
         app: &Arc<App>,
         entry: &Arc<VersionEntry>,
+        tenant: Arc<str>,
         request_id: &HeaderValue,
         caching: bool,
         head: bool,
@@ -78,6 +81,7 @@ impl Usage {
         Usage {
             app: app.clone(),
             entry: entry.clone(),
+            tenant,
             written: app.ledger.is_none(),
             request_id: request_id.to_str().unwrap_or_default().to_string(),
             start_ms: std::time::SystemTime::now()
@@ -120,7 +124,7 @@ impl Usage {
         };
         let mut r = UsageRecord {
             request_id: std::mem::take(&mut self.request_id),
-            tenant: anonymous(),
+            tenant: self.tenant.clone(),
             function: self.entry.function.clone(),
             version: self.entry.record.version,
             start_ms: self.start_ms,
@@ -197,12 +201,6 @@ impl Drop for Usage {
     }
 }
 
-/// The tenant of every request until API keys exist.
-fn anonymous() -> Arc<str> {
-    static ANONYMOUS: std::sync::OnceLock<Arc<str>> = std::sync::OnceLock::new();
-    ANONYMOUS.get_or_init(|| Arc::from("anonymous")).clone()
-}
-
 fn outcome_of(e: &ApiError) -> Outcome {
     match e {
         ApiError::Invoke(InvokeError::Timeout(_)) => Outcome::Timeout,
@@ -224,10 +222,10 @@ pub async fn handle(
     id: &HeaderValue,
 ) -> Result<Response<Body>, ApiError> {
     let (name, pinned, rest) = parse_fn_path(req.uri().path())?;
-    let entry = app.registry.route(name, pinned)?;
+    let (entry, tenant) = admit(app, &req, name, pinned)?;
     let placement = &entry.responses;
     let head = req.method() == http::Method::HEAD;
-    let mut usage = Usage::new(app, &entry, id, placement.is_some(), head);
+    let mut usage = Usage::new(app, &entry, tenant, id, placement.is_some(), head);
     let rest = rest.to_string();
     let served = match placement {
         Some(at) if !responses::bypass(req.method(), req.headers()) => {
@@ -261,6 +259,40 @@ pub async fn handle(
             Err(e)
         }
     }
+}
+
+/// Checks who calls (a key of the owning tenant with an invoke scope, or anyone for a
+/// public function) and the key's and the function's rate limits; picks the version.
+/// Returns it with the tenant billed: the key's, or the owner's when no key was needed.
+/// An anonymous caller learns nothing of private functions: they answer 401 as if absent.
+fn admit(
+    app: &App,
+    req: &Request<Incoming>,
+    name: &str,
+    pinned: Option<u32>,
+) -> Result<(Arc<VersionEntry>, Arc<str>), ApiError> {
+    let caller = app.auth.authenticate(req.headers())?;
+    let anonymous = matches!(caller, Caller::Anonymous);
+    let Some(f) = app.registry.function(name) else {
+        return Err(match anonymous {
+            true => AuthError::Missing.into(),
+            false => RouteError::NoFunction(name.to_string()).into(),
+        });
+    };
+    caller.may_invoke(name, &f.owner, f.public)?;
+    if let Some(l) = &f.limiter {
+        l.check().map_err(|retry_after| AuthError::RateLimited {
+            what: format!("function {name:?}"),
+            rate: l.rate(),
+            retry_after,
+        })?;
+    }
+    let entry = f.pick(pinned)?.clone();
+    let tenant = match caller {
+        Caller::Key(k) => k.tenant.clone(),
+        Caller::Open | Caller::Anonymous => f.owner.clone(),
+    };
+    Ok((entry, tenant))
 }
 
 /// Refuses a body announced larger than the limit (reading a modest one first, so the

@@ -10,6 +10,7 @@ use hyper::body::Incoming;
 use super::body::{Body, full};
 use crate::api::{self, ApiError};
 use crate::app::App;
+use crate::auth::AuthError;
 
 /// Header carrying the request id, echoed on every response.
 pub const REQUEST_ID: &str = "x-kiln-request-id";
@@ -46,12 +47,21 @@ pub async fn handle(app: Arc<App>, req: Request<Incoming>) -> Response<Body> {
             }),
         ))
     } else if path == "/metrics" {
-        let mut resp = Response::new(full(app.metrics.encode()));
-        resp.headers_mut().insert(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static("application/openmetrics-text; version=1.0.0; charset=utf-8"),
-        );
-        Ok(resp)
+        // Metrics name every tenant's functions: an admin key reads them.
+        app.auth
+            .authenticate(req.headers())
+            .and_then(|c| c.need(&crate::auth::Scope::Admin))
+            .map_err(ApiError::from)
+            .map(|()| {
+                let mut resp = Response::new(full(app.metrics.encode()));
+                resp.headers_mut().insert(
+                    header::CONTENT_TYPE,
+                    HeaderValue::from_static(
+                        "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                    ),
+                );
+                resp
+            })
     } else if path.starts_with("/v1/") {
         api::handle(&app, req).await
     } else {
@@ -85,9 +95,24 @@ pub fn error_response(e: &ApiError) -> Response<Body> {
         }
     }
     let mut resp = json_response(status, &e.to_json());
-    if matches!(e, ApiError::Overloaded(_)) {
-        resp.headers_mut()
-            .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+    match e {
+        ApiError::Overloaded(_) => {
+            resp.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        }
+        ApiError::Auth(AuthError::RateLimited { retry_after, .. }) => {
+            resp.headers_mut().insert(
+                header::RETRY_AFTER,
+                HeaderValue::from(crate::auth::retry_secs(retry_after)),
+            );
+        }
+        _ if status == StatusCode::UNAUTHORIZED => {
+            resp.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                HeaderValue::from_static("Bearer realm=\"kiln\""),
+            );
+        }
+        _ => {}
     }
     resp
 }

@@ -20,6 +20,13 @@ impl Digest {
         Digest(Sha256::digest(bytes).into())
     }
 
+    /// Digest of a file's contents, read in chunks.
+    pub fn of_file(path: &std::path::Path) -> std::io::Result<Self> {
+        let mut hasher = Sha256::new();
+        std::io::copy(&mut std::fs::File::open(path)?, &mut hasher)?;
+        Ok(Digest(hasher.finalize().into()))
+    }
+
     /// The bare hex part, used for file names.
     pub fn hex(&self) -> String {
         hex::encode(self.0)

@@ -34,8 +34,30 @@ pub struct VersionRecord {
     pub nn: NnSpec,
     /// Caching of responses and inference results.
     pub cache: CacheSpec,
+    /// The publisher key that signed the bundle (`ed25519:<hex>`), if it was signed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub signer: Option<String>,
     /// Unix seconds.
     pub created_at: i64,
+}
+
+/// Who owns a function and who may call it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FunctionInfo {
+    pub name: String,
+    /// Unix seconds.
+    pub created_at: i64,
+    /// The tenant that created it; only its keys (and admins) may touch it.
+    pub tenant: String,
+    /// Callable without a key.
+    pub public: bool,
+}
+
+/// A deploy onto a function that another tenant owns.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error("function {function:?} belongs to another tenant")]
+pub struct NotOwner {
+    pub function: String,
 }
 
 /// What the API hands over to record a new version.
@@ -47,6 +69,13 @@ pub struct NewVersion {
     pub limits: Limits,
     pub nn: NnSpec,
     pub cache: CacheSpec,
+    pub signer: Option<String>,
+    /// The deploying tenant: owner of the function if this creates it.
+    pub tenant: String,
+    /// Refuse (with [`NotOwner`]) when the function belongs to another tenant; off for admins.
+    pub enforce_owner: bool,
+    /// Sets whether the function is public; `None` keeps what it was (private when new).
+    pub public: Option<bool>,
 }
 
 /// The SQLite metadata store. Calls are short; a mutex serializes them.
@@ -58,8 +87,16 @@ pub struct MetaStore {
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS functions (
     name        TEXT PRIMARY KEY,
-    created_at  INTEGER NOT NULL
+    created_at  INTEGER NOT NULL,
+    tenant      TEXT NOT NULL DEFAULT 'default',
+    public      INTEGER NOT NULL DEFAULT 0
 );
+-- Which tenants uploaded each blob: a manifest may only name blobs its tenant holds.
+CREATE TABLE IF NOT EXISTS blob_owners (
+    digest      TEXT NOT NULL,
+    tenant      TEXT NOT NULL,
+    PRIMARY KEY (digest, tenant)
+) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS version_seq (
     function    TEXT PRIMARY KEY,
     last        INTEGER NOT NULL
@@ -76,6 +113,8 @@ CREATE TABLE IF NOT EXISTS versions (
     created_at      INTEGER NOT NULL,
     nn              TEXT NOT NULL DEFAULT '{}',  -- JSON NnSpec: models by digest
     cache           TEXT NOT NULL DEFAULT '{}',  -- JSON CacheSpec
+    rate            TEXT,                        -- function rate limit, N/s
+    signer          TEXT,                        -- publisher key of a signed bundle
     UNIQUE (function, version)
 );
 ";
@@ -97,16 +136,24 @@ impl MetaStore {
         conn.pragma_update(None, "foreign_keys", "ON")?;
         conn.busy_timeout(std::time::Duration::from_secs(5))?;
         conn.execute_batch(SCHEMA).context("creating schema")?;
-        // Databases created before models (or caching) existed get the column.
-        for column in ["nn", "cache"] {
+        // Databases made by earlier versions of Kiln get the newer columns.
+        let columns = [
+            ("versions", "nn", "TEXT NOT NULL DEFAULT '{}'"),
+            ("versions", "cache", "TEXT NOT NULL DEFAULT '{}'"),
+            ("versions", "rate", "TEXT"),
+            ("versions", "signer", "TEXT"),
+            ("functions", "tenant", "TEXT NOT NULL DEFAULT 'default'"),
+            ("functions", "public", "INTEGER NOT NULL DEFAULT 0"),
+        ];
+        for (table, column, decl) in columns {
             let present: bool = conn
-                .prepare("SELECT 1 FROM pragma_table_info('versions') WHERE name = ?1")?
+                .prepare(&format!(
+                    "SELECT 1 FROM pragma_table_info('{table}') WHERE name = ?1"
+                ))?
                 .exists([column])?;
             if !present {
-                conn.execute_batch(&format!(
-                    "ALTER TABLE versions ADD COLUMN {column} TEXT NOT NULL DEFAULT '{{}}'"
-                ))
-                .with_context(|| format!("adding the {column} column"))?;
+                conn.execute_batch(&format!("ALTER TABLE {table} ADD COLUMN {column} {decl}"))
+                    .with_context(|| format!("adding the {table}.{column} column"))?;
             }
         }
         Ok(MetaStore {
@@ -120,15 +167,36 @@ impl MetaStore {
         self.conn.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Records a new version, creating the function on its first version.
-    pub fn create_version(&self, new: &NewVersion) -> anyhow::Result<VersionRecord> {
+    /// Records a new version, creating the function (owned by `new.tenant`) on its first
+    /// version; returns it with the function as it now is.
+    pub fn create_version(
+        &self,
+        new: &NewVersion,
+    ) -> anyhow::Result<(VersionRecord, FunctionInfo)> {
         let mut conn = self.conn();
         let tx = conn.transaction()?;
         let now = now_secs();
         tx.execute(
-            "INSERT OR IGNORE INTO functions (name, created_at) VALUES (?1, ?2)",
-            params![new.function, now],
+            "INSERT OR IGNORE INTO functions (name, created_at, tenant, public) VALUES (?1, ?2, ?3, ?4)",
+            params![new.function, now, new.tenant, new.public.unwrap_or(false)],
         )?;
+        let owner: String = tx.query_row(
+            "SELECT tenant FROM functions WHERE name = ?1",
+            [&new.function],
+            |r| r.get(0),
+        )?;
+        if new.enforce_owner && owner != new.tenant {
+            return Err(NotOwner {
+                function: new.function.clone(),
+            }
+            .into());
+        }
+        if let Some(public) = new.public {
+            tx.execute(
+                "UPDATE functions SET public = ?2 WHERE name = ?1",
+                params![new.function, public],
+            )?;
+        }
         let last: Option<u32> = tx
             .query_row(
                 "SELECT last FROM version_seq WHERE function = ?1",
@@ -144,8 +212,8 @@ impl MetaStore {
         )?;
         tx.execute(
             "INSERT INTO versions (function, version, digest, size, timeout_ms, memory_mb,
-                                   max_concurrency, created_at, nn, cache)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+                                   max_concurrency, created_at, nn, cache, rate, signer)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
             params![
                 new.function,
                 version,
@@ -156,12 +224,19 @@ impl MetaStore {
                 new.limits.max_concurrency,
                 now,
                 serde_json::to_string(&new.nn)?,
-                serde_json::to_string(&new.cache)?
+                serde_json::to_string(&new.cache)?,
+                new.limits.rate.map(|r| r.to_string()),
+                new.signer
             ],
         )?;
         let id = tx.last_insert_rowid();
+        let info = tx.query_row(
+            "SELECT name, created_at, tenant, public FROM functions WHERE name = ?1",
+            [&new.function],
+            function_info,
+        )?;
         tx.commit()?;
-        Ok(VersionRecord {
+        let record = VersionRecord {
             id,
             function: new.function.clone(),
             version,
@@ -170,8 +245,10 @@ impl MetaStore {
             limits: new.limits,
             nn: new.nn.clone(),
             cache: new.cache.clone(),
+            signer: new.signer.clone(),
             created_at: now,
-        })
+        };
+        Ok((record, info))
     }
 
     /// Every version of every function, oldest first (used to rebuild state at start).
@@ -179,15 +256,16 @@ impl MetaStore {
         let conn = self.conn();
         let mut stmt = conn.prepare(
             "SELECT id, function, version, digest, size, timeout_ms, memory_mb,
-                    max_concurrency, created_at, nn, cache
+                    max_concurrency, created_at, nn, cache, rate, signer
              FROM versions ORDER BY id",
         )?;
         let rows = stmt.query_map([], |r| {
             let digest: String = r.get(3)?;
             let nn: String = r.get(9)?;
             let cache: String = r.get(10)?;
+            let rate: Option<String> = r.get(11)?;
             Ok((
-                (digest, nn, cache),
+                (digest, nn, cache, rate),
                 VersionRecord {
                     id: r.get(0)?,
                     function: r.get(1)?,
@@ -198,16 +276,22 @@ impl MetaStore {
                         timeout_ms: r.get::<_, i64>(5)? as u64,
                         memory_mb: r.get::<_, i64>(6)? as u64,
                         max_concurrency: r.get(7)?,
+                        rate: None,
                     },
                     nn: NnSpec::default(),
                     cache: CacheSpec::default(),
+                    signer: r.get(12)?,
                     created_at: r.get(8)?,
                 },
             ))
         })?;
         let mut out = Vec::new();
         for row in rows {
-            let ((digest, nn, cache), mut rec) = row?;
+            let ((digest, nn, cache, rate), mut rec) = row?;
+            rec.limits.rate = rate
+                .map(|r| r.parse())
+                .transpose()
+                .map_err(|e: String| anyhow::anyhow!("versions row {}: {e}", rec.id))?;
             rec.digest = digest
                 .parse()
                 .with_context(|| format!("corrupt digest in versions row {}", rec.id))?;
@@ -220,12 +304,29 @@ impl MetaStore {
         Ok(out)
     }
 
-    /// Creation time of each function, by name.
-    pub fn function_created_at(&self) -> anyhow::Result<Vec<(String, i64)>> {
+    /// Every function: owner, visibility, creation time.
+    pub fn functions(&self) -> anyhow::Result<Vec<FunctionInfo>> {
         let conn = self.conn();
-        let mut stmt = conn.prepare("SELECT name, created_at FROM functions")?;
-        let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?;
+        let mut stmt = conn.prepare("SELECT name, created_at, tenant, public FROM functions")?;
+        let rows = stmt.query_map([], function_info)?;
         Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// Records that `tenant` holds blob `digest` (it uploaded the bytes).
+    pub fn add_blob_owner(&self, digest: &Digest, tenant: &str) -> anyhow::Result<()> {
+        self.conn().execute(
+            "INSERT OR IGNORE INTO blob_owners (digest, tenant) VALUES (?1, ?2)",
+            params![digest.to_string(), tenant],
+        )?;
+        Ok(())
+    }
+
+    /// Whether `tenant` uploaded blob `digest`.
+    pub fn owns_blob(&self, digest: &Digest, tenant: &str) -> anyhow::Result<bool> {
+        Ok(self
+            .conn()
+            .prepare_cached("SELECT 1 FROM blob_owners WHERE digest = ?1 AND tenant = ?2")?
+            .exists(params![digest.to_string(), tenant])?)
     }
 
     /// Deletes a function and all its versions; false when it did not exist.
@@ -237,6 +338,15 @@ impl MetaStore {
         tx.commit()?;
         Ok(n > 0)
     }
+}
+
+fn function_info(r: &rusqlite::Row<'_>) -> rusqlite::Result<FunctionInfo> {
+    Ok(FunctionInfo {
+        name: r.get(0)?,
+        created_at: r.get(1)?,
+        tenant: r.get(2)?,
+        public: r.get(3)?,
+    })
 }
 
 #[cfg(test)]
@@ -258,20 +368,35 @@ mod tests {
             limits: Limits::default(),
             nn: NnSpec::default(),
             cache: CacheSpec::default(),
+            signer: None,
+            tenant: "t".into(),
+            enforce_owner: true,
+            public: None,
         }
     }
 
     #[test]
     fn versions_count_up_and_are_never_reused() {
         let (meta, dir) = store("seq");
-        assert_eq!(meta.create_version(&new("a")).expect("v1").version, 1);
-        assert_eq!(meta.create_version(&new("a")).expect("v2").version, 2);
-        assert_eq!(meta.create_version(&new("b")).expect("b1").version, 1);
+        let version = |n: NewVersion| meta.create_version(&n).expect("create").0.version;
+        assert_eq!(version(new("a")), 1);
+        assert_eq!(version(new("a")), 2);
+        assert_eq!(version(new("b")), 1);
         assert!(meta.delete_function("a").expect("delete"));
         assert!(!meta.delete_function("a").expect("delete again"));
-        assert_eq!(meta.create_version(&new("a")).expect("v3").version, 3);
+        assert_eq!(version(new("a")), 3);
+        // Another tenant cannot add versions to it; an admin (no enforcement) can, and
+        // the owner stays.
+        let mut other = new("a");
+        other.tenant = "u".into();
+        let err = meta.create_version(&other).expect_err("not the owner");
+        assert!(err.downcast_ref::<NotOwner>().is_some(), "{err:#}");
+        other.enforce_owner = false;
+        other.public = Some(true);
+        let (_, info) = meta.create_version(&other).expect("admin");
+        assert_eq!((info.tenant.as_str(), info.public), ("t", true));
         let all = meta.all_versions().expect("all");
-        assert_eq!(all.len(), 2);
+        assert_eq!(all.len(), 3);
         // Models round-trip through the nn column.
         let mut with_model = new("m");
         with_model.nn.models.push(crate::nn::ModelRef {

@@ -1,0 +1,72 @@
+//! `/v1/keys`: create (the secret is in the answer, this once), list and revoke API keys.
+//! Admin only.
+
+use std::sync::Arc;
+
+use http::{Request, Response, StatusCode};
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+
+use super::{ApiError, AuditDetail};
+use crate::app::App;
+use crate::auth::{ApiKey, Caller, NewKey};
+use crate::server::{Body, json_response};
+
+/// Largest key request accepted, in bytes.
+const MAX_KEY_REQUEST_BYTES: usize = 64 << 10;
+
+fn key_json(k: &ApiKey) -> serde_json::Value {
+    serde_json::to_value(k).unwrap_or_default()
+}
+
+/// `POST /v1/keys` `{"tenant", "scopes": [...], "rate"?}`.
+pub(super) async fn create(
+    app: &Arc<App>,
+    req: Request<Incoming>,
+    caller: &Caller,
+) -> Result<Response<Body>, ApiError> {
+    let body = http_body_util::Limited::new(req.into_body(), MAX_KEY_REQUEST_BYTES)
+        .collect()
+        .await
+        .map_err(|e| ApiError::TooLarge(format!("key request: {e}")))?
+        .to_bytes();
+    let new: NewKey = serde_json::from_slice(&body)
+        .map_err(|e| ApiError::InvalidRequest(format!("invalid key request: {e}")))?;
+    let app2 = app.clone();
+    let by = caller.clone();
+    let (key, secret) = tokio::task::spawn_blocking(move || app2.auth.create(&new, &by))
+        .await
+        .map_err(|e| ApiError::Internal(anyhow::anyhow!("key task: {e}")))?
+        .map_err(ApiError::InvalidRequest)?;
+    let mut json = key_json(&key);
+    json["key"] = secret.into();
+    let mut resp = json_response(StatusCode::CREATED, &json);
+    let scopes: Vec<String> = key.scopes.iter().map(ToString::to_string).collect();
+    resp.extensions_mut().insert(AuditDetail(format!(
+        "key {} for tenant {} with scopes {}",
+        key.id,
+        key.tenant,
+        scopes.join(" ")
+    )));
+    Ok(resp)
+}
+
+/// `GET /v1/keys`: every key, never a secret.
+pub(super) fn list(app: &Arc<App>) -> Result<Response<Body>, ApiError> {
+    let keys: Vec<_> = app.auth.list().iter().map(|k| key_json(k)).collect();
+    Ok(json_response(
+        StatusCode::OK,
+        &serde_json::json!({"keys": keys}),
+    ))
+}
+
+/// `DELETE /v1/keys/{id}`: refused from the next request on.
+pub(super) async fn revoke(app: &Arc<App>, id: &str) -> Result<Response<Body>, ApiError> {
+    let app2 = app.clone();
+    let id2 = id.to_string();
+    let key = tokio::task::spawn_blocking(move || app2.auth.revoke(&id2))
+        .await
+        .map_err(|e| ApiError::Internal(anyhow::anyhow!("key task: {e}")))??
+        .ok_or_else(|| ApiError::KeyNotFound(id.to_string()))?;
+    Ok(json_response(StatusCode::OK, &key_json(&key)))
+}

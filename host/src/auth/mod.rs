@@ -1,0 +1,603 @@
+//! Who may do what: API keys and their scopes, the tenant each request acts for (and
+//! bills), rate limits per key, and the audit log of control-plane actions.
+//!
+//! Keys live in `kiln.db` (hashed) and in memory (by hash), so a request is authenticated
+//! with one SHA-256 and one map lookup, and a revocation takes effect on the next request.
+//! Bootstrap: `KILN_ADMIN_KEY` names an admin key; without it and without any key, a
+//! server on loopback makes one and prints it once, and a server on any other address
+//! refuses to start unless `--insecure` turns authentication off.
+
+pub mod audit;
+pub mod keys;
+pub mod rate;
+pub mod signing;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use http::HeaderMap;
+use rusqlite::{Connection, OptionalExtension, params};
+
+pub use audit::{AuditEntry, AuditQuery};
+pub use keys::{ApiKey, Pattern, Scope};
+pub use rate::{Limiter, Rate};
+
+/// Tenant of functions made with authentication off, and of the bootstrap admin key.
+pub const DEFAULT_TENANT: &str = "default";
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS api_keys (
+    id          TEXT PRIMARY KEY,
+    hash        BLOB NOT NULL UNIQUE,
+    tenant      TEXT NOT NULL,
+    scopes      TEXT NOT NULL,      -- JSON array of scope strings
+    rate        TEXT,
+    created_at  INTEGER NOT NULL,
+    created_by  TEXT,
+    revoked_at  INTEGER
+);
+";
+
+/// Why a request is refused before it reaches a function or the control plane.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum AuthError {
+    #[error("this call needs an API key: send it as 'authorization: Bearer <key>'")]
+    Missing,
+    #[error("the API key is not valid")]
+    Invalid,
+    #[error("API key {0} has been revoked")]
+    Revoked(String),
+    #[error("{0}")]
+    Forbidden(String),
+    /// Over a rate limit; `retry_after` is when the next request would pass.
+    #[error("rate limit of {what} exceeded ({rate}); retry in {}s", retry_secs(.retry_after))]
+    RateLimited {
+        what: String,
+        rate: Rate,
+        retry_after: Duration,
+    },
+}
+
+/// Whole seconds to wait, at least one (what `retry-after` carries).
+pub fn retry_secs(d: &Duration) -> u64 {
+    d.as_secs() + u64::from(d.subsec_nanos() > 0)
+}
+
+/// Who is calling.
+#[derive(Debug, Clone)]
+pub enum Caller {
+    /// Authentication is off (`--insecure` with no keys): every right, tenant `default`.
+    Open,
+    /// A valid key.
+    Key(Arc<ApiKey>),
+    /// No key: only public functions.
+    Anonymous,
+}
+
+impl Caller {
+    /// The tenant the caller acts for; `None` for an anonymous caller.
+    pub fn tenant(&self) -> Option<&str> {
+        match self {
+            Caller::Open => Some(DEFAULT_TENANT),
+            Caller::Key(k) => Some(&k.tenant),
+            Caller::Anonymous => None,
+        }
+    }
+
+    /// The calling key's id.
+    pub fn key_id(&self) -> Option<&str> {
+        match self {
+            Caller::Key(k) => Some(&k.id),
+            _ => None,
+        }
+    }
+
+    /// Whether the caller has every right.
+    pub fn is_admin(&self) -> bool {
+        match self {
+            Caller::Open => true,
+            Caller::Key(k) => k.is_admin(),
+            Caller::Anonymous => false,
+        }
+    }
+
+    fn key(&self) -> Result<Option<&ApiKey>, AuthError> {
+        match self {
+            Caller::Open => Ok(None),
+            Caller::Key(k) => Ok(Some(k)),
+            Caller::Anonymous => Err(AuthError::Missing),
+        }
+    }
+
+    /// Any authenticated caller.
+    pub fn authenticated(&self) -> Result<(), AuthError> {
+        self.key().map(|_| ())
+    }
+
+    /// Checks the caller holds `scope` (or admin).
+    pub fn need(&self, scope: &Scope) -> Result<(), AuthError> {
+        match self.key()? {
+            Some(k) if !k.has(scope) => Err(AuthError::Forbidden(format!(
+                "API key {} lacks the {scope} scope",
+                k.id
+            ))),
+            _ => Ok(()),
+        }
+    }
+
+    /// The tenant filter of a read of `what` (usage, the audit log): as asked for an admin;
+    /// for anyone else, their own tenant, and asking for another is refused.
+    pub fn tenant_filter(
+        &self,
+        asked: Option<String>,
+        what: &str,
+    ) -> Result<Option<String>, AuthError> {
+        if self.is_admin() {
+            return Ok(asked);
+        }
+        let own = self.tenant().unwrap_or_default();
+        match asked {
+            Some(t) if t != own => Err(AuthError::Forbidden(format!(
+                "this key reads the {what} of tenant {own:?} only"
+            ))),
+            _ => Ok(Some(own.to_string())),
+        }
+    }
+
+    /// Checks the caller may upload blobs: any deploy scope.
+    pub fn may_upload(&self) -> Result<(), AuthError> {
+        match self.key()? {
+            Some(k) if !k.is_admin() && !k.scopes.iter().any(|s| matches!(s, Scope::Deploy(_))) => {
+                Err(AuthError::Forbidden(format!(
+                    "API key {} has no deploy scope: uploading blobs needs one",
+                    k.id
+                )))
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// Checks the caller may see function `name` owned by `owner`: its own tenant's, or admin.
+    pub fn may_read(&self, name: &str, owner: &str) -> Result<(), AuthError> {
+        match self.key()? {
+            Some(k) if !k.is_admin() && *k.tenant != *owner => Err(not_yours(k, name)),
+            _ => Ok(()),
+        }
+    }
+
+    /// Checks the caller may deploy to (delete, clear the caches of) function `name`,
+    /// owned by `owner` when it exists.
+    pub fn may_deploy(&self, name: &str, owner: Option<&str>) -> Result<(), AuthError> {
+        let Some(k) = self.key()? else { return Ok(()) };
+        if !k.may_deploy(name) {
+            return Err(AuthError::Forbidden(format!(
+                "API key {} has no deploy scope matching function {name:?}",
+                k.id
+            )));
+        }
+        match owner {
+            Some(o) if !k.is_admin() && *k.tenant != *o => Err(not_yours(k, name)),
+            _ => Ok(()),
+        }
+    }
+
+    /// Checks the caller may call function `name` owned by `owner` (public ones need no key).
+    pub fn may_invoke(&self, name: &str, owner: &str, public: bool) -> Result<(), AuthError> {
+        if public {
+            return Ok(());
+        }
+        let Some(k) = self.key()? else { return Ok(()) };
+        if !k.is_admin() && *k.tenant != *owner {
+            return Err(not_yours(k, name));
+        }
+        if !k.may_invoke(name) {
+            return Err(AuthError::Forbidden(format!(
+                "API key {} has no invoke scope matching function {name:?}",
+                k.id
+            )));
+        }
+        Ok(())
+    }
+}
+
+fn not_yours(k: &ApiKey, name: &str) -> AuthError {
+    AuthError::Forbidden(format!(
+        "function {name:?} belongs to another tenant than {:?}",
+        &*k.tenant
+    ))
+}
+
+/// What `POST /v1/keys` asks for.
+#[derive(Debug, Clone, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NewKey {
+    pub tenant: String,
+    pub scopes: Vec<String>,
+    #[serde(default)]
+    pub rate: Option<Rate>,
+}
+
+/// Keys (in memory and in `kiln.db`) and the audit log.
+pub struct Auth {
+    db: Mutex<Connection>,
+    keys: RwLock<HashMap<[u8; 32], Arc<ApiKey>>>,
+    open: bool,
+    default_rate: Option<Rate>,
+}
+
+/// How the server was started, for the bootstrap decision.
+#[derive(Debug, Clone)]
+pub struct Bootstrap {
+    /// `KILN_ADMIN_KEY`.
+    pub admin_key: Option<String>,
+    pub listen: SocketAddr,
+    /// `--insecure`: with no keys, serve without authentication instead of refusing.
+    pub insecure: bool,
+}
+
+/// Shortest `KILN_ADMIN_KEY` accepted.
+pub const MIN_ADMIN_KEY_LEN: usize = 24;
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+impl Auth {
+    /// Opens the key table and audit log in `db_path` and applies the bootstrap rules.
+    /// Returns the new admin key's secret when one was made (to print, once).
+    pub fn open(
+        db_path: &Path,
+        boot: &Bootstrap,
+        default_rate: Option<Rate>,
+    ) -> anyhow::Result<(Auth, Option<String>)> {
+        let conn = Connection::open(db_path)
+            .with_context(|| format!("opening database {}", db_path.display()))?;
+        conn.pragma_update(None, "journal_mode", "WAL")?;
+        // Audit rows survive a crash of the process (WAL); key changes are also synced to
+        // disk (`durably`), so a revocation survives a power cut too.
+        conn.pragma_update(None, "synchronous", "NORMAL")?;
+        conn.busy_timeout(Duration::from_secs(5))?;
+        conn.execute_batch(SCHEMA)
+            .and_then(|()| conn.execute_batch(audit::SCHEMA))
+            .context("creating the key and audit tables")?;
+        let mut auth = Auth {
+            db: Mutex::new(conn),
+            keys: RwLock::new(HashMap::new()),
+            open: false,
+            default_rate,
+        };
+        auth.load()?;
+        if let Some(secret) = &boot.admin_key {
+            auth.adopt_admin_key(secret)?;
+        }
+        let any_active = auth.list().iter().any(|k| k.revoked_at.is_none());
+        let mut printed = None;
+        if !any_active {
+            if boot.insecure {
+                tracing::warn!(listen = %boot.listen, "no API keys and --insecure: authentication is OFF, every caller is an admin");
+                auth.open = true;
+            } else if boot.listen.ip().is_loopback() {
+                let (id, secret) = keys::generate()?;
+                auth.insert(&id, &secret, DEFAULT_TENANT, &[Scope::Admin], None, None)?;
+                auth.record_system("key.bootstrap", &id, "admin key made at first start");
+                printed = Some(secret);
+            } else {
+                bail!(
+                    "refusing to listen on {} with no API keys: set KILN_ADMIN_KEY to an admin key \
+                     (at least {MIN_ADMIN_KEY_LEN} characters), or pass --insecure to serve without authentication",
+                    boot.listen
+                );
+            }
+        }
+        Ok((auth, printed))
+    }
+
+    /// Whether authentication is off.
+    pub fn is_open(&self) -> bool {
+        self.open
+    }
+
+    fn conn(&self) -> std::sync::MutexGuard<'_, Connection> {
+        self.db.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Runs `f` with every commit synced to disk before it returns.
+    fn durably<T>(
+        &self,
+        f: impl FnOnce(&Connection) -> rusqlite::Result<T>,
+    ) -> rusqlite::Result<T> {
+        let conn = self.conn();
+        conn.pragma_update(None, "synchronous", "FULL")?;
+        let result = f(&conn);
+        conn.pragma_update(None, "synchronous", "NORMAL")?;
+        result
+    }
+
+    fn limiter(&self, rate: Option<Rate>) -> Option<Arc<Limiter>> {
+        rate.or(self.default_rate)
+            .map(|r| Arc::new(Limiter::new(r)))
+    }
+
+    fn load(&self) -> anyhow::Result<()> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare(
+            "SELECT id, hash, tenant, scopes, rate, created_at, created_by, revoked_at FROM api_keys",
+        )?;
+        let rows = stmt.query_map([], |r| {
+            Ok((
+                r.get::<_, String>(0)?,
+                r.get::<_, Vec<u8>>(1)?,
+                r.get::<_, String>(2)?,
+                r.get::<_, String>(3)?,
+                r.get::<_, Option<String>>(4)?,
+                r.get::<_, i64>(5)?,
+                r.get::<_, Option<String>>(6)?,
+                r.get::<_, Option<i64>>(7)?,
+            ))
+        })?;
+        let mut map = HashMap::new();
+        for row in rows {
+            let (id, hash, tenant, scopes, rate, created_at, created_by, revoked_at) = row?;
+            let hash: [u8; 32] = hash
+                .try_into()
+                .map_err(|_| anyhow::anyhow!("corrupt hash of API key {id}"))?;
+            let scopes: Vec<String> = serde_json::from_str(&scopes)
+                .with_context(|| format!("corrupt scopes of API key {id}"))?;
+            let scopes = scopes
+                .iter()
+                .map(|s| s.parse())
+                .collect::<Result<Vec<Scope>, _>>()
+                .map_err(|e| anyhow::anyhow!("API key {id}: {e}"))?;
+            let rate = rate
+                .map(|r| r.parse::<Rate>())
+                .transpose()
+                .map_err(|e| anyhow::anyhow!("API key {id}: {e}"))?;
+            let limiter = self.limiter(rate);
+            map.insert(
+                hash,
+                Arc::new(ApiKey {
+                    id,
+                    tenant: tenant.into(),
+                    scopes,
+                    rate,
+                    created_at,
+                    created_by,
+                    revoked_at,
+                    limiter,
+                }),
+            );
+        }
+        drop(stmt);
+        drop(conn);
+        *self.keys.write().unwrap_or_else(|p| p.into_inner()) = map;
+        Ok(())
+    }
+
+    fn insert(
+        &self,
+        id: &str,
+        secret: &str,
+        tenant: &str,
+        scopes: &[Scope],
+        rate: Option<Rate>,
+        created_by: Option<&str>,
+    ) -> anyhow::Result<Arc<ApiKey>> {
+        let hash = keys::hash(secret);
+        let created_at = now_ms() / 1000;
+        let scope_strings: Vec<String> = scopes.iter().map(Scope::to_string).collect();
+        let scope_json = serde_json::to_string(&scope_strings)?;
+        self.durably(|conn| {
+            conn.execute(
+                "INSERT INTO api_keys (id, hash, tenant, scopes, rate, created_at, created_by)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                params![
+                    id,
+                    &hash[..],
+                    tenant,
+                    scope_json,
+                    rate.map(|r| r.to_string()),
+                    created_at,
+                    created_by
+                ],
+            )
+        })?;
+        let key = Arc::new(ApiKey {
+            id: id.to_string(),
+            tenant: tenant.into(),
+            scopes: scopes.to_vec(),
+            rate,
+            created_at,
+            created_by: created_by.map(str::to_string),
+            revoked_at: None,
+            limiter: self.limiter(rate),
+        });
+        self.keys
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(hash, key.clone());
+        Ok(key)
+    }
+
+    /// Makes `KILN_ADMIN_KEY` an admin key (once; a revoked one stays revoked).
+    fn adopt_admin_key(&self, secret: &str) -> anyhow::Result<()> {
+        if secret.len() < MIN_ADMIN_KEY_LEN {
+            bail!(
+                "KILN_ADMIN_KEY is too short: use at least {MIN_ADMIN_KEY_LEN} random characters"
+            );
+        }
+        let hash = keys::hash(secret);
+        if let Some(k) = self
+            .keys
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&hash)
+        {
+            if k.revoked_at.is_some() {
+                tracing::warn!(key = %k.id, "KILN_ADMIN_KEY names a revoked key; it stays revoked");
+            }
+            return Ok(());
+        }
+        let id = keys::id_of(secret);
+        let taken: Option<String> = self
+            .conn()
+            .query_row("SELECT id FROM api_keys WHERE id = ?1", [&id], |r| r.get(0))
+            .optional()?;
+        if taken.is_some() {
+            bail!("KILN_ADMIN_KEY has the id {id} of another key: choose another secret");
+        }
+        self.insert(&id, secret, DEFAULT_TENANT, &[Scope::Admin], None, None)?;
+        self.record_system("key.bootstrap", &id, "admin key from KILN_ADMIN_KEY");
+        Ok(())
+    }
+
+    /// Identifies the caller of a request from its `authorization` header, and takes one
+    /// request from its key's rate budget.
+    pub fn authenticate(&self, headers: &HeaderMap) -> Result<Caller, AuthError> {
+        let Some(value) = headers.get(http::header::AUTHORIZATION) else {
+            return Ok(if self.open {
+                Caller::Open
+            } else {
+                Caller::Anonymous
+            });
+        };
+        let token = value
+            .to_str()
+            .ok()
+            .and_then(|v| {
+                let (scheme, token) = v.trim().split_once(' ')?;
+                scheme
+                    .eq_ignore_ascii_case("bearer")
+                    .then_some(token.trim())
+            })
+            .ok_or(AuthError::Invalid)?;
+        let key = self
+            .keys
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&keys::hash(token))
+            .cloned()
+            .ok_or(AuthError::Invalid)?;
+        if key.revoked_at.is_some() {
+            return Err(AuthError::Revoked(key.id.clone()));
+        }
+        if let Some(l) = &key.limiter {
+            l.check().map_err(|retry_after| AuthError::RateLimited {
+                what: format!("API key {}", key.id),
+                rate: l.rate(),
+                retry_after,
+            })?;
+        }
+        Ok(Caller::Key(key))
+    }
+
+    /// Creates a key; returns it with its secret (shown this once).
+    pub fn create(&self, new: &NewKey, by: &Caller) -> Result<(Arc<ApiKey>, String), String> {
+        keys::validate_tenant(&new.tenant)?;
+        if new.scopes.is_empty() {
+            return Err("a key needs at least one scope".into());
+        }
+        let scopes = new
+            .scopes
+            .iter()
+            .map(|s| s.parse())
+            .collect::<Result<Vec<Scope>, _>>()?;
+        let (id, secret) = keys::generate().map_err(|e| format!("no randomness: {e}"))?;
+        let key = self
+            .insert(&id, &secret, &new.tenant, &scopes, new.rate, by.key_id())
+            .map_err(|e| format!("storing the key: {e:#}"))?;
+        Ok((key, secret))
+    }
+
+    /// Every key, oldest first.
+    pub fn list(&self) -> Vec<Arc<ApiKey>> {
+        let mut all: Vec<_> = self
+            .keys
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .cloned()
+            .collect();
+        all.sort_by(|a, b| (a.created_at, &a.id).cmp(&(b.created_at, &b.id)));
+        all
+    }
+
+    /// Revokes key `id` at once; `None` when there is no such key.
+    pub fn revoke(&self, id: &str) -> anyhow::Result<Option<Arc<ApiKey>>> {
+        let mut map = self.keys.write().unwrap_or_else(|p| p.into_inner());
+        let Some((hash, key)) = map.iter().find(|(_, k)| k.id == id) else {
+            return Ok(None);
+        };
+        if key.revoked_at.is_some() {
+            return Ok(Some(key.clone()));
+        }
+        let at = now_ms() / 1000;
+        self.durably(|conn| {
+            conn.execute(
+                "UPDATE api_keys SET revoked_at = ?2 WHERE id = ?1",
+                params![id, at],
+            )
+        })?;
+        let revoked = Arc::new(ApiKey {
+            id: key.id.clone(),
+            tenant: key.tenant.clone(),
+            scopes: key.scopes.clone(),
+            rate: key.rate,
+            created_at: key.created_at,
+            created_by: key.created_by.clone(),
+            revoked_at: Some(at),
+            limiter: None,
+        });
+        let hash = *hash;
+        map.insert(hash, revoked.clone());
+        Ok(Some(revoked))
+    }
+
+    /// Appends an action to the audit log. A failure to write it is logged, not answered:
+    /// the action has happened already.
+    pub fn record(
+        &self,
+        caller: Option<&Caller>,
+        action: &str,
+        target: &str,
+        status: u16,
+        detail: &str,
+    ) {
+        let outcome = match status {
+            200..=399 => "ok",
+            401 | 403 | 429 => "denied",
+            _ => "failed",
+        };
+        let at_ms = now_ms();
+        let entry = AuditEntry {
+            seq: 0,
+            at_ms,
+            at: String::new(),
+            key_id: caller.and_then(Caller::key_id).map(str::to_string),
+            tenant: caller.and_then(Caller::tenant).map(str::to_string),
+            action: action.to_string(),
+            target: target.to_string(),
+            outcome: outcome.to_string(),
+            status,
+            detail: detail.to_string(),
+        };
+        if let Err(e) = audit::append(&self.conn(), &entry) {
+            tracing::error!(action, target, "writing the audit log: {e}");
+        }
+    }
+
+    fn record_system(&self, action: &str, target: &str, detail: &str) {
+        self.record(None, action, target, 200, detail);
+    }
+
+    /// Audit entries matching `q`, newest first.
+    pub fn audit(&self, q: &AuditQuery) -> anyhow::Result<Vec<AuditEntry>> {
+        Ok(audit::query(&self.conn(), q)?)
+    }
+}
