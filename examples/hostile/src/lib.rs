@@ -13,8 +13,14 @@
 //! | `/nn/load?name=M` | loads model `M` by name | `ok`, or the wasi-nn error (`NotFound`...) |
 //! | `/nn/bytes?size=N` | passes N bytes of its own (garbage) model to `graph.load` | the wasi-nn error |
 //! | `/nn/malformed?case=C` | runs model `digits` on a bad tensor (`shape`, `type`, `bytes`, `name`) | the wasi-nn error |
+//! | `/handles` | makes resource handles and never drops them | 500 (the host's handle table is capped) |
+//! | `/random?size=N` | asks the host for N random bytes at once | 500 beyond 1 MiB, never allocated |
+//! | `/headers?count=N&size=S` | appends N header values of S bytes | `accepted K of N`: the host caps header bytes |
+//! | `/forbidden` | sets hop-by-hop and `host` headers | each one refused |
+//! | `/outbound?url=U` | calls `U` with `wasi:http` | the status, or the error (denied unless allowed) |
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use kiln_guest::__private::wasip2::http::types;
 use kiln_guest::nn::{Model, Tensor};
 use kiln_guest::{Request, StatusCode, text};
 
@@ -61,6 +67,50 @@ fn hostile(req: Request) -> kiln_guest::Response {
             nn_answer(Model::from_onnx(&vec![0u8; size]).map(|_| ()))
         }
         "/nn/malformed" => nn_answer(malformed(query(&req, "case"))),
+        "/handles" => {
+            let mut leaked = 0u64;
+            loop {
+                std::mem::forget(types::Fields::new());
+                leaked += 1;
+                if leaked == u64::MAX {
+                    break text(StatusCode::OK, "the host never said no\n");
+                }
+            }
+        }
+        "/random" => {
+            let size = query(&req, "size").parse().unwrap_or(1u64 << 30);
+            let bytes = kiln_guest::__private::wasip2::random::random::get_random_bytes(size);
+            text(StatusCode::OK, format!("got {} bytes\n", bytes.len()))
+        }
+        "/headers" => {
+            let count: usize = query(&req, "count").parse().unwrap_or(100_000);
+            let size: usize = query(&req, "size").parse().unwrap_or(16);
+            let fields = types::Fields::new();
+            let value = vec![b'a'; size];
+            let mut accepted = 0;
+            let mut first_error = None;
+            for i in 0..count {
+                match fields.append(&format!("x-bomb-{i}"), &value) {
+                    Ok(()) => accepted += 1,
+                    Err(e) => {
+                        first_error.get_or_insert(format!("{e:?}"));
+                    }
+                }
+            }
+            text(
+                StatusCode::OK,
+                format!("accepted {accepted} of {count}; first error {first_error:?}\n"),
+            )
+        }
+        "/forbidden" => {
+            let fields = types::Fields::new();
+            let answers: Vec<String> = ["connection", "transfer-encoding", "upgrade", "host"]
+                .iter()
+                .map(|name| format!("{name}={:?}", fields.append(name, b"x")))
+                .collect();
+            text(StatusCode::OK, answers.join(" ") + "\n")
+        }
+        "/outbound" => text(StatusCode::OK, outbound(query(&req, "url")) + "\n"),
         _ => text(StatusCode::NOT_FOUND, "unknown path\n"),
     }
 }
@@ -108,25 +158,36 @@ fn recurse(n: u64) -> u64 {
 }
 
 fn sandbox() -> String {
-    use kiln_guest::__private::wasip2::http::{outgoing_handler, types};
     let env = std::env::vars().count();
     let fs = std::fs::read_dir("/").is_ok();
+    let outbound = outbound("http://example.com/");
+    format!("env={env} fs={fs} outbound={outbound}\n")
+}
+
+/// GETs `url` (`http://` or `https://`) through `wasi:http`; the status, or the error.
+fn outbound(url: &str) -> String {
+    use kiln_guest::__private::wasip2::http::outgoing_handler;
+    let (scheme, rest) = match url.split_once("://") {
+        Some(("https", rest)) => (types::Scheme::Https, rest),
+        Some((_, rest)) => (types::Scheme::Http, rest),
+        None => (types::Scheme::Http, url),
+    };
+    let (authority, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
     let req = types::OutgoingRequest::new(types::Fields::new());
-    let _ = req.set_scheme(Some(&types::Scheme::Http));
-    let _ = req.set_authority(Some("example.com"));
-    let _ = req.set_path_with_query(Some("/"));
-    let outbound = match outgoing_handler::handle(req, None) {
+    let _ = req.set_scheme(Some(&scheme));
+    let _ = req.set_authority(Some(authority));
+    let _ = req.set_path_with_query(Some(if path.is_empty() { "/" } else { path }));
+    match outgoing_handler::handle(req, None) {
         Err(e) => format!("{e:?}"),
         Ok(fut) => {
             fut.subscribe().block();
             match fut.get() {
                 Some(Ok(Err(e))) => format!("{e:?}"),
-                Some(Ok(Ok(_))) => "connected".to_string(),
+                Some(Ok(Ok(resp))) => format!("status {}", resp.status()),
                 _ => "unknown".to_string(),
             }
         }
-    };
-    format!("env={env} fs={fs} outbound={outbound}\n")
+    }
 }
 
 kiln_guest::export!(hostile);
