@@ -57,7 +57,13 @@ fn runtime_benches(c: &mut Criterion) {
                     .unwrap();
                 let mut timings = Timings::default();
                 let resp = runtime
-                    .invoke(loaded, Arc::default(), req, &mut timings)
+                    .invoke(
+                        loaded,
+                        Arc::default(),
+                        &kiln_host::runtime::Outbound::deny_all(),
+                        req,
+                        &mut timings,
+                    )
                     .await
                     .unwrap();
                 let body = resp.into_body().collect().await.unwrap().to_bytes();

@@ -3,6 +3,7 @@
 //! touch several of them (deploy a version, delete a function, clear its caches).
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::Context;
 
@@ -15,7 +16,7 @@ use crate::deploy::{Registry, VersionEntry};
 use crate::meter::{Ledger, Metrics};
 use crate::nn::embed::{self, EmbedError};
 use crate::nn::{ModelRef, NnError, NnSpec, VersionModels};
-use crate::runtime::{CompileError, Limits, Runtime};
+use crate::runtime::{CompileError, Limits, Outbound, Runtime};
 use crate::store::{BlobStore, Digest, FunctionInfo, MetaStore, NewVersion, VersionRecord};
 
 /// Everything a running server shares between requests.
@@ -48,6 +49,8 @@ pub struct Deployer {
     pub public: Option<bool>,
     /// The publisher key that signed the bundle.
     pub signer: Option<String>,
+    /// `allowed_outbound_hosts` of the version (checked by the caller).
+    pub outbound: Vec<String>,
 }
 
 /// Why a deploy failed.
@@ -181,6 +184,22 @@ impl App {
                     .map(|n| usize::try_from(n).unwrap_or(usize::MAX)),
             });
         let metrics = self.metrics.version(&rec.function, rec.version);
+        // Checked at deploy; a stored entry that no longer parses allows nothing.
+        let outbound = match crate::runtime::parse_patterns(&rec.outbound) {
+            Ok(allow) => Outbound::new(
+                allow,
+                Duration::from_millis(
+                    self.config
+                        .runtime
+                        .outbound_timeout_ms
+                        .min(rec.limits.timeout_ms),
+                ),
+            ),
+            Err(e) => {
+                tracing::error!(function = %rec.function, version = rec.version, "{e}");
+                Outbound::deny_all()
+            }
+        };
         self.registry.add(
             VersionEntry {
                 admission: self.registry.admission(rec.limits.max_concurrency),
@@ -189,6 +208,7 @@ impl App {
                 models: Arc::new(models),
                 metrics,
                 responses,
+                outbound,
             },
             info,
         );
@@ -362,6 +382,7 @@ impl App {
                 nn,
                 cache,
                 signer: by.signer.clone(),
+                outbound: by.outbound.clone(),
                 tenant: by.tenant.clone(),
                 enforce_owner: !by.admin,
                 public: by.public,

@@ -58,6 +58,8 @@ pub const DEFAULT_RESPONSE_CACHE_MB: u64 = 256;
 pub const DEFAULT_INFERENCE_TTL_MS: u64 = 3_600_000;
 /// Default commit window of the usage ledger in `batched` mode, in milliseconds.
 pub const DEFAULT_COMMIT_INTERVAL_MS: u64 = 100;
+/// Default bound on one outbound HTTP exchange of a guest.
+pub const DEFAULT_OUTBOUND_TIMEOUT_MS: u64 = 10_000;
 
 /// The validated server configuration.
 #[derive(Debug, Clone)]
@@ -228,6 +230,9 @@ pub struct RuntimeConfig {
     pub memory_keep_resident_bytes: u64,
     /// Limits a version gets when its manifest names none.
     pub default_limits: Limits,
+    /// Longest a guest's outbound HTTP exchange may take (connect to last byte), in
+    /// milliseconds; never longer than the request's own timeout.
+    pub outbound_timeout_ms: u64,
     /// Measure the CPU time each guest uses (thread CPU clock around its polls); on with
     /// metering.
     pub meter_guest_time: bool,
@@ -247,6 +252,7 @@ impl Default for RuntimeConfig {
             queue_depth: DEFAULT_QUEUE_DEPTH,
             memory_keep_resident_bytes: DEFAULT_MEMORY_KEEP_RESIDENT_BYTES,
             default_limits: Limits::default(),
+            outbound_timeout_ms: DEFAULT_OUTBOUND_TIMEOUT_MS,
             meter_guest_time: true,
         }
     }
@@ -301,6 +307,7 @@ pub struct RuntimeFile {
     pub max_component_bytes: Option<u64>,
     pub compile_concurrency: Option<usize>,
     pub queue_depth: Option<u32>,
+    pub outbound_timeout_ms: Option<u64>,
     pub memory_keep_resident_bytes: Option<u64>,
     pub default_timeout_ms: Option<u64>,
     pub default_memory_mb: Option<u64>,
@@ -382,6 +389,7 @@ impl ServerConfig {
                     .memory_keep_resident_bytes
                     .unwrap_or(base.memory_keep_resident_bytes),
                 default_limits,
+                outbound_timeout_ms: r.outbound_timeout_ms.unwrap_or(base.outbound_timeout_ms),
                 meter_guest_time: file.metering.enabled,
             },
             nn,
@@ -405,6 +413,9 @@ impl ServerConfig {
         }
         if r.max_memory_mb == 0 || r.max_memory_mb > 4096 {
             bail!("runtime.max_memory_mb must be between 1 and 4096");
+        }
+        if r.outbound_timeout_ms == 0 {
+            bail!("runtime.outbound_timeout_ms must be at least 1");
         }
         if r.compile_concurrency == 0 {
             bail!("runtime.compile_concurrency must be at least 1");

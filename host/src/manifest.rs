@@ -5,6 +5,7 @@
 //! name = "hello"
 //! component = "target/wasm32-wasip2/release/hello.wasm"
 //! public = true                # optional: callable without an API key
+//! allowed_outbound_hosts = ["https://api.example.com", "http://*.internal:8080"]  # default: none
 //! [build]
 //! command = "cargo build --release --target wasm32-wasip2"
 //! [limits]
@@ -67,6 +68,9 @@ pub struct Manifest {
     /// `true`: anyone may call the function without a key (default: only keys of its tenant).
     #[serde(default)]
     pub public: Option<bool>,
+    /// Where the guest may send HTTP requests (default: nowhere).
+    #[serde(default)]
+    pub allowed_outbound_hosts: Vec<String>,
     /// The directory holding the manifest (not part of the file).
     #[serde(skip)]
     pub dir: PathBuf,
@@ -119,6 +123,7 @@ impl Manifest {
             bail!("name: {e}");
         }
         m.cache = m.cache.validate().map_err(anyhow::Error::msg)?;
+        crate::runtime::parse_patterns(&m.allowed_outbound_hosts).map_err(anyhow::Error::msg)?;
         Ok(m)
     }
 

@@ -72,7 +72,7 @@ fn sandbox_grants_no_env_no_files_no_outbound_http() {
     assert_eq!(a.status, 200, "{}", a.text());
     assert_eq!(
         a.text(),
-        "env=0 fs=false outbound=ErrorCode::HttpRequestDenied\n"
+        "env=0 fs=false outbound=ErrorCode::InternalError(Some(\"outbound HTTP to http://example.com:80 is not allowed (allowed_outbound_hosts: none)\"))\n"
     );
 }
 

@@ -45,6 +45,10 @@ pub struct CreateVersion {
     /// (private for a new function).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub public: Option<bool>,
+    /// Where guests may send HTTP requests: `[scheme://]host[:port]`, `*.` and `:*`
+    /// wildcards; nothing when empty.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub allowed_outbound_hosts: Vec<String>,
 }
 
 /// One model in a version manifest.
@@ -120,6 +124,9 @@ fn version_json(rec: &VersionRecord, base: &str) -> serde_json::Value {
     json["cache"] = serde_json::to_value(&rec.cache).unwrap_or_default();
     if let Some(signer) = &rec.signer {
         json["signer"] = signer.as_str().into();
+    }
+    if !rec.outbound.is_empty() {
+        json["allowed_outbound_hosts"] = serde_json::json!(rec.outbound);
     }
     json
 }
@@ -313,6 +320,7 @@ pub(super) async fn create_version(
         }
     };
     let mut signer = None;
+    let mut outbound = Vec::new();
     let (component, limits, nn, cache, public) = match upload {
         Upload::Wasm(spec, cache, public) => {
             let limit = app
@@ -336,6 +344,9 @@ pub(super) async fn create_version(
             let manifest: CreateVersion = serde_json::from_slice(&body)
                 .map_err(|e| ApiError::InvalidRequest(format!("invalid version manifest: {e}")))?;
             let nn = manifest.nn_spec();
+            crate::runtime::parse_patterns(&manifest.allowed_outbound_hosts)
+                .map_err(ApiError::InvalidRequest)?;
+            outbound = manifest.allowed_outbound_hosts;
             (
                 manifest.component,
                 manifest.limits,
@@ -352,6 +363,7 @@ pub(super) async fn create_version(
         admin: caller.is_admin(),
         public,
         signer: signer.map(|s| s.to_string()),
+        outbound,
     };
     let rec = app.deploy(name, component, limits, nn, cache, &by).await?;
     let entry = app.registry.route(name, Some(rec.version))?;

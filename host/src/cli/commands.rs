@@ -135,6 +135,9 @@ pub fn deploy(
         if let Some(public) = m.public {
             body["public"] = public.into();
         }
+        if !m.allowed_outbound_hosts.is_empty() {
+            body["allowed_outbound_hosts"] = json!(m.allowed_outbound_hosts);
+        }
     }
     // The manifest names every blob by digest; signing its bytes signs the whole bundle.
     let manifest = body.to_string();

@@ -12,6 +12,7 @@ use crate::auth::Limiter;
 use crate::cache::Placement;
 use crate::meter::VersionMetrics;
 use crate::nn::VersionModels;
+use crate::runtime::Outbound;
 use crate::store::{FunctionInfo, VersionRecord};
 
 /// One version, its admission gate and its models.
@@ -26,6 +27,8 @@ pub struct VersionEntry {
     pub metrics: VersionMetrics,
     /// Where its responses are cached; `None`: it does not cache them.
     pub responses: Option<Placement>,
+    /// Where its guests may send HTTP requests.
+    pub outbound: Outbound,
 }
 
 impl std::fmt::Debug for VersionEntry {
@@ -172,6 +175,7 @@ mod tests {
             nn: Default::default(),
             cache: Default::default(),
             signer: None,
+            outbound: Vec::new(),
             created_at: 0,
         }
     }
@@ -184,6 +188,7 @@ mod tests {
             models: Arc::default(),
             metrics: crate::meter::Metrics::new().version(function, version),
             responses: None,
+            outbound: Outbound::deny_all(),
         }
     }
 

@@ -135,7 +135,13 @@ impl Runtime {
         );
         let mut store = Store::new(
             &self.engine,
-            HostState::new(&Arc::from(function), limits, nn, Arc::default()),
+            HostState::new(
+                &Arc::from(function),
+                limits,
+                nn,
+                Arc::default(),
+                super::Outbound::deny_all(),
+            ),
         );
         store.limiter(|s| &mut s.limits);
         store.set_epoch_deadline(limits.timeout_ms.div_ceil(EPOCH_TICK.as_millis() as u64) + 1);

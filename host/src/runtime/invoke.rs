@@ -17,6 +17,7 @@ use wasmtime_wasi_http::p2::bindings::http::types::Scheme;
 
 use super::engine::{EPOCH_TICK, Runtime};
 use super::loaded::LoadedVersion;
+use super::outbound::Outbound;
 use super::state::{GuestUsage, HostState};
 use crate::nn::{Device, InferenceTime, NnCtx, VersionModels};
 
@@ -72,6 +73,7 @@ impl Runtime {
         &self,
         loaded: Arc<LoadedVersion>,
         models: Arc<VersionModels>,
+        outbound: &Outbound,
         req: http::Request<B>,
         timings: &mut Timings,
     ) -> InvokeOutcome
@@ -92,7 +94,13 @@ impl Runtime {
 
         let mut store = Store::new(
             &self.engine,
-            HostState::new(&loaded.function, &loaded.limits, nn, timings.usage.clone()),
+            HostState::new(
+                &loaded.function,
+                &loaded.limits,
+                nn,
+                timings.usage.clone(),
+                outbound.clone(),
+            ),
         );
         store.limiter(|s| &mut s.limits);
         let cpu = self.config.meter_guest_time.then(|| timings.usage.clone());

@@ -17,6 +17,7 @@ mod guest_log;
 mod invoke;
 mod limits;
 mod loaded;
+mod outbound;
 mod state;
 
 pub use compile::CompileError;
@@ -24,4 +25,5 @@ pub use engine::Runtime;
 pub use invoke::{InvokeError, InvokeOutcome, ResponseBody, Timings};
 pub use limits::{LimitError, Limits, LimitsSpec};
 pub use loaded::LoadedVersion;
+pub use outbound::{HostPattern, Outbound, parse_patterns};
 pub use state::{GuestUsage, HostState};

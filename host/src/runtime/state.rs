@@ -7,7 +7,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use wasmtime::component::ResourceTable;
 use wasmtime::{ResourceLimiter, StoreLimits, StoreLimitsBuilder};
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
-use wasmtime_wasi_http::{WasiBody, WasiHttpCtx, WasiHttpCtxView, WasiHttpHooks, WasiHttpView};
+use wasmtime_wasi_http::{WasiHttpCtx, WasiHttpCtxView, WasiHttpView};
+
+use super::outbound::{Outbound, OutboundHooks};
 
 use super::guest_log::GuestLog;
 use super::limits::Limits;
@@ -27,7 +29,7 @@ pub struct HostState {
     wasi: WasiCtx,
     http: WasiHttpCtx,
     table: ResourceTable,
-    hooks: DenyOutbound,
+    hooks: OutboundHooks,
     nn: NnCtx,
     pub(crate) limits: MeteredLimits,
 }
@@ -114,9 +116,16 @@ impl ResourceLimiter for MeteredLimits {
 }
 
 impl HostState {
-    /// A sandbox with no filesystem, no environment, no sockets and no outbound HTTP.
-    /// `nn` gives the guest its version's models; `usage` receives what it used.
-    pub fn new(function: &Arc<str>, limits: &Limits, nn: NnCtx, usage: Arc<GuestUsage>) -> Self {
+    /// A sandbox with no filesystem, no environment, no sockets, and outbound HTTP only
+    /// where `outbound` allows it. `nn` gives the guest its version's models; `usage`
+    /// receives what it used.
+    pub fn new(
+        function: &Arc<str>,
+        limits: &Limits,
+        nn: NnCtx,
+        usage: Arc<GuestUsage>,
+        outbound: Outbound,
+    ) -> Self {
         let wasi = WasiCtx::builder()
             .stdout(GuestLog::new(function.clone(), "stdout"))
             .stderr(GuestLog::new(function.clone(), "stderr"))
@@ -133,7 +142,7 @@ impl HostState {
             wasi,
             http,
             table,
-            hooks: DenyOutbound,
+            hooks: OutboundHooks(outbound),
             nn,
             limits: MeteredLimits {
                 inner: StoreLimitsBuilder::new()
@@ -172,26 +181,5 @@ impl WasiHttpView for HostState {
             table: &mut self.table,
             hooks: &mut self.hooks,
         }
-    }
-}
-
-/// Outbound HTTP is denied: the guest's `outgoing-handler.handle` fails with
-/// `HTTP-request-denied` before any connection is made.
-struct DenyOutbound;
-
-type SendResult = wasmtime_wasi_http::Result<(
-    http::Response<WasiBody>,
-    Box<dyn Future<Output = wasmtime_wasi_http::Result<()>> + Send>,
-)>;
-
-impl WasiHttpHooks for DenyOutbound {
-    fn send_request(
-        &mut self,
-        request: http::Request<WasiBody>,
-        _options: Option<wasmtime_wasi_http::RequestOptions>,
-        _fut: Box<dyn Future<Output = wasmtime_wasi_http::Result<()>> + Send>,
-    ) -> Box<dyn Future<Output = SendResult> + Send> {
-        tracing::debug!(uri = %request.uri(), "guest outbound request denied");
-        Box::new(async { Err(wasmtime_wasi_http::Error::HttpRequestDenied) })
     }
 }

@@ -532,6 +532,7 @@ where
         .invoke(
             loaded,
             entry.models.clone(),
+            &entry.outbound,
             Request::from_parts(parts, body),
             &mut timings,
         )

@@ -37,6 +37,9 @@ pub struct VersionRecord {
     /// The publisher key that signed the bundle (`ed25519:<hex>`), if it was signed.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub signer: Option<String>,
+    /// Where its guests may send HTTP requests (`allowed_outbound_hosts`, validated).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub outbound: Vec<String>,
     /// Unix seconds.
     pub created_at: i64,
 }
@@ -70,6 +73,7 @@ pub struct NewVersion {
     pub nn: NnSpec,
     pub cache: CacheSpec,
     pub signer: Option<String>,
+    pub outbound: Vec<String>,
     /// The deploying tenant: owner of the function if this creates it.
     pub tenant: String,
     /// Refuse (with [`NotOwner`]) when the function belongs to another tenant; off for admins.
@@ -115,6 +119,7 @@ CREATE TABLE IF NOT EXISTS versions (
     cache           TEXT NOT NULL DEFAULT '{}',  -- JSON CacheSpec
     rate            TEXT,                        -- function rate limit, N/s
     signer          TEXT,                        -- publisher key of a signed bundle
+    outbound        TEXT NOT NULL DEFAULT '[]',  -- JSON allowed_outbound_hosts
     UNIQUE (function, version)
 );
 ";
@@ -142,6 +147,7 @@ impl MetaStore {
             ("versions", "cache", "TEXT NOT NULL DEFAULT '{}'"),
             ("versions", "rate", "TEXT"),
             ("versions", "signer", "TEXT"),
+            ("versions", "outbound", "TEXT NOT NULL DEFAULT '[]'"),
             ("functions", "tenant", "TEXT NOT NULL DEFAULT 'default'"),
             ("functions", "public", "INTEGER NOT NULL DEFAULT 0"),
         ];
@@ -212,8 +218,9 @@ impl MetaStore {
         )?;
         tx.execute(
             "INSERT INTO versions (function, version, digest, size, timeout_ms, memory_mb,
-                                   max_concurrency, created_at, nn, cache, rate, signer)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
+                                   max_concurrency, created_at, nn, cache, rate, signer,
+                                   outbound)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)",
             params![
                 new.function,
                 version,
@@ -226,7 +233,8 @@ impl MetaStore {
                 serde_json::to_string(&new.nn)?,
                 serde_json::to_string(&new.cache)?,
                 new.limits.rate.map(|r| r.to_string()),
-                new.signer
+                new.signer,
+                serde_json::to_string(&new.outbound)?
             ],
         )?;
         let id = tx.last_insert_rowid();
@@ -246,6 +254,7 @@ impl MetaStore {
             nn: new.nn.clone(),
             cache: new.cache.clone(),
             signer: new.signer.clone(),
+            outbound: new.outbound.clone(),
             created_at: now,
         };
         Ok((record, info))
@@ -256,7 +265,7 @@ impl MetaStore {
         let conn = self.conn();
         let mut stmt = conn.prepare(
             "SELECT id, function, version, digest, size, timeout_ms, memory_mb,
-                    max_concurrency, created_at, nn, cache, rate, signer
+                    max_concurrency, created_at, nn, cache, rate, signer, outbound
              FROM versions ORDER BY id",
         )?;
         let rows = stmt.query_map([], |r| {
@@ -264,8 +273,9 @@ impl MetaStore {
             let nn: String = r.get(9)?;
             let cache: String = r.get(10)?;
             let rate: Option<String> = r.get(11)?;
+            let outbound: String = r.get(13)?;
             Ok((
-                (digest, nn, cache, rate),
+                (digest, nn, cache, rate, outbound),
                 VersionRecord {
                     id: r.get(0)?,
                     function: r.get(1)?,
@@ -281,13 +291,16 @@ impl MetaStore {
                     nn: NnSpec::default(),
                     cache: CacheSpec::default(),
                     signer: r.get(12)?,
+                    outbound: Vec::new(),
                     created_at: r.get(8)?,
                 },
             ))
         })?;
         let mut out = Vec::new();
         for row in rows {
-            let ((digest, nn, cache, rate), mut rec) = row?;
+            let ((digest, nn, cache, rate, outbound), mut rec) = row?;
+            rec.outbound = serde_json::from_str(&outbound)
+                .with_context(|| format!("corrupt outbound column in versions row {}", rec.id))?;
             rec.limits.rate = rate
                 .map(|r| r.parse())
                 .transpose()
@@ -369,6 +382,7 @@ mod tests {
             nn: NnSpec::default(),
             cache: CacheSpec::default(),
             signer: None,
+            outbound: Vec::new(),
             tenant: "t".into(),
             enforce_owner: true,
             public: None,
