@@ -36,6 +36,9 @@ pub struct App {
     pub ledger: Option<Ledger>,
     /// API keys and the audit log.
     pub auth: Auth,
+    /// Held while a version is published (database, then registry) or a function deleted,
+    /// so the registry never brings back a function deleted in between.
+    publishing: std::sync::Mutex<()>,
 }
 
 /// Who deploys a version, as far as [`App::deploy`] is concerned.
@@ -49,6 +52,8 @@ pub struct Deployer {
     pub public: Option<bool>,
     /// The publisher key that signed the bundle.
     pub signer: Option<String>,
+    /// When it was signed (unix ms): must be newer than the function's last signed deploy.
+    pub signed_at: Option<i64>,
     /// `allowed_outbound_hosts` of the version (checked by the caller).
     pub outbound: Vec<String>,
 }
@@ -64,6 +69,8 @@ pub enum DeployError {
     Limits(#[from] crate::runtime::LimitError),
     #[error(transparent)]
     NotOwner(#[from] crate::store::NotOwner),
+    #[error(transparent)]
+    Replayed(#[from] crate::store::Replayed),
     /// A signed bundle's blob is not what its digest says.
     #[error("blob {0} does not match its digest: the stored bytes changed")]
     Tampered(Digest),
@@ -90,6 +97,7 @@ impl App {
         let meta = MetaStore::open(&config.data_dir.join("kiln.db"))?;
         let (auth, admin_secret) = Auth::open(
             &config.data_dir.join("kiln.db"),
+            &config.data_dir.join("audit.db"),
             &Bootstrap {
                 admin_key: config.auth.admin_key.clone(),
                 listen: config.listen,
@@ -134,6 +142,7 @@ impl App {
             inference,
             ledger,
             auth,
+            publishing: std::sync::Mutex::new(()),
         };
         let functions: std::collections::HashMap<_, _> = app
             .meta
@@ -194,6 +203,7 @@ impl App {
                         .outbound_timeout_ms
                         .min(rec.limits.timeout_ms),
                 ),
+                self.config.runtime.allow_private_outbound,
             ),
             Err(e) => {
                 tracing::error!(function = %rec.function, version = rec.version, "{e}");
@@ -372,6 +382,7 @@ impl App {
             .load_all(&models)
             .await
             .map_err(|(name, error)| DeployError::Model { name, error })?;
+        let publishing = self.publishing.lock().unwrap_or_else(|p| p.into_inner());
         let (record, info) = self
             .meta
             .create_version(&NewVersion {
@@ -382,6 +393,7 @@ impl App {
                 nn,
                 cache,
                 signer: by.signer.clone(),
+                signed_at: by.signed_at,
                 outbound: by.outbound.clone(),
                 tenant: by.tenant.clone(),
                 enforce_owner: !by.admin,
@@ -389,16 +401,27 @@ impl App {
             })
             .map_err(|e| match e.downcast::<crate::store::NotOwner>() {
                 Ok(not_owner) => DeployError::NotOwner(not_owner),
-                Err(e) => DeployError::Internal(e),
+                Err(e) => match e.downcast::<crate::store::Replayed>() {
+                    Ok(replayed) => DeployError::Replayed(replayed),
+                    Err(e) => DeployError::Internal(e),
+                },
             })?;
         self.runtime.insert_loaded(record.id, loaded);
         self.register(record.clone(), &info, models);
+        drop(publishing);
         tracing::info!(function, version = record.version, %component, models = record.nn.models.len(), "deployed");
         Ok(record)
     }
 
-    /// Deletes a function and every version; false when there was none.
-    pub fn delete_function(&self, name: &str) -> anyhow::Result<bool> {
+    /// Deletes a function and every version; false when there was none (or, with
+    /// `owner`, when it is not that tenant's).
+    pub fn delete_function(&self, name: &str, owner: Option<&str>) -> anyhow::Result<bool> {
+        let _publishing = self.publishing.lock().unwrap_or_else(|p| p.into_inner());
+        if let (Some(owner), Some(f)) = (owner, self.registry.function(name))
+            && *f.owner != *owner
+        {
+            return Ok(false);
+        }
         let existed = self.meta.delete_function(name)?;
         self.clear_caches(name);
         if let Some(f) = self.registry.remove(name) {

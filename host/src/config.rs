@@ -233,6 +233,9 @@ pub struct RuntimeConfig {
     /// Longest a guest's outbound HTTP exchange may take (connect to last byte), in
     /// milliseconds; never longer than the request's own timeout.
     pub outbound_timeout_ms: u64,
+    /// Let guests reach loopback, private and link-local addresses their manifest allows
+    /// (off: only public addresses, whatever a manifest says).
+    pub allow_private_outbound: bool,
     /// Measure the CPU time each guest uses (thread CPU clock around its polls); on with
     /// metering.
     pub meter_guest_time: bool,
@@ -253,6 +256,7 @@ impl Default for RuntimeConfig {
             memory_keep_resident_bytes: DEFAULT_MEMORY_KEEP_RESIDENT_BYTES,
             default_limits: Limits::default(),
             outbound_timeout_ms: DEFAULT_OUTBOUND_TIMEOUT_MS,
+            allow_private_outbound: false,
             meter_guest_time: true,
         }
     }
@@ -308,6 +312,7 @@ pub struct RuntimeFile {
     pub compile_concurrency: Option<usize>,
     pub queue_depth: Option<u32>,
     pub outbound_timeout_ms: Option<u64>,
+    pub allow_private_outbound: Option<bool>,
     pub memory_keep_resident_bytes: Option<u64>,
     pub default_timeout_ms: Option<u64>,
     pub default_memory_mb: Option<u64>,
@@ -390,6 +395,9 @@ impl ServerConfig {
                     .unwrap_or(base.memory_keep_resident_bytes),
                 default_limits,
                 outbound_timeout_ms: r.outbound_timeout_ms.unwrap_or(base.outbound_timeout_ms),
+                allow_private_outbound: r
+                    .allow_private_outbound
+                    .unwrap_or(base.allow_private_outbound),
                 meter_guest_time: file.metering.enabled,
             },
             nn,

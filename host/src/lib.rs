@@ -5,10 +5,10 @@
 //! limited wasmtime instance. A request flows through the modules in one direction:
 //!
 //! ```text
-//! server -> deploy (pick a version) -> cache::responses -> runtime (instantiate + call
-//!   the guest) -> nn -> cache::inference -> backend
-//!   \-> meter (usage record into the ledger, metrics) once the response is sent
-//!   \-> api (control plane: blobs, functions, versions, caches, usage) -> store
+//! server -> auth (key, tenant, rate limits) -> deploy (pick a version) -> cache::responses
+//!   -> runtime (instantiate + call the guest) -> nn -> cache::inference -> backend
+//!   \-> meter (usage record into the ledger, billed to the key's tenant) once the response is sent
+//!   \-> api (control plane: blobs, functions, versions, caches, usage, keys, audit) -> store
 //! ```
 //!
 //! Nothing in [`runtime`] knows about HTTP routing or SQL; [`api`] is the only place that

@@ -102,7 +102,6 @@ fn control_plane_needs_a_key_with_the_right_scope() {
         ("GET", "/v1/keys"),
         ("GET", "/v1/audit"),
         ("GET", "/metrics"),
-        ("DELETE", "/v1/functions/hello"),
     ] {
         let a = call(&server, &reader, method, path, b"{}");
         assert_eq!(
@@ -127,6 +126,14 @@ fn control_plane_needs_a_key_with_the_right_scope() {
     assert_eq!(
         call(&server, &team, "GET", "/fn/team-hello/", b"").text(),
         "hello\n"
+    );
+    // Same tenant, no deploy scope: may not delete it.
+    let a = call(&server, &reader, "DELETE", "/v1/functions/team-hello", b"");
+    assert_eq!(
+        (a.status, a.error_code().as_str()),
+        (403, "auth.forbidden"),
+        "{}",
+        a.text()
     );
 
     // Bad key requests say why.
@@ -326,8 +333,26 @@ fn tenants_cannot_touch_each_others_functions_usage_or_models() {
         ("DELETE", "/v1/functions/b-fn/cache"),
         ("DELETE", "/v1/functions/b-fn"),
     ] {
+        // Another tenant's function looks exactly like a missing one.
         let a = call(&server, &a_key, method, path, b"");
-        assert_eq!(a.status, 403, "{method} {path}: {}", a.text());
+        let missing = call(
+            &server,
+            &a_key,
+            method,
+            &path.replace("b-fn", "no-such-fn"),
+            b"",
+        );
+        assert_eq!(
+            (a.status, a.error_code()),
+            (404, "function.not_found".to_string()),
+            "{method} {path}: {}",
+            a.text()
+        );
+        assert_eq!(
+            a.text().replace("b-fn", "no-such-fn"),
+            missing.text(),
+            "{method} {path}"
+        );
     }
     let listed = call(&server, &a_key, "GET", "/v1/functions", b"").json();
     assert_eq!(listed["functions"], json!([]));
@@ -402,6 +427,7 @@ fn tenants_cannot_touch_each_others_functions_usage_or_models() {
         "{:?}",
         tenant_of("b-fn")
     );
+    assert!(!tenant_of("a-fn").is_empty());
     assert!(
         tenant_of("a-fn").iter().all(|t| t == "tenant-a"),
         "{:?}",
@@ -409,6 +435,13 @@ fn tenants_cannot_touch_each_others_functions_usage_or_models() {
     );
     let b_view = parse_csv(&call(&server, &b_key, "GET", "/v1/usage?format=csv", b"").text());
     assert!(b_view.iter().all(|r| r.get("tenant") == "tenant-b") && !b_view.is_empty());
+
+    // The caller's key never reaches the guest: a function cannot collect its callers' keys.
+    let seen = call(&server, &b_key, "GET", "/fn/b-fn/request-headers", b"").text();
+    assert!(
+        seen.contains("user-agent") && !seen.contains("authorization"),
+        "{seen}"
+    );
 }
 
 #[test]
@@ -512,6 +545,15 @@ fn beyond_loopback_without_keys_refuses_to_start_unless_insecure() {
     let r = agent.get(format!("{url}/v1/functions")).call().unwrap();
     assert_eq!(r.status().as_u16(), 200);
     assert!(server.log().contains("authentication is OFF"));
+    // The first key created turns authentication on, at once.
+    let r = agent
+        .post(format!("{url}/v1/keys"))
+        .header("content-type", "application/json")
+        .send(r#"{"tenant":"ops","scopes":["admin"]}"#)
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 201);
+    let r = agent.get(format!("{url}/v1/functions")).call().unwrap();
+    assert_eq!(r.status().as_u16(), 401, "no longer open once a key exists");
     // With KILN_ADMIN_KEY it starts and enforces keys.
     let launch = Launch {
         admin_key: Some(kiln_tests::ADMIN_KEY.into()),
@@ -589,90 +631,110 @@ fn rate_limits_per_key_and_per_function_answer_429_with_retry_after() {
 #[test]
 fn signed_bundles_are_required_verified_and_shown() {
     let dir = temp_dir("signing");
-    let key_file = dir.join("publisher.key");
-    let keygen = std::process::Command::new(kiln_tests::kiln_bin())
-        .args(["keygen", "--out", key_file.to_str().unwrap()])
-        .output()
-        .unwrap();
-    assert!(
-        keygen.status.success(),
-        "{}",
-        String::from_utf8_lossy(&keygen.stderr)
-    );
-    let public = String::from_utf8(keygen.stdout).unwrap().trim().to_string();
+    let keygen = |name: &str| {
+        let file = dir.join(name);
+        let out = std::process::Command::new(kiln_tests::kiln_bin())
+            .args(["keygen", "--out", file.to_str().unwrap()])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        (
+            file,
+            String::from_utf8(out.stdout).unwrap().trim().to_string(),
+        )
+    };
+    let (key_file, public) = keygen("publisher.key");
     assert!(public.starts_with("ed25519:"), "{public}");
     use std::os::unix::fs::PermissionsExt;
     assert_eq!(
         std::fs::metadata(&key_file).unwrap().permissions().mode() & 0o777,
         0o600
     );
-    let rogue_file = dir.join("rogue.key");
-    let rogue = std::process::Command::new(kiln_tests::kiln_bin())
-        .args(["keygen", "--out", rogue_file.to_str().unwrap()])
-        .output()
-        .unwrap();
-    assert!(rogue.status.success());
+    let (rogue_file, _) = keygen("rogue.key");
 
-    let server =
-        TestServer::start_with_config(&format!("[auth]\ntrusted_publishers = [\"{public}\"]\n"));
+    // Tenant `secured` must sign; the others need not.
+    let server = TestServer::start_with_config(&format!(
+        "[auth.tenant_publishers]\nsecured = [\"{public}\"]\n"
+    ));
+    let (secured, _) = create_key(&server, "secured", &["deploy:*", "invoke:*"], None);
     let hello = example("hello");
-    // Signed with the trusted key: deployed, and the version names its signer.
-    let out = server.cli(&[
-        "deploy",
-        hello.to_str().unwrap(),
-        "--name",
-        "signed",
-        "--sign",
-        key_file.to_str().unwrap(),
-    ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let hello_path = hello.to_str().unwrap();
+    let deploy = |name: &str, sign: Option<&std::path::Path>| {
+        let mut args = vec!["deploy", hello_path, "--name", name];
+        if let Some(k) = sign {
+            args.extend(["--sign", k.to_str().unwrap()]);
+        }
+        let out = server.cli_as(&secured, &args);
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    // Signed with the trusted key: deployed, and the version names its signer. Signing
+    // again (a newer signature) deploys again.
+    let (ok, err) = deploy("signed", Some(&key_file));
+    assert!(ok, "{err}");
     let v = server.get("/v1/functions/signed/versions/1").json();
     assert_eq!(v["signer"], public.as_str());
-    assert_eq!(server.get("/fn/signed/").text(), "hello\n");
-
-    // Unsigned: refused, by the CLI path and as a bare upload.
-    let out = server.cli(&["deploy", hello.to_str().unwrap(), "--name", "unsigned"]);
-    assert!(!out.status.success());
-    assert!(
-        String::from_utf8_lossy(&out.stderr).contains("bundle.unsigned"),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    assert_eq!(
+        call(&server, &secured, "GET", "/fn/signed/", b"").text(),
+        "hello\n"
     );
-    let a = server.deploy_wasm("bare", &std::fs::read(&hello).unwrap(), "");
+    assert!(deploy("signed", Some(&key_file)).0);
+    // Unsigned: refused through the CLI and as a bare upload; untrusted signer: refused.
+    let (ok, err) = deploy("unsigned", None);
+    assert!(!ok && err.contains("bundle.unsigned"), "{err}");
+    let a = deploy_as(&server, &secured, "bare", "hello", "");
     assert_eq!(
         (a.status, a.error_code().as_str()),
         (403, "bundle.unsigned")
     );
-    // Signed by a key the server does not trust.
-    let out = server.cli(&[
-        "deploy",
-        hello.to_str().unwrap(),
-        "--name",
-        "rogue",
-        "--sign",
-        rogue_file.to_str().unwrap(),
-    ]);
-    assert!(
-        String::from_utf8_lossy(&out.stderr).contains("bundle.untrusted_signer"),
+    let (ok, err) = deploy("rogue", Some(&rogue_file));
+    assert!(!ok && err.contains("bundle.untrusted_signer"), "{err}");
+    // The owner's rule holds for an admin too: no unsigned version of a secured function.
+    let a = server.deploy_wasm("signed", &std::fs::read(&hello).unwrap(), "");
+    assert_eq!(
+        (a.status, a.error_code().as_str()),
+        (403, "bundle.unsigned"),
         "{}",
-        String::from_utf8_lossy(&out.stderr)
+        a.text()
+    );
+    // Tenants without publishers deploy unsigned bundles as before.
+    assert_eq!(
+        server
+            .deploy_wasm("free", &std::fs::read(&hello).unwrap(), "")
+            .status,
+        201
     );
 
-    // A manifest changed after signing, or replayed onto another function.
+    // By hand: a manifest changed after signing, replayed onto another function, or
+    // replayed as it was.
     let component = server.put_blob(&std::fs::read(&hello).unwrap());
-    let manifest = json!({"component": component}).to_string();
+    let held = call(
+        &server,
+        &secured,
+        "PUT",
+        &format!("/v1/blobs/{component}"),
+        &std::fs::read(&hello).unwrap(),
+    );
+    assert!(held.status == 200 || held.status == 201, "{}", held.text());
     let secret = std::fs::read_to_string(&key_file).unwrap();
-    let sign = |function: &str, body: &str| {
-        // The same signing code as the CLI, reached through `kiln deploy --sign` above;
-        // here the headers are built by hand to send altered bodies.
-        sign_with(&secret, function, body)
+    let now_ms = || {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis() as i64
     };
     let post = |function: &str, body: &str, headers: &[(&str, &str)]| {
-        let mut h = vec![("content-type", "application/json")];
+        let bearer = format!("Bearer {secured}");
+        let mut h = vec![
+            ("content-type", "application/json"),
+            ("authorization", bearer.as_str()),
+        ];
         h.extend_from_slice(headers);
         server.request(
             "POST",
@@ -681,7 +743,8 @@ fn signed_bundles_are_required_verified_and_shown() {
             body.as_bytes(),
         )
     };
-    let (signer, sig) = sign("good", &manifest);
+    let manifest = json!({"component": component, "signed_at": now_ms()}).to_string();
+    let (signer, sig) = sign_with(&secret, "good", &manifest);
     let headers = [
         ("x-kiln-signer", signer.as_str()),
         ("x-kiln-signature", sig.as_str()),
@@ -695,17 +758,55 @@ fn signed_bundles_are_required_verified_and_shown() {
         "{}",
         a.text()
     );
-    let a = post("elsewhere", &manifest, &headers);
-    assert_eq!(a.error_code(), "bundle.bad_signature");
+    assert_eq!(
+        post("elsewhere", &manifest, &headers).error_code(),
+        "bundle.bad_signature"
+    );
     let a = post("good", &manifest, &[("x-kiln-signer", signer.as_str())]);
     assert_eq!(a.error_code(), "bundle.malformed_signature");
+    let a = post("good", &manifest, &headers);
+    assert_eq!(
+        (a.status, a.error_code().as_str()),
+        (400, "bundle.replayed"),
+        "{}",
+        a.text()
+    );
+    // Deleting the function does not make an old signature usable again.
+    assert_eq!(
+        call(&server, &secured, "DELETE", "/v1/functions/good", b"").status,
+        200
+    );
+    assert_eq!(
+        post("good", &manifest, &headers).error_code(),
+        "bundle.replayed"
+    );
+    let unstamped = json!({"component": component}).to_string();
+    let (s2, g2) = sign_with(&secret, "good", &unstamped);
+    let a = post(
+        "good",
+        &unstamped,
+        &[
+            ("x-kiln-signer", s2.as_str()),
+            ("x-kiln-signature", g2.as_str()),
+        ],
+    );
+    assert_eq!(a.error_code(), "bundle.malformed_signature", "{}", a.text());
 
     // A stored blob altered on disk after upload no longer matches its digest.
     let blob = find_blob(&server.data_dir, component.trim_start_matches("sha256:"));
     let mut bytes = std::fs::read(&blob).unwrap();
     bytes.push(0);
     std::fs::write(&blob, bytes).unwrap();
-    let a = post("good", &manifest, &headers);
+    let fresh = json!({"component": component, "signed_at": now_ms()}).to_string();
+    let (s3, g3) = sign_with(&secret, "good", &fresh);
+    let a = post(
+        "good",
+        &fresh,
+        &[
+            ("x-kiln-signer", s3.as_str()),
+            ("x-kiln-signature", g3.as_str()),
+        ],
+    );
     assert_eq!(
         (a.status, a.error_code().as_str()),
         (400, "bundle.digest_mismatch"),
@@ -713,7 +814,7 @@ fn signed_bundles_are_required_verified_and_shown() {
         a.text()
     );
     assert_eq!(
-        server.get("/fn/signed/").text(),
+        call(&server, &secured, "GET", "/fn/signed/", b"").text(),
         "hello\n",
         "what was deployed keeps serving"
     );
@@ -765,12 +866,32 @@ fn audit_log_records_who_did_what_and_is_filtered_by_tenant() {
     assert_eq!(deploy_as(&server, &b_key, "a-fn", "hello", "").status, 403);
     assert_eq!(
         call(&server, &b_key, "DELETE", "/v1/functions/a-fn", b"").status,
-        403
+        404
     );
-    assert_eq!(call(&server, "", "GET", "/v1/functions", b"").status, 401);
+    assert_eq!(
+        call(&server, &a_key, "GET", "/v1/functions", b"").status,
+        200
+    );
     assert_eq!(
         call(&server, &a_key, "DELETE", "/v1/functions/a-fn/cache", b"").status,
         200
+    );
+    // No key: refused, counted, not written (anyone could flood the log with these).
+    for _ in 0..3 {
+        assert_eq!(call(&server, "", "GET", "/v1/functions", b"").status, 401);
+    }
+    assert_eq!(
+        call(&server, "kiln_bad", "GET", "/v1/functions", b"").status,
+        401
+    );
+    let metrics = server.get("/metrics").text();
+    assert_eq!(
+        kiln_tests::metric_sample(&metrics, "kiln_auth_refusals_total{reason=\"missing_key\"}"),
+        3.0
+    );
+    assert_eq!(
+        kiln_tests::metric_sample(&metrics, "kiln_auth_refusals_total{reason=\"invalid_key\"}"),
+        1.0
     );
 
     let all = server.get("/v1/audit?limit=100").json();
@@ -797,10 +918,25 @@ fn audit_log_records_who_did_what_and_is_filtered_by_tenant() {
             .starts_with("version 1 (sha256:"),
         "{created}"
     );
-    assert_eq!(find("version.create", "denied")["tenant"], "tenant-b");
-    assert_eq!(find("function.delete", "denied")["status"], 403);
-    assert!(find("function.list", "denied")["key_id"].is_null());
-    assert_eq!(find("key.create", "ok")["target"], "");
+    let denied = find("version.create", "denied");
+    assert_eq!(
+        (denied["tenant"].as_str(), denied["status"].as_u64()),
+        (Some("tenant-b"), Some(403))
+    );
+    let hidden = find("function.delete", "failed");
+    assert_eq!(
+        (hidden["tenant"].as_str(), hidden["status"].as_u64()),
+        (Some("tenant-b"), Some(404))
+    );
+    assert_eq!(
+        find("function.list", "ok")["key_id"],
+        a_id.as_str(),
+        "reads are recorded too"
+    );
+    assert!(
+        entries.iter().all(|e| e["status"] != 401),
+        "no rows for calls without a key"
+    );
     assert!(
         find("key.create", "ok")["detail"]
             .as_str()
@@ -808,25 +944,46 @@ fn audit_log_records_who_did_what_and_is_filtered_by_tenant() {
             .contains("tenant-b")
     );
     assert_eq!(find("cache.clear", "ok")["target"], "a-fn");
-    // Newest first, with readable times.
     let seqs: Vec<i64> = entries.iter().map(|e| e["seq"].as_i64().unwrap()).collect();
-    assert!(seqs.windows(2).all(|w| w[0] > w[1]), "{seqs:?}");
+    assert!(
+        seqs.windows(2).all(|w| w[0] > w[1]),
+        "newest first: {seqs:?}"
+    );
     assert!(entries[0]["at"].as_str().unwrap().ends_with('Z'));
 
-    // A tenant's key sees its own tenant's entries only.
+    // An admin acting on tenant A's function: A's own view shows it; B's does not.
+    assert_eq!(
+        server
+            .request("DELETE", "/v1/functions/a-fn", &[], b"")
+            .status,
+        200
+    );
     let mine = call(&server, &a_key, "GET", "/v1/audit", b"").json();
+    let mine = mine["entries"].as_array().unwrap();
     assert!(
-        mine["entries"]
+        mine.iter()
+            .all(|e| e["tenant"] == "tenant-a" || e["subject_tenant"] == "tenant-a"),
+        "{mine:#?}"
+    );
+    let by_admin = mine
+        .iter()
+        .find(|e| e["action"] == "function.delete" && e["outcome"] == "ok")
+        .expect("A sees the admin's delete");
+    assert_eq!(by_admin["tenant"], "default");
+    let theirs = call(&server, &b_key, "GET", "/v1/audit", b"").json();
+    assert!(
+        theirs["entries"]
             .as_array()
             .unwrap()
             .iter()
-            .all(|e| e["tenant"] == "tenant-a"),
-        "{mine:#}"
+            .all(|e| e["target"] != "a-fn" || e["tenant"] == "tenant-b"),
+        "{theirs:#}"
     );
     assert_eq!(
         call(&server, &a_key, "GET", "/v1/audit?tenant=tenant-b", b"").status,
         403
     );
+
     // `kiln audit` prints a table, filtered.
     let out = server.cli(&["audit", "--action", "version.create"]);
     assert!(
@@ -880,7 +1037,10 @@ fn outbound_http_is_denied_unless_allowed_and_bounded_in_time() {
     never.set_nonblocking(true).unwrap();
     let never_port = never.local_addr().unwrap().port();
 
-    let server = TestServer::start_with_config("[runtime]\noutbound_timeout_ms = 700\n");
+    // Upstreams on loopback: the operator opts in to private addresses.
+    let server = TestServer::start_with_config(
+        "[runtime]\noutbound_timeout_ms = 700\nallow_private_outbound = true\n",
+    );
     let dir = temp_dir("outbound");
     std::fs::write(
         dir.join("kiln.toml"),
@@ -956,5 +1116,26 @@ fn outbound_http_is_denied_unless_allowed_and_bounded_in_time() {
         bad.text().contains("ftp://files.example.com"),
         "{}",
         bad.text()
+    );
+
+    // Without the operator's opt-in, a manifest cannot open the server's own network:
+    // loopback, by address or by a name resolving to it, is refused before connecting.
+    let locked = TestServer::start();
+    let a = locked.deploy_manifest(
+        "caller",
+        &json!({"component": locked.put_blob(&std::fs::read(example("hostile")).unwrap()),
+                "allowed_outbound_hosts": [format!("http://127.0.0.1:{never_port}"), "http://localhost:*"]}),
+    );
+    assert_eq!(a.status, 201, "{}", a.text());
+    for url in [
+        format!("http://127.0.0.1:{never_port}/"),
+        format!("http://localhost:{never_port}/"),
+    ] {
+        let why = locked.get(&format!("/fn/caller/outbound?url={url}")).text();
+        assert!(why.contains("non-public address"), "{url}: {why}");
+    }
+    assert!(
+        matches!(never.accept(), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock),
+        "a refused call connected"
     );
 }

@@ -18,6 +18,7 @@
 //! | `/headers?count=N&size=S` | appends N header values of S bytes | `accepted K of N`: the host caps header bytes |
 //! | `/forbidden` | sets hop-by-hop and `host` headers | each one refused |
 //! | `/outbound?url=U` | calls `U` with `wasi:http` | the status, or the error (denied unless allowed) |
+//! | `/request-headers` | lists the names of the headers it received | what the host passed on |
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use kiln_guest::__private::wasip2::http::types;
@@ -111,6 +112,11 @@ fn hostile(req: Request) -> kiln_guest::Response {
             text(StatusCode::OK, answers.join(" ") + "\n")
         }
         "/outbound" => text(StatusCode::OK, outbound(query(&req, "url")) + "\n"),
+        "/request-headers" => {
+            let mut names: Vec<&str> = req.headers().keys().map(|k| k.as_str()).collect();
+            names.sort_unstable();
+            text(StatusCode::OK, names.join(",") + "\n")
+        }
         _ => text(StatusCode::NOT_FOUND, "unknown path\n"),
     }
 }

@@ -75,6 +75,7 @@ impl ApiError {
                 StatusCode::UNAUTHORIZED
             }
             Auth(AuthError::Forbidden(_)) => StatusCode::FORBIDDEN,
+            Auth(AuthError::Hidden(_)) => StatusCode::NOT_FOUND,
             Auth(AuthError::RateLimited { .. }) => StatusCode::TOO_MANY_REQUESTS,
             Sign(SignError::Unsigned(_) | SignError::Untrusted(..)) => StatusCode::FORBIDDEN,
             Sign(_) | Tampered(_) => StatusCode::BAD_REQUEST,
@@ -113,12 +114,14 @@ impl ApiError {
             Auth(AuthError::Invalid) => "auth.invalid_key",
             Auth(AuthError::Revoked(_)) => "auth.revoked_key",
             Auth(AuthError::Forbidden(_)) => "auth.forbidden",
+            Auth(AuthError::Hidden(_)) => "function.not_found",
             Auth(AuthError::RateLimited { .. }) => "rate.limited",
             Sign(SignError::Unsigned(_)) => "bundle.unsigned",
             Sign(SignError::Untrusted(..)) => "bundle.untrusted_signer",
             Sign(SignError::BadSignature) => "bundle.bad_signature",
             Sign(SignError::Malformed(_)) => "bundle.malformed_signature",
             Sign(SignError::BareUpload) => "bundle.bare_upload",
+            Sign(SignError::Replayed(_)) => "bundle.replayed",
             Tampered(_) => "bundle.digest_mismatch",
             Overloaded(_) => "function.overloaded",
             Invoke(InvokeError::Timeout(_)) => "function.timeout",
@@ -158,6 +161,7 @@ impl From<DeployError> for ApiError {
             DeployError::Limits(l) => ApiError::InvalidRequest(l.to_string()),
             DeployError::NotOwner(n) => ApiError::Auth(AuthError::Forbidden(n.to_string())),
             DeployError::Tampered(_) => ApiError::Tampered(e.to_string()),
+            DeployError::Replayed(r) => ApiError::Sign(SignError::Replayed(r.to_string())),
             DeployError::Model { ref error, .. } => {
                 let code = match error.code {
                     crate::nn::ErrorCode::UnsupportedOperation => "model.unsupported",

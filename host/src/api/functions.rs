@@ -49,6 +49,10 @@ pub struct CreateVersion {
     /// wildcards; nothing when empty.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub allowed_outbound_hosts: Vec<String>,
+    /// When a signed manifest was signed (unix milliseconds): each signed deploy of a
+    /// function must be newer than the last, so an old signed manifest cannot be replayed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signed_at: Option<i64>,
 }
 
 /// One model in a version manifest.
@@ -189,8 +193,14 @@ pub(super) fn show<B>(
     Ok(json_response(StatusCode::OK, &json))
 }
 
-pub(super) fn delete(app: &Arc<App>, name: &str) -> Result<Response<Body>, ApiError> {
-    if !app.delete_function(name)? {
+pub(super) fn delete(
+    app: &Arc<App>,
+    name: &str,
+    caller: &Caller,
+) -> Result<Response<Body>, ApiError> {
+    // Ownership was checked; checked again under the publishing lock.
+    let owner = (!caller.is_admin()).then(|| caller.tenant().unwrap_or_default());
+    if !app.delete_function(name, owner)? {
         return Err(RouteError::NoFunction(name.to_string()).into());
     }
     Ok(json_response(
@@ -244,6 +254,29 @@ enum Upload {
     Manifest,
 }
 
+/// The query string of a bare `application/wasm` upload: limits, caching parameters and
+/// `public`. Public for the fuzz target of the upload path.
+pub fn bare_upload_params(query: &str) -> Result<(LimitsSpec, CacheSpec, Option<bool>), String> {
+    // Caching parameters and `public` first; the rest are limits (which reject unknown keys).
+    let mut cache = CacheSpec::default();
+    let mut public = None;
+    let mut limits = Vec::new();
+    for pair in query.split('&').filter(|p| !p.is_empty()) {
+        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+        let v = super::percent_decode(v)?;
+        if k == "public" {
+            public = Some(
+                v.parse::<bool>()
+                    .map_err(|_| format!("public={v:?}: use true or false"))?,
+            );
+        } else if !cache.set_from_query(k, &v)? {
+            limits.push(format!("{k}={v}"));
+        }
+    }
+    let limits = LimitsSpec::from_query(&limits.join("&"))?;
+    Ok((limits, cache.validate()?, public))
+}
+
 /// Checks what can be checked before reading the body.
 fn precheck<B>(name: &str, req: &Request<B>) -> Result<Upload, ApiError> {
     validate_name(name).map_err(ApiError::InvalidRequest)?;
@@ -260,26 +293,8 @@ fn precheck<B>(name: &str, req: &Request<B>) -> Result<Upload, ApiError> {
     let query = req.uri().query().unwrap_or("");
     match content_type.as_str() {
         "application/wasm" => {
-            // Caching parameters first; the rest are limits (which reject unknown keys).
-            let mut cache = CacheSpec::default();
-            let mut public = None;
-            let mut limits = Vec::new();
-            for pair in query.split('&').filter(|p| !p.is_empty()) {
-                let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
-                let v = super::percent_decode(v).map_err(ApiError::InvalidRequest)?;
-                if k == "public" {
-                    public = Some(v.parse::<bool>().map_err(|_| {
-                        ApiError::InvalidRequest(format!("public={v:?}: use true or false"))
-                    })?);
-                } else if !cache
-                    .set_from_query(k, &v)
-                    .map_err(ApiError::InvalidRequest)?
-                {
-                    limits.push(format!("{k}={v}"));
-                }
-            }
-            let limits =
-                LimitsSpec::from_query(&limits.join("&")).map_err(ApiError::InvalidRequest)?;
+            let (limits, cache, public) =
+                bare_upload_params(query).map_err(ApiError::InvalidRequest)?;
             Ok(Upload::Wasm(limits, cache, public))
         }
         "application/json" if query.is_empty() => Ok(Upload::Manifest),
@@ -302,12 +317,17 @@ pub(super) async fn create_version(
 ) -> Result<Response<Body>, ApiError> {
     let base = base_url(app, &req);
     let tenant = caller.tenant().unwrap_or_default().to_string();
-    let trust = app.config.auth.trust(&tenant);
+    // The owner's publishers decide (an admin deploying onto a tenant's function too).
+    let owner = app
+        .registry
+        .function(name)
+        .map_or_else(|| tenant.clone(), |f| f.owner.to_string());
+    let trust = app.config.auth.trust(&owner);
     let upload = match precheck(name, &req) {
         Ok(Upload::Wasm(..)) if req.headers().contains_key(signing::SIGNATURE_HEADER) => {
             Err(SignError::BareUpload.into())
         }
-        Ok(Upload::Wasm(..)) if trust.required() => Err(SignError::Unsigned(tenant.clone()).into()),
+        Ok(Upload::Wasm(..)) if trust.required() => Err(SignError::Unsigned(owner.clone()).into()),
         other => other,
     };
     let upload = match upload {
@@ -320,6 +340,7 @@ pub(super) async fn create_version(
         }
     };
     let mut signer = None;
+    let mut signed_at = None;
     let mut outbound = Vec::new();
     let (component, limits, nn, cache, public) = match upload {
         Upload::Wasm(spec, cache, public) => {
@@ -344,6 +365,11 @@ pub(super) async fn create_version(
             let manifest: CreateVersion = serde_json::from_slice(&body)
                 .map_err(|e| ApiError::InvalidRequest(format!("invalid version manifest: {e}")))?;
             let nn = manifest.nn_spec();
+            if signer.is_some() {
+                signed_at = Some(manifest.signed_at.ok_or(SignError::Malformed(
+                    "a signed manifest needs \"signed_at\" (unix milliseconds), as kiln deploy --sign writes".into(),
+                ))?);
+            }
             crate::runtime::parse_patterns(&manifest.allowed_outbound_hosts)
                 .map_err(ApiError::InvalidRequest)?;
             outbound = manifest.allowed_outbound_hosts;
@@ -363,6 +389,7 @@ pub(super) async fn create_version(
         admin: caller.is_admin(),
         public,
         signer: signer.map(|s| s.to_string()),
+        signed_at,
         outbound,
     };
     let rec = app.deploy(name, component, limits, nn, cache, &by).await?;
@@ -374,9 +401,9 @@ pub(super) async fn create_version(
         Some(s) => format!(", signed by {s}"),
         None => String::new(),
     };
-    resp.extensions_mut().insert(AuditDetail(format!(
-        "version {} ({}){signed}",
-        rec.version, rec.digest
-    )));
+    resp.extensions_mut().insert(AuditDetail {
+        detail: format!("version {} ({}){signed}", rec.version, rec.digest),
+        subject: None,
+    });
     Ok(resp)
 }

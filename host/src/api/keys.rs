@@ -42,12 +42,15 @@ pub(super) async fn create(
     json["key"] = secret.into();
     let mut resp = json_response(StatusCode::CREATED, &json);
     let scopes: Vec<String> = key.scopes.iter().map(ToString::to_string).collect();
-    resp.extensions_mut().insert(AuditDetail(format!(
-        "key {} for tenant {} with scopes {}",
-        key.id,
-        key.tenant,
-        scopes.join(" ")
-    )));
+    resp.extensions_mut().insert(AuditDetail {
+        detail: format!(
+            "key {} for tenant {} with scopes {}",
+            key.id,
+            key.tenant,
+            scopes.join(" ")
+        ),
+        subject: Some(key.tenant.to_string()),
+    });
     Ok(resp)
 }
 

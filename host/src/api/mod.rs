@@ -1,7 +1,9 @@
 //! The control plane: JSON over HTTP under `/v1`. The only module that turns requests into
 //! calls on the stores, the runtime and the registry. Every call needs an API key with the
-//! right scope; each change, each read of keys, usage or the audit log, and each refusal is
-//! written to the audit log.
+//! right scope, and every call made with a key (refusals included) is written to the audit
+//! log. Calls without a valid key (401) and over a rate limit (429) are counted in
+//! `kiln_auth_refusals_total` instead: they carry no identity, and anyone could flood them.
+//! A call runs to its end (its audit entry included) even if the client hangs up.
 //!
 //! | method | path | what | needs |
 //! |---|---|---|---|
@@ -26,19 +28,23 @@ pub mod usage;
 
 use std::sync::Arc;
 
-use http::{Method, Request, Response};
+use http::{Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
 
 pub use error::ApiError;
 pub use functions::CreateVersion;
 
 use crate::app::App;
-use crate::auth::{Caller, Scope};
+use crate::auth::{AuthError, Caller, Scope};
 use crate::server::Body;
 
-/// What a handler adds to its audit entry (set as a response extension).
-#[derive(Debug, Clone)]
-pub(crate) struct AuditDetail(pub String);
+/// What a handler adds to its audit entry (set as a response extension): what it made,
+/// and the tenant it acted on when the route does not say.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct AuditDetail {
+    pub detail: String,
+    pub subject: Option<String>,
+}
 
 /// One control-plane operation, parsed from the method and path.
 #[derive(Debug, Clone, Copy)]
@@ -111,17 +117,18 @@ impl<'a> Op<'a> {
         }
     }
 
-    /// Whether it is audited when it succeeds (refusals always are): changes, and reads
-    /// of keys, usage and the log itself.
-    fn audited(self) -> bool {
-        !matches!(
-            self,
-            Op::HeadBlob(_)
-                | Op::ListFunctions
-                | Op::ShowFunction(_)
-                | Op::ListVersions(_)
-                | Op::ShowVersion(..)
-        )
+    /// The tenant whose function or key it acts on, when it names one that exists.
+    fn subject(self, app: &App) -> Option<String> {
+        match self {
+            Op::ShowFunction(n)
+            | Op::DeleteFunction(n)
+            | Op::ListVersions(n)
+            | Op::CreateVersion(n)
+            | Op::ShowVersion(n, _)
+            | Op::ClearCache(n) => app.registry.function(n).map(|f| f.owner.to_string()),
+            Op::RevokeKey(id) => app.auth.tenant_of_key(id).map(|t| t.to_string()),
+            _ => None,
+        }
     }
 
     /// Checks that `caller` may do it (what depends on the request's content is checked
@@ -137,9 +144,10 @@ impl<'a> Op<'a> {
                     caller.may_read(n, &o)?;
                 }
             }
-            Op::DeleteFunction(n) | Op::CreateVersion(n) | Op::ClearCache(n) => {
-                caller.may_deploy(n, owner(n).as_deref())?;
+            Op::DeleteFunction(n) | Op::ClearCache(n) => {
+                caller.may_deploy(n, owner(n).as_deref(), false)?;
             }
+            Op::CreateVersion(n) => caller.may_deploy(n, owner(n).as_deref(), true)?,
             Op::Usage => caller.need(&Scope::UsageRead)?,
             Op::CreateKey | Op::ListKeys | Op::RevokeKey(_) => caller.need(&Scope::Admin)?,
             Op::Audit => caller.need(&Scope::AuditRead)?,
@@ -148,23 +156,40 @@ impl<'a> Op<'a> {
     }
 }
 
-/// Dispatches a `/v1/...` request: authenticates, authorizes, runs it, audits it.
+/// Dispatches a `/v1/...` request: authenticates, authorizes, runs it, audits it. The work
+/// runs in a task of its own, so a client that hangs up cannot cut a change (or its audit
+/// entry) short.
 pub async fn handle(app: &Arc<App>, req: Request<Incoming>) -> Result<Response<Body>, ApiError> {
+    let app = app.clone();
+    tokio::spawn(async move { handle_to_end(&app, req).await })
+        .await
+        .unwrap_or_else(|e| {
+            Err(ApiError::Internal(anyhow::anyhow!(
+                "control-plane task: {e}"
+            )))
+        })
+}
+
+async fn handle_to_end(app: &Arc<App>, req: Request<Incoming>) -> Result<Response<Body>, ApiError> {
     let path = req.uri().path().trim_end_matches('/').to_string();
     let segments: Vec<&str> = path.split('/').skip(2).collect();
     let method = req.method().clone();
     let op = Op::parse(&method, &segments, &path)?;
-    let caller = app.auth.authenticate(req.headers());
-    let result = match &caller {
-        Ok(c) => match op.authorize(app, c) {
-            Ok(()) => dispatch(app, op, c, req).await,
-            Err(e) => {
-                crate::server::drain(req.into_body()).await;
-                Err(e)
-            }
-        },
+    let caller = match app.auth.authenticate(req.headers()) {
+        Ok(Caller::Anonymous) => Err(AuthError::Missing),
+        other => other,
+    };
+    let caller = match caller {
+        Ok(c) => c,
         Err(e) => {
-            let e = ApiError::from(e.clone());
+            crate::server::drain(req.into_body()).await;
+            return Err(e.into());
+        }
+    };
+    let subject = op.subject(app);
+    let result = match op.authorize(app, &caller) {
+        Ok(()) => dispatch(app, op, &caller, req).await,
+        Err(e) => {
             crate::server::drain(req.into_body()).await;
             Err(e)
         }
@@ -173,24 +198,31 @@ pub async fn handle(app: &Arc<App>, req: Request<Incoming>) -> Result<Response<B
         Ok(r) => r.status(),
         Err(e) => e.status(),
     };
-    let refused = matches!(status.as_u16(), 401 | 403 | 429);
-    if op.audited() || refused {
+    if status != StatusCode::TOO_MANY_REQUESTS {
         let (action, target) = op.describe();
-        let detail = match &result {
-            Ok(r) => r
-                .extensions()
-                .get::<AuditDetail>()
-                .map(|d| d.0.clone())
-                .unwrap_or_default(),
-            Err(e) => format!("{e:#}"),
+        let (detail, subject) = match &result {
+            Ok(r) => {
+                let note = r
+                    .extensions()
+                    .get::<AuditDetail>()
+                    .cloned()
+                    .unwrap_or_default();
+                (note.detail, note.subject.or(subject))
+            }
+            Err(e) => (format!("{e:#}"), subject),
         };
         let app = app.clone();
-        let caller = caller.ok();
         let (action, target) = (action.to_string(), target.to_string());
-        // One short SQLite insert: off the async workers.
+        // One short SQLite insert into the audit database: off the async workers.
         let _ = tokio::task::spawn_blocking(move || {
-            app.auth
-                .record(caller.as_ref(), &action, &target, status.as_u16(), &detail)
+            app.auth.record(
+                Some(&caller),
+                &action,
+                &target,
+                subject.as_deref(),
+                status.as_u16(),
+                &detail,
+            )
         })
         .await;
     }
@@ -208,7 +240,7 @@ async fn dispatch(
         Op::HeadBlob(d) => blobs::head(app, d, caller),
         Op::ListFunctions => functions::list(app, caller),
         Op::ShowFunction(n) => functions::show(app, n, &req),
-        Op::DeleteFunction(n) => functions::delete(app, n),
+        Op::DeleteFunction(n) => functions::delete(app, n, caller),
         Op::ListVersions(n) => functions::versions(app, n),
         Op::CreateVersion(n) => functions::create_version(app, n, req, caller).await,
         Op::ShowVersion(n, v) => functions::version(app, n, v),

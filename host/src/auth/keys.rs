@@ -191,16 +191,16 @@ pub fn hash(secret: &str) -> [u8; 32] {
 }
 
 /// The id of a key given from outside (`KILN_ADMIN_KEY`): the id inside a Kiln-made secret,
-/// or one derived from the hash of any other string.
-pub fn id_of(secret: &str) -> String {
+/// or a random one (nothing derived from the secret, which could be checked offline).
+pub fn id_of(secret: &str) -> std::io::Result<String> {
     let mut parts = secret.splitn(3, '_');
     match (parts.next(), parts.next(), parts.next()) {
         (Some("kiln"), Some(id), Some(_))
             if id.len() == ID_HEX && id.bytes().all(|b| b.is_ascii_hexdigit()) =>
         {
-            id.to_string()
+            Ok(id.to_string())
         }
-        _ => format!("admin-{}", &hex::encode(hash(secret))[..8]),
+        _ => generate().map(|(id, _)| id),
     }
 }
 
@@ -258,9 +258,14 @@ mod tests {
         let (id, secret) = generate().unwrap_or_else(|e| panic!("{e}"));
         let (_, other) = generate().unwrap_or_else(|e| panic!("{e}"));
         assert_ne!(secret, other);
-        assert_eq!(id_of(&secret), id);
+        assert_eq!(id_of(&secret).unwrap_or_else(|e| panic!("{e}")), id);
         assert_eq!(secret.len(), "kiln_".len() + ID_HEX + 1 + 64);
-        assert!(id_of("some operator chosen secret").starts_with("admin-"));
+        let chosen = "some operator chosen secret";
+        assert_ne!(
+            id_of(chosen).ok(),
+            id_of(chosen).ok(),
+            "not derived from the secret"
+        );
         assert_ne!(hash(&secret), hash(&other));
     }
 }

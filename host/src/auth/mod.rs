@@ -15,14 +15,15 @@ pub mod signing;
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use anyhow::{Context, bail};
 use http::HeaderMap;
-use rusqlite::{Connection, OptionalExtension, params};
+use rusqlite::{Connection, params};
 
-pub use audit::{AuditEntry, AuditQuery};
+pub use audit::{AuditEntry, AuditLog, AuditQuery};
 pub use keys::{ApiKey, Pattern, Scope};
 pub use rate::{Limiter, Rate};
 
@@ -53,6 +54,9 @@ pub enum AuthError {
     Revoked(String),
     #[error("{0}")]
     Forbidden(String),
+    /// Another tenant's function, answered as if it did not exist.
+    #[error("function {0:?} does not exist")]
+    Hidden(String),
     /// Over a rate limit; `retry_after` is when the next request would pass.
     #[error("rate limit of {what} exceeded ({rate}); retry in {}s", retry_secs(.retry_after))]
     RateLimited {
@@ -161,28 +165,44 @@ impl Caller {
         }
     }
 
-    /// Checks the caller may see function `name` owned by `owner`: its own tenant's, or admin.
+    /// Checks the caller may see function `name` owned by `owner`: its own tenant's, or
+    /// admin. Another tenant's function looks absent.
     pub fn may_read(&self, name: &str, owner: &str) -> Result<(), AuthError> {
         match self.key()? {
-            Some(k) if !k.is_admin() && *k.tenant != *owner => Err(not_yours(k, name)),
+            Some(k) if !k.is_admin() && *k.tenant != *owner => {
+                Err(AuthError::Hidden(name.to_string()))
+            }
             _ => Ok(()),
         }
     }
 
-    /// Checks the caller may deploy to (delete, clear the caches of) function `name`,
-    /// owned by `owner` when it exists.
-    pub fn may_deploy(&self, name: &str, owner: Option<&str>) -> Result<(), AuthError> {
+    /// Checks the caller may deploy to (`creating`), or delete or clear the caches of,
+    /// function `name`, owned by `owner` when it exists. Creating a version of another
+    /// tenant's function is refused (the name is taken); touching it otherwise finds
+    /// nothing.
+    pub fn may_deploy(
+        &self,
+        name: &str,
+        owner: Option<&str>,
+        creating: bool,
+    ) -> Result<(), AuthError> {
         let Some(k) = self.key()? else { return Ok(()) };
+        match owner {
+            Some(o) if !k.is_admin() && *k.tenant != *o => {
+                return Err(match creating {
+                    true => not_yours(k, name),
+                    false => AuthError::Hidden(name.to_string()),
+                });
+            }
+            _ => {}
+        }
         if !k.may_deploy(name) {
             return Err(AuthError::Forbidden(format!(
                 "API key {} has no deploy scope matching function {name:?}",
                 k.id
             )));
         }
-        match owner {
-            Some(o) if !k.is_admin() && *k.tenant != *o => Err(not_yours(k, name)),
-            _ => Ok(()),
-        }
+        Ok(())
     }
 
     /// Checks the caller may call function `name` owned by `owner` (public ones need no key).
@@ -192,7 +212,7 @@ impl Caller {
         }
         let Some(k) = self.key()? else { return Ok(()) };
         if !k.is_admin() && *k.tenant != *owner {
-            return Err(not_yours(k, name));
+            return Err(AuthError::Hidden(name.to_string()));
         }
         if !k.may_invoke(name) {
             return Err(AuthError::Forbidden(format!(
@@ -206,9 +226,23 @@ impl Caller {
 
 fn not_yours(k: &ApiKey, name: &str) -> AuthError {
     AuthError::Forbidden(format!(
-        "function {name:?} belongs to another tenant than {:?}",
+        "the name {name:?} is taken by a function of another tenant than {:?}",
         &*k.tenant
     ))
+}
+
+impl AuthError {
+    /// Short name of the refusal, for metrics.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            AuthError::Missing => "missing_key",
+            AuthError::Invalid => "invalid_key",
+            AuthError::Revoked(_) => "revoked_key",
+            AuthError::Forbidden(_) => "forbidden",
+            AuthError::Hidden(_) => "not_found",
+            AuthError::RateLimited { .. } => "rate_limited",
+        }
+    }
 }
 
 /// What `POST /v1/keys` asks for.
@@ -225,8 +259,11 @@ pub struct NewKey {
 pub struct Auth {
     db: Mutex<Connection>,
     keys: RwLock<HashMap<[u8; 32], Arc<ApiKey>>>,
-    open: bool,
+    /// Authentication is off: `--insecure` and no key. Turned off for good (this run) by
+    /// the first key created.
+    open: AtomicBool,
     default_rate: Option<Rate>,
+    audit: AuditLog,
 }
 
 /// How the server was started, for the bootstrap decision.
@@ -250,28 +287,29 @@ fn now_ms() -> i64 {
 }
 
 impl Auth {
-    /// Opens the key table and audit log in `db_path` and applies the bootstrap rules.
-    /// Returns the new admin key's secret when one was made (to print, once).
+    /// Opens the key table in `db_path` and the audit log at `audit_path`, and applies the
+    /// bootstrap rules. Returns the new admin key's secret when one was made (to print,
+    /// once).
     pub fn open(
         db_path: &Path,
+        audit_path: &Path,
         boot: &Bootstrap,
         default_rate: Option<Rate>,
     ) -> anyhow::Result<(Auth, Option<String>)> {
         let conn = Connection::open(db_path)
             .with_context(|| format!("opening database {}", db_path.display()))?;
         conn.pragma_update(None, "journal_mode", "WAL")?;
-        // Audit rows survive a crash of the process (WAL); key changes are also synced to
-        // disk (`durably`), so a revocation survives a power cut too.
+        // Key changes are synced to disk (`durably`): a revocation survives a power cut.
         conn.pragma_update(None, "synchronous", "NORMAL")?;
         conn.busy_timeout(Duration::from_secs(5))?;
         conn.execute_batch(SCHEMA)
-            .and_then(|()| conn.execute_batch(audit::SCHEMA))
-            .context("creating the key and audit tables")?;
-        let mut auth = Auth {
+            .context("creating the key table")?;
+        let auth = Auth {
             db: Mutex::new(conn),
             keys: RwLock::new(HashMap::new()),
-            open: false,
+            open: AtomicBool::new(false),
             default_rate,
+            audit: AuditLog::open(audit_path)?,
         };
         auth.load()?;
         if let Some(secret) = &boot.admin_key {
@@ -281,8 +319,8 @@ impl Auth {
         let mut printed = None;
         if !any_active {
             if boot.insecure {
-                tracing::warn!(listen = %boot.listen, "no API keys and --insecure: authentication is OFF, every caller is an admin");
-                auth.open = true;
+                tracing::warn!(listen = %boot.listen, "no API keys and --insecure: authentication is OFF, every caller is an admin, until a key is created");
+                auth.open.store(true, Ordering::SeqCst);
             } else if boot.listen.ip().is_loopback() {
                 let (id, secret) = keys::generate()?;
                 auth.insert(&id, &secret, DEFAULT_TENANT, &[Scope::Admin], None, None)?;
@@ -301,7 +339,7 @@ impl Auth {
 
     /// Whether authentication is off.
     pub fn is_open(&self) -> bool {
-        self.open
+        self.open.load(Ordering::SeqCst)
     }
 
     fn conn(&self) -> std::sync::MutexGuard<'_, Connection> {
@@ -422,6 +460,8 @@ impl Auth {
             .write()
             .unwrap_or_else(|p| p.into_inner())
             .insert(hash, key.clone());
+        // From the first key on, every call needs one.
+        self.open.store(false, Ordering::SeqCst);
         Ok(key)
     }
 
@@ -444,13 +484,18 @@ impl Auth {
             }
             return Ok(());
         }
-        let id = keys::id_of(secret);
-        let taken: Option<String> = self
-            .conn()
-            .query_row("SELECT id FROM api_keys WHERE id = ?1", [&id], |r| r.get(0))
-            .optional()?;
-        if taken.is_some() {
-            bail!("KILN_ADMIN_KEY has the id {id} of another key: choose another secret");
+        let id = keys::id_of(secret)?;
+        let older: Vec<String> = self
+            .list()
+            .iter()
+            .filter(|k| k.created_by.is_none() && k.is_admin() && k.revoked_at.is_none())
+            .map(|k| k.id.clone())
+            .collect();
+        if !older.is_empty() {
+            tracing::warn!(
+                keys = older.join(","),
+                "KILN_ADMIN_KEY is new; earlier bootstrap admin keys stay valid until revoked (kiln keys revoke ID)"
+            );
         }
         self.insert(&id, secret, DEFAULT_TENANT, &[Scope::Admin], None, None)?;
         self.record_system("key.bootstrap", &id, "admin key from KILN_ADMIN_KEY");
@@ -461,7 +506,7 @@ impl Auth {
     /// request from its key's rate budget.
     pub fn authenticate(&self, headers: &HeaderMap) -> Result<Caller, AuthError> {
         let Some(value) = headers.get(http::header::AUTHORIZATION) else {
-            return Ok(if self.open {
+            return Ok(if self.is_open() {
                 Caller::Open
             } else {
                 Caller::Anonymous
@@ -528,19 +573,27 @@ impl Auth {
         all
     }
 
-    /// Revokes key `id` at once; `None` when there is no such key.
+    /// Revokes key `id`: refused from the next request on; `None` when there is no such
+    /// key. The database is written first, without holding up authentication, then the
+    /// key is swapped in memory.
     pub fn revoke(&self, id: &str) -> anyhow::Result<Option<Arc<ApiKey>>> {
-        let mut map = self.keys.write().unwrap_or_else(|p| p.into_inner());
-        let Some((hash, key)) = map.iter().find(|(_, k)| k.id == id) else {
+        let found = self
+            .keys
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .find(|(_, k)| k.id == id)
+            .map(|(h, k)| (*h, k.clone()));
+        let Some((hash, key)) = found else {
             return Ok(None);
         };
         if key.revoked_at.is_some() {
-            return Ok(Some(key.clone()));
+            return Ok(Some(key));
         }
         let at = now_ms() / 1000;
         self.durably(|conn| {
             conn.execute(
-                "UPDATE api_keys SET revoked_at = ?2 WHERE id = ?1",
+                "UPDATE api_keys SET revoked_at = ?2 WHERE id = ?1 AND revoked_at IS NULL",
                 params![id, at],
             )
         })?;
@@ -554,18 +607,21 @@ impl Auth {
             revoked_at: Some(at),
             limiter: None,
         });
-        let hash = *hash;
-        map.insert(hash, revoked.clone());
+        self.keys
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(hash, revoked.clone());
         Ok(Some(revoked))
     }
 
-    /// Appends an action to the audit log. A failure to write it is logged, not answered:
-    /// the action has happened already.
+    /// Appends an action to the audit log; `subject` is the tenant acted on, when known.
+    /// A failure to write it is logged, not answered: the action has happened already.
     pub fn record(
         &self,
         caller: Option<&Caller>,
         action: &str,
         target: &str,
+        subject: Option<&str>,
         status: u16,
         detail: &str,
     ) {
@@ -581,23 +637,34 @@ impl Auth {
             at: String::new(),
             key_id: caller.and_then(Caller::key_id).map(str::to_string),
             tenant: caller.and_then(Caller::tenant).map(str::to_string),
+            subject_tenant: subject.map(str::to_string),
             action: action.to_string(),
             target: target.to_string(),
             outcome: outcome.to_string(),
             status,
             detail: detail.to_string(),
         };
-        if let Err(e) = audit::append(&self.conn(), &entry) {
+        if let Err(e) = self.audit.append(&entry) {
             tracing::error!(action, target, "writing the audit log: {e}");
         }
     }
 
     fn record_system(&self, action: &str, target: &str, detail: &str) {
-        self.record(None, action, target, 200, detail);
+        self.record(None, action, target, Some(DEFAULT_TENANT), 200, detail);
     }
 
     /// Audit entries matching `q`, newest first.
     pub fn audit(&self, q: &AuditQuery) -> anyhow::Result<Vec<AuditEntry>> {
-        Ok(audit::query(&self.conn(), q)?)
+        Ok(self.audit.query(q)?)
+    }
+
+    /// The tenant of key `id`, if there is one.
+    pub fn tenant_of_key(&self, id: &str) -> Option<Arc<str>> {
+        self.keys
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .find(|k| k.id == id)
+            .map(|k| k.tenant.clone())
     }
 }

@@ -10,7 +10,7 @@
 use std::fmt;
 use std::str::FromStr;
 
-use ed25519_dalek::{Signature, Signer, SigningKey, Verifier, VerifyingKey};
+use ed25519_dalek::{Signature, Signer, SigningKey, VerifyingKey};
 use http::HeaderMap;
 use serde::{Deserialize, Serialize};
 
@@ -84,6 +84,8 @@ pub enum SignError {
     Untrusted(String, String),
     #[error("bare component uploads cannot be signed; deploy a manifest (kiln deploy --sign)")]
     BareUpload,
+    #[error("{0}")]
+    Replayed(String),
 }
 
 /// What is signed for `function`'s manifest `body`.
@@ -160,7 +162,7 @@ pub fn verify(
         .ok_or_else(|| SignError::Malformed(format!("{SIGNATURE_HEADER} is not 128 hex digits")))?;
     signer
         .0
-        .verify(&message(function, body), &Signature::from_bytes(&sig))
+        .verify_strict(&message(function, body), &Signature::from_bytes(&sig))
         .map_err(|_| SignError::BadSignature)?;
     Ok(Some(signer))
 }

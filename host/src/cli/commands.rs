@@ -139,7 +139,15 @@ pub fn deploy(
             body["allowed_outbound_hosts"] = json!(m.allowed_outbound_hosts);
         }
     }
-    // The manifest names every blob by digest; signing its bytes signs the whole bundle.
+    // The manifest names every blob by digest; signing its bytes signs the whole bundle,
+    // and `signed_at` makes each signature usable once (the server keeps the newest).
+    if secret.is_some() {
+        body["signed_at"] = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() as i64)
+            .unwrap_or(0)
+            .into();
+    }
     let manifest = body.to_string();
     let headers = match &secret {
         Some(secret) => {

@@ -91,6 +91,11 @@ struct CacheLabels {
     cache: &'static str,
 }
 
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RefusalLabels {
+    reason: &'static str,
+}
+
 type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
 
 /// 100 µs .. ~105 s, doubling.
@@ -116,6 +121,7 @@ pub struct Metrics {
     cache_misses: Family<CacheLabels, Counter>,
     cache_evictions: Family<CacheLabels, Counter>,
     cache_bytes: Family<CacheLabels, Gauge<i64, AtomicI64>>,
+    auth_refusals: Family<RefusalLabels, Counter>,
     /// Usage records committed to the ledger.
     pub ledger_records: Counter,
     /// Time of one ledger commit (a batch of records).
@@ -190,6 +196,12 @@ impl Metrics {
         );
         let cache_bytes = Family::<CacheLabels, Gauge<i64, AtomicI64>>::default();
         registry.register("cache_bytes", "Bytes held by a cache", cache_bytes.clone());
+        let auth_refusals = Family::<RefusalLabels, Counter>::default();
+        registry.register(
+            "auth_refusals",
+            "Requests refused by authentication, authorization or a rate limit",
+            auth_refusals.clone(),
+        );
         let ledger_records = Counter::default();
         registry.register(
             "ledger_records",
@@ -214,6 +226,7 @@ impl Metrics {
             cache_misses,
             cache_evictions,
             cache_bytes,
+            auth_refusals,
             ledger_records,
             ledger_commit,
         }
@@ -266,6 +279,13 @@ impl Metrics {
             evictions: self.cache_evictions.get_or_create(&l).clone(),
             bytes: self.cache_bytes.get_or_create(&l).clone(),
         }
+    }
+
+    /// Counts a request refused for `reason` (see `AuthError::reason`).
+    pub fn refused(&self, reason: &'static str) {
+        self.auth_refusals
+            .get_or_create(&RefusalLabels { reason })
+            .inc();
     }
 
     /// Records one component compilation.

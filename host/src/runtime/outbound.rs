@@ -6,8 +6,16 @@
 //! Patterns: `[scheme://]host[:port]`. `scheme` is `http`, `https` or `*` (default: both);
 //! `host` is a name or IP, or `*.example.com` for any subdomain; `port` is a number or `*`
 //! (default: the scheme's, 80 or 443).
+//!
+//! Whatever a manifest allows, a destination that is or resolves to a loopback, private,
+//! link-local or otherwise non-public address is refused unless the operator turned
+//! `[runtime] allow_private_outbound` on: a tenant cannot point its guest at the server
+//! itself, the cloud metadata service or the internal network. A plain-HTTP request is sent
+//! to the address that was checked (no second lookup to rebind); HTTPS connects by name,
+//! and the certificate must match it.
 
 use std::fmt;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::pin::Pin;
 use std::str::FromStr;
 use std::sync::Arc;
@@ -157,6 +165,8 @@ pub fn parse_patterns(entries: &[String]) -> Result<Vec<HostPattern>, String> {
 pub struct Outbound {
     allow: Arc<[HostPattern]>,
     timeout: Duration,
+    /// Private, loopback and link-local destinations are reachable (operator's choice).
+    allow_private: bool,
 }
 
 impl Outbound {
@@ -165,14 +175,17 @@ impl Outbound {
         Outbound {
             allow: Arc::from([]),
             timeout: Duration::ZERO,
+            allow_private: false,
         }
     }
 
-    /// `allow` with every exchange bounded by `timeout`.
-    pub fn new(allow: Vec<HostPattern>, timeout: Duration) -> Self {
+    /// `allow` with every exchange bounded by `timeout`; non-public addresses only with
+    /// `allow_private`.
+    pub fn new(allow: Vec<HostPattern>, timeout: Duration, allow_private: bool) -> Self {
         Outbound {
             allow: allow.into(),
             timeout,
+            allow_private,
         }
     }
 
@@ -213,17 +226,101 @@ type SendResult = wasmtime_wasi_http::Result<(http::Response<WasiBody>, IoFuture
 /// The `wasi:http` hooks of one request: the version's [`Outbound`] policy.
 pub(super) struct OutboundHooks(pub(super) Outbound);
 
+/// Whether `ip` is an address on the public internet (not loopback, private, link-local,
+/// shared, multicast, reserved, unspecified, or an IPv6 form of one of those).
+pub fn is_public(ip: IpAddr) -> bool {
+    match ip {
+        IpAddr::V4(v4) => {
+            let [a, b, c, _] = v4.octets();
+            !(v4.is_loopback()
+                || v4.is_private()
+                || v4.is_link_local()
+                || v4.is_unspecified()
+                || v4.is_broadcast()
+                || v4.is_multicast()
+                || v4.is_documentation()
+                || a == 0
+                || a >= 240
+                || (a == 100 && (64..128).contains(&b)) // shared address space (CGNAT)
+                || (a == 192 && b == 0 && c == 0) // IETF protocol assignments
+                || (a == 198 && (18..20).contains(&b))) // benchmarking
+        }
+        IpAddr::V6(v6) => {
+            let s = v6.segments();
+            let o = v6.octets();
+            let embedded = Ipv4Addr::new(o[12], o[13], o[14], o[15]);
+            // IPv4-mapped, NAT64 (64:ff9b::/96) and IPv4-compatible forms reach IPv4.
+            if v6.to_ipv4_mapped().is_some()
+                || (s[0] == 0x64 && s[1] == 0xff9b && s[2..6] == [0; 4])
+                || s[..6] == [0; 6]
+            {
+                return is_public(IpAddr::V4(embedded));
+            }
+            !(v6.is_multicast()
+                || (s[0] & 0xfe00) == 0xfc00 // unique local
+                || (s[0] & 0xffc0) == 0xfe80 // link local
+                || (s[0] == 0x2001 && s[1] == 0x0db8)) // documentation
+        }
+    }
+}
+
+/// Resolves a request's destination and checks every address is public (unless allowed);
+/// for plain HTTP, points the request at the checked address.
+async fn resolve_checked(
+    request: &mut http::Request<WasiBody>,
+    allow_private: bool,
+) -> Result<(), String> {
+    let uri = request.uri().clone();
+    let https = uri.scheme() == Some(&Scheme::HTTPS);
+    let authority = uri.authority().ok_or("an outbound request with no host")?;
+    let host = authority
+        .host()
+        .trim_start_matches('[')
+        .trim_end_matches(']');
+    let port = authority.port_u16().unwrap_or(if https { 443 } else { 80 });
+    let addrs: Vec<SocketAddr> = match host.parse::<IpAddr>() {
+        Ok(ip) => vec![SocketAddr::new(ip, port)],
+        Err(_) => tokio::net::lookup_host((host, port))
+            .await
+            .map_err(|e| format!("resolving {host}: {e}"))?
+            .collect(),
+    };
+    let first = *addrs
+        .first()
+        .ok_or_else(|| format!("{host} has no address"))?;
+    if !allow_private && let Some(private) = addrs.iter().find(|a| !is_public(a.ip())) {
+        return Err(format!(
+            "outbound HTTP to {host}:{port} is not allowed: it is (or resolves to) the non-public address {} ([runtime] allow_private_outbound is off)",
+            private.ip()
+        ));
+    }
+    if !https {
+        // Connect to the address just checked; the Host header keeps the name.
+        let mut parts = uri.into_parts();
+        parts.authority = Some(
+            first
+                .to_string()
+                .parse()
+                .map_err(|e| format!("address {first}: {e}"))?,
+        );
+        *request.uri_mut() =
+            http::Uri::from_parts(parts).map_err(|e| format!("address {first}: {e}"))?;
+    }
+    Ok(())
+}
+
 impl WasiHttpHooks for OutboundHooks {
     fn send_request(
         &mut self,
-        request: http::Request<WasiBody>,
+        mut request: http::Request<WasiBody>,
         options: Option<RequestOptions>,
         _fut: IoFuture,
     ) -> Box<dyn Future<Output = SendResult> + Send> {
         if let Err(why) = self.0.check(request.uri()) {
-            tracing::info!(uri = %request.uri(), "guest outbound request denied");
+            tracing::debug!(uri = %request.uri(), "guest outbound request denied");
             return Box::new(async move { Err(Error::InternalError(Some(why))) });
         }
+        let allow_private = self.0.allow_private;
         let timeout = self.0.timeout;
         let deadline = Instant::now() + timeout;
         let cap = |d: Option<Duration>| Some(d.map_or(timeout, |d| d.min(timeout)));
@@ -234,12 +331,15 @@ impl WasiHttpHooks for OutboundHooks {
             between_bytes_timeout: cap(asked.between_bytes_timeout),
         };
         Box::new(async move {
-            let (resp, io) = tokio::time::timeout_at(
-                deadline,
-                wasmtime_wasi_http::default_send_request(request, Some(options)),
-            )
-            .await
-            .map_err(|_| Error::HttpResponseTimeout)??;
+            let send = async {
+                resolve_checked(&mut request, allow_private)
+                    .await
+                    .map_err(|why| Error::InternalError(Some(why)))?;
+                wasmtime_wasi_http::default_send_request(request, Some(options)).await
+            };
+            let (resp, io) = tokio::time::timeout_at(deadline, send)
+                .await
+                .map_err(|_| Error::HttpResponseTimeout)??;
             let resp = resp.map(|body| {
                 Deadline {
                     inner: body.boxed_unsync(),
@@ -298,6 +398,7 @@ mod tests {
         Outbound::new(
             parse_patterns(&entries).unwrap_or_else(|e| panic!("{e}")),
             Duration::from_secs(1),
+            false,
         )
     }
 
@@ -334,7 +435,7 @@ mod tests {
         );
         assert!(!allowed(&o, "https://evilmodels.dev/"));
         assert!(
-            !allowed(&o, "https://api.example.com@evil.com/"),
+            !allowed(&o, "https://evil.com@api.example.com/"),
             "no user part"
         );
         let why = o
@@ -342,6 +443,35 @@ mod tests {
             .expect_err("denied");
         assert!(why.contains("http://10.0.0.1:80"), "{why}");
         assert!(!allowed(&Outbound::deny_all(), "https://api.example.com/"));
+    }
+
+    #[test]
+    fn only_public_addresses_are_public() {
+        let public = |s: &str| is_public(s.parse().unwrap_or_else(|e| panic!("{s}: {e}")));
+        for p in ["93.184.216.34", "8.8.8.8", "2606:4700::1111"] {
+            assert!(public(p), "{p}");
+        }
+        for p in [
+            "127.0.0.1",
+            "10.1.2.3",
+            "172.16.0.1",
+            "192.168.1.1",
+            "169.254.169.254",
+            "100.64.0.1",
+            "0.0.0.0",
+            "255.255.255.255",
+            "224.0.0.1",
+            "::1",
+            "::",
+            "fd00::1",
+            "fe80::1",
+            "::ffff:127.0.0.1",
+            "::ffff:169.254.169.254",
+            "64:ff9b::a9fe:a9fe",
+            "::7f00:1",
+        ] {
+            assert!(!public(p), "{p}");
+        }
     }
 
     #[test]

@@ -210,16 +210,23 @@ impl<B, G> Drop for Finishing<B, G> {
 /// Bytes of a refused request's body read and dropped before answering.
 pub const DRAIN_CAP: usize = 16 << 20;
 
-/// Reads and drops up to [`DRAIN_CAP`] bytes of a body that will not be used, so that a
-/// client still sending it reads the answer instead of a connection reset.
+/// Longest a refused request's body is read for.
+pub const DRAIN_TIME: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Reads and drops up to [`DRAIN_CAP`] bytes (for at most [`DRAIN_TIME`]) of a body that
+/// will not be used, so that a client still sending it reads the answer instead of a
+/// connection reset; a client trickling it holds nothing for long.
 pub async fn drain(mut body: hyper::body::Incoming) {
-    let mut seen = 0usize;
-    while let Some(Ok(frame)) = body.frame().await {
-        seen += frame.data_ref().map_or(0, |d| d.len());
-        if seen > DRAIN_CAP {
-            break;
+    let read = async {
+        let mut seen = 0usize;
+        while let Some(Ok(frame)) = body.frame().await {
+            seen += frame.data_ref().map_or(0, |d| d.len());
+            if seen > DRAIN_CAP {
+                break;
+            }
         }
-    }
+    };
+    let _ = tokio::time::timeout(DRAIN_TIME, read).await;
 }
 
 #[cfg(test)]

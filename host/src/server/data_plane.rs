@@ -519,6 +519,9 @@ where
             .headers
             .insert(header::HOST, HeaderValue::from_static("localhost"));
     }
+    // The caller's key is Kiln's, never the function's: a guest that echoed or forwarded
+    // it could act as its caller.
+    parts.headers.remove(header::AUTHORIZATION);
 
     let mut timings = Timings {
         cold,

@@ -67,7 +67,12 @@ pub async fn handle(app: Arc<App>, req: Request<Incoming>) -> Response<Body> {
     } else {
         Err(ApiError::NoRoute(format!("{} {path}", req.method())))
     }
-    .unwrap_or_else(|e| error_response(&e));
+    .unwrap_or_else(|e| {
+        if let ApiError::Auth(a) = &e {
+            app.metrics.refused(a.reason());
+        }
+        error_response(&e)
+    });
     resp.headers_mut().insert(REQUEST_ID, id);
     resp
 }

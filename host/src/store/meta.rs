@@ -56,6 +56,17 @@ pub struct FunctionInfo {
     pub public: bool,
 }
 
+/// A signed manifest no newer than the function's last signed deploy: a replay.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error(
+    "this signed manifest (signed_at {signed_at}) is not newer than the last signed deploy of {function:?} (signed_at {last}): sign it again"
+)]
+pub struct Replayed {
+    pub function: String,
+    pub signed_at: i64,
+    pub last: i64,
+}
+
 /// A deploy onto a function that another tenant owns.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 #[error("function {function:?} belongs to another tenant")]
@@ -73,6 +84,8 @@ pub struct NewVersion {
     pub nn: NnSpec,
     pub cache: CacheSpec,
     pub signer: Option<String>,
+    /// When the manifest was signed (unix ms); must exceed the function's last one.
+    pub signed_at: Option<i64>,
     pub outbound: Vec<String>,
     /// The deploying tenant: owner of the function if this creates it.
     pub tenant: String,
@@ -101,9 +114,11 @@ CREATE TABLE IF NOT EXISTS blob_owners (
     tenant      TEXT NOT NULL,
     PRIMARY KEY (digest, tenant)
 ) WITHOUT ROWID;
+-- Outlives its function: numbers and the last signed deploy are never reused.
 CREATE TABLE IF NOT EXISTS version_seq (
-    function    TEXT PRIMARY KEY,
-    last        INTEGER NOT NULL
+    function        TEXT PRIMARY KEY,
+    last            INTEGER NOT NULL,
+    last_signed_at  INTEGER
 );
 CREATE TABLE IF NOT EXISTS versions (
     id              INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -148,6 +163,7 @@ impl MetaStore {
             ("versions", "rate", "TEXT"),
             ("versions", "signer", "TEXT"),
             ("versions", "outbound", "TEXT NOT NULL DEFAULT '[]'"),
+            ("version_seq", "last_signed_at", "INTEGER"),
             ("functions", "tenant", "TEXT NOT NULL DEFAULT 'default'"),
             ("functions", "public", "INTEGER NOT NULL DEFAULT 0"),
         ];
@@ -203,18 +219,30 @@ impl MetaStore {
                 params![new.function, public],
             )?;
         }
-        let last: Option<u32> = tx
+        let seq: Option<(u32, Option<i64>)> = tx
             .query_row(
-                "SELECT last FROM version_seq WHERE function = ?1",
+                "SELECT last, last_signed_at FROM version_seq WHERE function = ?1",
                 [&new.function],
-                |r| r.get(0),
+                |r| Ok((r.get(0)?, r.get(1)?)),
             )
             .optional()?;
-        let version = last.unwrap_or(0) + 1;
+        let (last, last_signed_at) = seq.unwrap_or((0, None));
+        if let (Some(signed_at), Some(last)) = (new.signed_at, last_signed_at)
+            && signed_at <= last
+        {
+            return Err(Replayed {
+                function: new.function.clone(),
+                signed_at,
+                last,
+            }
+            .into());
+        }
+        let version = last + 1;
         tx.execute(
-            "INSERT INTO version_seq (function, last) VALUES (?1, ?2)
-             ON CONFLICT(function) DO UPDATE SET last = excluded.last",
-            params![new.function, version],
+            "INSERT INTO version_seq (function, last, last_signed_at) VALUES (?1, ?2, ?3)
+             ON CONFLICT(function) DO UPDATE SET last = excluded.last,
+                 last_signed_at = coalesce(excluded.last_signed_at, last_signed_at)",
+            params![new.function, version, new.signed_at],
         )?;
         tx.execute(
             "INSERT INTO versions (function, version, digest, size, timeout_ms, memory_mb,
@@ -382,6 +410,7 @@ mod tests {
             nn: NnSpec::default(),
             cache: CacheSpec::default(),
             signer: None,
+            signed_at: None,
             outbound: Vec::new(),
             tenant: "t".into(),
             enforce_owner: true,

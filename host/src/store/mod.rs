@@ -11,4 +11,4 @@ mod meta;
 
 pub use blobs::{BlobError, BlobStore, BlobWriter};
 pub use digest::{Digest, DigestError};
-pub use meta::{FunctionInfo, MetaStore, NewVersion, NotOwner, VersionRecord};
+pub use meta::{FunctionInfo, MetaStore, NewVersion, NotOwner, Replayed, VersionRecord};
