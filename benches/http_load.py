@@ -87,8 +87,9 @@ class Server:
             self.proc = None
 
 
-def wrk(url, conc, duration):
-    out = subprocess.run(["taskset", "-c", LOAD_CORE, "wrk", "-H", f"authorization: Bearer {BENCH_KEY}", "-t1", f"-c{conc}", f"-d{duration}s",
+def wrk(url, conc, duration, auth=True):
+    key = ["-H", f"authorization: Bearer {BENCH_KEY}"] if auth else []
+    out = subprocess.run(["taskset", "-c", LOAD_CORE, "wrk"] + key + ["-t1", f"-c{conc}", f"-d{duration}s",
                           "--latency", url], capture_output=True, text=True, check=True).stdout
     def lat(p):
         m = re.search(rf"^\s+{p}%\s+([\d.]+)(us|ms|s)\s*$", out, re.M)
@@ -102,10 +103,11 @@ def wrk(url, conc, duration):
             "p50": lat(50), "p99": lat(99), "reqs": reqs}
 
 
-def measure(server, conc, duration):
-    wrk(server.url, conc, 1)  # warm up
+def measure(server, conc, duration, url=None, auth=True):
+    url = url or server.url
+    wrk(url, conc, 1, auth)  # warm up
     t0 = cpu_ticks(server.proc.pid)
-    r = wrk(server.url, conc, duration)
+    r = wrk(url, conc, duration, auth)
     t1 = cpu_ticks(server.proc.pid)
     r["cpu_us"] = (t1 - t0) / TICKS * 1e6 / r["reqs"]
     return r

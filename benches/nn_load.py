@@ -17,15 +17,10 @@ import argparse, json, os, re, statistics, subprocess, sys, tempfile, time
 import urllib.request
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# Every Kiln server here adopts this admin key (KILN_ADMIN_KEY) and every request carries it,
-# as production traffic does: authentication is part of what is measured. Other servers
-# ignore the header.
-BENCH_KEY = "kiln-bench-admin-key-0123456789abcdef"
-os.environ["KILN_ADMIN_KEY"] = BENCH_KEY
-os.environ["KILN_API_KEY"] = BENCH_KEY
-_opener = urllib.request.build_opener()
-_opener.addheaders = [("authorization", f"Bearer {BENCH_KEY}")]
-urllib.request.install_opener(_opener)
+# The admin key every Kiln server here adopts and every request carries (importing
+# http_load sets KILN_ADMIN_KEY, KILN_API_KEY and urllib's header).
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from http_load import BENCH_KEY  # noqa: E402
 
 REL = os.path.join(ROOT, "target", "release")
 WASM = os.path.join(ROOT, "examples", "target", "wasm32-wasip2", "release")

@@ -489,6 +489,28 @@ impl TestServer {
         )
     }
 
+    /// Writes `kiln.toml` (`manifest`: its text after the `component = ` line, which names
+    /// example `component`) into a new directory and deploys it with `kiln deploy`,
+    /// asserting success.
+    pub fn deploy_toml(&self, name: &str, component: &str, manifest: &str) {
+        let dir = temp_dir("manifest");
+        std::fs::write(
+            dir.join("kiln.toml"),
+            format!(
+                "name = {name:?}\ncomponent = {:?}\n{manifest}",
+                example(component).display().to_string()
+            ),
+        )
+        .unwrap();
+        let out = self.cli(&["deploy", dir.to_str().unwrap()]);
+        let _ = std::fs::remove_dir_all(&dir);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
     /// Runs the `kiln` CLI against this server with the admin key.
     pub fn cli(&self, args: &[&str]) -> std::process::Output {
         self.cli_as(ADMIN_KEY, args)

@@ -5,7 +5,7 @@
 
 use std::time::{Duration, Instant};
 
-use kiln_tests::{Answer, TestServer, Value, example, json, metric_sample, root, temp_dir};
+use kiln_tests::{Answer, TestServer, Value, example, json, metric_sample, root};
 
 /// `kiln_faas_invocations_total` of one function's version 1 with outcome `ok`.
 fn invocations_ok(server: &TestServer, function: &str) -> f64 {
@@ -390,21 +390,7 @@ fn inference_cache_answers_repeated_computes_without_running_the_model() {
 #[test]
 fn cache_table_in_kiln_toml_turns_on_response_caching_through_the_cli() {
     let server = TestServer::start();
-    let dir = temp_dir("cache-manifest");
-    std::fs::write(
-        dir.join("kiln.toml"),
-        format!(
-            "name = \"cached\"\ncomponent = {:?}\n[cache]\nresponses = {{ ttl = \"60s\" }}\n",
-            example("echo").display().to_string()
-        ),
-    )
-    .unwrap();
-    let out = server.cli(&["deploy", dir.to_str().unwrap()]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    server.deploy_toml("cached", "echo", "[cache]\nresponses = { ttl = \"60s\" }\n");
     let v = server.get("/v1/functions/cached/versions/1").json();
     assert!(v["cache"]["responses"]["ttl"].is_string(), "{v}");
 
@@ -418,5 +404,4 @@ fn cache_table_in_kiln_toml_turns_on_response_caching_through_the_cli() {
         (cache_state(&a), a.text().as_str()),
         ("hit", "from the cli")
     );
-    let _ = std::fs::remove_dir_all(dir);
 }

@@ -1041,20 +1041,12 @@ fn outbound_http_is_denied_unless_allowed_and_bounded_in_time() {
     let server = TestServer::start_with_config(
         "[runtime]\noutbound_timeout_ms = 700\nallow_private_outbound = true\n",
     );
-    let dir = temp_dir("outbound");
-    std::fs::write(
-        dir.join("kiln.toml"),
-        format!(
-            "name = \"caller\"\ncomponent = {:?}\nallowed_outbound_hosts = [\"http://127.0.0.1:{up}\", \"http://localhost:*\"]\n[limits]\ntimeout_ms = 5000\n",
-            example("hostile").display().to_string()
+    server.deploy_toml(
+        "caller",
+        "hostile",
+        &format!(
+            "allowed_outbound_hosts = [\"http://127.0.0.1:{up}\", \"http://localhost:*\"]\n[limits]\ntimeout_ms = 5000\n"
         ),
-    )
-    .unwrap();
-    let out = server.cli(&["deploy", dir.to_str().unwrap()]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
     );
     let v = server.get("/v1/functions/caller/versions/1").json();
     assert_eq!(

@@ -6,7 +6,6 @@
 
 use std::path::Path;
 use std::sync::Mutex;
-use std::time::Duration;
 
 use anyhow::Context;
 use rusqlite::{Connection, params};
@@ -83,14 +82,9 @@ pub struct AuditLog {
     reader: Mutex<Connection>,
 }
 
+/// Rows survive a crash of the process; a power cut may lose the last ones.
 fn open(path: &Path) -> anyhow::Result<Connection> {
-    let conn = Connection::open(path)
-        .with_context(|| format!("opening the audit log {}", path.display()))?;
-    conn.pragma_update(None, "journal_mode", "WAL")?;
-    // Rows survive a crash of the process (WAL); a power cut may lose the last ones.
-    conn.pragma_update(None, "synchronous", "NORMAL")?;
-    conn.busy_timeout(Duration::from_secs(5))?;
-    Ok(conn)
+    crate::store::open_sqlite(path, crate::store::Sync::Normal, "the audit log")
 }
 
 /// `s` cut to at most [`MAX_FIELD_BYTES`], on a character boundary.

@@ -296,12 +296,8 @@ impl Auth {
         boot: &Bootstrap,
         default_rate: Option<Rate>,
     ) -> anyhow::Result<(Auth, Option<String>)> {
-        let conn = Connection::open(db_path)
-            .with_context(|| format!("opening database {}", db_path.display()))?;
-        conn.pragma_update(None, "journal_mode", "WAL")?;
         // Key changes are synced to disk (`durably`): a revocation survives a power cut.
-        conn.pragma_update(None, "synchronous", "NORMAL")?;
-        conn.busy_timeout(Duration::from_secs(5))?;
+        let conn = crate::store::open_sqlite(db_path, crate::store::Sync::Normal, "database")?;
         conn.execute_batch(SCHEMA)
             .context("creating the key table")?;
         let auth = Auth {

@@ -80,12 +80,7 @@ CREATE TABLE IF NOT EXISTS usage (
 ";
 
 fn open(path: &std::path::Path) -> anyhow::Result<Connection> {
-    let conn = Connection::open(path)
-        .with_context(|| format!("opening usage ledger {}", path.display()))?;
-    conn.pragma_update(None, "journal_mode", "WAL")?;
-    conn.pragma_update(None, "synchronous", "FULL")?;
-    conn.busy_timeout(Duration::from_secs(5))?;
-    Ok(conn)
+    crate::store::open_sqlite(path, crate::store::Sync::Full, "usage ledger")
 }
 
 impl Ledger {

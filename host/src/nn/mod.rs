@@ -43,6 +43,10 @@ pub use models::{ModelInfo, ModelManager, ModelRef, ModelsConfig, NnSpec, Versio
 /// "onnxruntime"`) and cannot open, startup fails with the reason.
 /// Every inference is recorded in `metrics`.
 pub fn open(config: &NnConfig, metrics: Arc<Metrics>) -> anyhow::Result<Arc<ModelManager>> {
+    #[cfg_attr(
+        not(any(feature = "tract", feature = "onnxruntime")),
+        allow(unused_mut)
+    )]
     let mut backends: Vec<Arc<dyn Backend>> = Vec::new();
     let mut missing = HashMap::new();
     #[cfg(feature = "tract")]

@@ -149,12 +149,8 @@ fn now_secs() -> i64 {
 impl MetaStore {
     /// Opens (creating) the database at `path` in WAL mode.
     pub fn open(path: &Path) -> anyhow::Result<Self> {
-        let conn = Connection::open(path)
-            .with_context(|| format!("opening database {}", path.display()))?;
-        conn.pragma_update(None, "journal_mode", "WAL")?;
-        conn.pragma_update(None, "synchronous", "NORMAL")?;
+        let conn = super::open_sqlite(path, super::Sync::Normal, "database")?;
         conn.pragma_update(None, "foreign_keys", "ON")?;
-        conn.busy_timeout(std::time::Duration::from_secs(5))?;
         conn.execute_batch(SCHEMA).context("creating schema")?;
         // Databases made by earlier versions of Kiln get the newer columns.
         let columns = [
