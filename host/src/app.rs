@@ -12,7 +12,7 @@ use crate::cache::inference::{InferenceCache, InferenceScope};
 use crate::cache::responses::ResponseCache;
 use crate::cache::{CacheSpec, Placement};
 use crate::config::ServerConfig;
-use crate::deploy::{Registry, VersionEntry};
+use crate::deploy::{Registry, Routing, TrafficPolicy, VersionEntry};
 use crate::meter::{Ledger, Metrics};
 use crate::nn::embed::{self, EmbedError};
 use crate::nn::{ModelRef, NnError, NnSpec, VersionModels};
@@ -56,6 +56,17 @@ pub struct Deployer {
     pub signed_at: Option<i64>,
     /// `allowed_outbound_hosts` of the version (checked by the caller).
     pub outbound: Vec<String>,
+}
+
+/// Why a traffic policy was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum TrafficError {
+    #[error("function {0:?} does not exist")]
+    NoFunction(String),
+    #[error("invalid traffic policy: {0}")]
+    Invalid(String),
+    #[error(transparent)]
+    Internal(#[from] anyhow::Error),
 }
 
 /// Why a deploy failed.
@@ -160,6 +171,15 @@ impl App {
                 .version_models(&rec.nn, |d| app.blobs.path(d));
             app.register(rec, info, models);
         }
+        for (function, policy, revision) in app.meta.traffic()? {
+            match serde_json::from_str::<TrafficPolicy>(&policy) {
+                Ok(p) => {
+                    app.registry
+                        .set_routing(&function, Some(Arc::new(Routing::new(p, revision))));
+                }
+                Err(e) => tracing::error!(function, "stored traffic policy unreadable: {e}"),
+            }
+        }
         Ok((Arc::new(app), admin_secret))
     }
 
@@ -222,6 +242,31 @@ impl App {
             },
             info,
         );
+    }
+
+    /// Replaces function `name`'s traffic policy after checking it against its versions;
+    /// stored with a history entry (`kind`, `reason`, `actor`), then applied at once.
+    pub fn set_traffic(
+        &self,
+        name: &str,
+        policy: TrafficPolicy,
+        actor: Option<&str>,
+        kind: &str,
+        reason: &str,
+    ) -> Result<Arc<Routing>, TrafficError> {
+        let _publishing = self.publishing.lock().unwrap_or_else(|p| p.into_inner());
+        let f = self
+            .registry
+            .function(name)
+            .ok_or_else(|| TrafficError::NoFunction(name.to_string()))?;
+        policy
+            .validate(&f.versions.keys().copied().collect())
+            .map_err(TrafficError::Invalid)?;
+        let json = serde_json::to_string(&policy).map_err(anyhow::Error::from)?;
+        let revision = self.meta.set_traffic(name, &json, actor, kind, reason)?;
+        let routing = Arc::new(Routing::new(policy, revision));
+        self.registry.set_routing(name, Some(routing.clone()));
+        Ok(routing)
     }
 
     /// Drops every cached response and inference result of function `name`.

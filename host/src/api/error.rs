@@ -139,6 +139,17 @@ impl ApiError {
     }
 }
 
+impl From<crate::app::TrafficError> for ApiError {
+    fn from(e: crate::app::TrafficError) -> Self {
+        use crate::app::TrafficError;
+        match e {
+            TrafficError::NoFunction(n) => ApiError::Route(RouteError::NoFunction(n)),
+            TrafficError::Invalid(_) => ApiError::InvalidRequest(e.to_string()),
+            TrafficError::Internal(e) => ApiError::Internal(e),
+        }
+    }
+}
+
 impl From<BlobError> for ApiError {
     fn from(e: BlobError) -> Self {
         ApiError::Blob(e)

@@ -14,6 +14,8 @@
 //! | `POST` | `/v1/functions/{name}/versions` | deploy: `application/wasm` body or JSON manifest | deploy |
 //! | `GET` | `/v1/functions/{name}/versions/{v}` | show one version | owner |
 //! | `DELETE` | `/v1/functions/{name}/cache` | drop the function's cached responses and inference results | deploy |
+//! | `GET`, `PUT` | `/v1/functions/{name}/traffic` | read / replace the traffic policy | owner / deploy |
+//! | `GET` | `/v1/functions/{name}/history` | traffic changes, newest first | owner |
 //! | `GET` | `/v1/usage` | usage totals (grouped) or records as CSV | `usage:read` |
 //! | `POST`, `GET` | `/v1/keys` | create a key (its secret shown once) / list keys | admin |
 //! | `DELETE` | `/v1/keys/{id}` | revoke a key, at once | admin |
@@ -24,6 +26,7 @@ mod blobs;
 mod error;
 pub mod functions;
 mod keys;
+mod traffic;
 pub mod usage;
 
 use std::sync::Arc;
@@ -58,6 +61,9 @@ enum Op<'a> {
     CreateVersion(&'a str),
     ShowVersion(&'a str, &'a str),
     ClearCache(&'a str),
+    GetTraffic(&'a str),
+    PutTraffic(&'a str),
+    History(&'a str),
     Usage,
     CreateKey,
     ListKeys,
@@ -84,6 +90,11 @@ impl<'a> Op<'a> {
             (["functions", _, "versions", _], _) => return Err(not_allowed()),
             (["functions", n, "cache"], &Method::DELETE) => Op::ClearCache(n),
             (["functions", _, "cache"], _) => return Err(not_allowed()),
+            (["functions", n, "traffic"], &Method::GET) => Op::GetTraffic(n),
+            (["functions", n, "traffic"], &Method::PUT) => Op::PutTraffic(n),
+            (["functions", _, "traffic"], _) => return Err(not_allowed()),
+            (["functions", n, "history"], &Method::GET) => Op::History(n),
+            (["functions", _, "history"], _) => return Err(not_allowed()),
             (["usage"], &Method::GET) => Op::Usage,
             (["usage"], _) => return Err(not_allowed()),
             (["keys"], &Method::POST) => Op::CreateKey,
@@ -109,6 +120,9 @@ impl<'a> Op<'a> {
             Op::CreateVersion(n) => ("version.create", n),
             Op::ShowVersion(n, _) => ("version.show", n),
             Op::ClearCache(n) => ("cache.clear", n),
+            Op::GetTraffic(n) => ("traffic.show", n),
+            Op::PutTraffic(n) => ("traffic.set", n),
+            Op::History(n) => ("history.show", n),
             Op::Usage => ("usage.read", ""),
             Op::CreateKey => ("key.create", ""),
             Op::ListKeys => ("key.list", ""),
@@ -125,7 +139,10 @@ impl<'a> Op<'a> {
             | Op::ListVersions(n)
             | Op::CreateVersion(n)
             | Op::ShowVersion(n, _)
-            | Op::ClearCache(n) => app.registry.function(n).map(|f| f.owner.to_string()),
+            | Op::ClearCache(n)
+            | Op::GetTraffic(n)
+            | Op::PutTraffic(n)
+            | Op::History(n) => app.registry.function(n).map(|f| f.owner.to_string()),
             Op::RevokeKey(id) => app.auth.tenant_of_key(id).map(|t| t.to_string()),
             _ => None,
         }
@@ -139,12 +156,16 @@ impl<'a> Op<'a> {
         match self {
             Op::PutBlob(_) | Op::HeadBlob(_) => caller.may_upload()?,
             Op::ListFunctions => {}
-            Op::ShowFunction(n) | Op::ListVersions(n) | Op::ShowVersion(n, _) => {
+            Op::ShowFunction(n)
+            | Op::ListVersions(n)
+            | Op::ShowVersion(n, _)
+            | Op::GetTraffic(n)
+            | Op::History(n) => {
                 if let Some(o) = owner(n) {
                     caller.may_read(n, &o)?;
                 }
             }
-            Op::DeleteFunction(n) | Op::ClearCache(n) => {
+            Op::DeleteFunction(n) | Op::ClearCache(n) | Op::PutTraffic(n) => {
                 caller.may_deploy(n, owner(n).as_deref(), false)?;
             }
             Op::CreateVersion(n) => caller.may_deploy(n, owner(n).as_deref(), true)?,
@@ -245,6 +266,9 @@ async fn dispatch(
         Op::CreateVersion(n) => functions::create_version(app, n, req, caller).await,
         Op::ShowVersion(n, v) => functions::version(app, n, v),
         Op::ClearCache(n) => functions::clear_cache(app, n),
+        Op::GetTraffic(n) => traffic::get(app, n),
+        Op::PutTraffic(n) => traffic::put(app, n, req, caller).await,
+        Op::History(n) => traffic::history(app, n),
         Op::Usage => usage::get(app, req.uri().query().unwrap_or(""), caller).await,
         Op::CreateKey => keys::create(app, req, caller).await,
         Op::ListKeys => keys::list(app),

@@ -120,6 +120,16 @@ impl Client {
         json_or_error(resp)
     }
 
+    /// PUTs a JSON document.
+    pub fn put_json(&self, path: &str, body: &Value) -> anyhow::Result<Value> {
+        let resp = self
+            .auth(self.agent.put(self.url(path)))
+            .header("content-type", "application/json")
+            .send(body.to_string())
+            .with_context(|| format!("connecting to {}", self.base))?;
+        json_or_error(resp)
+    }
+
     /// POSTs a JSON document.
     pub fn post_json(&self, path: &str, body: &Value) -> anyhow::Result<Value> {
         self.post_bytes(path, body.to_string().as_bytes(), &[])

@@ -512,6 +512,93 @@ pub fn audit(
     )
 }
 
+/// `kiln traffic NAME [V=W...] [--sticky header:NAME]`: sets the policy when weights are
+/// given; prints the policy.
+pub fn traffic(
+    client: &Client,
+    name: &str,
+    weights: &[String],
+    sticky: Option<String>,
+    output: Output,
+) -> anyhow::Result<()> {
+    let path = format!("/v1/functions/{name}/traffic");
+    let v = if weights.is_empty() {
+        if sticky.is_some() {
+            bail!(
+                "--sticky goes with weights: kiln traffic {name} 1=100 --sticky header:x-user-id"
+            );
+        }
+        client.get_json(&path)?
+    } else {
+        let mut map = serde_json::Map::new();
+        for w in weights {
+            let (version, percent) = w
+                .split_once('=')
+                .with_context(|| format!("{w:?}: write VERSION=PERCENT, e.g. 3=90"))?;
+            let percent: u8 = percent
+                .parse()
+                .with_context(|| format!("{w:?}: the percent is not 0-100"))?;
+            map.insert(version.trim().to_string(), percent.into());
+        }
+        let mut body = json!({"weights": map});
+        if let Some(s) = sticky {
+            body["sticky"] = s.into();
+        }
+        client.put_json(&path, &body)?
+    };
+    if let Output::Json = output {
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(());
+    }
+    match v["policy"].as_object() {
+        None => println!(
+            "{name}: no traffic policy; the newest version ({}) serves everything",
+            v["latest_version"]
+        ),
+        Some(p) => {
+            let shares: Vec<String> = p["weights"]
+                .as_object()
+                .map(|w| w.iter().map(|(k, v)| format!("{k}={v}")).collect())
+                .unwrap_or_default();
+            let sticky = p
+                .get("sticky")
+                .and_then(Value::as_str)
+                .map(|s| format!(" sticky {s}"))
+                .unwrap_or_default();
+            println!(
+                "{name} (revision {}): {}{sticky}",
+                v["revision"],
+                shares.join(" ")
+            );
+        }
+    }
+    Ok(())
+}
+
+/// `kiln history NAME`.
+pub fn history(client: &Client, name: &str, output: Output) -> anyhow::Result<()> {
+    let mut v = client.get_json(&format!("/v1/functions/{name}/history"))?;
+    if let (Output::Table, Some(entries)) = (output, v["history"].as_array_mut()) {
+        for e in entries {
+            e["change"] = match e["detail"]["policy"]["weights"].as_object() {
+                Some(w) => w
+                    .iter()
+                    .map(|(k, v)| format!("{k}={v}"))
+                    .collect::<Vec<_>>()
+                    .join(" ")
+                    .into(),
+                None => Value::Null,
+            };
+        }
+    }
+    print_table(
+        &v,
+        output,
+        "history",
+        &["at", "kind", "actor", "change", "reason"],
+    )
+}
+
 /// `kiln keygen --out FILE`.
 pub fn keygen(out: &Path) -> anyhow::Result<()> {
     use std::os::unix::fs::OpenOptionsExt;

@@ -202,6 +202,27 @@ pub enum Command {
         #[command(flatten)]
         server: ServerArg,
     },
+    /// Show a function's traffic policy, or set it: `kiln traffic NAME 3=90 4=10`.
+    Traffic {
+        name: String,
+        /// VERSION=PERCENT for each version with traffic (summing to 100); none: show.
+        weights: Vec<String>,
+        /// Keep each key on one version: header:NAME.
+        #[arg(long)]
+        sticky: Option<String>,
+        #[arg(long, value_enum, default_value_t)]
+        output: Output,
+        #[command(flatten)]
+        server: ServerArg,
+    },
+    /// Traffic changes of a function, newest first.
+    History {
+        name: String,
+        #[arg(long, value_enum, default_value_t)]
+        output: Output,
+        #[command(flatten)]
+        server: ServerArg,
+    },
     /// Manage API keys (admin).
     Keys {
         #[command(subcommand)]
@@ -327,5 +348,17 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             commands::audit(&server.client(), &filters, output)
         }
         Command::Keygen { out } => commands::keygen(&out),
+        Command::Traffic {
+            name,
+            weights,
+            sticky,
+            output,
+            server,
+        } => commands::traffic(&server.client(), &name, &weights, sticky, output),
+        Command::History {
+            name,
+            output,
+            server,
+        } => commands::history(&server.client(), &name, output),
     }
 }

@@ -1,12 +1,15 @@
 //! Versions and routing: the in-memory registry of functions and their versions that the
 //! data plane reads without touching SQLite, and per-version admission (concurrency cap with
-//! a short bounded queue). Later: traffic policies, shadows and rollouts.
+//! a short bounded queue), and traffic policies (weighted, sticky). Later: shadows and
+//! rollouts.
 
 mod admission;
 mod registry;
+pub mod traffic;
 
 pub use admission::{Admission, Admitted, Rejected};
 pub use registry::{FunctionEntry, Registry, RouteError, VersionEntry};
+pub use traffic::{Routing, TrafficPolicy};
 
 /// Checks a function name: 1-63 characters of `a-z`, `0-9`, `-`, `_`, starting with a
 /// letter or digit. `@` and `:` stay free to pin versions and name aliases in URLs.

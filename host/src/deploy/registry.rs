@@ -8,6 +8,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, RwLock};
 
 use super::admission::Admission;
+use super::traffic::Routing;
 use crate::auth::Limiter;
 use crate::cache::Placement;
 use crate::meter::VersionMetrics;
@@ -52,12 +53,27 @@ pub struct FunctionEntry {
     pub versions: BTreeMap<u32, Arc<VersionEntry>>,
     /// The rate limit of the newest version's `[limits] rate`, shared by every version.
     pub limiter: Option<Arc<Limiter>>,
+    /// The traffic policy; `None`: the newest version serves everything.
+    pub routing: Option<Arc<Routing>>,
 }
 
 impl FunctionEntry {
     /// The newest version, which serves unpinned requests.
     pub fn latest(&self) -> Option<&Arc<VersionEntry>> {
         self.versions.values().next_back()
+    }
+
+    /// The version that serves a request with `headers`: the forced one (`@N` or
+    /// `x-kiln-version`, even at 0%), else the traffic policy's pick, else the newest.
+    pub fn route_request(
+        &self,
+        forced: Option<u32>,
+        headers: &http::HeaderMap,
+    ) -> Result<&Arc<VersionEntry>, RouteError> {
+        match (forced, &self.routing) {
+            (None, Some(routing)) => self.pick(Some(routing.pick(headers))),
+            _ => self.pick(forced),
+        }
     }
 
     /// The version that serves a request: the pinned one, else the latest.
@@ -119,6 +135,7 @@ impl Registry {
                 public: info.public,
                 versions: BTreeMap::new(),
                 limiter: None,
+                routing: None,
             });
         f.public = info.public;
         f.versions.insert(entry.record.version, entry);
@@ -127,6 +144,19 @@ impl Registry {
             f.limiter = rate.map(|r| Arc::new(Limiter::new(r)));
         }
         map.insert(name, Arc::new(f));
+    }
+
+    /// Replaces a function's traffic policy at once: a request sees the old policy or the
+    /// new one, never a mix. False when there is no such function.
+    pub fn set_routing(&self, name: &str, routing: Option<Arc<Routing>>) -> bool {
+        let mut map = self.functions.write().unwrap_or_else(|p| p.into_inner());
+        let Some(f) = map.get(name) else {
+            return false;
+        };
+        let mut f = (**f).clone();
+        f.routing = routing;
+        map.insert(name.to_string(), Arc::new(f));
+        true
     }
 
     /// Removes a function; returns it so its versions can be unloaded.

@@ -50,6 +50,9 @@ pub fn parse_fn_path(path: &str) -> Result<(&str, Option<u32>, &str), ApiError> 
     Ok((name, pinned, rest))
 }
 
+/// Request header forcing a version (and response header naming the one that answered).
+pub const VERSION_HEADER: &str = "x-kiln-version";
+
 /// What the usage record of one request has gathered so far. It is written exactly once:
 /// when the response body ends, when the request fails, or (dropped unwritten) when the
 /// client went away first; disarmed from the start when metering is off.
@@ -248,7 +251,7 @@ pub async fn handle(
     match served {
         Ok((mut resp, guard)) => {
             let h = resp.headers_mut();
-            h.insert("x-kiln-version", HeaderValue::from(entry.record.version));
+            h.insert(VERSION_HEADER, HeaderValue::from(entry.record.version));
             if placement.is_some() {
                 h.insert("x-kiln-cache", HeaderValue::from_static(usage.cache));
             }
@@ -280,6 +283,21 @@ fn admit(
         });
     };
     caller.may_invoke(name, &f.owner, f.public)?;
+    // `@N` in the path, or `x-kiln-version: N`, forces a version (even one at 0%).
+    let forced = match (pinned, req.headers().get(VERSION_HEADER)) {
+        (Some(n), _) => Some(n),
+        (None, Some(v)) => Some(
+            v.to_str()
+                .ok()
+                .and_then(|v| v.trim().parse::<u32>().ok())
+                .ok_or_else(|| {
+                    ApiError::InvalidRequest(format!(
+                        "{VERSION_HEADER}: {v:?} is not a version number"
+                    ))
+                })?,
+        ),
+        (None, None) => None,
+    };
     if let Some(l) = &f.limiter {
         l.check().map_err(|retry_after| AuthError::RateLimited {
             what: format!("function {name:?}"),
@@ -287,7 +305,7 @@ fn admit(
             retry_after,
         })?;
     }
-    let entry = f.pick(pinned)?.clone();
+    let entry = f.route_request(forced, req.headers())?.clone();
     let tenant = match caller {
         Caller::Key(k) => k.tenant.clone(),
         Caller::Open | Caller::Anonymous => f.owner.clone(),

@@ -108,6 +108,24 @@ CREATE TABLE IF NOT EXISTS functions (
     tenant      TEXT NOT NULL DEFAULT 'default',
     public      INTEGER NOT NULL DEFAULT 0
 );
+-- The traffic policy of each function that has one (JSON TrafficPolicy).
+CREATE TABLE IF NOT EXISTS traffic (
+    function    TEXT PRIMARY KEY REFERENCES functions(name) ON DELETE CASCADE,
+    policy      TEXT NOT NULL,
+    revision    INTEGER NOT NULL,
+    updated_at  INTEGER NOT NULL
+);
+-- Every traffic change, rollout step and rollback, by function; outlives the function.
+CREATE TABLE IF NOT EXISTS history (
+    seq         INTEGER PRIMARY KEY AUTOINCREMENT,
+    function    TEXT NOT NULL,
+    at_ms       INTEGER NOT NULL,
+    actor       TEXT,
+    kind        TEXT NOT NULL,
+    reason      TEXT NOT NULL DEFAULT '',
+    detail      TEXT NOT NULL DEFAULT '{}'
+);
+CREATE INDEX IF NOT EXISTS history_function ON history (function, seq);
 -- Which tenants uploaded each blob: a manifest may only name blobs its tenant holds.
 CREATE TABLE IF NOT EXISTS blob_owners (
     digest      TEXT NOT NULL,
@@ -366,10 +384,91 @@ impl MetaStore {
             .exists(params![digest.to_string(), tenant])?)
     }
 
+    /// Sets `function`'s traffic policy (JSON) and records the change in its history, in
+    /// one transaction; returns the new revision.
+    pub fn set_traffic(
+        &self,
+        function: &str,
+        policy: &str,
+        actor: Option<&str>,
+        kind: &str,
+        reason: &str,
+    ) -> anyhow::Result<u64> {
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        let now_ms = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_millis() as i64)
+            .unwrap_or(0);
+        let previous: Option<(String, i64)> = tx
+            .query_row(
+                "SELECT policy, revision FROM traffic WHERE function = ?1",
+                [function],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .optional()?;
+        let revision = previous.as_ref().map_or(0, |p| p.1) + 1;
+        tx.execute(
+            "INSERT INTO traffic (function, policy, revision, updated_at) VALUES (?1, ?2, ?3, ?4)
+             ON CONFLICT(function) DO UPDATE SET policy = excluded.policy,
+                 revision = excluded.revision, updated_at = excluded.updated_at",
+            params![function, policy, revision, now_ms / 1000],
+        )?;
+        let detail = serde_json::json!({
+            "revision": revision,
+            "policy": serde_json::from_str::<serde_json::Value>(policy)?,
+            "previous": previous
+                .map(|p| serde_json::from_str::<serde_json::Value>(&p.0))
+                .transpose()?,
+        });
+        tx.execute(
+            "INSERT INTO history (function, at_ms, actor, kind, reason, detail)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            params![function, now_ms, actor, kind, reason, detail.to_string()],
+        )?;
+        tx.commit()?;
+        Ok(revision as u64)
+    }
+
+    /// Every stored traffic policy: (function, policy JSON, revision).
+    pub fn traffic(&self) -> anyhow::Result<Vec<(String, String, u64)>> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare("SELECT function, policy, revision FROM traffic")?;
+        let rows = stmt.query_map([], |r| {
+            Ok((r.get(0)?, r.get(1)?, r.get::<_, i64>(2)? as u64))
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// `function`'s history, newest first, at most `limit` entries.
+    pub fn history(&self, function: &str, limit: u32) -> anyhow::Result<Vec<serde_json::Value>> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare(
+            "SELECT seq, at_ms, actor, kind, reason, detail FROM history
+             WHERE function = ?1 ORDER BY seq DESC LIMIT ?2",
+        )?;
+        let rows = stmt.query_map(params![function, limit], |r| {
+            let at_ms: i64 = r.get(1)?;
+            let detail: String = r.get(5)?;
+            Ok(serde_json::json!({
+                "seq": r.get::<_, i64>(0)?,
+                "at_ms": at_ms,
+                "at": crate::meter::query::format_time(at_ms),
+                "actor": r.get::<_, Option<String>>(2)?,
+                "kind": r.get::<_, String>(3)?,
+                "reason": r.get::<_, String>(4)?,
+                "detail": serde_json::from_str::<serde_json::Value>(&detail)
+                    .unwrap_or(serde_json::Value::Null),
+            }))
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
     /// Deletes a function and all its versions; false when it did not exist.
     pub fn delete_function(&self, name: &str) -> anyhow::Result<bool> {
         let mut conn = self.conn();
         let tx = conn.transaction()?;
+        tx.execute("DELETE FROM traffic WHERE function = ?1", [name])?;
         tx.execute("DELETE FROM versions WHERE function = ?1", [name])?;
         let n = tx.execute("DELETE FROM functions WHERE name = ?1", [name])?;
         tx.commit()?;

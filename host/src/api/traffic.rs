@@ -1,0 +1,86 @@
+//! `/v1/functions/{name}/traffic` (read and replace the traffic policy) and
+//! `/v1/functions/{name}/history` (every traffic change, newest first).
+
+use std::sync::Arc;
+
+use http::{Request, Response, StatusCode};
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+
+use super::{ApiError, AuditDetail};
+use crate::app::App;
+use crate::auth::Caller;
+use crate::deploy::{RouteError, TrafficPolicy};
+use crate::server::{Body, json_response};
+
+/// Largest policy accepted, in bytes.
+const MAX_POLICY_BYTES: usize = 64 << 10;
+/// History entries returned.
+const HISTORY_LIMIT: u32 = 1000;
+
+fn policy_json(app: &App, name: &str) -> Result<serde_json::Value, ApiError> {
+    let f = app
+        .registry
+        .function(name)
+        .ok_or_else(|| RouteError::NoFunction(name.to_string()))?;
+    let routing = f.routing.as_ref();
+    Ok(serde_json::json!({
+        "function": name,
+        "policy": routing.map(|r| &r.policy),
+        "revision": routing.map_or(0, |r| r.revision),
+        "latest_version": f.latest().map(|v| v.record.version),
+    }))
+}
+
+/// `GET /v1/functions/{name}/traffic`: the policy (`null`: the newest version serves all).
+pub(super) fn get(app: &Arc<App>, name: &str) -> Result<Response<Body>, ApiError> {
+    Ok(json_response(StatusCode::OK, &policy_json(app, name)?))
+}
+
+/// `PUT /v1/functions/{name}/traffic` `{"weights": {"3": 90, "4": 10}, "sticky"?}`.
+pub(super) async fn put(
+    app: &Arc<App>,
+    name: &str,
+    req: Request<Incoming>,
+    caller: &Caller,
+) -> Result<Response<Body>, ApiError> {
+    let body = http_body_util::Limited::new(req.into_body(), MAX_POLICY_BYTES)
+        .collect()
+        .await
+        .map_err(|e| ApiError::TooLarge(format!("traffic policy: {e}")))?
+        .to_bytes();
+    let policy: TrafficPolicy = serde_json::from_slice(&body)
+        .map_err(|e| ApiError::InvalidRequest(format!("invalid traffic policy: {e}")))?;
+    let (app2, name2, actor) = (
+        app.clone(),
+        name.to_string(),
+        caller.key_id().map(str::to_string),
+    );
+    let routing = tokio::task::spawn_blocking(move || {
+        app2.set_traffic(&name2, policy, actor.as_deref(), "traffic", "set by API")
+    })
+    .await
+    .map_err(|e| ApiError::Internal(anyhow::anyhow!("traffic task: {e}")))??;
+    let mut resp = json_response(StatusCode::OK, &policy_json(app, name)?);
+    resp.extensions_mut().insert(AuditDetail {
+        detail: format!(
+            "revision {}: {}",
+            routing.revision,
+            serde_json::to_string(&routing.policy).unwrap_or_default()
+        ),
+        subject: None,
+    });
+    Ok(resp)
+}
+
+/// `GET /v1/functions/{name}/history`: newest first.
+pub(super) fn history(app: &Arc<App>, name: &str) -> Result<Response<Body>, ApiError> {
+    let entries = app.meta.history(name, HISTORY_LIMIT)?;
+    if entries.is_empty() && app.registry.function(name).is_none() {
+        return Err(RouteError::NoFunction(name.to_string()).into());
+    }
+    Ok(json_response(
+        StatusCode::OK,
+        &serde_json::json!({"function": name, "history": entries}),
+    ))
+}

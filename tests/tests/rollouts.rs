@@ -1,0 +1,273 @@
+//! Traffic policies over real HTTP: weighted routing, sticky keys, forced versions, new
+//! versions waiting at 0%, validation, atomic updates, history, the CLI, restarts.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use kiln_tests::{Answer, TestServer, json};
+use serde_json::Value;
+
+/// A server with `hello` deployed `versions` times (same component, versions 1..=n).
+fn server_with_versions(versions: u32) -> TestServer {
+    let server = TestServer::start();
+    for _ in 0..versions {
+        server.deploy_example("hello", "hello", "max_concurrency=256");
+    }
+    server
+}
+
+fn set(server: &TestServer, body: &Value) -> Answer {
+    server.request(
+        "PUT",
+        "/v1/functions/hello/traffic",
+        &[("content-type", "application/json")],
+        body.to_string().as_bytes(),
+    )
+}
+
+fn version_of(a: &Answer) -> u32 {
+    assert_eq!(a.status, 200, "{}", a.text());
+    a.header("x-kiln-version").unwrap().parse().unwrap()
+}
+
+/// Sends `n` requests from 8 threads; counts the answering versions.
+fn spread(server: &TestServer, n: usize) -> BTreeMap<u32, usize> {
+    let url = format!("{}/fn/hello/", server.url);
+    let threads: Vec<_> = (0..8)
+        .map(|_| {
+            let url = url.clone();
+            std::thread::spawn(move || {
+                let agent = kiln_tests::agent();
+                let mut seen = BTreeMap::new();
+                for _ in 0..n / 8 {
+                    let r = agent
+                        .get(&url)
+                        .header("authorization", kiln_tests::ADMIN_BEARER)
+                        .call()
+                        .unwrap();
+                    let v: u32 = r.headers()["x-kiln-version"]
+                        .to_str()
+                        .unwrap()
+                        .parse()
+                        .unwrap();
+                    *seen.entry(v).or_insert(0) += 1;
+                }
+                seen
+            })
+        })
+        .collect();
+    let mut all = BTreeMap::new();
+    for t in threads {
+        for (v, n) in t.join().unwrap() {
+            *all.entry(v).or_insert(0) += n;
+        }
+    }
+    all
+}
+
+#[test]
+fn weighted_routing_follows_the_weights_within_two_points() {
+    let server = server_with_versions(2);
+    let a = set(&server, &json!({"weights": {"1": 70, "2": 30}}));
+    assert_eq!(a.status, 200, "{}", a.text());
+    assert_eq!(a.json()["revision"], 1);
+    let seen = spread(&server, 10_000);
+    let share = |v: u32| *seen.get(&v).unwrap_or(&0) as f64 / 100.0;
+    assert!((68.0..=72.0).contains(&share(1)), "{seen:?}");
+    assert!((28.0..=32.0).contains(&share(2)), "{seen:?}");
+}
+
+#[test]
+fn sticky_keys_stay_on_one_version() {
+    let server = server_with_versions(2);
+    let a = set(
+        &server,
+        &json!({"weights": {"1": 50, "2": 50}, "sticky": "header:x-user-id"}),
+    );
+    assert_eq!(a.status, 200, "{}", a.text());
+    let mut versions = BTreeSet::new();
+    for user in 0..60 {
+        let user = format!("user-{user}");
+        let first = version_of(&server.request("GET", "/fn/hello/", &[("x-user-id", &user)], b""));
+        for _ in 0..4 {
+            let again =
+                version_of(&server.request("GET", "/fn/hello/", &[("x-user-id", &user)], b""));
+            assert_eq!(again, first, "{user} moved");
+        }
+        versions.insert(first);
+    }
+    assert_eq!(
+        versions,
+        BTreeSet::from([1, 2]),
+        "users spread over both versions"
+    );
+}
+
+#[test]
+fn new_versions_wait_at_zero_and_a_request_can_force_any_version() {
+    let server = server_with_versions(1);
+    assert_eq!(set(&server, &json!({"weights": {"1": 100}})).status, 200);
+    server.deploy_example("hello", "hello", "");
+    // Deploying did not move traffic: version 2 waits at 0% until a policy names it.
+    for _ in 0..20 {
+        assert_eq!(version_of(&server.get("/fn/hello/")), 1);
+    }
+    assert_eq!(
+        version_of(&server.request("GET", "/fn/hello/", &[("x-kiln-version", "2")], b"")),
+        2
+    );
+    assert_eq!(version_of(&server.get("/fn/hello@2/")), 2);
+    let a = server.request("GET", "/fn/hello/", &[("x-kiln-version", "9")], b"");
+    assert_eq!(
+        (a.status, a.error_code().as_str()),
+        (404, "version.not_found")
+    );
+    let a = server.request("GET", "/fn/hello/", &[("x-kiln-version", "two")], b"");
+    assert_eq!(
+        (a.status, a.error_code().as_str()),
+        (400, "request.invalid")
+    );
+    // The policy shows, and a function without one says who serves.
+    let t = server.get("/v1/functions/hello/traffic").json();
+    assert_eq!(
+        (t["policy"]["weights"].clone(), t["latest_version"].clone()),
+        (json!({"1": 100}), json!(2))
+    );
+}
+
+#[test]
+fn invalid_policies_are_refused_with_the_reason() {
+    let server = server_with_versions(2);
+    for (body, says) in [
+        (json!({"weights": {"1": 90, "2": 20}}), "sum to 110"),
+        (json!({"weights": {"1": 50, "7": 50}}), "7"),
+        (json!({"weights": {}}), "at least one"),
+        (
+            json!({"weights": {"1": 100}, "sticky": "cookie:id"}),
+            "header:",
+        ),
+        (json!({"weights": {"1": 100}, "bogus": 1}), "bogus"),
+        (json!({"weights": {"x": 100}}), "invalid"),
+    ] {
+        let a = set(&server, &body);
+        assert_eq!(
+            (a.status, a.error_code().as_str()),
+            (400, "request.invalid"),
+            "{body}"
+        );
+        assert!(a.text().contains(says), "{body}: {}", a.text());
+    }
+    let a = server.request(
+        "PUT",
+        "/v1/functions/missing/traffic",
+        &[],
+        json!({"weights": {"1": 100}}).to_string().as_bytes(),
+    );
+    assert_eq!(a.status, 404);
+    assert!(
+        server.get("/v1/functions/hello/traffic").json()["policy"].is_null(),
+        "nothing was applied"
+    );
+}
+
+#[test]
+fn concurrent_policy_updates_are_never_half_applied() {
+    let server = server_with_versions(3);
+    let policies = [
+        json!({"weights": {"1": 100}}),
+        json!({"weights": {"2": 40, "3": 60}}),
+        json!({"weights": {"1": 10, "2": 10, "3": 80}, "sticky": "header:x-user-id"}),
+    ];
+    std::thread::scope(|s| {
+        let writers: Vec<_> = (0..3)
+            .map(|w| {
+                let (server, policies) = (&server, &policies);
+                s.spawn(move || {
+                    for i in 0..20 {
+                        assert_eq!(set(server, &policies[(w + i) % 3]).status, 200);
+                    }
+                })
+            })
+            .collect();
+        let readers: Vec<_> = (0..3)
+            .map(|_| {
+                let (server, policies) = (&server, &policies);
+                s.spawn(move || {
+                    for _ in 0..40 {
+                        let t = server.get("/v1/functions/hello/traffic").json();
+                        if !t["policy"].is_null() {
+                            assert!(
+                                policies.contains(&t["policy"]),
+                                "a policy never submitted: {t}"
+                            );
+                        }
+                        let v = version_of(&server.get("/fn/hello/"));
+                        assert!((1..=3).contains(&v));
+                    }
+                })
+            })
+            .collect();
+        for t in writers.into_iter().chain(readers) {
+            t.join().unwrap();
+        }
+    });
+    // Every change is in the history, numbered without gaps.
+    let h = server.get("/v1/functions/hello/history").json();
+    let revisions: Vec<u64> = h["history"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["detail"]["revision"].as_u64().unwrap())
+        .collect();
+    assert_eq!(revisions, (1..=60).rev().collect::<Vec<_>>());
+}
+
+#[test]
+fn the_cli_sets_and_shows_traffic_and_the_policy_survives_a_restart() {
+    let mut server = server_with_versions(2);
+    let out = server.cli(&[
+        "traffic",
+        "hello",
+        "1=90",
+        "2=10",
+        "--sticky",
+        "header:x-user-id",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "hello (revision 1): 1=90 2=10 sticky header:x-user-id"
+    );
+    let out = server.cli(&["traffic", "hello", "1=90", "2=20"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("sum to 110"));
+    let out = server.cli(&["history", "hello"]);
+    let table = String::from_utf8(out.stdout).unwrap();
+    assert_eq!(table.lines().count(), 2, "{table}");
+    assert!(
+        table.contains("traffic") && table.contains("1=90 2=10"),
+        "{table}"
+    );
+    let history = server.get("/v1/functions/hello/history").json();
+    assert!(
+        history["history"][0]["actor"].is_string(),
+        "the actor is the key id: {history}"
+    );
+
+    server.restart();
+    let out = server.cli(&["traffic", "hello"]);
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "hello (revision 1): 1=90 2=10 sticky header:x-user-id"
+    );
+    let first = version_of(&server.request("GET", "/fn/hello/", &[("x-user-id", "u1")], b""));
+    assert_eq!(
+        version_of(&server.request("GET", "/fn/hello/", &[("x-user-id", "u1")], b"")),
+        first
+    );
+}
