@@ -65,6 +65,8 @@ pub enum TrafficError {
     NoFunction(String),
     #[error("invalid traffic policy: {0}")]
     Invalid(String),
+    #[error("function {0:?} has no traffic change to roll back")]
+    NothingToRollBack(String),
     #[error(transparent)]
     Internal(#[from] anyhow::Error),
 }
@@ -172,10 +174,10 @@ impl App {
             app.register(rec, info, models);
         }
         for (function, policy, revision) in app.meta.traffic()? {
-            match serde_json::from_str::<TrafficPolicy>(&policy) {
+            match serde_json::from_str::<Option<TrafficPolicy>>(&policy) {
                 Ok(p) => {
-                    app.registry
-                        .set_routing(&function, Some(Arc::new(Routing::new(p, revision))));
+                    let routing = p.map(|p| Arc::new(Routing::new(p, revision)));
+                    app.registry.set_routing(&function, routing);
                 }
                 Err(e) => tracing::error!(function, "stored traffic policy unreadable: {e}"),
             }
@@ -266,6 +268,33 @@ impl App {
         let revision = self.meta.set_traffic(name, &json, actor, kind, reason)?;
         let routing = Arc::new(Routing::new(policy, revision));
         self.registry.set_routing(name, Some(routing.clone()));
+        Ok(routing)
+    }
+
+    /// Puts back the traffic policy in force before the current one (none at all, if the
+    /// current one was the first: the newest version serves everything again). Rolling
+    /// back twice returns to where it started. Returns the policy now in force.
+    pub fn rollback_traffic(
+        &self,
+        name: &str,
+        actor: Option<&str>,
+        reason: &str,
+    ) -> Result<Option<Arc<Routing>>, TrafficError> {
+        let _publishing = self.publishing.lock().unwrap_or_else(|p| p.into_inner());
+        if self.registry.function(name).is_none() {
+            return Err(TrafficError::NoFunction(name.to_string()));
+        }
+        let previous = self
+            .meta
+            .previous_traffic(name)?
+            .ok_or_else(|| TrafficError::NothingToRollBack(name.to_string()))?;
+        let policy: Option<TrafficPolicy> =
+            serde_json::from_str(&previous).map_err(anyhow::Error::from)?;
+        let revision = self
+            .meta
+            .set_traffic(name, &previous, actor, "rollback", reason)?;
+        let routing = policy.map(|p| Arc::new(Routing::new(p, revision)));
+        self.registry.set_routing(name, routing.clone());
         Ok(routing)
     }
 

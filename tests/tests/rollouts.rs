@@ -271,3 +271,68 @@ fn the_cli_sets_and_shows_traffic_and_the_policy_survives_a_restart() {
         first
     );
 }
+
+#[test]
+fn rollback_returns_to_the_previous_policy_and_says_why() {
+    let server = server_with_versions(2);
+    let a = server.request("POST", "/v1/functions/hello/rollback", &[], b"");
+    assert_eq!(
+        (a.status, a.error_code().as_str()),
+        (400, "request.invalid")
+    );
+    assert!(
+        a.text().contains("no traffic change to roll back"),
+        "{}",
+        a.text()
+    );
+    assert_eq!(set(&server, &json!({"weights": {"1": 100}})).status, 200);
+    assert_eq!(set(&server, &json!({"weights": {"2": 100}})).status, 200);
+    assert_eq!(version_of(&server.get("/fn/hello/")), 2);
+
+    let out = server.cli(&["rollback", "hello", "--reason", "v2 looks wrong"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "hello (revision 3): 1=100"
+    );
+    assert_eq!(version_of(&server.get("/fn/hello/")), 1);
+    let h = server.get("/v1/functions/hello/history").json();
+    let last = &h["history"][0];
+    assert_eq!(
+        (last["kind"].as_str(), last["reason"].as_str()),
+        (Some("rollback"), Some("v2 looks wrong"))
+    );
+    assert_eq!(last["detail"]["previous"], json!({"weights": {"2": 100}}));
+
+    // Rolling back again returns to where it was; back past the first policy, the
+    // newest version serves everything again.
+    assert_eq!(
+        server
+            .request("POST", "/v1/functions/hello/rollback", &[], b"")
+            .status,
+        200
+    );
+    assert_eq!(version_of(&server.get("/fn/hello/")), 2);
+    assert_eq!(set(&server, &json!({"weights": {"1": 100}})).status, 200);
+    let mut fresh = server_with_versions(2);
+    assert_eq!(set(&fresh, &json!({"weights": {"1": 100}})).status, 200);
+    let a = fresh.request(
+        "POST",
+        "/v1/functions/hello/rollback",
+        &[],
+        b"{\"reason\":\"undo\"}",
+    );
+    assert_eq!(a.status, 200, "{}", a.text());
+    assert!(a.json()["policy"].is_null());
+    assert_eq!(version_of(&fresh.get("/fn/hello/")), 2);
+    fresh.restart();
+    assert!(
+        fresh.get("/v1/functions/hello/traffic").json()["policy"].is_null(),
+        "kept across a restart"
+    );
+    assert_eq!(version_of(&fresh.get("/fn/hello/")), 2);
+}

@@ -144,7 +144,9 @@ impl From<crate::app::TrafficError> for ApiError {
         use crate::app::TrafficError;
         match e {
             TrafficError::NoFunction(n) => ApiError::Route(RouteError::NoFunction(n)),
-            TrafficError::Invalid(_) => ApiError::InvalidRequest(e.to_string()),
+            TrafficError::Invalid(_) | TrafficError::NothingToRollBack(_) => {
+                ApiError::InvalidRequest(e.to_string())
+            }
             TrafficError::Internal(e) => ApiError::Internal(e),
         }
     }

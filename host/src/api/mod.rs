@@ -15,6 +15,7 @@
 //! | `GET` | `/v1/functions/{name}/versions/{v}` | show one version | owner |
 //! | `DELETE` | `/v1/functions/{name}/cache` | drop the function's cached responses and inference results | deploy |
 //! | `GET`, `PUT` | `/v1/functions/{name}/traffic` | read / replace the traffic policy | owner / deploy |
+//! | `POST` | `/v1/functions/{name}/rollback` | back to the previous traffic policy | deploy |
 //! | `GET` | `/v1/functions/{name}/history` | traffic changes, newest first | owner |
 //! | `GET` | `/v1/usage` | usage totals (grouped) or records as CSV | `usage:read` |
 //! | `POST`, `GET` | `/v1/keys` | create a key (its secret shown once) / list keys | admin |
@@ -64,6 +65,7 @@ enum Op<'a> {
     GetTraffic(&'a str),
     PutTraffic(&'a str),
     History(&'a str),
+    Rollback(&'a str),
     Usage,
     CreateKey,
     ListKeys,
@@ -95,6 +97,8 @@ impl<'a> Op<'a> {
             (["functions", _, "traffic"], _) => return Err(not_allowed()),
             (["functions", n, "history"], &Method::GET) => Op::History(n),
             (["functions", _, "history"], _) => return Err(not_allowed()),
+            (["functions", n, "rollback"], &Method::POST) => Op::Rollback(n),
+            (["functions", _, "rollback"], _) => return Err(not_allowed()),
             (["usage"], &Method::GET) => Op::Usage,
             (["usage"], _) => return Err(not_allowed()),
             (["keys"], &Method::POST) => Op::CreateKey,
@@ -123,6 +127,7 @@ impl<'a> Op<'a> {
             Op::GetTraffic(n) => ("traffic.show", n),
             Op::PutTraffic(n) => ("traffic.set", n),
             Op::History(n) => ("history.show", n),
+            Op::Rollback(n) => ("traffic.rollback", n),
             Op::Usage => ("usage.read", ""),
             Op::CreateKey => ("key.create", ""),
             Op::ListKeys => ("key.list", ""),
@@ -142,7 +147,8 @@ impl<'a> Op<'a> {
             | Op::ClearCache(n)
             | Op::GetTraffic(n)
             | Op::PutTraffic(n)
-            | Op::History(n) => app.registry.function(n).map(|f| f.owner.to_string()),
+            | Op::History(n)
+            | Op::Rollback(n) => app.registry.function(n).map(|f| f.owner.to_string()),
             Op::RevokeKey(id) => app.auth.tenant_of_key(id).map(|t| t.to_string()),
             _ => None,
         }
@@ -165,7 +171,7 @@ impl<'a> Op<'a> {
                     caller.may_read(n, &o)?;
                 }
             }
-            Op::DeleteFunction(n) | Op::ClearCache(n) | Op::PutTraffic(n) => {
+            Op::DeleteFunction(n) | Op::ClearCache(n) | Op::PutTraffic(n) | Op::Rollback(n) => {
                 caller.may_deploy(n, owner(n).as_deref(), false)?;
             }
             Op::CreateVersion(n) => caller.may_deploy(n, owner(n).as_deref(), true)?,
@@ -269,6 +275,7 @@ async fn dispatch(
         Op::GetTraffic(n) => traffic::get(app, n),
         Op::PutTraffic(n) => traffic::put(app, n, req, caller).await,
         Op::History(n) => traffic::history(app, n),
+        Op::Rollback(n) => traffic::rollback(app, n, req, caller).await,
         Op::Usage => usage::get(app, req.uri().query().unwrap_or(""), caller).await,
         Op::CreateKey => keys::create(app, req, caller).await,
         Op::ListKeys => keys::list(app),

@@ -73,6 +73,44 @@ pub(super) async fn put(
     Ok(resp)
 }
 
+/// `POST /v1/functions/{name}/rollback` (`{"reason"?}`): back to the previous policy.
+pub(super) async fn rollback(
+    app: &Arc<App>,
+    name: &str,
+    req: Request<Incoming>,
+    caller: &Caller,
+) -> Result<Response<Body>, ApiError> {
+    let body = http_body_util::Limited::new(req.into_body(), MAX_POLICY_BYTES)
+        .collect()
+        .await
+        .map_err(|e| ApiError::TooLarge(format!("rollback request: {e}")))?
+        .to_bytes();
+    let reason = match body.is_empty() {
+        true => None,
+        false => serde_json::from_slice::<serde_json::Value>(&body)
+            .map_err(|e| ApiError::InvalidRequest(format!("invalid rollback request: {e}")))?
+            .get("reason")
+            .and_then(|r| r.as_str())
+            .map(str::to_string),
+    };
+    let reason = reason.unwrap_or_else(|| "rollback requested".into());
+    let (app2, name2, actor) = (
+        app.clone(),
+        name.to_string(),
+        caller.key_id().map(str::to_string),
+    );
+    let reason2 = reason.clone();
+    tokio::task::spawn_blocking(move || app2.rollback_traffic(&name2, actor.as_deref(), &reason2))
+        .await
+        .map_err(|e| ApiError::Internal(anyhow::anyhow!("rollback task: {e}")))??;
+    let mut resp = json_response(StatusCode::OK, &policy_json(app, name)?);
+    resp.extensions_mut().insert(AuditDetail {
+        detail: reason,
+        subject: None,
+    });
+    Ok(resp)
+}
+
 /// `GET /v1/functions/{name}/history`: newest first.
 pub(super) fn history(app: &Arc<App>, name: &str) -> Result<Response<Body>, ApiError> {
     let entries = app.meta.history(name, HISTORY_LIMIT)?;

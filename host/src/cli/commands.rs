@@ -575,6 +575,16 @@ pub fn traffic(
     Ok(())
 }
 
+/// `kiln rollback NAME [--reason R]`: prints the policy now in force.
+pub fn rollback(client: &Client, name: &str, reason: Option<String>) -> anyhow::Result<()> {
+    let body = match reason {
+        Some(r) => json!({"reason": r}),
+        None => json!({}),
+    };
+    client.post_json(&format!("/v1/functions/{name}/rollback"), &body)?;
+    traffic(client, name, &[], None, Output::Table)
+}
+
 /// `kiln history NAME`.
 pub fn history(client: &Client, name: &str, output: Output) -> anyhow::Result<()> {
     let mut v = client.get_json(&format!("/v1/functions/{name}/history"))?;

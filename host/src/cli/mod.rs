@@ -215,6 +215,15 @@ pub enum Command {
         #[command(flatten)]
         server: ServerArg,
     },
+    /// Put back the traffic policy in force before the current one.
+    Rollback {
+        name: String,
+        /// Why (kept in the history).
+        #[arg(long)]
+        reason: Option<String>,
+        #[command(flatten)]
+        server: ServerArg,
+    },
     /// Traffic changes of a function, newest first.
     History {
         name: String,
@@ -360,5 +369,10 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             output,
             server,
         } => commands::history(&server.client(), &name, output),
+        Command::Rollback {
+            name,
+            reason,
+            server,
+        } => commands::rollback(&server.client(), &name, reason),
     }
 }

@@ -384,8 +384,9 @@ impl MetaStore {
             .exists(params![digest.to_string(), tenant])?)
     }
 
-    /// Sets `function`'s traffic policy (JSON) and records the change in its history, in
-    /// one transaction; returns the new revision.
+    /// Sets `function`'s traffic policy (JSON; `null`: none, the newest version serves
+    /// all) and records the change in its history, in one transaction; returns the new
+    /// revision.
     pub fn set_traffic(
         &self,
         function: &str,
@@ -428,6 +429,24 @@ impl MetaStore {
         )?;
         tx.commit()?;
         Ok(revision as u64)
+    }
+
+    /// The policy in force before the current one (JSON, `null` for none), from the
+    /// history of the current revision; `None` when the function's traffic never changed.
+    pub fn previous_traffic(&self, function: &str) -> anyhow::Result<Option<String>> {
+        let conn = self.conn();
+        let detail: Option<String> = conn
+            .query_row(
+                "SELECT h.detail FROM history h JOIN traffic t ON t.function = h.function
+                 WHERE h.function = ?1 ORDER BY h.seq DESC LIMIT 1",
+                [function],
+                |r| r.get(0),
+            )
+            .optional()?;
+        Ok(match detail {
+            Some(d) => Some(serde_json::from_str::<serde_json::Value>(&d)?["previous"].to_string()),
+            None => None,
+        })
     }
 
     /// Every stored traffic policy: (function, policy JSON, revision).
