@@ -241,6 +241,7 @@ impl App {
                 metrics,
                 responses,
                 outbound,
+                stats: crate::meter::Window::default(),
             },
             info,
         );

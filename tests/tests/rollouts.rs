@@ -336,3 +336,52 @@ fn rollback_returns_to_the_previous_policy_and_says_why() {
     );
     assert_eq!(version_of(&fresh.get("/fn/hello/")), 2);
 }
+
+#[test]
+fn version_stats_show_recent_requests_errors_and_latency() {
+    let server = TestServer::start();
+    server.deploy_example("hostile", "hostile", "");
+    server.deploy_example("hostile", "hostile", "");
+    for _ in 0..8 {
+        assert_eq!(server.get("/fn/hostile@1/counter").status, 200);
+    }
+    for _ in 0..2 {
+        assert_eq!(server.get("/fn/hostile@1/panic").status, 500);
+    }
+    let s = server.get("/v1/functions/hostile/versions/1/stats").json();
+    assert_eq!(
+        (s["requests"].clone(), s["errors"].clone()),
+        (json!(10), json!(2)),
+        "{s}"
+    );
+    assert!(
+        (s["error_rate"].as_f64().unwrap() - 0.2).abs() < 1e-9,
+        "{s}"
+    );
+    let (p50, p99) = (s["p50_ms"].as_f64().unwrap(), s["p99_ms"].as_f64().unwrap());
+    assert!(p50 > 0.0 && p99 >= p50, "{s}");
+    assert_eq!(
+        (s["window_s"].clone(), s["version"].clone()),
+        (json!(60), json!(1))
+    );
+    // Version 2 had nothing; other windows and bad parameters.
+    let s = server
+        .get("/v1/functions/hostile/versions/2/stats?window=5m")
+        .json();
+    assert_eq!(
+        (
+            s["requests"].clone(),
+            s["p99_ms"].clone(),
+            s["window_s"].clone()
+        ),
+        (json!(0), Value::Null, json!(300))
+    );
+    for bad in ["window=1h", "window=soon", "bogus=1"] {
+        let a = server.get(&format!("/v1/functions/hostile/versions/1/stats?{bad}"));
+        assert_eq!(a.status, 400, "{bad}");
+    }
+    assert_eq!(
+        server.get("/v1/functions/hostile/versions/9/stats").status,
+        404
+    );
+}

@@ -13,6 +13,7 @@
 //! | `GET` | `/v1/functions/{name}/versions` | list versions | owner |
 //! | `POST` | `/v1/functions/{name}/versions` | deploy: `application/wasm` body or JSON manifest | deploy |
 //! | `GET` | `/v1/functions/{name}/versions/{v}` | show one version | owner |
+//! | `GET` | `/v1/functions/{name}/versions/{v}/stats` | recent requests, errors, latency, cold starts, cache hits | owner |
 //! | `DELETE` | `/v1/functions/{name}/cache` | drop the function's cached responses and inference results | deploy |
 //! | `GET`, `PUT` | `/v1/functions/{name}/traffic` | read / replace the traffic policy | owner / deploy |
 //! | `POST` | `/v1/functions/{name}/rollback` | back to the previous traffic policy | deploy |
@@ -61,6 +62,7 @@ enum Op<'a> {
     ListVersions(&'a str),
     CreateVersion(&'a str),
     ShowVersion(&'a str, &'a str),
+    VersionStats(&'a str, &'a str),
     ClearCache(&'a str),
     GetTraffic(&'a str),
     PutTraffic(&'a str),
@@ -90,6 +92,8 @@ impl<'a> Op<'a> {
             (["functions", _, "versions"], _) => return Err(not_allowed()),
             (["functions", n, "versions", v], &Method::GET) => Op::ShowVersion(n, v),
             (["functions", _, "versions", _], _) => return Err(not_allowed()),
+            (["functions", n, "versions", v, "stats"], &Method::GET) => Op::VersionStats(n, v),
+            (["functions", _, "versions", _, "stats"], _) => return Err(not_allowed()),
             (["functions", n, "cache"], &Method::DELETE) => Op::ClearCache(n),
             (["functions", _, "cache"], _) => return Err(not_allowed()),
             (["functions", n, "traffic"], &Method::GET) => Op::GetTraffic(n),
@@ -123,6 +127,7 @@ impl<'a> Op<'a> {
             Op::ListVersions(n) => ("version.list", n),
             Op::CreateVersion(n) => ("version.create", n),
             Op::ShowVersion(n, _) => ("version.show", n),
+            Op::VersionStats(n, _) => ("version.stats", n),
             Op::ClearCache(n) => ("cache.clear", n),
             Op::GetTraffic(n) => ("traffic.show", n),
             Op::PutTraffic(n) => ("traffic.set", n),
@@ -144,6 +149,7 @@ impl<'a> Op<'a> {
             | Op::ListVersions(n)
             | Op::CreateVersion(n)
             | Op::ShowVersion(n, _)
+            | Op::VersionStats(n, _)
             | Op::ClearCache(n)
             | Op::GetTraffic(n)
             | Op::PutTraffic(n)
@@ -165,6 +171,7 @@ impl<'a> Op<'a> {
             Op::ShowFunction(n)
             | Op::ListVersions(n)
             | Op::ShowVersion(n, _)
+            | Op::VersionStats(n, _)
             | Op::GetTraffic(n)
             | Op::History(n) => {
                 if let Some(o) = owner(n) {
@@ -271,6 +278,7 @@ async fn dispatch(
         Op::ListVersions(n) => functions::versions(app, n),
         Op::CreateVersion(n) => functions::create_version(app, n, req, caller).await,
         Op::ShowVersion(n, v) => functions::version(app, n, v),
+        Op::VersionStats(n, v) => traffic::stats(app, n, v, req.uri().query().unwrap_or("")),
         Op::ClearCache(n) => functions::clear_cache(app, n),
         Op::GetTraffic(n) => traffic::get(app, n),
         Op::PutTraffic(n) => traffic::put(app, n, req, caller).await,

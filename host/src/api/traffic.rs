@@ -111,6 +111,46 @@ pub(super) async fn rollback(
     Ok(resp)
 }
 
+/// `GET /v1/functions/{name}/versions/{v}/stats[?window=5m]`: the version's requests over
+/// the window (default 60 s, at most 10 min).
+pub(super) fn stats(
+    app: &Arc<App>,
+    name: &str,
+    version: &str,
+    query: &str,
+) -> Result<Response<Body>, ApiError> {
+    let n: u32 = version.parse().map_err(|_| {
+        ApiError::InvalidRequest(format!("invalid version {version:?}: expected a number"))
+    })?;
+    let mut window = std::time::Duration::from_secs(60);
+    for pair in query.split('&').filter(|p| !p.is_empty()) {
+        match pair.split_once('=') {
+            Some(("window", w)) => {
+                window = humantime::parse_duration(
+                    &super::percent_decode(w).map_err(ApiError::InvalidRequest)?,
+                )
+                .ok()
+                .filter(|w| (1..=600).contains(&w.as_secs()))
+                .ok_or_else(|| {
+                    ApiError::InvalidRequest(format!(
+                        "window={w:?}: a duration from 1s to 10m, e.g. 60s or 5m"
+                    ))
+                })?;
+            }
+            _ => {
+                return Err(ApiError::InvalidRequest(format!(
+                    "unknown parameter {pair:?} (known: window)"
+                )));
+            }
+        }
+    }
+    let entry = app.registry.route(name, Some(n))?;
+    let mut json = serde_json::to_value(entry.stats.stats(window)).unwrap_or_default();
+    json["function"] = name.into();
+    json["version"] = n.into();
+    Ok(json_response(StatusCode::OK, &json))
+}
+
 /// `GET /v1/functions/{name}/history`: newest first.
 pub(super) fn history(app: &Arc<App>, name: &str) -> Result<Response<Body>, ApiError> {
     let entries = app.meta.history(name, HISTORY_LIMIT)?;

@@ -11,7 +11,7 @@ use super::admission::Admission;
 use super::traffic::Routing;
 use crate::auth::Limiter;
 use crate::cache::Placement;
-use crate::meter::VersionMetrics;
+use crate::meter::{VersionMetrics, Window};
 use crate::nn::VersionModels;
 use crate::runtime::Outbound;
 use crate::store::{FunctionInfo, VersionRecord};
@@ -30,6 +30,8 @@ pub struct VersionEntry {
     pub responses: Option<Placement>,
     /// Where its guests may send HTTP requests.
     pub outbound: Outbound,
+    /// Its recent requests (what rollouts and the console read).
+    pub stats: Window,
 }
 
 impl std::fmt::Debug for VersionEntry {
@@ -219,6 +221,7 @@ mod tests {
             metrics: crate::meter::Metrics::new().version(function, version),
             responses: None,
             outbound: Outbound::deny_all(),
+            stats: Window::default(),
         }
     }
 

@@ -6,7 +6,9 @@ pub mod ledger;
 pub mod metrics;
 pub mod query;
 pub mod usage;
+pub mod window;
 
 pub use ledger::{Durability, Ledger};
 pub use metrics::{CacheMetrics, Metrics, Outcome, VersionMetrics};
 pub use usage::{Pricing, UsageRecord};
+pub use window::{Stats, Window};

@@ -55,7 +55,8 @@ pub const VERSION_HEADER: &str = "x-kiln-version";
 
 /// What the usage record of one request has gathered so far. It is written exactly once:
 /// when the response body ends, when the request fails, or (dropped unwritten) when the
-/// client went away first; disarmed from the start when metering is off.
+/// client went away first; into the version's recent stats always, into the ledger when
+/// metering is on.
 struct Usage {
     app: Arc<App>,
     entry: Arc<VersionEntry>,
@@ -85,7 +86,7 @@ impl Usage {
             app: app.clone(),
             entry: entry.clone(),
             tenant,
-            written: app.ledger.is_none(),
+            written: false,
             request_id: request_id.to_str().unwrap_or_default().to_string(),
             start_ms: std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
@@ -111,6 +112,19 @@ impl Usage {
         if std::mem::replace(&mut self.written, true) {
             return None;
         }
+        let wall = self.started.elapsed();
+        let error = status >= 500
+            || matches!(
+                outcome,
+                Outcome::Trap | Outcome::Timeout | Outcome::GuestError
+            );
+        self.entry.stats.record(
+            wall,
+            error,
+            self.cold,
+            self.cache == CacheStatus::Hit.as_str(),
+        );
+        let ledger = self.app.ledger.as_ref()?;
         let us = |d: Duration| d.as_micros() as u64;
         let bytes_in = self
             .body_stats
@@ -131,7 +145,7 @@ impl Usage {
             function: self.entry.function.clone(),
             version: self.entry.record.version,
             start_ms: self.start_ms,
-            wall_us: us(self.started.elapsed()),
+            wall_us: us(wall),
             cpu_us: cpu,
             memory_peak_bytes: memory,
             inference_cpu_us: inf_cpu,
@@ -145,11 +159,13 @@ impl Usage {
             cost: 0,
         };
         r.cost = self.app.config.pricing.cost(&r);
-        self.app.ledger.as_ref().and_then(|l| l.submit(r))
+        ledger.submit(r)
     }
 
     fn strict(&self) -> bool {
-        !self.written && self.app.config.metering.durability == Durability::Strict
+        !self.written
+            && self.app.ledger.is_some()
+            && self.app.config.metering.durability == Durability::Strict
     }
 
     /// Writes the record of a request answered with an error (no body to wait for).

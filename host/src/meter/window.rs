@@ -1,0 +1,220 @@
+//! Recent statistics of one version: requests, errors (5xx and traps), latency
+//! percentiles, cold starts and cache hits over a sliding window of the last minutes, kept
+//! in one-second buckets in memory. What `GET .../versions/{v}/stats` shows and what
+//! rollout health gates compare.
+
+use std::collections::VecDeque;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+
+/// Longest window kept.
+pub const MAX_WINDOW: Duration = Duration::from_secs(600);
+
+/// Latency buckets: four per power of two of microseconds (about 19% apart), up to ~2^40 µs.
+const SUB: u32 = 4;
+const SLOTS: usize = 41 * SUB as usize;
+
+fn slot(us: u64) -> usize {
+    let us = us.max(1);
+    let octave = 63 - us.leading_zeros();
+    // The two bits after the leading one: which quarter of the octave.
+    let fraction = if octave >= 2 {
+        ((us >> (octave - 2)) & (u64::from(SUB) - 1)) as u32
+    } else {
+        (((us << 2) >> octave) & (u64::from(SUB) - 1)) as u32
+    };
+    ((octave * SUB + fraction) as usize).min(SLOTS - 1)
+}
+
+/// The upper bound of a slot, in microseconds.
+fn slot_upper_us(i: usize) -> f64 {
+    let octave = (i as u32) / SUB;
+    let fraction = (i as u32) % SUB;
+    2f64.powi(octave as i32) * (1.0 + f64::from(fraction + 1) / f64::from(SUB))
+}
+
+#[derive(Clone)]
+struct Bucket {
+    second: u64,
+    requests: u64,
+    errors: u64,
+    cold: u64,
+    cache_hits: u64,
+    latency: Box<[u32; SLOTS]>,
+}
+
+impl Bucket {
+    fn new(second: u64) -> Self {
+        Bucket {
+            second,
+            requests: 0,
+            errors: 0,
+            cold: 0,
+            cache_hits: 0,
+            latency: Box::new([0; SLOTS]),
+        }
+    }
+}
+
+/// One version's recent requests.
+pub struct Window {
+    start: Instant,
+    buckets: Mutex<VecDeque<Bucket>>,
+}
+
+impl Default for Window {
+    fn default() -> Self {
+        Window {
+            start: Instant::now(),
+            buckets: Mutex::new(VecDeque::new()),
+        }
+    }
+}
+
+/// What a window shows.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct Stats {
+    pub window_s: u64,
+    pub requests: u64,
+    pub errors: u64,
+    /// errors / requests (0 without requests).
+    pub error_rate: f64,
+    /// Latency percentiles in milliseconds (bucket upper bounds, ~19% resolution);
+    /// `None` without requests.
+    pub p50_ms: Option<f64>,
+    pub p95_ms: Option<f64>,
+    pub p99_ms: Option<f64>,
+    pub cold_starts: u64,
+    pub cache_hits: u64,
+    /// cache_hits / requests.
+    pub cache_hit_ratio: f64,
+}
+
+impl Window {
+    fn now_second(&self) -> u64 {
+        self.start.elapsed().as_secs()
+    }
+
+    /// Records one finished request.
+    pub fn record(&self, took: Duration, error: bool, cold: bool, cache_hit: bool) {
+        let second = self.now_second();
+        let mut buckets = self.buckets.lock().unwrap_or_else(|p| p.into_inner());
+        if buckets.back().is_none_or(|b| b.second != second) {
+            buckets.push_back(Bucket::new(second));
+            while buckets
+                .front()
+                .is_some_and(|b| b.second + MAX_WINDOW.as_secs() < second)
+            {
+                buckets.pop_front();
+            }
+        }
+        if let Some(b) = buckets.back_mut() {
+            b.requests += 1;
+            b.errors += u64::from(error);
+            b.cold += u64::from(cold);
+            b.cache_hits += u64::from(cache_hit);
+            b.latency[slot(took.as_micros() as u64)] += 1;
+        }
+    }
+
+    /// The statistics of the last `window` (at most [`MAX_WINDOW`]).
+    pub fn stats(&self, window: Duration) -> Stats {
+        let window = window.min(MAX_WINDOW).max(Duration::from_secs(1));
+        let now = self.now_second();
+        let from = now.saturating_sub(window.as_secs() - 1);
+        let buckets = self.buckets.lock().unwrap_or_else(|p| p.into_inner());
+        let mut latency = [0u64; SLOTS];
+        let (mut requests, mut errors, mut cold, mut hits) = (0, 0, 0, 0);
+        for b in buckets.iter().filter(|b| b.second >= from) {
+            requests += b.requests;
+            errors += b.errors;
+            cold += b.cold;
+            hits += b.cache_hits;
+            for (sum, n) in latency.iter_mut().zip(b.latency.iter()) {
+                *sum += u64::from(*n);
+            }
+        }
+        drop(buckets);
+        let percentile = |p: f64| -> Option<f64> {
+            if requests == 0 {
+                return None;
+            }
+            let rank = ((p * requests as f64).ceil() as u64).max(1);
+            let mut seen = 0;
+            latency.iter().enumerate().find_map(|(i, n)| {
+                seen += n;
+                (seen >= rank).then(|| slot_upper_us(i) / 1000.0)
+            })
+        };
+        let ratio = |n: u64| {
+            if requests == 0 {
+                0.0
+            } else {
+                n as f64 / requests as f64
+            }
+        };
+        Stats {
+            window_s: window.as_secs(),
+            requests,
+            errors,
+            error_rate: ratio(errors),
+            p50_ms: percentile(0.50),
+            p95_ms: percentile(0.95),
+            p99_ms: percentile(0.99),
+            cold_starts: cold,
+            cache_hits: hits,
+            cache_hit_ratio: ratio(hits),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn slots_grow_with_latency_and_bound_it() {
+        let mut last = 0;
+        for us in [1, 2, 3, 5, 8, 100, 1_000, 10_000, 1_000_000] {
+            let s = slot(us);
+            assert!(s >= last, "{us}");
+            assert!(
+                slot_upper_us(s) >= us as f64,
+                "{us} -> {}",
+                slot_upper_us(s)
+            );
+            assert!(
+                slot_upper_us(s) <= us as f64 * 1.5 + 1.0,
+                "{us} -> {}",
+                slot_upper_us(s)
+            );
+            last = s;
+        }
+    }
+
+    #[test]
+    fn a_window_counts_errors_and_ranks_latencies() {
+        let w = Window::default();
+        for i in 0..100u64 {
+            w.record(
+                Duration::from_millis(if i < 98 { 1 } else { 100 }),
+                i % 10 == 0,
+                i == 0,
+                i % 4 == 0,
+            );
+        }
+        let s = w.stats(Duration::from_secs(60));
+        assert_eq!(
+            (s.requests, s.errors, s.cold_starts, s.cache_hits),
+            (100, 10, 1, 25)
+        );
+        assert!((s.error_rate - 0.1).abs() < 1e-9);
+        let p50 = s.p50_ms.unwrap_or_default();
+        let p99 = s.p99_ms.unwrap_or_default();
+        assert!((1.0..1.3).contains(&p50), "{p50}");
+        assert!((100.0..130.0).contains(&p99), "{p99}");
+        assert_eq!(Window::default().stats(Duration::from_secs(5)).p99_ms, None);
+    }
+}
