@@ -5,7 +5,6 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use http::{Request, Response, StatusCode, header};
-use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use serde::{Deserialize, Serialize};
 
@@ -354,11 +353,7 @@ pub(super) async fn create_version(
         }
         Upload::Manifest => {
             let (parts, body) = req.into_parts();
-            let body = http_body_util::Limited::new(body, MAX_MANIFEST_BYTES)
-                .collect()
-                .await
-                .map_err(|e| ApiError::TooLarge(format!("manifest: {e}")))?
-                .to_bytes();
+            let body = super::read_small_body(body, MAX_MANIFEST_BYTES, "manifest").await?;
             // The signature covers the bytes as sent; check it before reading them.
             signer = signing::verify(&parts.headers, name, &body)?;
             trust.check(signer.as_ref())?;

@@ -4,7 +4,6 @@
 use std::sync::Arc;
 
 use http::{Request, Response, StatusCode};
-use http_body_util::BodyExt;
 use hyper::body::Incoming;
 
 use super::{ApiError, AuditDetail};
@@ -25,13 +24,8 @@ pub(super) async fn create(
     req: Request<Incoming>,
     caller: &Caller,
 ) -> Result<Response<Body>, ApiError> {
-    let body = http_body_util::Limited::new(req.into_body(), MAX_KEY_REQUEST_BYTES)
-        .collect()
-        .await
-        .map_err(|e| ApiError::TooLarge(format!("key request: {e}")))?
-        .to_bytes();
-    let new: NewKey = serde_json::from_slice(&body)
-        .map_err(|e| ApiError::InvalidRequest(format!("invalid key request: {e}")))?;
+    let new: NewKey =
+        super::read_json(req.into_body(), MAX_KEY_REQUEST_BYTES, "key request").await?;
     let app2 = app.clone();
     let by = caller.clone();
     let (key, secret) = tokio::task::spawn_blocking(move || app2.auth.create(&new, &by))

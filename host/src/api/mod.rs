@@ -292,6 +292,32 @@ async fn dispatch(
     }
 }
 
+/// Reads a small request body (a manifest, a policy) whole, refusing it past `max` bytes;
+/// `what` names it in the error.
+pub(crate) async fn read_small_body(
+    body: Incoming,
+    max: usize,
+    what: &str,
+) -> Result<bytes::Bytes, ApiError> {
+    use http_body_util::BodyExt;
+    Ok(http_body_util::Limited::new(body, max)
+        .collect()
+        .await
+        .map_err(|e| ApiError::TooLarge(format!("{what}: {e}")))?
+        .to_bytes())
+}
+
+/// Reads a small JSON request body whole and parses it.
+pub(crate) async fn read_json<T: serde::de::DeserializeOwned>(
+    body: Incoming,
+    max: usize,
+    what: &str,
+) -> Result<T, ApiError> {
+    let bytes = read_small_body(body, max, what).await?;
+    serde_json::from_slice(&bytes)
+        .map_err(|e| ApiError::InvalidRequest(format!("invalid {what}: {e}")))
+}
+
 /// Decodes a query parameter value: `%XX` escapes and `+` (times carry `+01:00` offsets
 /// and `:`; header lists carry `,`).
 pub(crate) fn percent_decode(s: &str) -> Result<String, String> {

@@ -4,7 +4,6 @@
 use std::sync::Arc;
 
 use http::{Request, Response, StatusCode};
-use http_body_util::BodyExt;
 use hyper::body::Incoming;
 
 use super::{ApiError, AuditDetail};
@@ -44,13 +43,8 @@ pub(super) async fn put(
     req: Request<Incoming>,
     caller: &Caller,
 ) -> Result<Response<Body>, ApiError> {
-    let body = http_body_util::Limited::new(req.into_body(), MAX_POLICY_BYTES)
-        .collect()
-        .await
-        .map_err(|e| ApiError::TooLarge(format!("traffic policy: {e}")))?
-        .to_bytes();
-    let policy: TrafficPolicy = serde_json::from_slice(&body)
-        .map_err(|e| ApiError::InvalidRequest(format!("invalid traffic policy: {e}")))?;
+    let policy: TrafficPolicy =
+        super::read_json(req.into_body(), MAX_POLICY_BYTES, "traffic policy").await?;
     let (app2, name2, actor) = (
         app.clone(),
         name.to_string(),
@@ -80,11 +74,8 @@ pub(super) async fn rollback(
     req: Request<Incoming>,
     caller: &Caller,
 ) -> Result<Response<Body>, ApiError> {
-    let body = http_body_util::Limited::new(req.into_body(), MAX_POLICY_BYTES)
-        .collect()
-        .await
-        .map_err(|e| ApiError::TooLarge(format!("rollback request: {e}")))?
-        .to_bytes();
+    let body =
+        super::read_small_body(req.into_body(), MAX_POLICY_BYTES, "rollback request").await?;
     let reason = match body.is_empty() {
         true => None,
         false => serde_json::from_slice::<serde_json::Value>(&body)
