@@ -175,7 +175,7 @@ fn cli_builds_deploys_invokes_and_lists() {
     let out = server.cli(&["functions"]);
     let table = String::from_utf8_lossy(&out.stdout);
     assert!(
-        table.starts_with("NAME") && table.contains("parrot"),
+        table.starts_with("NAME    TENANT   PUBLIC") && table.contains("parrot  default  false"),
         "{table}"
     );
     let out = server.cli(&["versions", "hello", "--output", "json"]);

@@ -322,7 +322,14 @@ pub fn functions(client: &Client, output: Output) -> anyhow::Result<()> {
         &v,
         output,
         "functions",
-        &["name", "latest_version", "versions", "url"],
+        &[
+            "name",
+            "tenant",
+            "public",
+            "latest_version",
+            "versions",
+            "url",
+        ],
     )
 }
 
