@@ -511,6 +511,54 @@ impl TestServer {
         );
     }
 
+    /// Creates an API key through the API (as admin); returns its secret and id.
+    pub fn create_key(
+        &self,
+        tenant: &str,
+        scopes: &[&str],
+        rate: Option<&str>,
+    ) -> (String, String) {
+        let mut body = json!({"tenant": tenant, "scopes": scopes});
+        if let Some(r) = rate {
+            body["rate"] = r.into();
+        }
+        let a = self.request("POST", "/v1/keys", &[], body.to_string().as_bytes());
+        assert_eq!(a.status, 201, "{}", a.text());
+        let v = a.json();
+        (
+            v["key"].as_str().unwrap().to_string(),
+            v["id"].as_str().unwrap().to_string(),
+        )
+    }
+
+    /// A request with API key `key` (empty: none).
+    pub fn call_as(&self, key: &str, method: &str, path: &str, body: &[u8]) -> Answer {
+        let bearer = if key.is_empty() {
+            String::new()
+        } else {
+            format!("Bearer {key}")
+        };
+        self.request(method, path, &[("authorization", &bearer)], body)
+    }
+
+    /// Deploys a bare example component with API key `key`.
+    pub fn deploy_as(&self, key: &str, name: &str, example_name: &str, query: &str) -> Answer {
+        let q = if query.is_empty() {
+            String::new()
+        } else {
+            format!("?{query}")
+        };
+        self.request(
+            "POST",
+            &format!("/v1/functions/{name}/versions{q}"),
+            &[
+                ("content-type", "application/wasm"),
+                ("authorization", &format!("Bearer {key}")),
+            ],
+            &std::fs::read(example(example_name)).unwrap(),
+        )
+    }
+
     /// Runs the `kiln` CLI against this server with the admin key.
     pub fn cli(&self, args: &[&str]) -> std::process::Output {
         self.cli_as(ADMIN_KEY, args)
