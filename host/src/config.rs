@@ -88,6 +88,8 @@ pub struct ServerConfig {
     pub pricing: Pricing,
     /// API keys, bundle signatures.
     pub auth: AuthConfig,
+    /// Default health gates of progressive rollouts (`[rollout]`).
+    pub rollout: crate::deploy::Gates,
 }
 
 /// Authentication settings (`[auth]`, plus the bootstrap from flags and the environment).
@@ -298,6 +300,8 @@ pub struct ConfigFile {
     pub pricing: Pricing,
     #[serde(default)]
     pub auth: AuthConfig,
+    #[serde(default)]
+    pub rollout: crate::deploy::Gates,
 }
 
 /// The `[runtime]` table of the configuration file.
@@ -405,6 +409,7 @@ impl ServerConfig {
             metering: file.metering,
             pricing: file.pricing,
             auth: file.auth,
+            rollout: file.rollout,
         };
         config.validate()?;
         Ok(config)
@@ -448,6 +453,9 @@ impl ServerConfig {
             bail!("cache.inference_ttl_ms must be at least 1");
         }
         self.pricing.validate().map_err(anyhow::Error::msg)?;
+        self.rollout
+            .validate()
+            .map_err(|e| anyhow::anyhow!("rollout: {e}"))?;
         r.default_limits
             .check(r)
             .context("in the runtime.default_* limits")?;

@@ -26,6 +26,13 @@ pub enum ApiError {
     MethodNotAllowed(String),
     #[error("{0}")]
     InvalidRequest(String),
+    /// The request conflicts with the state of what it names (a rollout in progress);
+    /// the second field is the code.
+    #[error("{0}")]
+    Conflict(String, &'static str),
+    /// A missing resource other than a function, version, blob or key; with its code.
+    #[error("{0}")]
+    NotFound(String, &'static str),
     #[error("{0}")]
     UnsupportedMediaType(String),
     #[error("{0}")]
@@ -61,6 +68,8 @@ impl ApiError {
             Route(_) | BlobNotFound(_) | KeyNotFound(_) | NoRoute(_) => StatusCode::NOT_FOUND,
             MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
             InvalidRequest(_) => StatusCode::BAD_REQUEST,
+            Conflict(..) => StatusCode::CONFLICT,
+            NotFound(..) => StatusCode::NOT_FOUND,
             UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             Compile(CompileError::TooLarge { .. }) => StatusCode::PAYLOAD_TOO_LARGE,
@@ -97,6 +106,7 @@ impl ApiError {
             NoRoute(_) => "route.not_found",
             MethodNotAllowed(_) => "method.not_allowed",
             InvalidRequest(_) => "request.invalid",
+            Conflict(_, code) | NotFound(_, code) => code,
             UnsupportedMediaType(_) => "request.unsupported_media_type",
             TooLarge(_) | Blob(BlobError::TooLarge { .. }) => "request.too_large",
             Compile(CompileError::TooLarge { .. }) => "component.too_large",
@@ -144,9 +154,14 @@ impl From<crate::app::TrafficError> for ApiError {
         use crate::app::TrafficError;
         match e {
             TrafficError::NoFunction(n) => ApiError::Route(RouteError::NoFunction(n)),
-            TrafficError::Invalid(_) | TrafficError::NothingToRollBack(_) => {
-                ApiError::InvalidRequest(e.to_string())
+            TrafficError::Invalid(_)
+            | TrafficError::InvalidRollout(_)
+            | TrafficError::NothingToRollBack(_) => ApiError::InvalidRequest(e.to_string()),
+            TrafficError::RolloutActive(..) => ApiError::Conflict(e.to_string(), "rollout.active"),
+            TrafficError::RolloutState(..) => {
+                ApiError::Conflict(e.to_string(), "rollout.not_active")
             }
+            TrafficError::NoRollout(_) => ApiError::NotFound(e.to_string(), "rollout.not_found"),
             TrafficError::Internal(e) => ApiError::Internal(e),
         }
     }

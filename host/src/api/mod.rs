@@ -17,7 +17,9 @@
 //! | `DELETE` | `/v1/functions/{name}/cache` | drop the function's cached responses and inference results | deploy |
 //! | `GET`, `PUT` | `/v1/functions/{name}/traffic` | read / replace the traffic policy | owner / deploy |
 //! | `POST` | `/v1/functions/{name}/rollback` | back to the previous traffic policy | deploy |
-//! | `GET` | `/v1/functions/{name}/history` | traffic changes, newest first | owner |
+//! | `GET` | `/v1/functions/{name}/history` | traffic changes, rollout steps, rollbacks, newest first | owner |
+//! | `POST`, `GET` | `/v1/functions/{name}/rollout` | start a progressive rollout / see it | deploy / owner |
+//! | `POST` | `/v1/functions/{name}/rollout/{pause,resume,abort}` | control the rollout in progress | deploy |
 //! | `GET` | `/v1/usage` | usage totals (grouped) or records as CSV | `usage:read` |
 //! | `POST`, `GET` | `/v1/keys` | create a key (its secret shown once) / list keys | admin |
 //! | `DELETE` | `/v1/keys/{id}` | revoke a key, at once | admin |
@@ -28,6 +30,7 @@ mod blobs;
 mod error;
 pub mod functions;
 mod keys;
+mod rollout;
 mod traffic;
 pub mod usage;
 
@@ -68,6 +71,9 @@ enum Op<'a> {
     PutTraffic(&'a str),
     History(&'a str),
     Rollback(&'a str),
+    GetRollout(&'a str),
+    StartRollout(&'a str),
+    ControlRollout(&'a str, &'a str),
     Usage,
     CreateKey,
     ListKeys,
@@ -102,7 +108,12 @@ impl<'a> Op<'a> {
             (["functions", n, "history"], &Method::GET) => Op::History(n),
             (["functions", _, "history"], _) => return Err(not_allowed()),
             (["functions", n, "rollback"], &Method::POST) => Op::Rollback(n),
+            (["functions", n, "rollout"], &Method::GET) => Op::GetRollout(n),
+            (["functions", n, "rollout"], &Method::POST) => Op::StartRollout(n),
             (["functions", _, "rollback"], _) => return Err(not_allowed()),
+            (["functions", _, "rollout"], _) => return Err(not_allowed()),
+            (["functions", n, "rollout", a], &Method::POST) => Op::ControlRollout(n, a),
+            (["functions", _, "rollout", _], _) => return Err(not_allowed()),
             (["usage"], &Method::GET) => Op::Usage,
             (["usage"], _) => return Err(not_allowed()),
             (["keys"], &Method::POST) => Op::CreateKey,
@@ -133,6 +144,9 @@ impl<'a> Op<'a> {
             Op::PutTraffic(n) => ("traffic.set", n),
             Op::History(n) => ("history.show", n),
             Op::Rollback(n) => ("traffic.rollback", n),
+            Op::GetRollout(n) => ("rollout.show", n),
+            Op::StartRollout(n) => ("rollout.start", n),
+            Op::ControlRollout(n, _) => ("rollout.control", n),
             Op::Usage => ("usage.read", ""),
             Op::CreateKey => ("key.create", ""),
             Op::ListKeys => ("key.list", ""),
@@ -154,7 +168,10 @@ impl<'a> Op<'a> {
             | Op::GetTraffic(n)
             | Op::PutTraffic(n)
             | Op::History(n)
-            | Op::Rollback(n) => app.registry.function(n).map(|f| f.owner.to_string()),
+            | Op::Rollback(n)
+            | Op::GetRollout(n)
+            | Op::StartRollout(n)
+            | Op::ControlRollout(n, _) => app.registry.function(n).map(|f| f.owner.to_string()),
             Op::RevokeKey(id) => app.auth.tenant_of_key(id).map(|t| t.to_string()),
             _ => None,
         }
@@ -173,12 +190,18 @@ impl<'a> Op<'a> {
             | Op::ShowVersion(n, _)
             | Op::VersionStats(n, _)
             | Op::GetTraffic(n)
-            | Op::History(n) => {
+            | Op::History(n)
+            | Op::GetRollout(n) => {
                 if let Some(o) = owner(n) {
                     caller.may_read(n, &o)?;
                 }
             }
-            Op::DeleteFunction(n) | Op::ClearCache(n) | Op::PutTraffic(n) | Op::Rollback(n) => {
+            Op::DeleteFunction(n)
+            | Op::ClearCache(n)
+            | Op::PutTraffic(n)
+            | Op::Rollback(n)
+            | Op::StartRollout(n)
+            | Op::ControlRollout(n, _) => {
                 caller.may_deploy(n, owner(n).as_deref(), false)?;
             }
             Op::CreateVersion(n) => caller.may_deploy(n, owner(n).as_deref(), true)?,
@@ -284,6 +307,9 @@ async fn dispatch(
         Op::PutTraffic(n) => traffic::put(app, n, req, caller).await,
         Op::History(n) => traffic::history(app, n),
         Op::Rollback(n) => traffic::rollback(app, n, req, caller).await,
+        Op::GetRollout(n) => rollout::get(app, n),
+        Op::StartRollout(n) => rollout::start(app, n, req, caller).await,
+        Op::ControlRollout(n, a) => rollout::control(app, n, a, req, caller).await,
         Op::Usage => usage::get(app, req.uri().query().unwrap_or(""), caller).await,
         Op::CreateKey => keys::create(app, req, caller).await,
         Op::ListKeys => keys::list(app),
@@ -316,6 +342,23 @@ pub(crate) async fn read_json<T: serde::de::DeserializeOwned>(
     let bytes = read_small_body(body, max, what).await?;
     serde_json::from_slice(&bytes)
         .map_err(|e| ApiError::InvalidRequest(format!("invalid {what}: {e}")))
+}
+
+/// Reads an optional `{"reason": "..."}` body (rollbacks, rollout actions); empty: none.
+pub(crate) async fn read_reason(body: Incoming, what: &str) -> Result<Option<String>, ApiError> {
+    let body = read_small_body(body, 16 << 10, what).await?;
+    if body.is_empty() {
+        return Ok(None);
+    }
+    let v: serde_json::Value = serde_json::from_slice(&body)
+        .map_err(|e| ApiError::InvalidRequest(format!("invalid {what}: {e}")))?;
+    match v.get("reason") {
+        None | Some(serde_json::Value::Null) => Ok(None),
+        Some(serde_json::Value::String(r)) => Ok(Some(r.clone())),
+        Some(other) => Err(ApiError::InvalidRequest(format!(
+            "invalid {what}: reason must be a string, not {other}"
+        ))),
+    }
 }
 
 /// Decodes a query parameter value: `%XX` escapes and `+` (times carry `+01:00` offsets

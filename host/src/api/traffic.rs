@@ -74,17 +74,9 @@ pub(super) async fn rollback(
     req: Request<Incoming>,
     caller: &Caller,
 ) -> Result<Response<Body>, ApiError> {
-    let body =
-        super::read_small_body(req.into_body(), MAX_POLICY_BYTES, "rollback request").await?;
-    let reason = match body.is_empty() {
-        true => None,
-        false => serde_json::from_slice::<serde_json::Value>(&body)
-            .map_err(|e| ApiError::InvalidRequest(format!("invalid rollback request: {e}")))?
-            .get("reason")
-            .and_then(|r| r.as_str())
-            .map(str::to_string),
-    };
-    let reason = reason.unwrap_or_else(|| "rollback requested".into());
+    let reason = super::read_reason(req.into_body(), "rollback request")
+        .await?
+        .unwrap_or_else(|| "rollback requested".into());
     let (app2, name2, actor) = (
         app.clone(),
         name.to_string(),
@@ -139,6 +131,7 @@ pub(super) fn stats(
     let mut json = serde_json::to_value(entry.stats.stats(window)).unwrap_or_default();
     json["function"] = name.into();
     json["version"] = n.into();
+    json["shadow"] = serde_json::to_value(entry.shadow.stats(window)).unwrap_or_default();
     Ok(json_response(StatusCode::OK, &json))
 }
 

@@ -519,20 +519,29 @@ pub fn audit(
     )
 }
 
-/// `kiln traffic NAME [V=W...] [--sticky header:NAME]`: sets the policy when weights are
-/// given; prints the policy.
+/// The optional parts of a traffic policy the CLI sets with its weights.
+#[derive(Debug, Default)]
+pub struct Extras {
+    /// `header:NAME`.
+    pub sticky: Option<String>,
+    /// `VERSION:PERCENT`.
+    pub shadow: Option<String>,
+}
+
+/// `kiln traffic NAME [V=W...] [--sticky header:NAME] [--shadow V:P]`: sets the policy
+/// when weights are given; prints the policy.
 pub fn traffic(
     client: &Client,
     name: &str,
     weights: &[String],
-    sticky: Option<String>,
+    extras: Extras,
     output: Output,
 ) -> anyhow::Result<()> {
     let path = format!("/v1/functions/{name}/traffic");
     let v = if weights.is_empty() {
-        if sticky.is_some() {
+        if extras.sticky.is_some() || extras.shadow.is_some() {
             bail!(
-                "--sticky goes with weights: kiln traffic {name} 1=100 --sticky header:x-user-id"
+                "--sticky and --shadow go with weights: kiln traffic {name} 1=100 --shadow 2:100"
             );
         }
         client.get_json(&path)?
@@ -548,8 +557,12 @@ pub fn traffic(
             map.insert(version.trim().to_string(), percent.into());
         }
         let mut body = json!({"weights": map});
-        if let Some(s) = sticky {
+        if let Some(s) = extras.sticky {
             body["sticky"] = s.into();
+        }
+        if let Some(s) = extras.shadow {
+            let shadow: crate::deploy::Shadow = s.parse().map_err(anyhow::Error::msg)?;
+            body["shadow"] = serde_json::to_value(shadow)?;
         }
         client.put_json(&path, &body)?
     };
@@ -562,22 +575,94 @@ pub fn traffic(
             "{name}: no traffic policy; the newest version ({}) serves everything",
             v["latest_version"]
         ),
-        Some(p) => {
-            let shares: Vec<String> = p["weights"]
-                .as_object()
-                .map(|w| w.iter().map(|(k, v)| format!("{k}={v}")).collect())
-                .unwrap_or_default();
-            let sticky = p
-                .get("sticky")
-                .and_then(Value::as_str)
-                .map(|s| format!(" sticky {s}"))
-                .unwrap_or_default();
-            println!(
-                "{name} (revision {}): {}{sticky}",
-                v["revision"],
-                shares.join(" ")
-            );
-        }
+        Some(_) => println!(
+            "{name} (revision {}): {}",
+            v["revision"],
+            describe_policy(&v["policy"])
+        ),
+    }
+    Ok(())
+}
+
+/// `3=90 4=10 sticky header:x-user shadow 5:100`.
+fn describe_policy(p: &Value) -> String {
+    let mut parts: Vec<String> = p["weights"]
+        .as_object()
+        .map(|w| w.iter().map(|(k, v)| format!("{k}={v}")).collect())
+        .unwrap_or_default();
+    if let Some(s) = p.get("sticky").and_then(Value::as_str) {
+        parts.push(format!("sticky {s}"));
+    }
+    if let Some(s) = p.get("shadow").filter(|s| !s.is_null()) {
+        parts.push(format!("shadow {}:{}", s["version"], s["percent"]));
+    }
+    parts.join(" ")
+}
+
+/// `kiln rollout NAME --to V ...`: starts it, prints where it is.
+pub fn rollout_start(
+    client: &Client,
+    name: &str,
+    body: Value,
+    output: Output,
+) -> anyhow::Result<()> {
+    let v = client.post_json(&format!("/v1/functions/{name}/rollout"), &body)?;
+    print_rollout(&v, output)
+}
+
+/// `kiln rollout NAME --pause|--resume|--abort [--reason R]`.
+pub fn rollout_control(
+    client: &Client,
+    name: &str,
+    action: &str,
+    reason: Option<String>,
+    output: Output,
+) -> anyhow::Result<()> {
+    let body = match reason {
+        Some(r) => json!({"reason": r}),
+        None => json!({}),
+    };
+    let v = client.post_json(&format!("/v1/functions/{name}/rollout/{action}"), &body)?;
+    print_rollout(&v, output)
+}
+
+/// `kiln rollout NAME`.
+pub fn rollout_show(client: &Client, name: &str, output: Output) -> anyhow::Result<()> {
+    let v = client.get_json(&format!("/v1/functions/{name}/rollout"))?;
+    print_rollout(&v, output)
+}
+
+fn print_rollout(v: &Value, output: Output) -> anyhow::Result<()> {
+    if let Output::Json = output {
+        println!("{}", serde_json::to_string_pretty(v)?);
+        return Ok(());
+    }
+    let steps: Vec<String> = v["steps"]
+        .as_array()
+        .map(|s| s.iter().map(|p| format!("{p}%")).collect())
+        .unwrap_or_default();
+    println!(
+        "{}: v{} -> v{} {} at step {}/{} ({}% on v{}), steps {} every {} ms",
+        v["function"].as_str().unwrap_or_default(),
+        v["stable"],
+        v["candidate"],
+        v["state"].as_str().unwrap_or_default(),
+        v["step"].as_u64().unwrap_or(0) + 1,
+        steps.len(),
+        v["percent"],
+        v["candidate"],
+        steps.join(","),
+        v["interval_ms"],
+    );
+    if let Some(check) = v.get("last_check").filter(|c| !c.is_null()) {
+        println!(
+            "last check: {}: {}",
+            check["verdict"].as_str().unwrap_or_default(),
+            check["reason"].as_str().unwrap_or_default()
+        );
+    }
+    if let Some(outcome) = v["outcome"].as_str() {
+        println!("outcome: {outcome}");
     }
     Ok(())
 }
@@ -589,7 +674,7 @@ pub fn rollback(client: &Client, name: &str, reason: Option<String>) -> anyhow::
         None => json!({}),
     };
     client.post_json(&format!("/v1/functions/{name}/rollback"), &body)?;
-    traffic(client, name, &[], None, Output::Table)
+    traffic(client, name, &[], Extras::default(), Output::Table)
 }
 
 /// `kiln history NAME`.
@@ -597,14 +682,9 @@ pub fn history(client: &Client, name: &str, output: Output) -> anyhow::Result<()
     let mut v = client.get_json(&format!("/v1/functions/{name}/history"))?;
     if let (Output::Table, Some(entries)) = (output, v["history"].as_array_mut()) {
         for e in entries {
-            e["change"] = match e["detail"]["policy"]["weights"].as_object() {
-                Some(w) => w
-                    .iter()
-                    .map(|(k, v)| format!("{k}={v}"))
-                    .collect::<Vec<_>>()
-                    .join(" ")
-                    .into(),
-                None => Value::Null,
+            e["change"] = match e["detail"]["policy"].is_object() {
+                true => describe_policy(&e["detail"]["policy"]).into(),
+                false => Value::Null,
             };
         }
     }

@@ -210,6 +210,49 @@ pub enum Command {
         /// Keep each key on one version: header:NAME.
         #[arg(long)]
         sticky: Option<String>,
+        /// Copy PERCENT of the requests to VERSION after the primary answers, and compare:
+        /// VERSION:PERCENT.
+        #[arg(long)]
+        shadow: Option<String>,
+        #[arg(long, value_enum, default_value_t)]
+        output: Output,
+        #[command(flatten)]
+        server: ServerArg,
+    },
+    /// Roll a version out step by step with health gates (`--to`), control the rollout in
+    /// progress (`--pause`, `--resume`, `--abort`), or show it (no flags).
+    Rollout {
+        name: String,
+        /// The candidate version; starts a rollout and returns once it is started.
+        #[arg(long, conflicts_with_all = ["pause", "resume", "abort"])]
+        to: Option<u32>,
+        /// Candidate shares in percent, ascending (default 5,25,50,100).
+        #[arg(long, value_delimiter = ',', requires = "to")]
+        steps: Option<Vec<u8>>,
+        /// Time each step runs before its gate (default 60s).
+        #[arg(long, requires = "to")]
+        interval: Option<String>,
+        /// Candidate requests a step needs before it is judged.
+        #[arg(long, requires = "to")]
+        min_requests: Option<u64>,
+        /// Highest candidate error rate, 0 to 1 (0.05: 5%).
+        #[arg(long, requires = "to")]
+        max_error_rate: Option<f64>,
+        /// Highest candidate p99 / stable p99.
+        #[arg(long, requires = "to")]
+        max_p99_ratio: Option<f64>,
+        /// Hold the current weights.
+        #[arg(long, conflicts_with_all = ["resume", "abort"])]
+        pause: bool,
+        /// Go on after a pause.
+        #[arg(long, conflicts_with = "abort")]
+        resume: bool,
+        /// Stop and put all traffic back on the stable version.
+        #[arg(long)]
+        abort: bool,
+        /// Why (kept in the history) for --pause, --resume, --abort.
+        #[arg(long)]
+        reason: Option<String>,
         #[arg(long, value_enum, default_value_t)]
         output: Output,
         #[command(flatten)]
@@ -361,9 +404,56 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             name,
             weights,
             sticky,
+            shadow,
             output,
             server,
-        } => commands::traffic(&server.client(), &name, &weights, sticky, output),
+        } => commands::traffic(
+            &server.client(),
+            &name,
+            &weights,
+            commands::Extras { sticky, shadow },
+            output,
+        ),
+        Command::Rollout {
+            name,
+            to,
+            steps,
+            interval,
+            min_requests,
+            max_error_rate,
+            max_p99_ratio,
+            pause,
+            resume,
+            abort,
+            reason,
+            output,
+            server,
+        } => {
+            let client = server.client();
+            match (to, pause, resume, abort) {
+                (Some(to), ..) => {
+                    let body = serde_json::json!({
+                        "to": to,
+                        "steps": steps,
+                        "interval": interval,
+                        "min_requests": min_requests,
+                        "max_error_rate": max_error_rate,
+                        "max_p99_ratio": max_p99_ratio,
+                    });
+                    commands::rollout_start(&client, &name, body, output)
+                }
+                (None, true, ..) => {
+                    commands::rollout_control(&client, &name, "pause", reason, output)
+                }
+                (None, _, true, _) => {
+                    commands::rollout_control(&client, &name, "resume", reason, output)
+                }
+                (None, _, _, true) => {
+                    commands::rollout_control(&client, &name, "abort", reason, output)
+                }
+                _ => commands::rollout_show(&client, &name, output),
+            }
+        }
         Command::History {
             name,
             output,

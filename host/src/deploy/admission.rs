@@ -41,6 +41,15 @@ impl Admission {
         }
     }
 
+    /// Admits a request only if a slot is free now (a shadow copy never waits).
+    pub fn try_admit(&self) -> Result<Admitted, Rejected> {
+        self.permits
+            .clone()
+            .try_acquire_owned()
+            .map(Admitted)
+            .map_err(|_| Rejected::QueueFull(self.max_concurrency))
+    }
+
     /// Admits a request now, or after a bounded wait, or refuses it.
     pub async fn admit(&self, max_wait: Duration) -> Result<Admitted, Rejected> {
         let max_concurrency = self.max_concurrency;

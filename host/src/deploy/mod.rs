@@ -1,15 +1,17 @@
 //! Versions and routing: the in-memory registry of functions and their versions that the
 //! data plane reads without touching SQLite, and per-version admission (concurrency cap with
-//! a short bounded queue), and traffic policies (weighted, sticky). Later: shadows and
-//! rollouts.
+//! a short bounded queue), traffic policies (weighted, sticky, shadowed) and progressive
+//! rollouts with their health gates.
 
 mod admission;
 mod registry;
+pub mod rollout;
 pub mod traffic;
 
 pub use admission::{Admission, Admitted, Rejected};
 pub use registry::{FunctionEntry, Registry, RouteError, VersionEntry};
-pub use traffic::{Routing, TrafficPolicy};
+pub use rollout::{Gates, Phase, Rollout, RolloutRequest};
+pub use traffic::{Routing, Shadow, TrafficPolicy};
 
 /// Checks a function name: 1-63 characters of `a-z`, `0-9`, `-`, `_`, starting with a
 /// letter or digit. `@` and `:` stay free to pin versions and name aliases in URLs.

@@ -11,7 +11,7 @@ use super::admission::Admission;
 use super::traffic::Routing;
 use crate::auth::Limiter;
 use crate::cache::Placement;
-use crate::meter::{VersionMetrics, Window};
+use crate::meter::{ShadowWindow, VersionMetrics, Window};
 use crate::nn::VersionModels;
 use crate::runtime::Outbound;
 use crate::store::{FunctionInfo, VersionRecord};
@@ -32,6 +32,8 @@ pub struct VersionEntry {
     pub outbound: Outbound,
     /// Its recent requests (what rollouts and the console read).
     pub stats: Window,
+    /// How its answers compared with the primaries', when it served as a shadow.
+    pub shadow: ShadowWindow,
 }
 
 impl std::fmt::Debug for VersionEntry {
@@ -222,6 +224,7 @@ mod tests {
             responses: None,
             outbound: Outbound::deny_all(),
             stats: Window::default(),
+            shadow: ShadowWindow::default(),
         }
     }
 

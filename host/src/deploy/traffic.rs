@@ -6,6 +6,9 @@
 //! at the point the key hashes to, so the same key always lands on the same version while
 //! the weights are unchanged (and when they change, only the keys in the ranges that moved
 //! change version).
+//!
+//! A shadow version gets a copy of a share of the requests after the primary has answered;
+//! its answer is compared with the primary's and thrown away.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
@@ -24,6 +27,39 @@ pub struct TrafficPolicy {
     /// Keeps requests with the same key on the same version: `"header:x-user-id"`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sticky: Option<Sticky>,
+    /// Copies a share of the requests to another version, for comparison only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shadow: Option<Shadow>,
+}
+
+/// A version that gets copies of requests: `{"version": 5, "percent": 100}`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Shadow {
+    pub version: u32,
+    /// Share of the requests copied, 1 to 100.
+    pub percent: u8,
+}
+
+impl FromStr for Shadow {
+    type Err = String;
+
+    /// `VERSION:PERCENT`, as the CLI takes it (`--shadow 5:100`).
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (v, p) = s
+            .split_once(':')
+            .ok_or_else(|| format!("shadow {s:?}: write VERSION:PERCENT, e.g. 5:100"))?;
+        Ok(Shadow {
+            version: v
+                .trim()
+                .parse()
+                .map_err(|_| format!("shadow {s:?}: {v:?} is not a version number"))?,
+            percent: p
+                .trim()
+                .parse()
+                .map_err(|_| format!("shadow {s:?}: {p:?} is not a percent"))?,
+        })
+    }
 }
 
 /// Where a request's sticky key comes from.
@@ -95,6 +131,17 @@ impl TrafficPolicy {
         if sum != 100 {
             return Err(format!("weights sum to {sum}, not 100"));
         }
+        if let Some(s) = &self.shadow {
+            if !versions.contains(&s.version) {
+                return Err(format!(
+                    "shadow names version {}, which does not exist",
+                    s.version
+                ));
+            }
+            if !(1..=100).contains(&s.percent) {
+                return Err(format!("shadow percent {} is not from 1 to 100", s.percent));
+            }
+        }
         Ok(())
     }
 }
@@ -165,6 +212,19 @@ impl Routing {
     }
 }
 
+impl Routing {
+    /// The shadow version a request answered by `primary` is copied to, if it is drawn
+    /// (never the primary itself).
+    pub fn shadow_for(&self, primary: u32) -> Option<u32> {
+        let s = self.policy.shadow?;
+        if s.version == primary {
+            return None;
+        }
+        let draw = mix(DRAWS.fetch_add(1, Ordering::Relaxed) ^ seed().rotate_left(17)) % 100;
+        (draw < u64::from(s.percent)).then_some(s.version)
+    }
+}
+
 /// Per-process seed, so draws differ between runs.
 fn seed() -> u64 {
     static SEED: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
@@ -184,6 +244,7 @@ mod tests {
         TrafficPolicy {
             weights: weights.iter().copied().collect(),
             sticky: sticky.map(|s| s.parse().unwrap_or_else(|e| panic!("{e}"))),
+            shadow: None,
         }
     }
 
@@ -206,6 +267,14 @@ mod tests {
         assert!(unknown.is_err_and(|e| e.contains('7')));
         assert!(policy(&[], None).validate(&versions).is_err());
         assert!("cookie:x".parse::<Sticky>().is_err());
+        let mut shadowed = policy(&[(1, 100)], None);
+        shadowed.shadow = Some("3:100".parse().unwrap_or_else(|e| panic!("{e}")));
+        assert!(shadowed.validate(&versions).is_ok());
+        shadowed.shadow = Some("4:100".parse().unwrap_or_else(|e| panic!("{e}")));
+        assert!(shadowed.validate(&versions).is_err_and(|e| e.contains('4')));
+        shadowed.shadow = Some("3:0".parse().unwrap_or_else(|e| panic!("{e}")));
+        assert!(shadowed.validate(&versions).is_err());
+        assert!("3".parse::<Shadow>().is_err() && "x:5".parse::<Shadow>().is_err());
         assert!("header:bad header".parse::<Sticky>().is_err());
     }
 
@@ -230,5 +299,14 @@ mod tests {
         assert_eq!(seen.len(), 2, "keys spread over both versions");
         let zero = Routing::new(policy(&[(1, 0), (2, 100)], None), 3);
         assert!((0..1000).all(|_| zero.pick(&none) == 2));
+        let mut p = policy(&[(1, 100)], None);
+        p.shadow = Some(Shadow {
+            version: 2,
+            percent: 30,
+        });
+        let r = Routing::new(p, 4);
+        let copied = (0..10_000).filter(|_| r.shadow_for(1) == Some(2)).count();
+        assert!((2_800..3_200).contains(&copied), "{copied}");
+        assert_eq!(r.shadow_for(2), None, "never shadows itself");
     }
 }

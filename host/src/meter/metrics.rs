@@ -16,7 +16,7 @@
 //! | `kiln_ledger_records_total` | counter | |
 //! | `kiln_ledger_commit_duration_seconds` | histogram | |
 
-use std::sync::atomic::AtomicI64;
+use std::sync::atomic::{AtomicI64, AtomicU64};
 use std::time::Duration;
 
 use prometheus_client::encoding::EncodeLabelSet;
@@ -92,6 +92,20 @@ struct CacheLabels {
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ShadowLabels {
+    function: String,
+    version: String,
+    result: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ShadowSideLabels {
+    function: String,
+    version: String,
+    side: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct RefusalLabels {
     reason: &'static str,
 }
@@ -122,6 +136,10 @@ pub struct Metrics {
     cache_evictions: Family<CacheLabels, Counter>,
     cache_bytes: Family<CacheLabels, Gauge<i64, AtomicI64>>,
     auth_refusals: Family<RefusalLabels, Counter>,
+    rollout_steps: Family<FunctionLabels, Counter>,
+    rollout_rollbacks: Family<FunctionLabels, Counter>,
+    shadow: Family<ShadowLabels, Counter>,
+    shadow_seconds: Family<ShadowSideLabels, Counter<f64, AtomicU64>>,
     /// Usage records committed to the ledger.
     pub ledger_records: Counter,
     /// Time of one ledger commit (a batch of records).
@@ -202,6 +220,30 @@ impl Metrics {
             "Requests refused by authentication, authorization or a rate limit",
             auth_refusals.clone(),
         );
+        let rollout_steps = Family::<FunctionLabels, Counter>::default();
+        registry.register(
+            "rollout_steps",
+            "Progressive rollout steps applied (the first included)",
+            rollout_steps.clone(),
+        );
+        let rollout_rollbacks = Family::<FunctionLabels, Counter>::default();
+        registry.register(
+            "rollout_rollbacks",
+            "Progressive rollouts rolled back automatically by a failing health gate",
+            rollout_rollbacks.clone(),
+        );
+        let shadow = Family::<ShadowLabels, Counter>::default();
+        registry.register(
+            "shadow_requests",
+            "Request copies sent to a shadow version, by result: match, mismatch (status or body differ), error (5xx or trap), skipped (busy or primary cut short)",
+            shadow.clone(),
+        );
+        let shadow_seconds = Family::<ShadowSideLabels, Counter<f64, AtomicU64>>::default();
+        registry.register(
+            "shadow_latency_seconds",
+            "Total latency of compared requests on each side (primary, shadow): their difference over shadow_requests is the mean latency difference",
+            shadow_seconds.clone(),
+        );
         let ledger_records = Counter::default();
         registry.register(
             "ledger_records",
@@ -227,6 +269,10 @@ impl Metrics {
             cache_evictions,
             cache_bytes,
             auth_refusals,
+            rollout_steps,
+            rollout_rollbacks,
+            shadow,
+            shadow_seconds,
             ledger_records,
             ledger_commit,
         }
@@ -286,6 +332,54 @@ impl Metrics {
         self.auth_refusals
             .get_or_create(&RefusalLabels { reason })
             .inc();
+    }
+
+    /// Counts a rollout step of `function`.
+    pub fn rollout_step(&self, function: &str) {
+        self.rollout_steps
+            .get_or_create(&FunctionLabels {
+                function: function.to_string(),
+            })
+            .inc();
+    }
+
+    /// Counts an automatic rollback of `function`'s rollout.
+    pub fn rollout_rolled_back(&self, function: &str) {
+        self.rollout_rollbacks
+            .get_or_create(&FunctionLabels {
+                function: function.to_string(),
+            })
+            .inc();
+    }
+
+    /// Counts one shadow copy of `function` to `version` with its `result`, and, when
+    /// compared, each side's latency.
+    pub fn shadowed(
+        &self,
+        function: &str,
+        version: u32,
+        result: &'static str,
+        latencies: Option<(Duration, Duration)>,
+    ) {
+        let version = version.to_string();
+        self.shadow
+            .get_or_create(&ShadowLabels {
+                function: function.to_string(),
+                version: version.clone(),
+                result,
+            })
+            .inc();
+        if let Some((primary, shadow)) = latencies {
+            for (side, took) in [("primary", primary), ("shadow", shadow)] {
+                self.shadow_seconds
+                    .get_or_create(&ShadowSideLabels {
+                        function: function.to_string(),
+                        version: version.clone(),
+                        side,
+                    })
+                    .inc_by(took.as_secs_f64());
+            }
+        }
     }
 
     /// Records one component compilation.

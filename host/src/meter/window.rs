@@ -7,7 +7,7 @@ use std::collections::VecDeque;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 /// Longest window kept.
 pub const MAX_WINDOW: Duration = Duration::from_secs(600);
@@ -74,7 +74,7 @@ impl Default for Window {
 }
 
 /// What a window shows.
-#[derive(Debug, Clone, Serialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct Stats {
     pub window_s: u64,
     pub requests: u64,
@@ -170,6 +170,129 @@ impl Window {
     }
 }
 
+/// Comparisons of one shadow version with the primaries it shadowed, over the same
+/// sliding window as [`Window`] (counters only, per second).
+pub struct ShadowWindow {
+    start: Instant,
+    buckets: Mutex<VecDeque<ShadowBucket>>,
+}
+
+impl Default for ShadowWindow {
+    fn default() -> Self {
+        ShadowWindow {
+            start: Instant::now(),
+            buckets: Mutex::new(VecDeque::new()),
+        }
+    }
+}
+
+#[derive(Clone, Copy, Default)]
+struct ShadowBucket {
+    second: u64,
+    compared: u64,
+    mismatches: u64,
+    errors: u64,
+    skipped: u64,
+    primary_us: u64,
+    shadow_us: u64,
+}
+
+/// What a shadow window shows.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct ShadowStats {
+    pub window_s: u64,
+    /// Copies answered and compared with their primary.
+    pub compared: u64,
+    /// Compared copies whose status or body (blake3) differed from the primary's.
+    pub mismatches: u64,
+    /// mismatches / compared.
+    pub mismatch_rate: f64,
+    /// Compared copies that failed (5xx, trap, timeout).
+    pub errors: u64,
+    /// Copies not sent: the shadow was at its concurrency limit, or the primary's
+    /// answer was cut short.
+    pub skipped: u64,
+    /// Mean latency of the compared requests on each side, and shadow minus primary.
+    pub primary_mean_ms: Option<f64>,
+    pub shadow_mean_ms: Option<f64>,
+    pub latency_diff_ms: Option<f64>,
+}
+
+impl ShadowWindow {
+    fn with_bucket(&self, f: impl FnOnce(&mut ShadowBucket)) {
+        let second = self.start.elapsed().as_secs();
+        let mut buckets = self.buckets.lock().unwrap_or_else(|p| p.into_inner());
+        if buckets.back().is_none_or(|b| b.second != second) {
+            buckets.push_back(ShadowBucket {
+                second,
+                ..ShadowBucket::default()
+            });
+            while buckets
+                .front()
+                .is_some_and(|b| b.second + MAX_WINDOW.as_secs() < second)
+            {
+                buckets.pop_front();
+            }
+        }
+        if let Some(b) = buckets.back_mut() {
+            f(b);
+        }
+    }
+
+    /// Records one compared copy.
+    pub fn compared(&self, matched: bool, error: bool, primary: Duration, shadow: Duration) {
+        self.with_bucket(|b| {
+            b.compared += 1;
+            b.mismatches += u64::from(!matched);
+            b.errors += u64::from(error);
+            b.primary_us += primary.as_micros() as u64;
+            b.shadow_us += shadow.as_micros() as u64;
+        });
+    }
+
+    /// Records a copy that was not sent.
+    pub fn skipped(&self) {
+        self.with_bucket(|b| b.skipped += 1);
+    }
+
+    /// The comparisons of the last `window` (at most [`MAX_WINDOW`]).
+    pub fn stats(&self, window: Duration) -> ShadowStats {
+        let window = window.min(MAX_WINDOW).max(Duration::from_secs(1));
+        let from = self
+            .start
+            .elapsed()
+            .as_secs()
+            .saturating_sub(window.as_secs() - 1);
+        let buckets = self.buckets.lock().unwrap_or_else(|p| p.into_inner());
+        let mut t = ShadowBucket::default();
+        for b in buckets.iter().filter(|b| b.second >= from) {
+            t.compared += b.compared;
+            t.mismatches += b.mismatches;
+            t.errors += b.errors;
+            t.skipped += b.skipped;
+            t.primary_us += b.primary_us;
+            t.shadow_us += b.shadow_us;
+        }
+        let mean = |us: u64| (t.compared > 0).then(|| us as f64 / t.compared as f64 / 1000.0);
+        ShadowStats {
+            window_s: window.as_secs(),
+            compared: t.compared,
+            mismatches: t.mismatches,
+            mismatch_rate: match t.compared {
+                0 => 0.0,
+                n => t.mismatches as f64 / n as f64,
+            },
+            errors: t.errors,
+            skipped: t.skipped,
+            primary_mean_ms: mean(t.primary_us),
+            shadow_mean_ms: mean(t.shadow_us),
+            latency_diff_ms: mean(t.shadow_us)
+                .zip(mean(t.primary_us))
+                .map(|(s, p)| s - p),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -216,5 +339,25 @@ mod tests {
         assert!((1.0..1.3).contains(&p50), "{p50}");
         assert!((100.0..130.0).contains(&p99), "{p99}");
         assert_eq!(Window::default().stats(Duration::from_secs(5)).p99_ms, None);
+    }
+
+    #[test]
+    fn a_shadow_window_counts_mismatches_and_latency_difference() {
+        let w = ShadowWindow::default();
+        let ms = Duration::from_millis;
+        w.compared(true, false, ms(10), ms(12));
+        w.compared(false, true, ms(10), ms(30));
+        w.skipped();
+        let s = w.stats(Duration::from_secs(60));
+        assert_eq!(
+            (s.compared, s.mismatches, s.errors, s.skipped),
+            (2, 1, 1, 1)
+        );
+        assert!((s.mismatch_rate - 0.5).abs() < 1e-9);
+        assert_eq!(s.latency_diff_ms, Some(11.0));
+        assert_eq!(
+            ShadowWindow::default().stats(ms(5000)).latency_diff_ms,
+            None
+        );
     }
 }

@@ -25,6 +25,11 @@ pub fn full(bytes: impl Into<Bytes>) -> Body {
         .boxed_unsync()
 }
 
+/// A request body as every handler takes it.
+pub fn incoming(body: hyper::body::Incoming) -> Body {
+    body.map_err(BodyError::from).boxed_unsync()
+}
+
 /// An empty body.
 pub fn empty() -> Body {
     full(Bytes::new())
@@ -33,7 +38,7 @@ pub fn empty() -> Body {
 /// A request body that fails once more than `limit` bytes arrive, and records that it did
 /// (so a guest that fails on the truncated body is answered 413, not 500).
 pub struct LimitedBody {
-    inner: hyper::body::Incoming,
+    inner: Body,
     remaining: u64,
     limit: u64,
     stats: Arc<BodyStats>,
@@ -47,7 +52,7 @@ pub struct BodyStats {
 }
 
 impl LimitedBody {
-    pub fn new(inner: hyper::body::Incoming, limit: u64) -> (Self, Arc<BodyStats>) {
+    pub fn new(inner: Body, limit: u64) -> (Self, Arc<BodyStats>) {
         let stats = Arc::new(BodyStats::default());
         let body = LimitedBody {
             inner,
@@ -83,9 +88,7 @@ impl HttpBody for LimitedBody {
                 }
                 Poll::Ready(Some(Ok(frame)))
             }
-            Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(e.into()))),
-            Poll::Ready(None) => Poll::Ready(None),
-            Poll::Pending => Poll::Pending,
+            other => other,
         }
     }
 
@@ -207,6 +210,76 @@ impl<B, G> Drop for Finishing<B, G> {
     }
 }
 
+/// A response body that hashes (blake3) what it sends and reports the hash when it ends:
+/// `None` if it failed or was dropped before its end. What a shadow's answer is compared
+/// with.
+pub struct Tapped {
+    inner: Body,
+    hasher: blake3::Hasher,
+    report: Option<tokio::sync::oneshot::Sender<Option<blake3::Hash>>>,
+}
+
+impl Tapped {
+    pub fn new(inner: Body) -> (Self, tokio::sync::oneshot::Receiver<Option<blake3::Hash>>) {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let body = Tapped {
+            inner,
+            hasher: blake3::Hasher::new(),
+            report: Some(tx),
+        };
+        (body, rx)
+    }
+
+    fn report(&mut self, hash: Option<blake3::Hash>) {
+        if let Some(tx) = self.report.take() {
+            let _ = tx.send(hash);
+        }
+    }
+}
+
+impl HttpBody for Tapped {
+    type Data = Bytes;
+    type Error = BodyError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
+        let this = &mut *self;
+        let polled = Pin::new(&mut this.inner).poll_frame(cx);
+        match &polled {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(data) = frame.data_ref() {
+                    this.hasher.update(data);
+                }
+            }
+            Poll::Ready(Some(Err(_))) => this.report(None),
+            Poll::Ready(None) => {
+                let hash = this.hasher.finalize();
+                this.report(Some(hash));
+            }
+            Poll::Pending => {}
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl Drop for Tapped {
+    fn drop(&mut self) {
+        // A body with nothing left (an empty one is never polled) ended whole.
+        let hash = self.inner.is_end_stream().then(|| self.hasher.finalize());
+        self.report(hash);
+    }
+}
+
 /// Bytes of a refused request's body read and dropped before answering.
 pub const DRAIN_CAP: usize = 16 << 20;
 
@@ -216,11 +289,11 @@ pub const DRAIN_TIME: std::time::Duration = std::time::Duration::from_secs(2);
 /// Reads and drops up to [`DRAIN_CAP`] bytes (for at most [`DRAIN_TIME`]) of a body that
 /// will not be used, so that a client still sending it reads the answer instead of a
 /// connection reset; a client trickling it holds nothing for long.
-pub async fn drain(mut body: hyper::body::Incoming) {
+pub async fn drain<B: HttpBody + Unpin>(mut body: B) {
     let read = async {
         let mut seen = 0usize;
         while let Some(Ok(frame)) = body.frame().await {
-            seen += frame.data_ref().map_or(0, |d| d.len());
+            seen += frame.data_ref().map_or(0, bytes::Buf::remaining);
             if seen > DRAIN_CAP {
                 break;
             }

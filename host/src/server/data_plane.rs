@@ -3,7 +3,8 @@
 //! admission gate, loads the version (cold start if needed), runs the guest on a fresh
 //! instance with the path rewritten to `/{rest...}`, adds `x-kiln-version`,
 //! `x-kiln-cache` and `server-timing` to the response, and writes the request's usage
-//! record when its body has been sent.
+//! record when its body has been sent. A request drawn for the traffic policy's shadow
+//! has its body read whole first, and is copied to the shadow once answered ([`super::shadow`]).
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -13,7 +14,8 @@ use http::{HeaderValue, Request, Response, Uri, header};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 
-use super::body::{Body, BodyStats, Finishing, LimitedBody, OnEnd, full};
+use super::body::{Body, BodyStats, Finishing, LimitedBody, OnEnd, Tapped, full, incoming};
+use super::shadow;
 use crate::api::ApiError;
 use crate::app::App;
 use crate::auth::{AuthError, Caller};
@@ -57,11 +59,14 @@ pub const VERSION_HEADER: &str = "x-kiln-version";
 /// when the response body ends, when the request fails, or (dropped unwritten) when the
 /// client went away first; into the version's recent stats always, into the ledger when
 /// metering is on.
-struct Usage {
+pub(super) struct Usage {
     app: Arc<App>,
     entry: Arc<VersionEntry>,
     tenant: Arc<str>,
     written: bool,
+    /// A shadow copy: billed like any request, but kept out of the version's request
+    /// statistics (it is judged by comparison instead).
+    pub(super) shadow: bool,
     request_id: String,
     start_ms: i64,
     started: Instant,
@@ -74,7 +79,7 @@ struct Usage {
 }
 
 impl Usage {
-    fn new(
+    pub(super) fn new(
         app: &Arc<App>,
         entry: &Arc<VersionEntry>,
         tenant: Arc<str>,
@@ -87,6 +92,7 @@ impl Usage {
             entry: entry.clone(),
             tenant,
             written: false,
+            shadow: false,
             request_id: request_id.to_str().unwrap_or_default().to_string(),
             start_ms: std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
@@ -103,7 +109,7 @@ impl Usage {
     }
 
     /// Writes the record (once); in strict mode the receiver completes when it is durable.
-    fn write(
+    pub(super) fn write(
         &mut self,
         outcome: Outcome,
         status: u16,
@@ -118,12 +124,14 @@ impl Usage {
                 outcome,
                 Outcome::Trap | Outcome::Timeout | Outcome::GuestError
             );
-        self.entry.stats.record(
-            wall,
-            error,
-            self.cold,
-            self.cache == CacheStatus::Hit.as_str(),
-        );
+        if !self.shadow {
+            self.entry.stats.record(
+                wall,
+                error,
+                self.cold,
+                self.cache == CacheStatus::Hit.as_str(),
+            );
+        }
         let ledger = self.app.ledger.as_ref()?;
         let us = |d: Duration| d.as_micros() as u64;
         let bytes_in = self
@@ -168,8 +176,13 @@ impl Usage {
             && self.app.config.metering.durability == Durability::Strict
     }
 
+    /// Drops the record unwritten: nothing ran (a shadow copy that was not sent).
+    pub(super) fn discard(mut self) {
+        self.written = true;
+    }
+
     /// Writes the record of a request answered with an error (no body to wait for).
-    async fn fail(mut self, e: &ApiError) {
+    pub(super) async fn fail(mut self, e: &ApiError) {
         if let Some(ack) = self.write(outcome_of(e), e.status().as_u16(), 0) {
             let _ = ack.await;
         }
@@ -220,7 +233,7 @@ impl Drop for Usage {
     }
 }
 
-fn outcome_of(e: &ApiError) -> Outcome {
+pub(super) fn outcome_of(e: &ApiError) -> Outcome {
     match e {
         ApiError::Invoke(InvokeError::Timeout(_)) => Outcome::Timeout,
         ApiError::Invoke(InvokeError::NoResponse | InvokeError::GuestError(_)) => {
@@ -241,11 +254,23 @@ pub async fn handle(
     id: &HeaderValue,
 ) -> Result<Response<Body>, ApiError> {
     let (name, pinned, rest) = parse_fn_path(req.uri().path())?;
-    let (entry, tenant) = admit(app, &req, name, pinned)?;
+    let (entry, tenant, shadowed) = admit(app, &req, name, pinned)?;
     let placement = &entry.responses;
     let head = req.method() == http::Method::HEAD;
-    let mut usage = Usage::new(app, &entry, tenant, id, placement.is_some(), head);
+    let mut usage = Usage::new(app, &entry, tenant.clone(), id, placement.is_some(), head);
     let rest = rest.to_string();
+    let req = req.map(incoming);
+    // A request copied to a shadow is read whole first: the shadow gets the same bytes.
+    let (req, copy) = match shadowed {
+        Some(to) => match shadow::read_whole(app, &entry, req, &rest, id, tenant, to).await {
+            Ok((req, copy)) => (req, Some(copy)),
+            Err(e) => {
+                usage.fail(&e).await;
+                return Err(e);
+            }
+        },
+        None => (req, None),
+    };
     let served = match placement {
         Some(at) if !responses::bypass(req.method(), req.headers()) => {
             cached(app, &entry, req, &rest, at, &mut usage).await
@@ -271,25 +296,45 @@ pub async fn handle(
             if placement.is_some() {
                 h.insert("x-kiln-cache", HeaderValue::from_static(usage.cache));
             }
+            if let Some(copy) = copy {
+                let (parts, body) = resp.into_parts();
+                let (body, primary) = Tapped::new(body);
+                shadow::spawn(
+                    app.clone(),
+                    &entry,
+                    copy,
+                    parts.status,
+                    usage.started,
+                    primary,
+                );
+                resp = Response::from_parts(parts, body.boxed_unsync());
+            }
             Ok(usage.finish(resp, guard).await)
         }
         Err(e) => {
+            if let Some(copy) = copy {
+                shadow::skip(app, &copy);
+            }
             usage.fail(&e).await;
             Err(e)
         }
     }
 }
 
+/// What [`admit`] decided: the version, the tenant billed, the shadow to copy to.
+type Admit = (Arc<VersionEntry>, Arc<str>, Option<Arc<VersionEntry>>);
+
 /// Checks who calls (a key of the owning tenant with an invoke scope, or anyone for a
 /// public function) and the key's and the function's rate limits; picks the version.
-/// Returns it with the tenant billed: the key's, or the owner's when no key was needed.
+/// Returns it with the tenant billed (the key's, or the owner's when no key was needed)
+/// and the shadow version the request is to be copied to, if drawn.
 /// An anonymous caller learns nothing of private functions: they answer 401 as if absent.
 fn admit(
     app: &App,
     req: &Request<Incoming>,
     name: &str,
     pinned: Option<u32>,
-) -> Result<(Arc<VersionEntry>, Arc<str>), ApiError> {
+) -> Result<Admit, ApiError> {
     let caller = app.auth.authenticate(req.headers())?;
     let anonymous = matches!(caller, Caller::Anonymous);
     let Some(f) = app.registry.function(name) else {
@@ -326,12 +371,19 @@ fn admit(
         Caller::Key(k) => k.tenant.clone(),
         Caller::Open | Caller::Anonymous => f.owner.clone(),
     };
-    Ok((entry, tenant))
+    // A forced version is someone looking at one version: not shadowed.
+    let shadow = match (forced, &f.routing) {
+        (None, Some(r)) => r
+            .shadow_for(entry.record.version)
+            .and_then(|v| f.versions.get(&v).cloned()),
+        _ => None,
+    };
+    Ok((entry, tenant, shadow))
 }
 
 /// Refuses a body announced larger than the limit (reading a modest one first, so the
 /// client sees the answer rather than a reset).
-async fn refuse_large(entry: &VersionEntry, req: Request<Incoming>, max: u64) -> ApiError {
+pub(super) async fn refuse_large(entry: &VersionEntry, req: Request<Body>, max: u64) -> ApiError {
     entry.metrics.record(Outcome::Rejected, None, false);
     let len = content_length(&req).unwrap_or(0);
     if len <= super::body::DRAIN_CAP as u64 {
@@ -347,7 +399,7 @@ async fn refuse_large(entry: &VersionEntry, req: Request<Incoming>, max: u64) ->
 async fn streamed(
     app: &Arc<App>,
     entry: &VersionEntry,
-    req: Request<Incoming>,
+    req: Request<Body>,
     rest: &str,
     usage: &mut Usage,
     cache: Option<CacheStatus>,
@@ -359,7 +411,8 @@ async fn streamed(
     let (parts, body) = req.into_parts();
     let (body, stats) = LimitedBody::new(body, max_body);
     usage.body_stats = Some(stats.clone());
-    let (resp, admitted, timings) = run(app, entry, parts, body, rest, usage, Some(&stats)).await?;
+    let (resp, admitted, timings) =
+        run(app, entry, parts, body, rest, usage, Some(&stats), true).await?;
     let (mut parts, body) = resp.into_parts();
     let cache = cache.map(|c| (c, Duration::ZERO));
     set_server_timing(&mut parts.headers, Some(&timings), cache);
@@ -375,7 +428,7 @@ async fn streamed(
 async fn cached(
     app: &Arc<App>,
     entry: &VersionEntry,
-    req: Request<Incoming>,
+    req: Request<Body>,
     rest: &str,
     at: &Placement,
     usage: &mut Usage,
@@ -385,24 +438,7 @@ async fn cached(
         return Err(refuse_large(entry, req, max_body).await);
     }
     let (parts, body) = req.into_parts();
-    let body = match http_body_util::Limited::new(body, max_body as usize)
-        .collect()
-        .await
-    {
-        Ok(b) => b.to_bytes(),
-        Err(e) if e.is::<http_body_util::LengthLimitError>() => {
-            entry.metrics.record(Outcome::Rejected, None, false);
-            return Err(ApiError::TooLarge(format!(
-                "request body exceeds the limit of {max_body} bytes"
-            )));
-        }
-        Err(e) => {
-            entry.metrics.record(Outcome::Rejected, None, false);
-            return Err(ApiError::InvalidRequest(format!(
-                "reading the request body: {e}"
-            )));
-        }
-    };
+    let body = read_body(entry, body, max_body).await?;
     usage.bytes_in = body.len() as u64;
     let record = &entry.record;
     let vary = record
@@ -443,7 +479,7 @@ async fn cached(
         Lookup::Miss(mut fill) => {
             let lookup = looked.elapsed();
             let (resp, admitted, timings) =
-                run(app, entry, parts, full(body), rest, usage, None).await?;
+                run(app, entry, parts, full(body), rest, usage, None, true).await?;
             let (mut head, body) = resp.into_parts();
             let body = if responses::storable(head.status, &head.headers) {
                 match collect_up_to(body, app.responses.max_entry()).await {
@@ -478,6 +514,29 @@ async fn cached(
     }
 }
 
+/// Reads a request body whole, refusing it past `max` bytes.
+pub(super) async fn read_body(
+    entry: &VersionEntry,
+    body: Body,
+    max: u64,
+) -> Result<bytes::Bytes, ApiError> {
+    match http_body_util::Limited::new(body, max as usize)
+        .collect()
+        .await
+    {
+        Ok(b) => Ok(b.to_bytes()),
+        Err(e) => {
+            entry.metrics.record(Outcome::Rejected, None, false);
+            Err(match e.is::<http_body_util::LengthLimitError>() {
+                true => {
+                    ApiError::TooLarge(format!("request body exceeds the limit of {max} bytes"))
+                }
+                false => ApiError::InvalidRequest(format!("reading the request body: {e}")),
+            })
+        }
+    }
+}
+
 /// Reads `body` whole if it is at most `max` bytes; otherwise gives back a body that
 /// replays what was read and streams the rest.
 async fn collect_up_to(
@@ -502,9 +561,11 @@ async fn collect_up_to(
     Ok(Ok(buf.freeze()))
 }
 
-/// Runs the guest: admission, load (cold start), a fresh instance. Returns the guest's
-/// response head, the concurrency permit its body must hold, and where the time went.
-async fn run<B>(
+/// Runs the guest: admission (waiting in the version's queue when `queue`, else only if a
+/// slot is free now), load (cold start), a fresh instance. Returns the guest's response
+/// head, the concurrency permit its body must hold, and where the time went.
+#[allow(clippy::too_many_arguments)]
+pub(super) async fn run<B>(
     app: &Arc<App>,
     entry: &VersionEntry,
     mut parts: http::request::Parts,
@@ -512,6 +573,7 @@ async fn run<B>(
     rest: &str,
     usage: &mut Usage,
     stats: Option<&BodyStats>,
+    queue: bool,
 ) -> Result<(Response<ResponseBody>, Admitted, Timings), ApiError>
 where
     B: http_body::Body<Data = bytes::Bytes> + Send + 'static,
@@ -519,11 +581,16 @@ where
 {
     let record = &entry.record;
     let started = Instant::now();
-    let admitted = match entry
-        .admission
-        .admit(Duration::from_millis(record.limits.timeout_ms))
-        .await
-    {
+    let admitted = match queue {
+        true => {
+            entry
+                .admission
+                .admit(Duration::from_millis(record.limits.timeout_ms))
+                .await
+        }
+        false => entry.admission.try_admit(),
+    };
+    let admitted = match admitted {
         Ok(a) => a,
         Err(e) => {
             entry.metrics.record(Outcome::Rejected, None, false);
@@ -595,7 +662,7 @@ where
     Ok((outcome?, admitted, timings))
 }
 
-fn content_length<B>(req: &Request<B>) -> Option<u64> {
+pub(super) fn content_length<B>(req: &Request<B>) -> Option<u64> {
     req.headers()
         .get(header::CONTENT_LENGTH)?
         .to_str()

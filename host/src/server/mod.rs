@@ -6,6 +6,7 @@ mod body;
 mod data_plane;
 mod listener;
 mod router;
+mod shadow;
 
 pub use body::{Body, BodyError, DRAIN_CAP, LimitedBody, drain, empty, full};
 pub use listener::serve;

@@ -14,6 +14,7 @@ use serde::Serialize;
 
 use super::Digest;
 use crate::cache::CacheSpec;
+use crate::deploy::Rollout;
 use crate::nn::NnSpec;
 use crate::runtime::Limits;
 
@@ -126,6 +127,13 @@ CREATE TABLE IF NOT EXISTS history (
     detail      TEXT NOT NULL DEFAULT '{}'
 );
 CREATE INDEX IF NOT EXISTS history_function ON history (function, seq);
+-- The latest progressive rollout of each function (JSON Rollout), active or ended.
+CREATE TABLE IF NOT EXISTS rollouts (
+    function    TEXT PRIMARY KEY,
+    rollout     TEXT NOT NULL,
+    active      INTEGER NOT NULL,
+    updated_at  INTEGER NOT NULL
+);
 -- Which tenants uploaded each blob: a manifest may only name blobs its tenant holds.
 CREATE TABLE IF NOT EXISTS blob_owners (
     digest      TEXT NOT NULL,
@@ -384,23 +392,13 @@ impl MetaStore {
             .exists(params![digest.to_string(), tenant])?)
     }
 
-    /// Sets `function`'s traffic policy (JSON; `null`: none, the newest version serves
-    /// all) and records the change in its history, in one transaction; returns the new
-    /// revision.
-    pub fn set_traffic(
-        &self,
-        function: &str,
-        policy: &str,
-        actor: Option<&str>,
-        kind: &str,
-        reason: &str,
-    ) -> anyhow::Result<u64> {
+    /// Applies one traffic change of `function` in one transaction: the new policy (and
+    /// revision), its history entry, and the function's rollout as it now is. Returns the
+    /// new revision.
+    pub fn set_traffic(&self, function: &str, change: &TrafficChange<'_>) -> anyhow::Result<u64> {
         let mut conn = self.conn();
         let tx = conn.transaction()?;
-        let now_ms = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map(|d| d.as_millis() as i64)
-            .unwrap_or(0);
+        let now_ms = now_ms();
         let previous: Option<(String, i64)> = tx
             .query_row(
                 "SELECT policy, revision FROM traffic WHERE function = ?1",
@@ -413,32 +411,93 @@ impl MetaStore {
             "INSERT INTO traffic (function, policy, revision, updated_at) VALUES (?1, ?2, ?3, ?4)
              ON CONFLICT(function) DO UPDATE SET policy = excluded.policy,
                  revision = excluded.revision, updated_at = excluded.updated_at",
-            params![function, policy, revision, now_ms / 1000],
+            params![function, change.policy, revision, now_ms / 1000],
         )?;
-        let detail = serde_json::json!({
+        let mut detail = serde_json::json!({
             "revision": revision,
-            "policy": serde_json::from_str::<serde_json::Value>(policy)?,
+            "policy": serde_json::from_str::<serde_json::Value>(change.policy)?,
             "previous": previous
                 .map(|p| serde_json::from_str::<serde_json::Value>(&p.0))
                 .transpose()?,
         });
-        tx.execute(
-            "INSERT INTO history (function, at_ms, actor, kind, reason, detail)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-            params![function, now_ms, actor, kind, reason, detail.to_string()],
+        if let Some(extra) = change.extra {
+            detail["check"] = extra.clone();
+        }
+        insert_history(
+            &tx,
+            function,
+            now_ms,
+            change.actor,
+            change.kind,
+            change.reason,
+            &detail,
         )?;
+        if let Some(r) = change.rollout {
+            upsert_rollout(&tx, function, r, now_ms)?;
+        }
         tx.commit()?;
         Ok(revision as u64)
     }
 
+    /// Records a history entry that changes no policy (a rollout paused or resumed) and
+    /// the function's rollout as it now is, in one transaction.
+    pub fn record_rollout(
+        &self,
+        function: &str,
+        actor: Option<&str>,
+        kind: &str,
+        reason: &str,
+        rollout: &Rollout,
+    ) -> anyhow::Result<()> {
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        let now_ms = now_ms();
+        let detail = serde_json::json!({"rollout": {"candidate": rollout.candidate, "stable": rollout.stable, "step": rollout.step + 1, "percent": rollout.percent()}});
+        insert_history(&tx, function, now_ms, actor, kind, reason, &detail)?;
+        upsert_rollout(&tx, function, rollout, now_ms)?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Every rollout still running or paused.
+    pub fn active_rollouts(&self) -> anyhow::Result<Vec<Rollout>> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare("SELECT rollout FROM rollouts WHERE active = 1")?;
+        let rows = stmt.query_map([], |r| r.get::<_, String>(0))?;
+        let mut out = Vec::new();
+        for json in rows {
+            let json = json?;
+            match serde_json::from_str(&json) {
+                Ok(r) => out.push(r),
+                Err(e) => tracing::error!("stored rollout unreadable: {e}: {json}"),
+            }
+        }
+        Ok(out)
+    }
+
+    /// `function`'s latest rollout, active or ended.
+    pub fn rollout(&self, function: &str) -> anyhow::Result<Option<Rollout>> {
+        let conn = self.conn();
+        let json: Option<String> = conn
+            .query_row(
+                "SELECT rollout FROM rollouts WHERE function = ?1",
+                [function],
+                |r| r.get(0),
+            )
+            .optional()?;
+        Ok(json.map(|j| serde_json::from_str(&j)).transpose()?)
+    }
+
     /// The policy in force before the current one (JSON, `null` for none), from the
-    /// history of the current revision; `None` when the function's traffic never changed.
+    /// history entry that made the current revision; `None` when the function's traffic
+    /// never changed.
     pub fn previous_traffic(&self, function: &str) -> anyhow::Result<Option<String>> {
         let conn = self.conn();
         let detail: Option<String> = conn
             .query_row(
                 "SELECT h.detail FROM history h JOIN traffic t ON t.function = h.function
-                 WHERE h.function = ?1 ORDER BY h.seq DESC LIMIT 1",
+                 WHERE h.function = ?1 AND json_extract(h.detail, '$.revision') = t.revision
+                 ORDER BY h.seq DESC LIMIT 1",
                 [function],
                 |r| r.get(0),
             )
@@ -488,11 +547,67 @@ impl MetaStore {
         let mut conn = self.conn();
         let tx = conn.transaction()?;
         tx.execute("DELETE FROM traffic WHERE function = ?1", [name])?;
+        tx.execute("DELETE FROM rollouts WHERE function = ?1", [name])?;
         tx.execute("DELETE FROM versions WHERE function = ?1", [name])?;
         let n = tx.execute("DELETE FROM functions WHERE name = ?1", [name])?;
         tx.commit()?;
         Ok(n > 0)
     }
+}
+
+/// One traffic change, as [`MetaStore::set_traffic`] stores it.
+#[derive(Debug, Clone, Copy)]
+pub struct TrafficChange<'a> {
+    /// The new policy (JSON `TrafficPolicy`, or `null`: none).
+    pub policy: &'a str,
+    /// The API key that made it (for a rollout step: the one that started the rollout).
+    pub actor: Option<&'a str>,
+    /// `traffic`, `rollback`, `rollout.step`, `rollout.rollback`, `rollout.abort`...
+    pub kind: &'a str,
+    pub reason: &'a str,
+    /// The function's rollout after this change, stored with it.
+    pub rollout: Option<&'a Rollout>,
+    /// The gate numbers behind it, kept in the history entry as `check`.
+    pub extra: Option<&'a serde_json::Value>,
+}
+
+fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+fn insert_history(
+    tx: &rusqlite::Transaction<'_>,
+    function: &str,
+    at_ms: i64,
+    actor: Option<&str>,
+    kind: &str,
+    reason: &str,
+    detail: &serde_json::Value,
+) -> rusqlite::Result<usize> {
+    tx.execute(
+        "INSERT INTO history (function, at_ms, actor, kind, reason, detail)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+        params![function, at_ms, actor, kind, reason, detail.to_string()],
+    )
+}
+
+fn upsert_rollout(
+    tx: &rusqlite::Transaction<'_>,
+    function: &str,
+    rollout: &Rollout,
+    at_ms: i64,
+) -> anyhow::Result<()> {
+    let json = serde_json::to_string(rollout)?;
+    tx.execute(
+        "INSERT INTO rollouts (function, rollout, active, updated_at) VALUES (?1, ?2, ?3, ?4)
+         ON CONFLICT(function) DO UPDATE SET rollout = excluded.rollout,
+             active = excluded.active, updated_at = excluded.updated_at",
+        params![function, json, rollout.state.active(), at_ms],
+    )?;
+    Ok(())
 }
 
 fn function_info(r: &rusqlite::Row<'_>) -> rusqlite::Result<FunctionInfo> {

@@ -40,4 +40,6 @@ pub fn open_sqlite(
     Ok(conn)
 }
 pub use digest::{Digest, DigestError};
-pub use meta::{FunctionInfo, MetaStore, NewVersion, NotOwner, Replayed, VersionRecord};
+pub use meta::{
+    FunctionInfo, MetaStore, NewVersion, NotOwner, Replayed, TrafficChange, VersionRecord,
+};

@@ -1,6 +1,9 @@
 //! [`App`]: the composition root that owns the stores, the runtime (with its model cache),
 //! the registry, the prediction caches and the usage ledger, and the few operations that
-//! touch several of them (deploy a version, delete a function, clear its caches).
+//! touch several of them (deploy a version, delete a function, clear its caches; traffic
+//! changes and rollouts are in [`traffic`]).
+
+mod traffic;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -18,6 +21,7 @@ use crate::nn::embed::{self, EmbedError};
 use crate::nn::{ModelRef, NnError, NnSpec, VersionModels};
 use crate::runtime::{CompileError, Limits, Outbound, Runtime};
 use crate::store::{BlobStore, Digest, FunctionInfo, MetaStore, NewVersion, VersionRecord};
+pub use traffic::{Control, TrafficError};
 
 /// Everything a running server shares between requests.
 pub struct App {
@@ -39,6 +43,8 @@ pub struct App {
     /// Held while a version is published (database, then registry) or a function deleted,
     /// so the registry never brings back a function deleted in between.
     publishing: std::sync::Mutex<()>,
+    /// Rollouts running or paused, by function (stored in the database too).
+    rollouts: traffic::ActiveRollouts,
 }
 
 /// Who deploys a version, as far as [`App::deploy`] is concerned.
@@ -56,19 +62,6 @@ pub struct Deployer {
     pub signed_at: Option<i64>,
     /// `allowed_outbound_hosts` of the version (checked by the caller).
     pub outbound: Vec<String>,
-}
-
-/// Why a traffic policy was refused.
-#[derive(Debug, thiserror::Error)]
-pub enum TrafficError {
-    #[error("function {0:?} does not exist")]
-    NoFunction(String),
-    #[error("invalid traffic policy: {0}")]
-    Invalid(String),
-    #[error("function {0:?} has no traffic change to roll back")]
-    NothingToRollBack(String),
-    #[error(transparent)]
-    Internal(#[from] anyhow::Error),
 }
 
 /// Why a deploy failed.
@@ -156,6 +149,7 @@ impl App {
             ledger,
             auth,
             publishing: std::sync::Mutex::new(()),
+            rollouts: Default::default(),
         };
         let functions: std::collections::HashMap<_, _> = app
             .meta
@@ -182,7 +176,12 @@ impl App {
                 Err(e) => tracing::error!(function, "stored traffic policy unreadable: {e}"),
             }
         }
-        Ok((Arc::new(app), admin_secret))
+        app.resume_rollouts()?;
+        let app = Arc::new(app);
+        if tokio::runtime::Handle::try_current().is_ok() {
+            traffic::spawn_rollout_driver(&app);
+        }
+        Ok((app, admin_secret))
     }
 
     /// Makes a stored version servable: its models tied to the inference cache (unless it
@@ -242,61 +241,10 @@ impl App {
                 responses,
                 outbound,
                 stats: crate::meter::Window::default(),
+                shadow: crate::meter::ShadowWindow::default(),
             },
             info,
         );
-    }
-
-    /// Replaces function `name`'s traffic policy after checking it against its versions;
-    /// stored with a history entry (`kind`, `reason`, `actor`), then applied at once.
-    pub fn set_traffic(
-        &self,
-        name: &str,
-        policy: TrafficPolicy,
-        actor: Option<&str>,
-        kind: &str,
-        reason: &str,
-    ) -> Result<Arc<Routing>, TrafficError> {
-        let _publishing = self.publishing.lock().unwrap_or_else(|p| p.into_inner());
-        let f = self
-            .registry
-            .function(name)
-            .ok_or_else(|| TrafficError::NoFunction(name.to_string()))?;
-        policy
-            .validate(&f.versions.keys().copied().collect())
-            .map_err(TrafficError::Invalid)?;
-        let json = serde_json::to_string(&policy).map_err(anyhow::Error::from)?;
-        let revision = self.meta.set_traffic(name, &json, actor, kind, reason)?;
-        let routing = Arc::new(Routing::new(policy, revision));
-        self.registry.set_routing(name, Some(routing.clone()));
-        Ok(routing)
-    }
-
-    /// Puts back the traffic policy in force before the current one (none at all, if the
-    /// current one was the first: the newest version serves everything again). Rolling
-    /// back twice returns to where it started. Returns the policy now in force.
-    pub fn rollback_traffic(
-        &self,
-        name: &str,
-        actor: Option<&str>,
-        reason: &str,
-    ) -> Result<Option<Arc<Routing>>, TrafficError> {
-        let _publishing = self.publishing.lock().unwrap_or_else(|p| p.into_inner());
-        if self.registry.function(name).is_none() {
-            return Err(TrafficError::NoFunction(name.to_string()));
-        }
-        let previous = self
-            .meta
-            .previous_traffic(name)?
-            .ok_or_else(|| TrafficError::NothingToRollBack(name.to_string()))?;
-        let policy: Option<TrafficPolicy> =
-            serde_json::from_str(&previous).map_err(anyhow::Error::from)?;
-        let revision = self
-            .meta
-            .set_traffic(name, &previous, actor, "rollback", reason)?;
-        let routing = policy.map(|p| Arc::new(Routing::new(p, revision)));
-        self.registry.set_routing(name, routing.clone());
-        Ok(routing)
     }
 
     /// Drops every cached response and inference result of function `name`.
@@ -498,6 +446,7 @@ impl App {
             return Ok(false);
         }
         let existed = self.meta.delete_function(name)?;
+        self.forget_rollout(name);
         self.clear_caches(name);
         if let Some(f) = self.registry.remove(name) {
             for v in f.versions.values() {
