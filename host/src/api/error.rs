@@ -101,6 +101,7 @@ impl ApiError {
         match self {
             Route(RouteError::NoFunction(_)) => "function.not_found",
             Route(RouteError::NoVersion(..)) => "version.not_found",
+            Route(RouteError::NoAlias(..)) => "alias.not_found",
             BlobNotFound(_) | Blob(BlobError::NotFound(_)) => "blob.not_found",
             KeyNotFound(_) => "key.not_found",
             NoRoute(_) => "route.not_found",
@@ -162,6 +163,7 @@ impl From<crate::app::TrafficError> for ApiError {
                 ApiError::Conflict(e.to_string(), "rollout.not_active")
             }
             TrafficError::NoRollout(_) => ApiError::NotFound(e.to_string(), "rollout.not_found"),
+            TrafficError::Route(r) => ApiError::Route(r),
             TrafficError::Internal(e) => ApiError::Internal(e),
         }
     }

@@ -16,7 +16,9 @@
 //! | `GET` | `/v1/functions/{name}/versions/{v}/stats` | recent requests, errors, latency, cold starts, cache hits | owner |
 //! | `DELETE` | `/v1/functions/{name}/cache` | drop the function's cached responses and inference results | deploy |
 //! | `GET`, `PUT` | `/v1/functions/{name}/traffic` | read / replace the traffic policy | owner / deploy |
-//! | `POST` | `/v1/functions/{name}/rollback` | back to the previous traffic policy | deploy |
+//! | `GET`, `PUT`, `DELETE` | `/v1/functions/{name}/aliases/{alias}` | a named policy (`/fn/{name}:{alias}/`) | owner / deploy |
+//! | `POST` | `/v1/functions/{name}/promote` | copy one alias's policy onto another (`default`: the main one) | deploy |
+//! | `POST` | `/v1/functions/{name}/rollback` | back to the previous policy (main, or an alias's) | deploy |
 //! | `GET` | `/v1/functions/{name}/history` | traffic changes, rollout steps, rollbacks, newest first | owner |
 //! | `POST`, `GET` | `/v1/functions/{name}/rollout` | start a progressive rollout / see it | deploy / owner |
 //! | `POST` | `/v1/functions/{name}/rollout/{pause,resume,abort}` | control the rollout in progress | deploy |
@@ -69,6 +71,9 @@ enum Op<'a> {
     ClearCache(&'a str),
     GetTraffic(&'a str),
     PutTraffic(&'a str),
+    GetAlias(&'a str, &'a str),
+    PutAlias(&'a str, &'a str),
+    Promote(&'a str),
     History(&'a str),
     Rollback(&'a str),
     GetRollout(&'a str),
@@ -105,6 +110,11 @@ impl<'a> Op<'a> {
             (["functions", n, "traffic"], &Method::GET) => Op::GetTraffic(n),
             (["functions", n, "traffic"], &Method::PUT) => Op::PutTraffic(n),
             (["functions", _, "traffic"], _) => return Err(not_allowed()),
+            (["functions", n, "aliases", a], &Method::GET) => Op::GetAlias(n, a),
+            (["functions", n, "aliases", a], &Method::PUT | &Method::DELETE) => Op::PutAlias(n, a),
+            (["functions", _, "aliases", _], _) => return Err(not_allowed()),
+            (["functions", n, "promote"], &Method::POST) => Op::Promote(n),
+            (["functions", _, "promote"], _) => return Err(not_allowed()),
             (["functions", n, "history"], &Method::GET) => Op::History(n),
             (["functions", _, "history"], _) => return Err(not_allowed()),
             (["functions", n, "rollback"], &Method::POST) => Op::Rollback(n),
@@ -142,6 +152,9 @@ impl<'a> Op<'a> {
             Op::ClearCache(n) => ("cache.clear", n),
             Op::GetTraffic(n) => ("traffic.show", n),
             Op::PutTraffic(n) => ("traffic.set", n),
+            Op::GetAlias(n, _) => ("alias.show", n),
+            Op::PutAlias(n, _) => ("alias.set", n),
+            Op::Promote(n) => ("alias.promote", n),
             Op::History(n) => ("history.show", n),
             Op::Rollback(n) => ("traffic.rollback", n),
             Op::GetRollout(n) => ("rollout.show", n),
@@ -167,6 +180,9 @@ impl<'a> Op<'a> {
             | Op::ClearCache(n)
             | Op::GetTraffic(n)
             | Op::PutTraffic(n)
+            | Op::GetAlias(n, _)
+            | Op::PutAlias(n, _)
+            | Op::Promote(n)
             | Op::History(n)
             | Op::Rollback(n)
             | Op::GetRollout(n)
@@ -190,6 +206,7 @@ impl<'a> Op<'a> {
             | Op::ShowVersion(n, _)
             | Op::VersionStats(n, _)
             | Op::GetTraffic(n)
+            | Op::GetAlias(n, _)
             | Op::History(n)
             | Op::GetRollout(n) => {
                 if let Some(o) = owner(n) {
@@ -199,6 +216,8 @@ impl<'a> Op<'a> {
             Op::DeleteFunction(n)
             | Op::ClearCache(n)
             | Op::PutTraffic(n)
+            | Op::PutAlias(n, _)
+            | Op::Promote(n)
             | Op::Rollback(n)
             | Op::StartRollout(n)
             | Op::ControlRollout(n, _) => {
@@ -303,8 +322,11 @@ async fn dispatch(
         Op::ShowVersion(n, v) => functions::version(app, n, v),
         Op::VersionStats(n, v) => traffic::stats(app, n, v, req.uri().query().unwrap_or("")),
         Op::ClearCache(n) => functions::clear_cache(app, n),
-        Op::GetTraffic(n) => traffic::get(app, n),
-        Op::PutTraffic(n) => traffic::put(app, n, req, caller).await,
+        Op::GetTraffic(n) => traffic::get(app, n, None),
+        Op::PutTraffic(n) => traffic::put(app, n, None, req, caller).await,
+        Op::GetAlias(n, a) => traffic::get(app, n, Some(a)),
+        Op::PutAlias(n, a) => traffic::put(app, n, Some(a), req, caller).await,
+        Op::Promote(n) => traffic::promote(app, n, req, caller).await,
         Op::History(n) => traffic::history(app, n),
         Op::Rollback(n) => traffic::rollback(app, n, req, caller).await,
         Op::GetRollout(n) => rollout::get(app, n),
@@ -344,21 +366,17 @@ pub(crate) async fn read_json<T: serde::de::DeserializeOwned>(
         .map_err(|e| ApiError::InvalidRequest(format!("invalid {what}: {e}")))
 }
 
-/// Reads an optional `{"reason": "..."}` body (rollbacks, rollout actions); empty: none.
-pub(crate) async fn read_reason(body: Incoming, what: &str) -> Result<Option<String>, ApiError> {
-    let body = read_small_body(body, 16 << 10, what).await?;
-    if body.is_empty() {
-        return Ok(None);
+/// Reads a small optional JSON body (rollbacks, rollout actions); empty: the default.
+pub(crate) async fn read_optional_json<T: serde::de::DeserializeOwned + Default>(
+    body: Incoming,
+    what: &str,
+) -> Result<T, ApiError> {
+    let bytes = read_small_body(body, 16 << 10, what).await?;
+    if bytes.iter().all(u8::is_ascii_whitespace) {
+        return Ok(T::default());
     }
-    let v: serde_json::Value = serde_json::from_slice(&body)
-        .map_err(|e| ApiError::InvalidRequest(format!("invalid {what}: {e}")))?;
-    match v.get("reason") {
-        None | Some(serde_json::Value::Null) => Ok(None),
-        Some(serde_json::Value::String(r)) => Ok(Some(r.clone())),
-        Some(other) => Err(ApiError::InvalidRequest(format!(
-            "invalid {what}: reason must be a string, not {other}"
-        ))),
-    }
+    serde_json::from_slice(&bytes)
+        .map_err(|e| ApiError::InvalidRequest(format!("invalid {what}: {e}")))
 }
 
 /// Decodes a query parameter value: `%XX` escapes and `+` (times carry `+01:00` offsets

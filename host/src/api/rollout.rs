@@ -87,6 +87,13 @@ pub(super) fn get(app: &Arc<App>, name: &str) -> Result<Response<Body>, ApiError
     Ok(json_response(StatusCode::OK, &rollout_json(app, &r)))
 }
 
+/// What a rollout action may carry.
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ActionRequest {
+    reason: Option<String>,
+}
+
 /// `POST /v1/functions/{name}/rollout/{pause|resume|abort}` (`{"reason"?}`).
 pub(super) async fn control(
     app: &Arc<App>,
@@ -105,7 +112,9 @@ pub(super) async fn control(
             )));
         }
     };
-    let reason = super::read_reason(req.into_body(), "rollout action").await?;
+    let reason = super::read_optional_json::<ActionRequest>(req.into_body(), "rollout action")
+        .await?
+        .reason;
     let (app2, name2, actor) = (
         app.clone(),
         name.to_string(),

@@ -1,5 +1,6 @@
-//! `/v1/functions/{name}/traffic` (read and replace the traffic policy) and
-//! `/v1/functions/{name}/history` (every traffic change, newest first).
+//! `/v1/functions/{name}/traffic` (read and replace the traffic policy),
+//! `/v1/functions/{name}/aliases/{alias}` (named policies), `.../promote`, `.../rollback`,
+//! `.../versions/{v}/stats` and `.../history` (every traffic change, newest first).
 
 use std::sync::Arc;
 
@@ -7,9 +8,9 @@ use http::{Request, Response, StatusCode};
 use hyper::body::Incoming;
 
 use super::{ApiError, AuditDetail};
-use crate::app::App;
+use crate::app::{App, TrafficError};
 use crate::auth::Caller;
-use crate::deploy::{RouteError, TrafficPolicy};
+use crate::deploy::{DEFAULT_ALIAS, RouteError, TrafficPolicy};
 use crate::server::{Body, json_response};
 
 /// Largest policy accepted, in bytes.
@@ -17,78 +18,195 @@ const MAX_POLICY_BYTES: usize = 64 << 10;
 /// History entries returned.
 const HISTORY_LIMIT: u32 = 1000;
 
-fn policy_json(app: &App, name: &str) -> Result<serde_json::Value, ApiError> {
+/// The main policy (with every alias), or alias `alias`'s.
+fn policy_json(app: &App, name: &str, alias: Option<&str>) -> Result<serde_json::Value, ApiError> {
     let f = app
         .registry
         .function(name)
         .ok_or_else(|| RouteError::NoFunction(name.to_string()))?;
-    let routing = f.routing.as_ref();
-    Ok(serde_json::json!({
+    let routing = f.routing_for(alias)?;
+    let mut v = serde_json::json!({
         "function": name,
         "policy": routing.map(|r| &r.policy),
         "revision": routing.map_or(0, |r| r.revision),
         "latest_version": f.latest().map(|v| v.record.version),
-    }))
+    });
+    match alias {
+        Some(a) if a != DEFAULT_ALIAS => v["alias"] = a.into(),
+        _ => {
+            v["aliases"] = f
+                .aliases
+                .iter()
+                .map(|(a, r)| {
+                    (
+                        a.clone(),
+                        serde_json::json!({"policy": r.policy, "revision": r.revision}),
+                    )
+                })
+                .collect::<serde_json::Map<_, _>>()
+                .into();
+        }
+    }
+    Ok(v)
 }
 
-/// `GET /v1/functions/{name}/traffic`: the policy (`null`: the newest version serves all).
-pub(super) fn get(app: &Arc<App>, name: &str) -> Result<Response<Body>, ApiError> {
-    Ok(json_response(StatusCode::OK, &policy_json(app, name)?))
+/// [`policy_json`] after a change, which may have removed the alias.
+fn changed_json(app: &App, name: &str, alias: Option<&str>) -> Result<serde_json::Value, ApiError> {
+    match policy_json(app, name, alias) {
+        Err(ApiError::Route(RouteError::NoAlias(..))) => {
+            Ok(serde_json::json!({"function": name, "alias": alias, "policy": null}))
+        }
+        other => other,
+    }
 }
 
-/// `PUT /v1/functions/{name}/traffic` `{"weights": {"3": 90, "4": 10}, "sticky"?}`.
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, TrafficError> + Send + 'static,
+) -> Result<T, ApiError> {
+    Ok(tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| ApiError::Internal(anyhow::anyhow!("traffic task: {e}")))??)
+}
+
+/// `GET /v1/functions/{name}/traffic` (`alias` `None`) or `.../aliases/{alias}`: the
+/// policy (`null` for the main one: the newest version serves all).
+pub(super) fn get(
+    app: &Arc<App>,
+    name: &str,
+    alias: Option<&str>,
+) -> Result<Response<Body>, ApiError> {
+    Ok(json_response(
+        StatusCode::OK,
+        &policy_json(app, name, alias)?,
+    ))
+}
+
+/// `PUT /v1/functions/{name}/traffic` or `.../aliases/{alias}`
+/// `{"weights": {"3": 90, "4": 10}, "sticky"?, "shadow"?}`; `DELETE .../aliases/{alias}`
+/// (`policy` `None`) removes the alias.
 pub(super) async fn put(
     app: &Arc<App>,
     name: &str,
+    alias: Option<&str>,
     req: Request<Incoming>,
     caller: &Caller,
 ) -> Result<Response<Body>, ApiError> {
-    let policy: TrafficPolicy =
-        super::read_json(req.into_body(), MAX_POLICY_BYTES, "traffic policy").await?;
-    let (app2, name2, actor) = (
+    let policy: Option<TrafficPolicy> = match req.method() == http::Method::DELETE {
+        true => None,
+        false => Some(super::read_json(req.into_body(), MAX_POLICY_BYTES, "traffic policy").await?),
+    };
+    let detail = serde_json::to_string(&policy).unwrap_or_default();
+    let (app2, name2, alias2, actor) = (
         app.clone(),
         name.to_string(),
+        alias.map(str::to_string),
         caller.key_id().map(str::to_string),
     );
-    let routing = tokio::task::spawn_blocking(move || {
-        app2.set_traffic(&name2, policy, actor.as_deref(), "traffic", "set by API")
+    blocking(move || {
+        app2.set_traffic(
+            &name2,
+            alias2.as_deref(),
+            policy,
+            actor.as_deref(),
+            "traffic",
+            "set by API",
+        )
     })
-    .await
-    .map_err(|e| ApiError::Internal(anyhow::anyhow!("traffic task: {e}")))??;
-    let mut resp = json_response(StatusCode::OK, &policy_json(app, name)?);
+    .await?;
+    let mut resp = json_response(StatusCode::OK, &changed_json(app, name, alias)?);
     resp.extensions_mut().insert(AuditDetail {
         detail: format!(
-            "revision {}: {}",
-            routing.revision,
-            serde_json::to_string(&routing.policy).unwrap_or_default()
+            "{}{detail}",
+            alias.map(|a| format!("alias {a}: ")).unwrap_or_default()
         ),
         subject: None,
     });
     Ok(resp)
 }
 
-/// `POST /v1/functions/{name}/rollback` (`{"reason"?}`): back to the previous policy.
+/// What `POST /v1/functions/{name}/rollback` may carry.
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RollbackRequest {
+    reason: Option<String>,
+    /// Roll back this alias's policy instead of the main one.
+    alias: Option<String>,
+}
+
+/// `POST /v1/functions/{name}/rollback` (`{"reason"?, "alias"?}`): back to the previous policy.
 pub(super) async fn rollback(
     app: &Arc<App>,
     name: &str,
     req: Request<Incoming>,
     caller: &Caller,
 ) -> Result<Response<Body>, ApiError> {
-    let reason = super::read_reason(req.into_body(), "rollback request")
-        .await?
-        .unwrap_or_else(|| "rollback requested".into());
+    let body: RollbackRequest =
+        super::read_optional_json(req.into_body(), "rollback request").await?;
+    let reason = body.reason.unwrap_or_else(|| "rollback requested".into());
+    let (app2, name2, actor, alias) = (
+        app.clone(),
+        name.to_string(),
+        caller.key_id().map(str::to_string),
+        body.alias.clone(),
+    );
+    let reason2 = reason.clone();
+    blocking(move || app2.rollback_traffic(&name2, alias.as_deref(), actor.as_deref(), &reason2))
+        .await?;
+    let mut resp = json_response(
+        StatusCode::OK,
+        &changed_json(app, name, body.alias.as_deref())?,
+    );
+    resp.extensions_mut().insert(AuditDetail {
+        detail: reason,
+        subject: None,
+    });
+    Ok(resp)
+}
+
+/// What `POST /v1/functions/{name}/promote` takes.
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PromoteRequest {
+    from: String,
+    to: String,
+    reason: Option<String>,
+}
+
+/// `POST /v1/functions/{name}/promote` `{"from": "staging", "to": "prod", "reason"?}`:
+/// copies one alias's policy onto another at once. Every version of both the new and
+/// the replaced policy is loaded before it answers, so switching either way is warm.
+pub(super) async fn promote(
+    app: &Arc<App>,
+    name: &str,
+    req: Request<Incoming>,
+    caller: &Caller,
+) -> Result<Response<Body>, ApiError> {
+    let body: PromoteRequest =
+        super::read_json(req.into_body(), MAX_POLICY_BYTES, "promote request").await?;
     let (app2, name2, actor) = (
         app.clone(),
         name.to_string(),
         caller.key_id().map(str::to_string),
     );
-    let reason2 = reason.clone();
-    tokio::task::spawn_blocking(move || app2.rollback_traffic(&name2, actor.as_deref(), &reason2))
-        .await
-        .map_err(|e| ApiError::Internal(anyhow::anyhow!("rollback task: {e}")))??;
-    let mut resp = json_response(StatusCode::OK, &policy_json(app, name)?);
+    let (from, to, reason) = (body.from.clone(), body.to.clone(), body.reason.clone());
+    let (routing, previous) =
+        blocking(move || app2.promote(&name2, &from, &to, actor.as_deref(), reason.as_deref()))
+            .await?;
+    let versions = routing
+        .policy
+        .weights
+        .keys()
+        .chain(previous.iter().flat_map(|p| p.weights.keys()))
+        .copied();
+    app.warm(name, versions).await;
+    let mut resp = json_response(StatusCode::OK, &policy_json(app, name, Some(&body.to))?);
     resp.extensions_mut().insert(AuditDetail {
-        detail: reason,
+        detail: format!(
+            "{} -> {}: {}",
+            body.from,
+            body.to,
+            serde_json::to_string(&routing.policy).unwrap_or_default()
+        ),
         subject: None,
     });
     Ok(resp)

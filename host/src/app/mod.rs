@@ -171,9 +171,18 @@ impl App {
             match serde_json::from_str::<Option<TrafficPolicy>>(&policy) {
                 Ok(p) => {
                     let routing = p.map(|p| Arc::new(Routing::new(p, revision)));
-                    app.registry.set_routing(&function, routing);
+                    app.registry.set_routing(&function, None, routing);
                 }
                 Err(e) => tracing::error!(function, "stored traffic policy unreadable: {e}"),
+            }
+        }
+        for (function, alias, policy, revision) in app.meta.aliases()? {
+            match serde_json::from_str::<Option<TrafficPolicy>>(&policy) {
+                Ok(p) => {
+                    let routing = p.map(|p| Arc::new(Routing::new(p, revision)));
+                    app.registry.set_routing(&function, Some(&alias), routing);
+                }
+                Err(e) => tracing::error!(function, alias, "stored alias unreadable: {e}"),
             }
         }
         app.resume_rollouts()?;
@@ -245,6 +254,34 @@ impl App {
             },
             info,
         );
+    }
+
+    /// Loads `versions` of function `name` (those not loaded yet pay their cold start
+    /// now, not on a request): what a promote does for both sides of the swap.
+    pub async fn warm(&self, name: &str, versions: impl Iterator<Item = u32>) {
+        let Some(f) = self.registry.function(name) else {
+            return;
+        };
+        let mut seen = std::collections::BTreeSet::new();
+        for v in versions.filter(|v| seen.insert(*v)) {
+            let Some(entry) = f.versions.get(&v) else {
+                continue;
+            };
+            let r = &entry.record;
+            if let Err(e) = self
+                .runtime
+                .load(
+                    r.id,
+                    &r.function,
+                    &r.digest,
+                    r.limits,
+                    &self.blobs.path(&r.digest),
+                )
+                .await
+            {
+                tracing::warn!(function = name, version = v, "warming: {e}");
+            }
+        }
     }
 
     /// Drops every cached response and inference result of function `name`.

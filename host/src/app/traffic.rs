@@ -1,5 +1,5 @@
-//! Traffic changes of a function: policies set by hand, rollbacks, and progressive
-//! rollouts advanced by a timer. Every change is stored with its history entry (and the
+//! Traffic changes of a function: policies set by hand (the main one and named aliases),
+//! promotions between aliases, rollbacks, and progressive rollouts advanced by a timer. Every change is stored with its history entry (and the
 //! rollout's state, when one is involved) in one transaction, then swapped into the
 //! registry at once, all under the publishing lock, so changes apply in one order and a
 //! request sees either the old policy or the new one.
@@ -10,7 +10,9 @@ use std::time::Duration;
 
 use super::App;
 use crate::deploy::rollout::{Check, Verdict};
-use crate::deploy::{Phase, Rollout, RolloutRequest, Routing, TrafficPolicy};
+use crate::deploy::{
+    DEFAULT_ALIAS, Phase, Rollout, RolloutRequest, RouteError, Routing, TrafficPolicy,
+};
 use crate::store::TrafficChange;
 
 /// How often running rollouts are looked at.
@@ -38,7 +40,21 @@ pub enum TrafficError {
     #[error("the rollout of {0:?} is {1}: it cannot be {2}")]
     RolloutState(String, String, &'static str),
     #[error(transparent)]
+    Route(#[from] RouteError),
+    #[error(transparent)]
     Internal(#[from] anyhow::Error),
+}
+
+/// Checks an alias name; `default` (the main policy) becomes `None`.
+fn check_alias(alias: Option<&str>) -> Result<Option<&str>, TrafficError> {
+    match alias {
+        None | Some(DEFAULT_ALIAS) => Ok(None),
+        Some(a) => {
+            crate::deploy::validate_name(a)
+                .map_err(|e| TrafficError::Invalid(format!("alias: {e}")))?;
+            Ok(Some(a))
+        }
+    }
 }
 
 /// What a person can do to a rollout in progress.
@@ -124,17 +140,19 @@ impl App {
         self.publishing.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Stores a change (policy, history entry, rollout) and applies the policy; the caller
-    /// holds the publishing lock.
+    /// Stores a change of the main policy or `alias`'s (policy, history entry, rollout)
+    /// and applies it; the caller holds the publishing lock.
     fn store_policy(
         &self,
         name: &str,
+        alias: Option<&str>,
         policy: Option<&TrafficPolicy>,
         change: Change<'_>,
     ) -> Result<Option<Arc<Routing>>, TrafficError> {
         let json = serde_json::to_string(&policy).map_err(anyhow::Error::from)?;
         let revision = self.meta.set_traffic(
             name,
+            alias,
             &TrafficChange {
                 policy: &json,
                 actor: change.actor,
@@ -145,32 +163,46 @@ impl App {
             },
         )?;
         let routing = policy.map(|p| Arc::new(Routing::new(p.clone(), revision)));
-        self.registry.set_routing(name, routing.clone());
+        self.registry.set_routing(name, alias, routing.clone());
         Ok(routing)
     }
 
-    /// Replaces function `name`'s traffic policy after checking it against its versions;
-    /// stored with a history entry (`kind`, `reason`, `actor`), then applied at once.
-    /// Refused while a rollout owns the function's traffic.
+    /// Replaces function `name`'s traffic policy (or alias `alias`'s; `None` removes the
+    /// alias) after checking it against its versions; stored with a history entry
+    /// (`kind`, `reason`, `actor`), then applied at once. The main policy is refused while
+    /// a rollout owns it.
     pub fn set_traffic(
         &self,
         name: &str,
-        policy: TrafficPolicy,
+        alias: Option<&str>,
+        policy: Option<TrafficPolicy>,
         actor: Option<&str>,
         kind: &str,
         reason: &str,
-    ) -> Result<Arc<Routing>, TrafficError> {
+    ) -> Result<Option<Arc<Routing>>, TrafficError> {
         let _publishing = self.publishing();
         let f = self
             .registry
             .function(name)
             .ok_or_else(|| TrafficError::NoFunction(name.to_string()))?;
-        if let Some(r) = self.active().get(name) {
+        let alias = check_alias(alias)?;
+        if alias.is_none()
+            && let Some(r) = self.active().get(name)
+        {
             return Err(TrafficError::RolloutActive(name.to_string(), describe(r)));
         }
-        policy
-            .validate(&f.versions.keys().copied().collect())
-            .map_err(TrafficError::Invalid)?;
+        if let (Some(a), None) = (alias, &policy)
+            && !f.aliases.contains_key(a)
+        {
+            return Err(TrafficError::Route(RouteError::NoAlias(
+                name.to_string(),
+                a.to_string(),
+            )));
+        }
+        if let Some(p) = &policy {
+            p.validate(&f.versions.keys().copied().collect())
+                .map_err(TrafficError::Invalid)?;
+        }
         let change = Change {
             actor,
             kind,
@@ -178,17 +210,76 @@ impl App {
             rollout: None,
             extra: None,
         };
-        let routing = self.store_policy(name, Some(&policy), change)?;
-        Ok(routing.unwrap_or_else(|| Arc::new(Routing::new(policy, 0))))
+        self.store_policy(name, alias, policy.as_ref(), change)
     }
 
-    /// Puts back the traffic policy in force before the current one (none at all, if the
-    /// current one was the first: the newest version serves everything again). Rolling
-    /// back twice returns to where it started. During a rollout, rolling back aborts it:
-    /// all traffic returns to the stable version. Returns the policy now in force.
+    /// Copies the policy of `from` onto `to` (aliases; `default` is the main policy) in one
+    /// change: blue-green is promoting the alias that holds the new version. Returns the
+    /// policy now in force at `to` and the one it replaced.
+    pub fn promote(
+        &self,
+        name: &str,
+        from: &str,
+        to: &str,
+        actor: Option<&str>,
+        reason: Option<&str>,
+    ) -> Result<(Arc<Routing>, Option<TrafficPolicy>), TrafficError> {
+        let _publishing = self.publishing();
+        let f = self
+            .registry
+            .function(name)
+            .ok_or_else(|| TrafficError::NoFunction(name.to_string()))?;
+        if from == to {
+            return Err(TrafficError::Invalid(format!(
+                "promote from {from:?} to itself"
+            )));
+        }
+        let (from_alias, to_alias) = (check_alias(Some(from))?, check_alias(Some(to))?);
+        let source = f
+            .routing_for(from_alias)?
+            .map(|r| r.policy.clone())
+            .ok_or_else(|| {
+                TrafficError::Invalid(format!(
+                    "{from:?} has no traffic policy to promote (the newest version serves it)"
+                ))
+            })?;
+        let previous = f
+            .routing_for(to_alias)
+            .ok()
+            .flatten()
+            .map(|r| r.policy.clone());
+        if to_alias.is_none()
+            && let Some(r) = self.active().get(name)
+        {
+            return Err(TrafficError::RolloutActive(name.to_string(), describe(r)));
+        }
+        let reason = match reason {
+            Some(r) => format!("promoted from {from}: {r}"),
+            None => format!("promoted from {from}"),
+        };
+        let change = Change {
+            actor,
+            kind: "promote",
+            reason: &reason,
+            rollout: None,
+            extra: None,
+        };
+        let routing = self
+            .store_policy(name, to_alias, Some(&source), change)?
+            .unwrap_or_else(|| Arc::new(Routing::new(source, 0)));
+        Ok((routing, previous))
+    }
+
+    /// Puts back the traffic policy (main, or `alias`'s) in force before the current one
+    /// (none at all, if the current one was the first: the newest version serves
+    /// everything again; for an alias, it is removed). Rolling back twice returns to where
+    /// it started: after a promote, this is the instant switch-back. During a rollout,
+    /// rolling back the main policy aborts it: all traffic returns to the stable version.
+    /// Returns the policy now in force.
     pub fn rollback_traffic(
         &self,
         name: &str,
+        alias: Option<&str>,
         actor: Option<&str>,
         reason: &str,
     ) -> Result<Option<Arc<Routing>>, TrafficError> {
@@ -196,14 +287,18 @@ impl App {
         if self.registry.function(name).is_none() {
             return Err(TrafficError::NoFunction(name.to_string()));
         }
-        let active = self.active().get(name).cloned();
+        let alias = check_alias(alias)?;
+        let active = match alias {
+            None => self.active().get(name).cloned(),
+            Some(_) => None,
+        };
         if let Some(r) = active {
             let reason = format!("rollback during the rollout: {reason}");
             return self.end_rollout(name, r, Phase::Aborted, actor, "rollback", &reason, None);
         }
         let previous = self
             .meta
-            .previous_traffic(name)?
+            .previous_traffic(name, alias)?
             .ok_or_else(|| TrafficError::NothingToRollBack(name.to_string()))?;
         let policy: Option<TrafficPolicy> =
             serde_json::from_str(&previous).map_err(anyhow::Error::from)?;
@@ -214,7 +309,7 @@ impl App {
             rollout: None,
             extra: None,
         };
-        self.store_policy(name, policy.as_ref(), change)
+        self.store_policy(name, alias, policy.as_ref(), change)
     }
 
     /// Starts a progressive rollout of `name` to `req.to`: the first step applies at once.
@@ -303,7 +398,7 @@ impl App {
             rollout: Some(&r),
             extra: None,
         };
-        self.store_policy(name, Some(&policy), change)?;
+        self.store_policy(name, None, Some(&policy), change)?;
         self.metrics.rollout_step(name);
         if r.state.active() {
             self.active().insert(name.to_string(), r.clone());
@@ -414,7 +509,7 @@ impl App {
             rollout: Some(&r),
             extra: extra.as_ref(),
         };
-        let routing = self.store_policy(name, Some(&r.stable_policy()), change)?;
+        let routing = self.store_policy(name, None, Some(&r.stable_policy()), change)?;
         self.active().remove(name);
         tracing::warn!(
             function = name,
@@ -525,7 +620,7 @@ impl App {
                     rollout: Some(&r),
                     extra: Some(&extra),
                 };
-                self.store_policy(name, Some(&r.policy_at(r.step)), change)?;
+                self.store_policy(name, None, Some(&r.policy_at(r.step)), change)?;
                 self.metrics.rollout_step(name);
                 match r.state.active() {
                     true => self.active().insert(name.to_string(), r),

@@ -526,6 +526,8 @@ pub struct Extras {
     pub sticky: Option<String>,
     /// `VERSION:PERCENT`.
     pub shadow: Option<String>,
+    /// The alias whose policy this is (none: the main policy).
+    pub alias: Option<String>,
 }
 
 /// `kiln traffic NAME [V=W...] [--sticky header:NAME] [--shadow V:P]`: sets the policy
@@ -537,7 +539,10 @@ pub fn traffic(
     extras: Extras,
     output: Output,
 ) -> anyhow::Result<()> {
-    let path = format!("/v1/functions/{name}/traffic");
+    let path = match &extras.alias {
+        Some(a) => format!("/v1/functions/{name}/aliases/{a}"),
+        None => format!("/v1/functions/{name}/traffic"),
+    };
     let v = if weights.is_empty() {
         if extras.sticky.is_some() || extras.shadow.is_some() {
             bail!(
@@ -570,17 +575,51 @@ pub fn traffic(
         println!("{}", serde_json::to_string_pretty(&v)?);
         return Ok(());
     }
+    print_policy(name, &v);
+    Ok(())
+}
+
+/// `NAME[:ALIAS] (revision N): 3=90 4=10 ...`, then each alias of the main policy.
+fn print_policy(name: &str, v: &Value) {
+    let target = match v["alias"].as_str() {
+        Some(a) => format!("{name}:{a}"),
+        None => name.to_string(),
+    };
     match v["policy"].as_object() {
+        None if v["alias"].is_string() => println!("{target}: no such alias"),
         None => println!(
-            "{name}: no traffic policy; the newest version ({}) serves everything",
+            "{target}: no traffic policy; the newest version ({}) serves everything",
             v["latest_version"]
         ),
         Some(_) => println!(
-            "{name} (revision {}): {}",
+            "{target} (revision {}): {}",
             v["revision"],
             describe_policy(&v["policy"])
         ),
     }
+    for (alias, a) in v["aliases"].as_object().into_iter().flatten() {
+        println!(
+            "{name}:{alias} (revision {}): {}",
+            a["revision"],
+            describe_policy(&a["policy"])
+        );
+    }
+}
+
+/// `kiln promote NAME --from A --to B [--reason R]`: prints the promoted alias.
+pub fn promote(
+    client: &Client,
+    name: &str,
+    from: &str,
+    to: &str,
+    reason: Option<String>,
+) -> anyhow::Result<()> {
+    let mut body = json!({"from": from, "to": to});
+    if let Some(r) = reason {
+        body["reason"] = r.into();
+    }
+    let v = client.post_json(&format!("/v1/functions/{name}/promote"), &body)?;
+    print_policy(name, &v);
     Ok(())
 }
 
@@ -667,14 +706,17 @@ fn print_rollout(v: &Value, output: Output) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// `kiln rollback NAME [--reason R]`: prints the policy now in force.
-pub fn rollback(client: &Client, name: &str, reason: Option<String>) -> anyhow::Result<()> {
-    let body = match reason {
-        Some(r) => json!({"reason": r}),
-        None => json!({}),
-    };
-    client.post_json(&format!("/v1/functions/{name}/rollback"), &body)?;
-    traffic(client, name, &[], Extras::default(), Output::Table)
+/// `kiln rollback NAME [--reason R] [--alias A]`: prints the policy now in force.
+pub fn rollback(
+    client: &Client,
+    name: &str,
+    reason: Option<String>,
+    alias: Option<String>,
+) -> anyhow::Result<()> {
+    let body = json!({"reason": reason, "alias": alias});
+    let v = client.post_json(&format!("/v1/functions/{name}/rollback"), &body)?;
+    print_policy(name, &v);
+    Ok(())
 }
 
 /// `kiln history NAME`.
@@ -682,8 +724,13 @@ pub fn history(client: &Client, name: &str, output: Output) -> anyhow::Result<()
     let mut v = client.get_json(&format!("/v1/functions/{name}/history"))?;
     if let (Output::Table, Some(entries)) = (output, v["history"].as_array_mut()) {
         for e in entries {
+            let alias = e["detail"]["alias"]
+                .as_str()
+                .map(|a| format!(":{a} "))
+                .unwrap_or_default();
             e["change"] = match e["detail"]["policy"].is_object() {
-                true => describe_policy(&e["detail"]["policy"]).into(),
+                true => format!("{alias}{}", describe_policy(&e["detail"]["policy"])).into(),
+                false if !alias.is_empty() => format!("{alias}removed").into(),
                 false => Value::Null,
             };
         }

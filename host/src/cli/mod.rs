@@ -214,8 +214,25 @@ pub enum Command {
         /// VERSION:PERCENT.
         #[arg(long)]
         shadow: Option<String>,
+        /// Show or set this alias's policy (`/fn/NAME:ALIAS/`) instead of the main one.
+        #[arg(long)]
+        alias: Option<String>,
         #[arg(long, value_enum, default_value_t)]
         output: Output,
+        #[command(flatten)]
+        server: ServerArg,
+    },
+    /// Copy one alias's traffic policy onto another at once (blue-green: promote the
+    /// alias holding the new version); `default` is the main policy.
+    Promote {
+        name: String,
+        #[arg(long)]
+        from: String,
+        #[arg(long)]
+        to: String,
+        /// Why (kept in the history).
+        #[arg(long)]
+        reason: Option<String>,
         #[command(flatten)]
         server: ServerArg,
     },
@@ -258,12 +275,16 @@ pub enum Command {
         #[command(flatten)]
         server: ServerArg,
     },
-    /// Put back the traffic policy in force before the current one.
+    /// Put back the traffic policy in force before the current one (after a promote: the
+    /// switch back).
     Rollback {
         name: String,
         /// Why (kept in the history).
         #[arg(long)]
         reason: Option<String>,
+        /// Roll back this alias's policy instead of the main one.
+        #[arg(long)]
+        alias: Option<String>,
         #[command(flatten)]
         server: ServerArg,
     },
@@ -405,15 +426,27 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             weights,
             sticky,
             shadow,
+            alias,
             output,
             server,
         } => commands::traffic(
             &server.client(),
             &name,
             &weights,
-            commands::Extras { sticky, shadow },
+            commands::Extras {
+                sticky,
+                shadow,
+                alias,
+            },
             output,
         ),
+        Command::Promote {
+            name,
+            from,
+            to,
+            reason,
+            server,
+        } => commands::promote(&server.client(), &name, &from, &to, reason),
         Command::Rollout {
             name,
             to,
@@ -462,7 +495,8 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Rollback {
             name,
             reason,
+            alias,
             server,
-        } => commands::rollback(&server.client(), &name, reason),
+        } => commands::rollback(&server.client(), &name, reason, alias),
     }
 }

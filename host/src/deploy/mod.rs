@@ -9,7 +9,7 @@ pub mod rollout;
 pub mod traffic;
 
 pub use admission::{Admission, Admitted, Rejected};
-pub use registry::{FunctionEntry, Registry, RouteError, VersionEntry};
+pub use registry::{DEFAULT_ALIAS, FunctionEntry, Registry, RouteError, VersionEntry};
 pub use rollout::{Gates, Phase, Rollout, RolloutRequest};
 pub use traffic::{Routing, Shadow, TrafficPolicy};
 

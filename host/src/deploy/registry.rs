@@ -59,6 +59,8 @@ pub struct FunctionEntry {
     pub limiter: Option<Arc<Limiter>>,
     /// The traffic policy; `None`: the newest version serves everything.
     pub routing: Option<Arc<Routing>>,
+    /// Named policies (`/fn/{name}:{alias}/`): environments such as staging and prod.
+    pub aliases: BTreeMap<String, Arc<Routing>>,
 }
 
 impl FunctionEntry {
@@ -67,14 +69,28 @@ impl FunctionEntry {
         self.versions.values().next_back()
     }
 
+    /// The policy a request follows: alias `alias`'s (`default` is the main one), else
+    /// the main one (`None`: the newest version serves everything).
+    pub fn routing_for(&self, alias: Option<&str>) -> Result<Option<&Arc<Routing>>, RouteError> {
+        match alias {
+            None | Some(DEFAULT_ALIAS) => Ok(self.routing.as_ref()),
+            Some(a) => self
+                .aliases
+                .get(a)
+                .map(Some)
+                .ok_or_else(|| RouteError::NoAlias(self.name.clone(), a.to_string())),
+        }
+    }
+
     /// The version that serves a request with `headers`: the forced one (`@N` or
-    /// `x-kiln-version`, even at 0%), else the traffic policy's pick, else the newest.
+    /// `x-kiln-version`, even at 0%), else `routing`'s pick, else the newest.
     pub fn route_request(
         &self,
         forced: Option<u32>,
+        routing: Option<&Arc<Routing>>,
         headers: &http::HeaderMap,
     ) -> Result<&Arc<VersionEntry>, RouteError> {
-        match (forced, &self.routing) {
+        match (forced, routing) {
             (None, Some(routing)) => self.pick(Some(routing.pick(headers))),
             _ => self.pick(forced),
         }
@@ -100,7 +116,12 @@ pub enum RouteError {
     NoFunction(String),
     #[error("function {0:?} has no version {1}")]
     NoVersion(String, u32),
+    #[error("function {0:?} has no alias {1:?}")]
+    NoAlias(String, String),
 }
+
+/// The alias naming a function's main traffic policy (what `/fn/{name}/` follows).
+pub const DEFAULT_ALIAS: &str = "default";
 
 /// All functions, by name.
 #[derive(Debug)]
@@ -140,6 +161,7 @@ impl Registry {
                 versions: BTreeMap::new(),
                 limiter: None,
                 routing: None,
+                aliases: BTreeMap::new(),
             });
         f.public = info.public;
         f.versions.insert(entry.record.version, entry);
@@ -150,15 +172,29 @@ impl Registry {
         map.insert(name, Arc::new(f));
     }
 
-    /// Replaces a function's traffic policy at once: a request sees the old policy or the
-    /// new one, never a mix. False when there is no such function.
-    pub fn set_routing(&self, name: &str, routing: Option<Arc<Routing>>) -> bool {
+    /// Replaces a function's traffic policy (the main one, or `alias`'s; `None` removes
+    /// an alias) at once: a request sees the old policy or the new one, never a mix.
+    /// False when there is no such function.
+    pub fn set_routing(
+        &self,
+        name: &str,
+        alias: Option<&str>,
+        routing: Option<Arc<Routing>>,
+    ) -> bool {
         let mut map = self.functions.write().unwrap_or_else(|p| p.into_inner());
         let Some(f) = map.get(name) else {
             return false;
         };
         let mut f = (**f).clone();
-        f.routing = routing;
+        match (alias, routing) {
+            (None, routing) => f.routing = routing,
+            (Some(a), Some(r)) => {
+                f.aliases.insert(a.to_string(), r);
+            }
+            (Some(a), None) => {
+                f.aliases.remove(a);
+            }
+        }
         map.insert(name.to_string(), Arc::new(f));
         true
     }

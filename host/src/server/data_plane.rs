@@ -26,30 +26,53 @@ use crate::meter::{Durability, Outcome, UsageRecord};
 use crate::nn::{Device, InferenceTime};
 use crate::runtime::{GuestUsage, InvokeError, ResponseBody, Timings};
 
-/// Splits `/fn/{name}[@{version}]{/rest}` into its parts; `rest` is at least `/`.
-pub fn parse_fn_path(path: &str) -> Result<(&str, Option<u32>, &str), ApiError> {
+/// What `/fn/{target}/` names: a function, and a version or an alias of it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FnTarget<'a> {
+    pub name: &'a str,
+    /// `@N`.
+    pub pinned: Option<u32>,
+    /// `:alias`.
+    pub alias: Option<&'a str>,
+}
+
+/// Splits `/fn/{name}[@{version}|:{alias}]{/rest}` into its parts; `rest` is at least `/`.
+pub fn parse_fn_path(path: &str) -> Result<(FnTarget<'_>, &str), ApiError> {
     let tail = path.strip_prefix("/fn/").unwrap_or(path);
     let (target, rest) = match tail.find('/') {
         Some(i) => (&tail[..i], &tail[i..]),
         None => (tail, "/"),
     };
-    let (name, pinned) = match target.split_once('@') {
-        Some((name, v)) => {
+    let (name, pinned, alias) = match (target.split_once('@'), target.split_once(':')) {
+        (Some(_), Some(_)) => {
+            return Err(ApiError::InvalidRequest(format!(
+                "/fn/{target}: name a version (@N) or an alias (:name), not both"
+            )));
+        }
+        (Some((name, v)), None) => {
             let v = v.parse::<u32>().map_err(|_| {
                 ApiError::InvalidRequest(format!(
                     "invalid version {v:?} in /fn/{target}: expected a number"
                 ))
             })?;
-            (name, Some(v))
+            (name, Some(v), None)
         }
-        None => (target, None),
+        (None, Some((name, alias))) => (name, None, Some(alias)),
+        (None, None) => (target, None, None),
     };
     if name.is_empty() {
         return Err(ApiError::NoRoute(
             "/fn/ needs a function name: /fn/{name}/...".into(),
         ));
     }
-    Ok((name, pinned, rest))
+    Ok((
+        FnTarget {
+            name,
+            pinned,
+            alias,
+        },
+        rest,
+    ))
 }
 
 /// Request header forcing a version (and response header naming the one that answered).
@@ -253,8 +276,8 @@ pub async fn handle(
     req: Request<Incoming>,
     id: &HeaderValue,
 ) -> Result<Response<Body>, ApiError> {
-    let (name, pinned, rest) = parse_fn_path(req.uri().path())?;
-    let (entry, tenant, shadowed) = admit(app, &req, name, pinned)?;
+    let (target, rest) = parse_fn_path(req.uri().path())?;
+    let (entry, tenant, shadowed) = admit(app, &req, target)?;
     let placement = &entry.responses;
     let head = req.method() == http::Method::HEAD;
     let mut usage = Usage::new(app, &entry, tenant.clone(), id, placement.is_some(), head);
@@ -329,12 +352,12 @@ type Admit = (Arc<VersionEntry>, Arc<str>, Option<Arc<VersionEntry>>);
 /// Returns it with the tenant billed (the key's, or the owner's when no key was needed)
 /// and the shadow version the request is to be copied to, if drawn.
 /// An anonymous caller learns nothing of private functions: they answer 401 as if absent.
-fn admit(
-    app: &App,
-    req: &Request<Incoming>,
-    name: &str,
-    pinned: Option<u32>,
-) -> Result<Admit, ApiError> {
+fn admit(app: &App, req: &Request<Incoming>, target: FnTarget<'_>) -> Result<Admit, ApiError> {
+    let FnTarget {
+        name,
+        pinned,
+        alias,
+    } = target;
     let caller = app.auth.authenticate(req.headers())?;
     let anonymous = matches!(caller, Caller::Anonymous);
     let Some(f) = app.registry.function(name) else {
@@ -366,13 +389,14 @@ fn admit(
             retry_after,
         })?;
     }
-    let entry = f.route_request(forced, req.headers())?.clone();
+    let routing = f.routing_for(alias)?;
+    let entry = f.route_request(forced, routing, req.headers())?.clone();
     let tenant = match caller {
         Caller::Key(k) => k.tenant.clone(),
         Caller::Open | Caller::Anonymous => f.owner.clone(),
     };
     // A forced version is someone looking at one version: not shadowed.
-    let shadow = match (forced, &f.routing) {
+    let shadow = match (forced, routing) {
         (None, Some(r)) => r
             .shadow_for(entry.record.version)
             .and_then(|v| f.versions.get(&v).cloned()),
@@ -730,11 +754,20 @@ mod tests {
 
     #[test]
     fn fn_paths_split_into_name_version_rest() {
-        let ok = |p| parse_fn_path(p).map_err(|e| e.to_string());
-        assert_eq!(ok("/fn/hello"), Ok(("hello", None, "/")));
-        assert_eq!(ok("/fn/hello/"), Ok(("hello", None, "/")));
-        assert_eq!(ok("/fn/hello@3/a/b"), Ok(("hello", Some(3), "/a/b")));
+        let ok = |p| {
+            parse_fn_path(p)
+                .map(|(t, rest)| (t.name, t.pinned, t.alias, rest))
+                .map_err(|e| e.to_string())
+        };
+        assert_eq!(ok("/fn/hello"), Ok(("hello", None, None, "/")));
+        assert_eq!(ok("/fn/hello/"), Ok(("hello", None, None, "/")));
+        assert_eq!(ok("/fn/hello@3/a/b"), Ok(("hello", Some(3), None, "/a/b")));
+        assert_eq!(
+            ok("/fn/hello:prod/x"),
+            Ok(("hello", None, Some("prod"), "/x"))
+        );
         assert!(ok("/fn/hello@x/").is_err());
+        assert!(ok("/fn/hello@1:prod/").is_err());
         assert!(ok("/fn/").is_err());
     }
 }

@@ -116,6 +116,16 @@ CREATE TABLE IF NOT EXISTS traffic (
     revision    INTEGER NOT NULL,
     updated_at  INTEGER NOT NULL
 );
+-- Named traffic policies (aliases, environments: staging, prod) of each function; a
+-- removed alias keeps its row with the policy 'null', so its revisions go on.
+CREATE TABLE IF NOT EXISTS aliases (
+    function    TEXT NOT NULL REFERENCES functions(name) ON DELETE CASCADE,
+    alias       TEXT NOT NULL,
+    policy      TEXT NOT NULL,
+    revision    INTEGER NOT NULL,
+    updated_at  INTEGER NOT NULL,
+    PRIMARY KEY (function, alias)
+);
 -- Every traffic change, rollout step and rollback, by function; outlives the function.
 CREATE TABLE IF NOT EXISTS history (
     seq         INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -392,27 +402,47 @@ impl MetaStore {
             .exists(params![digest.to_string(), tenant])?)
     }
 
-    /// Applies one traffic change of `function` in one transaction: the new policy (and
-    /// revision), its history entry, and the function's rollout as it now is. Returns the
-    /// new revision.
-    pub fn set_traffic(&self, function: &str, change: &TrafficChange<'_>) -> anyhow::Result<u64> {
+    /// Applies one traffic change of `function` (its main policy, or `alias`'s) in one
+    /// transaction: the new policy (and revision), its history entry, and the function's
+    /// rollout as it now is. Returns the new revision.
+    pub fn set_traffic(
+        &self,
+        function: &str,
+        alias: Option<&str>,
+        change: &TrafficChange<'_>,
+    ) -> anyhow::Result<u64> {
         let mut conn = self.conn();
         let tx = conn.transaction()?;
         let now_ms = now_ms();
-        let previous: Option<(String, i64)> = tx
-            .query_row(
+        let previous: Option<(String, i64)> = match alias {
+            None => tx.query_row(
                 "SELECT policy, revision FROM traffic WHERE function = ?1",
                 [function],
                 |r| Ok((r.get(0)?, r.get(1)?)),
-            )
-            .optional()?;
+            ),
+            Some(a) => tx.query_row(
+                "SELECT policy, revision FROM aliases WHERE function = ?1 AND alias = ?2",
+                [function, a],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            ),
+        }
+        .optional()?;
         let revision = previous.as_ref().map_or(0, |p| p.1) + 1;
-        tx.execute(
-            "INSERT INTO traffic (function, policy, revision, updated_at) VALUES (?1, ?2, ?3, ?4)
-             ON CONFLICT(function) DO UPDATE SET policy = excluded.policy,
-                 revision = excluded.revision, updated_at = excluded.updated_at",
-            params![function, change.policy, revision, now_ms / 1000],
-        )?;
+        match alias {
+            None => tx.execute(
+                "INSERT INTO traffic (function, policy, revision, updated_at) VALUES (?1, ?2, ?3, ?4)
+                 ON CONFLICT(function) DO UPDATE SET policy = excluded.policy,
+                     revision = excluded.revision, updated_at = excluded.updated_at",
+                params![function, change.policy, revision, now_ms / 1000],
+            )?,
+            Some(a) => tx.execute(
+                "INSERT INTO aliases (function, alias, policy, revision, updated_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5)
+                 ON CONFLICT(function, alias) DO UPDATE SET policy = excluded.policy,
+                     revision = excluded.revision, updated_at = excluded.updated_at",
+                params![function, a, change.policy, revision, now_ms / 1000],
+            )?,
+        };
         let mut detail = serde_json::json!({
             "revision": revision,
             "policy": serde_json::from_str::<serde_json::Value>(change.policy)?,
@@ -422,6 +452,9 @@ impl MetaStore {
         });
         if let Some(extra) = change.extra {
             detail["check"] = extra.clone();
+        }
+        if let Some(a) = alias {
+            detail["alias"] = a.into();
         }
         insert_history(
             &tx,
@@ -488,20 +521,35 @@ impl MetaStore {
         Ok(json.map(|j| serde_json::from_str(&j)).transpose()?)
     }
 
-    /// The policy in force before the current one (JSON, `null` for none), from the
-    /// history entry that made the current revision; `None` when the function's traffic
-    /// never changed.
-    pub fn previous_traffic(&self, function: &str) -> anyhow::Result<Option<String>> {
+    /// The policy (main, or `alias`'s) in force before the current one (JSON, `null` for
+    /// none), from the history entry that made the current revision; `None` when it never
+    /// changed.
+    pub fn previous_traffic(
+        &self,
+        function: &str,
+        alias: Option<&str>,
+    ) -> anyhow::Result<Option<String>> {
         let conn = self.conn();
-        let detail: Option<String> = conn
-            .query_row(
+        let detail: Option<String> = match alias {
+            None => conn.query_row(
                 "SELECT h.detail FROM history h JOIN traffic t ON t.function = h.function
-                 WHERE h.function = ?1 AND json_extract(h.detail, '$.revision') = t.revision
+                 WHERE h.function = ?1 AND json_extract(h.detail, '$.alias') IS NULL
+                   AND json_extract(h.detail, '$.revision') = t.revision
                  ORDER BY h.seq DESC LIMIT 1",
                 [function],
                 |r| r.get(0),
-            )
-            .optional()?;
+            ),
+            Some(a) => conn.query_row(
+                "SELECT h.detail FROM history h
+                 JOIN aliases x ON x.function = h.function AND x.alias = ?2
+                 WHERE h.function = ?1 AND json_extract(h.detail, '$.alias') = ?2
+                   AND json_extract(h.detail, '$.revision') = x.revision
+                 ORDER BY h.seq DESC LIMIT 1",
+                [function, a],
+                |r| r.get(0),
+            ),
+        }
+        .optional()?;
         Ok(match detail {
             Some(d) => Some(serde_json::from_str::<serde_json::Value>(&d)?["previous"].to_string()),
             None => None,
@@ -514,6 +562,16 @@ impl MetaStore {
         let mut stmt = conn.prepare("SELECT function, policy, revision FROM traffic")?;
         let rows = stmt.query_map([], |r| {
             Ok((r.get(0)?, r.get(1)?, r.get::<_, i64>(2)? as u64))
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// Every stored alias: (function, alias, policy JSON or `null`, revision).
+    pub fn aliases(&self) -> anyhow::Result<Vec<(String, String, String, u64)>> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare("SELECT function, alias, policy, revision FROM aliases")?;
+        let rows = stmt.query_map([], |r| {
+            Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get::<_, i64>(3)? as u64))
         })?;
         Ok(rows.collect::<Result<_, _>>()?)
     }
@@ -548,6 +606,7 @@ impl MetaStore {
         let tx = conn.transaction()?;
         tx.execute("DELETE FROM traffic WHERE function = ?1", [name])?;
         tx.execute("DELETE FROM rollouts WHERE function = ?1", [name])?;
+        tx.execute("DELETE FROM aliases WHERE function = ?1", [name])?;
         tx.execute("DELETE FROM versions WHERE function = ?1", [name])?;
         let n = tx.execute("DELETE FROM functions WHERE name = ?1", [name])?;
         tx.commit()?;
