@@ -139,7 +139,7 @@ pub enum Command {
     },
     /// Call a function and print its response body.
     Invoke {
-        /// Function name, optionally pinned: NAME or NAME@VERSION.
+        /// Function name, optionally pinned or through an alias: NAME, NAME@VERSION or NAME:ALIAS.
         name: String,
         /// Path inside the function.
         #[arg(long, default_value = "/")]
