@@ -27,3 +27,12 @@ pub mod nn;
 pub mod runtime;
 pub mod server;
 pub mod store;
+
+/// Now, in unix milliseconds (0 if the clock is before 1970): what records, history and
+/// rollouts store.
+pub fn unix_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}

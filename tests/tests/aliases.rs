@@ -69,12 +69,12 @@ fn aliases_route_by_name_and_promote_swaps_them_with_a_warm_switch_back() {
     assert_eq!(server.get("/fn/hello@1:prod/").status, 400);
 
     // After a restart nothing is loaded: promoting loads both sides of the swap, so
-    // neither the new prod nor the switch back pays a cold start.
+    // neither the new prod (v2) nor the switch back (v1) pays a cold start.
     server.restart();
     assert_eq!(
-        served(&server, "/fn/hello:staging/").0,
-        2,
-        "aliases survive a restart"
+        served(&server, "/fn/hello/"),
+        (3, true),
+        "the first request to a version after a restart is cold"
     );
     let out = cli_ok(
         &server,
@@ -107,7 +107,11 @@ fn aliases_route_by_name_and_promote_swaps_them_with_a_warm_switch_back() {
         (1, false),
         "the switch back is warm"
     );
-    assert_eq!(served(&server, "/fn/hello:staging/").0, 2);
+    assert_eq!(
+        served(&server, "/fn/hello:staging/").0,
+        2,
+        "aliases survive a restart"
+    );
 
     // Promoting onto the main policy: what /fn/hello/ serves.
     cli_ok(
@@ -175,6 +179,8 @@ fn aliases_are_validated_and_can_be_removed() {
         server.get("/v1/functions/hello/aliases/staging").status,
         404
     );
+    let a = server.request("DELETE", "/v1/functions/hello/aliases/default", &[], b"");
+    assert_eq!(a.status, 400, "the main policy is not an alias to remove");
     // Removing is a change like any other: rolled back, the alias is back.
     let a = server.request(
         "POST",

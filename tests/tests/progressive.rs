@@ -140,6 +140,10 @@ fn a_candidate_answering_500s_is_rolled_back_at_the_first_gate_and_the_history_s
             > 0.5
     );
     assert_eq!(history["history"][1]["kind"], "rollout.step");
+    // The rollout is one change: rolling back returns to the policy before it.
+    let a = server.request("POST", "/v1/functions/svc/rollback", &[], b"");
+    assert_eq!(a.status, 200, "{}", a.text());
+    assert_eq!(weights(&server), json!({"1": 100}));
     let metrics = server.get("/metrics").text();
     assert_eq!(
         kiln_tests::metric_sample(&metrics, "kiln_rollout_rollbacks_total{function=\"svc\"}"),
@@ -153,6 +157,29 @@ fn a_candidate_answering_500s_is_rolled_back_at_the_first_gate_and_the_history_s
         json!({"weights": {"1": 100}}).to_string().as_bytes(),
     );
     assert_eq!(a.status, 200, "{}", a.text());
+}
+
+#[test]
+fn callers_forcing_the_candidate_cannot_steer_its_gates() {
+    let server = TestServer::start();
+    // Routed traffic gets 404 from hostile (not an error); forced calls to /panic fail.
+    two_versions(&server, "hello", "hostile");
+    let a = start(
+        &server,
+        &json!({"to": 2, "steps": [50, 100], "interval": "1s", "min_requests": 10, "max_p99_ratio": 10}),
+    );
+    assert_eq!(a.status, 201, "{}", a.text());
+    let r = {
+        let _routed = Load::start(&server, "/fn/svc/healthy");
+        let _forced = Load::start(&server, "/fn/svc@2/panic");
+        wait_until_ended(&server)
+    };
+    assert_eq!(r["state"], "completed", "{r}");
+    let all = server.get("/v1/functions/svc/versions/2/stats").json();
+    assert!(
+        all["errors"].as_u64().unwrap() > 0,
+        "the forced errors happened: {all}"
+    );
 }
 
 #[test]
@@ -179,7 +206,6 @@ fn a_slow_candidate_fails_the_latency_gate() {
 fn a_healthy_rollout_started_from_the_cli_reaches_100_percent() {
     let server = TestServer::start();
     two_versions(&server, "hello", "hello");
-    let started = Instant::now();
     let out = server.cli(&[
         "rollout",
         "svc",
@@ -199,10 +225,9 @@ fn a_healthy_rollout_started_from_the_cli_reaches_100_percent() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    assert!(
-        started.elapsed() < Duration::from_secs(1),
-        "the command returns once the rollout is started"
-    );
+    // Nothing calls the function yet, so no step can pass: the command returned once the
+    // rollout was started, not when it ended.
+    assert_eq!(rollout(&server)["state"], "running");
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
         stdout.contains("v1 -> v2 running at step 1/3 (10% on v2)"),
@@ -238,6 +263,14 @@ fn a_healthy_rollout_started_from_the_cli_reaches_100_percent() {
         kiln_tests::metric_sample(&metrics, "kiln_rollout_steps_total{function=\"svc\"}"),
         3.0
     );
+    // The steps were one change: rolling back returns to the policy before the rollout.
+    let out = server.cli(&["rollback", "svc", "--reason", "undo the rollout"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(weights(&server), json!({"1": 100}));
 }
 
 #[test]
@@ -246,16 +279,30 @@ fn a_rollout_resumes_after_a_restart() {
     two_versions(&server, "hello", "hello");
     let a = start(
         &server,
-        &json!({"to": 2, "steps": [20, 100], "interval": "2s", "min_requests": 5, "max_p99_ratio": 10}),
+        &json!({"to": 2, "steps": [10, 50, 100], "interval": "1s", "min_requests": 5, "max_p99_ratio": 10}),
     );
     assert_eq!(a.status, 201, "{}", a.text());
+    {
+        let _load = Load::start(&server, "/fn/svc/");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while rollout(&server)["step"] == 0 && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+    let r = rollout(&server);
+    assert_eq!(
+        (r["state"].clone(), r["step"].clone()),
+        (json!("running"), json!(1)),
+        "{r}"
+    );
     server.restart();
     let r = rollout(&server);
     assert_eq!(
         (r["state"].clone(), r["step"].clone()),
-        (json!("running"), json!(0))
+        (json!("running"), json!(1)),
+        "{r}"
     );
-    assert_eq!(weights(&server), json!({"1": 80, "2": 20}));
+    assert_eq!(weights(&server), json!({"1": 50, "2": 50}));
     let r = {
         let _load = Load::start(&server, "/fn/svc/");
         wait_until_ended(&server)

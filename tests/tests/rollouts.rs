@@ -385,3 +385,69 @@ fn version_stats_show_recent_requests_errors_and_latency() {
         404
     );
 }
+
+#[test]
+fn traffic_history_and_rollouts_stay_within_the_owning_tenant() {
+    let server = TestServer::start();
+    let (a, _) = server.create_key("team-a", &["deploy:svc", "invoke:svc"], None);
+    let (b, _) = server.create_key("team-b", &["deploy:svc", "invoke:svc"], None);
+    for _ in 0..2 {
+        assert_eq!(server.deploy_as(&a, "svc", "hello", "").status, 201);
+    }
+    let policy = json!({"weights": {"1": 100}}).to_string();
+    assert_eq!(
+        server
+            .call_as(&a, "PUT", "/v1/functions/svc/traffic", policy.as_bytes())
+            .status,
+        200
+    );
+    // Team b cannot see or change team a's traffic, aliases or rollouts: 404, as if absent.
+    for (method, path, body) in [
+        ("GET", "/v1/functions/svc/traffic", ""),
+        ("PUT", "/v1/functions/svc/traffic", policy.as_str()),
+        ("PUT", "/v1/functions/svc/aliases/prod", policy.as_str()),
+        ("POST", "/v1/functions/svc/rollout", r#"{"to": 2}"#),
+        ("POST", "/v1/functions/svc/rollback", ""),
+        ("GET", "/v1/functions/svc/history", ""),
+    ] {
+        let r = server.call_as(&b, method, path, body.as_bytes());
+        assert_eq!(
+            (r.status, r.error_code().as_str()),
+            (404, "function.not_found"),
+            "{method} {path}"
+        );
+    }
+    // Once team a deletes it and team b takes the name, b does not read a's history.
+    assert_eq!(
+        server
+            .call_as(&a, "DELETE", "/v1/functions/svc", b"")
+            .status,
+        200
+    );
+    assert_eq!(server.deploy_as(&b, "svc", "hello", "").status, 201);
+    assert_eq!(
+        server
+            .call_as(
+                &b,
+                "PUT",
+                "/v1/functions/svc/traffic",
+                json!({"weights": {"3": 100}}).to_string().as_bytes()
+            )
+            .status,
+        200
+    );
+    let history = server
+        .call_as(&b, "GET", "/v1/functions/svc/history", b"")
+        .json();
+    let entries = history["history"].as_array().unwrap();
+    assert_eq!(entries.len(), 1, "{history}");
+    assert_eq!(entries[0]["detail"]["policy"]["weights"], json!({"3": 100}));
+    // An admin sees both owners' entries.
+    assert_eq!(
+        server.get("/v1/functions/svc/history").json()["history"]
+            .as_array()
+            .unwrap()
+            .len(),
+        2
+    );
+}

@@ -37,7 +37,7 @@ fn shadow_stats(server: &TestServer, v: u32, n: u64) -> Value {
 #[test]
 fn a_slow_or_failing_shadow_leaves_the_primary_alone_and_the_mismatch_is_recorded() {
     let server = TestServer::start();
-    server.deploy_example("svc", "hello", "max_concurrency=64");
+    server.deploy_example("svc", "hello", "max_concurrency=64&public=true");
     server.deploy_example("svc", "hostile", "max_concurrency=64&timeout_ms=10000");
     let a = set(
         &server,
@@ -109,17 +109,27 @@ fn a_slow_or_failing_shadow_leaves_the_primary_alone_and_the_mismatch_is_recorde
         ),
         11.0
     );
-    // Copies are billed like any request, under their own request id.
-    let answer = server.get("/fn/svc/");
+    // Copies are billed like any request, under their own request id, to the owner: a
+    // caller from another tenant pays for its own request only.
+    let (key, _) = server.create_key("other", &["invoke:svc"], None);
+    let answer = server.call_as(&key, "GET", "/fn/svc/", b"");
+    assert_eq!(answer.status, 200, "{}", answer.text());
     let id = answer.header("x-kiln-request-id").unwrap().to_string();
     shadow_stats(&server, 2, 12);
     std::thread::sleep(Duration::from_millis(300));
     let records = kiln_tests::usage_csv(&server, "&function=svc");
-    let shadowed = records
-        .iter()
-        .find(|r| r.get("request_id") == format!("{id}.shadow"))
-        .unwrap_or_else(|| panic!("no usage record for the copy of {id}"));
-    assert_eq!(shadowed.get("version"), "2");
+    let record = |rid: &str| {
+        records
+            .iter()
+            .find(|r| r.get("request_id") == rid)
+            .unwrap_or_else(|| panic!("no usage record {rid}"))
+    };
+    assert_eq!(
+        (record(&id).get("tenant"), record(&id).get("version")),
+        ("other", "1")
+    );
+    let copy = record(&format!("{id}.shadow"));
+    assert_eq!((copy.get("tenant"), copy.get("version")), ("default", "2"));
 }
 
 #[test]
@@ -161,6 +171,19 @@ fn identical_answers_match_bodies_are_copied_and_forced_requests_are_not_shadowe
         "forced requests were copied: {s2}"
     );
     assert_eq!(s["shadow"]["mismatches"], 0, "{s}");
+    // A large upload goes to the primary alone; the copy is counted as skipped.
+    let big = vec![b'x'; 2 << 20];
+    let a = server.request("POST", "/fn/svc/x", &[], &big);
+    assert_eq!((a.status, a.body.len()), (200, big.len()));
+    let s = shadow_stats(&server, 2, 6);
+    assert_eq!(
+        (
+            s["shadow"]["compared"].clone(),
+            s["shadow"]["skipped"].clone()
+        ),
+        (json!(5), json!(1)),
+        "{s}"
+    );
 
     for (bad, why) in [
         (

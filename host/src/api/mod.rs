@@ -327,7 +327,7 @@ async fn dispatch(
         Op::GetAlias(n, a) => traffic::get(app, n, Some(a)),
         Op::PutAlias(n, a) => traffic::put(app, n, Some(a), req, caller).await,
         Op::Promote(n) => traffic::promote(app, n, req, caller).await,
-        Op::History(n) => traffic::history(app, n),
+        Op::History(n) => traffic::history(app, n, caller),
         Op::Rollback(n) => traffic::rollback(app, n, req, caller).await,
         Op::GetRollout(n) => rollout::get(app, n),
         Op::StartRollout(n) => rollout::start(app, n, req, caller).await,
@@ -364,6 +364,20 @@ pub(crate) async fn read_json<T: serde::de::DeserializeOwned>(
     let bytes = read_small_body(body, max, what).await?;
     serde_json::from_slice(&bytes)
         .map_err(|e| ApiError::InvalidRequest(format!("invalid {what}: {e}")))
+}
+
+/// Runs a blocking call (SQLite, under the publishing lock) off the async workers.
+pub(crate) async fn blocking<T, E>(
+    f: impl FnOnce() -> Result<T, E> + Send + 'static,
+) -> Result<T, ApiError>
+where
+    T: Send + 'static,
+    E: Into<ApiError> + Send + 'static,
+{
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| ApiError::Internal(anyhow::anyhow!("blocking task: {e}")))?
+        .map_err(Into::into)
 }
 
 /// Reads a small optional JSON body (rollbacks, rollout actions); empty: the default.

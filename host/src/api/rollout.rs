@@ -7,7 +7,7 @@ use http::{Request, Response, StatusCode};
 use hyper::body::Incoming;
 
 use super::{ApiError, AuditDetail};
-use crate::app::{App, Control, TrafficError};
+use crate::app::{Actor, App, Control, TrafficError};
 use crate::auth::Caller;
 use crate::deploy::{Rollout, RolloutRequest};
 use crate::server::{Body, json_response};
@@ -22,10 +22,7 @@ fn rollout_json(app: &App, r: &Rollout) -> serde_json::Value {
     if r.state.active()
         && let Some(f) = app.registry.function(&r.function)
     {
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_millis() as i64)
-            .unwrap_or(0);
+        let now = crate::unix_ms();
         let window = r.window(now);
         let stats = |version: u32| {
             f.versions
@@ -41,14 +38,6 @@ fn rollout_json(app: &App, r: &Rollout) -> serde_json::Value {
     v
 }
 
-async fn blocking<T: Send + 'static>(
-    f: impl FnOnce() -> Result<T, TrafficError> + Send + 'static,
-) -> Result<T, ApiError> {
-    Ok(tokio::task::spawn_blocking(f)
-        .await
-        .map_err(|e| ApiError::Internal(anyhow::anyhow!("rollout task: {e}")))??)
-}
-
 /// `POST /v1/functions/{name}/rollout` `{"to", "steps"?, "interval"?, "min_requests"?,
 /// "max_error_rate"?, "max_p99_ratio"?}`: 201 with the rollout, its first step applied.
 pub(super) async fn start(
@@ -59,12 +48,8 @@ pub(super) async fn start(
 ) -> Result<Response<Body>, ApiError> {
     let request: RolloutRequest =
         super::read_json(req.into_body(), MAX_REQUEST_BYTES, "rollout request").await?;
-    let (app2, name2, actor) = (
-        app.clone(),
-        name.to_string(),
-        caller.key_id().map(str::to_string),
-    );
-    let r = blocking(move || app2.start_rollout(&name2, &request, actor.as_deref())).await?;
+    let (app2, name2, by) = (app.clone(), name.to_string(), Actor::of(caller));
+    let r = super::blocking(move || app2.start_rollout(&name2, &request, &by)).await?;
     let mut resp = json_response(StatusCode::CREATED, &rollout_json(app, &r));
     resp.extensions_mut().insert(AuditDetail {
         detail: format!(
@@ -115,15 +100,10 @@ pub(super) async fn control(
     let reason = super::read_optional_json::<ActionRequest>(req.into_body(), "rollout action")
         .await?
         .reason;
-    let (app2, name2, actor) = (
-        app.clone(),
-        name.to_string(),
-        caller.key_id().map(str::to_string),
-    );
+    let (app2, name2, by) = (app.clone(), name.to_string(), Actor::of(caller));
     let why = reason.clone();
     let r =
-        blocking(move || app2.control_rollout(&name2, control, actor.as_deref(), why.as_deref()))
-            .await?;
+        super::blocking(move || app2.control_rollout(&name2, control, &by, why.as_deref())).await?;
     let mut resp = json_response(StatusCode::OK, &rollout_json(app, &r));
     resp.extensions_mut().insert(AuditDetail {
         detail: reason.unwrap_or_default(),

@@ -8,7 +8,7 @@ use http::{Request, Response, StatusCode};
 use hyper::body::Incoming;
 
 use super::{ApiError, AuditDetail};
-use crate::app::{App, TrafficError};
+use crate::app::{Actor, App};
 use crate::auth::Caller;
 use crate::deploy::{DEFAULT_ALIAS, RouteError, TrafficPolicy};
 use crate::server::{Body, json_response};
@@ -60,14 +60,6 @@ fn changed_json(app: &App, name: &str, alias: Option<&str>) -> Result<serde_json
     }
 }
 
-async fn blocking<T: Send + 'static>(
-    f: impl FnOnce() -> Result<T, TrafficError> + Send + 'static,
-) -> Result<T, ApiError> {
-    Ok(tokio::task::spawn_blocking(f)
-        .await
-        .map_err(|e| ApiError::Internal(anyhow::anyhow!("traffic task: {e}")))??)
-}
-
 /// `GET /v1/functions/{name}/traffic` (`alias` `None`) or `.../aliases/{alias}`: the
 /// policy (`null` for the main one: the newest version serves all).
 pub(super) fn get(
@@ -91,28 +83,24 @@ pub(super) async fn put(
     req: Request<Incoming>,
     caller: &Caller,
 ) -> Result<Response<Body>, ApiError> {
+    if req.method() == http::Method::DELETE && alias == Some(DEFAULT_ALIAS) {
+        return Err(ApiError::InvalidRequest(format!(
+            "{DEFAULT_ALIAS:?} is the main policy and cannot be removed; set it with PUT /v1/functions/{name}/traffic"
+        )));
+    }
     let policy: Option<TrafficPolicy> = match req.method() == http::Method::DELETE {
         true => None,
         false => Some(super::read_json(req.into_body(), MAX_POLICY_BYTES, "traffic policy").await?),
     };
     let detail = serde_json::to_string(&policy).unwrap_or_default();
-    let (app2, name2, alias2, actor) = (
+    let (app2, name2, alias2, by) = (
         app.clone(),
         name.to_string(),
         alias.map(str::to_string),
-        caller.key_id().map(str::to_string),
+        Actor::of(caller),
     );
-    blocking(move || {
-        app2.set_traffic(
-            &name2,
-            alias2.as_deref(),
-            policy,
-            actor.as_deref(),
-            "traffic",
-            "set by API",
-        )
-    })
-    .await?;
+    super::blocking(move || app2.set_traffic(&name2, alias2.as_deref(), policy, &by, "set by API"))
+        .await?;
     let mut resp = json_response(StatusCode::OK, &changed_json(app, name, alias)?);
     resp.extensions_mut().insert(AuditDetail {
         detail: format!(
@@ -143,15 +131,14 @@ pub(super) async fn rollback(
     let body: RollbackRequest =
         super::read_optional_json(req.into_body(), "rollback request").await?;
     let reason = body.reason.unwrap_or_else(|| "rollback requested".into());
-    let (app2, name2, actor, alias) = (
+    let (app2, name2, by, alias) = (
         app.clone(),
         name.to_string(),
-        caller.key_id().map(str::to_string),
+        Actor::of(caller),
         body.alias.clone(),
     );
     let reason2 = reason.clone();
-    blocking(move || app2.rollback_traffic(&name2, alias.as_deref(), actor.as_deref(), &reason2))
-        .await?;
+    super::blocking(move || app2.rollback_traffic(&name2, alias.as_deref(), &by, &reason2)).await?;
     let mut resp = json_response(
         StatusCode::OK,
         &changed_json(app, name, body.alias.as_deref())?,
@@ -183,15 +170,10 @@ pub(super) async fn promote(
 ) -> Result<Response<Body>, ApiError> {
     let body: PromoteRequest =
         super::read_json(req.into_body(), MAX_POLICY_BYTES, "promote request").await?;
-    let (app2, name2, actor) = (
-        app.clone(),
-        name.to_string(),
-        caller.key_id().map(str::to_string),
-    );
+    let (app2, name2, by) = (app.clone(), name.to_string(), Actor::of(caller));
     let (from, to, reason) = (body.from.clone(), body.to.clone(), body.reason.clone());
     let (routing, previous) =
-        blocking(move || app2.promote(&name2, &from, &to, actor.as_deref(), reason.as_deref()))
-            .await?;
+        super::blocking(move || app2.promote(&name2, &from, &to, &by, reason.as_deref())).await?;
     let versions = routing
         .policy
         .weights
@@ -253,9 +235,15 @@ pub(super) fn stats(
     Ok(json_response(StatusCode::OK, &json))
 }
 
-/// `GET /v1/functions/{name}/history`: newest first.
-pub(super) fn history(app: &Arc<App>, name: &str) -> Result<Response<Body>, ApiError> {
-    let entries = app.meta.history(name, HISTORY_LIMIT)?;
+/// `GET /v1/functions/{name}/history`: newest first; a tenant sees only the entries of
+/// its own time as the owner.
+pub(super) fn history(
+    app: &Arc<App>,
+    name: &str,
+    caller: &Caller,
+) -> Result<Response<Body>, ApiError> {
+    let tenant = Actor::of(caller).tenant;
+    let entries = app.meta.history(name, HISTORY_LIMIT, tenant.as_deref())?;
     if entries.is_empty() && app.registry.function(name).is_none() {
         return Err(RouteError::NoFunction(name.to_string()).into());
     }

@@ -21,7 +21,7 @@ use crate::nn::embed::{self, EmbedError};
 use crate::nn::{ModelRef, NnError, NnSpec, VersionModels};
 use crate::runtime::{CompileError, Limits, Outbound, Runtime};
 use crate::store::{BlobStore, Digest, FunctionInfo, MetaStore, NewVersion, VersionRecord};
-pub use traffic::{Control, TrafficError};
+pub use traffic::{Actor, Control, TrafficError};
 
 /// Everything a running server shares between requests.
 pub struct App {
@@ -243,6 +243,7 @@ impl App {
         self.registry.add(
             VersionEntry {
                 admission: self.registry.admission(rec.limits.max_concurrency),
+                shadow_slots: Registry::shadow_slots(rec.limits.max_concurrency),
                 function: owner,
                 record: rec,
                 models: Arc::new(models),
@@ -250,6 +251,7 @@ impl App {
                 responses,
                 outbound,
                 stats: crate::meter::Window::default(),
+                routed: crate::meter::Window::default(),
                 shadow: crate::meter::ShadowWindow::default(),
             },
             info,

@@ -4,14 +4,15 @@
 //! registry at once, all under the publishing lock, so changes apply in one order and a
 //! request sees either the old policy or the new one.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use super::App;
 use crate::deploy::rollout::{Check, Verdict};
 use crate::deploy::{
-    DEFAULT_ALIAS, Phase, Rollout, RolloutRequest, RouteError, Routing, TrafficPolicy,
+    DEFAULT_ALIAS, FunctionEntry, Phase, Rollout, RolloutRequest, RouteError, Routing,
+    TrafficPolicy,
 };
 use crate::store::TrafficChange;
 
@@ -57,6 +58,27 @@ fn check_alias(alias: Option<&str>) -> Result<Option<&str>, TrafficError> {
     }
 }
 
+/// Who asks for a traffic change: the key recorded as its actor, and the tenant whose
+/// functions it may change (`None`: any, an admin).
+#[derive(Debug, Clone, Default)]
+pub struct Actor {
+    pub key_id: Option<String>,
+    pub tenant: Option<String>,
+}
+
+impl Actor {
+    /// The actor of an API call.
+    pub fn of(caller: &crate::auth::Caller) -> Actor {
+        Actor {
+            key_id: caller.key_id().map(str::to_string),
+            tenant: match caller.is_admin() {
+                true => None,
+                false => caller.tenant().map(str::to_string),
+            },
+        }
+    }
+}
+
 /// What a person can do to a rollout in progress.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Control {
@@ -90,13 +112,6 @@ struct Change<'a> {
 /// Rollouts running or paused, by function.
 pub(super) type ActiveRollouts = Mutex<HashMap<String, Rollout>>;
 
-fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
-}
-
 fn state_name(p: Phase) -> String {
     serde_json::to_value(p)
         .ok()
@@ -124,7 +139,7 @@ pub(super) fn spawn_rollout_driver(app: &Arc<App>) {
         loop {
             tick.tick().await;
             let Some(app) = weak.upgrade() else { return };
-            if app.active().values().any(|r| r.due(now_ms())) {
+            if app.active().values().any(|r| r.due(crate::unix_ms())) {
                 let _ = tokio::task::spawn_blocking(move || app.rollout_tick()).await;
             }
         }
@@ -138,6 +153,16 @@ impl App {
 
     fn publishing(&self) -> MutexGuard<'_, ()> {
         self.publishing.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Function `name` as `by` may change it: another tenant's is answered as missing. Checked
+    /// under the publishing lock, so a function created while the request was on its way
+    /// is judged as it is now.
+    fn owned(&self, name: &str, by: &Actor) -> Result<Arc<FunctionEntry>, TrafficError> {
+        self.registry
+            .function(name)
+            .filter(|f| by.tenant.as_deref().is_none_or(|t| *f.owner == *t))
+            .ok_or_else(|| TrafficError::NoFunction(name.to_string()))
     }
 
     /// Stores a change of the main policy or `alias`'s (policy, history entry, rollout)
@@ -176,15 +201,11 @@ impl App {
         name: &str,
         alias: Option<&str>,
         policy: Option<TrafficPolicy>,
-        actor: Option<&str>,
-        kind: &str,
+        by: &Actor,
         reason: &str,
     ) -> Result<Option<Arc<Routing>>, TrafficError> {
         let _publishing = self.publishing();
-        let f = self
-            .registry
-            .function(name)
-            .ok_or_else(|| TrafficError::NoFunction(name.to_string()))?;
+        let f = self.owned(name, by)?;
         let alias = check_alias(alias)?;
         if alias.is_none()
             && let Some(r) = self.active().get(name)
@@ -204,8 +225,8 @@ impl App {
                 .map_err(TrafficError::Invalid)?;
         }
         let change = Change {
-            actor,
-            kind,
+            actor: by.key_id.as_deref(),
+            kind: "traffic",
             reason,
             rollout: None,
             extra: None,
@@ -221,14 +242,11 @@ impl App {
         name: &str,
         from: &str,
         to: &str,
-        actor: Option<&str>,
+        by: &Actor,
         reason: Option<&str>,
     ) -> Result<(Arc<Routing>, Option<TrafficPolicy>), TrafficError> {
         let _publishing = self.publishing();
-        let f = self
-            .registry
-            .function(name)
-            .ok_or_else(|| TrafficError::NoFunction(name.to_string()))?;
+        let f = self.owned(name, by)?;
         if from == to {
             return Err(TrafficError::Invalid(format!(
                 "promote from {from:?} to itself"
@@ -258,7 +276,7 @@ impl App {
             None => format!("promoted from {from}"),
         };
         let change = Change {
-            actor,
+            actor: by.key_id.as_deref(),
             kind: "promote",
             reason: &reason,
             rollout: None,
@@ -266,7 +284,7 @@ impl App {
         };
         let routing = self
             .store_policy(name, to_alias, Some(&source), change)?
-            .unwrap_or_else(|| Arc::new(Routing::new(source, 0)));
+            .ok_or_else(|| anyhow::anyhow!("promote of {name} stored no policy"))?;
         Ok((routing, previous))
     }
 
@@ -274,34 +292,45 @@ impl App {
     /// (none at all, if the current one was the first: the newest version serves
     /// everything again; for an alias, it is removed). Rolling back twice returns to where
     /// it started: after a promote, this is the instant switch-back. During a rollout,
-    /// rolling back the main policy aborts it: all traffic returns to the stable version.
+    /// rolling back the main policy aborts it (all traffic returns to the stable version);
+    /// after a rollout it returns to the policy in force before the rollout started.
     /// Returns the policy now in force.
     pub fn rollback_traffic(
         &self,
         name: &str,
         alias: Option<&str>,
-        actor: Option<&str>,
+        by: &Actor,
         reason: &str,
     ) -> Result<Option<Arc<Routing>>, TrafficError> {
         let _publishing = self.publishing();
-        if self.registry.function(name).is_none() {
-            return Err(TrafficError::NoFunction(name.to_string()));
-        }
+        self.owned(name, by)?;
         let alias = check_alias(alias)?;
         let active = match alias {
             None => self.active().get(name).cloned(),
             Some(_) => None,
         };
+        let actor = by.key_id.as_deref();
         if let Some(r) = active {
-            let reason = format!("rollback during the rollout: {reason}");
-            return self.end_rollout(name, r, Phase::Aborted, actor, "rollback", &reason, None);
+            let reason = format!("rolled back during the rollout: {reason}");
+            return self.end_rollout(
+                name,
+                r,
+                Phase::Aborted,
+                actor,
+                "rollout.abort",
+                &reason,
+                None,
+            );
         }
-        let previous = self
+        let (kind, previous) = self
             .meta
             .previous_traffic(name, alias)?
             .ok_or_else(|| TrafficError::NothingToRollBack(name.to_string()))?;
-        let policy: Option<TrafficPolicy> =
-            serde_json::from_str(&previous).map_err(anyhow::Error::from)?;
+        let policy: Option<TrafficPolicy> = match (alias, kind.starts_with("rollout.")) {
+            // The steps of a rollout are one change: undone together.
+            (None, true) => self.meta.rollout(name)?.and_then(|r| r.before),
+            _ => serde_json::from_str(&previous).map_err(anyhow::Error::from)?,
+        };
         let change = Change {
             actor,
             kind: "rollback",
@@ -314,22 +343,20 @@ impl App {
 
     /// Starts a progressive rollout of `name` to `req.to`: the first step applies at once.
     ///
-    /// The stable version is the one with the largest share of the policy in force (or,
-    /// with no policy, the newest version other than the candidate).
+    /// The stable version is the only other version with traffic in the policy in force
+    /// (or, with no policy, the newest version, when the candidate is an older one).
     pub fn start_rollout(
         &self,
         name: &str,
         req: &RolloutRequest,
-        actor: Option<&str>,
+        by: &Actor,
     ) -> Result<Rollout, TrafficError> {
         let (steps, interval, gates) = req
             .resolve(self.config.rollout)
             .map_err(TrafficError::InvalidRollout)?;
         let _publishing = self.publishing();
-        let f = self
-            .registry
-            .function(name)
-            .ok_or_else(|| TrafficError::NoFunction(name.to_string()))?;
+        let f = self.owned(name, by)?;
+        let actor = by.key_id.as_deref();
         if let Some(r) = self.active().get(name) {
             return Err(TrafficError::RolloutActive(name.to_string(), describe(r)));
         }
@@ -340,26 +367,41 @@ impl App {
             )));
         }
         let current = f.routing.as_ref().map(|r| r.policy.clone());
-        if current.as_ref().and_then(|p| p.weights.get(&to)) == Some(&100) {
-            return Err(TrafficError::InvalidRollout(format!(
-                "v{to} already serves all of {name:?}'s traffic"
-            )));
-        }
-        let stable = match &current {
+        let invalid = |why: String| Err(TrafficError::InvalidRollout(why));
+        let newest = f.latest().map_or(0, |v| v.record.version);
+        // Who serves now, the candidate's share included.
+        let serving: BTreeMap<u32, u8> = match &current {
             Some(p) => p
                 .weights
                 .iter()
-                .filter(|(v, _)| **v != to)
-                .max_by_key(|(v, w)| (**w, **v))
-                .map(|(v, _)| *v),
-            None => f.versions.keys().rev().find(|v| **v != to).copied(),
+                .filter(|(_, w)| **w > 0)
+                .map(|(v, w)| (*v, *w))
+                .collect(),
+            None => [(newest, 100)].into(),
+        };
+        let share = serving.get(&to).copied().unwrap_or(0);
+        let others: Vec<u32> = serving.keys().copied().filter(|v| *v != to).collect();
+        let stable = match others[..] {
+            [stable] => stable,
+            [] if current.is_none() => {
+                return invalid(format!(
+                    "{name:?} has no traffic policy, so its newest version, v{to}, already serves everything; pin the version it replaces first (kiln traffic {name} <v>=100), then roll out"
+                ));
+            }
+            [] => return invalid(format!("v{to} already serves all of {name:?}'s traffic")),
+            _ => {
+                return invalid(format!(
+                    "{name:?}'s traffic is split between versions {others:?}; a rollout moves it from one stable version: set the policy to one version first"
+                ));
+            }
+        };
+        if steps[0] < share {
+            return invalid(format!(
+                "the first step ({}%) is below v{to}'s current share ({share}%)",
+                steps[0]
+            ));
         }
-        .ok_or_else(|| {
-            TrafficError::InvalidRollout(format!(
-                "no stable version to roll out from: v{to} is {name:?}'s only version"
-            ))
-        })?;
-        let now = now_ms();
+        let now = crate::unix_ms();
         let mut r = Rollout {
             function: name.to_string(),
             candidate: to,
@@ -372,6 +414,7 @@ impl App {
             sticky: current.as_ref().and_then(|p| p.sticky.clone()),
             shadow: current.as_ref().and_then(|p| p.shadow),
             actor: actor.map(str::to_string),
+            before: current.clone(),
             started_at_ms: now,
             step_started_ms: now,
             updated_at_ms: now,
@@ -420,13 +463,12 @@ impl App {
         &self,
         name: &str,
         control: Control,
-        actor: Option<&str>,
+        by: &Actor,
         reason: Option<&str>,
     ) -> Result<Rollout, TrafficError> {
         let _publishing = self.publishing();
-        if self.registry.function(name).is_none() {
-            return Err(TrafficError::NoFunction(name.to_string()));
-        }
+        self.owned(name, by)?;
+        let actor = by.key_id.as_deref();
         let active = self.active().get(name).cloned();
         let mut r = match active {
             Some(r) => r,
@@ -444,7 +486,7 @@ impl App {
         let reason = reason
             .map(str::to_string)
             .unwrap_or_else(|| format!("rollout {} by request", control.past()));
-        let now = now_ms();
+        let now = crate::unix_ms();
         let (kind, state) = match control {
             Control::Abort => {
                 self.end_rollout(
@@ -495,7 +537,7 @@ impl App {
     ) -> Result<Option<Arc<Routing>>, TrafficError> {
         r.state = state;
         r.outcome = Some(reason.to_string());
-        r.updated_at_ms = now_ms();
+        r.updated_at_ms = crate::unix_ms();
         let extra = check
             .as_ref()
             .map(|c| serde_json::to_value(c).unwrap_or_default());
@@ -522,7 +564,7 @@ impl App {
 
     /// Judges every running rollout whose step is over: advances it, or rolls it back.
     pub fn rollout_tick(&self) {
-        let now = now_ms();
+        let now = crate::unix_ms();
         let due: Vec<String> = self
             .active()
             .iter()
@@ -538,20 +580,18 @@ impl App {
 
     fn advance(&self, name: &str) -> Result<(), TrafficError> {
         let _publishing = self.publishing();
-        let now = now_ms();
+        let now = crate::unix_ms();
         let Some(mut r) = self.active().get(name).filter(|r| r.due(now)).cloned() else {
             return Ok(());
         };
+        // Versions are never deleted alone, and deleting the function forgets its rollout.
         let f = self.registry.function(name);
-        let versions = f
+        let (candidate, stable) = f
             .as_ref()
-            .and_then(|f| Some((f.versions.get(&r.candidate)?, f.versions.get(&r.stable)?)));
-        let Some((candidate, stable)) = versions else {
-            self.active().remove(name);
-            return Ok(());
-        };
+            .and_then(|f| Some((f.versions.get(&r.candidate)?, f.versions.get(&r.stable)?)))
+            .ok_or_else(|| anyhow::anyhow!("the versions of {name:?}'s rollout are gone"))?;
         let window = r.window(now);
-        let (cs, ss) = (candidate.stats.stats(window), stable.stats.stats(window));
+        let (cs, ss) = (candidate.routed.stats(window), stable.routed.stats(window));
         let (verdict, why) = r.judge(&cs, &ss);
         let check = Check {
             at_ms: now,
@@ -567,7 +607,6 @@ impl App {
                 self.active().insert(name.to_string(), r);
             }
             Verdict::Fail => {
-                self.metrics.rollout_rolled_back(name);
                 let reason =
                     format!("automatic rollback at step {step}/{steps} ({percent}%): {why}");
                 let actor = r.actor.clone();
@@ -580,6 +619,7 @@ impl App {
                     &reason,
                     Some(check),
                 )?;
+                self.metrics.rollout_rolled_back(name);
             }
             Verdict::Pass if step == steps => {
                 // The last step held below 100% and passed: the rollout is done there.
@@ -634,7 +674,7 @@ impl App {
     /// Loads the rollouts in progress at start. A running one starts its step's window
     /// again: the statistics it was judged on lived in memory.
     pub(super) fn resume_rollouts(&self) -> anyhow::Result<()> {
-        let now = now_ms();
+        let now = crate::unix_ms();
         let mut active = self.active();
         for mut r in self.meta.active_rollouts()? {
             if r.state == Phase::Running {

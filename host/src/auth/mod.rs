@@ -279,13 +279,6 @@ pub struct Bootstrap {
 /// Shortest `KILN_ADMIN_KEY` accepted.
 pub const MIN_ADMIN_KEY_LEN: usize = 24;
 
-fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
-}
-
 impl Auth {
     /// Opens the key table in `db_path` and the audit log at `audit_path`, and applies the
     /// bootstrap rules. Returns the new admin key's secret when one was made (to print,
@@ -424,7 +417,7 @@ impl Auth {
         created_by: Option<&str>,
     ) -> anyhow::Result<Arc<ApiKey>> {
         let hash = keys::hash(secret);
-        let created_at = now_ms() / 1000;
+        let created_at = crate::unix_ms() / 1000;
         let scope_strings: Vec<String> = scopes.iter().map(Scope::to_string).collect();
         let scope_json = serde_json::to_string(&scope_strings)?;
         self.durably(|conn| {
@@ -586,7 +579,7 @@ impl Auth {
         if key.revoked_at.is_some() {
             return Ok(Some(key));
         }
-        let at = now_ms() / 1000;
+        let at = crate::unix_ms() / 1000;
         self.durably(|conn| {
             conn.execute(
                 "UPDATE api_keys SET revoked_at = ?2 WHERE id = ?1 AND revoked_at IS NULL",
@@ -626,7 +619,7 @@ impl Auth {
             401 | 403 | 429 => "denied",
             _ => "failed",
         };
-        let at_ms = now_ms();
+        let at_ms = crate::unix_ms();
         let entry = AuditEntry {
             seq: 0,
             at_ms,

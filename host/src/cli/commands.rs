@@ -142,11 +142,7 @@ pub fn deploy(
     // The manifest names every blob by digest; signing its bytes signs the whole bundle,
     // and `signed_at` makes each signature usable once (the server keeps the newest).
     if secret.is_some() {
-        body["signed_at"] = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_millis() as i64)
-            .unwrap_or(0)
-            .into();
+        body["signed_at"] = crate::unix_ms().into();
     }
     let manifest = body.to_string();
     let headers = match &secret {

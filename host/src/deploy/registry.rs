@@ -22,6 +22,9 @@ pub struct VersionEntry {
     /// The function's name, shared by usage records and cache entries.
     pub function: Arc<str>,
     pub admission: Admission,
+    /// The slots of shadow copies sent to it: a quarter of its concurrency (at least one),
+    /// apart from those of the requests it serves, and never waited for.
+    pub shadow_slots: Admission,
     /// The version's `wasi:nn` models, by name.
     pub models: Arc<VersionModels>,
     /// The version's invocation metrics.
@@ -30,8 +33,12 @@ pub struct VersionEntry {
     pub responses: Option<Placement>,
     /// Where its guests may send HTTP requests.
     pub outbound: Outbound,
-    /// Its recent requests (what rollouts and the console read).
+    /// Its recent requests, all of them (what the console reads).
     pub stats: Window,
+    /// Its recent requests routed by the function's main traffic policy, neither forced
+    /// (`@N`, `x-kiln-version`) nor through an alias: what rollout gates judge, so that
+    /// no caller can steer them by forcing versions.
+    pub routed: Window,
     /// How its answers compared with the primaries', when it served as a shadow.
     pub shadow: ShadowWindow,
 }
@@ -142,6 +149,11 @@ impl Registry {
     /// The admission gate of a new version allowing `max_concurrency` at once.
     pub fn admission(&self, max_concurrency: u32) -> Admission {
         Admission::new(max_concurrency, self.queue_depth)
+    }
+
+    /// The gate of shadow copies to a version allowing `max_concurrency` requests.
+    pub fn shadow_slots(max_concurrency: u32) -> Admission {
+        Admission::new((max_concurrency / 4).max(1), 0)
     }
 
     /// Adds a version (creating its function entry on the first one); `info` is the
@@ -255,11 +267,13 @@ mod tests {
             record: rec(function, version),
             function: Arc::from(function),
             admission: r.admission(1),
+            shadow_slots: Registry::shadow_slots(1),
             models: Arc::default(),
             metrics: crate::meter::Metrics::new().version(function, version),
             responses: None,
             outbound: Outbound::deny_all(),
             stats: Window::default(),
+            routed: Window::default(),
             shadow: ShadowWindow::default(),
         }
     }

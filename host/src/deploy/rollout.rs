@@ -184,6 +184,9 @@ pub struct Rollout {
     pub shadow: Option<Shadow>,
     /// The API key that started it.
     pub actor: Option<String>,
+    /// The policy in force before it started: what `kiln rollback` returns to after it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub before: Option<TrafficPolicy>,
     pub started_at_ms: i64,
     /// When the current step's window began (reset when resumed or after a restart:
     /// recent statistics live in memory).
@@ -228,13 +231,11 @@ impl Rollout {
             && now_ms.saturating_sub(self.step_started_ms) >= self.interval_ms as i64
     }
 
-    /// The window of the current step, in whole seconds (what the statistics keep).
+    /// The window of the current step, in whole seconds (what the statistics keep),
+    /// rounded down so that it holds only requests made during the step.
     pub fn window(&self, now_ms: i64) -> Duration {
         let ms = now_ms.saturating_sub(self.step_started_ms).max(0) as u64;
-        Duration::from_secs(
-            ms.div_ceil(1000)
-                .clamp(1, crate::meter::window::MAX_WINDOW.as_secs()),
-        )
+        Duration::from_secs((ms / 1000).clamp(1, crate::meter::window::MAX_WINDOW.as_secs()))
     }
 
     /// Judges the candidate against the stable version over one step's window.
@@ -346,6 +347,7 @@ mod tests {
             sticky: None,
             shadow: None,
             actor: None,
+            before: None,
             started_at_ms: 0,
             step_started_ms: 0,
             updated_at_ms: 0,
@@ -395,7 +397,8 @@ mod tests {
         assert_eq!(r.policy_at(2).weights, [(1, 0), (2, 100)].into());
         assert_eq!(r.stable_policy().weights, [(1, 100), (2, 0)].into());
         assert!(!r.due(999) && r.due(1000));
-        assert_eq!(r.window(1500), Duration::from_secs(2));
+        assert_eq!(r.window(1500), Duration::from_secs(1));
+        assert_eq!(r.window(2999), Duration::from_secs(2));
     }
 
     #[test]

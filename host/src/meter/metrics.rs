@@ -235,7 +235,7 @@ impl Metrics {
         let shadow = Family::<ShadowLabels, Counter>::default();
         registry.register(
             "shadow_requests",
-            "Request copies sent to a shadow version, by result: match, mismatch (status or body differ), error (5xx or trap), skipped (busy or primary cut short)",
+            "Request copies to a shadow version, by result: match, mismatch (status or body differ from the primary's), skipped (not copied: body too large or unknown, no free copy slot, or the primary failed or was cut short)",
             shadow.clone(),
         );
         let shadow_seconds = Family::<ShadowSideLabels, Counter<f64, AtomicU64>>::default();

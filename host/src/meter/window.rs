@@ -35,9 +35,59 @@ fn slot_upper_us(i: usize) -> f64 {
     2f64.powi(octave as i32) * (1.0 + f64::from(fraction + 1) / f64::from(SUB))
 }
 
-#[derive(Clone)]
+/// One-second buckets over the last [`MAX_WINDOW`], oldest first: the shape every
+/// recent statistic here shares.
+struct Ring<B> {
+    start: Instant,
+    buckets: Mutex<VecDeque<(u64, B)>>,
+}
+
+impl<B: Default> Default for Ring<B> {
+    fn default() -> Self {
+        Ring {
+            start: Instant::now(),
+            buckets: Mutex::new(VecDeque::new()),
+        }
+    }
+}
+
+impl<B: Default> Ring<B> {
+    /// Updates the bucket of the current second (dropping those past the window).
+    fn record(&self, f: impl FnOnce(&mut B)) {
+        let second = self.start.elapsed().as_secs();
+        let mut buckets = self.buckets.lock().unwrap_or_else(|p| p.into_inner());
+        if buckets.back().is_none_or(|b| b.0 != second) {
+            buckets.push_back((second, B::default()));
+            while buckets
+                .front()
+                .is_some_and(|b| b.0 + MAX_WINDOW.as_secs() < second)
+            {
+                buckets.pop_front();
+            }
+        }
+        if let Some(b) = buckets.back_mut() {
+            f(&mut b.1);
+        }
+    }
+
+    /// Visits the buckets of the last `window` (the current second and the whole seconds
+    /// before it); returns the window used (1 s to [`MAX_WINDOW`]).
+    fn visit(&self, window: Duration, mut f: impl FnMut(&B)) -> Duration {
+        let window = window.min(MAX_WINDOW).max(Duration::from_secs(1));
+        let from = self
+            .start
+            .elapsed()
+            .as_secs()
+            .saturating_sub(window.as_secs() - 1);
+        let buckets = self.buckets.lock().unwrap_or_else(|p| p.into_inner());
+        for (_, b) in buckets.iter().filter(|b| b.0 >= from) {
+            f(b);
+        }
+        window
+    }
+}
+
 struct Bucket {
-    second: u64,
     requests: u64,
     errors: u64,
     cold: u64,
@@ -45,10 +95,9 @@ struct Bucket {
     latency: Box<[u32; SLOTS]>,
 }
 
-impl Bucket {
-    fn new(second: u64) -> Self {
+impl Default for Bucket {
+    fn default() -> Self {
         Bucket {
-            second,
             requests: 0,
             errors: 0,
             cold: 0,
@@ -59,18 +108,9 @@ impl Bucket {
 }
 
 /// One version's recent requests.
+#[derive(Default)]
 pub struct Window {
-    start: Instant,
-    buckets: Mutex<VecDeque<Bucket>>,
-}
-
-impl Default for Window {
-    fn default() -> Self {
-        Window {
-            start: Instant::now(),
-            buckets: Mutex::new(VecDeque::new()),
-        }
-    }
+    ring: Ring<Bucket>,
 }
 
 /// What a window shows.
@@ -93,41 +133,22 @@ pub struct Stats {
 }
 
 impl Window {
-    fn now_second(&self) -> u64 {
-        self.start.elapsed().as_secs()
-    }
-
     /// Records one finished request.
     pub fn record(&self, took: Duration, error: bool, cold: bool, cache_hit: bool) {
-        let second = self.now_second();
-        let mut buckets = self.buckets.lock().unwrap_or_else(|p| p.into_inner());
-        if buckets.back().is_none_or(|b| b.second != second) {
-            buckets.push_back(Bucket::new(second));
-            while buckets
-                .front()
-                .is_some_and(|b| b.second + MAX_WINDOW.as_secs() < second)
-            {
-                buckets.pop_front();
-            }
-        }
-        if let Some(b) = buckets.back_mut() {
+        self.ring.record(|b| {
             b.requests += 1;
             b.errors += u64::from(error);
             b.cold += u64::from(cold);
             b.cache_hits += u64::from(cache_hit);
             b.latency[slot(took.as_micros() as u64)] += 1;
-        }
+        });
     }
 
     /// The statistics of the last `window` (at most [`MAX_WINDOW`]).
     pub fn stats(&self, window: Duration) -> Stats {
-        let window = window.min(MAX_WINDOW).max(Duration::from_secs(1));
-        let now = self.now_second();
-        let from = now.saturating_sub(window.as_secs() - 1);
-        let buckets = self.buckets.lock().unwrap_or_else(|p| p.into_inner());
         let mut latency = [0u64; SLOTS];
         let (mut requests, mut errors, mut cold, mut hits) = (0, 0, 0, 0);
-        for b in buckets.iter().filter(|b| b.second >= from) {
+        let window = self.ring.visit(window, |b| {
             requests += b.requests;
             errors += b.errors;
             cold += b.cold;
@@ -135,8 +156,7 @@ impl Window {
             for (sum, n) in latency.iter_mut().zip(b.latency.iter()) {
                 *sum += u64::from(*n);
             }
-        }
-        drop(buckets);
+        });
         let percentile = |p: f64| -> Option<f64> {
             if requests == 0 {
                 return None;
@@ -171,24 +191,14 @@ impl Window {
 }
 
 /// Comparisons of one shadow version with the primaries it shadowed, over the same
-/// sliding window as [`Window`] (counters only, per second).
+/// sliding window as [`Window`] (counters only).
+#[derive(Default)]
 pub struct ShadowWindow {
-    start: Instant,
-    buckets: Mutex<VecDeque<ShadowBucket>>,
-}
-
-impl Default for ShadowWindow {
-    fn default() -> Self {
-        ShadowWindow {
-            start: Instant::now(),
-            buckets: Mutex::new(VecDeque::new()),
-        }
-    }
+    ring: Ring<ShadowBucket>,
 }
 
 #[derive(Clone, Copy, Default)]
 struct ShadowBucket {
-    second: u64,
     compared: u64,
     mismatches: u64,
     errors: u64,
@@ -219,29 +229,9 @@ pub struct ShadowStats {
 }
 
 impl ShadowWindow {
-    fn with_bucket(&self, f: impl FnOnce(&mut ShadowBucket)) {
-        let second = self.start.elapsed().as_secs();
-        let mut buckets = self.buckets.lock().unwrap_or_else(|p| p.into_inner());
-        if buckets.back().is_none_or(|b| b.second != second) {
-            buckets.push_back(ShadowBucket {
-                second,
-                ..ShadowBucket::default()
-            });
-            while buckets
-                .front()
-                .is_some_and(|b| b.second + MAX_WINDOW.as_secs() < second)
-            {
-                buckets.pop_front();
-            }
-        }
-        if let Some(b) = buckets.back_mut() {
-            f(b);
-        }
-    }
-
     /// Records one compared copy.
     pub fn compared(&self, matched: bool, error: bool, primary: Duration, shadow: Duration) {
-        self.with_bucket(|b| {
+        self.ring.record(|b| {
             b.compared += 1;
             b.mismatches += u64::from(!matched);
             b.errors += u64::from(error);
@@ -252,27 +242,20 @@ impl ShadowWindow {
 
     /// Records a copy that was not sent.
     pub fn skipped(&self) {
-        self.with_bucket(|b| b.skipped += 1);
+        self.ring.record(|b| b.skipped += 1);
     }
 
     /// The comparisons of the last `window` (at most [`MAX_WINDOW`]).
     pub fn stats(&self, window: Duration) -> ShadowStats {
-        let window = window.min(MAX_WINDOW).max(Duration::from_secs(1));
-        let from = self
-            .start
-            .elapsed()
-            .as_secs()
-            .saturating_sub(window.as_secs() - 1);
-        let buckets = self.buckets.lock().unwrap_or_else(|p| p.into_inner());
         let mut t = ShadowBucket::default();
-        for b in buckets.iter().filter(|b| b.second >= from) {
+        let window = self.ring.visit(window, |b| {
             t.compared += b.compared;
             t.mismatches += b.mismatches;
             t.errors += b.errors;
             t.skipped += b.skipped;
             t.primary_us += b.primary_us;
             t.shadow_us += b.shadow_us;
-        }
+        });
         let mean = |us: u64| (t.compared > 0).then(|| us as f64 / t.compared as f64 / 1000.0);
         ShadowStats {
             window_s: window.as_secs(),

@@ -90,6 +90,8 @@ pub(super) struct Usage {
     /// A shadow copy: billed like any request, but kept out of the version's request
     /// statistics (it is judged by comparison instead).
     pub(super) shadow: bool,
+    /// Routed by the main policy: also counted in what rollout gates judge.
+    routed: bool,
     request_id: String,
     start_ms: i64,
     started: Instant,
@@ -116,11 +118,9 @@ impl Usage {
             tenant,
             written: false,
             shadow: false,
+            routed: false,
             request_id: request_id.to_str().unwrap_or_default().to_string(),
-            start_ms: std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.as_millis() as i64)
-                .unwrap_or(0),
+            start_ms: crate::unix_ms(),
             started: Instant::now(),
             head,
             cold: false,
@@ -148,12 +148,11 @@ impl Usage {
                 Outcome::Trap | Outcome::Timeout | Outcome::GuestError
             );
         if !self.shadow {
-            self.entry.stats.record(
-                wall,
-                error,
-                self.cold,
-                self.cache == CacheStatus::Hit.as_str(),
-            );
+            let hit = self.cache == CacheStatus::Hit.as_str();
+            self.entry.stats.record(wall, error, self.cold, hit);
+            if self.routed {
+                self.entry.routed.record(wall, error, self.cold, hit);
+            }
         }
         let ledger = self.app.ledger.as_ref()?;
         let us = |d: Duration| d.as_micros() as u64;
@@ -197,11 +196,6 @@ impl Usage {
         !self.written
             && self.app.ledger.is_some()
             && self.app.config.metering.durability == Durability::Strict
-    }
-
-    /// Drops the record unwritten: nothing ran (a shadow copy that was not sent).
-    pub(super) fn discard(mut self) {
-        self.written = true;
     }
 
     /// Writes the record of a request answered with an error (no body to wait for).
@@ -277,15 +271,22 @@ pub async fn handle(
     id: &HeaderValue,
 ) -> Result<Response<Body>, ApiError> {
     let (target, rest) = parse_fn_path(req.uri().path())?;
-    let (entry, tenant, shadowed) = admit(app, &req, target)?;
+    let Admit {
+        entry,
+        tenant,
+        owner,
+        routed,
+        shadow: shadowed,
+    } = admit(app, &req, target)?;
     let placement = &entry.responses;
     let head = req.method() == http::Method::HEAD;
-    let mut usage = Usage::new(app, &entry, tenant.clone(), id, placement.is_some(), head);
+    let mut usage = Usage::new(app, &entry, tenant, id, placement.is_some(), head);
+    usage.routed = routed;
     let rest = rest.to_string();
     let req = req.map(incoming);
     // A request copied to a shadow is read whole first: the shadow gets the same bytes.
     let (req, copy) = match shadowed {
-        Some(to) => match shadow::read_whole(app, &entry, req, &rest, id, tenant, to).await {
+        Some(to) => match shadow::read_whole(app, &entry, req, &rest, id, owner, to).await {
             Ok((req, copy)) => (req, Some(copy)),
             Err(e) => {
                 usage.fail(&e).await;
@@ -322,21 +323,15 @@ pub async fn handle(
             if let Some(copy) = copy {
                 let (parts, body) = resp.into_parts();
                 let (body, primary) = Tapped::new(body);
-                shadow::spawn(
-                    app.clone(),
-                    &entry,
-                    copy,
-                    parts.status,
-                    usage.started,
-                    primary,
-                );
+                let took = usage.started.elapsed();
+                shadow::spawn(app.clone(), &entry, copy, parts.status, took, primary);
                 resp = Response::from_parts(parts, body.boxed_unsync());
             }
             Ok(usage.finish(resp, guard).await)
         }
         Err(e) => {
             if let Some(copy) = copy {
-                shadow::skip(app, &copy);
+                shadow::skip(app, &copy.to);
             }
             usage.fail(&e).await;
             Err(e)
@@ -344,13 +339,23 @@ pub async fn handle(
     }
 }
 
-/// What [`admit`] decided: the version, the tenant billed, the shadow to copy to.
-type Admit = (Arc<VersionEntry>, Arc<str>, Option<Arc<VersionEntry>>);
+/// What [`admit`] decided.
+struct Admit {
+    /// The version that serves the request.
+    entry: Arc<VersionEntry>,
+    /// The tenant billed: the key's, or the owner's when no key was needed.
+    tenant: Arc<str>,
+    /// The function's owner (who pays for its shadow copies).
+    owner: Arc<str>,
+    /// Routed by the main policy: neither forced nor through an alias.
+    routed: bool,
+    /// The shadow version the request is to be copied to, if drawn and eligible.
+    shadow: Option<Arc<VersionEntry>>,
+}
 
 /// Checks who calls (a key of the owning tenant with an invoke scope, or anyone for a
-/// public function) and the key's and the function's rate limits; picks the version.
-/// Returns it with the tenant billed (the key's, or the owner's when no key was needed)
-/// and the shadow version the request is to be copied to, if drawn.
+/// public function) and the key's and the function's rate limits; picks the version and,
+/// when the policy has a shadow, whether this request is copied to it.
 /// An anonymous caller learns nothing of private functions: they answer 401 as if absent.
 fn admit(app: &App, req: &Request<Incoming>, target: FnTarget<'_>) -> Result<Admit, ApiError> {
     let FnTarget {
@@ -396,18 +401,31 @@ fn admit(app: &App, req: &Request<Incoming>, target: FnTarget<'_>) -> Result<Adm
         Caller::Open | Caller::Anonymous => f.owner.clone(),
     };
     // A forced version is someone looking at one version: not shadowed.
-    let shadow = match (forced, routing) {
+    let drawn = match (forced, routing) {
         (None, Some(r)) => r
             .shadow_for(entry.record.version)
             .and_then(|v| f.versions.get(&v).cloned()),
         _ => None,
     };
-    Ok((entry, tenant, shadow))
+    let shadow = drawn.filter(|to| {
+        let eligible = shadow::eligible(req);
+        if !eligible {
+            shadow::skip(app, to);
+        }
+        eligible
+    });
+    Ok(Admit {
+        entry,
+        tenant,
+        owner: f.owner.clone(),
+        routed: forced.is_none() && alias.is_none_or(|a| a == crate::deploy::DEFAULT_ALIAS),
+        shadow,
+    })
 }
 
 /// Refuses a body announced larger than the limit (reading a modest one first, so the
 /// client sees the answer rather than a reset).
-pub(super) async fn refuse_large(entry: &VersionEntry, req: Request<Body>, max: u64) -> ApiError {
+async fn refuse_large(entry: &VersionEntry, req: Request<Body>, max: u64) -> ApiError {
     entry.metrics.record(Outcome::Rejected, None, false);
     let len = content_length(&req).unwrap_or(0);
     if len <= super::body::DRAIN_CAP as u64 {
@@ -436,7 +454,7 @@ async fn streamed(
     let (body, stats) = LimitedBody::new(body, max_body);
     usage.body_stats = Some(stats.clone());
     let (resp, admitted, timings) =
-        run(app, entry, parts, body, rest, usage, Some(&stats), true).await?;
+        run(app, entry, parts, body, rest, usage, Some(&stats), None).await?;
     let (mut parts, body) = resp.into_parts();
     let cache = cache.map(|c| (c, Duration::ZERO));
     set_server_timing(&mut parts.headers, Some(&timings), cache);
@@ -503,7 +521,7 @@ async fn cached(
         Lookup::Miss(mut fill) => {
             let lookup = looked.elapsed();
             let (resp, admitted, timings) =
-                run(app, entry, parts, full(body), rest, usage, None, true).await?;
+                run(app, entry, parts, full(body), rest, usage, None, None).await?;
             let (mut head, body) = resp.into_parts();
             let body = if responses::storable(head.status, &head.headers) {
                 match collect_up_to(body, app.responses.max_entry()).await {
@@ -585,9 +603,9 @@ async fn collect_up_to(
     Ok(Ok(buf.freeze()))
 }
 
-/// Runs the guest: admission (waiting in the version's queue when `queue`, else only if a
-/// slot is free now), load (cold start), a fresh instance. Returns the guest's response
-/// head, the concurrency permit its body must hold, and where the time went.
+/// Runs the guest: admission (unless `permit` is a slot already taken), load (cold start),
+/// a fresh instance. Returns the guest's response head, the concurrency permit its body
+/// must hold, and where the time went.
 #[allow(clippy::too_many_arguments)]
 pub(super) async fn run<B>(
     app: &Arc<App>,
@@ -597,7 +615,7 @@ pub(super) async fn run<B>(
     rest: &str,
     usage: &mut Usage,
     stats: Option<&BodyStats>,
-    queue: bool,
+    permit: Option<Admitted>,
 ) -> Result<(Response<ResponseBody>, Admitted, Timings), ApiError>
 where
     B: http_body::Body<Data = bytes::Bytes> + Send + 'static,
@@ -605,14 +623,14 @@ where
 {
     let record = &entry.record;
     let started = Instant::now();
-    let admitted = match queue {
-        true => {
+    let admitted = match permit {
+        Some(p) => Ok(p),
+        None => {
             entry
                 .admission
                 .admit(Duration::from_millis(record.limits.timeout_ms))
                 .await
         }
-        false => entry.admission.try_admit(),
     };
     let admitted = match admitted {
         Ok(a) => a,
@@ -686,7 +704,7 @@ where
     Ok((outcome?, admitted, timings))
 }
 
-pub(super) fn content_length<B>(req: &Request<B>) -> Option<u64> {
+fn content_length<B>(req: &Request<B>) -> Option<u64> {
     req.headers()
         .get(header::CONTENT_LENGTH)?
         .to_str()

@@ -1,10 +1,18 @@
 //! Shadow traffic: a share of a function's requests (the traffic policy's `shadow`) is
-//! copied to another version after the primary has answered. The copy runs on its own
-//! task, only if the shadow version has a free concurrency slot (it never queues), and its
-//! answer is compared with the primary's (status, and the blake3 of the body) and thrown
-//! away: the client never waits for it. Each comparison lands in the shadow version's
-//! [`ShadowWindow`](crate::meter::ShadowWindow) and in `kiln_shadow_*` metrics. A copy is
-//! billed like any request (request id `<id>.shadow`), to the tenant the primary billed.
+//! copied to another version after the primary has answered, and the copy's answer is
+//! compared with the primary's (status, and the blake3 of the body) and thrown away: the
+//! client never waits for it.
+//!
+//! What keeps copies from hurting the primaries: only requests with a known body of at
+//! most [`MAX_COPY_BYTES`] (and not `HEAD`) are copied, the body is read within the
+//! version's timeout; a copy starts once the primary's body has ended, only if one of the
+//! shadow version's own copy slots is free (a quarter of its concurrency, apart from the
+//! slots of the requests it serves; never waited for), so copies in flight are bounded;
+//! and it runs on a runtime of its own whose threads have the lowest CPU priority, so a
+//! busy machine runs primaries first. Each outcome lands in the shadow version's
+//! [`ShadowWindow`](crate::meter::ShadowWindow) and in `kiln_shadow_*` metrics; latencies
+//! on both sides are to the response head. A copy is billed like any request (request id
+//! `<id>.shadow`), to the function's owner.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -12,17 +20,22 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use http::{HeaderValue, Request, StatusCode, header};
 use http_body_util::BodyExt;
+use hyper::body::Incoming;
 
 use super::body::{Body, full};
 use super::data_plane::{self, Usage};
 use crate::api::ApiError;
 use crate::app::App;
-use crate::deploy::VersionEntry;
+use crate::deploy::{Admitted, VersionEntry};
 use crate::meter::Outcome;
+
+/// Largest request body copied to a shadow.
+pub const MAX_COPY_BYTES: u64 = 1 << 20;
 
 /// A request as the shadow will get it.
 pub(super) struct ShadowCopy {
-    to: Arc<VersionEntry>,
+    /// The shadow version.
+    pub(super) to: Arc<VersionEntry>,
     tenant: Arc<str>,
     parts: http::request::Parts,
     body: Bytes,
@@ -30,23 +43,38 @@ pub(super) struct ShadowCopy {
     request_id: HeaderValue,
 }
 
-/// Reads the request body whole (within the body limit) and keeps a copy for the shadow
-/// version `to`; gives back the request with the same bytes for the primary.
+/// Whether a request drawn for the shadow can be copied: not `HEAD` (its body is never
+/// read, so there is nothing to compare), with a body of known size within
+/// [`MAX_COPY_BYTES`] (a large or streamed upload goes straight to the primary).
+pub(super) fn eligible(req: &Request<Incoming>) -> bool {
+    req.method() != http::Method::HEAD
+        && http_body::Body::size_hint(req.body())
+            .exact()
+            .is_some_and(|n| n <= MAX_COPY_BYTES)
+}
+
+/// Reads the request body whole (within the version's timeout) and keeps a copy for the
+/// shadow version `to`; gives back the request with the same bytes for the primary.
 pub(super) async fn read_whole(
     app: &App,
     primary: &VersionEntry,
     req: Request<Body>,
     rest: &str,
     request_id: &HeaderValue,
-    tenant: Arc<str>,
+    owner: Arc<str>,
     to: Arc<VersionEntry>,
 ) -> Result<(Request<Body>, ShadowCopy), ApiError> {
-    let max_body = app.config.max_body_bytes;
-    if data_plane::content_length(&req).is_some_and(|len| len > max_body) {
-        return Err(data_plane::refuse_large(primary, req, max_body).await);
-    }
+    let max_body = app.config.max_body_bytes.min(MAX_COPY_BYTES);
     let (parts, body) = req.into_parts();
-    let body = data_plane::read_body(primary, body, max_body).await?;
+    let timeout = Duration::from_millis(primary.record.limits.timeout_ms);
+    let body = tokio::time::timeout(timeout, data_plane::read_body(primary, body, max_body))
+        .await
+        .map_err(|_| {
+            ApiError::InvalidRequest(format!(
+                "the request body did not arrive within {} ms",
+                timeout.as_millis()
+            ))
+        })??;
     let mut copy = Request::new(()).into_parts().0;
     copy.method = parts.method.clone();
     copy.uri = parts.uri.clone();
@@ -54,7 +82,7 @@ pub(super) async fn read_whole(
     copy.headers = parts.headers.clone();
     let shadow = ShadowCopy {
         to,
-        tenant,
+        tenant: owner,
         parts: copy,
         body: body.clone(),
         rest: rest.to_string(),
@@ -63,42 +91,89 @@ pub(super) async fn read_whole(
     Ok((Request::from_parts(parts, full(body)), shadow))
 }
 
-/// Counts a copy that will not be sent (the primary failed or was cut short).
-pub(super) fn skip(app: &App, copy: &ShadowCopy) {
-    copy.to.shadow.skipped();
+/// Counts a copy to `to` that will not be sent (not eligible, the primary failed or
+/// was cut short, or no copy slot was free).
+pub(super) fn skip(app: &App, to: &VersionEntry) {
+    to.shadow.skipped();
     app.metrics
-        .shadowed(&copy.to.function, copy.to.record.version, "skipped", None);
+        .shadowed(&to.function, to.record.version, "skipped", None);
 }
 
 /// Sends `copy` once the primary's body has ended (`answered` gives its hash), and
-/// compares. The primary answered `status`; its request started at `started`.
+/// compares. The primary answered `status`, its head `primary_took` after it started.
 pub(super) fn spawn(
     app: Arc<App>,
     primary: &VersionEntry,
     copy: ShadowCopy,
     status: StatusCode,
-    started: Instant,
+    primary_took: Duration,
     answered: tokio::sync::oneshot::Receiver<Option<blake3::Hash>>,
 ) {
     let wait = Duration::from_millis(primary.record.limits.timeout_ms);
+    // Waiting for the primary costs nothing; it stays on the server's runtime, so the
+    // slot check below never waits behind starved low-priority work.
     tokio::spawn(async move {
-        match tokio::time::timeout(wait, answered).await {
-            Ok(Ok(Some(hash))) => {
-                let primary_took = started.elapsed();
-                compare(&app, copy, status, hash, primary_took).await;
-            }
-            _ => skip(&app, &copy),
+        let hash = match tokio::time::timeout(wait, answered).await {
+            Ok(Ok(Some(hash))) => hash,
+            _ => return skip(&app, &copy.to),
+        };
+        let Ok(slot) = copy.to.shadow_slots.try_admit() else {
+            return skip(&app, &copy.to);
+        };
+        let task = compare(app, copy, status, hash, primary_took, slot);
+        match background() {
+            Some(rt) => drop(rt.spawn(task)),
+            None => drop(tokio::spawn(task)),
         }
     });
 }
 
+/// The runtime copies run on (`None` if it could not be made: then the server's).
+fn background() -> Option<&'static tokio::runtime::Runtime> {
+    static RUNTIME: std::sync::OnceLock<Option<tokio::runtime::Runtime>> =
+        std::sync::OnceLock::new();
+    RUNTIME
+        .get_or_init(|| {
+            let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+            tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(threads)
+                .thread_name("kiln-shadow")
+                .on_thread_start(lowest_priority)
+                .enable_all()
+                .build()
+                .map_err(|e| tracing::warn!("shadow runtime: {e}; copies share the server's"))
+                .ok()
+        })
+        .as_ref()
+}
+
+/// Gives the calling thread the lowest CPU priority (nice 19): it runs when primaries
+/// leave the CPU idle.
+fn lowest_priority() {
+    #[cfg(target_os = "linux")]
+    {
+        // SAFETY: plain system calls on the calling thread (Linux keeps a nice value per
+        // thread; `gettid` names this one), no memory is shared with the kernel.
+        #[allow(unsafe_code)]
+        let failed = unsafe {
+            let tid = libc::syscall(libc::SYS_gettid) as libc::id_t;
+            libc::setpriority(libc::PRIO_PROCESS, tid, 19) != 0
+        };
+        if failed {
+            tracing::debug!("could not lower the priority of a shadow thread");
+        }
+    }
+}
+
 async fn compare(
-    app: &Arc<App>,
+    app: Arc<App>,
     copy: ShadowCopy,
     status: StatusCode,
     hash: blake3::Hash,
     primary_took: Duration,
+    slot: Admitted,
 ) {
+    let app = &app;
     let to = copy.to.clone();
     let id = HeaderValue::from_str(&format!(
         "{}.shadow",
@@ -120,17 +195,11 @@ async fn compare(
         &copy.rest,
         &mut usage,
         None,
-        false,
+        Some(slot),
     )
     .await;
+    let took = started.elapsed();
     let (matched, error) = match ran {
-        Err(ApiError::Overloaded(_)) => {
-            usage.discard();
-            to.shadow.skipped();
-            app.metrics
-                .shadowed(&to.function, to.record.version, "skipped", None);
-            return;
-        }
         Err(e) => {
             usage.fail(&e).await;
             (false, true)
@@ -164,7 +233,6 @@ async fn compare(
             )
         }
     };
-    let took = started.elapsed();
     to.shadow.compared(matched, error, primary_took, took);
     let result = if matched { "match" } else { "mismatch" };
     app.metrics.shadowed(

@@ -134,7 +134,8 @@ CREATE TABLE IF NOT EXISTS history (
     actor       TEXT,
     kind        TEXT NOT NULL,
     reason      TEXT NOT NULL DEFAULT '',
-    detail      TEXT NOT NULL DEFAULT '{}'
+    detail      TEXT NOT NULL DEFAULT '{}',
+    tenant      TEXT                         -- the function's owner then
 );
 CREATE INDEX IF NOT EXISTS history_function ON history (function, seq);
 -- The latest progressive rollout of each function (JSON Rollout), active or ended.
@@ -198,6 +199,7 @@ impl MetaStore {
             ("version_seq", "last_signed_at", "INTEGER"),
             ("functions", "tenant", "TEXT NOT NULL DEFAULT 'default'"),
             ("functions", "public", "INTEGER NOT NULL DEFAULT 0"),
+            ("history", "tenant", "TEXT"),
         ];
         for (table, column, decl) in columns {
             let present: bool = conn
@@ -413,7 +415,7 @@ impl MetaStore {
     ) -> anyhow::Result<u64> {
         let mut conn = self.conn();
         let tx = conn.transaction()?;
-        let now_ms = now_ms();
+        let now_ms = crate::unix_ms();
         let previous: Option<(String, i64)> = match alias {
             None => tx.query_row(
                 "SELECT policy, revision FROM traffic WHERE function = ?1",
@@ -484,7 +486,7 @@ impl MetaStore {
     ) -> anyhow::Result<()> {
         let mut conn = self.conn();
         let tx = conn.transaction()?;
-        let now_ms = now_ms();
+        let now_ms = crate::unix_ms();
         let detail = serde_json::json!({"rollout": {"candidate": rollout.candidate, "stable": rollout.stable, "step": rollout.step + 1, "percent": rollout.percent()}});
         insert_history(&tx, function, now_ms, actor, kind, reason, &detail)?;
         upsert_rollout(&tx, function, rollout, now_ms)?;
@@ -522,36 +524,39 @@ impl MetaStore {
     }
 
     /// The policy (main, or `alias`'s) in force before the current one (JSON, `null` for
-    /// none), from the history entry that made the current revision; `None` when it never
-    /// changed.
+    /// none), from the history entry that made the current revision, with that entry's
+    /// kind; `None` when it never changed.
     pub fn previous_traffic(
         &self,
         function: &str,
         alias: Option<&str>,
-    ) -> anyhow::Result<Option<String>> {
+    ) -> anyhow::Result<Option<(String, String)>> {
         let conn = self.conn();
-        let detail: Option<String> = match alias {
+        let row: Option<(String, String)> = match alias {
             None => conn.query_row(
-                "SELECT h.detail FROM history h JOIN traffic t ON t.function = h.function
+                "SELECT h.kind, h.detail FROM history h JOIN traffic t ON t.function = h.function
                  WHERE h.function = ?1 AND json_extract(h.detail, '$.alias') IS NULL
                    AND json_extract(h.detail, '$.revision') = t.revision
                  ORDER BY h.seq DESC LIMIT 1",
                 [function],
-                |r| r.get(0),
+                |r| Ok((r.get(0)?, r.get(1)?)),
             ),
             Some(a) => conn.query_row(
-                "SELECT h.detail FROM history h
+                "SELECT h.kind, h.detail FROM history h
                  JOIN aliases x ON x.function = h.function AND x.alias = ?2
                  WHERE h.function = ?1 AND json_extract(h.detail, '$.alias') = ?2
                    AND json_extract(h.detail, '$.revision') = x.revision
                  ORDER BY h.seq DESC LIMIT 1",
                 [function, a],
-                |r| r.get(0),
+                |r| Ok((r.get(0)?, r.get(1)?)),
             ),
         }
         .optional()?;
-        Ok(match detail {
-            Some(d) => Some(serde_json::from_str::<serde_json::Value>(&d)?["previous"].to_string()),
+        Ok(match row {
+            Some((kind, d)) => Some((
+                kind,
+                serde_json::from_str::<serde_json::Value>(&d)?["previous"].to_string(),
+            )),
             None => None,
         })
     }
@@ -576,14 +581,21 @@ impl MetaStore {
         Ok(rows.collect::<Result<_, _>>()?)
     }
 
-    /// `function`'s history, newest first, at most `limit` entries.
-    pub fn history(&self, function: &str, limit: u32) -> anyhow::Result<Vec<serde_json::Value>> {
+    /// `function`'s history, newest first, at most `limit` entries; with `tenant`, only
+    /// the entries made while that tenant owned the function (a name can change hands
+    /// after a delete).
+    pub fn history(
+        &self,
+        function: &str,
+        limit: u32,
+        tenant: Option<&str>,
+    ) -> anyhow::Result<Vec<serde_json::Value>> {
         let conn = self.conn();
         let mut stmt = conn.prepare(
             "SELECT seq, at_ms, actor, kind, reason, detail FROM history
-             WHERE function = ?1 ORDER BY seq DESC LIMIT ?2",
+             WHERE function = ?1 AND (?3 IS NULL OR tenant = ?3) ORDER BY seq DESC LIMIT ?2",
         )?;
-        let rows = stmt.query_map(params![function, limit], |r| {
+        let rows = stmt.query_map(params![function, limit, tenant], |r| {
             let at_ms: i64 = r.get(1)?;
             let detail: String = r.get(5)?;
             Ok(serde_json::json!({
@@ -630,13 +642,6 @@ pub struct TrafficChange<'a> {
     pub extra: Option<&'a serde_json::Value>,
 }
 
-fn now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
-}
-
 fn insert_history(
     tx: &rusqlite::Transaction<'_>,
     function: &str,
@@ -647,8 +652,8 @@ fn insert_history(
     detail: &serde_json::Value,
 ) -> rusqlite::Result<usize> {
     tx.execute(
-        "INSERT INTO history (function, at_ms, actor, kind, reason, detail)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+        "INSERT INTO history (function, at_ms, actor, kind, reason, detail, tenant)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, (SELECT tenant FROM functions WHERE name = ?1))",
         params![function, at_ms, actor, kind, reason, detail.to_string()],
     )
 }
