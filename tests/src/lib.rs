@@ -564,6 +564,17 @@ impl TestServer {
         self.cli_as(ADMIN_KEY, args)
     }
 
+    /// Runs the CLI as admin, asserting success; returns its standard output.
+    pub fn cli_ok(&self, args: &[&str]) -> String {
+        let out = self.cli(args);
+        assert!(
+            out.status.success(),
+            "kiln {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    }
+
     /// Runs the `kiln` CLI against this server with API key `key` (empty: none).
     pub fn cli_as(&self, key: &str, args: &[&str]) -> std::process::Output {
         let mut cmd = Command::new(kiln_bin());

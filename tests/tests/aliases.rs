@@ -28,16 +28,6 @@ fn served(server: &TestServer, path: &str) -> (u32, bool) {
     )
 }
 
-fn cli_ok(server: &TestServer, args: &[&str]) -> String {
-    let out = server.cli(args);
-    assert!(
-        out.status.success(),
-        "{args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
-}
-
 #[test]
 fn aliases_route_by_name_and_promote_swaps_them_with_a_warm_switch_back() {
     let mut server = TestServer::start();
@@ -48,10 +38,7 @@ fn aliases_route_by_name_and_promote_swaps_them_with_a_warm_switch_back() {
         put_alias(&server, "prod", &json!({"weights": {"1": 100}})).status,
         200
     );
-    let out = cli_ok(
-        &server,
-        &["traffic", "hello", "2=100", "--alias", "staging"],
-    );
+    let out = server.cli_ok(&["traffic", "hello", "2=100", "--alias", "staging"]);
     assert_eq!(out.trim(), "hello:staging (revision 1): 2=100");
     assert_eq!(served(&server, "/fn/hello:prod/").0, 1);
     assert_eq!(served(&server, "/fn/hello:staging/").0, 2);
@@ -76,10 +63,7 @@ fn aliases_route_by_name_and_promote_swaps_them_with_a_warm_switch_back() {
         (3, true),
         "the first request to a version after a restart is cold"
     );
-    let out = cli_ok(
-        &server,
-        &["promote", "hello", "--from", "staging", "--to", "prod"],
-    );
+    let out = server.cli_ok(&["promote", "hello", "--from", "staging", "--to", "prod"]);
     assert_eq!(out.trim(), "hello:prod (revision 2): 2=100");
     assert_eq!(served(&server, "/fn/hello:prod/"), (2, false));
     let history = server.get("/v1/functions/hello/history").json();
@@ -90,17 +74,14 @@ fn aliases_route_by_name_and_promote_swaps_them_with_a_warm_switch_back() {
     );
     assert_eq!(last["reason"], "promoted from staging");
     assert_eq!(last["detail"]["previous"]["weights"], json!({"1": 100}));
-    let out = cli_ok(
-        &server,
-        &[
-            "rollback",
-            "hello",
-            "--alias",
-            "prod",
-            "--reason",
-            "bad numbers",
-        ],
-    );
+    let out = server.cli_ok(&[
+        "rollback",
+        "hello",
+        "--alias",
+        "prod",
+        "--reason",
+        "bad numbers",
+    ]);
     assert_eq!(out.trim(), "hello:prod (revision 3): 1=100");
     assert_eq!(
         served(&server, "/fn/hello:prod/"),
@@ -114,12 +95,9 @@ fn aliases_route_by_name_and_promote_swaps_them_with_a_warm_switch_back() {
     );
 
     // Promoting onto the main policy: what /fn/hello/ serves.
-    cli_ok(
-        &server,
-        &["promote", "hello", "--from", "staging", "--to", "default"],
-    );
+    server.cli_ok(&["promote", "hello", "--from", "staging", "--to", "default"]);
     assert_eq!(served(&server, "/fn/hello/").0, 2);
-    let shown = cli_ok(&server, &["traffic", "hello"]);
+    let shown = server.cli_ok(&["traffic", "hello"]);
     assert!(
         shown.contains("hello (revision 1): 2=100")
             && shown.contains("hello:prod (revision 3): 1=100")

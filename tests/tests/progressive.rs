@@ -81,6 +81,15 @@ impl Drop for Load {
     }
 }
 
+/// Starts a rollout of `svc` (`body`), calls each of `paths` from 4 threads until it has
+/// ended, and returns it as it ended.
+fn rollout_under_load(server: &TestServer, body: &Value, paths: &[&str]) -> Value {
+    let a = start(server, body);
+    assert_eq!(a.status, 201, "{}", a.text());
+    let _load: Vec<Load> = paths.iter().map(|p| Load::start(server, p)).collect();
+    wait_until_ended(server)
+}
+
 /// Polls the rollout until its state is no longer `running` (or 60 s pass).
 fn wait_until_ended(server: &TestServer) -> Value {
     let deadline = Instant::now() + Duration::from_secs(60);
@@ -164,16 +173,11 @@ fn callers_forcing_the_candidate_cannot_steer_its_gates() {
     let server = TestServer::start();
     // Routed traffic gets 404 from hostile (not an error); forced calls to /panic fail.
     two_versions(&server, "hello", "hostile");
-    let a = start(
+    let r = rollout_under_load(
         &server,
         &json!({"to": 2, "steps": [50, 100], "interval": "1s", "min_requests": 10, "max_p99_ratio": 10}),
+        &["/fn/svc/healthy", "/fn/svc@2/panic"],
     );
-    assert_eq!(a.status, 201, "{}", a.text());
-    let r = {
-        let _routed = Load::start(&server, "/fn/svc/healthy");
-        let _forced = Load::start(&server, "/fn/svc@2/panic");
-        wait_until_ended(&server)
-    };
     assert_eq!(r["state"], "completed", "{r}");
     let all = server.get("/v1/functions/svc/versions/2/stats").json();
     assert!(
@@ -187,15 +191,11 @@ fn a_slow_candidate_fails_the_latency_gate() {
     let server = TestServer::start();
     // On /sleep, hostile sleeps 40 ms; hello answers at once.
     two_versions(&server, "hello", "hostile");
-    let a = start(
+    let r = rollout_under_load(
         &server,
         &json!({"to": 2, "steps": [50, 100], "interval": "1s", "min_requests": 10, "max_p99_ratio": 3}),
+        &["/fn/svc/sleep?ms=40"],
     );
-    assert_eq!(a.status, 201, "{}", a.text());
-    let r = {
-        let _load = Load::start(&server, "/fn/svc/sleep?ms=40");
-        wait_until_ended(&server)
-    };
     assert_eq!(r["state"], "rolled_back", "{r}");
     let reason = r["outcome"].as_str().unwrap();
     assert!(reason.contains("p99"), "{reason}");
@@ -206,7 +206,7 @@ fn a_slow_candidate_fails_the_latency_gate() {
 fn a_healthy_rollout_started_from_the_cli_reaches_100_percent() {
     let server = TestServer::start();
     two_versions(&server, "hello", "hello");
-    let out = server.cli(&[
+    let stdout = server.cli_ok(&[
         "rollout",
         "svc",
         "--to",
@@ -220,15 +220,9 @@ fn a_healthy_rollout_started_from_the_cli_reaches_100_percent() {
         "--max-p99-ratio",
         "10",
     ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
     // Nothing calls the function yet, so no step can pass: the command returned once the
     // rollout was started, not when it ended.
     assert_eq!(rollout(&server)["state"], "running");
-    let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
         stdout.contains("v1 -> v2 running at step 1/3 (10% on v2)"),
         "{stdout}"
@@ -264,12 +258,7 @@ fn a_healthy_rollout_started_from_the_cli_reaches_100_percent() {
         3.0
     );
     // The steps were one change: rolling back returns to the policy before the rollout.
-    let out = server.cli(&["rollback", "svc", "--reason", "undo the rollout"]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    server.cli_ok(&["rollback", "svc", "--reason", "undo the rollout"]);
     assert_eq!(weights(&server), json!({"1": 100}));
 }
 
@@ -344,18 +333,13 @@ fn rollouts_are_paused_resumed_aborted_and_own_the_traffic_meanwhile() {
         (again.status, again.error_code().as_str()),
         (409, "rollout.active")
     );
-    let out = server.cli(&[
+    server.cli_ok(&[
         "rollout",
         "svc",
         "--pause",
         "--reason",
         "checking dashboards",
     ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
     assert_eq!(rollout(&server)["state"], "paused");
     {
         let _load = Load::start(&server, "/fn/svc/");
@@ -385,12 +369,7 @@ fn rollouts_are_paused_resumed_aborted_and_own_the_traffic_meanwhile() {
         (a.status, a.json()["state"].clone()),
         (200, json!("running"))
     );
-    let out = server.cli(&["rollout", "svc", "--abort", "--reason", "wrong build"]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    server.cli_ok(&["rollout", "svc", "--abort", "--reason", "wrong build"]);
     let r = rollout(&server);
     assert_eq!(
         (r["state"].clone(), r["outcome"].clone()),

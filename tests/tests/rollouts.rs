@@ -226,7 +226,7 @@ fn concurrent_policy_updates_are_never_half_applied() {
 #[test]
 fn the_cli_sets_and_shows_traffic_and_the_policy_survives_a_restart() {
     let mut server = server_with_versions(2);
-    let out = server.cli(&[
+    let stdout = server.cli_ok(&[
         "traffic",
         "hello",
         "1=90",
@@ -234,13 +234,8 @@ fn the_cli_sets_and_shows_traffic_and_the_policy_survives_a_restart() {
         "--sticky",
         "header:x-user-id",
     ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
     assert_eq!(
-        String::from_utf8_lossy(&out.stdout).trim(),
+        stdout.trim(),
         "hello (revision 1): 1=90 2=10 sticky header:x-user-id"
     );
     let out = server.cli(&["traffic", "hello", "1=90", "2=20"]);
@@ -289,16 +284,8 @@ fn rollback_returns_to_the_previous_policy_and_says_why() {
     assert_eq!(set(&server, &json!({"weights": {"2": 100}})).status, 200);
     assert_eq!(version_of(&server.get("/fn/hello/")), 2);
 
-    let out = server.cli(&["rollback", "hello", "--reason", "v2 looks wrong"]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert_eq!(
-        String::from_utf8_lossy(&out.stdout).trim(),
-        "hello (revision 3): 1=100"
-    );
+    let stdout = server.cli_ok(&["rollback", "hello", "--reason", "v2 looks wrong"]);
+    assert_eq!(stdout.trim(), "hello (revision 3): 1=100");
     assert_eq!(version_of(&server.get("/fn/hello/")), 1);
     let h = server.get("/v1/functions/hello/history").json();
     let last = &h["history"][0];

@@ -137,16 +137,8 @@ fn identical_answers_match_bodies_are_copied_and_forced_requests_are_not_shadowe
     let server = TestServer::start();
     server.deploy_example("svc", "echo", "");
     server.deploy_example("svc", "echo", "");
-    let out = server.cli(&["traffic", "svc", "1=100", "--shadow", "2:100"]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert_eq!(
-        String::from_utf8_lossy(&out.stdout).trim(),
-        "svc (revision 1): 1=100 shadow 2:100"
-    );
+    let stdout = server.cli_ok(&["traffic", "svc", "1=100", "--shadow", "2:100"]);
+    assert_eq!(stdout.trim(), "svc (revision 1): 1=100 shadow 2:100");
     for i in 0..5 {
         let body = format!("payload {i}");
         let a = server.request("POST", "/fn/svc/x", &[], body.as_bytes());
