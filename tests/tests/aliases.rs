@@ -169,3 +169,48 @@ fn aliases_are_validated_and_can_be_removed() {
     assert_eq!(a.status, 200, "{}", a.text());
     assert_eq!(served(&server, "/fn/hello:staging/").0, 1);
 }
+
+#[test]
+fn versions_a_policy_needs_and_the_switch_back_target_stay_loaded_under_lru_pressure() {
+    // One loaded version at a time: every other load evicts.
+    let server = TestServer::start_with_config("[runtime]\nloaded_versions = 1\n");
+    for _ in 0..4 {
+        server.deploy_example("hello", "hello", "");
+    }
+    server.deploy_example("other", "hello", "");
+    let a = server.request(
+        "PUT",
+        "/v1/functions/hello/traffic",
+        &[("content-type", "application/json")],
+        json!({"weights": {"4": 100}}).to_string().as_bytes(),
+    );
+    assert_eq!(a.status, 200);
+    assert_eq!(
+        put_alias(&server, "prod", &json!({"weights": {"1": 100}})).status,
+        200
+    );
+    assert_eq!(
+        put_alias(&server, "staging", &json!({"weights": {"2": 100}})).status,
+        200
+    );
+    server.cli_ok(&["promote", "hello", "--from", "staging", "--to", "prod"]);
+    let evict = || {
+        let a = server.get("/fn/other/");
+        assert_eq!(a.status, 200);
+    };
+    evict();
+    // No policy sends traffic to version 3: evicted, it is cold again.
+    assert_eq!(served(&server, "/fn/hello@3/").0, 3);
+    evict();
+    assert_eq!(served(&server, "/fn/hello@3/"), (3, true), "the LRU evicts");
+    evict();
+    assert_eq!(served(&server, "/fn/hello:prod/"), (2, false));
+    evict();
+    server.cli_ok(&["rollback", "hello", "--alias", "prod"]);
+    evict();
+    assert_eq!(
+        served(&server, "/fn/hello:prod/"),
+        (1, false),
+        "the switch-back target stayed loaded"
+    );
+}

@@ -185,6 +185,9 @@ impl App {
                 Err(e) => tracing::error!(function, alias, "stored alias unreadable: {e}"),
             }
         }
+        for f in app.registry.functions() {
+            app.keep_loaded(&f.name);
+        }
         app.resume_rollouts()?;
         let app = Arc::new(app);
         if tokio::runtime::Handle::try_current().is_ok() {
@@ -470,6 +473,8 @@ impl App {
             })?;
         self.runtime.insert_loaded(record.id, loaded);
         self.register(record.clone(), &info, models);
+        // With no main policy the new version serves everything: keep it loaded.
+        self.keep_loaded(function);
         drop(publishing);
         tracing::info!(function, version = record.version, %component, models = record.nn.models.len(), "deployed");
         Ok(record)
@@ -487,6 +492,7 @@ impl App {
         let existed = self.meta.delete_function(name)?;
         self.forget_rollout(name);
         self.clear_caches(name);
+        self.runtime.keep_loaded(name, &[]);
         if let Some(f) = self.registry.remove(name) {
             for v in f.versions.values() {
                 self.runtime.unload(v.record.id);

@@ -189,7 +189,19 @@ impl App {
         )?;
         let routing = policy.map(|p| Arc::new(Routing::new(p.clone(), revision)));
         self.registry.set_routing(name, alias, routing.clone());
+        self.keep_loaded(name);
         Ok(routing)
+    }
+
+    /// Keeps the versions function `name`'s policies need loaded (see
+    /// [`FunctionEntry::kept_versions`]).
+    pub(super) fn keep_loaded(&self, name: &str) {
+        let ids = self
+            .registry
+            .function(name)
+            .map(|f| f.kept_versions())
+            .unwrap_or_default();
+        self.runtime.keep_loaded(name, &ids);
     }
 
     /// Replaces function `name`'s traffic policy (or alias `alias`'s; `None` removes the

@@ -4,7 +4,7 @@
 //! so a reader sees the function either before or after a deploy, never halfway. SQLite
 //! remains the source of truth; the registry is rebuilt from it at start.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, RwLock};
 
 use super::admission::Admission;
@@ -68,12 +68,30 @@ pub struct FunctionEntry {
     pub routing: Option<Arc<Routing>>,
     /// Named policies (`/fn/{name}:{alias}/`): environments such as staging and prod.
     pub aliases: BTreeMap<String, Arc<Routing>>,
+    /// By policy (`""`: the main one, else the alias), the versions its previous policy
+    /// sent traffic to: the instant switch-back target, kept loaded.
+    pub standby: BTreeMap<String, BTreeSet<u32>>,
 }
 
 impl FunctionEntry {
     /// The newest version, which serves unpinned requests.
     pub fn latest(&self) -> Option<&Arc<VersionEntry>> {
         self.versions.values().next_back()
+    }
+
+    /// The versions to keep loaded: those a policy sends traffic or copies to (the newest
+    /// one, with no main policy), and each policy's previous targets. As version ids.
+    pub fn kept_versions(&self) -> Vec<i64> {
+        let mut numbers: BTreeSet<u32> = self.standby.values().flatten().copied().collect();
+        match &self.routing {
+            Some(r) => numbers.extend(r.targets()),
+            None => numbers.extend(self.latest().map(|v| v.record.version)),
+        }
+        numbers.extend(self.aliases.values().flat_map(|r| r.targets()));
+        numbers
+            .iter()
+            .filter_map(|n| self.versions.get(n).map(|v| v.record.id))
+            .collect()
     }
 
     /// The policy a request follows: alias `alias`'s (`default` is the main one), else
@@ -174,6 +192,7 @@ impl Registry {
                 limiter: None,
                 routing: None,
                 aliases: BTreeMap::new(),
+                standby: BTreeMap::new(),
             });
         f.public = info.public;
         f.versions.insert(entry.record.version, entry);
@@ -198,6 +217,12 @@ impl Registry {
             return false;
         };
         let mut f = (**f).clone();
+        let old = match alias {
+            None => f.routing.as_ref(),
+            Some(a) => f.aliases.get(a),
+        };
+        let old: BTreeSet<u32> = old.map(|r| r.targets().collect()).unwrap_or_default();
+        f.standby.insert(alias.unwrap_or_default().to_string(), old);
         match (alias, routing) {
             (None, routing) => f.routing = routing,
             (Some(a), Some(r)) => {

@@ -187,6 +187,14 @@ impl Routing {
         }
     }
 
+    /// The versions this policy sends traffic (or copies) to.
+    pub fn targets(&self) -> impl Iterator<Item = u32> + '_ {
+        self.ranges
+            .iter()
+            .map(|(_, v)| *v)
+            .chain(self.policy.shadow.map(|s| s.version))
+    }
+
     /// The version a request with `headers` goes to.
     pub fn pick(&self, headers: &HeaderMap) -> u32 {
         let key = match &self.policy.sticky {

@@ -1,10 +1,13 @@
-//! Loaded versions: a bounded LRU of `ProxyPre`s keyed by version id.
+//! Loaded versions: a bounded LRU of `ProxyPre`s keyed by version id, plus the versions
+//! kept loaded whatever the LRU evicts (those traffic policies name, and each policy's
+//! previous target, so that switching back is never a cold start).
 //!
 //! A miss maps the version's compiled artifact from disk (`Component::deserialize_file`) and
 //! pre-instantiates it: the cold start. Concurrent misses on one version share a single load.
 //! If the artifact is missing (new data dir copy, engine upgrade), it is rebuilt once from
 //! the component blob and logged, since that is a compile, not a cold start.
 
+use std::collections::HashMap;
 use std::num::NonZeroUsize;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
@@ -31,9 +34,17 @@ pub struct LoadedVersion {
 
 type Slot = Arc<OnceCell<Arc<LoadedVersion>>>;
 
-/// The LRU of loaded versions.
+/// The LRU of loaded versions, and the kept ones.
 pub(super) struct LoadedCache {
     slots: Mutex<LruCache<i64, Slot>>,
+    kept: Mutex<Kept>,
+}
+
+/// Versions kept loaded: by function, the ids; by id, the version once loaded.
+#[derive(Default)]
+struct Kept {
+    by_function: HashMap<String, Vec<i64>>,
+    versions: HashMap<i64, Option<Arc<LoadedVersion>>>,
 }
 
 impl LoadedCache {
@@ -42,6 +53,23 @@ impl LoadedCache {
             slots: Mutex::new(LruCache::new(
                 NonZeroUsize::new(capacity).unwrap_or(NonZeroUsize::MIN),
             )),
+            kept: Mutex::default(),
+        }
+    }
+
+    fn kept(&self) -> std::sync::MutexGuard<'_, Kept> {
+        self.kept.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The kept version `id`, if it is kept and loaded.
+    fn kept_version(&self, id: i64) -> Option<Arc<LoadedVersion>> {
+        self.kept().versions.get(&id).cloned().flatten()
+    }
+
+    /// Holds on to a freshly loaded version if it is one to keep.
+    fn remember(&self, id: i64, v: &Arc<LoadedVersion>) {
+        if let Some(slot) = self.kept().versions.get_mut(&id) {
+            *slot = Some(v.clone());
         }
     }
 
@@ -66,6 +94,11 @@ impl Runtime {
         if let Some(v) = slot.get() {
             return Ok((v.clone(), None));
         }
+        // Evicted from the LRU but kept: back into it, warm.
+        if let Some(v) = self.loaded.kept_version(id) {
+            let _ = slot.set(v.clone());
+            return Ok((v, None));
+        }
         let mut cold = None;
         let v = slot
             .get_or_try_init(|| async {
@@ -79,14 +112,40 @@ impl Runtime {
             .await?;
         if let Some(t) = cold {
             tracing::debug!(function, %digest, micros = t.as_micros() as u64, "cold start");
+            self.loaded.remember(id, v);
         }
         Ok((v.clone(), cold))
     }
 
     /// Puts a freshly compiled version into the LRU so its first request is warm.
     pub fn insert_loaded(&self, id: i64, version: Arc<LoadedVersion>) {
+        self.loaded.remember(id, &version);
         let slot = self.loaded.slot(id);
         let _ = slot.set(version);
+    }
+
+    /// Keeps versions `ids` of `function` loaded whatever the LRU evicts (each from its
+    /// next load on, if it is not loaded now), replacing the function's previous set; an
+    /// empty set lets them all go.
+    pub fn keep_loaded(&self, function: &str, ids: &[i64]) {
+        let mut kept = self.loaded.kept();
+        let previous = match ids.is_empty() {
+            true => kept.by_function.remove(function),
+            false => kept.by_function.insert(function.to_string(), ids.to_vec()),
+        };
+        for id in previous.unwrap_or_default() {
+            if !ids.contains(&id) {
+                kept.versions.remove(&id);
+            }
+        }
+        let slots = self.loaded.slots.lock().unwrap_or_else(|p| p.into_inner());
+        for id in ids {
+            let loaded = slots.peek(id).and_then(|s| s.get().cloned());
+            let entry = kept.versions.entry(*id).or_insert(None);
+            if entry.is_none() {
+                *entry = loaded;
+            }
+        }
     }
 
     /// Drops a version from memory (function deleted); in-flight requests keep their `Arc`.
