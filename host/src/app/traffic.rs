@@ -602,8 +602,14 @@ impl App {
             .as_ref()
             .and_then(|f| Some((f.versions.get(&r.candidate)?, f.versions.get(&r.stable)?)))
             .ok_or_else(|| anyhow::anyhow!("the versions of {name:?}'s rollout are gone"))?;
-        let window = r.window(now);
-        let (cs, ss) = (candidate.routed.stats(window), stable.routed.stats(window));
+        let elapsed = r.elapsed(now);
+        let (cs, ss) = (
+            candidate.routed.stats_since(elapsed),
+            stable.routed.stats_since(elapsed),
+        );
+        if !r.window_full(cs.window_s) {
+            return Ok(());
+        }
         let (verdict, why) = r.judge(&cs, &ss);
         let check = Check {
             at_ms: now,

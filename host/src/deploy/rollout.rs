@@ -231,11 +231,18 @@ impl Rollout {
             && now_ms.saturating_sub(self.step_started_ms) >= self.interval_ms as i64
     }
 
-    /// The window of the current step, in whole seconds (what the statistics keep),
-    /// rounded down so that it holds only requests made during the step.
-    pub fn window(&self, now_ms: i64) -> Duration {
-        let ms = now_ms.saturating_sub(self.step_started_ms).max(0) as u64;
-        Duration::from_secs((ms / 1000).clamp(1, crate::meter::window::MAX_WINDOW.as_secs()))
+    /// How long the current step has run.
+    pub fn elapsed(&self, now_ms: i64) -> Duration {
+        Duration::from_millis(now_ms.saturating_sub(self.step_started_ms).max(0) as u64)
+    }
+
+    /// Whether a step window of `window_s` whole seconds covers the interval (with
+    /// one-second buckets, the gate waits for the interval's last whole second to end).
+    pub fn window_full(&self, window_s: u64) -> bool {
+        window_s * 1000
+            >= self
+                .interval_ms
+                .min(crate::meter::window::MAX_WINDOW.as_millis() as u64)
     }
 
     /// Judges the candidate against the stable version over one step's window.
@@ -397,8 +404,8 @@ mod tests {
         assert_eq!(r.policy_at(2).weights, [(1, 0), (2, 100)].into());
         assert_eq!(r.stable_policy().weights, [(1, 100), (2, 0)].into());
         assert!(!r.due(999) && r.due(1000));
-        assert_eq!(r.window(1500), Duration::from_secs(1));
-        assert_eq!(r.window(2999), Duration::from_secs(2));
+        assert_eq!(r.elapsed(1500), Duration::from_millis(1500));
+        assert!(!r.window_full(0) && r.window_full(1));
     }
 
     #[test]

@@ -72,18 +72,29 @@ impl<B: Default> Ring<B> {
 
     /// Visits the buckets of the last `window` (the current second and the whole seconds
     /// before it); returns the window used (1 s to [`MAX_WINDOW`]).
-    fn visit(&self, window: Duration, mut f: impl FnMut(&B)) -> Duration {
+    fn visit(&self, window: Duration, f: impl FnMut(&B)) -> Duration {
         let window = window.min(MAX_WINDOW).max(Duration::from_secs(1));
-        let from = self
-            .start
-            .elapsed()
-            .as_secs()
-            .saturating_sub(window.as_secs() - 1);
+        let now = self.start.elapsed().as_secs();
+        self.visit_seconds(now.saturating_sub(window.as_secs() - 1)..now + 1, f);
+        window
+    }
+
+    /// Visits the buckets of the whole seconds that began at most `ago` ago and have
+    /// ended (none of the current one); returns how many seconds that is.
+    fn visit_since(&self, ago: Duration, f: impl FnMut(&B)) -> u64 {
+        let now = self.start.elapsed();
+        let since = now.saturating_sub(ago.min(MAX_WINDOW));
+        let from = since.as_secs() + u64::from(since.subsec_nanos() > 0);
+        let to = now.as_secs();
+        self.visit_seconds(from..to, f);
+        to.saturating_sub(from)
+    }
+
+    fn visit_seconds(&self, seconds: std::ops::Range<u64>, mut f: impl FnMut(&B)) {
         let buckets = self.buckets.lock().unwrap_or_else(|p| p.into_inner());
-        for (_, b) in buckets.iter().filter(|b| b.0 >= from) {
+        for (_, b) in buckets.iter().filter(|b| seconds.contains(&b.0)) {
             f(b);
         }
-        window
     }
 }
 
@@ -146,17 +157,60 @@ impl Window {
 
     /// The statistics of the last `window` (at most [`MAX_WINDOW`]).
     pub fn stats(&self, window: Duration) -> Stats {
-        let mut latency = [0u64; SLOTS];
-        let (mut requests, mut errors, mut cold, mut hits) = (0, 0, 0, 0);
-        let window = self.ring.visit(window, |b| {
-            requests += b.requests;
-            errors += b.errors;
-            cold += b.cold;
-            hits += b.cache_hits;
-            for (sum, n) in latency.iter_mut().zip(b.latency.iter()) {
-                *sum += u64::from(*n);
-            }
-        });
+        let mut sum = Sum::default();
+        let window = self.ring.visit(window, |b| sum.add(b));
+        sum.stats(window.as_secs())
+    }
+
+    /// The statistics of the whole seconds within the last `ago` that have ended: what a
+    /// rollout step is judged on (nothing from before the step, no partial second).
+    pub fn stats_since(&self, ago: Duration) -> Stats {
+        let mut sum = Sum::default();
+        let seconds = self.ring.visit_since(ago, |b| sum.add(b));
+        sum.stats(seconds)
+    }
+}
+
+/// Buckets added up.
+struct Sum {
+    requests: u64,
+    errors: u64,
+    cold: u64,
+    hits: u64,
+    latency: [u64; SLOTS],
+}
+
+impl Default for Sum {
+    fn default() -> Self {
+        Sum {
+            requests: 0,
+            errors: 0,
+            cold: 0,
+            hits: 0,
+            latency: [0; SLOTS],
+        }
+    }
+}
+
+impl Sum {
+    fn add(&mut self, b: &Bucket) {
+        self.requests += b.requests;
+        self.errors += b.errors;
+        self.cold += b.cold;
+        self.hits += b.cache_hits;
+        for (sum, n) in self.latency.iter_mut().zip(b.latency.iter()) {
+            *sum += u64::from(*n);
+        }
+    }
+
+    fn stats(&self, window_s: u64) -> Stats {
+        let Sum {
+            requests,
+            errors,
+            cold,
+            hits,
+            ref latency,
+        } = *self;
         let percentile = |p: f64| -> Option<f64> {
             if requests == 0 {
                 return None;
@@ -176,7 +230,7 @@ impl Window {
             }
         };
         Stats {
-            window_s: window.as_secs(),
+            window_s,
             requests,
             errors,
             error_rate: ratio(errors),
