@@ -216,6 +216,9 @@ pub struct NnFile {
 pub struct RuntimeConfig {
     /// Loaded versions kept pre-instantiated in memory (LRU beyond).
     pub loaded_versions: usize,
+    /// Versions that traffic policies need (their targets and each one's previous
+    /// targets), kept loaded beyond the LRU, at most.
+    pub kept_versions: usize,
     /// Instances alive at once across all functions (pool size).
     pub max_instances: u32,
     /// Ceiling on a function's `memory_mb` and size of a pool memory slot, in MiB.
@@ -247,6 +250,7 @@ impl Default for RuntimeConfig {
     fn default() -> Self {
         RuntimeConfig {
             loaded_versions: DEFAULT_LOADED_VERSIONS,
+            kept_versions: DEFAULT_LOADED_VERSIONS,
             max_instances: DEFAULT_MAX_INSTANCES,
             max_memory_mb: DEFAULT_MAX_MEMORY_MB,
             max_timeout_ms: DEFAULT_MAX_TIMEOUT_MS,
@@ -309,6 +313,7 @@ pub struct ConfigFile {
 #[serde(deny_unknown_fields)]
 pub struct RuntimeFile {
     pub loaded_versions: Option<usize>,
+    pub kept_versions: Option<usize>,
     pub max_instances: Option<u32>,
     pub max_memory_mb: Option<u64>,
     pub max_timeout_ms: Option<u64>,
@@ -388,6 +393,7 @@ impl ServerConfig {
             drain_timeout_ms: file.drain_timeout_ms.unwrap_or(DEFAULT_DRAIN_TIMEOUT_MS),
             runtime: RuntimeConfig {
                 loaded_versions: r.loaded_versions.unwrap_or(base.loaded_versions),
+                kept_versions: r.kept_versions.unwrap_or(base.kept_versions),
                 max_instances: r.max_instances.unwrap_or(base.max_instances),
                 max_memory_mb: r.max_memory_mb.unwrap_or(base.max_memory_mb),
                 max_timeout_ms: r.max_timeout_ms.unwrap_or(base.max_timeout_ms),

@@ -23,11 +23,11 @@ fn rollout_json(app: &App, r: &Rollout) -> serde_json::Value {
         && let Some(f) = app.registry.function(&r.function)
     {
         let now = crate::unix_ms();
-        let elapsed = r.elapsed(now);
+        let seconds = crate::meter::ended_seconds(r.elapsed(now));
         let stats = |version: u32| {
             f.versions
                 .get(&version)
-                .map(|e| serde_json::to_value(e.routed.stats_since(elapsed)).unwrap_or_default())
+                .map(|e| serde_json::to_value(e.routed.stats_in(&seconds)).unwrap_or_default())
         };
         v["current"] = serde_json::json!({
             "candidate": stats(r.candidate),

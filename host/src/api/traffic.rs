@@ -228,7 +228,8 @@ pub(super) fn stats(
         }
     }
     let entry = app.registry.route(name, Some(n))?;
-    let mut json = serde_json::to_value(entry.stats.stats(window)).unwrap_or_default();
+    let stats = crate::meter::Window::combined(&[&entry.routed, &entry.other], window);
+    let mut json = serde_json::to_value(stats).unwrap_or_default();
     json["function"] = name.into();
     json["version"] = n.into();
     json["shadow"] = serde_json::to_value(entry.shadow.stats(window)).unwrap_or_default();

@@ -253,8 +253,8 @@ impl App {
                 metrics,
                 responses,
                 outbound,
-                stats: crate::meter::Window::default(),
                 routed: crate::meter::Window::default(),
+                other: crate::meter::Window::default(),
                 shadow: crate::meter::ShadowWindow::default(),
             },
             info,
@@ -473,8 +473,6 @@ impl App {
             })?;
         self.runtime.insert_loaded(record.id, loaded);
         self.register(record.clone(), &info, models);
-        // With no main policy the new version serves everything: keep it loaded.
-        self.keep_loaded(function);
         drop(publishing);
         tracing::info!(function, version = record.version, %component, models = record.nn.models.len(), "deployed");
         Ok(record)

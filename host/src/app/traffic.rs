@@ -67,13 +67,13 @@ pub struct Actor {
 }
 
 impl Actor {
-    /// The actor of an API call.
+    /// The actor of an API call (an anonymous caller owns nothing).
     pub fn of(caller: &crate::auth::Caller) -> Actor {
         Actor {
             key_id: caller.key_id().map(str::to_string),
             tenant: match caller.is_admin() {
                 true => None,
-                false => caller.tenant().map(str::to_string),
+                false => Some(caller.tenant().unwrap_or_default().to_string()),
             },
         }
     }
@@ -429,6 +429,7 @@ impl App {
             before: current.clone(),
             started_at_ms: now,
             step_started_ms: now,
+            step_started: Some(std::time::Instant::now()),
             updated_at_ms: now,
             outcome: None,
             last_check: None,
@@ -527,6 +528,7 @@ impl App {
         if state == Phase::Running {
             // The step is judged on what the candidate does from now on.
             r.step_started_ms = now;
+            r.step_started = Some(std::time::Instant::now());
             r.last_check = None;
         }
         self.meta.record_rollout(name, actor, kind, &reason, &r)?;
@@ -602,14 +604,15 @@ impl App {
             .as_ref()
             .and_then(|f| Some((f.versions.get(&r.candidate)?, f.versions.get(&r.stable)?)))
             .ok_or_else(|| anyhow::anyhow!("the versions of {name:?}'s rollout are gone"))?;
-        let elapsed = r.elapsed(now);
-        let (cs, ss) = (
-            candidate.routed.stats_since(elapsed),
-            stable.routed.stats_since(elapsed),
-        );
-        if !r.window_full(cs.window_s) {
+        // The same whole seconds for both, all inside the step.
+        let seconds = crate::meter::ended_seconds(r.elapsed(now));
+        if !r.window_full(seconds.end - seconds.start) {
             return Ok(());
         }
+        let (cs, ss) = (
+            candidate.routed.stats_in(&seconds),
+            stable.routed.stats_in(&seconds),
+        );
         let (verdict, why) = r.judge(&cs, &ss);
         let check = Check {
             at_ms: now,
@@ -658,6 +661,7 @@ impl App {
             Verdict::Pass => {
                 r.step += 1;
                 r.step_started_ms = now;
+                r.step_started = Some(std::time::Instant::now());
                 r.updated_at_ms = now;
                 r.last_check = Some(check.clone());
                 let percent = r.percent();
@@ -697,6 +701,7 @@ impl App {
         for mut r in self.meta.active_rollouts()? {
             if r.state == Phase::Running {
                 r.step_started_ms = now;
+                r.step_started = Some(std::time::Instant::now());
             }
             tracing::info!(function = r.function, "rollout resumed: {}", describe(&r));
             active.insert(r.function.clone(), r);

@@ -33,12 +33,12 @@ pub struct VersionEntry {
     pub responses: Option<Placement>,
     /// Where its guests may send HTTP requests.
     pub outbound: Outbound,
-    /// Its recent requests, all of them (what the console reads).
-    pub stats: Window,
     /// Its recent requests routed by the function's main traffic policy, neither forced
     /// (`@N`, `x-kiln-version`) nor through an alias: what rollout gates judge, so that
     /// no caller can steer them by forcing versions.
     pub routed: Window,
+    /// Its other recent requests; with `routed`, what the stats endpoint shows.
+    pub other: Window,
     /// How its answers compared with the primaries', when it served as a shadow.
     pub shadow: ShadowWindow,
 }
@@ -79,14 +79,12 @@ impl FunctionEntry {
         self.versions.values().next_back()
     }
 
-    /// The versions to keep loaded: those a policy sends traffic or copies to (the newest
-    /// one, with no main policy), and each policy's previous targets. As version ids.
+    /// The versions to keep loaded: those a policy (main or alias) sends traffic or copies
+    /// to, and each policy's previous targets. As version ids. A function without
+    /// policies keeps nothing: the LRU serves it.
     pub fn kept_versions(&self) -> Vec<i64> {
         let mut numbers: BTreeSet<u32> = self.standby.values().flatten().copied().collect();
-        match &self.routing {
-            Some(r) => numbers.extend(r.targets()),
-            None => numbers.extend(self.latest().map(|v| v.record.version)),
-        }
+        numbers.extend(self.routing.iter().flat_map(|r| r.targets()));
         numbers.extend(self.aliases.values().flat_map(|r| r.targets()));
         numbers
             .iter()
@@ -217,12 +215,24 @@ impl Registry {
             return false;
         };
         let mut f = (**f).clone();
-        let old = match alias {
-            None => f.routing.as_ref(),
-            Some(a) => f.aliases.get(a),
+        // What the policy sent traffic to until now: without a main policy, the newest.
+        let old: BTreeSet<u32> = match alias {
+            None => match &f.routing {
+                Some(r) => r.targets().collect(),
+                None => f.latest().map(|v| v.record.version).into_iter().collect(),
+            },
+            Some(a) => f
+                .aliases
+                .get(a)
+                .map(|r| r.targets().collect())
+                .unwrap_or_default(),
         };
-        let old: BTreeSet<u32> = old.map(|r| r.targets().collect()).unwrap_or_default();
-        f.standby.insert(alias.unwrap_or_default().to_string(), old);
+        let key = alias.unwrap_or_default().to_string();
+        match (alias, &routing) {
+            // A removed alias has nothing to switch back to.
+            (Some(_), None) => f.standby.remove(&key),
+            _ => f.standby.insert(key, old),
+        };
         match (alias, routing) {
             (None, routing) => f.routing = routing,
             (Some(a), Some(r)) => {
@@ -297,8 +307,8 @@ mod tests {
             metrics: crate::meter::Metrics::new().version(function, version),
             responses: None,
             outbound: Outbound::deny_all(),
-            stats: Window::default(),
             routed: Window::default(),
+            other: Window::default(),
             shadow: ShadowWindow::default(),
         }
     }

@@ -191,6 +191,10 @@ pub struct Rollout {
     /// When the current step's window began (reset when resumed or after a restart:
     /// recent statistics live in memory).
     pub step_started_ms: i64,
+    /// The same moment on the monotonic clock, while this process runs: the step's time
+    /// does not jump with the wall clock.
+    #[serde(skip)]
+    pub step_started: Option<std::time::Instant>,
     pub updated_at_ms: i64,
     /// Why it ended.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -228,12 +232,18 @@ impl Rollout {
     /// Whether the current step's interval is over (its gate is to be judged).
     pub fn due(&self, now_ms: i64) -> bool {
         self.state == Phase::Running
-            && now_ms.saturating_sub(self.step_started_ms) >= self.interval_ms as i64
+            && self.elapsed(now_ms).as_millis() >= u128::from(self.interval_ms)
     }
 
-    /// How long the current step has run.
+    /// How long the current step has run (by the monotonic clock when this process
+    /// started the step, else by the wall clock `now_ms`).
     pub fn elapsed(&self, now_ms: i64) -> Duration {
-        Duration::from_millis(now_ms.saturating_sub(self.step_started_ms).max(0) as u64)
+        match self.step_started {
+            Some(at) => at.elapsed(),
+            None => {
+                Duration::from_millis(now_ms.saturating_sub(self.step_started_ms).max(0) as u64)
+            }
+        }
     }
 
     /// Whether a step window of `window_s` whole seconds covers the interval (with
@@ -357,6 +367,7 @@ mod tests {
             before: None,
             started_at_ms: 0,
             step_started_ms: 0,
+            step_started: None,
             updated_at_ms: 0,
             outcome: None,
             last_check: None,

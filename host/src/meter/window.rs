@@ -4,6 +4,7 @@
 //! rollout health gates compare.
 
 use std::collections::VecDeque;
+use std::ops::Range;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -35,17 +36,39 @@ fn slot_upper_us(i: usize) -> f64 {
     2f64.powi(octave as i32) * (1.0 + f64::from(fraction + 1) / f64::from(SUB))
 }
 
+/// The instant every window counts its seconds from, so that the seconds of two versions
+/// line up (a gate compares them over the same seconds).
+fn epoch() -> Instant {
+    static EPOCH: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+    *EPOCH.get_or_init(Instant::now)
+}
+
+fn now_second() -> u64 {
+    epoch().elapsed().as_secs()
+}
+
+/// The whole seconds that began at most `ago` ago and have ended (not the current one),
+/// the last [`MAX_WINDOW`] of them at most: what a rollout step is judged on, the same
+/// range for every version.
+pub fn ended_seconds(ago: Duration) -> Range<u64> {
+    let now = epoch().elapsed();
+    let since = now.saturating_sub(ago);
+    let to = now.as_secs();
+    let from = (since.as_secs() + u64::from(since.subsec_nanos() > 0))
+        .max(to.saturating_sub(MAX_WINDOW.as_secs()))
+        .min(to);
+    from..to
+}
+
 /// One-second buckets over the last [`MAX_WINDOW`], oldest first: the shape every
 /// recent statistic here shares.
 struct Ring<B> {
-    start: Instant,
     buckets: Mutex<VecDeque<(u64, B)>>,
 }
 
 impl<B: Default> Default for Ring<B> {
     fn default() -> Self {
         Ring {
-            start: Instant::now(),
             buckets: Mutex::new(VecDeque::new()),
         }
     }
@@ -54,7 +77,7 @@ impl<B: Default> Default for Ring<B> {
 impl<B: Default> Ring<B> {
     /// Updates the bucket of the current second (dropping those past the window).
     fn record(&self, f: impl FnOnce(&mut B)) {
-        let second = self.start.elapsed().as_secs();
+        let second = now_second();
         let mut buckets = self.buckets.lock().unwrap_or_else(|p| p.into_inner());
         if buckets.back().is_none_or(|b| b.0 != second) {
             buckets.push_back((second, B::default()));
@@ -70,27 +93,15 @@ impl<B: Default> Ring<B> {
         }
     }
 
-    /// Visits the buckets of the last `window` (the current second and the whole seconds
-    /// before it); returns the window used (1 s to [`MAX_WINDOW`]).
-    fn visit(&self, window: Duration, f: impl FnMut(&B)) -> Duration {
-        let window = window.min(MAX_WINDOW).max(Duration::from_secs(1));
-        let now = self.start.elapsed().as_secs();
-        self.visit_seconds(now.saturating_sub(window.as_secs() - 1)..now + 1, f);
-        window
+    /// The seconds of the last `window` (1 s to [`MAX_WINDOW`], returned with them): the
+    /// current one and the whole seconds before it.
+    fn last(window: Duration) -> (Range<u64>, u64) {
+        let window = window.min(MAX_WINDOW).max(Duration::from_secs(1)).as_secs();
+        let now = now_second();
+        (now.saturating_sub(window - 1)..now + 1, window)
     }
 
-    /// Visits the buckets of the whole seconds that began at most `ago` ago and have
-    /// ended (none of the current one); returns how many seconds that is.
-    fn visit_since(&self, ago: Duration, f: impl FnMut(&B)) -> u64 {
-        let now = self.start.elapsed();
-        let since = now.saturating_sub(ago.min(MAX_WINDOW));
-        let from = since.as_secs() + u64::from(since.subsec_nanos() > 0);
-        let to = now.as_secs();
-        self.visit_seconds(from..to, f);
-        to.saturating_sub(from)
-    }
-
-    fn visit_seconds(&self, seconds: std::ops::Range<u64>, mut f: impl FnMut(&B)) {
+    fn visit(&self, seconds: &Range<u64>, mut f: impl FnMut(&B)) {
         let buckets = self.buckets.lock().unwrap_or_else(|p| p.into_inner());
         for (_, b) in buckets.iter().filter(|b| seconds.contains(&b.0)) {
             f(b);
@@ -155,19 +166,27 @@ impl Window {
         });
     }
 
-    /// The statistics of the last `window` (at most [`MAX_WINDOW`]).
-    pub fn stats(&self, window: Duration) -> Stats {
+    /// The statistics of the last `window` (at most [`MAX_WINDOW`]) over `windows` taken
+    /// together (a version's requests are split between two: routed and others).
+    pub fn combined(windows: &[&Window], window: Duration) -> Stats {
+        let (seconds, window_s) = Ring::<Bucket>::last(window);
         let mut sum = Sum::default();
-        let window = self.ring.visit(window, |b| sum.add(b));
-        sum.stats(window.as_secs())
+        for w in windows {
+            w.ring.visit(&seconds, |b| sum.add(b));
+        }
+        sum.stats(window_s)
     }
 
-    /// The statistics of the whole seconds within the last `ago` that have ended: what a
-    /// rollout step is judged on (nothing from before the step, no partial second).
-    pub fn stats_since(&self, ago: Duration) -> Stats {
+    /// The statistics of the last `window` (at most [`MAX_WINDOW`]).
+    pub fn stats(&self, window: Duration) -> Stats {
+        Window::combined(&[self], window)
+    }
+
+    /// The statistics of the seconds `seconds` (from [`ended_seconds`]).
+    pub fn stats_in(&self, seconds: &Range<u64>) -> Stats {
         let mut sum = Sum::default();
-        let seconds = self.ring.visit_since(ago, |b| sum.add(b));
-        sum.stats(seconds)
+        self.ring.visit(seconds, |b| sum.add(b));
+        sum.stats(seconds.end.saturating_sub(seconds.start))
     }
 }
 
@@ -302,7 +321,8 @@ impl ShadowWindow {
     /// The comparisons of the last `window` (at most [`MAX_WINDOW`]).
     pub fn stats(&self, window: Duration) -> ShadowStats {
         let mut t = ShadowBucket::default();
-        let window = self.ring.visit(window, |b| {
+        let (seconds, window_s) = Ring::<ShadowBucket>::last(window);
+        self.ring.visit(&seconds, |b| {
             t.compared += b.compared;
             t.mismatches += b.mismatches;
             t.errors += b.errors;
@@ -310,6 +330,7 @@ impl ShadowWindow {
             t.primary_us += b.primary_us;
             t.shadow_us += b.shadow_us;
         });
+        let window = Duration::from_secs(window_s);
         let mean = |us: u64| (t.compared > 0).then(|| us as f64 / t.compared as f64 / 1000.0);
         ShadowStats {
             window_s: window.as_secs(),
@@ -376,6 +397,26 @@ mod tests {
         assert!((1.0..1.3).contains(&p50), "{p50}");
         assert!((100.0..130.0).contains(&p99), "{p99}");
         assert_eq!(Window::default().stats(Duration::from_secs(5)).p99_ms, None);
+    }
+
+    #[test]
+    fn ended_seconds_hold_whole_seconds_only_and_at_most_the_window() {
+        let r = ended_seconds(Duration::from_secs(3600));
+        assert!(r.end - r.start <= MAX_WINDOW.as_secs());
+        let r = ended_seconds(Duration::ZERO);
+        assert!(r.is_empty());
+        let w = Window::default();
+        w.record(Duration::from_millis(1), false, false, false);
+        // The current second has not ended: nothing counted yet.
+        assert_eq!(
+            w.stats_in(&ended_seconds(Duration::from_secs(5))).requests,
+            0
+        );
+        assert_eq!(w.stats(Duration::from_secs(5)).requests, 1);
+        assert_eq!(
+            Window::combined(&[&w, &w], Duration::from_secs(5)).requests,
+            2
+        );
     }
 
     #[test]

@@ -119,16 +119,33 @@ impl Runtime {
 
     /// Puts a freshly compiled version into the LRU so its first request is warm.
     pub fn insert_loaded(&self, id: i64, version: Arc<LoadedVersion>) {
-        self.loaded.remember(id, &version);
         let slot = self.loaded.slot(id);
-        let _ = slot.set(version);
+        let _ = slot.set(version.clone());
+        self.loaded.remember(id, &version);
     }
 
     /// Keeps versions `ids` of `function` loaded whatever the LRU evicts (each from its
     /// next load on, if it is not loaded now), replacing the function's previous set; an
-    /// empty set lets them all go.
+    /// empty set lets them all go. All functions together keep at most
+    /// `[runtime] kept_versions`: past that, versions are left to the LRU.
     pub fn keep_loaded(&self, function: &str, ids: &[i64]) {
         let mut kept = self.loaded.kept();
+        let others: usize = kept
+            .by_function
+            .iter()
+            .filter(|(f, _)| f.as_str() != function)
+            .map(|(_, ids)| ids.len())
+            .sum();
+        let room = self.config.kept_versions.saturating_sub(others);
+        if ids.len() > room {
+            tracing::warn!(
+                function,
+                wanted = ids.len(),
+                room,
+                "more versions to keep loaded than [runtime] kept_versions allows; the rest are left to the LRU"
+            );
+        }
+        let ids = &ids[..ids.len().min(room)];
         let previous = match ids.is_empty() {
             true => kept.by_function.remove(function),
             false => kept.by_function.insert(function.to_string(), ids.to_vec()),
@@ -156,8 +173,16 @@ impl Runtime {
 
     /// Number of versions currently held in memory.
     pub fn loaded_count(&self) -> usize {
+        let kept = self.loaded.kept();
         let slots = self.loaded.slots.lock().unwrap_or_else(|p| p.into_inner());
-        slots.iter().filter(|(_, s)| s.initialized()).count()
+        let in_lru = slots.iter().filter(|(_, s)| s.initialized()).count();
+        // Kept versions the LRU has evicted are in memory too.
+        let evicted = kept
+            .versions
+            .iter()
+            .filter(|(id, v)| v.is_some() && slots.peek(id).is_none_or(|s| !s.initialized()))
+            .count();
+        in_lru + evicted
     }
 
     async fn map_artifact(&self, digest: &Digest, blob: &Path) -> anyhow::Result<Component> {

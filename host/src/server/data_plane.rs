@@ -149,10 +149,11 @@ impl Usage {
             );
         if !self.shadow {
             let hit = self.cache == CacheStatus::Hit.as_str();
-            self.entry.stats.record(wall, error, self.cold, hit);
-            if self.routed {
-                self.entry.routed.record(wall, error, self.cold, hit);
-            }
+            let window = match self.routed {
+                true => &self.entry.routed,
+                false => &self.entry.other,
+            };
+            window.record(wall, error, self.cold, hit);
         }
         let ledger = self.app.ledger.as_ref()?;
         let us = |d: Duration| d.as_micros() as u64;
@@ -284,10 +285,15 @@ pub async fn handle(
     usage.routed = routed;
     let rest = rest.to_string();
     let req = req.map(incoming);
-    // A request copied to a shadow is read whole first: the shadow gets the same bytes.
+    // A request copied to a shadow is read whole first: the shadow gets the same bytes,
+    // and both latencies are counted from when the body is in.
+    let mut primary_start = usage.started;
     let (req, copy) = match shadowed {
         Some(to) => match shadow::read_whole(app, &entry, req, &rest, id, owner, to).await {
-            Ok((req, copy)) => (req, Some(copy)),
+            Ok((req, copy)) => {
+                primary_start = Instant::now();
+                (req, Some(copy))
+            }
             Err(e) => {
                 usage.fail(&e).await;
                 return Err(e);
@@ -323,7 +329,7 @@ pub async fn handle(
             if let Some(copy) = copy {
                 let (parts, body) = resp.into_parts();
                 let (body, primary) = Tapped::new(body);
-                let took = usage.started.elapsed();
+                let took = primary_start.elapsed();
                 shadow::spawn(app.clone(), &entry, copy, parts.status, took, primary);
                 resp = Response::from_parts(parts, body.boxed_unsync());
             }
@@ -408,7 +414,7 @@ fn admit(app: &App, req: &Request<Incoming>, target: FnTarget<'_>) -> Result<Adm
         _ => None,
     };
     let shadow = drawn.filter(|to| {
-        let eligible = shadow::eligible(req);
+        let eligible = shadow::eligible(req, app.config.max_body_bytes);
         if !eligible {
             shadow::skip(app, to);
         }

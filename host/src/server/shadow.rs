@@ -46,11 +46,11 @@ pub(super) struct ShadowCopy {
 /// Whether a request drawn for the shadow can be copied: not `HEAD` (its body is never
 /// read, so there is nothing to compare), with a body of known size within
 /// [`MAX_COPY_BYTES`] (a large or streamed upload goes straight to the primary).
-pub(super) fn eligible(req: &Request<Incoming>) -> bool {
+pub(super) fn eligible(req: &Request<Incoming>, max_body: u64) -> bool {
     req.method() != http::Method::HEAD
         && http_body::Body::size_hint(req.body())
             .exact()
-            .is_some_and(|n| n <= MAX_COPY_BYTES)
+            .is_some_and(|n| n <= MAX_COPY_BYTES.min(max_body))
 }
 
 /// Reads the request body whole (within the version's timeout) and keeps a copy for the
@@ -120,6 +120,18 @@ pub(super) fn spawn(
         let Ok(slot) = copy.to.shadow_slots.try_admit() else {
             return skip(&app, &copy.to);
         };
+        // A cold shadow version is loaded here, at normal priority: primaries it also
+        // serves would otherwise wait on a load starved by the copies' low priority.
+        let r = &copy.to.record;
+        let blob = app.blobs.path(&r.digest);
+        if let Err(e) = app
+            .runtime
+            .load(r.id, &r.function, &r.digest, r.limits, &blob)
+            .await
+        {
+            tracing::warn!(function = %r.function, version = r.version, "shadow copy: {e:#}");
+            return skip(&app, &copy.to);
+        }
         let task = compare(app, copy, status, hash, primary_took, slot);
         match background() {
             Some(rt) => drop(rt.spawn(task)),

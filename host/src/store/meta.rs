@@ -210,6 +210,16 @@ impl MetaStore {
             if !present {
                 conn.execute_batch(&format!("ALTER TABLE {table} ADD COLUMN {column} {decl}"))
                     .with_context(|| format!("adding the {table}.{column} column"))?;
+                if (table, column) == ("history", "tenant") {
+                    // Entries made since the current owner created the function are its;
+                    // older ones belonged to an earlier owner of the name: admins only.
+                    conn.execute_batch(
+                        "UPDATE history SET tenant = (SELECT f.tenant FROM functions f
+                             WHERE f.name = history.function AND history.at_ms >= f.created_at * 1000)
+                         WHERE tenant IS NULL",
+                    )
+                    .context("filling in history.tenant")?;
+                }
             }
         }
         Ok(MetaStore {
@@ -749,5 +759,38 @@ mod tests {
         let m = all.iter().find(|r| r.function == "m").expect("m");
         assert_eq!(m.nn, with_model.nn);
         let _ = std::fs::remove_dir_all(dir);
+    }
+}
+
+#[cfg(test)]
+mod migration_tests {
+    use super::*;
+
+    #[test]
+    fn history_made_before_the_tenant_column_is_given_to_the_owner_of_its_time() {
+        let dir = std::env::temp_dir().join(format!("kiln-meta-mig-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("mkdir");
+        let path = dir.join("kiln.db");
+        {
+            // The shape an earlier Kiln left: history without its tenant.
+            let conn = Connection::open(&path).expect("open");
+            conn.execute_batch(
+                "CREATE TABLE functions (name TEXT PRIMARY KEY, created_at INTEGER NOT NULL,
+                     tenant TEXT NOT NULL DEFAULT 'default', public INTEGER NOT NULL DEFAULT 0);
+                 CREATE TABLE history (seq INTEGER PRIMARY KEY AUTOINCREMENT, function TEXT NOT NULL,
+                     at_ms INTEGER NOT NULL, actor TEXT, kind TEXT NOT NULL,
+                     reason TEXT NOT NULL DEFAULT '', detail TEXT NOT NULL DEFAULT '{}');
+                 INSERT INTO functions VALUES ('f', 100, 'team-b', 0);
+                 INSERT INTO history (function, at_ms, kind) VALUES ('f', 50000, 'traffic');
+                 INSERT INTO history (function, at_ms, kind) VALUES ('f', 150000, 'traffic');",
+            )
+            .expect("old schema");
+        }
+        let meta = MetaStore::open(&path).expect("migrate");
+        // The entry from before team-b created `f` belonged to an earlier owner.
+        assert_eq!(meta.history("f", 10, Some("team-b")).expect("b").len(), 1);
+        assert_eq!(meta.history("f", 10, None).expect("admin").len(), 2);
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }
