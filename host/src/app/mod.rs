@@ -3,6 +3,7 @@
 //! touch several of them (deploy a version, delete a function, clear its caches; traffic
 //! changes and rollouts are in [`traffic`]).
 
+mod rollout;
 mod traffic;
 
 use std::sync::Arc;
@@ -21,7 +22,8 @@ use crate::nn::embed::{self, EmbedError};
 use crate::nn::{ModelRef, NnError, NnSpec, VersionModels};
 use crate::runtime::{CompileError, Limits, Outbound, Runtime};
 use crate::store::{BlobStore, Digest, FunctionInfo, MetaStore, NewVersion, VersionRecord};
-pub use traffic::{Actor, Control, TrafficError};
+pub use rollout::Control;
+pub use traffic::{Actor, TrafficError};
 
 /// Everything a running server shares between requests.
 pub struct App {
@@ -44,7 +46,7 @@ pub struct App {
     /// so the registry never brings back a function deleted in between.
     publishing: std::sync::Mutex<()>,
     /// Rollouts running or paused, by function (stored in the database too).
-    rollouts: traffic::ActiveRollouts,
+    rollouts: rollout::ActiveRollouts,
 }
 
 /// Who deploys a version, as far as [`App::deploy`] is concerned.
@@ -191,7 +193,7 @@ impl App {
         app.resume_rollouts()?;
         let app = Arc::new(app);
         if tokio::runtime::Handle::try_current().is_ok() {
-            traffic::spawn_rollout_driver(&app);
+            rollout::spawn_rollout_driver(&app);
         }
         Ok((app, admin_secret))
     }
@@ -299,6 +301,11 @@ impl App {
         if let Some(l) = &self.ledger {
             l.close();
         }
+    }
+
+    /// Held while the database and the registry change together (see `publishing`).
+    fn publishing(&self) -> std::sync::MutexGuard<'_, ()> {
+        self.publishing.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Copies the models embedded in `component` out into blobs (held by `tenant`, who
@@ -447,7 +454,7 @@ impl App {
             .load_all(&models)
             .await
             .map_err(|(name, error)| DeployError::Model { name, error })?;
-        let publishing = self.publishing.lock().unwrap_or_else(|p| p.into_inner());
+        let publishing = self.publishing();
         let (record, info) = self
             .meta
             .create_version(&NewVersion {
@@ -481,7 +488,7 @@ impl App {
     /// Deletes a function and every version; false when there was none (or, with
     /// `owner`, when it is not that tenant's).
     pub fn delete_function(&self, name: &str, owner: Option<&str>) -> anyhow::Result<bool> {
-        let _publishing = self.publishing.lock().unwrap_or_else(|p| p.into_inner());
+        let _publishing = self.publishing();
         if let (Some(owner), Some(f)) = (owner, self.registry.function(name))
             && *f.owner != *owner
         {

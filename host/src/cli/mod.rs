@@ -4,6 +4,7 @@
 mod client;
 mod commands;
 mod serve;
+mod traffic;
 
 use std::path::PathBuf;
 
@@ -429,11 +430,11 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             alias,
             output,
             server,
-        } => commands::traffic(
+        } => traffic::traffic(
             &server.client(),
             &name,
             &weights,
-            commands::Extras {
+            traffic::Extras {
                 sticky,
                 shadow,
                 alias,
@@ -446,7 +447,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             to,
             reason,
             server,
-        } => commands::promote(&server.client(), &name, &from, &to, reason),
+        } => traffic::promote(&server.client(), &name, &from, &to, reason),
         Command::Rollout {
             name,
             to,
@@ -473,30 +474,30 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                         "max_error_rate": max_error_rate,
                         "max_p99_ratio": max_p99_ratio,
                     });
-                    commands::rollout_start(&client, &name, body, output)
+                    traffic::rollout_start(&client, &name, body, output)
                 }
                 (None, true, ..) => {
-                    commands::rollout_control(&client, &name, "pause", reason, output)
+                    traffic::rollout_control(&client, &name, "pause", reason, output)
                 }
                 (None, _, true, _) => {
-                    commands::rollout_control(&client, &name, "resume", reason, output)
+                    traffic::rollout_control(&client, &name, "resume", reason, output)
                 }
                 (None, _, _, true) => {
-                    commands::rollout_control(&client, &name, "abort", reason, output)
+                    traffic::rollout_control(&client, &name, "abort", reason, output)
                 }
-                _ => commands::rollout_show(&client, &name, output),
+                _ => traffic::rollout_show(&client, &name, output),
             }
         }
         Command::History {
             name,
             output,
             server,
-        } => commands::history(&server.client(), &name, output),
+        } => traffic::history(&server.client(), &name, output),
         Command::Rollback {
             name,
             reason,
             alias,
             server,
-        } => commands::rollback(&server.client(), &name, reason, alias),
+        } => traffic::rollback(&server.client(), &name, reason, alias),
     }
 }

@@ -139,6 +139,17 @@ pub enum Phase {
 }
 
 impl Phase {
+    /// Its name, as in JSON.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Phase::Running => "running",
+            Phase::Paused => "paused",
+            Phase::Completed => "completed",
+            Phase::RolledBack => "rolled_back",
+            Phase::Aborted => "aborted",
+        }
+    }
+
     /// Running or paused: it owns the function's traffic policy.
     pub fn active(self) -> bool {
         matches!(self, Phase::Running | Phase::Paused)

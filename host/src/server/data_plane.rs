@@ -3,7 +3,7 @@
 //! admission gate, loads the version (cold start if needed), runs the guest on a fresh
 //! instance with the path rewritten to `/{rest...}`, adds `x-kiln-version`,
 //! `x-kiln-cache` and `server-timing` to the response, and writes the request's usage
-//! record when its body has been sent. A request drawn for the traffic policy's shadow
+//! record ([`super::usage`]) when its body has been sent. A request drawn for the traffic policy's shadow
 //! has its body read whole first, and is copied to the shadow once answered ([`super::shadow`]).
 
 use std::sync::Arc;
@@ -14,17 +14,17 @@ use http::{HeaderValue, Request, Response, Uri, header};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 
-use super::body::{Body, BodyStats, Finishing, LimitedBody, OnEnd, Tapped, full, incoming};
+use super::body::{Body, BodyStats, LimitedBody, Tapped, full, incoming};
 use super::shadow;
+use super::usage::Usage;
 use crate::api::ApiError;
 use crate::app::App;
 use crate::auth::{AuthError, Caller};
 use crate::cache::responses::{self, CacheStatus, CachedResponse};
 use crate::cache::{Lookup, Placement};
 use crate::deploy::{Admitted, RouteError, VersionEntry};
-use crate::meter::{Durability, Outcome, UsageRecord};
-use crate::nn::{Device, InferenceTime};
-use crate::runtime::{GuestUsage, InvokeError, ResponseBody, Timings};
+use crate::meter::Outcome;
+use crate::runtime::{InvokeError, ResponseBody, Timings};
 
 /// What `/fn/{target}/` names: a function, and a version or an alias of it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -77,190 +77,6 @@ pub fn parse_fn_path(path: &str) -> Result<(FnTarget<'_>, &str), ApiError> {
 
 /// Request header forcing a version (and response header naming the one that answered).
 pub const VERSION_HEADER: &str = "x-kiln-version";
-
-/// What the usage record of one request has gathered so far. It is written exactly once:
-/// when the response body ends, when the request fails, or (dropped unwritten) when the
-/// client went away first; into the version's recent stats always, into the ledger when
-/// metering is on.
-pub(super) struct Usage {
-    app: Arc<App>,
-    entry: Arc<VersionEntry>,
-    tenant: Arc<str>,
-    written: bool,
-    /// A shadow copy: billed like any request, but kept out of the version's request
-    /// statistics (it is judged by comparison instead).
-    pub(super) shadow: bool,
-    /// Routed by the main policy: also counted in what rollout gates judge.
-    routed: bool,
-    request_id: String,
-    start_ms: i64,
-    started: Instant,
-    head: bool,
-    cold: bool,
-    cache: &'static str,
-    bytes_in: u64,
-    body_stats: Option<Arc<BodyStats>>,
-    guest: Option<(Arc<GuestUsage>, Arc<InferenceTime>)>,
-}
-
-impl Usage {
-    pub(super) fn new(
-        app: &Arc<App>,
-        entry: &Arc<VersionEntry>,
-        tenant: Arc<str>,
-        request_id: &HeaderValue,
-        caching: bool,
-        head: bool,
-    ) -> Usage {
-        Usage {
-            app: app.clone(),
-            entry: entry.clone(),
-            tenant,
-            written: false,
-            shadow: false,
-            routed: false,
-            request_id: request_id.to_str().unwrap_or_default().to_string(),
-            start_ms: crate::unix_ms(),
-            started: Instant::now(),
-            head,
-            cold: false,
-            cache: if caching { "miss" } else { "off" },
-            bytes_in: 0,
-            body_stats: None,
-            guest: None,
-        }
-    }
-
-    /// Writes the record (once); in strict mode the receiver completes when it is durable.
-    pub(super) fn write(
-        &mut self,
-        outcome: Outcome,
-        status: u16,
-        bytes_out: u64,
-    ) -> Option<tokio::sync::oneshot::Receiver<()>> {
-        if std::mem::replace(&mut self.written, true) {
-            return None;
-        }
-        let wall = self.started.elapsed();
-        let error = status >= 500
-            || matches!(
-                outcome,
-                Outcome::Trap | Outcome::Timeout | Outcome::GuestError
-            );
-        if !self.shadow {
-            let hit = self.cache == CacheStatus::Hit.as_str();
-            let window = match self.routed {
-                true => &self.entry.routed,
-                false => &self.entry.other,
-            };
-            window.record(wall, error, self.cold, hit);
-        }
-        let ledger = self.app.ledger.as_ref()?;
-        let us = |d: Duration| d.as_micros() as u64;
-        let bytes_in = self
-            .body_stats
-            .as_ref()
-            .map_or(self.bytes_in, |s| s.read.load(Ordering::Relaxed));
-        let (cpu, memory, inf_cpu, inf_gpu) = match &self.guest {
-            Some((g, nn)) => (
-                us(g.cpu().saturating_sub(nn.inline())),
-                g.memory_peak(),
-                us(nn.on(Device::Cpu)),
-                us(nn.on(Device::Gpu)),
-            ),
-            None => (0, 0, 0, 0),
-        };
-        let mut r = UsageRecord {
-            request_id: std::mem::take(&mut self.request_id),
-            tenant: self.tenant.clone(),
-            function: self.entry.function.clone(),
-            version: self.entry.record.version,
-            start_ms: self.start_ms,
-            wall_us: us(wall),
-            cpu_us: cpu,
-            memory_peak_bytes: memory,
-            inference_cpu_us: inf_cpu,
-            inference_gpu_us: inf_gpu,
-            bytes_in,
-            bytes_out,
-            cold: self.cold,
-            cache: self.cache,
-            outcome,
-            status,
-            cost: 0,
-        };
-        r.cost = self.app.config.pricing.cost(&r);
-        ledger.submit(r)
-    }
-
-    fn strict(&self) -> bool {
-        !self.written
-            && self.app.ledger.is_some()
-            && self.app.config.metering.durability == Durability::Strict
-    }
-
-    /// Writes the record of a request answered with an error (no body to wait for).
-    pub(super) async fn fail(mut self, e: &ApiError) {
-        if let Some(ack) = self.write(outcome_of(e), e.status().as_u16(), 0) {
-            let _ = ack.await;
-        }
-    }
-
-    /// Attaches the record to `resp`'s body: it is written when the body ends, and in
-    /// strict mode the body's end waits for it. A response without a body to wait on
-    /// (HEAD, empty) is recorded here, and in strict mode only answered once durable.
-    async fn finish(mut self, resp: Response<Body>, guard: Option<Admitted>) -> Response<Body> {
-        let status = resp.status();
-        let (parts, body) = resp.into_parts();
-        let bodiless = self.head
-            || http_body::Body::is_end_stream(&body)
-            || http_body::Body::size_hint(&body).exact() == Some(0)
-            || status == http::StatusCode::NO_CONTENT
-            || status == http::StatusCode::NOT_MODIFIED;
-        if bodiless
-            && self.strict()
-            && let Some(ack) = self.write(Outcome::Ok, status.as_u16(), 0)
-        {
-            let _ = ack.await;
-        }
-        let strict = self.strict();
-        let timeout = Duration::from_millis(self.entry.record.limits.timeout_ms);
-        let on_end: Option<OnEnd> = (!self.written).then(|| {
-            Box::new(move |sent: u64, failed: bool| {
-                // A body cut short by the guest: it trapped, or ran out of time mid-stream.
-                let outcome = match failed {
-                    false => Outcome::Ok,
-                    true if self.started.elapsed() >= timeout => Outcome::Timeout,
-                    true => Outcome::Trap,
-                };
-                self.write(outcome, status.as_u16(), sent)
-            }) as OnEnd
-        });
-        Response::from_parts(
-            parts,
-            Finishing::new(body, guard, on_end, strict).boxed_unsync(),
-        )
-    }
-}
-
-impl Drop for Usage {
-    fn drop(&mut self) {
-        // Neither answered nor failed: the client went away while the function ran. What
-        // it used is still billed.
-        drop(self.write(Outcome::Cancelled, 499, 0));
-    }
-}
-
-pub(super) fn outcome_of(e: &ApiError) -> Outcome {
-    match e {
-        ApiError::Invoke(InvokeError::Timeout(_)) => Outcome::Timeout,
-        ApiError::Invoke(InvokeError::NoResponse | InvokeError::GuestError(_)) => {
-            Outcome::GuestError
-        }
-        ApiError::Invoke(_) | ApiError::Internal(_) => Outcome::Trap,
-        _ => Outcome::Rejected,
-    }
-}
 
 /// A response and the concurrency permit its body holds (none for a cache hit).
 type Served = (Response<Body>, Option<Admitted>);

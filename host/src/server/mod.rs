@@ -7,6 +7,7 @@ mod data_plane;
 mod listener;
 mod router;
 mod shadow;
+mod usage;
 
 pub use body::{Body, BodyError, DRAIN_CAP, LimitedBody, drain, empty, full};
 pub use listener::serve;

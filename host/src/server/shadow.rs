@@ -23,7 +23,8 @@ use http_body_util::BodyExt;
 use hyper::body::Incoming;
 
 use super::body::{Body, full};
-use super::data_plane::{self, Usage};
+use super::data_plane;
+use super::usage::Usage;
 use crate::api::ApiError;
 use crate::app::App;
 use crate::deploy::{Admitted, VersionEntry};
