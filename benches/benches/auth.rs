@@ -4,7 +4,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use criterion::{Criterion, criterion_group, criterion_main};
-use kiln_host::auth::{Auth, Bootstrap, Caller, NewKey};
+use kiln_host::auth::{AuditLog, Auth, Bootstrap, Caller, KeyStore, NewKey};
 
 fn auth_benches(c: &mut Criterion) {
     let dir = std::env::temp_dir().join(format!("kiln-auth-bench-{}", std::process::id()));
@@ -15,15 +15,26 @@ fn auth_benches(c: &mut Criterion) {
         listen: "127.0.0.1:0".parse().unwrap(),
         insecure: false,
     };
-    let (auth, _) = Auth::open(&dir.join("kiln.db"), &dir.join("audit.db"), &boot, None).unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let (auth, _) = rt
+        .block_on(Auth::open(
+            KeyStore::sqlite(&dir.join("kiln.db")).unwrap(),
+            AuditLog::sqlite(&dir.join("audit.db")).unwrap(),
+            &boot,
+            None,
+        ))
+        .unwrap();
     let new = |rate: Option<&str>| NewKey {
         tenant: "bench".into(),
         scopes: vec!["invoke:*".into()],
         rate: rate.map(|r| r.parse().unwrap()),
     };
-    let (_, plain) = auth.create(&new(None), &Caller::Open).unwrap();
-    let (_, limited) = auth
-        .create(&new(Some("1000000000/s")), &Caller::Open)
+    let (_, plain) = rt.block_on(auth.create(&new(None), &Caller::Open)).unwrap();
+    let (_, limited) = rt
+        .block_on(auth.create(&new(Some("1000000000/s")), &Caller::Open))
         .unwrap();
     let headers = |key: &str| {
         let mut h = http::HeaderMap::new();

@@ -9,9 +9,10 @@ use std::sync::Arc;
 
 use criterion::{Criterion, criterion_group, criterion_main};
 use http_body_util::{BodyExt, Empty};
+use kiln_host::common::{Digest, Limits};
 use kiln_host::config::{NnConfig, RuntimeConfig};
-use kiln_host::runtime::{Limits, Runtime, Timings};
-use kiln_host::store::{BlobStore, Digest};
+use kiln_host::runtime::{Runtime, Timings};
+use kiln_host::store::{BlobStore, BlobsUrl};
 
 fn hello_wasm() -> Vec<u8> {
     let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -32,11 +33,13 @@ fn runtime_benches(c: &mut Criterion) {
         .unwrap();
     let dir = std::env::temp_dir().join(format!("kiln-bench-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
-    let models = kiln_host::nn::open(&NnConfig::default(), Default::default()).unwrap();
-    let runtime = Arc::new(Runtime::new(RuntimeConfig::default(), &dir, models).unwrap());
-    let blobs = BlobStore::open(&dir).unwrap();
+    let blobs = Arc::new(BlobStore::open(&dir, &BlobsUrl::Folder, 0).unwrap());
+    let models =
+        kiln_host::nn::open(&NnConfig::default(), Default::default(), blobs.clone()).unwrap();
+    let runtime =
+        Arc::new(Runtime::new(RuntimeConfig::default(), &dir, models, blobs.clone()).unwrap());
     let bytes = hello_wasm();
-    let digest: Digest = blobs.put(&bytes).unwrap();
+    let digest: Digest = rt.block_on(blobs.put(&bytes)).unwrap();
     let limits = Limits::default();
     let loaded = rt
         .block_on(runtime.compile("hello", bytes, digest, limits))
@@ -72,20 +75,16 @@ fn runtime_benches(c: &mut Criterion) {
         })
     });
 
-    let blob = blobs.path(&digest);
     let mut id = 1_000_000;
     c.bench_function(
         "cold_start/hello (evicted version: map .cwasm + link)",
         |b| {
             b.to_async(&rt).iter(|| {
                 id += 1;
-                let (runtime, blob) = (runtime.clone(), blob.clone());
+                let runtime = runtime.clone();
                 let this = id;
                 async move {
-                    let (_, cold) = runtime
-                        .load(this, "hello", &digest, limits, &blob)
-                        .await
-                        .unwrap();
+                    let (_, cold) = runtime.load(this, "hello", &digest, limits).await.unwrap();
                     assert!(cold.is_some());
                     runtime.unload(this);
                 }

@@ -16,7 +16,7 @@ fuzz_target!(|data: &[u8]| {
         let _ = m.nn_spec();
         let _ = m.cache.clone().validate();
         let _ = kiln_host::runtime::parse_patterns(&m.allowed_outbound_hosts);
-        let limits = m.limits.resolve(&kiln_host::runtime::Limits::default());
+        let limits = m.limits.resolve(&kiln_host::common::Limits::default());
         let _ = limits.check(&RuntimeConfig::default());
     }
 });

@@ -8,7 +8,7 @@
 use kiln_host::api::functions::bare_upload_params;
 use kiln_host::auth::signing;
 use kiln_host::nn::embed;
-use kiln_host::store::Digest;
+use kiln_host::common::Digest;
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

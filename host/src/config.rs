@@ -11,8 +11,9 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, bail};
 use serde::Deserialize;
 
+use crate::common::Limits;
 use crate::meter::{Durability, Pricing};
-use crate::runtime::Limits;
+use crate::store::{BlobsUrl, DEFAULT_CACHE_MB, DatabaseUrl};
 
 /// Default address the server listens on.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
@@ -90,6 +91,65 @@ pub struct ServerConfig {
     pub auth: AuthConfig,
     /// Default health gates of progressive rollouts (`[rollout]`).
     pub rollout: crate::deploy::Gates,
+    /// Where durable state lives (`[store]`).
+    pub store: StoreConfig,
+    /// This node's id; `None`: the one kept in the data dir.
+    pub node_id: Option<String>,
+}
+
+/// Storage settings (`[store]`, `--blobs`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StoreConfig {
+    /// Where blobs live: unset for `<data>/blobs`, or
+    /// `s3://bucket[/prefix]?endpoint=http://host:port&region=R`.
+    #[serde(default, deserialize_with = "parse_blobs_url")]
+    pub blobs: BlobsUrl,
+    /// The database: `sqlite` (the data dir's files) or `postgres://...`.
+    #[serde(default, deserialize_with = "parse_database_url")]
+    pub database: DatabaseUrl,
+    /// Bound on this node's local copies of a bucket's blobs and compiled artifacts, in MiB.
+    #[serde(default = "default_cache_mb")]
+    pub cache_mb: u64,
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        StoreConfig {
+            blobs: BlobsUrl::Folder,
+            database: DatabaseUrl::Sqlite,
+            cache_mb: DEFAULT_CACHE_MB,
+        }
+    }
+}
+
+fn default_cache_mb() -> u64 {
+    DEFAULT_CACHE_MB
+}
+
+fn parse_database_url<'de, D: serde::Deserializer<'de>>(d: D) -> Result<DatabaseUrl, D::Error> {
+    String::deserialize(d)?
+        .parse()
+        .map_err(serde::de::Error::custom)
+}
+
+fn parse_blobs_url<'de, D: serde::Deserializer<'de>>(d: D) -> Result<BlobsUrl, D::Error> {
+    String::deserialize(d)?
+        .parse()
+        .map_err(serde::de::Error::custom)
+}
+
+/// What `kiln serve`'s flags and `KILN_*` variables set; each overrides the file.
+#[derive(Debug, Clone, Default)]
+pub struct Overrides {
+    pub listen: Option<String>,
+    pub data_dir: Option<PathBuf>,
+    /// `--blobs` / `KILN_BLOBS_URL`.
+    pub blobs: Option<String>,
+    /// `--database` / `KILN_DATABASE_URL`.
+    pub database: Option<String>,
+    /// `--node-id` / `KILN_NODE_ID`.
+    pub node_id: Option<String>,
 }
 
 /// Authentication settings (`[auth]`, plus the bootstrap from flags and the environment).
@@ -98,7 +158,7 @@ pub struct ServerConfig {
 pub struct AuthConfig {
     /// Rate limit of keys created without `--rate` (unset: none).
     #[serde(default)]
-    pub default_key_rate: Option<crate::auth::Rate>,
+    pub default_key_rate: Option<crate::common::Rate>,
     /// Publisher keys trusted for every tenant: once any applies to a tenant, its deploys
     /// must be signed by one of them.
     #[serde(default)]
@@ -306,6 +366,8 @@ pub struct ConfigFile {
     pub auth: AuthConfig,
     #[serde(default)]
     pub rollout: crate::deploy::Gates,
+    #[serde(default)]
+    pub store: StoreConfig,
 }
 
 /// The `[runtime]` table of the configuration file.
@@ -339,13 +401,26 @@ impl ConfigFile {
 
 impl ServerConfig {
     /// Merges the file (if any) with the already-resolved flag/env values and validates.
-    /// `listen` and `data_dir` are `Some` when given as a flag or `KILN_*` variable.
     /// `onnxruntime_library` comes from `ORT_DYLIB_PATH` when the file names none.
-    pub fn resolve(
-        file: ConfigFile,
-        listen: Option<String>,
-        data_dir: Option<PathBuf>,
-    ) -> anyhow::Result<Self> {
+    pub fn resolve(file: ConfigFile, flags: Overrides) -> anyhow::Result<Self> {
+        let Overrides {
+            listen,
+            data_dir,
+            blobs,
+            database,
+            node_id,
+        } = flags;
+        let mut store = file.store;
+        if let Some(url) = blobs.filter(|b| !b.is_empty()) {
+            store.blobs = url
+                .parse()
+                .map_err(|e: String| anyhow::anyhow!("--blobs: {e}"))?;
+        }
+        if let Some(url) = database.filter(|d| !d.is_empty()) {
+            store.database = url
+                .parse()
+                .map_err(|e: String| anyhow::anyhow!("--database: {e}"))?;
+        }
         let n = file.nn;
         let cores = std::thread::available_parallelism()
             .map(|n| n.get())
@@ -416,6 +491,8 @@ impl ServerConfig {
             pricing: file.pricing,
             auth: file.auth,
             rollout: file.rollout,
+            store,
+            node_id,
         };
         config.validate()?;
         Ok(config)
@@ -486,15 +563,28 @@ mod tests {
     #[test]
     fn config_flags_override_file() {
         let file: ConfigFile = toml::from_str("listen = \"127.0.0.1:1\"\n").expect("parse");
-        let c = ServerConfig::resolve(file, Some("127.0.0.1:2".into()), None).expect("valid");
+        let c = ServerConfig::resolve(
+            file,
+            Overrides {
+                listen: Some("127.0.0.1:2".into()),
+                ..Overrides::default()
+            },
+        )
+        .expect("valid");
         assert_eq!(c.listen.port(), 2);
         assert_eq!(c.data_dir, PathBuf::from(DEFAULT_DATA_DIR));
     }
 
     #[test]
     fn config_bad_listen_is_rejected() {
-        let err = ServerConfig::resolve(ConfigFile::default(), Some("nope".into()), None)
-            .expect_err("must fail");
+        let err = ServerConfig::resolve(
+            ConfigFile::default(),
+            Overrides {
+                listen: Some("nope".into()),
+                ..Overrides::default()
+            },
+        )
+        .expect_err("must fail");
         assert!(format!("{err:#}").contains("nope"));
     }
 }

@@ -19,6 +19,7 @@ pub mod app;
 pub mod auth;
 pub mod cache;
 pub mod cli;
+pub mod common;
 pub mod config;
 pub mod deploy;
 pub mod manifest;

@@ -34,8 +34,8 @@ use std::collections::BTreeMap;
 
 use crate::api::functions::NnOptions;
 use crate::cache::CacheSpec;
+use crate::common::LimitsSpec;
 use crate::nn::{BackendKind, Encoding, Target};
-use crate::runtime::LimitsSpec;
 
 /// File name of the manifest inside a function directory.
 pub const MANIFEST_FILE: &str = "kiln.toml";

@@ -14,8 +14,27 @@ use std::time::{Duration, Instant};
 
 pub use serde_json::{Value, json};
 
+pub mod pg;
+pub mod s3;
 mod usage;
 pub use usage::{Record, USAGE_COLUMNS, parse_csv, usage, usage_csv};
+
+/// Records that `test` skipped a part for want of something optional (`why`): said on
+/// stderr, and appended to `$KILN_TEST_SKIPS` so `scripts/test` counts it in its closing
+/// line. Callers assert first that `CI=true` is not set, where a missing part fails.
+pub fn skip(test: &str, why: &str) {
+    eprintln!("skipped: {test}: {why}");
+    if let Some(path) = std::env::var_os("KILN_TEST_SKIPS") {
+        use std::io::Write;
+        if let Ok(mut f) = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+        {
+            let _ = writeln!(f, "{test}: {why}");
+        }
+    }
+}
 
 /// The workspace root.
 pub fn root() -> PathBuf {
@@ -127,7 +146,10 @@ pub fn onnxruntime_library() -> Option<PathBuf> {
             std::env::var("CI").as_deref() != Ok("true"),
             "CI=true but no ONNX Runtime library: pip install onnxruntime, or set ORT_DYLIB_PATH"
         );
-        eprintln!("ONNX Runtime not found (pip install onnxruntime): skipping its part");
+        skip(
+            "onnxruntime",
+            "ONNX Runtime not found (pip install onnxruntime): skipping its part",
+        );
     }
     found.clone()
 }
@@ -187,6 +209,27 @@ fn try_spawn(
     if !launch.args.iter().any(|a| a == "--listen") {
         cmd.args(["--listen", "127.0.0.1:0"]);
     }
+    // The suite's shared-blobs run: this server's blobs in the bucket, under a prefix of
+    // its own (unless the test chose its blob store itself).
+    if !launch.args.iter().any(|a| a == "--blobs")
+        && let Some(url) = s3::suite_blobs_url(data_dir)
+    {
+        cmd.args(["--blobs", &url]);
+    }
+    // ...and its metadata, keys and audit log in a PostgreSQL database of its own.
+    if !launch.args.iter().any(|a| a == "--database")
+        && let Some(url) = pg::suite_database_url(data_dir)
+    {
+        cmd.args(["--database", &url]);
+    }
+    for (k, v) in [
+        ("AWS_ACCESS_KEY_ID", s3::ACCESS_KEY),
+        ("AWS_SECRET_ACCESS_KEY", s3::SECRET_KEY),
+    ] {
+        if std::env::var_os(k).is_none() {
+            cmd.env(k, v);
+        }
+    }
     cmd.args(&launch.args)
         .arg("--data-dir")
         .arg(data_dir)
@@ -194,6 +237,9 @@ fn try_spawn(
         .env_remove("KILN_LISTEN")
         .env_remove("KILN_DATA_DIR")
         .env_remove("KILN_ADMIN_KEY")
+        .env_remove("KILN_BLOBS_URL")
+        .env_remove("KILN_DATABASE_URL")
+        .env_remove("KILN_NODE_ID")
         // ONNX Runtime only where a test configures it, so backends are chosen on purpose.
         .env_remove("ORT_DYLIB_PATH")
         .stdout(Stdio::piped())
@@ -602,6 +648,7 @@ impl Drop for TestServer {
             );
         } else {
             let _ = std::fs::remove_dir_all(&self.data_dir);
+            pg::drop_suite_database(&self.data_dir);
         }
     }
 }

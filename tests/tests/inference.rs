@@ -432,7 +432,7 @@ fn ocr_model() -> Option<PathBuf> {
         std::env::var("CI").as_deref() != Ok("true"),
         "CI=true but examples/ocr/model/rec.onnx is missing: run examples/ocr/model/fetch.sh"
     );
-    eprintln!("examples/ocr/model/rec.onnx not fetched: skipping");
+    kiln_tests::skip("ocr", "examples/ocr/model/rec.onnx not fetched");
     None
 }
 

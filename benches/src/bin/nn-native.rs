@@ -25,6 +25,12 @@ fn main() -> anyhow::Result<()> {
     };
     let dims: Vec<u32> = dims.split(',').map(str::parse).collect::<Result<_, _>>()?;
     let iters: u32 = iters.parse()?;
+    // The model is loaded straight from MODEL below; the blob store is only the manager's.
+    let blobs = kiln_host::store::BlobStore::open(
+        &std::env::temp_dir().join("kiln-nn-native"),
+        &kiln_host::store::BlobsUrl::Folder,
+        0,
+    )?;
     let manager = kiln_host::nn::open(
         &NnConfig {
             onnxruntime_library: std::env::var_os("ORT_DYLIB_PATH").map(Into::into),
@@ -33,6 +39,7 @@ fn main() -> anyhow::Result<()> {
             ..NnConfig::default()
         },
         Default::default(),
+        std::sync::Arc::new(blobs),
     )?;
     let bytes = std::fs::read(model).with_context(|| format!("reading {model}"))?;
     let graph = manager

@@ -54,10 +54,7 @@ pub(super) async fn get(
 ) -> Result<Response<Body>, ApiError> {
     let mut q = parse(query).map_err(ApiError::InvalidRequest)?;
     q.tenant = caller.tenant_filter(q.tenant.take(), "audit log")?;
-    let app = app.clone();
-    let entries = tokio::task::spawn_blocking(move || app.auth.audit(&q))
-        .await
-        .map_err(|e| ApiError::Internal(anyhow::anyhow!("audit task: {e}")))??;
+    let entries = app.auth.audit(&q).await?;
     Ok(json_response(
         StatusCode::OK,
         &serde_json::json!({"entries": entries}),

@@ -14,29 +14,37 @@ use hyper::body::Incoming;
 use super::ApiError;
 use crate::app::App;
 use crate::auth::Caller;
+use crate::common::Digest;
 use crate::server::{Body, empty, json_response};
-use crate::store::{BlobError, Digest};
+use crate::store::BlobError;
 
 fn parse_digest(s: &str) -> Result<Digest, ApiError> {
     s.parse()
-        .map_err(|e: crate::store::DigestError| ApiError::InvalidRequest(e.to_string()))
+        .map_err(|e: crate::common::DigestError| ApiError::InvalidRequest(e.to_string()))
 }
 
 /// Whether `caller` holds blob `digest` (admins hold every blob).
-fn holds(app: &App, digest: &Digest, caller: &Caller) -> Result<bool, ApiError> {
-    Ok(caller.is_admin() || app.meta.owns_blob(digest, caller.tenant().unwrap_or(""))?)
+async fn holds(app: &App, digest: &Digest, caller: &Caller) -> Result<bool, ApiError> {
+    Ok(caller.is_admin()
+        || app
+            .meta
+            .owns_blob(digest, caller.tenant().unwrap_or(""))
+            .await?)
 }
 
-pub(super) fn head(
+pub(super) async fn head(
     app: &Arc<App>,
     digest: &str,
     caller: &Caller,
 ) -> Result<Response<Body>, ApiError> {
     let digest = parse_digest(digest)?;
+    if !holds(app, &digest, caller).await? {
+        return Err(ApiError::BlobNotFound(digest.to_string()));
+    }
     let size = app
         .blobs
         .size(&digest)
-        .filter(|_| holds(app, &digest, caller).unwrap_or(false))
+        .await?
         .ok_or_else(|| ApiError::BlobNotFound(digest.to_string()))?;
     let mut resp = Response::new(empty());
     resp.headers_mut()
@@ -58,8 +66,8 @@ pub(super) async fn put(
         }
     };
     let tenant = caller.tenant().unwrap_or_default().to_string();
-    if let Some(size) = app.blobs.size(&digest)
-        && holds(app, &digest, caller)?
+    if holds(app, &digest, caller).await?
+        && let Some(size) = app.blobs.size(&digest).await?
     {
         // Already held: the upload is not needed, but read it so the client, still
         // sending, gets this answer instead of a reset connection.
@@ -76,7 +84,7 @@ pub(super) async fn put(
         app.config.max_upload_bytes,
     )
     .await?;
-    app.meta.add_blob_owner(&stored, &tenant)?;
+    app.meta.add_blob_owner(&stored, &tenant).await?;
     Ok(json_response(
         StatusCode::CREATED,
         &serde_json::json!({"digest": stored, "size": size, "created": true}),
@@ -122,8 +130,6 @@ async fn store(
             writer.write_chunk(data)?;
         }
     }
-    let digest = tokio::task::spawn_blocking(move || writer.finish())
-        .await
-        .map_err(|e| ApiError::Internal(e.into()))??;
+    let digest = app.blobs.finish(writer).await?;
     Ok((digest, size))
 }

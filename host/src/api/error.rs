@@ -56,6 +56,9 @@ pub enum ApiError {
     Overloaded(#[from] Rejected),
     #[error(transparent)]
     Invoke(#[from] InvokeError),
+    /// A store this node needs (the database, the blob store) cannot be reached.
+    #[error("{0}")]
+    Unavailable(String),
     #[error("internal error: {0:#}")]
     Internal(#[from] anyhow::Error),
 }
@@ -79,7 +82,8 @@ impl ApiError {
             Blob(BlobError::TooLarge { .. }) => StatusCode::PAYLOAD_TOO_LARGE,
             Blob(BlobError::DigestMismatch { .. }) => StatusCode::BAD_REQUEST,
             Blob(BlobError::NotFound(_)) => StatusCode::NOT_FOUND,
-            Blob(BlobError::Io(_)) => StatusCode::INTERNAL_SERVER_ERROR,
+            Blob(BlobError::Io(_) | BlobError::Corrupt { .. }) => StatusCode::INTERNAL_SERVER_ERROR,
+            Blob(BlobError::Unavailable(_)) => StatusCode::SERVICE_UNAVAILABLE,
             Auth(AuthError::Missing | AuthError::Invalid | AuthError::Revoked(_)) => {
                 StatusCode::UNAUTHORIZED
             }
@@ -88,7 +92,7 @@ impl ApiError {
             Auth(AuthError::RateLimited { .. }) => StatusCode::TOO_MANY_REQUESTS,
             Sign(SignError::Unsigned(_) | SignError::Untrusted(..)) => StatusCode::FORBIDDEN,
             Sign(_) | Tampered(_) => StatusCode::BAD_REQUEST,
-            Overloaded(_) => StatusCode::SERVICE_UNAVAILABLE,
+            Overloaded(_) | Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             Invoke(InvokeError::Timeout(_)) => StatusCode::GATEWAY_TIMEOUT,
             Invoke(_) => StatusCode::INTERNAL_SERVER_ERROR,
             Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
@@ -121,6 +125,8 @@ impl ApiError {
             Model(_, code) => code,
             Blob(BlobError::DigestMismatch { .. }) => "blob.digest_mismatch",
             Blob(BlobError::Io(_)) => "internal",
+            Blob(BlobError::Corrupt { .. }) => "blob.corrupt",
+            Blob(BlobError::Unavailable(_)) => "store.unavailable",
             Auth(AuthError::Missing) => "auth.missing_key",
             Auth(AuthError::Invalid) => "auth.invalid_key",
             Auth(AuthError::Revoked(_)) => "auth.revoked_key",
@@ -135,6 +141,7 @@ impl ApiError {
             Sign(SignError::Replayed(_)) => "bundle.replayed",
             Tampered(_) => "bundle.digest_mismatch",
             Overloaded(_) => "function.overloaded",
+            Unavailable(_) => "store.unavailable",
             Invoke(InvokeError::Timeout(_)) => "function.timeout",
             Invoke(InvokeError::Trap(_)) => "function.trap",
             Invoke(InvokeError::NoResponse) => "function.no_response",
@@ -204,6 +211,7 @@ impl From<DeployError> for ApiError {
             DeployError::Models(_) | DeployError::Embedded(_) => {
                 ApiError::Model(e.to_string(), "model.invalid")
             }
+            DeployError::Blob(b) => ApiError::Blob(b),
             DeployError::Internal(e) => ApiError::Internal(e),
         }
     }

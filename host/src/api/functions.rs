@@ -13,11 +13,12 @@ use crate::app::{App, Deployer};
 use crate::auth::Caller;
 use crate::auth::signing::{self, SignError};
 use crate::cache::CacheSpec;
+use crate::common::Digest;
+use crate::common::LimitsSpec;
 use crate::deploy::{FunctionEntry, RouteError, VersionEntry, validate_name};
 use crate::nn::{BackendKind, Encoding, ModelRef, NnSpec, Target};
-use crate::runtime::LimitsSpec;
 use crate::server::{Body, json_response};
-use crate::store::{Digest, VersionRecord};
+use crate::store::VersionRecord;
 
 /// Largest JSON manifest accepted, in bytes.
 const MAX_MANIFEST_BYTES: usize = 1 << 20;
@@ -192,14 +193,14 @@ pub(super) fn show<B>(
     Ok(json_response(StatusCode::OK, &json))
 }
 
-pub(super) fn delete(
+pub(super) async fn delete(
     app: &Arc<App>,
     name: &str,
     caller: &Caller,
 ) -> Result<Response<Body>, ApiError> {
     // Ownership was checked; checked again under the publishing lock.
     let owner = (!caller.is_admin()).then(|| caller.tenant().unwrap_or_default());
-    if !app.delete_function(name, owner)? {
+    if !app.delete_function(name, owner).await? {
         return Err(RouteError::NoFunction(name.to_string()).into());
     }
     Ok(json_response(
@@ -348,7 +349,7 @@ pub(super) async fn create_version(
                 .max_upload_bytes
                 .min(app.config.runtime.max_component_bytes);
             let (digest, _) = blobs::receive(app, req.into_body(), None, limit).await?;
-            app.meta.add_blob_owner(&digest, &tenant)?;
+            app.meta.add_blob_owner(&digest, &tenant).await?;
             (digest, spec, NnSpec::default(), cache, public)
         }
         Upload::Manifest => {

@@ -26,11 +26,10 @@ pub(super) async fn create(
 ) -> Result<Response<Body>, ApiError> {
     let new: NewKey =
         super::read_json(req.into_body(), MAX_KEY_REQUEST_BYTES, "key request").await?;
-    let app2 = app.clone();
-    let by = caller.clone();
-    let (key, secret) = tokio::task::spawn_blocking(move || app2.auth.create(&new, &by))
+    let (key, secret) = app
+        .auth
+        .create(&new, caller)
         .await
-        .map_err(|e| ApiError::Internal(anyhow::anyhow!("key task: {e}")))?
         .map_err(ApiError::InvalidRequest)?;
     let mut json = key_json(&key);
     json["key"] = secret.into();
@@ -59,11 +58,10 @@ pub(super) fn list(app: &Arc<App>) -> Result<Response<Body>, ApiError> {
 
 /// `DELETE /v1/keys/{id}`: refused from the next request on.
 pub(super) async fn revoke(app: &Arc<App>, id: &str) -> Result<Response<Body>, ApiError> {
-    let app2 = app.clone();
-    let id2 = id.to_string();
-    let key = tokio::task::spawn_blocking(move || app2.auth.revoke(&id2))
-        .await
-        .map_err(|e| ApiError::Internal(anyhow::anyhow!("key task: {e}")))??
+    let key = app
+        .auth
+        .revoke(id)
+        .await?
         .ok_or_else(|| ApiError::KeyNotFound(id.to_string()))?;
     Ok(json_response(StatusCode::OK, &key_json(&key)))
 }

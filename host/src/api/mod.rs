@@ -287,20 +287,16 @@ async fn handle_to_end(app: &Arc<App>, req: Request<Incoming>) -> Result<Respons
             }
             Err(e) => (format!("{e:#}"), subject),
         };
-        let app = app.clone();
-        let (action, target) = (action.to_string(), target.to_string());
-        // One short SQLite insert into the audit database: off the async workers.
-        let _ = tokio::task::spawn_blocking(move || {
-            app.auth.record(
+        app.auth
+            .record(
                 Some(&caller),
-                &action,
-                &target,
+                action,
+                target,
                 subject.as_deref(),
                 status.as_u16(),
                 &detail,
             )
-        })
-        .await;
+            .await;
     }
     result
 }
@@ -313,10 +309,10 @@ async fn dispatch(
 ) -> Result<Response<Body>, ApiError> {
     match op {
         Op::PutBlob(d) => blobs::put(app, d, req, caller).await,
-        Op::HeadBlob(d) => blobs::head(app, d, caller),
+        Op::HeadBlob(d) => blobs::head(app, d, caller).await,
         Op::ListFunctions => functions::list(app, caller),
         Op::ShowFunction(n) => functions::show(app, n, &req),
-        Op::DeleteFunction(n) => functions::delete(app, n, caller),
+        Op::DeleteFunction(n) => functions::delete(app, n, caller).await,
         Op::ListVersions(n) => functions::versions(app, n),
         Op::CreateVersion(n) => functions::create_version(app, n, req, caller).await,
         Op::ShowVersion(n, v) => functions::version(app, n, v),
@@ -327,9 +323,9 @@ async fn dispatch(
         Op::GetAlias(n, a) => traffic::get(app, n, Some(a)),
         Op::PutAlias(n, a) => traffic::put(app, n, Some(a), req, caller).await,
         Op::Promote(n) => traffic::promote(app, n, req, caller).await,
-        Op::History(n) => traffic::history(app, n, caller),
+        Op::History(n) => traffic::history(app, n, caller).await,
         Op::Rollback(n) => traffic::rollback(app, n, req, caller).await,
-        Op::GetRollout(n) => rollout::get(app, n),
+        Op::GetRollout(n) => rollout::get(app, n).await,
         Op::StartRollout(n) => rollout::start(app, n, req, caller).await,
         Op::ControlRollout(n, a) => rollout::control(app, n, a, req, caller).await,
         Op::Usage => usage::get(app, req.uri().query().unwrap_or(""), caller).await,
@@ -364,20 +360,6 @@ pub(crate) async fn read_json<T: serde::de::DeserializeOwned>(
     let bytes = read_small_body(body, max, what).await?;
     serde_json::from_slice(&bytes)
         .map_err(|e| ApiError::InvalidRequest(format!("invalid {what}: {e}")))
-}
-
-/// Runs a blocking call (SQLite, under the publishing lock) off the async workers.
-pub(crate) async fn blocking<T, E>(
-    f: impl FnOnce() -> Result<T, E> + Send + 'static,
-) -> Result<T, ApiError>
-where
-    T: Send + 'static,
-    E: Into<ApiError> + Send + 'static,
-{
-    tokio::task::spawn_blocking(f)
-        .await
-        .map_err(|e| ApiError::Internal(anyhow::anyhow!("blocking task: {e}")))?
-        .map_err(Into::into)
 }
 
 /// Reads a small optional JSON body (rollbacks, rollout actions); empty: the default.

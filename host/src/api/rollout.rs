@@ -48,8 +48,9 @@ pub(super) async fn start(
 ) -> Result<Response<Body>, ApiError> {
     let request: RolloutRequest =
         super::read_json(req.into_body(), MAX_REQUEST_BYTES, "rollout request").await?;
-    let (app2, name2, by) = (app.clone(), name.to_string(), Actor::of(caller));
-    let r = super::blocking(move || app2.start_rollout(&name2, &request, &by)).await?;
+    let r = app
+        .start_rollout(name, &request, &Actor::of(caller))
+        .await?;
     let mut resp = json_response(StatusCode::CREATED, &rollout_json(app, &r));
     resp.extensions_mut().insert(AuditDetail {
         detail: format!(
@@ -62,12 +63,13 @@ pub(super) async fn start(
 }
 
 /// `GET /v1/functions/{name}/rollout`: the rollout in progress, else the latest one.
-pub(super) fn get(app: &Arc<App>, name: &str) -> Result<Response<Body>, ApiError> {
+pub(super) async fn get(app: &Arc<App>, name: &str) -> Result<Response<Body>, ApiError> {
     if app.registry.function(name).is_none() {
         return Err(TrafficError::NoFunction(name.to_string()).into());
     }
     let r = app
-        .rollout(name)?
+        .rollout(name)
+        .await?
         .ok_or_else(|| TrafficError::NoRollout(name.to_string()))?;
     Ok(json_response(StatusCode::OK, &rollout_json(app, &r)))
 }
@@ -100,10 +102,9 @@ pub(super) async fn control(
     let reason = super::read_optional_json::<ActionRequest>(req.into_body(), "rollout action")
         .await?
         .reason;
-    let (app2, name2, by) = (app.clone(), name.to_string(), Actor::of(caller));
-    let why = reason.clone();
-    let r =
-        super::blocking(move || app2.control_rollout(&name2, control, &by, why.as_deref())).await?;
+    let r = app
+        .control_rollout(name, control, &Actor::of(caller), reason.as_deref())
+        .await?;
     let mut resp = json_response(StatusCode::OK, &rollout_json(app, &r));
     resp.extensions_mut().insert(AuditDetail {
         detail: reason.unwrap_or_default(),

@@ -93,13 +93,7 @@ pub(super) async fn put(
         false => Some(super::read_json(req.into_body(), MAX_POLICY_BYTES, "traffic policy").await?),
     };
     let detail = serde_json::to_string(&policy).unwrap_or_default();
-    let (app2, name2, alias2, by) = (
-        app.clone(),
-        name.to_string(),
-        alias.map(str::to_string),
-        Actor::of(caller),
-    );
-    super::blocking(move || app2.set_traffic(&name2, alias2.as_deref(), policy, &by, "set by API"))
+    app.set_traffic(name, alias, policy, &Actor::of(caller), "set by API")
         .await?;
     let mut resp = json_response(StatusCode::OK, &changed_json(app, name, alias)?);
     resp.extensions_mut().insert(AuditDetail {
@@ -131,14 +125,8 @@ pub(super) async fn rollback(
     let body: RollbackRequest =
         super::read_optional_json(req.into_body(), "rollback request").await?;
     let reason = body.reason.unwrap_or_else(|| "rollback requested".into());
-    let (app2, name2, by, alias) = (
-        app.clone(),
-        name.to_string(),
-        Actor::of(caller),
-        body.alias.clone(),
-    );
-    let reason2 = reason.clone();
-    super::blocking(move || app2.rollback_traffic(&name2, alias.as_deref(), &by, &reason2)).await?;
+    app.rollback_traffic(name, body.alias.as_deref(), &Actor::of(caller), &reason)
+        .await?;
     let mut resp = json_response(
         StatusCode::OK,
         &changed_json(app, name, body.alias.as_deref())?,
@@ -170,10 +158,15 @@ pub(super) async fn promote(
 ) -> Result<Response<Body>, ApiError> {
     let body: PromoteRequest =
         super::read_json(req.into_body(), MAX_POLICY_BYTES, "promote request").await?;
-    let (app2, name2, by) = (app.clone(), name.to_string(), Actor::of(caller));
-    let (from, to, reason) = (body.from.clone(), body.to.clone(), body.reason.clone());
-    let (routing, previous) =
-        super::blocking(move || app2.promote(&name2, &from, &to, &by, reason.as_deref())).await?;
+    let (routing, previous) = app
+        .promote(
+            name,
+            &body.from,
+            &body.to,
+            &Actor::of(caller),
+            body.reason.as_deref(),
+        )
+        .await?;
     let versions = routing
         .policy
         .weights
@@ -238,13 +231,16 @@ pub(super) fn stats(
 
 /// `GET /v1/functions/{name}/history`: newest first; a tenant sees only the entries of
 /// its own time as the owner.
-pub(super) fn history(
+pub(super) async fn history(
     app: &Arc<App>,
     name: &str,
     caller: &Caller,
 ) -> Result<Response<Body>, ApiError> {
     let tenant = Actor::of(caller).tenant;
-    let entries = app.meta.history(name, HISTORY_LIMIT, tenant.as_deref())?;
+    let entries = app
+        .meta
+        .history(name, HISTORY_LIMIT, tenant.as_deref())
+        .await?;
     if entries.is_empty() && app.registry.function(name).is_none() {
         return Err(RouteError::NoFunction(name.to_string()).into());
     }

@@ -3,6 +3,7 @@
 //! touch several of them (deploy a version, delete a function, clear its caches; traffic
 //! changes and rollouts are in [`traffic`]).
 
+mod ready;
 mod rollout;
 mod traffic;
 
@@ -11,25 +12,33 @@ use std::time::Duration;
 
 use anyhow::Context;
 
-use crate::auth::{Auth, Bootstrap};
+use crate::auth::{AuditLog, Auth, Bootstrap, KeyStore};
 use crate::cache::inference::{InferenceCache, InferenceScope};
 use crate::cache::responses::ResponseCache;
 use crate::cache::{CacheSpec, Placement};
+use crate::common::{Digest, Limits};
 use crate::config::ServerConfig;
 use crate::deploy::{Registry, Routing, TrafficPolicy, VersionEntry};
 use crate::meter::{Ledger, Metrics};
 use crate::nn::embed::{self, EmbedError};
 use crate::nn::{ModelRef, NnError, NnSpec, VersionModels};
-use crate::runtime::{CompileError, Limits, Outbound, Runtime};
-use crate::store::{BlobStore, Digest, FunctionInfo, MetaStore, NewVersion, VersionRecord};
+use crate::runtime::{CompileError, Outbound, Runtime};
+use crate::store::{
+    BlobError, BlobStore, DatabaseUrl, FunctionInfo, MetaStore, NewVersion, PgMeta, SqliteMeta,
+    VersionRecord,
+};
+pub use ready::node_id;
 pub use rollout::Control;
 pub use traffic::{Actor, TrafficError};
 
 /// Everything a running server shares between requests.
 pub struct App {
     pub config: ServerConfig,
+    /// This node's id (`--node-id`, or made once and kept in the data dir).
+    pub node_id: String,
     pub meta: MetaStore,
-    pub blobs: BlobStore,
+    /// Components and models (the local folder, or the cluster's bucket).
+    pub blobs: Arc<BlobStore>,
     pub runtime: Runtime,
     pub registry: Registry,
     /// Prometheus metrics (`GET /metrics`).
@@ -44,9 +53,11 @@ pub struct App {
     pub auth: Auth,
     /// Held while a version is published (database, then registry) or a function deleted,
     /// so the registry never brings back a function deleted in between.
-    publishing: std::sync::Mutex<()>,
+    publishing: tokio::sync::Mutex<()>,
     /// Rollouts running or paused, by function (stored in the database too).
     rollouts: rollout::ActiveRollouts,
+    /// The last probe of a shared blob store.
+    blob_health: ready::BlobHealth,
 }
 
 /// Who deploys a version, as far as [`App::deploy`] is concerned.
@@ -74,7 +85,7 @@ pub enum DeployError {
     #[error("blob {0} is not on this server; upload it first with PUT /v1/blobs/{0}")]
     MissingBlob(Digest),
     #[error(transparent)]
-    Limits(#[from] crate::runtime::LimitError),
+    Limits(#[from] crate::common::LimitError),
     #[error(transparent)]
     NotOwner(#[from] crate::store::NotOwner),
     #[error(transparent)]
@@ -88,6 +99,9 @@ pub enum DeployError {
     /// The manifest's models are inconsistent (bad name, two different models under one name).
     #[error("{0}")]
     Models(String),
+    /// The blob store failed (the bucket unreachable, a corrupt blob, disk trouble).
+    #[error(transparent)]
+    Blob(#[from] BlobError),
     /// The component's embedded models could not be read.
     #[error("embedded models: {0}")]
     Embedded(#[from] EmbedError),
@@ -99,27 +113,57 @@ impl App {
     /// Opens the data dir, builds the runtime and reloads every function from the database.
     /// Versions are loaded lazily: the first request maps the compiled artifact. Also
     /// returns the admin key made at first start, to be shown once.
-    pub fn open(config: ServerConfig) -> anyhow::Result<(Arc<App>, Option<String>)> {
+    pub async fn open(config: ServerConfig) -> anyhow::Result<(Arc<App>, Option<String>)> {
         std::fs::create_dir_all(&config.data_dir)
             .with_context(|| format!("creating data dir {}", config.data_dir.display()))?;
-        let meta = MetaStore::open(&config.data_dir.join("kiln.db"))?;
+        let (meta, keys, audit) = match &config.store.database {
+            DatabaseUrl::Sqlite => {
+                let db = config.data_dir.join("kiln.db");
+                (
+                    MetaStore::Sqlite(SqliteMeta::open(&db)?),
+                    KeyStore::sqlite(&db)?,
+                    AuditLog::sqlite(&config.data_dir.join("audit.db"))?,
+                )
+            }
+            DatabaseUrl::Postgres(url) => {
+                let pool = crate::store::pg::connect(url).await?;
+                tracing::warn!(
+                    "the usage ledger is not on PostgreSQL yet: each node keeps its own in {}",
+                    config.data_dir.join("usage.db").display()
+                );
+                (
+                    MetaStore::Postgres(PgMeta::new(pool.clone())),
+                    KeyStore::Postgres(pool.clone()),
+                    AuditLog::Postgres(pool),
+                )
+            }
+        };
         let (auth, admin_secret) = Auth::open(
-            &config.data_dir.join("kiln.db"),
-            &config.data_dir.join("audit.db"),
+            keys,
+            audit,
             &Bootstrap {
                 admin_key: config.auth.admin_key.clone(),
                 listen: config.listen,
                 insecure: config.auth.insecure,
             },
             config.auth.default_key_rate,
-        )?;
-        let blobs = BlobStore::open(&config.data_dir).context("opening blob store")?;
+        )
+        .await?;
+        let blobs = Arc::new(
+            BlobStore::open(&config.data_dir, &config.store.blobs, config.store.cache_mb)
+                .context("opening the blob store")?,
+        );
         let metrics = Arc::new(Metrics::new());
-        let models = crate::nn::open(&config.nn, metrics.clone())?;
+        let models = crate::nn::open(&config.nn, metrics.clone(), blobs.clone())?;
         if tokio::runtime::Handle::try_current().is_ok() {
             models.spawn_sweeper();
         }
-        let runtime = Runtime::new(config.runtime.clone(), &config.data_dir, models)?;
+        let runtime = Runtime::new(
+            config.runtime.clone(),
+            &config.data_dir,
+            models,
+            blobs.clone(),
+        )?;
         let registry = Registry::new(config.runtime.queue_depth);
         let responses = Arc::new(ResponseCache::new(
             config.cache.responses_memory_mb << 20,
@@ -139,8 +183,10 @@ impl App {
         } else {
             None
         };
+        let node_id = ready::node_id(&config.data_dir, config.node_id.as_deref())?;
         let app = App {
             config,
+            node_id,
             meta,
             blobs,
             runtime,
@@ -150,26 +196,25 @@ impl App {
             inference,
             ledger,
             auth,
-            publishing: std::sync::Mutex::new(()),
+            publishing: tokio::sync::Mutex::new(()),
             rollouts: Default::default(),
+            blob_health: Default::default(),
         };
         let functions: std::collections::HashMap<_, _> = app
             .meta
-            .functions()?
+            .functions()
+            .await?
             .into_iter()
             .map(|f| (f.name.clone(), f))
             .collect();
-        for rec in app.meta.all_versions()? {
+        for rec in app.meta.all_versions().await? {
             let Some(info) = functions.get(&rec.function) else {
                 continue;
             };
-            let models = app
-                .runtime
-                .models()
-                .version_models(&rec.nn, |d| app.blobs.path(d));
+            let models = app.runtime.models().version_models(&rec.nn);
             app.register(rec, info, models);
         }
-        for (function, policy, revision) in app.meta.traffic()? {
+        for (function, policy, revision) in app.meta.traffic().await? {
             match serde_json::from_str::<Option<TrafficPolicy>>(&policy) {
                 Ok(p) => {
                     let routing = p.map(|p| Arc::new(Routing::new(p, revision)));
@@ -178,7 +223,7 @@ impl App {
                 Err(e) => tracing::error!(function, "stored traffic policy unreadable: {e}"),
             }
         }
-        for (function, alias, policy, revision) in app.meta.aliases()? {
+        for (function, alias, policy, revision) in app.meta.aliases().await? {
             match serde_json::from_str::<Option<TrafficPolicy>>(&policy) {
                 Ok(p) => {
                     let routing = p.map(|p| Arc::new(Routing::new(p, revision)));
@@ -190,10 +235,11 @@ impl App {
         for f in app.registry.functions() {
             app.keep_loaded(&f.name);
         }
-        app.resume_rollouts()?;
+        app.resume_rollouts().await?;
         let app = Arc::new(app);
         if tokio::runtime::Handle::try_current().is_ok() {
             rollout::spawn_rollout_driver(&app);
+            ready::start_blob_prober(&app).await;
         }
         Ok((app, admin_secret))
     }
@@ -277,13 +323,7 @@ impl App {
             let r = &entry.record;
             if let Err(e) = self
                 .runtime
-                .load(
-                    r.id,
-                    &r.function,
-                    &r.digest,
-                    r.limits,
-                    &self.blobs.path(&r.digest),
-                )
+                .load(r.id, &r.function, &r.digest, r.limits)
                 .await
             {
                 tracing::warn!(function = name, version = v, "warming: {e}");
@@ -304,21 +344,22 @@ impl App {
     }
 
     /// Held while the database and the registry change together (see `publishing`).
-    fn publishing(&self) -> std::sync::MutexGuard<'_, ()> {
-        self.publishing.lock().unwrap_or_else(|p| p.into_inner())
+    async fn publishing(&self) -> tokio::sync::MutexGuard<'_, ()> {
+        self.publishing.lock().await
     }
 
     /// Copies the models embedded in `component` out into blobs (held by `tenant`, who
     /// has their bytes).
-    fn store_embedded(&self, component: &[u8], tenant: &str) -> Result<Vec<ModelRef>, DeployError> {
+    async fn store_embedded(
+        &self,
+        component: &[u8],
+        tenant: &str,
+    ) -> Result<Vec<ModelRef>, DeployError> {
         let mut out = Vec::new();
         for (meta, range) in embed::extract(component)? {
             let bytes = &component[range];
-            let digest = self
-                .blobs
-                .put(bytes)
-                .map_err(|e| anyhow::Error::from(e).context("storing an embedded model"))?;
-            self.meta.add_blob_owner(&digest, tenant)?;
+            let digest = self.blobs.put(bytes).await?;
+            self.meta.add_blob_owner(&digest, tenant).await?;
             out.push(ModelRef {
                 name: meta.name,
                 digest,
@@ -334,8 +375,8 @@ impl App {
     /// Whether `by` may name blob `digest` in a manifest: it is on this server and (unless
     /// `by` is an admin) its tenant uploaded it. Another tenant's blob is answered as
     /// missing, so digests cannot be probed across tenants.
-    fn check_blob(&self, digest: &Digest, by: &Deployer) -> Result<(), DeployError> {
-        if !by.admin && !self.meta.owns_blob(digest, &by.tenant)? {
+    async fn check_blob(&self, digest: &Digest, by: &Deployer) -> Result<(), DeployError> {
+        if !by.admin && !self.meta.owns_blob(digest, &by.tenant).await? {
             return Err(DeployError::MissingBlob(*digest));
         }
         Ok(())
@@ -374,8 +415,9 @@ impl App {
             m.size = self
                 .blobs
                 .size(&m.digest)
+                .await?
                 .ok_or(DeployError::MissingBlob(m.digest))?;
-            self.check_blob(&m.digest, by)?;
+            self.check_blob(&m.digest, by).await?;
             if by.signer.is_some() {
                 self.verify_blob(&m.digest).await?;
             }
@@ -383,9 +425,18 @@ impl App {
         Ok(nn)
     }
 
+    /// The local path of a blob a manifest names (fetched from the bucket if need be).
+    async fn local_blob(&self, digest: &Digest) -> Result<std::path::PathBuf, DeployError> {
+        match self.blobs.local_path(digest).await {
+            Ok(p) => Ok(p),
+            Err(BlobError::NotFound(d)) => Err(DeployError::MissingBlob(d)),
+            Err(e) => Err(e.into()),
+        }
+    }
+
     /// Hashes a stored blob again (signed bundles: what runs must be what was signed).
     async fn verify_blob(&self, digest: &Digest) -> Result<(), DeployError> {
-        let path = self.blobs.path(digest);
+        let path = self.local_blob(digest).await?;
         let expected = *digest;
         let actual = tokio::task::spawn_blocking(move || Digest::of_file(&path))
             .await
@@ -418,8 +469,8 @@ impl App {
             }
             .into());
         }
-        self.check_blob(&component, by)?;
-        let path = self.blobs.path(&component);
+        self.check_blob(&component, by).await?;
+        let path = self.local_blob(&component).await?;
         let bytes = match tokio::fs::read(&path).await {
             Ok(b) => b,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
@@ -436,7 +487,7 @@ impl App {
             return Err(DeployError::Tampered(component));
         }
         // Bytes that are not a component get the compiler's error, not the extractor's.
-        let embedded = self.store_embedded(&bytes, &by.tenant);
+        let embedded = self.store_embedded(&bytes, &by.tenant).await;
         let started = std::time::Instant::now();
         let loaded = self
             .runtime
@@ -444,17 +495,14 @@ impl App {
             .await?;
         self.metrics.compiled(started.elapsed());
         let nn = self.resolve_models(embedded?, nn, by).await?;
-        let models = self
-            .runtime
-            .models()
-            .version_models(&nn, |d| self.blobs.path(d));
+        let models = self.runtime.models().version_models(&nn);
         // Load every model now: a model that cannot run fails the deploy, not a request.
         self.runtime
             .models()
             .load_all(&models)
             .await
             .map_err(|(name, error)| DeployError::Model { name, error })?;
-        let publishing = self.publishing();
+        let publishing = self.publishing().await;
         let (record, info) = self
             .meta
             .create_version(&NewVersion {
@@ -471,6 +519,7 @@ impl App {
                 enforce_owner: !by.admin,
                 public: by.public,
             })
+            .await
             .map_err(|e| match e.downcast::<crate::store::NotOwner>() {
                 Ok(not_owner) => DeployError::NotOwner(not_owner),
                 Err(e) => match e.downcast::<crate::store::Replayed>() {
@@ -487,14 +536,14 @@ impl App {
 
     /// Deletes a function and every version; false when there was none (or, with
     /// `owner`, when it is not that tenant's).
-    pub fn delete_function(&self, name: &str, owner: Option<&str>) -> anyhow::Result<bool> {
-        let _publishing = self.publishing();
+    pub async fn delete_function(&self, name: &str, owner: Option<&str>) -> anyhow::Result<bool> {
+        let _publishing = self.publishing().await;
         if let (Some(owner), Some(f)) = (owner, self.registry.function(name))
             && *f.owner != *owner
         {
             return Ok(false);
         }
-        let existed = self.meta.delete_function(name)?;
+        let existed = self.meta.delete_function(name).await?;
         self.forget_rollout(name);
         self.clear_caches(name);
         self.runtime.keep_loaded(name, &[]);

@@ -61,7 +61,7 @@ pub(super) fn spawn_rollout_driver(app: &Arc<App>) {
             tick.tick().await;
             let Some(app) = weak.upgrade() else { return };
             if app.active().values().any(|r| r.due(crate::unix_ms())) {
-                let _ = tokio::task::spawn_blocking(move || app.rollout_tick()).await;
+                app.rollout_tick().await;
             }
         }
     });
@@ -76,7 +76,7 @@ impl App {
     ///
     /// The stable version is the only other version with traffic in the policy in force
     /// (or, with no policy, the newest version, when the candidate is an older one).
-    pub fn start_rollout(
+    pub async fn start_rollout(
         &self,
         name: &str,
         req: &RolloutRequest,
@@ -85,7 +85,7 @@ impl App {
         let (steps, interval, gates) = req
             .resolve(self.config.rollout)
             .map_err(TrafficError::InvalidRollout)?;
-        let _publishing = self.publishing();
+        let _publishing = self.publishing().await;
         let f = self.owned(name, by)?;
         let actor = by.key_id.as_deref();
         if let Some(r) = self.active().get(name) {
@@ -173,7 +173,7 @@ impl App {
             rollout: Some(&r),
             extra: None,
         };
-        self.store_policy(name, None, Some(&policy), change)?;
+        self.store_policy(name, None, Some(&policy), change).await?;
         self.metrics.rollout_step(name);
         if r.state.active() {
             self.active().insert(name.to_string(), r.clone());
@@ -183,29 +183,29 @@ impl App {
     }
 
     /// `name`'s rollout: the one in progress, else the latest that ended.
-    pub fn rollout(&self, name: &str) -> Result<Option<Rollout>, TrafficError> {
+    pub async fn rollout(&self, name: &str) -> Result<Option<Rollout>, TrafficError> {
         if let Some(r) = self.active().get(name) {
             return Ok(Some(r.clone()));
         }
-        Ok(self.meta.rollout(name)?)
+        Ok(self.meta.rollout(name).await?)
     }
 
     /// Pauses, resumes or aborts `name`'s rollout in progress.
-    pub fn control_rollout(
+    pub async fn control_rollout(
         &self,
         name: &str,
         control: Control,
         by: &Actor,
         reason: Option<&str>,
     ) -> Result<Rollout, TrafficError> {
-        let _publishing = self.publishing();
+        let _publishing = self.publishing().await;
         self.owned(name, by)?;
         let actor = by.key_id.as_deref();
         let active = self.active().get(name).cloned();
         let mut r = match active {
             Some(r) => r,
             None => {
-                return Err(match self.meta.rollout(name)? {
+                return Err(match self.meta.rollout(name).await? {
                     Some(ended) => TrafficError::RolloutState(
                         name.to_string(),
                         ended.state.as_str().to_string(),
@@ -229,8 +229,9 @@ impl App {
                     "rollout.abort",
                     &reason,
                     None,
-                )?;
-                return Ok(self.meta.rollout(name)?.unwrap_or(r));
+                )
+                .await?;
+                return Ok(self.meta.rollout(name).await?.unwrap_or(r));
             }
             Control::Pause => ("rollout.pause", Phase::Paused),
             Control::Resume => ("rollout.resume", Phase::Running),
@@ -250,7 +251,9 @@ impl App {
             r.step_started = Some(std::time::Instant::now());
             r.last_check = None;
         }
-        self.meta.record_rollout(name, actor, kind, &reason, &r)?;
+        self.meta
+            .record_rollout(name, actor, kind, &reason, &r)
+            .await?;
         self.active().insert(name.to_string(), r.clone());
         Ok(r)
     }
@@ -258,7 +261,7 @@ impl App {
     /// Ends a rollout in progress with all traffic back on its stable version; the
     /// caller holds the publishing lock.
     #[allow(clippy::too_many_arguments)]
-    pub(super) fn end_rollout(
+    pub(super) async fn end_rollout(
         &self,
         name: &str,
         mut r: Rollout,
@@ -284,7 +287,9 @@ impl App {
             rollout: Some(&r),
             extra: extra.as_ref(),
         };
-        let routing = self.store_policy(name, None, Some(&r.stable_policy()), change)?;
+        let routing = self
+            .store_policy(name, None, Some(&r.stable_policy()), change)
+            .await?;
         self.active().remove(name);
         tracing::warn!(
             function = name,
@@ -296,7 +301,7 @@ impl App {
     }
 
     /// Judges every running rollout whose step is over: advances it, or rolls it back.
-    pub fn rollout_tick(&self) {
+    pub async fn rollout_tick(&self) {
         let now = crate::unix_ms();
         let due: Vec<String> = self
             .active()
@@ -305,14 +310,14 @@ impl App {
             .map(|(n, _)| n.clone())
             .collect();
         for name in due {
-            if let Err(e) = self.advance(&name) {
+            if let Err(e) = self.advance(&name).await {
                 tracing::error!(function = name, "rollout step failed: {e:#}");
             }
         }
     }
 
-    fn advance(&self, name: &str) -> Result<(), TrafficError> {
-        let _publishing = self.publishing();
+    async fn advance(&self, name: &str) -> Result<(), TrafficError> {
+        let _publishing = self.publishing().await;
         let now = crate::unix_ms();
         let Some(mut r) = self.active().get(name).filter(|r| r.due(now)).cloned() else {
             return Ok(());
@@ -358,7 +363,8 @@ impl App {
                     "rollout.rollback",
                     &reason,
                     Some(check),
-                )?;
+                )
+                .await?;
                 self.metrics.rollout_rolled_back(name);
             }
             Verdict::Pass if step == steps => {
@@ -368,13 +374,9 @@ impl App {
                 r.outcome = Some(format!("completed at {percent}%: {why}"));
                 r.last_check = Some(check);
                 let reason = r.outcome.clone().unwrap_or_default();
-                self.meta.record_rollout(
-                    name,
-                    r.actor.as_deref(),
-                    "rollout.complete",
-                    &reason,
-                    &r,
-                )?;
+                self.meta
+                    .record_rollout(name, r.actor.as_deref(), "rollout.complete", &reason, &r)
+                    .await?;
                 self.active().remove(name);
             }
             Verdict::Pass => {
@@ -401,7 +403,8 @@ impl App {
                     rollout: Some(&r),
                     extra: Some(&extra),
                 };
-                self.store_policy(name, None, Some(&r.policy_at(r.step)), change)?;
+                self.store_policy(name, None, Some(&r.policy_at(r.step)), change)
+                    .await?;
                 self.metrics.rollout_step(name);
                 match r.state.active() {
                     true => self.active().insert(name.to_string(), r),
@@ -414,10 +417,11 @@ impl App {
 
     /// Loads the rollouts in progress at start. A running one starts its step's window
     /// again: the statistics it was judged on lived in memory.
-    pub(super) fn resume_rollouts(&self) -> anyhow::Result<()> {
+    pub(super) async fn resume_rollouts(&self) -> anyhow::Result<()> {
         let now = crate::unix_ms();
+        let stored = self.meta.active_rollouts().await?;
         let mut active = self.active();
-        for mut r in self.meta.active_rollouts()? {
+        for mut r in stored {
             if r.state == Phase::Running {
                 r.step_started_ms = now;
                 r.step_started = Some(std::time::Instant::now());

@@ -96,7 +96,7 @@ impl App {
 
     /// Stores a change of the main policy or `alias`'s (policy, history entry, rollout)
     /// and applies it; the caller holds the publishing lock.
-    pub(super) fn store_policy(
+    pub(super) async fn store_policy(
         &self,
         name: &str,
         alias: Option<&str>,
@@ -104,18 +104,21 @@ impl App {
         change: Change<'_>,
     ) -> Result<Option<Arc<Routing>>, TrafficError> {
         let json = serde_json::to_string(&policy).map_err(anyhow::Error::from)?;
-        let revision = self.meta.set_traffic(
-            name,
-            alias,
-            &TrafficChange {
-                policy: &json,
-                actor: change.actor,
-                kind: change.kind,
-                reason: change.reason,
-                rollout: change.rollout,
-                extra: change.extra,
-            },
-        )?;
+        let revision = self
+            .meta
+            .set_traffic(
+                name,
+                alias,
+                &TrafficChange {
+                    policy: &json,
+                    actor: change.actor,
+                    kind: change.kind,
+                    reason: change.reason,
+                    rollout: change.rollout,
+                    extra: change.extra,
+                },
+            )
+            .await?;
         let routing = policy.map(|p| Arc::new(Routing::new(p.clone(), revision)));
         self.registry.set_routing(name, alias, routing.clone());
         self.keep_loaded(name);
@@ -137,7 +140,7 @@ impl App {
     /// alias) after checking it against its versions; stored with a history entry
     /// (`kind`, `reason`, `actor`), then applied at once. The main policy is refused while
     /// a rollout owns it.
-    pub fn set_traffic(
+    pub async fn set_traffic(
         &self,
         name: &str,
         alias: Option<&str>,
@@ -145,7 +148,7 @@ impl App {
         by: &Actor,
         reason: &str,
     ) -> Result<Option<Arc<Routing>>, TrafficError> {
-        let _publishing = self.publishing();
+        let _publishing = self.publishing().await;
         let f = self.owned(name, by)?;
         let alias = check_alias(alias)?;
         if alias.is_none()
@@ -173,12 +176,13 @@ impl App {
             extra: None,
         };
         self.store_policy(name, alias, policy.as_ref(), change)
+            .await
     }
 
     /// Copies the policy of `from` onto `to` (aliases; `default` is the main policy) in one
     /// change: blue-green is promoting the alias that holds the new version. Returns the
     /// policy now in force at `to` and the one it replaced.
-    pub fn promote(
+    pub async fn promote(
         &self,
         name: &str,
         from: &str,
@@ -186,7 +190,7 @@ impl App {
         by: &Actor,
         reason: Option<&str>,
     ) -> Result<(Arc<Routing>, Option<TrafficPolicy>), TrafficError> {
-        let _publishing = self.publishing();
+        let _publishing = self.publishing().await;
         let f = self.owned(name, by)?;
         if from == to {
             return Err(TrafficError::Invalid(format!(
@@ -224,7 +228,8 @@ impl App {
             extra: None,
         };
         let routing = self
-            .store_policy(name, to_alias, Some(&source), change)?
+            .store_policy(name, to_alias, Some(&source), change)
+            .await?
             .ok_or_else(|| anyhow::anyhow!("promote of {name} stored no policy"))?;
         Ok((routing, previous))
     }
@@ -236,14 +241,14 @@ impl App {
     /// rolling back the main policy aborts it (all traffic returns to the stable version);
     /// after a rollout it returns to the policy in force before the rollout started.
     /// Returns the policy now in force.
-    pub fn rollback_traffic(
+    pub async fn rollback_traffic(
         &self,
         name: &str,
         alias: Option<&str>,
         by: &Actor,
         reason: &str,
     ) -> Result<Option<Arc<Routing>>, TrafficError> {
-        let _publishing = self.publishing();
+        let _publishing = self.publishing().await;
         self.owned(name, by)?;
         let alias = check_alias(alias)?;
         let active = match alias {
@@ -253,23 +258,26 @@ impl App {
         let actor = by.key_id.as_deref();
         if let Some(r) = active {
             let reason = format!("rolled back during the rollout: {reason}");
-            return self.end_rollout(
-                name,
-                r,
-                Phase::Aborted,
-                actor,
-                "rollout.abort",
-                &reason,
-                None,
-            );
+            return self
+                .end_rollout(
+                    name,
+                    r,
+                    Phase::Aborted,
+                    actor,
+                    "rollout.abort",
+                    &reason,
+                    None,
+                )
+                .await;
         }
         let (kind, previous) = self
             .meta
-            .previous_traffic(name, alias)?
+            .previous_traffic(name, alias)
+            .await?
             .ok_or_else(|| TrafficError::NothingToRollBack(name.to_string()))?;
         let policy: Option<TrafficPolicy> = match (alias, kind.starts_with("rollout.")) {
             // The steps of a rollout are one change: undone together.
-            (None, true) => self.meta.rollout(name)?.and_then(|r| r.before),
+            (None, true) => self.meta.rollout(name).await?.and_then(|r| r.before),
             _ => serde_json::from_str(&previous).map_err(anyhow::Error::from)?,
         };
         let change = Change {
@@ -280,5 +288,6 @@ impl App {
             extra: None,
         };
         self.store_policy(name, alias, policy.as_ref(), change)
+            .await
     }
 }

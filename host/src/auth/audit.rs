@@ -1,13 +1,15 @@
 //! The audit log: one row per control-plane action (who, tenant, what, target, outcome,
-//! when) in an append-only table of its own database, `<data>/audit.db`, so that writing
-//! it never waits on (or holds up) deploys in `kiln.db`. Triggers refuse UPDATE and DELETE,
-//! so not even a bug in Kiln can rewrite history through SQL. Reads use a connection of
-//! their own and indexes per tenant and per action.
+//! when) in an append-only table: on one node in a database of its own, `<data>/audit.db`,
+//! so that writing it never waits on (or holds up) deploys in `kiln.db`; in a cluster in
+//! the shared PostgreSQL database. Triggers refuse UPDATE and DELETE (and, on PostgreSQL,
+//! TRUNCATE), so not even a bug in Kiln can rewrite history through SQL. Reads use a
+//! connection of their own and indexes per tenant and per action.
 
 use std::path::Path;
 use std::sync::Mutex;
 
 use anyhow::Context;
+use deadpool_postgres::Pool;
 use rusqlite::{Connection, params};
 use serde::Serialize;
 
@@ -76,10 +78,15 @@ pub struct AuditQuery {
     pub limit: u32,
 }
 
-/// The audit database: one connection appends, another reads.
-pub struct AuditLog {
-    writer: Mutex<Connection>,
-    reader: Mutex<Connection>,
+/// The audit log's table: in SQLite (one connection appends, another reads) or in the
+/// cluster's PostgreSQL database.
+#[allow(clippy::large_enum_variant)] // one per server
+pub enum AuditLog {
+    Sqlite {
+        writer: Mutex<Connection>,
+        reader: Mutex<Connection>,
+    },
+    Postgres(Pool),
 }
 
 /// Rows survive a crash of the process; a power cut may lose the last ones.
@@ -99,79 +106,153 @@ fn clip(s: &str) -> &str {
     &s[..end]
 }
 
+const QUERY_COLUMNS: &str =
+    "seq, at_ms, key_id, tenant, subject_tenant, action, target, outcome, status, detail";
+
 impl AuditLog {
-    /// Opens (creating) the log at `path`.
-    pub fn open(path: &Path) -> anyhow::Result<AuditLog> {
+    /// Opens (creating) the SQLite log at `path`.
+    pub fn sqlite(path: &Path) -> anyhow::Result<AuditLog> {
         let writer = open(path)?;
         writer
             .execute_batch(SCHEMA)
             .context("creating the audit table")?;
-        Ok(AuditLog {
+        Ok(AuditLog::Sqlite {
             writer: Mutex::new(writer),
             reader: Mutex::new(open(path)?),
         })
     }
 
     /// Appends one entry (target and detail clipped).
-    pub fn append(&self, e: &AuditEntry) -> rusqlite::Result<()> {
-        let conn = self.writer.lock().unwrap_or_else(|p| p.into_inner());
-        conn.prepare_cached(
-            "INSERT INTO audit (at_ms, key_id, tenant, subject_tenant, action, target, outcome,
-                                status, detail)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
-        )?
-        .execute(params![
-            e.at_ms,
-            e.key_id,
-            e.tenant,
-            e.subject_tenant,
-            e.action,
-            clip(&e.target),
-            e.outcome,
-            e.status,
-            clip(&e.detail)
-        ])?;
+    pub async fn append(&self, e: &AuditEntry) -> anyhow::Result<()> {
+        match self {
+            AuditLog::Sqlite { writer, .. } => {
+                let conn = writer.lock().unwrap_or_else(|p| p.into_inner());
+                conn.prepare_cached(
+                    "INSERT INTO audit (at_ms, key_id, tenant, subject_tenant, action, target,
+                                        outcome, status, detail)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+                )?
+                .execute(params![
+                    e.at_ms,
+                    e.key_id,
+                    e.tenant,
+                    e.subject_tenant,
+                    e.action,
+                    clip(&e.target),
+                    e.outcome,
+                    e.status,
+                    clip(&e.detail)
+                ])?;
+            }
+            AuditLog::Postgres(pool) => {
+                pool.get()
+                    .await?
+                    .execute(
+                        "INSERT INTO audit (at_ms, key_id, tenant, subject_tenant, action, target,
+                                            outcome, status, detail)
+                         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
+                        &[
+                            &e.at_ms,
+                            &e.key_id,
+                            &e.tenant,
+                            &e.subject_tenant,
+                            &e.action,
+                            &clip(&e.target),
+                            &e.outcome,
+                            &i32::from(e.status),
+                            &clip(&e.detail),
+                        ],
+                    )
+                    .await?;
+            }
+        }
         Ok(())
     }
 
     /// The entries matching `q`, newest first.
-    pub fn query(&self, q: &AuditQuery) -> rusqlite::Result<Vec<AuditEntry>> {
-        let conn = self.reader.lock().unwrap_or_else(|p| p.into_inner());
-        let mut stmt = conn.prepare_cached(
-            "SELECT seq, at_ms, key_id, tenant, subject_tenant, action, target, outcome, status,
-                    detail
-             FROM audit
-             WHERE at_ms >= ?1 AND at_ms < ?2
-               AND (?3 IS NULL OR tenant = ?3 OR subject_tenant = ?3)
-               AND (?4 IS NULL OR action = ?4)
-             ORDER BY seq DESC LIMIT ?5",
-        )?;
-        let rows = stmt.query_map(
-            params![
-                q.since_ms.unwrap_or(i64::MIN),
-                q.until_ms.unwrap_or(i64::MAX),
-                q.tenant,
-                q.action,
-                q.limit
-            ],
-            |r| {
-                let at_ms: i64 = r.get(1)?;
-                Ok(AuditEntry {
-                    seq: r.get(0)?,
-                    at_ms,
-                    at: crate::meter::query::format_time(at_ms),
-                    key_id: r.get(2)?,
-                    tenant: r.get(3)?,
-                    subject_tenant: r.get(4)?,
-                    action: r.get(5)?,
-                    target: r.get(6)?,
-                    outcome: r.get(7)?,
-                    status: r.get(8)?,
-                    detail: r.get(9)?,
-                })
-            },
-        )?;
-        rows.collect()
+    pub async fn query(&self, q: &AuditQuery) -> anyhow::Result<Vec<AuditEntry>> {
+        let (since, until) = (
+            q.since_ms.unwrap_or(i64::MIN),
+            q.until_ms.unwrap_or(i64::MAX),
+        );
+        match self {
+            AuditLog::Sqlite { reader, .. } => {
+                let conn = reader.lock().unwrap_or_else(|p| p.into_inner());
+                let mut stmt = conn.prepare_cached(&format!(
+                    "SELECT {QUERY_COLUMNS} FROM audit
+                     WHERE at_ms >= ?1 AND at_ms < ?2
+                       AND (?3 IS NULL OR tenant = ?3 OR subject_tenant = ?3)
+                       AND (?4 IS NULL OR action = ?4)
+                     ORDER BY seq DESC LIMIT ?5"
+                ))?;
+                let rows =
+                    stmt.query_map(params![since, until, q.tenant, q.action, q.limit], |r| {
+                        Ok(entry(
+                            r.get(0)?,
+                            r.get(1)?,
+                            [r.get(2)?, r.get(3)?, r.get(4)?],
+                            [r.get(5)?, r.get(6)?, r.get(7)?],
+                            r.get(8)?,
+                            r.get(9)?,
+                        ))
+                    })?;
+                Ok(rows.collect::<Result<_, _>>()?)
+            }
+            AuditLog::Postgres(pool) => {
+                let rows = pool
+                    .get()
+                    .await?
+                    .query(
+                        &format!(
+                            "SELECT {QUERY_COLUMNS} FROM audit
+                             WHERE at_ms >= $1 AND at_ms < $2
+                               AND ($3::text IS NULL OR tenant = $3 OR subject_tenant = $3)
+                               AND ($4::text IS NULL OR action = $4)
+                             ORDER BY seq DESC LIMIT $5"
+                        ),
+                        &[&since, &until, &q.tenant, &q.action, &i64::from(q.limit)],
+                    )
+                    .await?;
+                Ok(rows
+                    .iter()
+                    .map(|r| {
+                        entry(
+                            r.get(0),
+                            r.get(1),
+                            [r.get(2), r.get(3), r.get(4)],
+                            [r.get(5), r.get(6), r.get(7)],
+                            r.get::<_, i32>(8) as u16,
+                            r.get(9),
+                        )
+                    })
+                    .collect())
+            }
+        }
+    }
+}
+
+/// An entry from its columns: who (key, tenant, subject tenant), what (action, target,
+/// outcome).
+fn entry(
+    seq: i64,
+    at_ms: i64,
+    [key_id, tenant, subject_tenant]: [Option<String>; 3],
+    [action, target, outcome]: [String; 3],
+    status: u16,
+    detail: String,
+) -> AuditEntry {
+    AuditEntry {
+        seq,
+        at_ms,
+        at: crate::meter::query::format_time(at_ms),
+        key_id,
+        tenant,
+        subject_tenant,
+        action,
+        target,
+        outcome,
+        status,
+        detail,
     }
 }
 
@@ -179,39 +260,74 @@ impl AuditLog {
 mod tests {
     use super::*;
 
-    #[test]
-    fn the_log_is_append_only_and_clips_long_fields() {
-        let dir = std::env::temp_dir().join(format!("kiln-audit-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("{e}"));
-        let path = dir.join("audit.db");
-        let log = AuditLog::open(&path).unwrap_or_else(|e| panic!("{e:#}"));
-        let entry = AuditEntry {
+    fn entry_about(tenant: &str, target: String) -> AuditEntry {
+        AuditEntry {
             seq: 0,
             at_ms: 1,
             at: String::new(),
             key_id: Some("k".into()),
             tenant: Some("a".into()),
-            subject_tenant: Some("b".into()),
+            subject_tenant: Some(tenant.into()),
             action: "function.delete".into(),
-            target: "é".repeat(1000),
+            target,
             outcome: "ok".into(),
             status: 200,
             detail: String::new(),
-        };
-        log.append(&entry).unwrap_or_else(|e| panic!("{e}"));
-        let q = AuditQuery {
-            tenant: Some("b".into()),
-            limit: 10,
-            ..AuditQuery::default()
-        };
-        let got = log.query(&q).unwrap_or_else(|e| panic!("{e}"));
-        assert_eq!(got.len(), 1, "the subject tenant sees it");
-        assert!(got[0].target.len() <= MAX_FIELD_BYTES && got[0].target.starts_with('é'));
+        }
+    }
+
+    #[tokio::test]
+    async fn the_log_is_append_only_and_clips_long_fields_on_every_backend() {
+        let dir = std::env::temp_dir().join(format!("kiln-audit-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("{e}"));
+        let path = dir.join("audit.db");
+        let mut logs = vec![AuditLog::sqlite(&path).unwrap_or_else(|e| panic!("{e:#}"))];
+        let db = crate::store::pg::scratch::database("audit").await;
+        if let Some(db) = &db {
+            let pool = crate::store::pg::connect(&db.url).await.expect("pg");
+            logs.push(AuditLog::Postgres(pool));
+        }
+        for log in &logs {
+            log.append(&entry_about("b", "é".repeat(1000)))
+                .await
+                .unwrap_or_else(|e| panic!("{e}"));
+            let q = AuditQuery {
+                tenant: Some("b".into()),
+                limit: 10,
+                ..AuditQuery::default()
+            };
+            let got = log.query(&q).await.unwrap_or_else(|e| panic!("{e}"));
+            assert_eq!(got.len(), 1, "the subject tenant sees it");
+            assert!(got[0].target.len() <= MAX_FIELD_BYTES && got[0].target.starts_with('é'));
+            assert_eq!(got[0].status, 200);
+            let other = AuditQuery {
+                tenant: Some("c".into()),
+                limit: 10,
+                ..AuditQuery::default()
+            };
+            assert!(log.query(&other).await.expect("c").is_empty());
+        }
         let raw = Connection::open(&path).unwrap_or_else(|e| panic!("{e}"));
         for sql in ["UPDATE audit SET outcome = 'x'", "DELETE FROM audit"] {
             let err = raw.execute(sql, []).expect_err("append-only");
             assert!(err.to_string().contains("append-only"), "{err}");
+        }
+        if let Some(AuditLog::Postgres(pool)) = logs.get(1) {
+            let client = pool.get().await.expect("client");
+            for sql in [
+                "UPDATE audit SET outcome = 'x'",
+                "DELETE FROM audit",
+                "TRUNCATE audit",
+            ] {
+                let err = client.batch_execute(sql).await.expect_err("append-only");
+                let msg = err.as_db_error().map(|e| e.message().to_string());
+                assert_eq!(
+                    msg.as_deref(),
+                    Some("the audit log is append-only"),
+                    "{sql}"
+                );
+            }
         }
         let _ = std::fs::remove_dir_all(dir);
     }

@@ -9,7 +9,8 @@ use std::sync::Arc;
 use serde::Serialize;
 use sha2::{Digest as _, Sha256};
 
-use super::rate::{Limiter, Rate};
+use super::rate::Limiter;
+use crate::common::Rate;
 
 /// What a key may do. Function patterns match names with `*` as a wildcard; they only ever
 /// reach the functions of the key's own tenant.

@@ -1,47 +1,36 @@
 //! Who may do what: API keys and their scopes, the tenant each request acts for (and
 //! bills), rate limits per key, and the audit log of control-plane actions.
 //!
-//! Keys live in `kiln.db` (hashed) and in memory (by hash), so a request is authenticated
+//! Keys live in the database (hashed; [`KeyStore`]) and in memory (by hash), so a request is authenticated
 //! with one SHA-256 and one map lookup, and a revocation takes effect on the next request.
 //! Bootstrap: `KILN_ADMIN_KEY` names an admin key; without it and without any key, a
 //! server on loopback makes one and prints it once, and a server on any other address
 //! refuses to start unless `--insecure` turns authentication off.
 
 pub mod audit;
+pub mod key_store;
 pub mod keys;
 pub mod rate;
 pub mod signing;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use anyhow::{Context, bail};
 use http::HeaderMap;
-use rusqlite::{Connection, params};
 
 pub use audit::{AuditEntry, AuditLog, AuditQuery};
+pub use key_store::{KeyRow, KeyStore};
 pub use keys::{ApiKey, Pattern, Scope};
-pub use rate::{Limiter, Rate};
+pub use rate::Limiter;
+
+use crate::common::Rate;
 
 /// Tenant of functions made with authentication off, and of the bootstrap admin key.
 pub const DEFAULT_TENANT: &str = "default";
-
-const SCHEMA: &str = "
-CREATE TABLE IF NOT EXISTS api_keys (
-    id          TEXT PRIMARY KEY,
-    hash        BLOB NOT NULL UNIQUE,
-    tenant      TEXT NOT NULL,
-    scopes      TEXT NOT NULL,      -- JSON array of scope strings
-    rate        TEXT,
-    created_at  INTEGER NOT NULL,
-    created_by  TEXT,
-    revoked_at  INTEGER
-);
-";
 
 /// Why a request is refused before it reaches a function or the control plane.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -255,9 +244,9 @@ pub struct NewKey {
     pub rate: Option<Rate>,
 }
 
-/// Keys (in memory and in `kiln.db`) and the audit log.
+/// Keys (in memory and in the database) and the audit log.
 pub struct Auth {
-    db: Mutex<Connection>,
+    store: KeyStore,
     keys: RwLock<HashMap<[u8; 32], Arc<ApiKey>>>,
     /// Authentication is off: `--insecure` and no key. Turned off for good (this run) by
     /// the first key created.
@@ -280,29 +269,24 @@ pub struct Bootstrap {
 pub const MIN_ADMIN_KEY_LEN: usize = 24;
 
 impl Auth {
-    /// Opens the key table in `db_path` and the audit log at `audit_path`, and applies the
-    /// bootstrap rules. Returns the new admin key's secret when one was made (to print,
-    /// once).
-    pub fn open(
-        db_path: &Path,
-        audit_path: &Path,
+    /// Loads the keys of `store`, takes the audit log, and applies the bootstrap rules.
+    /// Returns the new admin key's secret when one was made (to print, once).
+    pub async fn open(
+        store: KeyStore,
+        audit: AuditLog,
         boot: &Bootstrap,
         default_rate: Option<Rate>,
     ) -> anyhow::Result<(Auth, Option<String>)> {
-        // Key changes are synced to disk (`durably`): a revocation survives a power cut.
-        let conn = crate::store::open_sqlite(db_path, crate::store::Sync::Normal, "database")?;
-        conn.execute_batch(SCHEMA)
-            .context("creating the key table")?;
         let auth = Auth {
-            db: Mutex::new(conn),
+            store,
             keys: RwLock::new(HashMap::new()),
             open: AtomicBool::new(false),
             default_rate,
-            audit: AuditLog::open(audit_path)?,
+            audit,
         };
-        auth.load()?;
+        auth.load().await?;
         if let Some(secret) = &boot.admin_key {
-            auth.adopt_admin_key(secret)?;
+            auth.adopt_admin_key(secret).await?;
         }
         let any_active = auth.list().iter().any(|k| k.revoked_at.is_none());
         let mut printed = None;
@@ -312,8 +296,10 @@ impl Auth {
                 auth.open.store(true, Ordering::SeqCst);
             } else if boot.listen.ip().is_loopback() {
                 let (id, secret) = keys::generate()?;
-                auth.insert(&id, &secret, DEFAULT_TENANT, &[Scope::Admin], None, None)?;
-                auth.record_system("key.bootstrap", &id, "admin key made at first start");
+                auth.insert(&id, &secret, DEFAULT_TENANT, &[Scope::Admin], None, None)
+                    .await?;
+                auth.record_system("key.bootstrap", &id, "admin key made at first start")
+                    .await;
                 printed = Some(secret);
             } else {
                 bail!(
@@ -331,47 +317,24 @@ impl Auth {
         self.open.load(Ordering::SeqCst)
     }
 
-    fn conn(&self) -> std::sync::MutexGuard<'_, Connection> {
-        self.db.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    /// Runs `f` with every commit synced to disk before it returns.
-    fn durably<T>(
-        &self,
-        f: impl FnOnce(&Connection) -> rusqlite::Result<T>,
-    ) -> rusqlite::Result<T> {
-        let conn = self.conn();
-        conn.pragma_update(None, "synchronous", "FULL")?;
-        let result = f(&conn);
-        conn.pragma_update(None, "synchronous", "NORMAL")?;
-        result
-    }
-
     fn limiter(&self, rate: Option<Rate>) -> Option<Arc<Limiter>> {
         rate.or(self.default_rate)
             .map(|r| Arc::new(Limiter::new(r)))
     }
 
-    fn load(&self) -> anyhow::Result<()> {
-        let conn = self.conn();
-        let mut stmt = conn.prepare(
-            "SELECT id, hash, tenant, scopes, rate, created_at, created_by, revoked_at FROM api_keys",
-        )?;
-        let rows = stmt.query_map([], |r| {
-            Ok((
-                r.get::<_, String>(0)?,
-                r.get::<_, Vec<u8>>(1)?,
-                r.get::<_, String>(2)?,
-                r.get::<_, String>(3)?,
-                r.get::<_, Option<String>>(4)?,
-                r.get::<_, i64>(5)?,
-                r.get::<_, Option<String>>(6)?,
-                r.get::<_, Option<i64>>(7)?,
-            ))
-        })?;
+    async fn load(&self) -> anyhow::Result<()> {
         let mut map = HashMap::new();
-        for row in rows {
-            let (id, hash, tenant, scopes, rate, created_at, created_by, revoked_at) = row?;
+        for row in self.store.load().await? {
+            let KeyRow {
+                id,
+                hash,
+                tenant,
+                scopes,
+                rate,
+                created_at,
+                created_by,
+                revoked_at,
+            } = row;
             let hash: [u8; 32] = hash
                 .try_into()
                 .map_err(|_| anyhow::anyhow!("corrupt hash of API key {id}"))?;
@@ -401,13 +364,11 @@ impl Auth {
                 }),
             );
         }
-        drop(stmt);
-        drop(conn);
         *self.keys.write().unwrap_or_else(|p| p.into_inner()) = map;
         Ok(())
     }
 
-    fn insert(
+    async fn insert(
         &self,
         id: &str,
         secret: &str,
@@ -420,21 +381,18 @@ impl Auth {
         let created_at = crate::unix_ms() / 1000;
         let scope_strings: Vec<String> = scopes.iter().map(Scope::to_string).collect();
         let scope_json = serde_json::to_string(&scope_strings)?;
-        self.durably(|conn| {
-            conn.execute(
-                "INSERT INTO api_keys (id, hash, tenant, scopes, rate, created_at, created_by)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-                params![
-                    id,
-                    &hash[..],
-                    tenant,
-                    scope_json,
-                    rate.map(|r| r.to_string()),
-                    created_at,
-                    created_by
-                ],
-            )
-        })?;
+        self.store
+            .insert(&KeyRow {
+                id: id.to_string(),
+                hash: hash.to_vec(),
+                tenant: tenant.to_string(),
+                scopes: scope_json,
+                rate: rate.map(|r| r.to_string()),
+                created_at,
+                created_by: created_by.map(str::to_string),
+                revoked_at: None,
+            })
+            .await?;
         let key = Arc::new(ApiKey {
             id: id.to_string(),
             tenant: tenant.into(),
@@ -455,7 +413,7 @@ impl Auth {
     }
 
     /// Makes `KILN_ADMIN_KEY` an admin key (once; a revoked one stays revoked).
-    fn adopt_admin_key(&self, secret: &str) -> anyhow::Result<()> {
+    async fn adopt_admin_key(&self, secret: &str) -> anyhow::Result<()> {
         if secret.len() < MIN_ADMIN_KEY_LEN {
             bail!(
                 "KILN_ADMIN_KEY is too short: use at least {MIN_ADMIN_KEY_LEN} random characters"
@@ -486,8 +444,10 @@ impl Auth {
                 "KILN_ADMIN_KEY is new; earlier bootstrap admin keys stay valid until revoked (kiln keys revoke ID)"
             );
         }
-        self.insert(&id, secret, DEFAULT_TENANT, &[Scope::Admin], None, None)?;
-        self.record_system("key.bootstrap", &id, "admin key from KILN_ADMIN_KEY");
+        self.insert(&id, secret, DEFAULT_TENANT, &[Scope::Admin], None, None)
+            .await?;
+        self.record_system("key.bootstrap", &id, "admin key from KILN_ADMIN_KEY")
+            .await;
         Ok(())
     }
 
@@ -532,7 +492,7 @@ impl Auth {
     }
 
     /// Creates a key; returns it with its secret (shown this once).
-    pub fn create(&self, new: &NewKey, by: &Caller) -> Result<(Arc<ApiKey>, String), String> {
+    pub async fn create(&self, new: &NewKey, by: &Caller) -> Result<(Arc<ApiKey>, String), String> {
         keys::validate_tenant(&new.tenant)?;
         if new.scopes.is_empty() {
             return Err("a key needs at least one scope".into());
@@ -545,6 +505,7 @@ impl Auth {
         let (id, secret) = keys::generate().map_err(|e| format!("no randomness: {e}"))?;
         let key = self
             .insert(&id, &secret, &new.tenant, &scopes, new.rate, by.key_id())
+            .await
             .map_err(|e| format!("storing the key: {e:#}"))?;
         Ok((key, secret))
     }
@@ -565,7 +526,7 @@ impl Auth {
     /// Revokes key `id`: refused from the next request on; `None` when there is no such
     /// key. The database is written first, without holding up authentication, then the
     /// key is swapped in memory.
-    pub fn revoke(&self, id: &str) -> anyhow::Result<Option<Arc<ApiKey>>> {
+    pub async fn revoke(&self, id: &str) -> anyhow::Result<Option<Arc<ApiKey>>> {
         let found = self
             .keys
             .read()
@@ -580,12 +541,7 @@ impl Auth {
             return Ok(Some(key));
         }
         let at = crate::unix_ms() / 1000;
-        self.durably(|conn| {
-            conn.execute(
-                "UPDATE api_keys SET revoked_at = ?2 WHERE id = ?1 AND revoked_at IS NULL",
-                params![id, at],
-            )
-        })?;
+        self.store.revoke(id, at).await?;
         let revoked = Arc::new(ApiKey {
             id: key.id.clone(),
             tenant: key.tenant.clone(),
@@ -605,7 +561,7 @@ impl Auth {
 
     /// Appends an action to the audit log; `subject` is the tenant acted on, when known.
     /// A failure to write it is logged, not answered: the action has happened already.
-    pub fn record(
+    pub async fn record(
         &self,
         caller: Option<&Caller>,
         action: &str,
@@ -633,18 +589,19 @@ impl Auth {
             status,
             detail: detail.to_string(),
         };
-        if let Err(e) = self.audit.append(&entry) {
+        if let Err(e) = self.audit.append(&entry).await {
             tracing::error!(action, target, "writing the audit log: {e}");
         }
     }
 
-    fn record_system(&self, action: &str, target: &str, detail: &str) {
-        self.record(None, action, target, Some(DEFAULT_TENANT), 200, detail);
+    async fn record_system(&self, action: &str, target: &str, detail: &str) {
+        self.record(None, action, target, Some(DEFAULT_TENANT), 200, detail)
+            .await;
     }
 
     /// Audit entries matching `q`, newest first.
-    pub fn audit(&self, q: &AuditQuery) -> anyhow::Result<Vec<AuditEntry>> {
-        Ok(self.audit.query(q)?)
+    pub async fn audit(&self, q: &AuditQuery) -> anyhow::Result<Vec<AuditEntry>> {
+        self.audit.query(q).await
     }
 
     /// The tenant of key `id`, if there is one.

@@ -5,8 +5,8 @@
 use std::sync::Arc;
 
 use super::{ByteCache, Key, KeyHasher, Placement};
+use crate::common::Digest;
 use crate::nn::{BackendKind, Target, Tensor, TensorInfo};
-use crate::store::Digest;
 
 /// Outputs of one compute, by the graph's output order.
 pub type InferenceCache = ByteCache<Arc<Vec<Tensor>>>;

@@ -14,7 +14,7 @@ use bytes::Bytes;
 use http::{HeaderMap, Method, StatusCode, header};
 
 use super::{ByteCache, Key, KeyHasher};
-use crate::store::Digest;
+use crate::common::Digest;
 
 /// A stored response.
 #[derive(Debug)]

@@ -10,10 +10,10 @@ use serde_json::{Value, json};
 use super::{Client, Output};
 use crate::api::functions::ModelDecl;
 use crate::auth::signing;
+use crate::common::Digest;
+use crate::common::LimitsSpec;
 use crate::manifest::Manifest;
 use crate::nn::embed::{self, EmbeddedModel};
-use crate::runtime::LimitsSpec;
-use crate::store::Digest;
 
 /// Uploads over this size show a progress bar (when stderr is a terminal).
 const PROGRESS_THRESHOLD: u64 = 4 << 20;

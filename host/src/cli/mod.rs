@@ -106,6 +106,19 @@ pub enum Command {
         /// Data directory (database, blobs, compiled artifacts) [default: ./.kiln].
         #[arg(long, env = "KILN_DATA_DIR")]
         data_dir: Option<PathBuf>,
+        /// Where blobs live: the data dir's blobs/ folder [default], or an S3-compatible
+        /// bucket shared by a cluster's nodes,
+        /// s3://bucket[/prefix]?endpoint=http://host:port&region=R (credentials from
+        /// AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN).
+        #[arg(long, env = "KILN_BLOBS_URL")]
+        blobs: Option<String>,
+        /// The database: sqlite [default: kiln.db, audit.db and usage.db in the data dir],
+        /// or postgres://user[:password]@host[:port]/dbname, shared by a cluster's nodes.
+        #[arg(long, env = "KILN_DATABASE_URL")]
+        database: Option<String>,
+        /// This node's id [default: host name and a random suffix, kept in the data dir].
+        #[arg(long, env = "KILN_NODE_ID")]
+        node_id: Option<String>,
         /// TOML configuration file; flags and KILN_* variables override it.
         #[arg(long)]
         config: Option<PathBuf>,
@@ -339,9 +352,22 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Serve {
             listen,
             data_dir,
+            blobs,
+            database,
+            node_id,
             config,
             insecure,
-        } => serve::run(listen, data_dir, config, insecure),
+        } => serve::run(
+            crate::config::Overrides {
+                listen,
+                data_dir,
+                blobs,
+                database,
+                node_id,
+            },
+            config,
+            insecure,
+        ),
         Command::Build { dir, embed_models } => commands::build(&dir, embed_models),
         Command::Deploy {
             path,

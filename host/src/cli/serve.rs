@@ -6,19 +6,14 @@ use std::path::PathBuf;
 use anyhow::Context;
 
 use crate::app::App;
-use crate::config::{ConfigFile, ServerConfig};
+use crate::config::{ConfigFile, Overrides, ServerConfig};
 
-pub fn run(
-    listen: Option<String>,
-    data_dir: Option<PathBuf>,
-    config: Option<PathBuf>,
-    insecure: bool,
-) -> anyhow::Result<()> {
+pub fn run(flags: Overrides, config: Option<PathBuf>, insecure: bool) -> anyhow::Result<()> {
     let file = match &config {
         Some(path) => ConfigFile::load(path)?,
         None => ConfigFile::default(),
     };
-    let mut config = ServerConfig::resolve(file, listen, data_dir)?;
+    let mut config = ServerConfig::resolve(file, flags)?;
     config.auth.admin_key = std::env::var("KILN_ADMIN_KEY")
         .ok()
         .filter(|k| !k.is_empty());
@@ -33,11 +28,11 @@ pub fn run(
             .await
             .with_context(|| format!("binding {}", config.listen))?;
         let addr = listener.local_addr()?;
-        let (app, admin_key) = App::open(config)?;
+        let (app, admin_key) = App::open(config).await?;
         if let Some(key) = admin_key {
             println!("kiln admin key (shown once; keep it, then `export KILN_API_KEY=...`):\n{key}");
         }
-        tracing::info!(data_dir = %app.config.data_dir.display(), functions = app.registry.functions().len(), auth = !app.auth.is_open(), "kiln ready");
+        tracing::info!(node = %app.node_id, data_dir = %app.config.data_dir.display(), blobs = %app.blobs.describe(), functions = app.registry.functions().len(), auth = !app.auth.is_open(), "kiln ready");
         println!("kiln serving on http://{addr}");
         let served = crate::server::serve(app.clone(), listener, shutdown_signal()).await;
         // Every drained request has submitted its usage record: commit them all.

@@ -278,8 +278,8 @@ impl Registry {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::runtime::Limits;
-    use crate::store::Digest;
+    use crate::common::Digest;
+    use crate::common::Limits;
 
     fn rec(function: &str, version: u32) -> VersionRecord {
         VersionRecord {

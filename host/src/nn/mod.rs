@@ -31,6 +31,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+use crate::common::BlobSource;
 use crate::config::{DefaultBackend, NnConfig};
 use crate::meter::Metrics;
 
@@ -41,8 +42,12 @@ pub use models::{ModelInfo, ModelManager, ModelRef, ModelsConfig, NnSpec, Versio
 /// Opens the backends `config` asks for and builds the model cache. ONNX Runtime is used
 /// when its library opens; if it was asked for explicitly (`default_backend =
 /// "onnxruntime"`) and cannot open, startup fails with the reason.
-/// Every inference is recorded in `metrics`.
-pub fn open(config: &NnConfig, metrics: Arc<Metrics>) -> anyhow::Result<Arc<ModelManager>> {
+/// Every inference is recorded in `metrics`; model bytes come from `blobs`.
+pub fn open(
+    config: &NnConfig,
+    metrics: Arc<Metrics>,
+    blobs: Arc<dyn BlobSource>,
+) -> anyhow::Result<Arc<ModelManager>> {
     #[cfg_attr(
         not(any(feature = "tract", feature = "onnxruntime")),
         allow(unused_mut)
@@ -112,6 +117,7 @@ pub fn open(config: &NnConfig, metrics: Arc<Metrics>) -> anyhow::Result<Arc<Mode
             memory_budget: config.model_memory_mb.saturating_mul(1 << 20),
         },
         metrics,
+        blobs,
     ))
 }
 

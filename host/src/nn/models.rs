@@ -8,7 +8,6 @@
 //! first uses wait for one load.
 
 use std::collections::{BTreeMap, HashMap};
-use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
@@ -17,8 +16,8 @@ use serde::{Deserialize, Serialize};
 
 use super::backend::{Backend, BackendGraph};
 use super::{BackendKind, Device, Encoding, ErrorCode, NnError, Target};
+use crate::common::{BlobSource, Digest};
 use crate::meter::Metrics;
-use crate::store::Digest;
 
 /// A model as a version records it (persisted with the version).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -122,7 +121,6 @@ struct SlotState {
 /// One model in the cache, shared by every version that names the same bytes.
 pub struct ModelSlot {
     key: SlotKey,
-    path: PathBuf,
     size: u64,
     state: Mutex<SlotState>,
     load_lock: tokio::sync::Mutex<()>,
@@ -214,6 +212,8 @@ pub struct ModelManager {
     slots: Mutex<HashMap<SlotKey, Weak<ModelSlot>>>,
     started: Instant,
     metrics: Arc<Metrics>,
+    /// Where model bytes come from (the local folder, or the bucket through its cache).
+    blobs: Arc<dyn BlobSource>,
 }
 
 impl ModelManager {
@@ -223,6 +223,7 @@ impl ModelManager {
         missing: HashMap<BackendKind, String>,
         config: ModelsConfig,
         metrics: Arc<Metrics>,
+        blobs: Arc<dyn BlobSource>,
     ) -> Arc<Self> {
         Arc::new(ModelManager {
             backends,
@@ -231,6 +232,7 @@ impl ModelManager {
             slots: Mutex::new(HashMap::new()),
             started: Instant::now(),
             metrics,
+            blobs,
         })
     }
 
@@ -261,12 +263,8 @@ impl ModelManager {
         self.started.elapsed().as_millis() as u64
     }
 
-    /// Builds a version's model table (no loading). `path` locates a model blob.
-    pub fn version_models(
-        &self,
-        spec: &NnSpec,
-        path: impl Fn(&Digest) -> PathBuf,
-    ) -> VersionModels {
+    /// Builds a version's model table (no loading).
+    pub fn version_models(&self, spec: &NnSpec) -> VersionModels {
         let mut slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
         let mut models = BTreeMap::new();
         for m in &spec.models {
@@ -280,7 +278,6 @@ impl ModelManager {
                 None => {
                     let s = Arc::new(ModelSlot {
                         key,
-                        path: path(&m.digest),
                         size: m.size,
                         state: Mutex::default(),
                         load_lock: tokio::sync::Mutex::new(()),
@@ -343,9 +340,14 @@ impl ModelManager {
     async fn load(&self, slot: &ModelSlot) -> Result<(LoadedGraph, Option<String>), NnError> {
         let backend = self.backend(slot.key.backend)?.clone();
         let (device, mut note) = resolve_device(backend.as_ref(), slot.key.target)?;
-        let bytes = tokio::fs::read(&slot.path).await.map_err(|e| {
-            NnError::runtime(&format!("reading model blob {}", slot.path.display()), e)
-        })?;
+        let path = self
+            .blobs
+            .local(slot.key.digest)
+            .await
+            .map_err(|e| NnError::runtime("fetching the model blob", e))?;
+        let bytes = tokio::fs::read(&path)
+            .await
+            .map_err(|e| NnError::runtime(&format!("reading model blob {}", path.display()), e))?;
         // Verify the bytes are the ones the version was deployed with.
         let digest = Digest::of(&bytes);
         if digest != slot.key.digest {

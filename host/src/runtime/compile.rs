@@ -14,11 +14,11 @@ use wasmtime::component::{Component, InstancePre};
 use wasmtime_wasi_http::p2::bindings::ProxyPre;
 
 use super::engine::{EPOCH_TICK, Runtime};
-use super::limits::Limits;
 use super::loaded::LoadedVersion;
 use super::state::HostState;
+use crate::common::Digest;
+use crate::common::Limits;
 use crate::nn::NnCtx;
-use crate::store::Digest;
 
 /// Why a component was refused at deploy; each maps to a 400 (or 413 / 500) for the client.
 #[derive(Debug, thiserror::Error)]
@@ -87,6 +87,15 @@ impl Runtime {
                 .await
                 .map_err(|e| CompileError::Internal(e.into()))??;
         tracing::info!(function, %digest, elapsed_ms = started.elapsed().as_millis() as u64, "compiled component");
+        // Other nodes map this instead of compiling again; without it they compile once each.
+        let name = self.artifact_name(&digest);
+        if let Err(e) = self
+            .blobs
+            .share_artifact(&name, &self.artifact_path(&digest))
+            .await
+        {
+            tracing::warn!(function, %digest, "sharing the compiled artifact: {e:#}");
+        }
 
         let pre = self.link(&component)?;
         self.trial_instantiate(function, &pre, &limits).await?;

@@ -14,6 +14,7 @@ use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConf
 
 use super::loaded::LoadedCache;
 use super::state::HostState;
+use crate::common::{BlobSource, Digest};
 use crate::config::RuntimeConfig;
 use crate::nn::ModelManager;
 
@@ -34,16 +35,20 @@ pub struct Runtime {
     pub(super) compile_permits: tokio::sync::Semaphore,
     pub(super) loaded: LoadedCache,
     pub(super) models: Arc<ModelManager>,
+    /// Component bytes, and compiled artifacts shared with other nodes.
+    pub(super) blobs: Arc<dyn BlobSource>,
     ticker_stop: Arc<AtomicBool>,
 }
 
 impl Runtime {
     /// Builds the engine and linker and starts the epoch ticker. Called once at startup.
-    /// Guests reach `models` through `wasi:nn`.
+    /// Guests reach `models` through `wasi:nn`; components and shared compiled artifacts
+    /// come from `blobs`.
     pub fn new(
         config: RuntimeConfig,
         data_dir: &Path,
         models: Arc<ModelManager>,
+        blobs: Arc<dyn BlobSource>,
     ) -> anyhow::Result<Runtime> {
         let engine = Engine::new(&engine_config(&config))
             .map_err(anyhow::Error::from)
@@ -78,6 +83,7 @@ impl Runtime {
             compile_permits: tokio::sync::Semaphore::new(config.compile_concurrency),
             loaded: LoadedCache::new(config.loaded_versions),
             models,
+            blobs,
             config,
             compiled_dir,
             fingerprint,
@@ -95,10 +101,15 @@ impl Runtime {
         &self.models
     }
 
-    /// Path of the compiled artifact of a component for this engine.
-    pub(super) fn artifact_path(&self, digest: &crate::store::Digest) -> PathBuf {
-        self.compiled_dir
-            .join(format!("{}-{}.cwasm", digest.hex(), self.fingerprint))
+    /// Name of the compiled artifact of a component for this engine: the same on every
+    /// node with the same engine, so nodes share it.
+    pub(super) fn artifact_name(&self, digest: &Digest) -> String {
+        format!("{}-{}.cwasm", digest.hex(), self.fingerprint)
+    }
+
+    /// Local path of the compiled artifact of a component for this engine.
+    pub(super) fn artifact_path(&self, digest: &Digest) -> PathBuf {
+        self.compiled_dir.join(self.artifact_name(digest))
     }
 }
 

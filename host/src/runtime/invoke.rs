@@ -28,7 +28,7 @@ pub type ResponseBody = wasmtime_wasi_http::p2::body::HyperOutgoingBody;
 #[derive(Debug, Clone, Default)]
 pub struct Timings {
     /// Mapping the compiled artifact, when this request found the version cold.
-    pub cold: Option<Duration>,
+    pub cold: Option<super::ColdStart>,
     /// Creating the store and instantiating the component.
     pub instantiate: Duration,
     /// From the call into the guest until it produced a response head.

@@ -4,8 +4,10 @@
 //!
 //! A miss maps the version's compiled artifact from disk (`Component::deserialize_file`) and
 //! pre-instantiates it: the cold start. Concurrent misses on one version share a single load.
-//! If the artifact is missing (new data dir copy, engine upgrade), it is rebuilt once from
-//! the component blob and logged, since that is a compile, not a cold start.
+//! A node without the artifact fetches the one another node compiled with the same engine
+//! from the shared blob store; only when there is none (a single node's data dir copied
+//! without `compiled/`, an engine upgrade) is it rebuilt from the component blob, shared,
+//! and logged, since that is a compile, not a cold start.
 
 use std::collections::HashMap;
 use std::num::NonZeroUsize;
@@ -21,9 +23,38 @@ use wasmtime_wasi_http::p2::bindings::ProxyPre;
 
 use super::compile::compile_and_persist;
 use super::engine::Runtime;
-use super::limits::Limits;
 use super::state::HostState;
-use crate::store::Digest;
+use crate::common::Digest;
+use crate::common::Limits;
+
+/// Where a cold start got the version's compiled code.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ArtifactSource {
+    /// Mapped from this node's compiled artifact.
+    Local,
+    /// Downloaded from the shared blob store (compiled by another node), then mapped.
+    Shared,
+    /// Compiled here from the component: no node had an artifact for this engine.
+    Compiled,
+}
+
+impl ArtifactSource {
+    /// `map`, `fetch` or `compile`: what `server-timing` says of a cold start.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ArtifactSource::Local => "map",
+            ArtifactSource::Shared => "fetch",
+            ArtifactSource::Compiled => "compile",
+        }
+    }
+}
+
+/// One cold start: how long loading the version took and where its code came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ColdStart {
+    pub took: Duration,
+    pub source: ArtifactSource,
+}
 
 /// A version ready to serve: compiled, linked, pre-instantiated.
 pub struct LoadedVersion {
@@ -80,7 +111,7 @@ impl LoadedCache {
 }
 
 impl Runtime {
-    /// The loaded version with id `id`, loading it if needed. Returns the cold-start time when
+    /// The loaded version with id `id`, loading it if needed. Returns the cold start when
     /// this call did the load.
     pub async fn load(
         &self,
@@ -88,8 +119,7 @@ impl Runtime {
         function: &str,
         digest: &Digest,
         limits: Limits,
-        blob: &Path,
-    ) -> anyhow::Result<(Arc<LoadedVersion>, Option<Duration>)> {
+    ) -> anyhow::Result<(Arc<LoadedVersion>, Option<ColdStart>)> {
         let slot = self.loaded.slot(id);
         if let Some(v) = slot.get() {
             return Ok((v.clone(), None));
@@ -103,15 +133,18 @@ impl Runtime {
         let v = slot
             .get_or_try_init(|| async {
                 let started = Instant::now();
-                let component = self.map_artifact(digest, blob).await?;
+                let (component, source) = self.map_artifact(digest).await?;
                 let pre = self.link(&component)?;
                 let loaded = Self::proxy(function, pre, limits)?;
-                cold = Some(started.elapsed());
+                cold = Some(ColdStart {
+                    took: started.elapsed(),
+                    source,
+                });
                 anyhow::Ok(Arc::new(loaded))
             })
             .await?;
         if let Some(t) = cold {
-            tracing::debug!(function, %digest, micros = t.as_micros() as u64, "cold start");
+            tracing::debug!(function, %digest, micros = t.took.as_micros() as u64, source = t.source.as_str(), "cold start");
             self.loaded.remember(id, v);
         }
         Ok((v.clone(), cold))
@@ -185,28 +218,64 @@ impl Runtime {
         in_lru + evicted
     }
 
-    async fn map_artifact(&self, digest: &Digest, blob: &Path) -> anyhow::Result<Component> {
+    /// The version's compiled code: this node's artifact, else the one another node shared,
+    /// else compiled now from the component blob (and shared).
+    async fn map_artifact(&self, digest: &Digest) -> anyhow::Result<(Component, ArtifactSource)> {
         let artifact = self.artifact_path(digest);
-        let engine = self.engine.clone();
-        let blob = blob.to_path_buf();
-        let digest = *digest;
-        tokio::task::spawn_blocking(move || {
-            if artifact.exists() {
-                // SAFETY: the artifact was written by this process's compile step (never
-                // uploaded bytes), is named by the engine fingerprint, and wasmtime checks its
-                // header against the engine before use.
-                #[allow(unsafe_code)]
-                let mapped = unsafe { Component::deserialize_file(&engine, &artifact) };
-                match mapped {
-                    Ok(c) => return Ok(c),
-                    Err(e) => tracing::warn!(%digest, "compiled artifact unusable, recompiling: {e:#}"),
+        if let Some(c) = self.deserialize(digest, &artifact).await? {
+            return Ok((c, ArtifactSource::Local));
+        }
+        let name = self.artifact_name(digest);
+        match self.blobs.fetch_artifact(&name, &artifact).await {
+            Ok(true) => {
+                if let Some(c) = self.deserialize(digest, &artifact).await? {
+                    return Ok((c, ArtifactSource::Shared));
                 }
             }
-            tracing::warn!(%digest, "no compiled artifact for this engine; recompiling from the blob");
+            Ok(false) => {}
+            Err(e) => tracing::warn!(%digest, "fetching the shared compiled artifact: {e:#}"),
+        }
+        tracing::warn!(%digest, "no compiled artifact for this engine; recompiling from the blob");
+        let blob = self.blobs.local(*digest).await?;
+        let engine = self.engine.clone();
+        let dest = artifact.clone();
+        let component = tokio::task::spawn_blocking(move || {
             let bytes = std::fs::read(&blob)
                 .with_context(|| format!("reading component blob {}", blob.display()))?;
-            Ok(compile_and_persist(&engine, &bytes, &artifact)?)
+            anyhow::Ok(compile_and_persist(&engine, &bytes, &dest)?)
         })
-        .await?
+        .await??;
+        if let Err(e) = self.blobs.share_artifact(&name, &artifact).await {
+            tracing::warn!(%digest, "sharing the compiled artifact: {e:#}");
+        }
+        Ok((component, ArtifactSource::Compiled))
+    }
+
+    /// Maps the artifact at `path`; `None` when it is missing or unusable (then removed, so
+    /// it is fetched or rebuilt).
+    async fn deserialize(&self, digest: &Digest, path: &Path) -> anyhow::Result<Option<Component>> {
+        let engine = self.engine.clone();
+        let path = path.to_path_buf();
+        let digest = *digest;
+        Ok(tokio::task::spawn_blocking(move || {
+            if !path.exists() {
+                return None;
+            }
+            // SAFETY: the artifact was written by Kiln's compile step on this node or another
+            // node of the cluster (never uploaded bytes: uploads are refused if precompiled and
+            // stored under their digest, not under artifact names), is named by the engine
+            // fingerprint, and wasmtime checks its header against the engine before use.
+            #[allow(unsafe_code)]
+            let mapped = unsafe { Component::deserialize_file(&engine, &path) };
+            match mapped {
+                Ok(c) => Some(c),
+                Err(e) => {
+                    tracing::warn!(%digest, "compiled artifact unusable: {e:#}");
+                    let _ = std::fs::remove_file(&path);
+                    None
+                }
+            }
+        })
+        .await?)
     }
 }

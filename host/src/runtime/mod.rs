@@ -23,7 +23,6 @@ mod state;
 pub use compile::CompileError;
 pub use engine::Runtime;
 pub use invoke::{InvokeError, InvokeOutcome, ResponseBody, Timings};
-pub use limits::{LimitError, Limits, LimitsSpec};
-pub use loaded::LoadedVersion;
+pub use loaded::{ArtifactSource, ColdStart, LoadedVersion};
 pub use outbound::{HostPattern, Outbound, parse_patterns};
 pub use state::{GuestUsage, HostState};

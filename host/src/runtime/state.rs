@@ -12,7 +12,7 @@ use wasmtime_wasi_http::{WasiHttpCtx, WasiHttpCtxView, WasiHttpView};
 use super::outbound::{Outbound, OutboundHooks};
 
 use super::guest_log::GuestLog;
-use super::limits::Limits;
+use crate::common::Limits;
 use crate::nn::{NnCtx, host::NnView};
 
 /// Table entries (resources) one instance may hold: bounds handle leaks.

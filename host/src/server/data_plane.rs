@@ -461,16 +461,9 @@ where
             return Err(e.into());
         }
     };
-    let blob = app.blobs.path(&record.digest);
     let (loaded, cold) = app
         .runtime
-        .load(
-            record.id,
-            &record.function,
-            &record.digest,
-            record.limits,
-            &blob,
-        )
+        .load(record.id, &record.function, &record.digest, record.limits)
         .await?;
 
     let path_and_query = match parts.uri.query() {
@@ -559,7 +552,11 @@ fn server_timing(t: Option<&Timings>, cache: Option<(CacheStatus, Duration)>) ->
     }
     if let Some(t) = t {
         if let Some(cold) = t.cold {
-            parts.push(format!("cold;dur={:.3}", ms(cold)));
+            parts.push(format!(
+                "cold;dur={:.3};desc=\"{}\"",
+                ms(cold.took),
+                cold.source.as_str()
+            ));
         }
         parts.push(format!("instantiate;dur={:.3}", ms(t.instantiate)));
         parts.push(format!("handler;dur={:.3}", ms(t.handler)));

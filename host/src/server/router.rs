@@ -46,6 +46,11 @@ pub async fn handle(app: Arc<App>, req: Request<Incoming>) -> Response<Body> {
                 "loaded_versions": app.runtime.loaded_count(),
             }),
         ))
+    } else if path == "/readyz" {
+        app.readiness()
+            .await
+            .map(|ready| json_response(StatusCode::OK, &ready))
+            .map_err(ApiError::Unavailable)
     } else if path == "/metrics" {
         // Metrics name every tenant's functions: an admin key reads them.
         app.auth

@@ -124,10 +124,9 @@ pub(super) fn spawn(
         // A cold shadow version is loaded here, at normal priority: primaries it also
         // serves would otherwise wait on a load starved by the copies' low priority.
         let r = &copy.to.record;
-        let blob = app.blobs.path(&r.digest);
         if let Err(e) = app
             .runtime
-            .load(r.id, &r.function, &r.digest, r.limits, &blob)
+            .load(r.id, &r.function, &r.digest, r.limits)
             .await
         {
             tracing::warn!(function = %r.function, version = r.version, "shadow copy: {e:#}");

@@ -1,15 +1,55 @@
-//! Persistent state in one data directory: `kiln.db` (SQLite, WAL) for metadata and
-//! `blobs/` for content-addressed bytes (components now, models later).
+//! Durable state behind one interface per concern, each with two backends: the metadata
+//! ([`MetaStore`]: SQLite `kiln.db`, or PostgreSQL) and the blobs ([`BlobStore`]: the
+//! `blobs/` folder, or an S3-compatible bucket with a local cache).
 //!
 //! Invariants: a blob is only ever visible under its real name once its bytes are complete,
 //! fsynced and verified against the digest; metadata rows name blobs by digest and are
 //! written in one transaction per change, so a crash leaves either the old or the new state.
 
 mod blobs;
-mod digest;
 mod meta;
+pub mod pg;
 
-pub use blobs::{BlobError, BlobStore, BlobWriter};
+pub use blobs::{BlobError, BlobStore, BlobWriter, BlobsUrl, DEFAULT_CACHE_MB};
+
+/// Where the database is, as `--database` / `KILN_DATABASE_URL` / `[store] database`
+/// names it.
+#[derive(Clone, Default, PartialEq, Eq)]
+pub enum DatabaseUrl {
+    /// `sqlite` (the default): `kiln.db`, `audit.db` and `usage.db` in the data dir.
+    #[default]
+    Sqlite,
+    /// `postgres://user[:password]@host[:port]/dbname`, shared by a cluster's nodes.
+    Postgres(String),
+}
+
+/// Never prints the URL: it may hold a password.
+impl std::fmt::Debug for DatabaseUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            DatabaseUrl::Sqlite => f.write_str("Sqlite"),
+            DatabaseUrl::Postgres(_) => f.write_str("Postgres(..)"),
+        }
+    }
+}
+
+impl std::str::FromStr for DatabaseUrl {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "" | "sqlite" => Ok(DatabaseUrl::Sqlite),
+            s if s.starts_with("postgres://") || s.starts_with("postgresql://") => {
+                tokio_postgres::Config::from_str(s)
+                    .map_err(|e| format!("invalid database URL: {e}"))?;
+                Ok(DatabaseUrl::Postgres(s.to_string()))
+            }
+            _ => Err(format!(
+                "invalid database {s:?}: use sqlite (the default) or postgres://user[:password]@host[:port]/dbname"
+            )),
+        }
+    }
+}
 
 /// How much a SQLite commit waits for the disk (`PRAGMA synchronous`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -39,7 +79,7 @@ pub fn open_sqlite(
     conn.busy_timeout(std::time::Duration::from_secs(5))?;
     Ok(conn)
 }
-pub use digest::{Digest, DigestError};
 pub use meta::{
-    FunctionInfo, MetaStore, NewVersion, NotOwner, Replayed, TrafficChange, VersionRecord,
+    FunctionInfo, MetaStore, NewVersion, NotOwner, PgMeta, Replayed, SqliteMeta, TrafficChange,
+    VersionRecord,
 };

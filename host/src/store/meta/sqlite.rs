@@ -1,107 +1,19 @@
-//! Metadata in SQLite (`<data>/kiln.db`, WAL): functions and their immutable versions.
-//!
-//! Version numbers are per function, start at 1 and are never reused, not even after the
-//! function is deleted and created again, so a client pinned to `@3` can never reach a
-//! different component. Every change is one transaction.
+//! The metadata in SQLite (`<data>/kiln.db`, WAL): one connection behind a mutex (calls
+//! are short), and the columns earlier Kilns lacked added on open.
 
 use std::path::Path;
 use std::sync::Mutex;
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use anyhow::Context;
 use rusqlite::{Connection, OptionalExtension, params};
-use serde::Serialize;
 
-mod traffic;
-
-pub use traffic::TrafficChange;
-
-use super::Digest;
-use crate::cache::CacheSpec;
-use crate::nn::NnSpec;
-use crate::runtime::Limits;
-
-/// One immutable version of a function.
-#[derive(Debug, Clone, Serialize)]
-pub struct VersionRecord {
-    /// Globally unique id (never reused): keys the loaded-version cache.
-    #[serde(skip)]
-    pub id: i64,
-    pub function: String,
-    pub version: u32,
-    /// Digest of the component.
-    pub digest: Digest,
-    /// Component size in bytes.
-    pub size: u64,
-    pub limits: Limits,
-    /// Models and `wasi:nn` settings.
-    pub nn: NnSpec,
-    /// Caching of responses and inference results.
-    pub cache: CacheSpec,
-    /// The publisher key that signed the bundle (`ed25519:<hex>`), if it was signed.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub signer: Option<String>,
-    /// Where its guests may send HTTP requests (`allowed_outbound_hosts`, validated).
-    #[serde(skip_serializing_if = "Vec::is_empty")]
-    pub outbound: Vec<String>,
-    /// Unix seconds.
-    pub created_at: i64,
-}
-
-/// Who owns a function and who may call it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct FunctionInfo {
-    pub name: String,
-    /// Unix seconds.
-    pub created_at: i64,
-    /// The tenant that created it; only its keys (and admins) may touch it.
-    pub tenant: String,
-    /// Callable without a key.
-    pub public: bool,
-}
-
-/// A signed manifest no newer than the function's last signed deploy: a replay.
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
-#[error(
-    "this signed manifest (signed_at {signed_at}) is not newer than the last signed deploy of {function:?} (signed_at {last}): sign it again"
-)]
-pub struct Replayed {
-    pub function: String,
-    pub signed_at: i64,
-    pub last: i64,
-}
-
-/// A deploy onto a function that another tenant owns.
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
-#[error("function {function:?} belongs to another tenant")]
-pub struct NotOwner {
-    pub function: String,
-}
-
-/// What the API hands over to record a new version.
-#[derive(Debug, Clone)]
-pub struct NewVersion {
-    pub function: String,
-    pub digest: Digest,
-    pub size: u64,
-    pub limits: Limits,
-    pub nn: NnSpec,
-    pub cache: CacheSpec,
-    pub signer: Option<String>,
-    /// When the manifest was signed (unix ms); must exceed the function's last one.
-    pub signed_at: Option<i64>,
-    pub outbound: Vec<String>,
-    /// The deploying tenant: owner of the function if this creates it.
-    pub tenant: String,
-    /// Refuse (with [`NotOwner`]) when the function belongs to another tenant; off for admins.
-    pub enforce_owner: bool,
-    /// Sets whether the function is public; `None` keeps what it was (private when new).
-    pub public: Option<bool>,
-}
+use super::{FunctionInfo, NewVersion, NotOwner, RawVersion, Replayed, VersionRecord};
+use crate::common::Digest;
+use crate::store::{Sync, open_sqlite};
 
 /// The SQLite metadata store. Calls are short; a mutex serializes them.
 #[derive(Debug)]
-pub struct MetaStore {
+pub struct SqliteMeta {
     conn: Mutex<Connection>,
 }
 
@@ -179,17 +91,10 @@ CREATE TABLE IF NOT EXISTS versions (
 );
 ";
 
-fn now_secs() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
-        .unwrap_or(0)
-}
-
-impl MetaStore {
+impl SqliteMeta {
     /// Opens (creating) the database at `path` in WAL mode.
     pub fn open(path: &Path) -> anyhow::Result<Self> {
-        let conn = super::open_sqlite(path, super::Sync::Normal, "database")?;
+        let conn = open_sqlite(path, Sync::Normal, "database")?;
         conn.pragma_update(None, "foreign_keys", "ON")?;
         conn.execute_batch(SCHEMA).context("creating schema")?;
         // Databases made by earlier versions of Kiln get the newer columns.
@@ -225,26 +130,30 @@ impl MetaStore {
                 }
             }
         }
-        Ok(MetaStore {
+        Ok(SqliteMeta {
             conn: Mutex::new(conn),
         })
     }
 
-    fn conn(&self) -> std::sync::MutexGuard<'_, Connection> {
+    pub(super) fn conn(&self) -> std::sync::MutexGuard<'_, Connection> {
         // A panic while holding the lock cannot leave SQLite half-written (transactions roll
         // back), so a poisoned lock is safe to reuse.
         self.conn.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Records a new version, creating the function (owned by `new.tenant`) on its first
-    /// version; returns it with the function as it now is.
+    pub fn ping(&self) -> anyhow::Result<()> {
+        self.conn()
+            .query_row("SELECT 1", [], |_| Ok(()))
+            .context("querying the database")
+    }
+
     pub fn create_version(
         &self,
         new: &NewVersion,
     ) -> anyhow::Result<(VersionRecord, FunctionInfo)> {
         let mut conn = self.conn();
         let tx = conn.transaction()?;
-        let now = now_secs();
+        let now = super::now_secs();
         tx.execute(
             "INSERT OR IGNORE INTO functions (name, created_at, tenant, public) VALUES (?1, ?2, ?3, ?4)",
             params![new.function, now, new.tenant, new.public.unwrap_or(false)],
@@ -291,6 +200,7 @@ impl MetaStore {
                  last_signed_at = coalesce(excluded.last_signed_at, last_signed_at)",
             params![new.function, version, new.signed_at],
         )?;
+        let fields = super::VersionFields::of(new)?;
         tx.execute(
             "INSERT INTO versions (function, version, digest, size, timeout_ms, memory_mb,
                                    max_concurrency, created_at, nn, cache, rate, signer,
@@ -299,17 +209,17 @@ impl MetaStore {
             params![
                 new.function,
                 version,
-                new.digest.to_string(),
+                fields.digest,
                 new.size as i64,
                 new.limits.timeout_ms as i64,
                 new.limits.memory_mb as i64,
                 new.limits.max_concurrency,
                 now,
-                serde_json::to_string(&new.nn)?,
-                serde_json::to_string(&new.cache)?,
-                new.limits.rate.map(|r| r.to_string()),
+                fields.nn,
+                fields.cache,
+                fields.rate,
                 new.signer,
-                serde_json::to_string(&new.outbound)?
+                fields.outbound
             ],
         )?;
         let id = tx.last_insert_rowid();
@@ -319,23 +229,9 @@ impl MetaStore {
             function_info,
         )?;
         tx.commit()?;
-        let record = VersionRecord {
-            id,
-            function: new.function.clone(),
-            version,
-            digest: new.digest,
-            size: new.size,
-            limits: new.limits,
-            nn: new.nn.clone(),
-            cache: new.cache.clone(),
-            signer: new.signer.clone(),
-            outbound: new.outbound.clone(),
-            created_at: now,
-        };
-        Ok((record, info))
+        Ok((new.record(id, version, now), info))
     }
 
-    /// Every version of every function, oldest first (used to rebuild state at start).
     pub fn all_versions(&self) -> anyhow::Result<Vec<VersionRecord>> {
         let conn = self.conn();
         let mut stmt = conn.prepare(
@@ -344,55 +240,30 @@ impl MetaStore {
              FROM versions ORDER BY id",
         )?;
         let rows = stmt.query_map([], |r| {
-            let digest: String = r.get(3)?;
-            let nn: String = r.get(9)?;
-            let cache: String = r.get(10)?;
-            let rate: Option<String> = r.get(11)?;
-            let outbound: String = r.get(13)?;
-            Ok((
-                (digest, nn, cache, rate, outbound),
-                VersionRecord {
-                    id: r.get(0)?,
-                    function: r.get(1)?,
-                    version: r.get(2)?,
-                    digest: Digest([0; 32]),
-                    size: r.get::<_, i64>(4)? as u64,
-                    limits: Limits {
-                        timeout_ms: r.get::<_, i64>(5)? as u64,
-                        memory_mb: r.get::<_, i64>(6)? as u64,
-                        max_concurrency: r.get(7)?,
-                        rate: None,
-                    },
-                    nn: NnSpec::default(),
-                    cache: CacheSpec::default(),
-                    signer: r.get(12)?,
-                    outbound: Vec::new(),
-                    created_at: r.get(8)?,
-                },
-            ))
+            Ok(RawVersion {
+                id: r.get(0)?,
+                function: r.get(1)?,
+                version: r.get(2)?,
+                digest: r.get(3)?,
+                size: r.get(4)?,
+                timeout_ms: r.get(5)?,
+                memory_mb: r.get(6)?,
+                max_concurrency: r.get(7)?,
+                created_at: r.get(8)?,
+                nn: r.get(9)?,
+                cache: r.get(10)?,
+                rate: r.get(11)?,
+                signer: r.get(12)?,
+                outbound: r.get(13)?,
+            })
         })?;
         let mut out = Vec::new();
         for row in rows {
-            let ((digest, nn, cache, rate, outbound), mut rec) = row?;
-            rec.outbound = serde_json::from_str(&outbound)
-                .with_context(|| format!("corrupt outbound column in versions row {}", rec.id))?;
-            rec.limits.rate = rate
-                .map(|r| r.parse())
-                .transpose()
-                .map_err(|e: String| anyhow::anyhow!("versions row {}: {e}", rec.id))?;
-            rec.digest = digest
-                .parse()
-                .with_context(|| format!("corrupt digest in versions row {}", rec.id))?;
-            rec.nn = serde_json::from_str(&nn)
-                .with_context(|| format!("corrupt nn column in versions row {}", rec.id))?;
-            rec.cache = serde_json::from_str(&cache)
-                .with_context(|| format!("corrupt cache column in versions row {}", rec.id))?;
-            out.push(rec);
+            out.push(row?.decode()?);
         }
         Ok(out)
     }
 
-    /// Every function: owner, visibility, creation time.
     pub fn functions(&self) -> anyhow::Result<Vec<FunctionInfo>> {
         let conn = self.conn();
         let mut stmt = conn.prepare("SELECT name, created_at, tenant, public FROM functions")?;
@@ -400,7 +271,6 @@ impl MetaStore {
         Ok(rows.collect::<Result<_, _>>()?)
     }
 
-    /// Records that `tenant` holds blob `digest` (it uploaded the bytes).
     pub fn add_blob_owner(&self, digest: &Digest, tenant: &str) -> anyhow::Result<()> {
         self.conn().execute(
             "INSERT OR IGNORE INTO blob_owners (digest, tenant) VALUES (?1, ?2)",
@@ -409,7 +279,6 @@ impl MetaStore {
         Ok(())
     }
 
-    /// Whether `tenant` uploaded blob `digest`.
     pub fn owns_blob(&self, digest: &Digest, tenant: &str) -> anyhow::Result<bool> {
         Ok(self
             .conn()
@@ -417,7 +286,6 @@ impl MetaStore {
             .exists(params![digest.to_string(), tenant])?)
     }
 
-    /// Deletes a function and all its versions; false when it did not exist.
     pub fn delete_function(&self, name: &str) -> anyhow::Result<bool> {
         let mut conn = self.conn();
         let tx = conn.transaction()?;
@@ -438,73 +306,4 @@ fn function_info(r: &rusqlite::Row<'_>) -> rusqlite::Result<FunctionInfo> {
         tenant: r.get(2)?,
         public: r.get(3)?,
     })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn store(name: &str) -> (MetaStore, std::path::PathBuf) {
-        let dir = std::env::temp_dir().join(format!("kiln-meta-{name}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).expect("mkdir");
-        (MetaStore::open(&dir.join("kiln.db")).expect("open"), dir)
-    }
-
-    fn new(function: &str) -> NewVersion {
-        NewVersion {
-            function: function.into(),
-            digest: Digest::of(b"x"),
-            size: 1,
-            limits: Limits::default(),
-            nn: NnSpec::default(),
-            cache: CacheSpec::default(),
-            signer: None,
-            signed_at: None,
-            outbound: Vec::new(),
-            tenant: "t".into(),
-            enforce_owner: true,
-            public: None,
-        }
-    }
-
-    #[test]
-    fn versions_count_up_and_are_never_reused() {
-        let (meta, dir) = store("seq");
-        let version = |n: NewVersion| meta.create_version(&n).expect("create").0.version;
-        assert_eq!(version(new("a")), 1);
-        assert_eq!(version(new("a")), 2);
-        assert_eq!(version(new("b")), 1);
-        assert!(meta.delete_function("a").expect("delete"));
-        assert!(!meta.delete_function("a").expect("delete again"));
-        assert_eq!(version(new("a")), 3);
-        // Another tenant cannot add versions to it; an admin (no enforcement) can, and
-        // the owner stays.
-        let mut other = new("a");
-        other.tenant = "u".into();
-        let err = meta.create_version(&other).expect_err("not the owner");
-        assert!(err.downcast_ref::<NotOwner>().is_some(), "{err:#}");
-        other.enforce_owner = false;
-        other.public = Some(true);
-        let (_, info) = meta.create_version(&other).expect("admin");
-        assert_eq!((info.tenant.as_str(), info.public), ("t", true));
-        let all = meta.all_versions().expect("all");
-        assert_eq!(all.len(), 3);
-        // Models round-trip through the nn column.
-        let mut with_model = new("m");
-        with_model.nn.models.push(crate::nn::ModelRef {
-            name: "digits".into(),
-            digest: Digest::of(b"model"),
-            size: 5,
-            encoding: crate::nn::Encoding::Onnx,
-            target: crate::nn::Target::Auto,
-            backend: Some(crate::nn::BackendKind::Tract),
-        });
-        with_model.nn.guest_load_max_bytes = Some(1024);
-        meta.create_version(&with_model).expect("m1");
-        let all = meta.all_versions().expect("all");
-        let m = all.iter().find(|r| r.function == "m").expect("m");
-        assert_eq!(m.nn, with_model.nn);
-        let _ = std::fs::remove_dir_all(dir);
-    }
 }

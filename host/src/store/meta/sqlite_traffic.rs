@@ -1,15 +1,13 @@
-//! The traffic side of the metadata: policies (main and aliases), their history, and
-//! rollouts; a change and its history entry (and the rollout) in one transaction.
+//! The traffic side of the SQLite metadata: policies (main and aliases), their history,
+//! and rollouts; a change and its history entry (and the rollout) in one transaction.
 
 use rusqlite::{OptionalExtension, params};
 
-use super::MetaStore;
+use super::sqlite::SqliteMeta;
+use super::{TrafficChange, history_entry, previous_of};
 use crate::deploy::Rollout;
 
-impl MetaStore {
-    /// Applies one traffic change of `function` (its main policy, or `alias`'s) in one
-    /// transaction: the new policy (and revision), its history entry, and the function's
-    /// rollout as it now is. Returns the new revision.
+impl SqliteMeta {
     pub fn set_traffic(
         &self,
         function: &str,
@@ -48,19 +46,7 @@ impl MetaStore {
                 params![function, a, change.policy, revision, now_ms / 1000],
             )?,
         };
-        let mut detail = serde_json::json!({
-            "revision": revision,
-            "policy": serde_json::from_str::<serde_json::Value>(change.policy)?,
-            "previous": previous
-                .map(|p| serde_json::from_str::<serde_json::Value>(&p.0))
-                .transpose()?,
-        });
-        if let Some(extra) = change.extra {
-            detail["check"] = extra.clone();
-        }
-        if let Some(a) = alias {
-            detail["alias"] = a.into();
-        }
+        let detail = super::change_detail(change, alias, revision, previous.map(|p| p.0))?;
         insert_history(
             &tx,
             function,
@@ -77,8 +63,6 @@ impl MetaStore {
         Ok(revision as u64)
     }
 
-    /// Records a history entry that changes no policy (a rollout paused or resumed) and
-    /// the function's rollout as it now is, in one transaction.
     pub fn record_rollout(
         &self,
         function: &str,
@@ -90,30 +74,22 @@ impl MetaStore {
         let mut conn = self.conn();
         let tx = conn.transaction()?;
         let now_ms = crate::unix_ms();
-        let detail = serde_json::json!({"rollout": {"candidate": rollout.candidate, "stable": rollout.stable, "step": rollout.step + 1, "percent": rollout.percent()}});
+        let detail = super::rollout_detail(rollout);
         insert_history(&tx, function, now_ms, actor, kind, reason, &detail)?;
         upsert_rollout(&tx, function, rollout, now_ms)?;
         tx.commit()?;
         Ok(())
     }
 
-    /// Every rollout still running or paused.
     pub fn active_rollouts(&self) -> anyhow::Result<Vec<Rollout>> {
         let conn = self.conn();
         let mut stmt = conn.prepare("SELECT rollout FROM rollouts WHERE active = 1")?;
-        let rows = stmt.query_map([], |r| r.get::<_, String>(0))?;
-        let mut out = Vec::new();
-        for json in rows {
-            let json = json?;
-            match serde_json::from_str(&json) {
-                Ok(r) => out.push(r),
-                Err(e) => tracing::error!("stored rollout unreadable: {e}: {json}"),
-            }
-        }
-        Ok(out)
+        let rows = stmt
+            .query_map([], |r| r.get::<_, String>(0))?
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(super::readable_rollouts(rows.into_iter()))
     }
 
-    /// `function`'s latest rollout, active or ended.
     pub fn rollout(&self, function: &str) -> anyhow::Result<Option<Rollout>> {
         let conn = self.conn();
         let json: Option<String> = conn
@@ -126,9 +102,6 @@ impl MetaStore {
         Ok(json.map(|j| serde_json::from_str(&j)).transpose()?)
     }
 
-    /// The policy (main, or `alias`'s) in force before the current one (JSON, `null` for
-    /// none), from the history entry that made the current revision, with that entry's
-    /// kind; `None` when it never changed.
     pub fn previous_traffic(
         &self,
         function: &str,
@@ -155,16 +128,9 @@ impl MetaStore {
             ),
         }
         .optional()?;
-        Ok(match row {
-            Some((kind, d)) => Some((
-                kind,
-                serde_json::from_str::<serde_json::Value>(&d)?["previous"].to_string(),
-            )),
-            None => None,
-        })
+        row.map(|(kind, d)| previous_of(kind, &d)).transpose()
     }
 
-    /// Every stored traffic policy: (function, policy JSON, revision).
     pub fn traffic(&self) -> anyhow::Result<Vec<(String, String, u64)>> {
         let conn = self.conn();
         let mut stmt = conn.prepare("SELECT function, policy, revision FROM traffic")?;
@@ -174,7 +140,6 @@ impl MetaStore {
         Ok(rows.collect::<Result<_, _>>()?)
     }
 
-    /// Every stored alias: (function, alias, policy JSON or `null`, revision).
     pub fn aliases(&self) -> anyhow::Result<Vec<(String, String, String, u64)>> {
         let conn = self.conn();
         let mut stmt = conn.prepare("SELECT function, alias, policy, revision FROM aliases")?;
@@ -184,9 +149,6 @@ impl MetaStore {
         Ok(rows.collect::<Result<_, _>>()?)
     }
 
-    /// `function`'s history, newest first, at most `limit` entries; with `tenant`, only
-    /// the entries made while that tenant owned the function (a name can change hands
-    /// after a delete).
     pub fn history(
         &self,
         function: &str,
@@ -199,37 +161,18 @@ impl MetaStore {
              WHERE function = ?1 AND (?3 IS NULL OR tenant = ?3) ORDER BY seq DESC LIMIT ?2",
         )?;
         let rows = stmt.query_map(params![function, limit, tenant], |r| {
-            let at_ms: i64 = r.get(1)?;
             let detail: String = r.get(5)?;
-            Ok(serde_json::json!({
-                "seq": r.get::<_, i64>(0)?,
-                "at_ms": at_ms,
-                "at": crate::meter::query::format_time(at_ms),
-                "actor": r.get::<_, Option<String>>(2)?,
-                "kind": r.get::<_, String>(3)?,
-                "reason": r.get::<_, String>(4)?,
-                "detail": serde_json::from_str::<serde_json::Value>(&detail)
-                    .unwrap_or(serde_json::Value::Null),
-            }))
+            Ok(history_entry(
+                r.get(0)?,
+                r.get(1)?,
+                r.get(2)?,
+                r.get(3)?,
+                r.get(4)?,
+                &detail,
+            ))
         })?;
         Ok(rows.collect::<Result<_, _>>()?)
     }
-}
-
-/// One traffic change, as [`MetaStore::set_traffic`] stores it.
-#[derive(Debug, Clone, Copy)]
-pub struct TrafficChange<'a> {
-    /// The new policy (JSON `TrafficPolicy`, or `null`: none).
-    pub policy: &'a str,
-    /// The API key that made it (for a rollout step: the one that started the rollout).
-    pub actor: Option<&'a str>,
-    /// `traffic`, `rollback`, `rollout.step`, `rollout.rollback`, `rollout.abort`...
-    pub kind: &'a str,
-    pub reason: &'a str,
-    /// The function's rollout after this change, stored with it.
-    pub rollout: Option<&'a Rollout>,
-    /// The gate numbers behind it, kept in the history entry as `check`.
-    pub extra: Option<&'a serde_json::Value>,
 }
 
 fn insert_history(
@@ -290,7 +233,7 @@ mod tests {
             )
             .expect("old schema");
         }
-        let meta = MetaStore::open(&path).expect("migrate");
+        let meta = SqliteMeta::open(&path).expect("migrate");
         // The entry from before team-b created `f` belonged to an earlier owner.
         assert_eq!(meta.history("f", 10, Some("team-b")).expect("b").len(), 1);
         assert_eq!(meta.history("f", 10, None).expect("admin").len(), 2);

@@ -1,0 +1,610 @@
+//! Metadata: functions and their immutable versions, traffic policies (main and aliases),
+//! their history, rollouts, and which tenants hold which blobs.
+//!
+//! One [`MetaStore`], two backends chosen at startup: SQLite (`<data>/kiln.db`, WAL; the
+//! default, for one node) and PostgreSQL (for a cluster's nodes). Callers see one async
+//! interface and the same rules from both:
+//! - version numbers are per function, start at 1 and are never reused, not even after the
+//!   function is deleted and created again, so a client pinned to `@3` can never reach a
+//!   different component;
+//! - every change is one transaction: a traffic change, its history entry and the rollout
+//!   it belongs to commit together, or not at all.
+
+mod postgres;
+mod sqlite;
+mod sqlite_traffic;
+
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use anyhow::Context;
+use serde::Serialize;
+
+pub use postgres::PgMeta;
+pub use sqlite::SqliteMeta;
+
+use crate::cache::CacheSpec;
+use crate::common::{Digest, Limits};
+use crate::deploy::Rollout;
+use crate::nn::NnSpec;
+
+/// One immutable version of a function.
+#[derive(Debug, Clone, Serialize)]
+pub struct VersionRecord {
+    /// Globally unique id (never reused): keys the loaded-version cache.
+    #[serde(skip)]
+    pub id: i64,
+    pub function: String,
+    pub version: u32,
+    /// Digest of the component.
+    pub digest: Digest,
+    /// Component size in bytes.
+    pub size: u64,
+    pub limits: Limits,
+    /// Models and `wasi:nn` settings.
+    pub nn: NnSpec,
+    /// Caching of responses and inference results.
+    pub cache: CacheSpec,
+    /// The publisher key that signed the bundle (`ed25519:<hex>`), if it was signed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub signer: Option<String>,
+    /// Where its guests may send HTTP requests (`allowed_outbound_hosts`, validated).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub outbound: Vec<String>,
+    /// Unix seconds.
+    pub created_at: i64,
+}
+
+/// Who owns a function and who may call it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FunctionInfo {
+    pub name: String,
+    /// Unix seconds.
+    pub created_at: i64,
+    /// The tenant that created it; only its keys (and admins) may touch it.
+    pub tenant: String,
+    /// Callable without a key.
+    pub public: bool,
+}
+
+/// A signed manifest no newer than the function's last signed deploy: a replay.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error(
+    "this signed manifest (signed_at {signed_at}) is not newer than the last signed deploy of {function:?} (signed_at {last}): sign it again"
+)]
+pub struct Replayed {
+    pub function: String,
+    pub signed_at: i64,
+    pub last: i64,
+}
+
+/// A deploy onto a function that another tenant owns.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error("function {function:?} belongs to another tenant")]
+pub struct NotOwner {
+    pub function: String,
+}
+
+/// What the API hands over to record a new version.
+#[derive(Debug, Clone)]
+pub struct NewVersion {
+    pub function: String,
+    pub digest: Digest,
+    pub size: u64,
+    pub limits: Limits,
+    pub nn: NnSpec,
+    pub cache: CacheSpec,
+    pub signer: Option<String>,
+    /// When the manifest was signed (unix ms); must exceed the function's last one.
+    pub signed_at: Option<i64>,
+    pub outbound: Vec<String>,
+    /// The deploying tenant: owner of the function if this creates it.
+    pub tenant: String,
+    /// Refuse (with [`NotOwner`]) when the function belongs to another tenant; off for admins.
+    pub enforce_owner: bool,
+    /// Sets whether the function is public; `None` keeps what it was (private when new).
+    pub public: Option<bool>,
+}
+
+impl NewVersion {
+    /// The record of this version once stored as version `version` with row id `id`.
+    fn record(&self, id: i64, version: u32, created_at: i64) -> VersionRecord {
+        VersionRecord {
+            id,
+            function: self.function.clone(),
+            version,
+            digest: self.digest,
+            size: self.size,
+            limits: self.limits,
+            nn: self.nn.clone(),
+            cache: self.cache.clone(),
+            signer: self.signer.clone(),
+            outbound: self.outbound.clone(),
+            created_at,
+        }
+    }
+}
+
+/// One traffic change, as [`MetaStore::set_traffic`] stores it.
+#[derive(Debug, Clone, Copy)]
+pub struct TrafficChange<'a> {
+    /// The new policy (JSON `TrafficPolicy`, or `null`: none).
+    pub policy: &'a str,
+    /// The API key that made it (for a rollout step: the one that started the rollout).
+    pub actor: Option<&'a str>,
+    /// `traffic`, `rollback`, `rollout.step`, `rollout.rollback`, `rollout.abort`...
+    pub kind: &'a str,
+    pub reason: &'a str,
+    /// The function's rollout after this change, stored with it.
+    pub rollout: Option<&'a Rollout>,
+    /// The gate numbers behind it, kept in the history entry as `check`.
+    pub extra: Option<&'a serde_json::Value>,
+}
+
+/// The metadata store, on whichever backend the server was started with.
+pub enum MetaStore {
+    Sqlite(SqliteMeta),
+    Postgres(PgMeta),
+}
+
+/// Calls the same method on whichever backend, awaiting PostgreSQL's answer.
+macro_rules! on_backend {
+    ($self:ident . $method:ident ( $($arg:expr),* )) => {
+        match $self {
+            MetaStore::Sqlite(s) => s.$method($($arg),*),
+            MetaStore::Postgres(p) => p.$method($($arg),*).await,
+        }
+    };
+}
+
+impl MetaStore {
+    /// Whether the database answers (`/readyz`).
+    pub async fn ping(&self) -> anyhow::Result<()> {
+        on_backend!(self.ping())
+    }
+
+    /// Which backend, for logs and `/readyz`.
+    pub fn describe(&self) -> &'static str {
+        match self {
+            MetaStore::Sqlite(_) => "sqlite",
+            MetaStore::Postgres(_) => "postgres",
+        }
+    }
+
+    /// Records a new version, creating the function (owned by `new.tenant`) on its first
+    /// version; returns it with the function as it now is. Fails with [`NotOwner`] or
+    /// [`Replayed`] (inside the `anyhow::Error`) when the deploy is not allowed.
+    pub async fn create_version(
+        &self,
+        new: &NewVersion,
+    ) -> anyhow::Result<(VersionRecord, FunctionInfo)> {
+        on_backend!(self.create_version(new))
+    }
+
+    /// Every version of every function, oldest first (used to rebuild state at start).
+    pub async fn all_versions(&self) -> anyhow::Result<Vec<VersionRecord>> {
+        on_backend!(self.all_versions())
+    }
+
+    /// Every function: owner, visibility, creation time.
+    pub async fn functions(&self) -> anyhow::Result<Vec<FunctionInfo>> {
+        on_backend!(self.functions())
+    }
+
+    /// Records that `tenant` holds blob `digest` (it uploaded the bytes).
+    pub async fn add_blob_owner(&self, digest: &Digest, tenant: &str) -> anyhow::Result<()> {
+        on_backend!(self.add_blob_owner(digest, tenant))
+    }
+
+    /// Whether `tenant` uploaded blob `digest`.
+    pub async fn owns_blob(&self, digest: &Digest, tenant: &str) -> anyhow::Result<bool> {
+        on_backend!(self.owns_blob(digest, tenant))
+    }
+
+    /// Deletes a function and all its versions; false when it did not exist.
+    pub async fn delete_function(&self, name: &str) -> anyhow::Result<bool> {
+        on_backend!(self.delete_function(name))
+    }
+
+    /// Applies one traffic change of `function` (its main policy, or `alias`'s) in one
+    /// transaction: the new policy (and revision), its history entry, and the function's
+    /// rollout as it now is. Returns the new revision.
+    pub async fn set_traffic(
+        &self,
+        function: &str,
+        alias: Option<&str>,
+        change: &TrafficChange<'_>,
+    ) -> anyhow::Result<u64> {
+        on_backend!(self.set_traffic(function, alias, change))
+    }
+
+    /// Records a history entry that changes no policy (a rollout paused or resumed) and
+    /// the function's rollout as it now is, in one transaction.
+    pub async fn record_rollout(
+        &self,
+        function: &str,
+        actor: Option<&str>,
+        kind: &str,
+        reason: &str,
+        rollout: &Rollout,
+    ) -> anyhow::Result<()> {
+        on_backend!(self.record_rollout(function, actor, kind, reason, rollout))
+    }
+
+    /// Every rollout still running or paused.
+    pub async fn active_rollouts(&self) -> anyhow::Result<Vec<Rollout>> {
+        on_backend!(self.active_rollouts())
+    }
+
+    /// `function`'s latest rollout, active or ended.
+    pub async fn rollout(&self, function: &str) -> anyhow::Result<Option<Rollout>> {
+        on_backend!(self.rollout(function))
+    }
+
+    /// The policy (main, or `alias`'s) in force before the current one (JSON, `null` for
+    /// none), from the history entry that made the current revision, with that entry's
+    /// kind; `None` when it never changed.
+    pub async fn previous_traffic(
+        &self,
+        function: &str,
+        alias: Option<&str>,
+    ) -> anyhow::Result<Option<(String, String)>> {
+        on_backend!(self.previous_traffic(function, alias))
+    }
+
+    /// Every stored traffic policy: (function, policy JSON, revision).
+    pub async fn traffic(&self) -> anyhow::Result<Vec<(String, String, u64)>> {
+        on_backend!(self.traffic())
+    }
+
+    /// Every stored alias: (function, alias, policy JSON or `null`, revision).
+    pub async fn aliases(&self) -> anyhow::Result<Vec<(String, String, String, u64)>> {
+        on_backend!(self.aliases())
+    }
+
+    /// `function`'s history, newest first, at most `limit` entries; with `tenant`, only
+    /// the entries made while that tenant owned the function (a name can change hands
+    /// after a delete).
+    pub async fn history(
+        &self,
+        function: &str,
+        limit: u32,
+        tenant: Option<&str>,
+    ) -> anyhow::Result<Vec<serde_json::Value>> {
+        on_backend!(self.history(function, limit, tenant))
+    }
+}
+
+fn now_secs() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}
+
+/// A `versions` row as either backend reads it, before its text columns are parsed.
+struct RawVersion {
+    id: i64,
+    function: String,
+    version: i64,
+    digest: String,
+    size: i64,
+    timeout_ms: i64,
+    memory_mb: i64,
+    max_concurrency: i64,
+    created_at: i64,
+    nn: String,
+    cache: String,
+    rate: Option<String>,
+    signer: Option<String>,
+    outbound: String,
+}
+
+impl RawVersion {
+    fn decode(self) -> anyhow::Result<VersionRecord> {
+        let id = self.id;
+        let corrupt = |column: &str| format!("corrupt {column} column in versions row {id}");
+        Ok(VersionRecord {
+            id,
+            function: self.function,
+            version: u32::try_from(self.version).with_context(|| corrupt("version"))?,
+            digest: self.digest.parse().with_context(|| corrupt("digest"))?,
+            size: self.size as u64,
+            limits: Limits {
+                timeout_ms: self.timeout_ms as u64,
+                memory_mb: self.memory_mb as u64,
+                max_concurrency: u32::try_from(self.max_concurrency)
+                    .with_context(|| corrupt("max_concurrency"))?,
+                rate: self
+                    .rate
+                    .map(|r| r.parse())
+                    .transpose()
+                    .map_err(|e: String| anyhow::anyhow!("versions row {id}: {e}"))?,
+            },
+            nn: serde_json::from_str(&self.nn).with_context(|| corrupt("nn"))?,
+            cache: serde_json::from_str(&self.cache).with_context(|| corrupt("cache"))?,
+            signer: self.signer,
+            outbound: serde_json::from_str(&self.outbound).with_context(|| corrupt("outbound"))?,
+            created_at: self.created_at,
+        })
+    }
+}
+
+/// The text columns of a new version, as both backends store them.
+struct VersionFields {
+    digest: String,
+    nn: String,
+    cache: String,
+    rate: Option<String>,
+    outbound: String,
+}
+
+impl VersionFields {
+    fn of(new: &NewVersion) -> anyhow::Result<Self> {
+        Ok(VersionFields {
+            digest: new.digest.to_string(),
+            nn: serde_json::to_string(&new.nn)?,
+            cache: serde_json::to_string(&new.cache)?,
+            rate: new.limits.rate.map(|r| r.to_string()),
+            outbound: serde_json::to_string(&new.outbound)?,
+        })
+    }
+}
+
+/// The `detail` of a traffic change's history entry: the revision it made, the policy, the
+/// one before it (what a rollback returns to), the gate numbers and the alias.
+fn change_detail(
+    change: &TrafficChange<'_>,
+    alias: Option<&str>,
+    revision: i64,
+    previous: Option<String>,
+) -> anyhow::Result<serde_json::Value> {
+    let mut detail = serde_json::json!({
+        "revision": revision,
+        "policy": serde_json::from_str::<serde_json::Value>(change.policy)?,
+        "previous": previous
+            .map(|p| serde_json::from_str::<serde_json::Value>(&p))
+            .transpose()?,
+    });
+    if let Some(extra) = change.extra {
+        detail["check"] = extra.clone();
+    }
+    if let Some(a) = alias {
+        detail["alias"] = a.into();
+    }
+    Ok(detail)
+}
+
+/// The `detail` of a rollout event that changes no policy (paused, resumed).
+fn rollout_detail(rollout: &Rollout) -> serde_json::Value {
+    serde_json::json!({"rollout": {
+        "candidate": rollout.candidate,
+        "stable": rollout.stable,
+        "step": rollout.step + 1,
+        "percent": rollout.percent(),
+    }})
+}
+
+/// Stored rollouts that parse; one that does not is logged and left out.
+fn readable_rollouts(rows: impl Iterator<Item = String>) -> Vec<Rollout> {
+    rows.filter_map(|json| match serde_json::from_str(&json) {
+        Ok(r) => Some(r),
+        Err(e) => {
+            tracing::error!("stored rollout unreadable: {e}: {json}");
+            None
+        }
+    })
+    .collect()
+}
+
+/// (kind, the `previous` policy) of the history entry behind the current revision.
+fn previous_of(kind: String, detail: &str) -> anyhow::Result<(String, String)> {
+    let detail: serde_json::Value = serde_json::from_str(detail)?;
+    Ok((kind, detail["previous"].to_string()))
+}
+
+/// One history entry as the API shows it.
+fn history_entry(
+    seq: i64,
+    at_ms: i64,
+    actor: Option<String>,
+    kind: String,
+    reason: String,
+    detail: &str,
+) -> serde_json::Value {
+    serde_json::json!({
+        "seq": seq,
+        "at_ms": at_ms,
+        "at": crate::meter::query::format_time(at_ms),
+        "actor": actor,
+        "kind": kind,
+        "reason": reason,
+        "detail": serde_json::from_str::<serde_json::Value>(detail)
+            .unwrap_or(serde_json::Value::Null),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::pg::scratch::{self, ScratchDb};
+
+    /// The store on each backend: SQLite in a temp dir, and PostgreSQL in a database of
+    /// its own when one answers.
+    async fn backends(test: &str) -> Vec<(MetaStore, Option<ScratchDb>, std::path::PathBuf)> {
+        let dir = std::env::temp_dir().join(format!("kiln-meta-{test}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("mkdir");
+        let sqlite = MetaStore::Sqlite(SqliteMeta::open(&dir.join("kiln.db")).expect("open"));
+        let mut all = vec![(sqlite, None, dir.clone())];
+        if let Some(db) = scratch::database(test).await {
+            let pool = crate::store::pg::connect(&db.url).await.expect("connect");
+            all.push((MetaStore::Postgres(PgMeta::new(pool)), Some(db), dir));
+        }
+        all
+    }
+
+    fn new(function: &str) -> NewVersion {
+        NewVersion {
+            function: function.into(),
+            digest: Digest::of(b"x"),
+            size: 1,
+            limits: Limits::default(),
+            nn: NnSpec::default(),
+            cache: CacheSpec::default(),
+            signer: None,
+            signed_at: None,
+            outbound: Vec::new(),
+            tenant: "t".into(),
+            enforce_owner: true,
+            public: None,
+        }
+    }
+
+    async fn version(meta: &MetaStore, n: NewVersion) -> u32 {
+        meta.create_version(&n).await.expect("create").0.version
+    }
+
+    #[tokio::test]
+    async fn versions_count_up_and_are_never_reused_on_every_backend() {
+        for (meta, _db, dir) in backends("seq").await {
+            let b = meta.describe();
+            assert_eq!(version(&meta, new("a")).await, 1, "{b}");
+            assert_eq!(version(&meta, new("a")).await, 2, "{b}");
+            assert_eq!(version(&meta, new("b")).await, 1, "{b}");
+            assert!(meta.delete_function("a").await.expect("delete"), "{b}");
+            assert!(!meta.delete_function("a").await.expect("again"), "{b}");
+            assert_eq!(version(&meta, new("a")).await, 3, "{b}");
+            // Another tenant cannot add versions; an admin can, and the owner stays.
+            let mut other = new("a");
+            other.tenant = "u".into();
+            let err = meta
+                .create_version(&other)
+                .await
+                .expect_err("not the owner");
+            assert!(err.downcast_ref::<NotOwner>().is_some(), "{b}: {err:#}");
+            other.enforce_owner = false;
+            other.public = Some(true);
+            let (_, info) = meta.create_version(&other).await.expect("admin");
+            assert_eq!((info.tenant.as_str(), info.public), ("t", true), "{b}");
+            // A signed manifest must be newer than the last signed deploy.
+            let mut signed = new("s");
+            signed.signed_at = Some(1000);
+            version(&meta, signed.clone()).await;
+            let err = meta.create_version(&signed).await.expect_err("replay");
+            assert!(err.downcast_ref::<Replayed>().is_some(), "{b}: {err:#}");
+            // Models and limits round-trip.
+            let mut with_model = new("m");
+            with_model.nn.models.push(crate::nn::ModelRef {
+                name: "digits".into(),
+                digest: Digest::of(b"model"),
+                size: 5,
+                encoding: crate::nn::Encoding::Onnx,
+                target: crate::nn::Target::Auto,
+                backend: Some(crate::nn::BackendKind::Tract),
+            });
+            with_model.nn.guest_load_max_bytes = Some(1024);
+            with_model.limits.rate = Some("5/s".parse().expect("rate"));
+            with_model.outbound = vec!["https://api.example.com".into()];
+            meta.create_version(&with_model).await.expect("m1");
+            let all = meta.all_versions().await.expect("all");
+            assert_eq!(all.len(), 5, "{b}");
+            let m = all.iter().find(|r| r.function == "m").expect("m");
+            assert_eq!(
+                (&m.nn, m.limits, &m.outbound),
+                (&with_model.nn, with_model.limits, &with_model.outbound),
+                "{b}"
+            );
+            let functions = meta.functions().await.expect("functions");
+            assert_eq!(functions.len(), 4, "{b}");
+            // Blob owners.
+            let d = Digest::of(b"blob");
+            assert!(!meta.owns_blob(&d, "t").await.expect("owns"), "{b}");
+            meta.add_blob_owner(&d, "t").await.expect("add");
+            meta.add_blob_owner(&d, "t").await.expect("add twice");
+            assert!(meta.owns_blob(&d, "t").await.expect("owns"), "{b}");
+            assert!(!meta.owns_blob(&d, "u").await.expect("owns"), "{b}");
+            meta.ping().await.expect("ping");
+            let _ = std::fs::remove_dir_all(&dir);
+        }
+    }
+
+    #[tokio::test]
+    async fn traffic_changes_keep_revisions_history_and_the_previous_policy_on_every_backend() {
+        for (meta, _db, dir) in backends("traffic").await {
+            let b = meta.describe();
+            version(&meta, new("f")).await;
+            version(&meta, new("f")).await;
+            let change = |policy: &'static str, kind: &'static str| TrafficChange {
+                policy,
+                actor: Some("key1"),
+                kind,
+                reason: "because",
+                rollout: None,
+                extra: None,
+            };
+            let p1 = r#"{"weights":{"1":100}}"#;
+            let p2 = r#"{"weights":{"1":50,"2":50}}"#;
+            assert_eq!(
+                meta.set_traffic("f", None, &change(p1, "traffic"))
+                    .await
+                    .expect("1"),
+                1
+            );
+            assert_eq!(
+                meta.set_traffic("f", None, &change(p2, "traffic"))
+                    .await
+                    .expect("2"),
+                2
+            );
+            assert_eq!(
+                meta.set_traffic("f", Some("staging"), &change(p1, "traffic"))
+                    .await
+                    .expect("a"),
+                1,
+                "{b}: aliases count their own revisions"
+            );
+            let (kind, previous) = meta
+                .previous_traffic("f", None)
+                .await
+                .expect("previous")
+                .expect("some");
+            assert_eq!(kind, "traffic", "{b}");
+            assert_eq!(
+                serde_json::from_str::<serde_json::Value>(&previous).expect("json"),
+                serde_json::from_str::<serde_json::Value>(p1).expect("json"),
+                "{b}"
+            );
+            let (_, previous) = meta
+                .previous_traffic("f", Some("staging"))
+                .await
+                .expect("previous")
+                .expect("some");
+            assert_eq!(previous, "null", "{b}: the alias had no policy before");
+            assert_eq!(meta.traffic().await.expect("traffic").len(), 1, "{b}");
+            assert_eq!(meta.aliases().await.expect("aliases").len(), 1, "{b}");
+            let history = meta.history("f", 10, None).await.expect("history");
+            assert_eq!(history.len(), 3, "{b}");
+            assert_eq!(history[0]["detail"]["alias"], "staging", "{b}");
+            assert_eq!(history[1]["detail"]["revision"], 2, "{b}");
+            assert_eq!(history[2]["actor"], "key1", "{b}");
+            assert_eq!(
+                meta.history("f", 10, Some("t")).await.expect("t").len(),
+                3,
+                "{b}"
+            );
+            assert!(
+                meta.history("f", 10, Some("u"))
+                    .await
+                    .expect("u")
+                    .is_empty(),
+                "{b}"
+            );
+            assert!(meta.rollout("f").await.expect("rollout").is_none(), "{b}");
+            assert!(
+                meta.active_rollouts().await.expect("active").is_empty(),
+                "{b}"
+            );
+            let _ = std::fs::remove_dir_all(&dir);
+        }
+    }
+}

@@ -1,0 +1,231 @@
+//! PostgreSQL access shared by the stores that live there: one connection pool
+//! (`tokio-postgres` under `deadpool`), and versioned schema migrations run once, under an
+//! advisory lock, when a node starts.
+//!
+//! A node refuses a database whose schema is newer than the migrations it knows (a newer
+//! Kiln migrated it), naming both versions, rather than writing rows it does not understand.
+
+use std::str::FromStr;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Timeouts};
+use tokio_postgres::NoTls;
+
+/// Connections one node keeps to the database at most.
+const POOL_SIZE: usize = 16;
+/// How long a call waits for a connection (the database unreachable: a clear error, soon).
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Key of the advisory lock migrations run under (any constant; "kiln" in ASCII).
+const MIGRATION_LOCK: i64 = 0x6b_69_6c_6e;
+
+/// The schema, one migration per version: version N is the state after the first N.
+/// Append only: a released migration never changes.
+pub const MIGRATIONS: &[&str] = &[include_str!("schema/postgres_1.sql")];
+
+/// Opens a pool on `url` (`postgres://user[:password]@host[:port]/dbname`) and brings the
+/// schema up to date. Fails, naming both versions, on a schema newer than this Kiln's.
+pub async fn connect(url: &str) -> anyhow::Result<Pool> {
+    let config = tokio_postgres::Config::from_str(url)
+        .map_err(|e| anyhow::anyhow!("invalid database URL: {e}"))?;
+    let manager = Manager::from_config(
+        config,
+        NoTls,
+        ManagerConfig {
+            recycling_method: RecyclingMethod::Fast,
+        },
+    );
+    let pool = Pool::builder(manager)
+        .max_size(POOL_SIZE)
+        .runtime(deadpool_postgres::Runtime::Tokio1)
+        .timeouts(Timeouts {
+            wait: Some(CONNECT_TIMEOUT),
+            create: Some(CONNECT_TIMEOUT),
+            recycle: Some(CONNECT_TIMEOUT),
+        })
+        .build()
+        .context("building the database pool")?;
+    migrate(&pool).await?;
+    Ok(pool)
+}
+
+/// Applies the migrations the database lacks, each in its own transaction, while holding
+/// the migration lock (so concurrent nodes starting together migrate once).
+async fn migrate(pool: &Pool) -> anyhow::Result<()> {
+    let mut client = pool.get().await.context("connecting to the database")?;
+    client
+        .execute("SELECT pg_advisory_lock($1)", &[&MIGRATION_LOCK])
+        .await
+        .context("taking the migration lock")?;
+    let result = async {
+        client
+            .batch_execute(
+                "CREATE TABLE IF NOT EXISTS kiln_schema (
+                     id       INTEGER PRIMARY KEY CHECK (id = 1),
+                     version  INTEGER NOT NULL
+                 )",
+            )
+            .await?;
+        let row = client
+            .query_opt("SELECT version FROM kiln_schema WHERE id = 1", &[])
+            .await?;
+        let current = row.map_or(0, |r| r.get::<_, i32>(0)) as usize;
+        if current > MIGRATIONS.len() {
+            bail!(
+                "the database schema is at version {current}, newer than this Kiln knows (version {}): upgrade Kiln",
+                MIGRATIONS.len()
+            );
+        }
+        for (i, sql) in MIGRATIONS.iter().enumerate().skip(current) {
+            let version = (i + 1) as i32;
+            let tx = client.transaction().await?;
+            tx.batch_execute(sql)
+                .await
+                .with_context(|| format!("schema migration {version}"))?;
+            tx.execute(
+                "INSERT INTO kiln_schema (id, version) VALUES (1, $1)
+                 ON CONFLICT (id) DO UPDATE SET version = excluded.version",
+                &[&version],
+            )
+            .await?;
+            tx.commit().await?;
+            tracing::info!(version, "database schema migrated");
+        }
+        anyhow::Ok(())
+    }
+    .await;
+    let unlocked = client
+        .execute("SELECT pg_advisory_unlock($1)", &[&MIGRATION_LOCK])
+        .await;
+    result?;
+    unlocked.context("releasing the migration lock")?;
+    Ok(())
+}
+
+/// A database of its own for one test, on the PostgreSQL the machine runs
+/// (`KILN_TEST_POSTGRES`, default `postgres://postgres@127.0.0.1:5432/postgres`), dropped
+/// when the test ends.
+#[cfg(test)]
+pub(crate) mod scratch {
+    use std::sync::atomic::{AtomicU32, Ordering};
+
+    use tokio_postgres::NoTls;
+
+    /// A created database; dropped (with its connections) on drop.
+    pub(crate) struct ScratchDb {
+        admin: String,
+        name: String,
+        pub(crate) url: String,
+    }
+
+    fn admin_url() -> String {
+        std::env::var("KILN_TEST_POSTGRES")
+            .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into())
+    }
+
+    /// A fresh database, or `None` (the test says it skipped) when no PostgreSQL answers;
+    /// under `CI=true` a missing PostgreSQL fails the test instead.
+    pub(crate) async fn database(test: &str) -> Option<ScratchDb> {
+        static N: AtomicU32 = AtomicU32::new(0);
+        let admin = admin_url();
+        let client = match tokio_postgres::connect(&admin, NoTls).await {
+            Ok((client, conn)) => {
+                tokio::spawn(conn);
+                client
+            }
+            Err(e) => {
+                assert!(
+                    std::env::var("CI").as_deref() != Ok("true"),
+                    "CI=true but no PostgreSQL at {admin}: {e}"
+                );
+                eprintln!("skipped: {test}: no PostgreSQL at {admin} ({e})");
+                // Counted in scripts/test's closing line.
+                if let Some(path) = std::env::var_os("KILN_TEST_SKIPS") {
+                    use std::io::Write;
+                    if let Ok(mut f) = std::fs::OpenOptions::new()
+                        .create(true)
+                        .append(true)
+                        .open(path)
+                    {
+                        let _ = writeln!(f, "{test}: no PostgreSQL at {admin}");
+                    }
+                }
+                return None;
+            }
+        };
+        let name = format!(
+            "kiln_unit_{}_{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        );
+        client
+            .batch_execute(&format!("CREATE DATABASE {name}"))
+            .await
+            .unwrap_or_else(|e| panic!("creating {name}: {e}"));
+        let base = admin.rsplit_once('/').map_or(admin.as_str(), |(b, _)| b);
+        Some(ScratchDb {
+            url: format!("{base}/{name}"),
+            admin,
+            name,
+        })
+    }
+
+    impl Drop for ScratchDb {
+        fn drop(&mut self) {
+            let (admin, name) = (self.admin.clone(), self.name.clone());
+            // On a thread of its own: the test's runtime may be shutting down.
+            let _ = std::thread::spawn(move || {
+                let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                else {
+                    return;
+                };
+                rt.block_on(async {
+                    if let Ok((client, conn)) = tokio_postgres::connect(&admin, NoTls).await {
+                        tokio::spawn(conn);
+                        let _ = client
+                            .batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+                            .await;
+                    }
+                });
+            })
+            .join();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn migrations_run_once_and_a_newer_schema_is_refused() {
+        let Some(db) = scratch::database("pg::migrations").await else {
+            return;
+        };
+        let pool = connect(&db.url).await.expect("first start migrates");
+        // A second node starting on the same database finds it migrated.
+        connect(&db.url).await.expect("second start");
+        let client = pool.get().await.expect("client");
+        let version: i32 = client
+            .query_one("SELECT version FROM kiln_schema", &[])
+            .await
+            .expect("version")
+            .get(0);
+        assert_eq!(version as usize, MIGRATIONS.len());
+        client
+            .execute("UPDATE kiln_schema SET version = version + 1", &[])
+            .await
+            .expect("bump");
+        drop(client);
+        pool.close();
+        let err = connect(&db.url).await.expect_err("newer schema");
+        let msg = format!("{err:#}");
+        assert!(
+            msg.contains(&format!("version {}", MIGRATIONS.len() + 1))
+                && msg.contains(&format!("version {})", MIGRATIONS.len())),
+            "{msg}"
+        );
+    }
+}
