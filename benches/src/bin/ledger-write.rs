@@ -5,11 +5,14 @@
 //! `batched` mode (submitted as fast as possible, then flushed by `close`) and RECORDS/10
 //! in `strict` mode from SUBMITTERS concurrent tasks (default 64), each waiting for its
 //! record to be durable like a strict response does. Prints one JSON line per mode.
+//!
+//! With `KILN_BENCH_DATABASE=postgres://...` (a database it may fill and empty), the
+//! records go to PostgreSQL instead, as on a cluster node.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use kiln_host::meter::{Durability, Ledger, Metrics, Outcome, UsageRecord};
+use kiln_host::meter::{Durability, Ledger, LedgerStore, Metrics, Outcome, UsageRecord};
 
 fn record(i: u64) -> UsageRecord {
     UsageRecord {
@@ -34,8 +37,26 @@ fn record(i: u64) -> UsageRecord {
 }
 
 fn open(dir: &std::path::Path, mode: Durability) -> anyhow::Result<Ledger> {
+    let path = dir.join("usage.db");
+    let store = match std::env::var("KILN_BENCH_DATABASE") {
+        Ok(url) => {
+            let rt = tokio::runtime::Runtime::new()?;
+            let pool = rt.block_on(async {
+                let pool = kiln_host::store::pg::connect(&url).await?;
+                pool.get().await?.batch_execute("DELETE FROM usage").await?;
+                anyhow::Ok(pool)
+            })?;
+            // The pool's connections live on `rt`: keep it for the process.
+            std::mem::forget(rt);
+            LedgerStore::Postgres {
+                url: Box::leak(url.into_boxed_str()),
+                pool,
+            }
+        }
+        Err(_) => LedgerStore::Sqlite(&path),
+    };
     Ledger::open(
-        &dir.join("usage.db"),
+        store,
         mode,
         Duration::from_millis(100),
         Arc::new(Metrics::new()),

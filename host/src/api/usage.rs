@@ -62,20 +62,15 @@ pub(super) async fn get(
             "metering is off on this server ([metering] enabled = false)".into(),
         ));
     }
-    let app = app.clone();
-    let answer = tokio::task::spawn_blocking(move || {
-        let ledger = app
-            .ledger
-            .as_ref()
-            .ok_or_else(|| anyhow::anyhow!("no ledger"))?;
-        if csv {
-            query::export_csv(ledger, &q).map(Answer::Csv)
-        } else {
-            query::report(ledger, &q, &app.config.pricing.currency).map(Answer::Json)
-        }
-    })
-    .await
-    .map_err(|e| ApiError::Internal(anyhow::anyhow!("usage query task: {e}")))??;
+    let ledger = app
+        .ledger
+        .as_ref()
+        .ok_or_else(|| anyhow::anyhow!("no ledger"))?;
+    let answer = if csv {
+        Answer::Csv(query::export_csv(ledger, &q).await?)
+    } else {
+        Answer::Json(query::report(ledger, &q, &app.config.pricing.currency).await?)
+    };
     Ok(match answer {
         Answer::Csv(text) => {
             let mut resp = Response::new(full(text));

@@ -19,7 +19,7 @@ use crate::cache::{CacheSpec, Placement};
 use crate::common::{Digest, Limits};
 use crate::config::ServerConfig;
 use crate::deploy::{Registry, Routing, TrafficPolicy, VersionEntry};
-use crate::meter::{Ledger, Metrics};
+use crate::meter::{Ledger, LedgerStore, Metrics};
 use crate::nn::embed::{self, EmbedError};
 use crate::nn::{ModelRef, NnError, NnSpec, VersionModels};
 use crate::runtime::{CompileError, Outbound, Runtime};
@@ -116,25 +116,23 @@ impl App {
     pub async fn open(config: ServerConfig) -> anyhow::Result<(Arc<App>, Option<String>)> {
         std::fs::create_dir_all(&config.data_dir)
             .with_context(|| format!("creating data dir {}", config.data_dir.display()))?;
-        let (meta, keys, audit) = match &config.store.database {
+        let (meta, keys, audit, shared_db) = match &config.store.database {
             DatabaseUrl::Sqlite => {
                 let db = config.data_dir.join("kiln.db");
                 (
                     MetaStore::Sqlite(SqliteMeta::open(&db)?),
                     KeyStore::sqlite(&db)?,
                     AuditLog::sqlite(&config.data_dir.join("audit.db"))?,
+                    None,
                 )
             }
             DatabaseUrl::Postgres(url) => {
                 let pool = crate::store::pg::connect(url).await?;
-                tracing::warn!(
-                    "the usage ledger is not on PostgreSQL yet: each node keeps its own in {}",
-                    config.data_dir.join("usage.db").display()
-                );
                 (
                     MetaStore::Postgres(PgMeta::new(pool.clone())),
                     KeyStore::Postgres(pool.clone()),
-                    AuditLog::Postgres(pool),
+                    AuditLog::Postgres(pool.clone()),
+                    Some((url.clone(), pool)),
                 )
             }
         };
@@ -174,8 +172,16 @@ impl App {
             metrics.cache("inference"),
         ));
         let ledger = if config.metering.enabled {
+            let usage_db = config.data_dir.join("usage.db");
+            let store = match shared_db {
+                None => LedgerStore::Sqlite(&usage_db),
+                Some((ref url, ref pool)) => LedgerStore::Postgres {
+                    url,
+                    pool: pool.clone(),
+                },
+            };
             Some(Ledger::open(
-                &config.data_dir.join("usage.db"),
+                store,
                 config.metering.durability,
                 std::time::Duration::from_millis(config.metering.commit_interval_ms),
                 metrics.clone(),

@@ -6,7 +6,7 @@
 //! connection of their own and indexes per tenant and per action.
 
 use std::path::Path;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use anyhow::Context;
 use deadpool_postgres::Pool;
@@ -83,8 +83,8 @@ pub struct AuditQuery {
 #[allow(clippy::large_enum_variant)] // one per server
 pub enum AuditLog {
     Sqlite {
-        writer: Mutex<Connection>,
-        reader: Mutex<Connection>,
+        writer: Arc<Mutex<Connection>>,
+        reader: Arc<Mutex<Connection>>,
     },
     Postgres(Pool),
 }
@@ -117,8 +117,8 @@ impl AuditLog {
             .execute_batch(SCHEMA)
             .context("creating the audit table")?;
         Ok(AuditLog::Sqlite {
-            writer: Mutex::new(writer),
-            reader: Mutex::new(open(path)?),
+            writer: Arc::new(Mutex::new(writer)),
+            reader: Arc::new(Mutex::new(open(path)?)),
         })
     }
 
@@ -126,23 +126,27 @@ impl AuditLog {
     pub async fn append(&self, e: &AuditEntry) -> anyhow::Result<()> {
         match self {
             AuditLog::Sqlite { writer, .. } => {
-                let conn = writer.lock().unwrap_or_else(|p| p.into_inner());
-                conn.prepare_cached(
-                    "INSERT INTO audit (at_ms, key_id, tenant, subject_tenant, action, target,
+                let e = e.clone();
+                crate::store::on_sqlite(writer, move |conn| {
+                    conn.prepare_cached(
+                        "INSERT INTO audit (at_ms, key_id, tenant, subject_tenant, action, target,
                                         outcome, status, detail)
                      VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
-                )?
-                .execute(params![
-                    e.at_ms,
-                    e.key_id,
-                    e.tenant,
-                    e.subject_tenant,
-                    e.action,
-                    clip(&e.target),
-                    e.outcome,
-                    e.status,
-                    clip(&e.detail)
-                ])?;
+                    )?
+                    .execute(params![
+                        e.at_ms,
+                        e.key_id,
+                        e.tenant,
+                        e.subject_tenant,
+                        e.action,
+                        clip(&e.target),
+                        e.outcome,
+                        e.status,
+                        clip(&e.detail)
+                    ])?;
+                    Ok(())
+                })
+                .await?;
             }
             AuditLog::Postgres(pool) => {
                 pool.get()
@@ -177,26 +181,29 @@ impl AuditLog {
         );
         match self {
             AuditLog::Sqlite { reader, .. } => {
-                let conn = reader.lock().unwrap_or_else(|p| p.into_inner());
-                let mut stmt = conn.prepare_cached(&format!(
-                    "SELECT {QUERY_COLUMNS} FROM audit
+                let (tenant, action, limit) = (q.tenant.clone(), q.action.clone(), q.limit);
+                crate::store::on_sqlite(reader, move |conn| {
+                    let mut stmt = conn.prepare_cached(&format!(
+                        "SELECT {QUERY_COLUMNS} FROM audit
                      WHERE at_ms >= ?1 AND at_ms < ?2
                        AND (?3 IS NULL OR tenant = ?3 OR subject_tenant = ?3)
                        AND (?4 IS NULL OR action = ?4)
                      ORDER BY seq DESC LIMIT ?5"
-                ))?;
-                let rows =
-                    stmt.query_map(params![since, until, q.tenant, q.action, q.limit], |r| {
-                        Ok(entry(
-                            r.get(0)?,
-                            r.get(1)?,
-                            [r.get(2)?, r.get(3)?, r.get(4)?],
-                            [r.get(5)?, r.get(6)?, r.get(7)?],
-                            r.get(8)?,
-                            r.get(9)?,
-                        ))
-                    })?;
-                Ok(rows.collect::<Result<_, _>>()?)
+                    ))?;
+                    let rows =
+                        stmt.query_map(params![since, until, tenant, action, limit], |r| {
+                            Ok(entry(
+                                r.get(0)?,
+                                r.get(1)?,
+                                [r.get(2)?, r.get(3)?, r.get(4)?],
+                                [r.get(5)?, r.get(6)?, r.get(7)?],
+                                r.get(8)?,
+                                r.get(9)?,
+                            ))
+                        })?;
+                    Ok(rows.collect::<Result<_, _>>()?)
+                })
+                .await
             }
             AuditLog::Postgres(pool) => {
                 let rows = pool

@@ -4,7 +4,7 @@
 //! a revocation survives a power cut.
 
 use std::path::Path;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use anyhow::Context;
 use deadpool_postgres::Pool;
@@ -41,7 +41,7 @@ pub struct KeyRow {
 
 /// The key table, on the server's database.
 pub enum KeyStore {
-    Sqlite(Mutex<Connection>),
+    Sqlite(Arc<Mutex<Connection>>),
     Postgres(Pool),
 }
 
@@ -51,33 +51,31 @@ impl KeyStore {
         let conn = crate::store::open_sqlite(path, crate::store::Sync::Normal, "database")?;
         conn.execute_batch(SQLITE_SCHEMA)
             .context("creating the key table")?;
-        Ok(KeyStore::Sqlite(Mutex::new(conn)))
-    }
-
-    fn conn(m: &Mutex<Connection>) -> std::sync::MutexGuard<'_, Connection> {
-        m.lock().unwrap_or_else(|p| p.into_inner())
+        Ok(KeyStore::Sqlite(Arc::new(Mutex::new(conn))))
     }
 
     /// Every key, revoked ones included.
     pub async fn load(&self) -> anyhow::Result<Vec<KeyRow>> {
         const SQL: &str = "SELECT id, hash, tenant, scopes, rate, created_at, created_by, revoked_at FROM api_keys";
         match self {
-            KeyStore::Sqlite(m) => {
-                let conn = Self::conn(m);
-                let mut stmt = conn.prepare(SQL)?;
-                let rows = stmt.query_map([], |r| {
-                    Ok(KeyRow {
-                        id: r.get(0)?,
-                        hash: r.get(1)?,
-                        tenant: r.get(2)?,
-                        scopes: r.get(3)?,
-                        rate: r.get(4)?,
-                        created_at: r.get(5)?,
-                        created_by: r.get(6)?,
-                        revoked_at: r.get(7)?,
-                    })
-                })?;
-                Ok(rows.collect::<Result<_, _>>()?)
+            KeyStore::Sqlite(conn) => {
+                crate::store::on_sqlite(conn, |conn| {
+                    let mut stmt = conn.prepare(SQL)?;
+                    let rows = stmt.query_map([], |r| {
+                        Ok(KeyRow {
+                            id: r.get(0)?,
+                            hash: r.get(1)?,
+                            tenant: r.get(2)?,
+                            scopes: r.get(3)?,
+                            rate: r.get(4)?,
+                            created_at: r.get(5)?,
+                            created_by: r.get(6)?,
+                            revoked_at: r.get(7)?,
+                        })
+                    })?;
+                    Ok(rows.collect::<Result<_, _>>()?)
+                })
+                .await
             }
             KeyStore::Postgres(pool) => {
                 let rows = pool.get().await?.query(SQL, &[]).await?;
@@ -101,27 +99,34 @@ impl KeyStore {
     /// Stores a new key.
     pub async fn insert(&self, k: &KeyRow) -> anyhow::Result<()> {
         match self {
-            KeyStore::Sqlite(m) => durably(&Self::conn(m), |conn| {
-                conn.execute(
-                    "INSERT INTO api_keys (id, hash, tenant, scopes, rate, created_at, created_by)
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-                    params![
-                        k.id,
-                        k.hash,
-                        k.tenant,
-                        k.scopes,
-                        k.rate,
-                        k.created_at,
-                        k.created_by
-                    ],
-                )
-            }),
+            KeyStore::Sqlite(conn) => {
+                let k = k.clone();
+                crate::store::on_sqlite(conn, move |conn| {
+                    durably(conn, |conn| {
+                        conn.execute(
+                            "INSERT INTO api_keys (id, hash, tenant, scopes, rate, created_at, created_by)
+                             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                            params![
+                                k.id,
+                                k.hash,
+                                k.tenant,
+                                k.scopes,
+                                k.rate,
+                                k.created_at,
+                                k.created_by
+                            ],
+                        )
+                    })
+                })
+                .await
+            }
             KeyStore::Postgres(pool) => {
                 pool.get()
                     .await?
                     .execute(
+                        // Nodes starting together adopt the same KILN_ADMIN_KEY: one row.
                         "INSERT INTO api_keys (id, hash, tenant, scopes, rate, created_at, created_by)
-                         VALUES ($1, $2, $3, $4, $5, $6, $7)",
+                         VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT DO NOTHING",
                         &[
                             &k.id,
                             &k.hash,
@@ -141,12 +146,18 @@ impl KeyStore {
     /// Marks key `id` revoked at `at` (unix seconds), unless it already is.
     pub async fn revoke(&self, id: &str, at: i64) -> anyhow::Result<()> {
         match self {
-            KeyStore::Sqlite(m) => durably(&Self::conn(m), |conn| {
-                conn.execute(
-                    "UPDATE api_keys SET revoked_at = ?2 WHERE id = ?1 AND revoked_at IS NULL",
-                    params![id, at],
-                )
-            }),
+            KeyStore::Sqlite(conn) => {
+                let id = id.to_string();
+                crate::store::on_sqlite(conn, move |conn| {
+                    durably(conn, |conn| {
+                        conn.execute(
+                            "UPDATE api_keys SET revoked_at = ?2 WHERE id = ?1 AND revoked_at IS NULL",
+                            params![id, at],
+                        )
+                    })
+                })
+                .await
+            }
             KeyStore::Postgres(pool) => {
                 pool.get()
                     .await?

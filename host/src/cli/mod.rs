@@ -114,7 +114,7 @@ pub enum Command {
         blobs: Option<String>,
         /// The database: sqlite [default: kiln.db, audit.db and usage.db in the data dir],
         /// or postgres://user[:password]@host[:port]/dbname, shared by a cluster's nodes.
-        #[arg(long, env = "KILN_DATABASE_URL")]
+        #[arg(long, env = "KILN_DATABASE_URL", hide_env_values = true)]
         database: Option<String>,
         /// This node's id [default: host name and a random suffix, kept in the data dir].
         #[arg(long, env = "KILN_NODE_ID")]

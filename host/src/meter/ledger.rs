@@ -1,5 +1,6 @@
 //! The usage ledger: every [`UsageRecord`] in SQLite (`<data>/usage.db`, WAL,
-//! `synchronous = FULL`), written by one thread with group commit, off the response path.
+//! `synchronous = FULL`) or in the cluster's PostgreSQL database (every node's records in
+//! one table), written by one thread with group commit, off the response path.
 //!
 //! Durability modes:
 //! - `batched` (default): a record is queued and committed with the others of its commit
@@ -9,15 +10,17 @@
 //!   every answered request is in the ledger.
 //!
 //! The primary key is (start, request id), so the table is clustered by time (usage queries
-//! are time windows) and records are inserted with `INSERT OR IGNORE`: a replayed record
-//! counts once.
+//! are time windows) and a replayed record is ignored: it counts once.
 
-use std::sync::Mutex;
+mod postgres;
+
 use std::sync::mpsc::{Receiver, SyncSender, TrySendError};
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
+use deadpool_postgres::Pool;
 use rusqlite::Connection;
 use serde::Deserialize;
 
@@ -45,12 +48,73 @@ enum Msg {
     Close,
 }
 
-/// The ledger: a writer thread and a read connection for queries.
+/// The ledger: a writer thread and a reader for queries.
 pub struct Ledger {
     tx: SyncSender<Msg>,
     writer: Mutex<Option<JoinHandle<()>>>,
-    reader: Mutex<Connection>,
+    reader: Reader,
     durability: Durability,
+}
+
+/// Where the ledger lives.
+pub enum LedgerStore<'a> {
+    /// `<data>/usage.db`.
+    Sqlite(&'a std::path::Path),
+    /// The cluster's database: the writer connects to `url`, queries use `pool`.
+    Postgres { url: &'a str, pool: Pool },
+}
+
+/// How usage queries reach the ledger.
+enum Reader {
+    Sqlite(Arc<Mutex<Connection>>),
+    Postgres(Pool),
+}
+
+/// A query parameter.
+#[derive(Debug, Clone)]
+pub enum Arg {
+    Int(i64),
+    Text(String),
+}
+
+/// A value of a query's answer.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Cell {
+    Int(i64),
+    Text(String),
+    Null,
+}
+
+impl Cell {
+    /// The value as an integer (0 for text and NULL).
+    pub fn int(&self) -> i64 {
+        match self {
+            Cell::Int(n) => *n,
+            _ => 0,
+        }
+    }
+
+    /// The value as text ("" for integers and NULL).
+    pub fn text(&self) -> &str {
+        match self {
+            Cell::Text(t) => t,
+            _ => "",
+        }
+    }
+}
+
+/// Where the writer thread commits batches.
+trait Sink: Send {
+    /// Commits `batch` in one transaction (records already stored are skipped).
+    fn commit(&mut self, batch: &[UsageRecord]) -> anyhow::Result<()>;
+}
+
+struct SqliteSink(Connection);
+
+impl Sink for SqliteSink {
+    fn commit(&mut self, batch: &[UsageRecord]) -> anyhow::Result<()> {
+        Ok(commit(&mut self.0, batch)?)
+    }
 }
 
 const SCHEMA: &str = "
@@ -84,17 +148,28 @@ fn open(path: &std::path::Path) -> anyhow::Result<Connection> {
 }
 
 impl Ledger {
-    /// Opens (creating) the ledger at `path` and starts its writer.
+    /// Opens (creating) the ledger in `store` and starts its writer.
     pub fn open(
-        path: &std::path::Path,
+        store: LedgerStore<'_>,
         durability: Durability,
         commit_interval: Duration,
         metrics: std::sync::Arc<Metrics>,
     ) -> anyhow::Result<Ledger> {
-        let conn = open(path)?;
-        conn.execute_batch(SCHEMA)
-            .context("creating the usage schema")?;
-        let reader = open(path)?;
+        let (sink, reader): (Box<dyn Sink>, Reader) = match store {
+            LedgerStore::Sqlite(path) => {
+                let conn = open(path)?;
+                conn.execute_batch(SCHEMA)
+                    .context("creating the usage schema")?;
+                (
+                    Box::new(SqliteSink(conn)),
+                    Reader::Sqlite(Arc::new(Mutex::new(open(path)?))),
+                )
+            }
+            LedgerStore::Postgres { url, pool } => (
+                Box::new(postgres::PgSink::new(url)?),
+                Reader::Postgres(pool),
+            ),
+        };
         let (tx, rx) = std::sync::mpsc::sync_channel(QUEUE);
         let interval = match durability {
             Durability::Batched => commit_interval,
@@ -102,12 +177,12 @@ impl Ledger {
         };
         let writer = std::thread::Builder::new()
             .name("kiln-ledger".into())
-            .spawn(move || write_loop(conn, rx, interval, &metrics))
+            .spawn(move || write_loop(sink, rx, interval, &metrics))
             .context("starting the ledger writer")?;
         Ok(Ledger {
             tx,
             writer: Mutex::new(Some(writer)),
-            reader: Mutex::new(reader),
+            reader,
             durability,
         })
     }
@@ -158,14 +233,96 @@ impl Ledger {
         }
     }
 
-    /// Runs `f` on the read connection (queries see every committed record).
-    pub fn read<R>(&self, f: impl FnOnce(&Connection) -> anyhow::Result<R>) -> anyhow::Result<R> {
-        let conn = self.reader.lock().unwrap_or_else(|p| p.into_inner());
-        f(&conn)
+    /// How this backend writes the `n`th parameter of a query (`?`, `$n`).
+    pub fn marker(&self) -> fn(usize) -> String {
+        match self.reader {
+            Reader::Sqlite(_) => |_| "?".to_string(),
+            Reader::Postgres(_) => |n| format!("${n}"),
+        }
+    }
+
+    /// `column` ordered byte by byte (PostgreSQL would use the database's collation).
+    pub fn binary_order(&self, column: &str) -> String {
+        match self.reader {
+            Reader::Sqlite(_) => column.to_string(),
+            Reader::Postgres(_) => format!("{column} COLLATE \"C\""),
+        }
+    }
+
+    /// Runs a read query (it sees every committed record); SQLite's off the async workers.
+    pub async fn rows(&self, sql: String, args: Vec<Arg>) -> anyhow::Result<Vec<Vec<Cell>>> {
+        match &self.reader {
+            Reader::Sqlite(conn) => {
+                let conn = conn.clone();
+                tokio::task::spawn_blocking(move || sqlite_rows(&conn, &sql, &args))
+                    .await
+                    .context("usage query task")?
+            }
+            Reader::Postgres(pool) => {
+                use tokio_postgres::types::{ToSql, Type};
+                let params: Vec<&(dyn ToSql + Sync)> = args
+                    .iter()
+                    .map(|a| match a {
+                        Arg::Int(n) => n as &(dyn ToSql + Sync),
+                        Arg::Text(t) => t as &(dyn ToSql + Sync),
+                    })
+                    .collect();
+                let rows = pool.get().await?.query(&sql, &params).await?;
+                rows.iter()
+                    .map(|r| {
+                        (0..r.len())
+                            .map(|i| {
+                                let t = r.columns()[i].type_();
+                                Ok(if *t == Type::INT8 {
+                                    r.try_get::<_, Option<i64>>(i)?
+                                        .map_or(Cell::Null, Cell::Int)
+                                } else if *t == Type::INT4 {
+                                    r.try_get::<_, Option<i32>>(i)?
+                                        .map_or(Cell::Null, |n| Cell::Int(n.into()))
+                                } else {
+                                    r.try_get::<_, Option<String>>(i)?
+                                        .map_or(Cell::Null, Cell::Text)
+                                })
+                            })
+                            .collect::<anyhow::Result<Vec<Cell>>>()
+                    })
+                    .collect()
+            }
+        }
     }
 }
 
-fn write_loop(mut conn: Connection, rx: Receiver<Msg>, interval: Duration, metrics: &Metrics) {
+fn sqlite_rows(
+    conn: &Mutex<Connection>,
+    sql: &str,
+    args: &[Arg],
+) -> anyhow::Result<Vec<Vec<Cell>>> {
+    use rusqlite::types::Value;
+    let conn = conn.lock().unwrap_or_else(|p| p.into_inner());
+    let mut stmt = conn.prepare(sql)?;
+    let values: Vec<Value> = args
+        .iter()
+        .map(|a| match a {
+            Arg::Int(n) => Value::Integer(*n),
+            Arg::Text(t) => Value::Text(t.clone()),
+        })
+        .collect();
+    let n = stmt.column_count();
+    let rows = stmt.query_map(rusqlite::params_from_iter(values.iter()), |r| {
+        (0..n)
+            .map(|i| {
+                Ok(match r.get::<_, Value>(i)? {
+                    Value::Integer(v) => Cell::Int(v),
+                    Value::Text(t) => Cell::Text(t),
+                    _ => Cell::Null,
+                })
+            })
+            .collect::<rusqlite::Result<Vec<Cell>>>()
+    })?;
+    Ok(rows.collect::<Result<_, _>>()?)
+}
+
+fn write_loop(mut sink: Box<dyn Sink>, rx: Receiver<Msg>, interval: Duration, metrics: &Metrics) {
     let mut last = Instant::now();
     let mut closing = false;
     let mut backlog = false;
@@ -207,7 +364,7 @@ fn write_loop(mut conn: Connection, rx: Receiver<Msg>, interval: Duration, metri
         let started = Instant::now();
         let mut attempt = 0u32;
         loop {
-            match commit(&mut conn, &batch) {
+            match sink.commit(&batch) {
                 Ok(()) => break,
                 Err(e) if attempt < 50 => {
                     attempt += 1;

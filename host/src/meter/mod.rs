@@ -1,5 +1,5 @@
 //! Metering: what every request used and cost. [`UsageRecord`]s priced by a [`Pricing`]
-//! plan go to the durable [`Ledger`] (SQLite, group commit); [`query`] answers usage
+//! plan go to the durable [`Ledger`] (SQLite or PostgreSQL, group commit); [`query`] answers usage
 //! totals and exports; [`Metrics`] serves `GET /metrics`.
 
 pub mod ledger;
@@ -8,7 +8,7 @@ pub mod query;
 pub mod usage;
 pub mod window;
 
-pub use ledger::{Durability, Ledger};
+pub use ledger::{Durability, Ledger, LedgerStore};
 pub use metrics::{CacheMetrics, Metrics, Outcome, VersionMetrics};
 pub use usage::{Pricing, UsageRecord};
 pub use window::{ShadowStats, ShadowWindow, Stats, Window, ended_seconds};

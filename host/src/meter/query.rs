@@ -1,14 +1,16 @@
 //! Usage queries over the ledger: totals for a window (optionally grouped) and the records
 //! themselves as CSV. Totals are sums of the stored per-record values, so the sum of the
 //! exported costs always equals the reported cost for the same window.
+//!
+//! The SQL is written once for both backends (SQLite and PostgreSQL): only the parameter
+//! markers differ, and every sum is cast to a 64-bit integer so both answer the same types.
 
 use std::fmt::Write as _;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use rusqlite::types::Value;
 use serde_json::json;
 
-use super::ledger::Ledger;
+use super::ledger::{Arg, Cell, Ledger};
 
 /// How totals are grouped.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -92,91 +94,103 @@ pub fn format_time(ms: i64) -> String {
 }
 
 impl UsageQuery {
-    fn filter(&self) -> (String, Vec<Value>) {
-        let mut sql = String::from(" WHERE start_ms >= ? AND start_ms < ?");
+    /// The `WHERE` clause (parameter markers by `marker`) and its arguments.
+    fn filter(&self, marker: fn(usize) -> String) -> (String, Vec<Arg>) {
         let mut args = vec![
-            Value::Integer(self.since_ms.unwrap_or(i64::MIN)),
-            Value::Integer(self.until_ms.unwrap_or(i64::MAX)),
+            Arg::Int(self.since_ms.unwrap_or(i64::MIN)),
+            Arg::Int(self.until_ms.unwrap_or(i64::MAX)),
         ];
+        let mut sql = format!(
+            " WHERE start_ms >= {} AND start_ms < {}",
+            marker(1),
+            marker(2)
+        );
         if let Some(f) = &self.function {
-            sql.push_str(" AND function = ?");
-            args.push(Value::Text(f.clone()));
+            args.push(Arg::Text(f.clone()));
+            sql.push_str(&format!(" AND function = {}", marker(args.len())));
         }
         if let Some(t) = &self.tenant {
-            sql.push_str(" AND tenant = ?");
-            args.push(Value::Text(t.clone()));
+            args.push(Arg::Text(t.clone()));
+            sql.push_str(&format!(" AND tenant = {}", marker(args.len())));
         }
         (sql, args)
     }
 }
 
-const SUMS: &str = "COUNT(*), COALESCE(SUM(cache = 'hit'), 0), COALESCE(SUM(outcome != 'ok'), 0),
-    COALESCE(SUM(wall_us), 0), COALESCE(SUM(cpu_us), 0), COALESCE(SUM(mem_mib_ms), 0),
-    COALESCE(SUM(inference_cpu_us), 0), COALESCE(SUM(inference_gpu_us), 0),
-    COALESCE(SUM(bytes_in), 0), COALESCE(SUM(bytes_out), 0), COALESCE(SUM(cost), 0)";
+const SUMS: &str = "COUNT(*),
+    CAST(COALESCE(SUM(CASE WHEN cache = 'hit' THEN 1 ELSE 0 END), 0) AS BIGINT),
+    CAST(COALESCE(SUM(CASE WHEN outcome <> 'ok' THEN 1 ELSE 0 END), 0) AS BIGINT),
+    CAST(COALESCE(SUM(wall_us), 0) AS BIGINT), CAST(COALESCE(SUM(cpu_us), 0) AS BIGINT),
+    CAST(COALESCE(SUM(mem_mib_ms), 0) AS BIGINT),
+    CAST(COALESCE(SUM(inference_cpu_us), 0) AS BIGINT),
+    CAST(COALESCE(SUM(inference_gpu_us), 0) AS BIGINT),
+    CAST(COALESCE(SUM(bytes_in), 0) AS BIGINT), CAST(COALESCE(SUM(bytes_out), 0) AS BIGINT),
+    CAST(COALESCE(SUM(cost), 0) AS BIGINT)";
 
-fn totals(row: &rusqlite::Row<'_>, at: usize) -> rusqlite::Result<serde_json::Value> {
-    let n = |i: usize| row.get::<_, i64>(at + i);
+/// The totals in `row` from column `at` on (the columns of [`SUMS`]).
+fn totals(row: &[Cell], at: usize) -> serde_json::Value {
+    let n = |i: usize| row.get(at + i).map_or(0, Cell::int);
     let ms = |us: i64| us as f64 / 1000.0;
-    Ok(json!({
-        "requests": n(0)?,
-        "cache_hits": n(1)?,
-        "errors": n(2)?,
-        "wall_ms": ms(n(3)?),
-        "cpu_us": n(4)?,
-        "cpu_ms": ms(n(4)?),
-        "mem_mib_ms": n(5)?,
-        "gb_s": n(5)? as f64 / 1_024_000.0,
-        "inference_us": {"cpu": n(6)?, "gpu": n(7)?},
-        "inference_ms": {"cpu": ms(n(6)?), "gpu": ms(n(7)?)},
-        "bytes_in": n(8)?,
-        "bytes_out": n(9)?,
-        "cost": n(10)?,
-    }))
+    json!({
+        "requests": n(0),
+        "cache_hits": n(1),
+        "errors": n(2),
+        "wall_ms": ms(n(3)),
+        "cpu_us": n(4),
+        "cpu_ms": ms(n(4)),
+        "mem_mib_ms": n(5),
+        "gb_s": n(5) as f64 / 1_024_000.0,
+        "inference_us": {"cpu": n(6), "gpu": n(7)},
+        "inference_ms": {"cpu": ms(n(6)), "gpu": ms(n(7))},
+        "bytes_in": n(8),
+        "bytes_out": n(9),
+        "cost": n(10),
+    })
 }
 
-/// Totals (and groups) for `q`, as `GET /v1/usage` answers them.
-pub fn report(
+/// Totals over `q`'s window, and per group when it asks for groups.
+pub async fn report(
     ledger: &Ledger,
     q: &UsageQuery,
     currency: &str,
 ) -> anyhow::Result<serde_json::Value> {
-    ledger.read(|conn| {
-        let (filter, args) = q.filter();
-        let total = conn.query_row(
-            &format!("SELECT {SUMS} FROM usage{filter}"),
-            rusqlite::params_from_iter(args.iter()),
-            |r| totals(r, 0),
-        )?;
-        let mut out = json!({
-            "currency": currency,
-            "since": q.since_ms.map(format_time),
-            "until": q.until_ms.map(format_time),
-            "group_by": q.group_by.map(GroupBy::as_str),
-            "totals": total,
-        });
-        if let Some(g) = q.group_by {
-            let key = g.sql();
-            let mut stmt = conn.prepare(&format!(
-                "SELECT {key} AS k, {SUMS} FROM usage{filter} GROUP BY k ORDER BY k"
-            ))?;
-            let rows = stmt.query_map(rusqlite::params_from_iter(args.iter()), |r| {
-                let k = match r.get::<_, Value>(0)? {
-                    Value::Integer(ms) => format_time(ms),
-                    Value::Text(t) => t,
+    let (filter, args) = q.filter(ledger.marker());
+    let total = ledger
+        .rows(format!("SELECT {SUMS} FROM usage{filter}"), args.clone())
+        .await?;
+    let mut out = json!({
+        "currency": currency,
+        "since": q.since_ms.map(format_time),
+        "until": q.until_ms.map(format_time),
+        "group_by": q.group_by.map(GroupBy::as_str),
+        "totals": totals(total.first().map_or(&[][..], Vec::as_slice), 0),
+    });
+    if let Some(g) = q.group_by {
+        let key = g.sql();
+        let rows = ledger
+            .rows(
+                format!("SELECT {key} AS k, {SUMS} FROM usage{filter} GROUP BY k ORDER BY k"),
+                args,
+            )
+            .await?;
+        let groups: Vec<serde_json::Value> = rows
+            .iter()
+            .map(|r| {
+                let k = match r.first() {
+                    Some(Cell::Int(ms)) => format_time(*ms),
+                    Some(Cell::Text(t)) => t.clone(),
                     _ => String::new(),
                 };
-                let mut t = totals(r, 1)?;
+                let mut t = totals(r, 1);
                 t["key"] = k.into();
-                Ok(t)
-            })?;
-            out["groups"] = rows.collect::<Result<Vec<_>, _>>()?.into();
-        }
-        Ok(out)
-    })
+                t
+            })
+            .collect();
+        out["groups"] = groups.into();
+    }
+    Ok(out)
 }
 
-/// Columns of the CSV export, in order.
 pub const CSV_COLUMNS: &str = "request_id,tenant,function,version,start,start_ms,wall_us,cpu_us,memory_peak_bytes,mem_mib_ms,inference_cpu_us,inference_gpu_us,bytes_in,bytes_out,cold,cache,outcome,status,cost";
 
 /// Quotes a CSV field when it needs it (RFC 4180).
@@ -191,39 +205,37 @@ fn csv_field(out: &mut String, s: &str) {
 }
 
 /// Every record of `q`'s window, oldest first, as CSV with a header line.
-pub fn export_csv(ledger: &Ledger, q: &UsageQuery) -> anyhow::Result<String> {
-    ledger.read(|conn| {
-        let (filter, args) = q.filter();
-        let mut stmt = conn.prepare(&format!(
-            "SELECT request_id, tenant, function, version, start_ms, wall_us, cpu_us,
-                    memory_peak_bytes, mem_mib_ms, inference_cpu_us, inference_gpu_us,
-                    bytes_in, bytes_out, cold, cache, outcome, status, cost
-             FROM usage{filter} ORDER BY start_ms, request_id"
-        ))?;
-        let mut out = String::from(CSV_COLUMNS);
-        out.push('\n');
-        let mut rows = stmt.query(rusqlite::params_from_iter(args.iter()))?;
-        while let Some(r) = rows.next()? {
-            for i in 0..3 {
-                csv_field(&mut out, &r.get::<_, String>(i)?);
-                out.push(',');
-            }
-            let n = |i: usize| r.get::<_, i64>(i);
-            let start = n(4)?;
-            let _ = write!(out, "{},{},{start}", n(3)?, format_time(start));
-            for i in 5..=12 {
-                let _ = write!(out, ",{}", n(i)?);
-            }
-            let cold = n(13)? != 0;
-            let _ = writeln!(
-                out,
-                ",{cold},{},{},{},{}",
-                r.get::<_, String>(14)?,
-                r.get::<_, String>(15)?,
-                n(16)?,
-                n(17)?
-            );
+/// The records of `q`'s window as CSV ([`CSV_COLUMNS`]), oldest first.
+pub async fn export_csv(ledger: &Ledger, q: &UsageQuery) -> anyhow::Result<String> {
+    let (filter, args) = q.filter(ledger.marker());
+    let rows = ledger
+        .rows(
+            format!(
+                "SELECT request_id, tenant, function, version, start_ms, wall_us, cpu_us,
+                        memory_peak_bytes, mem_mib_ms, inference_cpu_us, inference_gpu_us,
+                        bytes_in, bytes_out, cold, cache, outcome, status, cost
+                 FROM usage{filter} ORDER BY start_ms, {}",
+                ledger.binary_order("request_id")
+            ),
+            args,
+        )
+        .await?;
+    let mut out = String::from(CSV_COLUMNS);
+    out.push('\n');
+    for r in &rows {
+        let text = |i: usize| r.get(i).map_or("", Cell::text);
+        let n = |i: usize| r.get(i).map_or(0, Cell::int);
+        for i in 0..3 {
+            csv_field(&mut out, text(i));
+            out.push(',');
         }
-        Ok(out)
-    })
+        let start = n(4);
+        let _ = write!(out, "{},{},{start}", n(3), format_time(start));
+        for i in 5..=12 {
+            let _ = write!(out, ",{}", n(i));
+        }
+        let cold = n(13) != 0;
+        let _ = writeln!(out, ",{cold},{},{},{},{}", text(14), text(15), n(16), n(17));
+    }
+    Ok(out)
 }

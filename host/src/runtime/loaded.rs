@@ -261,10 +261,11 @@ impl Runtime {
             if !path.exists() {
                 return None;
             }
-            // SAFETY: the artifact was written by Kiln's compile step on this node or another
-            // node of the cluster (never uploaded bytes: uploads are refused if precompiled and
-            // stored under their digest, not under artifact names), is named by the engine
-            // fingerprint, and wasmtime checks its header against the engine before use.
+            // SAFETY: the artifact was written by Kiln's compile step, on this node or (fetched
+            // from the shared bucket, which is trusted like the database) another node of the
+            // cluster. Uploaded bytes never land here: precompiled uploads are refused, and
+            // blobs are stored under their digest, not under artifact names. It is named by
+            // the engine fingerprint, and wasmtime checks its header against the engine.
             #[allow(unsafe_code)]
             let mapped = unsafe { Component::deserialize_file(&engine, &path) };
             match mapped {

@@ -44,11 +44,23 @@ impl std::str::FromStr for DatabaseUrl {
                     .map_err(|e| format!("invalid database URL: {e}"))?;
                 Ok(DatabaseUrl::Postgres(s.to_string()))
             }
-            _ => Err(format!(
-                "invalid database {s:?}: use sqlite (the default) or postgres://user[:password]@host[:port]/dbname"
-            )),
+            _ => Err(
+                "invalid database URL: use sqlite (the default) or postgres://user[:password]@host[:port]/dbname"
+                    .to_string(),
+            ),
         }
     }
+}
+
+/// Runs `f` on a SQLite connection off the async workers (a commit may wait for the disk).
+pub async fn on_sqlite<T: Send + 'static>(
+    conn: &std::sync::Arc<std::sync::Mutex<rusqlite::Connection>>,
+    f: impl FnOnce(&rusqlite::Connection) -> anyhow::Result<T> + Send + 'static,
+) -> anyhow::Result<T> {
+    let conn = conn.clone();
+    tokio::task::spawn_blocking(move || f(&conn.lock().unwrap_or_else(|p| p.into_inner())))
+        .await
+        .map_err(|e| anyhow::anyhow!("database task: {e}"))?
 }
 
 /// How much a SQLite commit waits for the disk (`PRAGMA synchronous`).

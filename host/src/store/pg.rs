@@ -16,6 +16,8 @@ use tokio_postgres::NoTls;
 const POOL_SIZE: usize = 16;
 /// How long a call waits for a connection (the database unreachable: a clear error, soon).
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Longest a statement may run before the server cancels it.
+const STATEMENT_TIMEOUT: Duration = Duration::from_secs(15);
 /// Key of the advisory lock migrations run under (any constant; "kiln" in ASCII).
 const MIGRATION_LOCK: i64 = 0x6b_69_6c_6e;
 
@@ -26,8 +28,7 @@ pub const MIGRATIONS: &[&str] = &[include_str!("schema/postgres_1.sql")];
 /// Opens a pool on `url` (`postgres://user[:password]@host[:port]/dbname`) and brings the
 /// schema up to date. Fails, naming both versions, on a schema newer than this Kiln's.
 pub async fn connect(url: &str) -> anyhow::Result<Pool> {
-    let config = tokio_postgres::Config::from_str(url)
-        .map_err(|e| anyhow::anyhow!("invalid database URL: {e}"))?;
+    let config = client_config(url)?;
     let manager = Manager::from_config(
         config,
         NoTls,
@@ -47,6 +48,23 @@ pub async fn connect(url: &str) -> anyhow::Result<Pool> {
         .context("building the database pool")?;
     migrate(&pool).await?;
     Ok(pool)
+}
+
+/// The client settings of every Kiln connection: `url`'s, plus a connect timeout, TCP
+/// keepalives and a statement timeout, so a partitioned database fails calls in bounded
+/// time instead of hanging them (and the locks they hold).
+pub fn client_config(url: &str) -> anyhow::Result<tokio_postgres::Config> {
+    let mut config = tokio_postgres::Config::from_str(url)
+        .map_err(|e| anyhow::anyhow!("invalid database URL: {e}"))?;
+    config
+        .connect_timeout(CONNECT_TIMEOUT)
+        .keepalives(true)
+        .keepalives_idle(Duration::from_secs(10))
+        .options(format!(
+            "-c statement_timeout={}",
+            STATEMENT_TIMEOUT.as_millis()
+        ));
+    Ok(config)
 }
 
 /// Applies the migrations the database lacks, each in its own transaction, while holding

@@ -92,7 +92,7 @@ impl Sink for PgSink {
         let PgSink { url, rt, client } = self;
         let result = rt.block_on(async {
             if client.as_ref().is_none_or(|c| c.is_closed()) {
-                let (c, conn) = tokio_postgres::connect(url, NoTls).await?;
+                let (c, conn) = crate::store::pg::client_config(url)?.connect(NoTls).await?;
                 tokio::spawn(async move {
                     if let Err(e) = conn.await {
                         tracing::warn!("usage ledger connection closed: {e}");
@@ -127,14 +127,14 @@ impl Sink for PgSink {
                     ] = &r.ints;
                     params.extend_from_slice(&[
                         request_id, tenant, function, version, start, wall, cpu, peak, mem,
-                        inf_cpu, inf_gpu, bytes_in, bytes_out, cold, cache, outcome, status,
-                        cost,
+                        inf_cpu, inf_gpu, bytes_in, bytes_out, cold, cache, outcome, status, cost,
                     ]);
                 }
                 if chunk.len() == ROWS_PER_INSERT {
                     tx.execute(&full, &params).await?;
                 } else {
-                    tx.execute(insert_sql(chunk.len()).as_str(), &params).await?;
+                    tx.execute(insert_sql(chunk.len()).as_str(), &params)
+                        .await?;
                 }
             }
             tx.commit().await?;

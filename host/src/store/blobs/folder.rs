@@ -28,10 +28,14 @@ impl Folder {
     /// Opens (creating) `dir`, removing temp files left by a crash.
     pub(super) fn open(dir: &Path, compiled: &Path) -> io::Result<Self> {
         fs::create_dir_all(dir)?;
-        for entry in fs::read_dir(dir)? {
-            let entry = entry?;
-            if entry.file_name().to_string_lossy().starts_with(".tmp-") {
-                let _ = fs::remove_file(entry.path());
+        for d in [dir, compiled] {
+            let Ok(entries) = fs::read_dir(d) else {
+                continue;
+            };
+            for entry in entries.flatten() {
+                if is_temp(&entry.file_name().to_string_lossy()) {
+                    let _ = fs::remove_file(entry.path());
+                }
             }
         }
         Ok(Folder {
@@ -96,18 +100,22 @@ impl Folder {
         fs::remove_file(&probe)
     }
 
-    /// Removes the least recently used files (blobs and compiled artifacts) but `keep`
-    /// until they take at most `limit` bytes; returns how many it removed. Only for a
+    /// Removes the least recently used files (blobs and compiled artifacts) until they
+    /// take at most `limit` bytes; returns how many it removed. `keep`, and whatever was
+    /// used in the last [`IN_USE`] (a reader may be about to open it), stay. Only for a
     /// cache: on a single node the folder is the truth and is never trimmed.
     pub(super) fn trim(&self, limit: u64, keep: &Path) -> usize {
         let files = self.cached_files();
-        let mut total: u64 = files.iter().map(|(_, n)| n).sum();
+        let mut total: u64 = files.iter().map(|(_, _, n)| n).sum();
+        let recent = std::time::SystemTime::now()
+            .checked_sub(IN_USE)
+            .unwrap_or(std::time::UNIX_EPOCH);
         let mut removed = 0;
-        for (path, size) in files {
+        for (used, path, size) in files {
             if total <= limit {
                 break;
             }
-            if path != keep && fs::remove_file(&path).is_ok() {
+            if path != keep && used < recent && fs::remove_file(&path).is_ok() {
                 total -= size;
                 removed += 1;
                 tracing::debug!(path = %path.display(), size, "evicted from the local blob cache");
@@ -116,16 +124,16 @@ impl Folder {
         removed
     }
 
-    /// Every file of the cache (blobs and compiled artifacts, no temp files): path and size,
-    /// least recently used first.
-    fn cached_files(&self) -> Vec<(PathBuf, u64)> {
+    /// Every file of the cache (blobs and compiled artifacts, no temp files): last use,
+    /// path and size, least recently used first.
+    fn cached_files(&self) -> Vec<(std::time::SystemTime, PathBuf, u64)> {
         let mut files = Vec::new();
         for dir in [&self.dir, &self.compiled] {
             let Ok(entries) = fs::read_dir(dir) else {
                 continue;
             };
             for entry in entries.flatten() {
-                if entry.file_name().to_string_lossy().starts_with(".tmp-") {
+                if is_temp(&entry.file_name().to_string_lossy()) {
                     continue;
                 }
                 if let Ok(m) = entry.metadata()
@@ -137,8 +145,18 @@ impl Folder {
             }
         }
         files.sort();
-        files.into_iter().map(|(_, p, n)| (p, n)).collect()
+        files
     }
+}
+
+/// Files used this recently are never evicted: whoever just asked for one may not have
+/// opened it yet.
+const IN_USE: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// Temp files of uploads, downloads and compiles (`.tmp-*`, `*.tmp-*`): never cached
+/// content, removed at start.
+fn is_temp(name: &str) -> bool {
+    name.starts_with(".tmp-") || name.contains(".tmp-")
 }
 
 /// An in-progress blob upload. Dropping it without [`finish`](Self::finish) discards it.
@@ -174,7 +192,12 @@ impl BlobWriter {
 
     /// Verifies, fsyncs and publishes the blob under its digest (in the folder only: the
     /// store's [`finish`](super::BlobStore::finish) also puts it in the bucket).
-    pub(super) fn finish(mut self) -> Result<Digest, BlobError> {
+    pub(super) fn finish(self) -> Result<Digest, BlobError> {
+        self.verify()?.publish()
+    }
+
+    /// Verifies the digest and fsyncs the temp file, without publishing it yet.
+    pub(super) fn verify(mut self) -> Result<Staged, BlobError> {
         let actual = Digest(self.hasher.clone().finalize().into());
         if let Some(expected) = self.expected
             && expected != actual
@@ -187,16 +210,55 @@ impl BlobWriter {
             .ok_or_else(|| io::Error::other("blob writer already finished"))?;
         file.sync_all()?;
         drop(file);
-        fs::rename(&self.tmp, self.dir.join(actual.hex()))?;
+        Ok(Staged {
+            dir: self.dir.clone(),
+            tmp: std::mem::take(&mut self.tmp),
+            digest: actual,
+        })
+    }
+}
+
+/// A verified upload not yet under its name: removed when dropped unpublished.
+#[derive(Debug)]
+pub(super) struct Staged {
+    dir: PathBuf,
+    tmp: PathBuf,
+    digest: Digest,
+}
+
+impl Staged {
+    /// The temp file holding the verified bytes.
+    pub(super) fn path(&self) -> &Path {
+        &self.tmp
+    }
+
+    pub(super) fn digest(&self) -> Digest {
+        self.digest
+    }
+
+    /// Renames the bytes into place under their digest and fsyncs the directory.
+    pub(super) fn publish(mut self) -> Result<Digest, BlobError> {
+        let tmp = std::mem::take(&mut self.tmp);
+        fs::rename(&tmp, self.dir.join(self.digest.hex()))?;
         File::open(&self.dir)?.sync_all()?;
-        Ok(actual)
+        Ok(self.digest)
+    }
+}
+
+impl Drop for Staged {
+    fn drop(&mut self) {
+        if !self.tmp.as_os_str().is_empty() {
+            let _ = fs::remove_file(&self.tmp);
+        }
     }
 }
 
 impl Drop for BlobWriter {
     fn drop(&mut self) {
-        // After a successful rename the temp path no longer exists; otherwise discard.
-        let _ = fs::remove_file(&self.tmp);
+        // Once verified, the temp file belongs to its `Staged`; otherwise discard.
+        if !self.tmp.as_os_str().is_empty() {
+            let _ = fs::remove_file(&self.tmp);
+        }
     }
 }
 
@@ -256,12 +318,12 @@ mod tests {
                 .expect("mtime");
             paths.push(path);
         }
-        // The oldest, once used again, is the newest.
+        // The oldest, once used again, is the newest, and too recent to evict at all.
         assert!(store.touch(&paths[0]));
         assert_eq!(store.trim(8, &paths[1]), 1);
         assert!(paths[0].exists() && paths[1].exists() && !paths[2].exists());
-        assert_eq!(store.trim(0, &paths[1]), 1);
-        assert!(!paths[0].exists() && paths[1].exists());
+        assert_eq!(store.trim(0, &paths[1]), 0, "kept, and just used");
+        assert!(paths[0].exists() && paths[1].exists());
         let _ = fs::remove_dir_all(dir);
     }
 

@@ -91,6 +91,14 @@ impl BlobStore {
         }
     }
 
+    /// `s3` or `folder`: what `/readyz` tells anyone who asks (no bucket or endpoint).
+    pub fn kind(&self) -> &'static str {
+        match self.shared {
+            Some(_) => "s3",
+            None => "folder",
+        }
+    }
+
     /// Whether blobs live in a bucket shared with other nodes.
     pub fn is_shared(&self) -> bool {
         self.shared.is_some()
@@ -113,22 +121,21 @@ impl BlobStore {
         self.local.writer(expected, limit)
     }
 
-    /// Verifies and publishes an upload: in the folder, then (a bucket) in the bucket, so
-    /// that it is stored for every node once this returns. Nothing is published when the
-    /// bucket refuses it.
+    /// Verifies and publishes an upload: with a bucket, into the bucket first and only
+    /// then under its name in the local cache, so a local copy always means the bucket has
+    /// it too (a crash in between leaves only a temp file).
     pub async fn finish(&self, writer: BlobWriter) -> Result<Digest, BlobError> {
-        let digest = tokio::task::spawn_blocking(move || writer.finish())
+        let staged = tokio::task::spawn_blocking(move || writer.verify())
             .await
             .map_err(|e| BlobError::Io(io::Error::other(e)))??;
         if let Some(s) = &self.shared {
-            let path = self.local.path(&digest);
-            if let Err(e) = s.upload(&digest, &path).await {
-                // The local copy is only a cache: without the bucket's, it must not answer
-                // "already stored" to the next upload.
-                let _ = std::fs::remove_file(&path);
-                return Err(e);
-            }
-            s.trim_cache(&self.local, &path);
+            s.upload(&staged.digest(), staged.path()).await?;
+        }
+        let digest = tokio::task::spawn_blocking(move || staged.publish())
+            .await
+            .map_err(|e| BlobError::Io(io::Error::other(e)))??;
+        if let Some(s) = &self.shared {
+            s.trim_cache(&self.local, &self.local.path(&digest));
         }
         Ok(digest)
     }

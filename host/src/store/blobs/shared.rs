@@ -196,13 +196,10 @@ impl Shared {
         }
     }
 
-    /// Puts the local file of blob `digest` into the bucket, unless it is there already.
+    /// Puts the verified bytes of blob `digest` (at `path`) into the bucket, writing over
+    /// whatever is there: a damaged object is repaired by the next upload of its bytes.
     pub(super) async fn upload(&self, digest: &Digest, path: &Path) -> Result<(), BlobError> {
-        let key = self.blob_key(digest);
-        if self.head(&key).await?.is_some() {
-            return Ok(());
-        }
-        self.upload_file(&key, path).await
+        self.upload_file(&self.blob_key(digest), path).await
     }
 
     /// Shares a compiled artifact (overwriting: same name, same engine, same bytes).
@@ -305,9 +302,9 @@ impl Shared {
         if let Some(dir) = dest.parent() {
             tokio::fs::create_dir_all(dir).await?;
         }
-        let tmp = temp_path(dest);
+        let tmp = TempFile(temp_path(dest));
         let written: Result<(), BlobError> = async {
-            let mut file = tokio::fs::File::create(&tmp).await?;
+            let mut file = tokio::fs::File::create(&tmp.0).await?;
             while let Some(chunk) = stream.next().await {
                 file.write_all(&chunk.map_err(unavailable)?).await?;
             }
@@ -315,11 +312,8 @@ impl Shared {
             Ok(())
         }
         .await;
-        if let Err(e) = written {
-            let _ = tokio::fs::remove_file(&tmp).await;
-            return Err(e);
-        }
-        tokio::fs::rename(&tmp, dest).await?;
+        written?;
+        tokio::fs::rename(&tmp.0, dest).await?;
         Ok(true)
     }
 
@@ -332,6 +326,16 @@ impl Shared {
             return;
         };
         local.trim(self.cache_bytes, keep);
+    }
+}
+
+/// A temp file removed when dropped (a download cancelled with its request included);
+/// after the rename nothing is left to remove.
+struct TempFile(PathBuf);
+
+impl Drop for TempFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
     }
 }
 
