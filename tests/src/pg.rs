@@ -5,6 +5,52 @@
 use std::path::Path;
 use std::process::Command;
 
+/// A database of its own for a test that runs several nodes on one database (in both
+/// runs of the suite), on `KILN_TEST_POSTGRES` (default: the machine's PostgreSQL on
+/// 127.0.0.1:5432); `None`, after recording a skip, when none answers (a failure under
+/// `CI=true`). Dropped with the returned guard.
+pub fn shared_database(test: &str) -> Option<SharedDb> {
+    let admin = std::env::var("KILN_TEST_POSTGRES")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into());
+    if let Err(e) = psql(&admin, "SELECT 1") {
+        assert!(
+            std::env::var("CI").as_deref() != Ok("true"),
+            "CI=true but no PostgreSQL at {admin}: {e}"
+        );
+        crate::skip(test, &format!("no PostgreSQL at {admin}"));
+        return None;
+    }
+    static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let name = format!(
+        "kiln_cluster_{}_{}",
+        std::process::id(),
+        N.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    );
+    psql(&admin, &format!("CREATE DATABASE {name}")).expect("creating a database");
+    let base = admin.rsplit_once('/').map_or(admin.as_str(), |(b, _)| b);
+    Some(SharedDb {
+        url: format!("{base}/{name}"),
+        admin,
+        name,
+    })
+}
+
+/// A database made by [`shared_database`]; dropped with it.
+pub struct SharedDb {
+    pub url: String,
+    admin: String,
+    name: String,
+}
+
+impl Drop for SharedDb {
+    fn drop(&mut self) {
+        let _ = psql(
+            &self.admin,
+            &format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.name),
+        );
+    }
+}
+
 /// The admin URL of the suite's PostgreSQL, when this run uses one.
 fn admin_url() -> Option<String> {
     std::env::var("KILN_TEST_DATABASE")

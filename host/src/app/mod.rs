@@ -5,6 +5,7 @@
 
 mod ready;
 mod rollout;
+mod sync;
 mod traffic;
 
 use std::sync::Arc;
@@ -246,6 +247,9 @@ impl App {
         if tokio::runtime::Handle::try_current().is_ok() {
             rollout::spawn_rollout_driver(&app);
             ready::start_blob_prober(&app).await;
+            if matches!(app.meta, MetaStore::Postgres(_)) {
+                sync::spawn_store_sync(&app);
+            }
         }
         Ok((app, admin_secret))
     }
@@ -550,14 +554,7 @@ impl App {
             return Ok(false);
         }
         let existed = self.meta.delete_function(name).await?;
-        self.forget_rollout(name);
-        self.clear_caches(name);
-        self.runtime.keep_loaded(name, &[]);
-        if let Some(f) = self.registry.remove(name) {
-            for v in f.versions.values() {
-                self.runtime.unload(v.record.id);
-            }
-        }
+        self.forget_function(name);
         Ok(existed)
     }
 }

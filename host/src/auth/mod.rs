@@ -253,6 +253,9 @@ pub struct Auth {
     open: AtomicBool,
     default_rate: Option<Rate>,
     audit: AuditLog,
+    /// Held by every change to the keys and by reloads, so a reload that read the rows
+    /// before a change cannot undo it in memory (bring back a key just revoked).
+    changing: tokio::sync::Mutex<()>,
 }
 
 /// How the server was started, for the bootstrap decision.
@@ -283,6 +286,7 @@ impl Auth {
             open: AtomicBool::new(false),
             default_rate,
             audit,
+            changing: tokio::sync::Mutex::new(()),
         };
         auth.load().await?;
         if let Some(secret) = &boot.admin_key {
@@ -322,9 +326,18 @@ impl Auth {
             .map(|r| Arc::new(Limiter::new(r)))
     }
 
+    /// Reads the keys again (made or revoked on another node): a revoked key is refused
+    /// from the next request on; unchanged keys keep their rate-limit state.
+    pub async fn reload(&self) -> anyhow::Result<()> {
+        let _changing = self.changing.lock().await;
+        self.load().await
+    }
+
     async fn load(&self) -> anyhow::Result<()> {
+        let rows = self.store.load().await?;
+        let old = self.keys.read().unwrap_or_else(|p| p.into_inner()).clone();
         let mut map = HashMap::new();
-        for row in self.store.load().await? {
+        for row in rows {
             let KeyRow {
                 id,
                 hash,
@@ -338,6 +351,13 @@ impl Auth {
             let hash: [u8; 32] = hash
                 .try_into()
                 .map_err(|_| anyhow::anyhow!("corrupt hash of API key {id}"))?;
+            if let Some(k) = old.get(&hash)
+                && k.id == id
+                && k.revoked_at == revoked_at
+            {
+                map.insert(hash, k.clone());
+                continue;
+            }
             let scopes: Vec<String> = serde_json::from_str(&scopes)
                 .with_context(|| format!("corrupt scopes of API key {id}"))?;
             let scopes = scopes
@@ -363,6 +383,10 @@ impl Auth {
                     limiter,
                 }),
             );
+        }
+        if map.values().any(|k| k.revoked_at.is_none()) {
+            // A key made on another node ends authentication-off here too.
+            self.open.store(false, Ordering::SeqCst);
         }
         *self.keys.write().unwrap_or_else(|p| p.into_inner()) = map;
         Ok(())
@@ -493,6 +517,7 @@ impl Auth {
 
     /// Creates a key; returns it with its secret (shown this once).
     pub async fn create(&self, new: &NewKey, by: &Caller) -> Result<(Arc<ApiKey>, String), String> {
+        let _changing = self.changing.lock().await;
         keys::validate_tenant(&new.tenant)?;
         if new.scopes.is_empty() {
             return Err("a key needs at least one scope".into());
@@ -527,6 +552,7 @@ impl Auth {
     /// key. The database is written first, without holding up authentication, then the
     /// key is swapped in memory.
     pub async fn revoke(&self, id: &str) -> anyhow::Result<Option<Arc<ApiKey>>> {
+        let _changing = self.changing.lock().await;
         let found = self
             .keys
             .read()

@@ -251,6 +251,14 @@ impl MetaStore {
         on_backend!(self.previous_traffic(function, alias))
     }
 
+    /// A fingerprint of everything other nodes may change: the newest version id, the
+    /// number of functions, the newest history entry (every traffic change, rollout step
+    /// and rollback writes one), the number of keys and of revoked keys. It moves with
+    /// every change a node must apply; polled by nodes sharing a database.
+    pub async fn fingerprint(&self) -> anyhow::Result<Vec<i64>> {
+        on_backend!(self.fingerprint())
+    }
+
     /// Every stored traffic policy: (function, policy JSON, revision).
     pub async fn traffic(&self) -> anyhow::Result<Vec<(String, String, u64)>> {
         on_backend!(self.traffic())
@@ -273,6 +281,11 @@ impl MetaStore {
         on_backend!(self.history(function, limit, tenant))
     }
 }
+
+/// The query behind [`MetaStore::fingerprint`], the same on both backends.
+const FINGERPRINT: &str = "SELECT COALESCE((SELECT max(id) FROM versions), 0),
+    (SELECT count(*) FROM functions), COALESCE((SELECT max(seq) FROM history), 0),
+    (SELECT count(*) FROM api_keys), (SELECT count(revoked_at) FROM api_keys)";
 
 fn now_secs() -> i64 {
     SystemTime::now()

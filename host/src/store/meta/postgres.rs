@@ -380,6 +380,15 @@ impl PgMeta {
             .transpose()
     }
 
+    pub async fn fingerprint(&self) -> anyhow::Result<Vec<i64>> {
+        let row = self
+            .client()
+            .await?
+            .query_one(super::FINGERPRINT, &[])
+            .await?;
+        Ok((0..row.len()).map(|i| row.get::<_, i64>(i)).collect())
+    }
+
     pub async fn traffic(&self) -> anyhow::Result<Vec<(String, String, u64)>> {
         let rows = self
             .client()

@@ -1,0 +1,153 @@
+//! Keeping a node's memory in step with a database that other nodes write (PostgreSQL):
+//! the rows are the truth, and every [`POLL_EVERY`] the node reads a cheap fingerprint of
+//! them (the newest version id, the number of functions, the newest history entry, the
+//! number of keys and of revocations). When it moved, the node reads what changed and
+//! applies it the way a local change is applied: new versions registered, deleted
+//! functions dropped, policies and aliases whose revision moved swapped in whole, keys
+//! reloaded (a revocation made on any node is refused here from then on).
+//!
+//! A request sees the old or the new state of a function, never a mix: each function's
+//! snapshot is swapped at once, as for a local change.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::App;
+use crate::deploy::{Routing, TrafficPolicy};
+
+/// How often a node looks for changes made by other nodes.
+pub const POLL_EVERY: Duration = Duration::from_millis(200);
+
+impl App {
+    /// Applies every change the database holds that this node's memory lacks.
+    pub(super) async fn sync_from_store(&self) -> anyhow::Result<()> {
+        // Read under the publishing lock: a change this node makes meanwhile is then
+        // either in what is read, or made after it is applied, never undone by it.
+        let _publishing = self.publishing().await;
+        let functions: HashMap<String, _> = self
+            .meta
+            .functions()
+            .await?
+            .into_iter()
+            .map(|f| (f.name.clone(), f))
+            .collect();
+        let versions = self.meta.all_versions().await?;
+        let traffic = self.meta.traffic().await?;
+        let aliases = self.meta.aliases().await?;
+        let mut changed = HashSet::new();
+        for f in self.registry.functions() {
+            if !functions.contains_key(&f.name) {
+                tracing::info!(function = %f.name, "deleted on another node");
+                self.forget_function(&f.name);
+            }
+        }
+        for rec in versions {
+            let Some(info) = functions.get(&rec.function) else {
+                continue;
+            };
+            let known = self
+                .registry
+                .function(&rec.function)
+                .and_then(|f| f.versions.get(&rec.version).map(|v| v.record.id == rec.id))
+                .unwrap_or(false);
+            if !known {
+                tracing::info!(function = %rec.function, version = rec.version, "deployed on another node");
+                changed.insert(rec.function.clone());
+                let models = self.runtime.models().version_models(&rec.nn);
+                self.register(rec, info, models);
+            }
+        }
+        let current = |name: &str, alias: Option<&str>| {
+            self.registry.function(name).and_then(|f| {
+                f.routing_for(alias)
+                    .ok()
+                    .flatten()
+                    .map(|r: &Arc<Routing>| r.revision)
+            })
+        };
+        let rows = traffic
+            .into_iter()
+            .map(|(f, p, r)| (f, None, p, r))
+            .chain(aliases.into_iter().map(|(f, a, p, r)| (f, Some(a), p, r)));
+        for (function, alias, policy, revision) in rows {
+            if self.registry.function(&function).is_none()
+                || current(&function, alias.as_deref()) == Some(revision)
+            {
+                continue;
+            }
+            let policy = match serde_json::from_str::<Option<TrafficPolicy>>(&policy) {
+                Ok(p) => p,
+                Err(e) => {
+                    tracing::error!(function, "stored traffic policy unreadable: {e}");
+                    continue;
+                }
+            };
+            // A stored 'null' after a policy: removed; never had one: nothing to do.
+            if policy.is_none() && current(&function, alias.as_deref()).is_none() {
+                continue;
+            }
+            let routing = policy.map(|p| Arc::new(Routing::new(p, revision)));
+            self.registry
+                .set_routing(&function, alias.as_deref(), routing);
+            changed.insert(function);
+        }
+        for name in changed {
+            self.keep_loaded(&name);
+        }
+        drop(_publishing);
+        self.auth.reload().await
+    }
+
+    /// Drops function `name` from memory (deleted in the database).
+    pub(super) fn forget_function(&self, name: &str) {
+        self.forget_rollout(name);
+        self.clear_caches(name);
+        self.runtime.keep_loaded(name, &[]);
+        if let Some(f) = self.registry.remove(name) {
+            for v in f.versions.values() {
+                self.runtime.unload(v.record.id);
+            }
+        }
+    }
+}
+
+/// Polls the database's fingerprint every [`POLL_EVERY`] and syncs when it moves, for as
+/// long as the app lives. Errors (the database away) are logged once and retried.
+pub(super) fn spawn_store_sync(app: &Arc<App>) {
+    let weak = Arc::downgrade(app);
+    tokio::spawn(async move {
+        let mut seen = None;
+        let mut failing = false;
+        loop {
+            tokio::time::sleep(POLL_EVERY).await;
+            let Some(app) = weak.upgrade() else { return };
+            let now = match app.meta.fingerprint().await {
+                Ok(f) => f,
+                Err(e) => {
+                    if !failing {
+                        tracing::warn!("watching the database for changes: {e:#}");
+                    }
+                    failing = true;
+                    continue;
+                }
+            };
+            if seen.as_ref() == Some(&now) {
+                failing = false;
+                continue;
+            }
+            match app.sync_from_store().await {
+                Ok(()) => {
+                    seen = Some(now);
+                    failing = false;
+                }
+                Err(e) => {
+                    if !failing {
+                        tracing::warn!("applying changes from the database: {e:#}");
+                    }
+                    failing = true;
+                }
+            }
+        }
+    });
+}

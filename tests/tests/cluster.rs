@@ -1,0 +1,124 @@
+//! Two nodes on one PostgreSQL database and one S3 bucket (a real moto server), running at
+//! once: what one node changes, the other applies within a second — a deploy, a traffic
+//! change, a key made and revoked, a delete — and every node's usage lands in the one
+//! ledger. Prints the propagation times it saw.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::time::{Duration, Instant};
+
+use kiln_tests::s3::Moto;
+use kiln_tests::{Launch, TestServer, json, temp_dir};
+
+fn node(db: &str, blobs: &str) -> TestServer {
+    TestServer::launch(
+        temp_dir("cluster-node"),
+        None,
+        Launch {
+            args: vec![
+                "--database".into(),
+                db.into(),
+                "--blobs".into(),
+                blobs.into(),
+            ],
+            ..Launch::default()
+        },
+    )
+    .unwrap_or_else(|log| panic!("kiln serve exited before serving:\n{log}"))
+}
+
+/// How long until `ok` holds (asserting it does within a second).
+fn within_a_second(what: &str, mut ok: impl FnMut() -> bool) -> Duration {
+    let started = Instant::now();
+    while !ok() {
+        assert!(
+            started.elapsed() < Duration::from_secs(1),
+            "{what}: not applied on the other node within 1 s"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    started.elapsed()
+}
+
+#[test]
+fn changes_on_one_node_apply_on_the_other_within_a_second() {
+    let Some(db) = kiln_tests::pg::shared_database("cluster::changes") else {
+        return;
+    };
+    let Some(moto) = Moto::start("cluster::changes") else {
+        return;
+    };
+    moto.create_bucket("kiln");
+    let blobs = moto.blobs_url("kiln", "cluster");
+    let a = node(&db.url, &blobs);
+    let b = node(&db.url, &blobs);
+    let mut seen = Vec::new();
+
+    // A deploy on A serves on B (fetching the artifact A compiled).
+    a.deploy_example("hello", "hello", "");
+    seen.push(within_a_second("deploy", || {
+        b.get("/fn/hello/").status == 200
+    }));
+    let r = b.get("/fn/hello/");
+    assert_eq!(r.text(), "hello\n");
+
+    // A traffic change on B routes on A.
+    a.deploy_example("hello", "hello", "");
+    assert_eq!(a.get("/fn/hello/").header("x-kiln-version"), Some("2"));
+    let put = b.request(
+        "PUT",
+        "/v1/functions/hello/traffic",
+        &[("content-type", "application/json")],
+        json!({"weights": {"1": 100}}).to_string().as_bytes(),
+    );
+    assert_eq!(put.status, 200, "{}", put.text());
+    seen.push(within_a_second("traffic", || {
+        a.get("/fn/hello/").header("x-kiln-version") == Some("1")
+    }));
+
+    // A key made on A works on B; revoked on B, it is refused on A.
+    let (key, id) = a.create_key("default", &["invoke:*"], None);
+    let auth = format!("Bearer {key}");
+    let call = |s: &TestServer| {
+        s.request(
+            "GET",
+            "/fn/hello/",
+            &[("authorization", auth.as_str())],
+            b"",
+        )
+        .status
+    };
+    seen.push(within_a_second("key create", || call(&b) == 200));
+    let revoke = b.request("DELETE", &format!("/v1/keys/{id}"), &[], b"");
+    assert_eq!(revoke.status, 200, "{}", revoke.text());
+    seen.push(within_a_second("key revoke", || call(&a) == 401));
+    assert_eq!(call(&b), 401);
+
+    // Both nodes' requests are in the one ledger.
+    let total = |s: &TestServer| {
+        s.get("/v1/usage?function=hello").json()["totals"]["requests"]
+            .as_u64()
+            .unwrap()
+    };
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let answered = (a.get("/fn/hello/").status, b.get("/fn/hello/").status);
+    assert_eq!(answered, (200, 200));
+    while total(&a) != total(&b) || total(&a) < 4 {
+        assert!(
+            Instant::now() < deadline,
+            "usage differs: {} vs {}",
+            total(&a),
+            total(&b)
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+
+    // A delete on A is a 404 on B.
+    assert_eq!(
+        a.request("DELETE", "/v1/functions/hello", &[], b"").status,
+        200
+    );
+    seen.push(within_a_second("delete", || {
+        b.get("/fn/hello/").status == 404
+    }));
+    eprintln!("propagation: {seen:?}");
+}
