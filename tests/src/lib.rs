@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 pub use serde_json::{Value, json};
 
 pub mod pg;
+pub mod proxy;
 pub mod s3;
 mod usage;
 pub use usage::{Record, USAGE_COLUMNS, parse_csv, usage, usage_csv};

@@ -1,11 +1,14 @@
 //! Two nodes on one PostgreSQL database and one S3 bucket (a real moto server), running at
 //! once: what one node changes, the other applies within a second — a deploy, a traffic
 //! change, a key made and revoked, a delete — and every node's usage lands in the one
-//! ledger. Prints the propagation times it saw.
+//! ledger. Prints the propagation times it saw. And the database cut off (a proxy in front
+//! of it closes every connection): functions keep serving, the control plane answers 503,
+//! and no usage record is lost.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::time::{Duration, Instant};
 
+use kiln_tests::proxy::Proxy;
 use kiln_tests::s3::Moto;
 use kiln_tests::{Launch, TestServer, json, temp_dir};
 
@@ -121,4 +124,75 @@ fn changes_on_one_node_apply_on_the_other_within_a_second() {
         b.get("/fn/hello/").status == 404
     }));
     eprintln!("propagation: {seen:?}");
+}
+
+#[test]
+fn database_cut_off_keeps_functions_serving_answers_503_and_loses_no_usage() {
+    let Some(db) = kiln_tests::pg::shared_database("cluster::outage") else {
+        return;
+    };
+    // The node reaches PostgreSQL through a proxy the test can cut.
+    let (head, rest) = db.url.split_once('@').expect("user@host in the URL");
+    let (address, name) = rest.split_once('/').expect("a database name");
+    let mut proxy = Proxy::start(address);
+    let url = format!("{head}@127.0.0.1:{}/{name}", proxy.port);
+    let server = TestServer::launch(
+        temp_dir("outage-node"),
+        None,
+        Launch {
+            args: vec!["--database".into(), url],
+            ..Launch::default()
+        },
+    )
+    .unwrap_or_else(|log| panic!("kiln serve exited before serving:\n{log}"));
+    server.deploy_example("hello", "hello", "");
+    let mut answered = 0;
+    assert_eq!(server.get("/fn/hello/").status, 200);
+    answered += 1;
+
+    proxy.cut();
+    for _ in 0..20 {
+        let r = server.get("/fn/hello/");
+        assert_eq!(
+            r.status,
+            200,
+            "a function failed while the database was away: {}",
+            r.text()
+        );
+        answered += 1;
+    }
+    let wasm = std::fs::read(kiln_tests::example("hello")).unwrap();
+    let deploy = server.deploy_wasm("hello", &wasm, "");
+    assert_eq!(deploy.status, 503, "{}", deploy.text());
+    assert_eq!(deploy.error_code(), "store.unavailable");
+    let ready = server.get("/readyz");
+    assert_eq!(ready.status, 503, "{}", ready.text());
+    assert!(ready.text().contains("database"), "{}", ready.text());
+
+    proxy.restore();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while server.get("/readyz").status != 200 {
+        assert!(Instant::now() < deadline, "readyz did not recover");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(server.deploy_wasm("hello", &wasm, "").status, 201);
+    // Every answered request's record reaches the database once it is back.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let total = server.get("/v1/usage?function=hello").json()["totals"]["requests"]
+            .as_u64()
+            .unwrap();
+        if total == answered {
+            break;
+        }
+        assert!(
+            total < answered,
+            "more records than requests: {total} > {answered}"
+        );
+        assert!(
+            Instant::now() < deadline,
+            "usage records lost: {total} of {answered}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
 }

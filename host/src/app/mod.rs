@@ -19,7 +19,7 @@ use crate::cache::responses::ResponseCache;
 use crate::cache::{CacheSpec, Placement};
 use crate::common::{Digest, Limits};
 use crate::config::ServerConfig;
-use crate::deploy::{Registry, Routing, TrafficPolicy, VersionEntry};
+use crate::deploy::{Registry, VersionEntry};
 use crate::meter::{Ledger, LedgerStore, Metrics};
 use crate::nn::embed::{self, EmbedError};
 use crate::nn::{ModelRef, NnError, NnSpec, VersionModels};
@@ -207,41 +207,8 @@ impl App {
             rollouts: Default::default(),
             blob_health: Default::default(),
         };
-        let functions: std::collections::HashMap<_, _> = app
-            .meta
-            .functions()
-            .await?
-            .into_iter()
-            .map(|f| (f.name.clone(), f))
-            .collect();
-        for rec in app.meta.all_versions().await? {
-            let Some(info) = functions.get(&rec.function) else {
-                continue;
-            };
-            let models = app.runtime.models().version_models(&rec.nn);
-            app.register(rec, info, models);
-        }
-        for (function, policy, revision) in app.meta.traffic().await? {
-            match serde_json::from_str::<Option<TrafficPolicy>>(&policy) {
-                Ok(p) => {
-                    let routing = p.map(|p| Arc::new(Routing::new(p, revision)));
-                    app.registry.set_routing(&function, None, routing);
-                }
-                Err(e) => tracing::error!(function, "stored traffic policy unreadable: {e}"),
-            }
-        }
-        for (function, alias, policy, revision) in app.meta.aliases().await? {
-            match serde_json::from_str::<Option<TrafficPolicy>>(&policy) {
-                Ok(p) => {
-                    let routing = p.map(|p| Arc::new(Routing::new(p, revision)));
-                    app.registry.set_routing(&function, Some(&alias), routing);
-                }
-                Err(e) => tracing::error!(function, alias, "stored alias unreadable: {e}"),
-            }
-        }
-        for f in app.registry.functions() {
-            app.keep_loaded(&f.name);
-        }
+        // The registry is built from the database as changes from other nodes are applied.
+        app.apply_stored(false).await?;
         app.resume_rollouts().await?;
         let app = Arc::new(app);
         if tokio::runtime::Handle::try_current().is_ok() {

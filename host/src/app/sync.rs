@@ -20,8 +20,9 @@ use crate::deploy::{Routing, TrafficPolicy};
 pub const POLL_EVERY: Duration = Duration::from_millis(200);
 
 impl App {
-    /// Applies every change the database holds that this node's memory lacks.
-    pub(super) async fn sync_from_store(&self) -> anyhow::Result<()> {
+    /// Applies every change the database holds that this node's memory lacks: at start
+    /// (`from_other_nodes` false) that is everything, afterwards what other nodes changed.
+    pub(super) async fn apply_stored(&self, from_other_nodes: bool) -> anyhow::Result<()> {
         // Read under the publishing lock: a change this node makes meanwhile is then
         // either in what is read, or made after it is applied, never undone by it.
         let _publishing = self.publishing().await;
@@ -52,7 +53,9 @@ impl App {
                 .and_then(|f| f.versions.get(&rec.version).map(|v| v.record.id == rec.id))
                 .unwrap_or(false);
             if !known {
-                tracing::info!(function = %rec.function, version = rec.version, "deployed on another node");
+                if from_other_nodes {
+                    tracing::info!(function = %rec.function, version = rec.version, "deployed on another node");
+                }
                 changed.insert(rec.function.clone());
                 let models = self.runtime.models().version_models(&rec.nn);
                 self.register(rec, info, models);
@@ -96,7 +99,10 @@ impl App {
             self.keep_loaded(&name);
         }
         drop(_publishing);
-        self.auth.reload().await
+        match from_other_nodes {
+            true => self.auth.reload().await,
+            false => Ok(()),
+        }
     }
 
     /// Drops function `name` from memory (deleted in the database).
@@ -136,7 +142,7 @@ pub(super) fn spawn_store_sync(app: &Arc<App>) {
                 failing = false;
                 continue;
             }
-            match app.sync_from_store().await {
+            match app.apply_stored(true).await {
                 Ok(()) => {
                     seen = Some(now);
                     failing = false;

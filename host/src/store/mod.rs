@@ -52,6 +52,17 @@ impl std::str::FromStr for DatabaseUrl {
     }
 }
 
+/// Whether `e` says the database could not be reached (no connection from the pool, or a
+/// connection that broke), as opposed to a query it refused: such calls answer 503
+/// `store.unavailable`, not 500.
+pub fn unreachable(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| {
+        c.is::<deadpool_postgres::PoolError>()
+            || c.downcast_ref::<tokio_postgres::Error>()
+                .is_some_and(|e| e.as_db_error().is_none())
+    })
+}
+
 /// Runs `f` on a SQLite connection off the async workers (a commit may wait for the disk).
 pub async fn on_sqlite<T: Send + 'static>(
     conn: &std::sync::Arc<std::sync::Mutex<rusqlite::Connection>>,
