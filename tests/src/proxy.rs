@@ -9,11 +9,12 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-/// The proxy; forwards `127.0.0.1:port` to `target` while up.
+/// The proxy; forwards `127.0.0.1:port` to `target` while up. Its port stays bound when
+/// cut (connections are accepted and closed at once), so nothing else can take it.
 pub struct Proxy {
     pub port: u16,
-    target: String,
     up: Arc<AtomicBool>,
+    stop: Arc<AtomicBool>,
     conns: Arc<Mutex<Vec<TcpStream>>>,
     acceptor: Option<JoinHandle<()>>,
 }
@@ -21,54 +22,54 @@ pub struct Proxy {
 impl Proxy {
     /// A proxy to `target` (`host:port`) on a free loopback port, up.
     pub fn start(target: &str) -> Proxy {
-        let port = TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .map(|a| a.port())
-            .expect("a free port");
-        let mut p = Proxy {
-            port,
-            target: target.to_string(),
-            up: Arc::new(AtomicBool::new(false)),
-            conns: Arc::default(),
-            acceptor: None,
-        };
-        p.restore();
-        p
-    }
-
-    /// Accepts and forwards connections again.
-    pub fn restore(&mut self) {
-        let listener = TcpListener::bind(("127.0.0.1", self.port)).expect("binding the proxy");
+        let listener = TcpListener::bind("127.0.0.1:0").expect("binding the proxy");
+        let port = listener.local_addr().expect("address").port();
         listener.set_nonblocking(true).expect("nonblocking");
-        self.up.store(true, Ordering::SeqCst);
-        let (up, conns, target) = (self.up.clone(), self.conns.clone(), self.target.clone());
-        self.acceptor = Some(std::thread::spawn(move || {
-            while up.load(Ordering::SeqCst) {
+        let up = Arc::new(AtomicBool::new(true));
+        let stop = Arc::new(AtomicBool::new(false));
+        let conns: Arc<Mutex<Vec<TcpStream>>> = Arc::default();
+        let (up2, stop2, conns2, target) =
+            (up.clone(), stop.clone(), conns.clone(), target.to_string());
+        let acceptor = std::thread::spawn(move || {
+            while !stop2.load(Ordering::SeqCst) {
                 let Ok((client, _)) = listener.accept() else {
                     std::thread::sleep(Duration::from_millis(5));
                     continue;
                 };
+                if !up2.load(Ordering::SeqCst) {
+                    let _ = client.shutdown(Shutdown::Both);
+                    continue;
+                }
                 let Ok(server) = TcpStream::connect(&target) else {
                     continue;
                 };
                 let _ = client.set_nonblocking(false);
                 for s in [&client, &server] {
                     if let Ok(c) = s.try_clone() {
-                        conns.lock().unwrap_or_else(|p| p.into_inner()).push(c);
+                        conns2.lock().unwrap_or_else(|p| p.into_inner()).push(c);
                     }
                 }
                 pipe(&client, &server);
                 pipe(&server, &client);
             }
-        }));
+        });
+        Proxy {
+            port,
+            up,
+            stop,
+            conns,
+            acceptor: Some(acceptor),
+        }
     }
 
-    /// Closes every connection and refuses new ones (the listener is dropped).
+    /// Forwards connections again.
+    pub fn restore(&mut self) {
+        self.up.store(true, Ordering::SeqCst);
+    }
+
+    /// Closes every connection and refuses new ones.
     pub fn cut(&mut self) {
         self.up.store(false, Ordering::SeqCst);
-        if let Some(a) = self.acceptor.take() {
-            let _ = a.join();
-        }
         for c in self
             .conns
             .lock()
@@ -105,5 +106,9 @@ fn pipe(from: &TcpStream, to: &TcpStream) {
 impl Drop for Proxy {
     fn drop(&mut self) {
         self.cut();
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(a) = self.acceptor.take() {
+            let _ = a.join();
+        }
     }
 }

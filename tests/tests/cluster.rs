@@ -115,6 +115,28 @@ fn changes_on_one_node_apply_on_the_other_within_a_second() {
         std::thread::sleep(Duration::from_millis(100));
     }
 
+    // Deleted and made again on A at once: B keeps nothing of the old function (its
+    // versions, its policy), whether or not it saw the moment in between.
+    assert_eq!(
+        a.request("DELETE", "/v1/functions/hello", &[], b"").status,
+        200
+    );
+    let v3 = a.deploy_example("hello", "hello", "");
+    assert_eq!(v3["version"], 3, "numbers are never reused");
+    seen.push(within_a_second("delete and create", || {
+        b.get("/fn/hello@3/").status == 200
+    }));
+    assert_eq!(
+        b.get("/fn/hello@1/").status,
+        404,
+        "an old version survived on B"
+    );
+    assert_eq!(
+        b.get("/fn/hello/").header("x-kiln-version"),
+        Some("3"),
+        "the old policy survived on B"
+    );
+
     // A delete on A is a 404 on B.
     assert_eq!(
         a.request("DELETE", "/v1/functions/hello", &[], b"").status,

@@ -26,11 +26,10 @@ pub(super) async fn create(
 ) -> Result<Response<Body>, ApiError> {
     let new: NewKey =
         super::read_json(req.into_body(), MAX_KEY_REQUEST_BYTES, "key request").await?;
-    let (key, secret) = app
-        .auth
-        .create(&new, caller)
-        .await
-        .map_err(ApiError::InvalidRequest)?;
+    let (key, secret) = app.auth.create(&new, caller).await.map_err(|e| match e {
+        crate::auth::KeyError::Invalid(why) => ApiError::InvalidRequest(why),
+        crate::auth::KeyError::Store(e) => ApiError::Internal(e),
+    })?;
     let mut json = key_json(&key);
     json["key"] = secret.into();
     let mut resp = json_response(StatusCode::CREATED, &json);

@@ -1,10 +1,12 @@
 //! Keeping a node's memory in step with a database that other nodes write (PostgreSQL):
-//! the rows are the truth, and every [`POLL_EVERY`] the node reads a cheap fingerprint of
-//! them (the newest version id, the number of functions, the newest history entry, the
-//! number of keys and of revocations). When it moved, the node reads what changed and
-//! applies it the way a local change is applied: new versions registered, deleted
-//! functions dropped, policies and aliases whose revision moved swapped in whole, keys
-//! reloaded (a revocation made on any node is refused here from then on).
+//! the rows are the truth, and every [`POLL_EVERY`] the node reads the change counter that
+//! every writing transaction bumps last (its row lock orders the bumps as the commits, so
+//! a committed change always moves it). When it moved, the node reads the state as of one
+//! instant and applies what its memory lacks the way a local change is applied: new
+//! versions registered, deleted (or deleted and re-created) functions dropped and rebuilt,
+//! policies and aliases whose revision moved swapped in whole, keys reloaded (a revocation
+//! made on any node is refused here from then on). Every [`FULL_EVERY`] it applies the
+//! state even without a change, as a safety net.
 //!
 //! A request sees the old or the new state of a function, never a mix: each function's
 //! snapshot is swapped at once, as for a local change.
@@ -18,6 +20,8 @@ use crate::deploy::{Routing, TrafficPolicy};
 
 /// How often a node looks for changes made by other nodes.
 pub const POLL_EVERY: Duration = Duration::from_millis(200);
+/// How often a node applies the stored state even when the counter did not move.
+pub const FULL_EVERY: Duration = Duration::from_secs(30);
 
 impl App {
     /// Applies every change the database holds that this node's memory lacks: at start
@@ -26,24 +30,37 @@ impl App {
         // Read under the publishing lock: a change this node makes meanwhile is then
         // either in what is read, or made after it is applied, never undone by it.
         let _publishing = self.publishing().await;
-        let functions: HashMap<String, _> = self
-            .meta
-            .functions()
-            .await?
+        let state = self.meta.state().await?;
+        let functions: HashMap<String, _> = state
+            .functions
             .into_iter()
             .map(|f| (f.name.clone(), f))
             .collect();
-        let versions = self.meta.all_versions().await?;
-        let traffic = self.meta.traffic().await?;
-        let aliases = self.meta.aliases().await?;
+        let ids: HashSet<i64> = state.versions.iter().map(|v| v.id).collect();
         let mut changed = HashSet::new();
         for f in self.registry.functions() {
-            if !functions.contains_key(&f.name) {
-                tracing::info!(function = %f.name, "deleted on another node");
+            let gone = match functions.get(&f.name) {
+                None => {
+                    tracing::info!(function = %f.name, "deleted on another node");
+                    true
+                }
+                // Deleted and made again (maybe by another tenant) since the last look:
+                // nothing of the old function may stay.
+                Some(info)
+                    if info.created_at != f.created_at
+                        || *info.tenant != *f.owner
+                        || f.versions.values().any(|v| !ids.contains(&v.record.id)) =>
+                {
+                    tracing::info!(function = %f.name, "deleted and created again on another node");
+                    true
+                }
+                Some(_) => false,
+            };
+            if gone {
                 self.forget_function(&f.name);
             }
         }
-        for rec in versions {
+        for rec in state.versions {
             let Some(info) = functions.get(&rec.function) else {
                 continue;
             };
@@ -69,10 +86,16 @@ impl App {
                     .map(|r: &Arc<Routing>| r.revision)
             })
         };
-        let rows = traffic
+        let rows = state
+            .traffic
             .into_iter()
             .map(|(f, p, r)| (f, None, p, r))
-            .chain(aliases.into_iter().map(|(f, a, p, r)| (f, Some(a), p, r)));
+            .chain(
+                state
+                    .aliases
+                    .into_iter()
+                    .map(|(f, a, p, r)| (f, Some(a), p, r)),
+            );
         for (function, alias, policy, revision) in rows {
             if self.registry.function(&function).is_none()
                 || current(&function, alias.as_deref()) == Some(revision)
@@ -125,10 +148,11 @@ pub(super) fn spawn_store_sync(app: &Arc<App>) {
     tokio::spawn(async move {
         let mut seen = None;
         let mut failing = false;
+        let mut last_full = std::time::Instant::now();
         loop {
             tokio::time::sleep(POLL_EVERY).await;
             let Some(app) = weak.upgrade() else { return };
-            let now = match app.meta.fingerprint().await {
+            let now = match app.meta.changes().await {
                 Ok(f) => f,
                 Err(e) => {
                     if !failing {
@@ -138,10 +162,11 @@ pub(super) fn spawn_store_sync(app: &Arc<App>) {
                     continue;
                 }
             };
-            if seen.as_ref() == Some(&now) {
+            if seen.as_ref() == Some(&now) && last_full.elapsed() < FULL_EVERY {
                 failing = false;
                 continue;
             }
+            last_full = std::time::Instant::now();
             match app.apply_stored(true).await {
                 Ok(()) => {
                     seen = Some(now);

@@ -121,23 +121,25 @@ impl KeyStore {
                 .await
             }
             KeyStore::Postgres(pool) => {
-                pool.get()
-                    .await?
-                    .execute(
-                        // Nodes starting together adopt the same KILN_ADMIN_KEY: one row.
-                        "INSERT INTO api_keys (id, hash, tenant, scopes, rate, created_at, created_by)
+                let mut client = pool.get().await?;
+                let tx = client.transaction().await?;
+                tx.execute(
+                    // Nodes starting together adopt the same KILN_ADMIN_KEY: one row.
+                    "INSERT INTO api_keys (id, hash, tenant, scopes, rate, created_at, created_by)
                          VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT DO NOTHING",
-                        &[
-                            &k.id,
-                            &k.hash,
-                            &k.tenant,
-                            &k.scopes,
-                            &k.rate,
-                            &k.created_at,
-                            &k.created_by,
-                        ],
-                    )
-                    .await?;
+                    &[
+                        &k.id,
+                        &k.hash,
+                        &k.tenant,
+                        &k.scopes,
+                        &k.rate,
+                        &k.created_at,
+                        &k.created_by,
+                    ],
+                )
+                .await?;
+                crate::store::pg::bump_changes(&tx).await?;
+                tx.commit().await?;
                 Ok(())
             }
         }
@@ -159,13 +161,15 @@ impl KeyStore {
                 .await
             }
             KeyStore::Postgres(pool) => {
-                pool.get()
-                    .await?
-                    .execute(
-                        "UPDATE api_keys SET revoked_at = $2 WHERE id = $1 AND revoked_at IS NULL",
-                        &[&id, &at],
-                    )
-                    .await?;
+                let mut client = pool.get().await?;
+                let tx = client.transaction().await?;
+                tx.execute(
+                    "UPDATE api_keys SET revoked_at = $2 WHERE id = $1 AND revoked_at IS NULL",
+                    &[&id, &at],
+                )
+                .await?;
+                crate::store::pg::bump_changes(&tx).await?;
+                tx.commit().await?;
                 Ok(())
             }
         }

@@ -32,6 +32,16 @@ use crate::common::Rate;
 /// Tenant of functions made with authentication off, and of the bootstrap admin key.
 pub const DEFAULT_TENANT: &str = "default";
 
+/// Why a key could not be created: the request (answered 400) or the store (500, or 503
+/// while the database is away).
+#[derive(Debug, thiserror::Error)]
+pub enum KeyError {
+    #[error("{0}")]
+    Invalid(String),
+    #[error(transparent)]
+    Store(anyhow::Error),
+}
+
 /// Why a request is refused before it reaches a function or the control plane.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum AuthError {
@@ -516,25 +526,29 @@ impl Auth {
     }
 
     /// Creates a key; returns it with its secret (shown this once).
-    pub async fn create(&self, new: &NewKey, by: &Caller) -> Result<(Arc<ApiKey>, String), String> {
+    pub async fn create(
+        &self,
+        new: &NewKey,
+        by: &Caller,
+    ) -> Result<(Arc<ApiKey>, String), KeyError> {
         let _changing = self.changing.lock().await;
-        keys::validate_tenant(&new.tenant)?;
+        keys::validate_tenant(&new.tenant).map_err(KeyError::Invalid)?;
         if new.scopes.is_empty() {
-            return Err("a key needs at least one scope".into());
+            return Err(KeyError::Invalid("a key needs at least one scope".into()));
         }
         let scopes = new
             .scopes
             .iter()
             .map(|s| s.parse())
-            .collect::<Result<Vec<Scope>, _>>()?;
-        let (id, secret) = keys::generate().map_err(|e| format!("no randomness: {e}"))?;
+            .collect::<Result<Vec<Scope>, _>>()
+            .map_err(KeyError::Invalid)?;
+        let (id, secret) = keys::generate().map_err(|e| KeyError::Store(e.into()))?;
         let key = self
             .insert(&id, &secret, &new.tenant, &scopes, new.rate, by.key_id())
             .await
-            .map_err(|e| format!("storing the key: {e:#}"))?;
+            .map_err(|e| KeyError::Store(e.context("storing the key")))?;
         Ok((key, secret))
     }
-
     /// Every key, oldest first.
     pub fn list(&self) -> Vec<Arc<ApiKey>> {
         let mut all: Vec<_> = self

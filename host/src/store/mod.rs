@@ -58,8 +58,15 @@ impl std::str::FromStr for DatabaseUrl {
 pub fn unreachable(e: &anyhow::Error) -> bool {
     e.chain().any(|c| {
         c.is::<deadpool_postgres::PoolError>()
-            || c.downcast_ref::<tokio_postgres::Error>()
-                .is_some_and(|e| e.as_db_error().is_none())
+            || c.downcast_ref::<tokio_postgres::Error>().is_some_and(|e| {
+                let sqlstate = e.code().map(|c| c.code());
+                e.is_closed()
+                    || std::error::Error::source(e).is_some_and(|s| s.is::<std::io::Error>())
+                    // connection exceptions, shutting down, starting up, too many clients
+                    || sqlstate.is_some_and(|c| {
+                        c.starts_with("08") || ["57P01", "57P02", "57P03", "53300"].contains(&c)
+                    })
+            })
     })
 }
 
@@ -103,6 +110,6 @@ pub fn open_sqlite(
     Ok(conn)
 }
 pub use meta::{
-    FunctionInfo, MetaStore, NewVersion, NotOwner, PgMeta, Replayed, SqliteMeta, TrafficChange,
-    VersionRecord,
+    FunctionInfo, MetaStore, NewVersion, NotOwner, PgMeta, Replayed, SqliteMeta, StoredState,
+    TrafficChange, VersionRecord,
 };

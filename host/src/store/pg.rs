@@ -50,6 +50,15 @@ pub async fn connect(url: &str) -> anyhow::Result<Pool> {
     Ok(pool)
 }
 
+/// Counts one change for the nodes that poll the change counter (`kiln_changes`): the last
+/// statement of every writing transaction (always taken last, so every transaction takes
+/// its locks in the same order). Its row lock orders the bumps as the commits.
+pub async fn bump_changes(tx: &impl deadpool_postgres::GenericClient) -> anyhow::Result<()> {
+    tx.execute("UPDATE kiln_changes SET n = n + 1 WHERE id = 1", &[])
+        .await?;
+    Ok(())
+}
+
 /// The client settings of every Kiln connection: `url`'s, plus a connect timeout, TCP
 /// keepalives and a statement timeout, so a partitioned database fails calls in bounded
 /// time instead of hanging them (and the locks they hold).
@@ -60,6 +69,10 @@ pub fn client_config(url: &str) -> anyhow::Result<tokio_postgres::Config> {
         .connect_timeout(CONNECT_TIMEOUT)
         .keepalives(true)
         .keepalives_idle(Duration::from_secs(10))
+        .keepalives_interval(Duration::from_secs(5))
+        .keepalives_retries(3)
+        // A query on a connection whose packets vanish fails in bounded time too.
+        .tcp_user_timeout(Duration::from_secs(20))
         .options(format!(
             "-c statement_timeout={}",
             STATEMENT_TIMEOUT.as_millis()

@@ -140,6 +140,16 @@ pub struct TrafficChange<'a> {
     pub extra: Option<&'a serde_json::Value>,
 }
 
+/// What a node's registry is built from, read as of one instant.
+pub struct StoredState {
+    pub functions: Vec<FunctionInfo>,
+    pub versions: Vec<VersionRecord>,
+    /// (function, policy JSON, revision).
+    pub traffic: Vec<(String, String, u64)>,
+    /// (function, alias, policy JSON or `null`, revision).
+    pub aliases: Vec<(String, String, String, u64)>,
+}
+
 /// The metadata store, on whichever backend the server was started with.
 pub enum MetaStore {
     Sqlite(SqliteMeta),
@@ -251,12 +261,28 @@ impl MetaStore {
         on_backend!(self.previous_traffic(function, alias))
     }
 
-    /// A fingerprint of everything other nodes may change: the newest version id, the
-    /// number of functions, the newest history entry (every traffic change, rollout step
-    /// and rollback writes one), the number of keys and of revoked keys. It moves with
-    /// every change a node must apply; polled by nodes sharing a database.
-    pub async fn fingerprint(&self) -> anyhow::Result<Vec<i64>> {
-        on_backend!(self.fingerprint())
+    /// The change counter other nodes bump with every committed change (PostgreSQL);
+    /// `None` on SQLite, which one node alone writes.
+    pub async fn changes(&self) -> anyhow::Result<Option<i64>> {
+        match self {
+            MetaStore::Sqlite(_) => Ok(None),
+            MetaStore::Postgres(p) => p.changes().await.map(Some),
+        }
+    }
+
+    /// Functions, versions, policies and aliases as of one instant.
+    pub async fn state(&self) -> anyhow::Result<StoredState> {
+        match self {
+            // One connection, and the caller holds the publishing lock: nothing writes
+            // in between.
+            MetaStore::Sqlite(s) => Ok(StoredState {
+                functions: s.functions()?,
+                versions: s.all_versions()?,
+                traffic: s.traffic()?,
+                aliases: s.aliases()?,
+            }),
+            MetaStore::Postgres(p) => p.state().await,
+        }
     }
 
     /// Every stored traffic policy: (function, policy JSON, revision).
@@ -281,11 +307,6 @@ impl MetaStore {
         on_backend!(self.history(function, limit, tenant))
     }
 }
-
-/// The query behind [`MetaStore::fingerprint`], the same on both backends.
-const FINGERPRINT: &str = "SELECT COALESCE((SELECT max(id) FROM versions), 0),
-    (SELECT count(*) FROM functions), COALESCE((SELECT max(seq) FROM history), 0),
-    (SELECT count(*) FROM api_keys), (SELECT count(revoked_at) FROM api_keys)";
 
 fn now_secs() -> i64 {
     SystemTime::now()

@@ -161,32 +161,37 @@ impl PgMeta {
             )
             .await?,
         );
+        crate::store::pg::bump_changes(&tx).await?;
         tx.commit().await?;
         Ok((new.record(id, version as u32, now), info))
     }
 
     pub async fn all_versions(&self) -> anyhow::Result<Vec<VersionRecord>> {
-        let rows = self
-            .client()
-            .await?
-            .query(
-                &format!("SELECT {VERSION_COLUMNS} FROM versions ORDER BY id"),
-                &[],
-            )
-            .await?;
-        rows.iter().map(|r| raw_version(r).decode()).collect()
+        versions_on(&self.client().await?).await
     }
 
     pub async fn functions(&self) -> anyhow::Result<Vec<FunctionInfo>> {
-        let rows = self
-            .client()
-            .await?
-            .query(
-                "SELECT name, created_at, tenant, public FROM functions",
-                &[],
-            )
+        functions_on(&self.client().await?).await
+    }
+
+    /// Functions, versions, policies and aliases as of one instant (one REPEATABLE READ
+    /// transaction), so a policy never names a version the same read lacks.
+    pub async fn state(&self) -> anyhow::Result<super::StoredState> {
+        let mut client = self.client().await?;
+        let tx = client
+            .build_transaction()
+            .isolation_level(tokio_postgres::IsolationLevel::RepeatableRead)
+            .read_only(true)
+            .start()
             .await?;
-        Ok(rows.iter().map(function_info).collect())
+        let state = super::StoredState {
+            functions: functions_on(&tx).await?,
+            versions: versions_on(&tx).await?,
+            traffic: traffic_on(&tx).await?,
+            aliases: aliases_on(&tx).await?,
+        };
+        tx.commit().await?;
+        Ok(state)
     }
 
     pub async fn add_blob_owner(&self, digest: &Digest, tenant: &str) -> anyhow::Result<()> {
@@ -225,6 +230,7 @@ impl PgMeta {
         let n = tx
             .execute("DELETE FROM functions WHERE name = $1", &[&name])
             .await?;
+        crate::store::pg::bump_changes(&tx).await?;
         tx.commit().await?;
         Ok(n > 0)
     }
@@ -298,6 +304,7 @@ impl PgMeta {
         if let Some(r) = change.rollout {
             upsert_rollout(&tx, function, r, now_ms).await?;
         }
+        crate::store::pg::bump_changes(&tx).await?;
         tx.commit().await?;
         Ok(revision as u64)
     }
@@ -316,6 +323,7 @@ impl PgMeta {
         let detail = super::rollout_detail(rollout);
         insert_history(&tx, function, now_ms, actor, kind, reason, &detail).await?;
         upsert_rollout(&tx, function, rollout, now_ms).await?;
+        crate::store::pg::bump_changes(&tx).await?;
         tx.commit().await?;
         Ok(())
     }
@@ -380,37 +388,22 @@ impl PgMeta {
             .transpose()
     }
 
-    pub async fn fingerprint(&self) -> anyhow::Result<Vec<i64>> {
+    /// The change counter: it moves with every committed change, in commit order.
+    pub async fn changes(&self) -> anyhow::Result<i64> {
         let row = self
             .client()
             .await?
-            .query_one(super::FINGERPRINT, &[])
+            .query_one("SELECT n FROM kiln_changes WHERE id = 1", &[])
             .await?;
-        Ok((0..row.len()).map(|i| row.get::<_, i64>(i)).collect())
+        Ok(row.get::<_, i64>(0))
     }
 
     pub async fn traffic(&self) -> anyhow::Result<Vec<(String, String, u64)>> {
-        let rows = self
-            .client()
-            .await?
-            .query("SELECT function, policy, revision FROM traffic", &[])
-            .await?;
-        Ok(rows
-            .iter()
-            .map(|r| (r.get(0), r.get(1), r.get::<_, i64>(2) as u64))
-            .collect())
+        traffic_on(&self.client().await?).await
     }
 
     pub async fn aliases(&self) -> anyhow::Result<Vec<(String, String, String, u64)>> {
-        let rows = self
-            .client()
-            .await?
-            .query("SELECT function, alias, policy, revision FROM aliases", &[])
-            .await?;
-        Ok(rows
-            .iter()
-            .map(|r| (r.get(0), r.get(1), r.get(2), r.get::<_, i64>(3) as u64))
-            .collect())
+        aliases_on(&self.client().await?).await
     }
 
     pub async fn history(
@@ -443,6 +436,46 @@ impl PgMeta {
             })
             .collect())
     }
+}
+
+async fn versions_on(c: &impl GenericClient) -> anyhow::Result<Vec<VersionRecord>> {
+    let rows = c
+        .query(
+            &format!("SELECT {VERSION_COLUMNS} FROM versions ORDER BY id"),
+            &[],
+        )
+        .await?;
+    rows.iter().map(|r| raw_version(r).decode()).collect()
+}
+
+async fn functions_on(c: &impl GenericClient) -> anyhow::Result<Vec<FunctionInfo>> {
+    let rows = c
+        .query(
+            "SELECT name, created_at, tenant, public FROM functions",
+            &[],
+        )
+        .await?;
+    Ok(rows.iter().map(function_info).collect())
+}
+
+async fn traffic_on(c: &impl GenericClient) -> anyhow::Result<Vec<(String, String, u64)>> {
+    let rows = c
+        .query("SELECT function, policy, revision FROM traffic", &[])
+        .await?;
+    Ok(rows
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get::<_, i64>(2) as u64))
+        .collect())
+}
+
+async fn aliases_on(c: &impl GenericClient) -> anyhow::Result<Vec<(String, String, String, u64)>> {
+    let rows = c
+        .query("SELECT function, alias, policy, revision FROM aliases", &[])
+        .await?;
+    Ok(rows
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2), r.get::<_, i64>(3) as u64))
+        .collect())
 }
 
 async fn insert_history(

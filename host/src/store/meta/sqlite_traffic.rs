@@ -131,13 +131,6 @@ impl SqliteMeta {
         row.map(|(kind, d)| previous_of(kind, &d)).transpose()
     }
 
-    pub fn fingerprint(&self) -> anyhow::Result<Vec<i64>> {
-        let conn = self.conn();
-        Ok(conn.query_row(super::FINGERPRINT, [], |r| {
-            (0..5).map(|i| r.get::<_, i64>(i)).collect()
-        })?)
-    }
-
     pub fn traffic(&self) -> anyhow::Result<Vec<(String, String, u64)>> {
         let conn = self.conn();
         let mut stmt = conn.prepare("SELECT function, policy, revision FROM traffic")?;

@@ -130,3 +130,10 @@ CREATE TABLE usage (
     cost              BIGINT NOT NULL,
     PRIMARY KEY (start_ms, request_id)
 );
+-- One counter every change bumps as the last step of its transaction: the row lock orders
+-- the bumps as the commits, so a node that polls it never misses a committed change.
+CREATE TABLE kiln_changes (
+    id  INTEGER PRIMARY KEY CHECK (id = 1),
+    n   BIGINT NOT NULL
+);
+INSERT INTO kiln_changes (id, n) VALUES (1, 0);
