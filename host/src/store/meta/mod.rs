@@ -190,16 +190,6 @@ impl MetaStore {
         on_backend!(self.create_version(new))
     }
 
-    /// Every version of every function, oldest first (used to rebuild state at start).
-    pub async fn all_versions(&self) -> anyhow::Result<Vec<VersionRecord>> {
-        on_backend!(self.all_versions())
-    }
-
-    /// Every function: owner, visibility, creation time.
-    pub async fn functions(&self) -> anyhow::Result<Vec<FunctionInfo>> {
-        on_backend!(self.functions())
-    }
-
     /// Records that `tenant` holds blob `digest` (it uploaded the bytes).
     pub async fn add_blob_owner(&self, digest: &Digest, tenant: &str) -> anyhow::Result<()> {
         on_backend!(self.add_blob_owner(digest, tenant))
@@ -283,16 +273,6 @@ impl MetaStore {
             }),
             MetaStore::Postgres(p) => p.state().await,
         }
-    }
-
-    /// Every stored traffic policy: (function, policy JSON, revision).
-    pub async fn traffic(&self) -> anyhow::Result<Vec<(String, String, u64)>> {
-        on_backend!(self.traffic())
-    }
-
-    /// Every stored alias: (function, alias, policy JSON or `null`, revision).
-    pub async fn aliases(&self) -> anyhow::Result<Vec<(String, String, String, u64)>> {
-        on_backend!(self.aliases())
     }
 
     /// `function`'s history, newest first, at most `limit` entries; with `tenant`, only

@@ -166,14 +166,6 @@ impl PgMeta {
         Ok((new.record(id, version as u32, now), info))
     }
 
-    pub async fn all_versions(&self) -> anyhow::Result<Vec<VersionRecord>> {
-        versions_on(&self.client().await?).await
-    }
-
-    pub async fn functions(&self) -> anyhow::Result<Vec<FunctionInfo>> {
-        functions_on(&self.client().await?).await
-    }
-
     /// Functions, versions, policies and aliases as of one instant (one REPEATABLE READ
     /// transaction), so a policy never names a version the same read lacks.
     pub async fn state(&self) -> anyhow::Result<super::StoredState> {
@@ -396,14 +388,6 @@ impl PgMeta {
             .query_one("SELECT n FROM kiln_changes WHERE id = 1", &[])
             .await?;
         Ok(row.get::<_, i64>(0))
-    }
-
-    pub async fn traffic(&self) -> anyhow::Result<Vec<(String, String, u64)>> {
-        traffic_on(&self.client().await?).await
-    }
-
-    pub async fn aliases(&self) -> anyhow::Result<Vec<(String, String, String, u64)>> {
-        aliases_on(&self.client().await?).await
     }
 
     pub async fn history(

@@ -81,7 +81,7 @@ async fn versions_count_up_and_are_never_reused_on_every_backend() {
         with_model.limits.rate = Some("5/s".parse().expect("rate"));
         with_model.outbound = vec!["https://api.example.com".into()];
         meta.create_version(&with_model).await.expect("m1");
-        let all = meta.all_versions().await.expect("all");
+        let all = meta.state().await.expect("state").versions;
         assert_eq!(all.len(), 5, "{b}");
         let m = all.iter().find(|r| r.function == "m").expect("m");
         assert_eq!(
@@ -89,7 +89,7 @@ async fn versions_count_up_and_are_never_reused_on_every_backend() {
             (&with_model.nn, with_model.limits, &with_model.outbound),
             "{b}"
         );
-        let functions = meta.functions().await.expect("functions");
+        let functions = meta.state().await.expect("state").functions;
         assert_eq!(functions.len(), 4, "{b}");
         // Blob owners.
         let d = Digest::of(b"blob");
@@ -155,8 +155,8 @@ async fn traffic_changes_keep_revisions_history_and_the_previous_policy_on_every
             .expect("previous")
             .expect("some");
         assert_eq!(previous, "null", "{b}: the alias had no policy before");
-        assert_eq!(meta.traffic().await.expect("traffic").len(), 1, "{b}");
-        assert_eq!(meta.aliases().await.expect("aliases").len(), 1, "{b}");
+        assert_eq!(meta.state().await.expect("state").traffic.len(), 1, "{b}");
+        assert_eq!(meta.state().await.expect("state").aliases.len(), 1, "{b}");
         let history = meta.history("f", 10, None).await.expect("history");
         assert_eq!(history.len(), 3, "{b}");
         assert_eq!(history[0]["detail"]["alias"], "staging", "{b}");
