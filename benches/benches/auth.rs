@@ -25,6 +25,7 @@ fn auth_benches(c: &mut Criterion) {
             AuditLog::sqlite(&dir.join("audit.db")).unwrap(),
             &boot,
             None,
+            kiln_host::auth::Nodes::default(),
         ))
         .unwrap();
     let new = |rate: Option<&str>| NewKey {

@@ -505,10 +505,15 @@ impl TestServer {
     /// Sends SIGKILL: the process dies at once, with no drain and no flush, as in a crash.
     /// Takes `&self`, so a test can kill the server while its clients are still sending.
     pub fn kill9(&self) {
+        self.signal("KILL");
+    }
+
+    /// Sends signal `name` (`KILL`, `STOP`, `CONT`...) to the server process.
+    pub fn signal(&self, name: &str) {
         // Never `kill -KILL 0`: that would be the whole process group, the test included.
         if let Some(child) = &self.child {
             let _ = Command::new("kill")
-                .arg("-KILL")
+                .arg(format!("-{name}"))
                 .arg(child.id().to_string())
                 .status();
         }

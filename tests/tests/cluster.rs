@@ -218,3 +218,54 @@ fn database_cut_off_keeps_functions_serving_answers_503_and_loses_no_usage() {
         std::thread::sleep(Duration::from_millis(200));
     }
 }
+
+#[test]
+fn two_nodes_each_enforce_half_of_a_key_rate() {
+    let Some(db) = kiln_tests::pg::shared_database("cluster::rates") else {
+        return;
+    };
+    let Some(moto) = Moto::start("cluster::rates") else {
+        return;
+    };
+    moto.create_bucket("kiln");
+    let blobs = moto.blobs_url("kiln", "rates");
+    let a = node(&db.url, &blobs);
+    let b = node(&db.url, &blobs);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    for n in [&a, &b] {
+        while n.get("/v1/cluster").json()["rate_limit_nodes"] != 2 {
+            assert!(
+                Instant::now() < deadline,
+                "{} does not share rates with two nodes",
+                n.url
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+    a.deploy_example("hello", "hello", "");
+    // 10 a minute for the cluster: 5 on each of the two nodes.
+    let (key, _) = a.create_key("default", &["invoke:*"], Some("10/m"));
+    let auth = format!("Bearer {key}");
+    let call = |s: &TestServer| {
+        s.request(
+            "GET",
+            "/fn/hello/",
+            &[("authorization", auth.as_str())],
+            b"",
+        )
+        .status
+    };
+    within_a_second("key create", || call(&b) != 401);
+    // That call took one of B's five.
+    let passed = |s: &TestServer, n: usize| (0..n).filter(|_| call(s) == 200).count();
+    assert_eq!(passed(&a, 8), 5, "node A's share of 10/m");
+    assert_eq!(passed(&b, 8), 4, "node B's share, one already used");
+    let refused = a.request(
+        "GET",
+        "/fn/hello/",
+        &[("authorization", auth.as_str())],
+        b"",
+    );
+    assert_eq!(refused.status, 429, "{}", refused.text());
+    assert_eq!(refused.error_code(), "rate.limited");
+}

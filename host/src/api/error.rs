@@ -168,6 +168,7 @@ impl From<crate::app::TrafficError> for ApiError {
             | TrafficError::InvalidRollout(_)
             | TrafficError::NothingToRollBack(_) => ApiError::InvalidRequest(e.to_string()),
             TrafficError::RolloutActive(..) => ApiError::Conflict(e.to_string(), "rollout.active"),
+            TrafficError::Moved(_) => ApiError::Conflict(e.to_string(), "rollout.changed"),
             TrafficError::RolloutState(..) => {
                 ApiError::Conflict(e.to_string(), "rollout.not_active")
             }

@@ -26,6 +26,7 @@
 //! | `POST`, `GET` | `/v1/keys` | create a key (its secret shown once) / list keys | admin |
 //! | `DELETE` | `/v1/keys/{id}` | revoke a key, at once | admin |
 //! | `GET` | `/v1/audit` | the audit log, newest first | `audit:read` |
+//! | `GET` | `/v1/cluster` | the live nodes: id, address, version, heartbeat, loaded versions, in-flight requests | admin |
 
 mod audit;
 mod blobs;
@@ -84,6 +85,7 @@ enum Op<'a> {
     ListKeys,
     RevokeKey(&'a str),
     Audit,
+    Cluster,
 }
 
 impl<'a> Op<'a> {
@@ -133,6 +135,8 @@ impl<'a> Op<'a> {
             (["keys", _], _) => return Err(not_allowed()),
             (["audit"], &Method::GET) => Op::Audit,
             (["audit"], _) => return Err(not_allowed()),
+            (["cluster"], &Method::GET) => Op::Cluster,
+            (["cluster"], _) => return Err(not_allowed()),
             _ => return Err(ApiError::NoRoute(format!("{method} {path}"))),
         })
     }
@@ -165,6 +169,7 @@ impl<'a> Op<'a> {
             Op::ListKeys => ("key.list", ""),
             Op::RevokeKey(id) => ("key.revoke", id),
             Op::Audit => ("audit.read", ""),
+            Op::Cluster => ("cluster.show", ""),
         }
     }
 
@@ -225,7 +230,9 @@ impl<'a> Op<'a> {
             }
             Op::CreateVersion(n) => caller.may_deploy(n, owner(n).as_deref(), true)?,
             Op::Usage => caller.need(&Scope::UsageRead)?,
-            Op::CreateKey | Op::ListKeys | Op::RevokeKey(_) => caller.need(&Scope::Admin)?,
+            Op::CreateKey | Op::ListKeys | Op::RevokeKey(_) | Op::Cluster => {
+                caller.need(&Scope::Admin)?
+            }
             Op::Audit => caller.need(&Scope::AuditRead)?,
         }
         Ok(())
@@ -333,7 +340,25 @@ async fn dispatch(
         Op::ListKeys => keys::list(app),
         Op::RevokeKey(id) => keys::revoke(app, id).await,
         Op::Audit => audit::get(app, req.uri().query().unwrap_or(""), caller).await,
+        Op::Cluster => cluster(app).await,
     }
+}
+
+/// `GET /v1/cluster`: every node alive (a heartbeat within the last
+/// [`crate::app::LIVE_WITHIN`]) as it last reported itself, and which one answers.
+async fn cluster(app: &Arc<App>) -> Result<Response<Body>, ApiError> {
+    let nodes = app.nodes().await.map_err(ApiError::Internal)?;
+    Ok(crate::server::json_response(
+        StatusCode::OK,
+        &serde_json::json!({
+            "node": app.node_id,
+            "database": app.meta.describe(),
+            "live_within_ms": crate::app::LIVE_WITHIN.as_millis() as u64,
+            // What this node divides every rate limit by (its count at the last heartbeat).
+            "rate_limit_nodes": app.live_nodes(),
+            "nodes": nodes,
+        }),
+    ))
 }
 
 /// Reads a small request body (a manifest, a policy) whole, refusing it past `max` bytes;

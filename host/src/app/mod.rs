@@ -3,6 +3,7 @@
 //! touch several of them (deploy a version, delete a function, clear its caches; traffic
 //! changes and rollouts are in [`traffic`]).
 
+mod cluster;
 mod ready;
 mod rollout;
 mod sync;
@@ -28,6 +29,7 @@ use crate::store::{
     BlobError, BlobStore, DatabaseUrl, FunctionInfo, MetaStore, NewVersion, PgMeta, SqliteMeta,
     VersionRecord,
 };
+pub use cluster::{HEARTBEAT_EVERY, LEASE, LIVE_WITHIN};
 pub use ready::node_id;
 pub use rollout::Control;
 pub use traffic::{Actor, TrafficError};
@@ -37,6 +39,11 @@ pub struct App {
     pub config: ServerConfig,
     /// This node's id (`--node-id`, or made once and kept in the data dir).
     pub node_id: String,
+    /// When this process started, unix ms.
+    pub started_at_ms: i64,
+    /// This process among every node's processes past and present (`node#start`): whose
+    /// published rollout numbers are whose.
+    process: String,
     pub meta: MetaStore,
     /// Components and models (the local folder, or the cluster's bucket).
     pub blobs: Arc<BlobStore>,
@@ -57,6 +64,10 @@ pub struct App {
     publishing: tokio::sync::Mutex<()>,
     /// Rollouts running or paused, by function (stored in the database too).
     rollouts: rollout::ActiveRollouts,
+    /// The rollouts this node drives.
+    leases: cluster::Leases,
+    /// The nodes alive at the last heartbeat (rate limits are split between them).
+    live_nodes: crate::auth::Nodes,
     /// The last probe of a shared blob store.
     blob_health: ready::BlobHealth,
 }
@@ -137,6 +148,7 @@ impl App {
                 )
             }
         };
+        let nodes = crate::auth::Nodes::default();
         let (auth, admin_secret) = Auth::open(
             keys,
             audit,
@@ -146,6 +158,7 @@ impl App {
                 insecure: config.auth.insecure,
             },
             config.auth.default_key_rate,
+            nodes.clone(),
         )
         .await?;
         let blobs = Arc::new(
@@ -163,7 +176,7 @@ impl App {
             models,
             blobs.clone(),
         )?;
-        let registry = Registry::new(config.runtime.queue_depth);
+        let registry = Registry::new(config.runtime.queue_depth, nodes.clone());
         let responses = Arc::new(ResponseCache::new(
             config.cache.responses_memory_mb << 20,
             metrics.cache("response"),
@@ -191,9 +204,12 @@ impl App {
             None
         };
         let node_id = ready::node_id(&config.data_dir, config.node_id.as_deref())?;
+        let started_at_ms = crate::unix_ms();
         let app = App {
             config,
+            process: format!("{node_id}#{started_at_ms}"),
             node_id,
+            started_at_ms,
             meta,
             blobs,
             runtime,
@@ -205,13 +221,19 @@ impl App {
             auth,
             publishing: tokio::sync::Mutex::new(()),
             rollouts: Default::default(),
+            leases: Default::default(),
+            live_nodes: nodes,
             blob_health: Default::default(),
         };
         // The registry is built from the database as changes from other nodes are applied.
         app.apply_stored(false).await?;
-        app.resume_rollouts().await?;
         let app = Arc::new(app);
         if tokio::runtime::Handle::try_current().is_ok() {
+            // The first heartbeat now: the rollouts in progress get their driver at once.
+            if let Err(e) = app.heartbeat().await {
+                tracing::warn!("heartbeat: {e:#}");
+            }
+            cluster::spawn_heartbeat(&app);
             rollout::spawn_rollout_driver(&app);
             ready::start_blob_prober(&app).await;
             if matches!(app.meta, MetaStore::Postgres(_)) {

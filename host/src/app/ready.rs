@@ -44,6 +44,15 @@ impl BlobHealth {
 /// `<data>/node-id`, else a new one (host name and a random suffix) written there.
 pub fn node_id(data_dir: &Path, given: Option<&str>) -> anyhow::Result<String> {
     if let Some(id) = given.map(str::trim).filter(|s| !s.is_empty()) {
+        let fits = id.len() <= 64
+            && id
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
+        if !fits {
+            anyhow::bail!(
+                "node id {id:?}: use at most 64 letters, digits, '.', '_' and '-' (it names the node in request ids, leases and GET /v1/cluster)"
+            );
+        }
         return Ok(id.to_string());
     }
     let path = data_dir.join("node-id");
@@ -55,7 +64,13 @@ pub fn node_id(data_dir: &Path, given: Option<&str>) -> anyhow::Result<String> {
     let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
         .ok()
         .or_else(|| std::env::var("HOSTNAME").ok())
-        .map(|h| h.trim().to_string())
+        .map(|h| {
+            h.trim()
+                .chars()
+                .filter(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
+                .take(48)
+                .collect::<String>()
+        })
         .filter(|h| !h.is_empty())
         .unwrap_or_else(|| "kiln".into());
     let mut suffix = [0u8; 3];

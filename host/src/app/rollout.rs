@@ -10,7 +10,9 @@ use std::time::Duration;
 use super::App;
 use super::traffic::{Actor, Change, TrafficError};
 use crate::deploy::rollout::{Check, Verdict};
-use crate::deploy::{Phase, Rollout, RolloutRequest, Routing};
+use crate::deploy::{Phase, Rollout, RolloutRequest, Routing, VersionEntry};
+use crate::meter::{Aggregate, Stats};
+use crate::store::{Expect, RolloutMoved};
 
 /// How often running rollouts are looked at.
 const TICK: Duration = Duration::from_millis(250);
@@ -60,7 +62,12 @@ pub(super) fn spawn_rollout_driver(app: &Arc<App>) {
         loop {
             tick.tick().await;
             let Some(app) = weak.upgrade() else { return };
-            if app.active().values().any(|r| r.due(crate::unix_ms())) {
+            let now = crate::unix_ms();
+            if app
+                .active()
+                .iter()
+                .any(|(name, r)| r.due(now) && app.drives(name))
+            {
                 app.rollout_tick().await;
             }
         }
@@ -70,6 +77,82 @@ pub(super) fn spawn_rollout_driver(app: &Arc<App>) {
 impl App {
     pub(super) fn active(&self) -> MutexGuard<'_, HashMap<String, Rollout>> {
         self.rollouts.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Keeps `r`, just stored at `epoch`, as the function's rollout in memory (or drops it,
+    /// when it ended).
+    pub(super) fn remember_rollout(&self, r: &Rollout, epoch: u64) {
+        let mut active = self.active();
+        if r.state.active() {
+            let mut r = r.clone();
+            r.epoch = epoch;
+            active.insert(r.function.clone(), r);
+        } else {
+            active.remove(&r.function);
+            self.drop_lease(&r.function);
+        }
+    }
+
+    /// Takes in what a refused change found stored, unless memory already knows better.
+    pub(super) fn adopt(&self, moved: &RolloutMoved) {
+        let mut active = self.active();
+        let newer = active
+            .get(&moved.function)
+            .is_none_or(|r| r.epoch <= moved.epoch);
+        if !newer {
+            return;
+        }
+        match &moved.now {
+            Some(r) => {
+                active.insert(moved.function.clone(), (**r).clone());
+            }
+            None => {
+                active.remove(&moved.function);
+            }
+        }
+        if moved
+            .now
+            .as_ref()
+            .is_none_or(|r| r.driver.as_deref() != Some(&self.node_id))
+        {
+            self.drop_lease(&moved.function);
+        }
+    }
+
+    /// A store error of a change of `name` decided on `expect`: a rollout that moved is
+    /// remembered as it now is, and one in progress where none was expected is answered as
+    /// such.
+    pub(super) fn refused(&self, name: &str, expect: Expect, e: anyhow::Error) -> TrafficError {
+        match TrafficError::stored(e) {
+            TrafficError::Moved(moved) => {
+                self.adopt(&moved);
+                match (&moved.now, expect) {
+                    (Some(r), Expect::NoActiveRollout) => {
+                        TrafficError::RolloutActive(name.to_string(), describe(r))
+                    }
+                    _ => TrafficError::Moved(moved),
+                }
+            }
+            other => other,
+        }
+    }
+
+    /// Stores a rollout change that moves no traffic (paused, resumed, completed where it
+    /// stands) decided on the rollout at `r.epoch`, and remembers it.
+    async fn save_rollout(
+        &self,
+        r: &Rollout,
+        actor: Option<&str>,
+        kind: &str,
+        reason: &str,
+    ) -> Result<(), TrafficError> {
+        let epoch = self
+            .meta
+            .record_rollout(&r.function, actor, kind, reason, r, r.epoch)
+            .await
+            .map_err(|e| self.refused(&r.function, Expect::Epoch(r.epoch), e))?;
+        self.remember_rollout(r, epoch);
+        Ok(())
     }
 
     /// Starts a progressive rollout of `name` to `req.to`: the first step applies at once.
@@ -85,7 +168,7 @@ impl App {
         let (steps, interval, gates) = req
             .resolve(self.config.rollout)
             .map_err(TrafficError::InvalidRollout)?;
-        let _publishing = self.publishing().await;
+        let publishing = self.publishing().await;
         let f = self.owned(name, by)?;
         let actor = by.key_id.as_deref();
         if let Some(r) = self.active().get(name) {
@@ -152,6 +235,8 @@ impl App {
             updated_at_ms: now,
             outcome: None,
             last_check: None,
+            epoch: 0,
+            driver: None,
         };
         let policy = r.policy_at(0);
         policy
@@ -172,14 +257,15 @@ impl App {
             reason: &reason,
             rollout: Some(&r),
             extra: None,
+            expect: Expect::NoActiveRollout,
         };
         self.store_policy(name, None, Some(&policy), change).await?;
         self.metrics.rollout_step(name);
-        if r.state.active() {
-            self.active().insert(name.to_string(), r.clone());
-        }
         tracing::info!(function = name, from = stable, to, "rollout started");
-        Ok(r)
+        drop(publishing);
+        // The node that started it drives it, unless another is quicker to the lease.
+        self.take_lease(name).await;
+        Ok(self.active().get(name).cloned().unwrap_or(r))
     }
 
     /// `name`'s rollout: the one in progress, else the latest that ended.
@@ -192,6 +278,20 @@ impl App {
 
     /// Pauses, resumes or aborts `name`'s rollout in progress.
     pub async fn control_rollout(
+        &self,
+        name: &str,
+        control: Control,
+        by: &Actor,
+        reason: Option<&str>,
+    ) -> Result<Rollout, TrafficError> {
+        match self.control_once(name, control, by, reason).await {
+            // Decided on a state another node had moved on from (now remembered): again.
+            Err(TrafficError::Moved(_)) => self.control_once(name, control, by, reason).await,
+            done => done,
+        }
+    }
+
+    async fn control_once(
         &self,
         name: &str,
         control: Control,
@@ -251,11 +351,8 @@ impl App {
             r.step_started = Some(std::time::Instant::now());
             r.last_check = None;
         }
-        self.meta
-            .record_rollout(name, actor, kind, &reason, &r)
-            .await?;
-        self.active().insert(name.to_string(), r.clone());
-        Ok(r)
+        self.save_rollout(&r, actor, kind, &reason).await?;
+        Ok(self.active().get(name).cloned().unwrap_or(r))
     }
 
     /// Ends a rollout in progress with all traffic back on its stable version; the
@@ -286,11 +383,11 @@ impl App {
             reason,
             rollout: Some(&r),
             extra: extra.as_ref(),
+            expect: Expect::Epoch(r.epoch),
         };
         let routing = self
             .store_policy(name, None, Some(&r.stable_policy()), change)
             .await?;
-        self.active().remove(name);
         tracing::warn!(
             function = name,
             candidate = r.candidate,
@@ -306,12 +403,18 @@ impl App {
         let due: Vec<String> = self
             .active()
             .iter()
-            .filter(|(_, r)| r.due(now))
+            .filter(|(n, r)| r.due(now) && self.drives(n))
             .map(|(n, _)| n.clone())
             .collect();
         for name in due {
-            if let Err(e) = self.advance(&name).await {
-                tracing::error!(function = name, "rollout step failed: {e:#}");
+            match self.advance(&name).await {
+                Ok(()) => {}
+                // Fenced off: another node took the lease, or a person changed the
+                // rollout; what it found is remembered.
+                Err(TrafficError::Moved(m)) => {
+                    tracing::info!(function = name, "rollout step not written: {m}");
+                }
+                Err(e) => tracing::error!(function = name, "rollout step failed: {e:#}"),
             }
         }
     }
@@ -322,6 +425,9 @@ impl App {
         let Some(mut r) = self.active().get(name).filter(|r| r.due(now)).cloned() else {
             return Ok(());
         };
+        if !self.drives(name) {
+            return Ok(());
+        }
         // Versions are never deleted alone, and deleting the function forgets its rollout.
         let f = self.registry.function(name);
         let (candidate, stable) = f
@@ -333,10 +439,9 @@ impl App {
         if !r.window_full(seconds.end - seconds.start) {
             return Ok(());
         }
-        let (cs, ss) = (
-            candidate.routed.stats_in(&seconds),
-            stable.routed.stats_in(&seconds),
-        );
+        let (cs, ss) = self
+            .cluster_stats(&r, (candidate, stable), &seconds)
+            .await?;
         let (verdict, why) = r.judge(&cs, &ss);
         let check = Check {
             at_ms: now,
@@ -348,8 +453,12 @@ impl App {
         let (step, steps, percent) = (r.step + 1, r.steps.len(), r.percent());
         match verdict {
             Verdict::Wait => {
-                r.last_check = Some(check);
-                self.active().insert(name.to_string(), r);
+                // Only onto the state it was judged on: memory may have moved since.
+                if let Some(m) = self.active().get_mut(name)
+                    && m.epoch == r.epoch
+                {
+                    m.last_check = Some(check);
+                }
             }
             Verdict::Fail => {
                 let reason =
@@ -374,10 +483,8 @@ impl App {
                 r.outcome = Some(format!("completed at {percent}%: {why}"));
                 r.last_check = Some(check);
                 let reason = r.outcome.clone().unwrap_or_default();
-                self.meta
-                    .record_rollout(name, r.actor.as_deref(), "rollout.complete", &reason, &r)
+                self.save_rollout(&r, r.actor.as_deref(), "rollout.complete", &reason)
                     .await?;
-                self.active().remove(name);
             }
             Verdict::Pass => {
                 r.step += 1;
@@ -402,38 +509,52 @@ impl App {
                     reason: &reason,
                     rollout: Some(&r),
                     extra: Some(&extra),
+                    expect: Expect::Epoch(r.epoch),
                 };
                 self.store_policy(name, None, Some(&r.policy_at(r.step)), change)
                     .await?;
                 self.metrics.rollout_step(name);
-                match r.state.active() {
-                    true => self.active().insert(name.to_string(), r),
-                    false => self.active().remove(name),
-                };
             }
         }
         Ok(())
     }
 
-    /// Loads the rollouts in progress at start. A running one starts its step's window
-    /// again: the statistics it was judged on lived in memory.
-    pub(super) async fn resume_rollouts(&self) -> anyhow::Result<()> {
-        let now = crate::unix_ms();
-        let stored = self.meta.active_rollouts().await?;
-        let mut active = self.active();
-        for mut r in stored {
-            if r.state == Phase::Running {
-                r.step_started_ms = now;
-                r.step_started = Some(std::time::Instant::now());
+    /// The candidate's and the stable version's numbers over `seconds` on every node:
+    /// this one's, and what the others published for the same step (a node that died
+    /// meanwhile counts with what it published).
+    async fn cluster_stats(
+        &self,
+        r: &Rollout,
+        (candidate, stable): (&VersionEntry, &VersionEntry),
+        seconds: &std::ops::Range<u64>,
+    ) -> Result<(Stats, Stats), TrafficError> {
+        let mut cs = candidate.routed.aggregate_in(seconds);
+        let mut ss = stable.routed.aggregate_in(seconds);
+        let published = self
+            .meta
+            .rollout_stats(&r.function, r.step_started_ms, &self.process)
+            .await?;
+        for p in published {
+            let into = match p.version {
+                v if v == r.candidate => &mut cs,
+                v if v == r.stable => &mut ss,
+                _ => continue,
+            };
+            match serde_json::from_str::<Aggregate>(&p.stats) {
+                Ok(a) => into.merge(&a),
+                Err(e) => tracing::error!(
+                    function = r.function,
+                    "published rollout numbers unreadable: {e}"
+                ),
             }
-            tracing::info!(function = r.function, "rollout resumed: {}", describe(&r));
-            active.insert(r.function.clone(), r);
         }
-        Ok(())
+        let window_s = seconds.end.saturating_sub(seconds.start);
+        Ok((cs.stats(window_s), ss.stats(window_s)))
     }
 
     /// Drops `name`'s rollout from memory (the function was deleted).
     pub(super) fn forget_rollout(&self, name: &str) {
         self.active().remove(name);
+        self.drop_lease(name);
     }
 }

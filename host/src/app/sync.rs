@@ -4,7 +4,8 @@
 //! a committed change always moves it). When it moved, the node reads the state as of one
 //! instant and applies what its memory lacks the way a local change is applied: new
 //! versions registered, deleted (or deleted and re-created) functions dropped and rebuilt,
-//! policies and aliases whose revision moved swapped in whole, keys reloaded (a revocation
+//! policies and aliases whose revision moved swapped in whole, rollouts whose epoch moved
+//! taken in (a node refuses a traffic change during another node's rollout), keys reloaded (a revocation
 //! made on any node is refused here from then on). Every [`FULL_EVERY`] it applies the
 //! state even without a change, as a safety net.
 //!
@@ -121,6 +122,7 @@ impl App {
         for name in changed {
             self.keep_loaded(&name);
         }
+        self.apply_rollouts(state.rollouts);
         drop(_publishing);
         match from_other_nodes {
             true => self.auth.reload().await,

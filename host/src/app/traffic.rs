@@ -12,7 +12,7 @@ use super::rollout::describe;
 use crate::deploy::{
     DEFAULT_ALIAS, FunctionEntry, Phase, Rollout, RouteError, Routing, TrafficPolicy,
 };
-use crate::store::TrafficChange;
+use crate::store::{Expect, RolloutMoved, TrafficChange};
 
 /// Why a traffic change was refused.
 #[derive(Debug, thiserror::Error)]
@@ -35,10 +35,24 @@ pub enum TrafficError {
     /// Pausing a paused rollout, resuming a running one, or touching one that ended.
     #[error("the rollout of {0:?} is {1}: it cannot be {2}")]
     RolloutState(String, String, &'static str),
+    /// The rollout changed on another node (or by another request) after this change was
+    /// decided on it.
+    #[error("{}; look at it again: kiln rollout {}", .0, .0.function)]
+    Moved(RolloutMoved),
     #[error(transparent)]
     Route(#[from] RouteError),
     #[error(transparent)]
     Internal(#[from] anyhow::Error),
+}
+
+impl TrafficError {
+    /// A store error, with a rollout that moved told apart.
+    pub(super) fn stored(e: anyhow::Error) -> TrafficError {
+        match e.downcast::<RolloutMoved>() {
+            Ok(moved) => TrafficError::Moved(moved),
+            Err(e) => TrafficError::Internal(e),
+        }
+    }
 }
 
 /// Checks an alias name; `default` (the main policy) becomes `None`.
@@ -50,6 +64,15 @@ fn check_alias(alias: Option<&str>) -> Result<Option<&str>, TrafficError> {
                 .map_err(|e| TrafficError::Invalid(format!("alias: {e}")))?;
             Ok(Some(a))
         }
+    }
+}
+
+/// What a hand-made change of policy `alias` expects: the main policy belongs to a rollout
+/// in progress, so none may be (on any node).
+fn main_policy(alias: Option<&str>) -> Expect {
+    match alias {
+        None => Expect::NoActiveRollout,
+        Some(_) => Expect::Anything,
     }
 }
 
@@ -81,6 +104,8 @@ pub(super) struct Change<'a> {
     pub reason: &'a str,
     pub rollout: Option<&'a Rollout>,
     pub extra: Option<&'a serde_json::Value>,
+    /// What the change was decided on: the rollout in force, or none.
+    pub expect: Expect,
 }
 
 impl App {
@@ -95,7 +120,7 @@ impl App {
     }
 
     /// Stores a change of the main policy or `alias`'s (policy, history entry, rollout)
-    /// and applies it; the caller holds the publishing lock.
+    /// and applies it, the rollout in memory too; the caller holds the publishing lock.
     pub(super) async fn store_policy(
         &self,
         name: &str,
@@ -104,7 +129,7 @@ impl App {
         change: Change<'_>,
     ) -> Result<Option<Arc<Routing>>, TrafficError> {
         let json = serde_json::to_string(&policy).map_err(anyhow::Error::from)?;
-        let revision = self
+        let stored = self
             .meta
             .set_traffic(
                 name,
@@ -116,10 +141,15 @@ impl App {
                     reason: change.reason,
                     rollout: change.rollout,
                     extra: change.extra,
+                    expect: change.expect,
                 },
             )
-            .await?;
-        let routing = policy.map(|p| Arc::new(Routing::new(p.clone(), revision)));
+            .await
+            .map_err(|e| self.refused(name, change.expect, e))?;
+        if let (Some(r), Some(epoch)) = (change.rollout, stored.epoch) {
+            self.remember_rollout(r, epoch);
+        }
+        let routing = policy.map(|p| Arc::new(Routing::new(p.clone(), stored.revision)));
         self.registry.set_routing(name, alias, routing.clone());
         self.keep_loaded(name);
         Ok(routing)
@@ -174,6 +204,7 @@ impl App {
             reason,
             rollout: None,
             extra: None,
+            expect: main_policy(alias),
         };
         self.store_policy(name, alias, policy.as_ref(), change)
             .await
@@ -226,6 +257,7 @@ impl App {
             reason: &reason,
             rollout: None,
             extra: None,
+            expect: main_policy(to_alias),
         };
         let routing = self
             .store_policy(name, to_alias, Some(&source), change)
@@ -242,6 +274,23 @@ impl App {
     /// after a rollout it returns to the policy in force before the rollout started.
     /// Returns the policy now in force.
     pub async fn rollback_traffic(
+        &self,
+        name: &str,
+        alias: Option<&str>,
+        by: &Actor,
+        reason: &str,
+    ) -> Result<Option<Arc<Routing>>, TrafficError> {
+        match self.rollback_once(name, alias, by, reason).await {
+            // This node's memory was a moment behind another's change of the rollout (now
+            // remembered): decide again on what is stored.
+            Err(TrafficError::Moved(_) | TrafficError::RolloutActive(..)) => {
+                self.rollback_once(name, alias, by, reason).await
+            }
+            done => done,
+        }
+    }
+
+    async fn rollback_once(
         &self,
         name: &str,
         alias: Option<&str>,
@@ -286,6 +335,7 @@ impl App {
             reason,
             rollout: None,
             extra: None,
+            expect: main_policy(alias),
         };
         self.store_policy(name, alias, policy.as_ref(), change)
             .await

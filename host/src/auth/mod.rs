@@ -25,7 +25,7 @@ use http::HeaderMap;
 pub use audit::{AuditEntry, AuditLog, AuditQuery};
 pub use key_store::{KeyRow, KeyStore};
 pub use keys::{ApiKey, Pattern, Scope};
-pub use rate::Limiter;
+pub use rate::{Limiter, Nodes};
 
 use crate::common::Rate;
 
@@ -262,6 +262,8 @@ pub struct Auth {
     /// the first key created.
     open: AtomicBool,
     default_rate: Option<Rate>,
+    /// The live nodes, whose number splits every key's rate.
+    nodes: Nodes,
     audit: AuditLog,
     /// Held by every change to the keys and by reloads, so a reload that read the rows
     /// before a change cannot undo it in memory (bring back a key just revoked).
@@ -289,12 +291,14 @@ impl Auth {
         audit: AuditLog,
         boot: &Bootstrap,
         default_rate: Option<Rate>,
+        nodes: Nodes,
     ) -> anyhow::Result<(Auth, Option<String>)> {
         let auth = Auth {
             store,
             keys: RwLock::new(HashMap::new()),
             open: AtomicBool::new(false),
             default_rate,
+            nodes,
             audit,
             changing: tokio::sync::Mutex::new(()),
         };
@@ -333,7 +337,7 @@ impl Auth {
 
     fn limiter(&self, rate: Option<Rate>) -> Option<Arc<Limiter>> {
         rate.or(self.default_rate)
-            .map(|r| Arc::new(Limiter::new(r)))
+            .map(|r| Arc::new(Limiter::new(r, &self.nodes)))
     }
 
     /// Reads the keys again (made or revoked on another node): a revoked key is refused

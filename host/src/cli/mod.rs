@@ -2,6 +2,7 @@
 //! the HTTP API (`--server`, or `KILN_SERVER`).
 
 mod client;
+mod cluster;
 mod commands;
 mod serve;
 mod traffic;
@@ -337,6 +338,14 @@ pub enum Command {
         #[command(flatten)]
         server: ServerArg,
     },
+    /// List the live nodes of the cluster (id, address, version, uptime, last heartbeat,
+    /// in-flight requests, loaded versions); `*` marks the one that answered.
+    Nodes {
+        #[arg(long, value_enum, default_value_t)]
+        output: Output,
+        #[command(flatten)]
+        server: ServerArg,
+    },
     /// Make an Ed25519 key pair for signing bundles: writes the secret key to FILE
     /// (mode 0600) and prints the public key to trust on servers.
     Keygen {
@@ -395,6 +404,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             },
         ),
         Command::Functions { output, server } => commands::functions(&server.client(), output),
+        Command::Nodes { output, server } => cluster::nodes(&server.client(), output),
         Command::Versions {
             name,
             output,

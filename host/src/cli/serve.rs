@@ -28,6 +28,8 @@ pub fn run(flags: Overrides, config: Option<PathBuf>, insecure: bool) -> anyhow:
             .await
             .with_context(|| format!("binding {}", config.listen))?;
         let addr = listener.local_addr()?;
+        // The address bound (port 0 names one), as the node reports itself.
+        config.listen = addr;
         let (app, admin_key) = App::open(config).await?;
         if let Some(key) = admin_key {
             println!("kiln admin key (shown once; keep it, then `export KILN_API_KEY=...`):\n{key}");

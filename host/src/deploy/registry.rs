@@ -151,14 +151,18 @@ pub const DEFAULT_ALIAS: &str = "default";
 pub struct Registry {
     functions: RwLock<HashMap<String, Arc<FunctionEntry>>>,
     queue_depth: u32,
+    /// The live nodes, whose number splits every function's rate.
+    nodes: crate::auth::Nodes,
 }
 
 impl Registry {
-    /// An empty registry; `queue_depth` sizes each version's admission queue.
-    pub fn new(queue_depth: u32) -> Self {
+    /// An empty registry; `queue_depth` sizes each version's admission queue, `nodes`
+    /// splits function rate limits.
+    pub fn new(queue_depth: u32, nodes: crate::auth::Nodes) -> Self {
         Registry {
             functions: RwLock::new(HashMap::new()),
             queue_depth,
+            nodes,
         }
     }
 
@@ -196,7 +200,7 @@ impl Registry {
         f.versions.insert(entry.record.version, entry);
         let rate = f.latest().and_then(|v| v.record.limits.rate);
         if f.limiter.as_ref().map(|l| l.rate()) != rate {
-            f.limiter = rate.map(|r| Arc::new(Limiter::new(r)));
+            f.limiter = rate.map(|r| Arc::new(Limiter::new(r, &self.nodes)));
         }
         map.insert(name, Arc::new(f));
     }
@@ -315,7 +319,7 @@ mod tests {
 
     #[test]
     fn route_picks_latest_or_pinned() {
-        let r = Registry::new(4);
+        let r = Registry::new(4, crate::auth::Nodes::default());
         let info = FunctionInfo {
             name: "f".into(),
             created_at: 0,

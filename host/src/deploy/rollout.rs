@@ -199,8 +199,8 @@ pub struct Rollout {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub before: Option<TrafficPolicy>,
     pub started_at_ms: i64,
-    /// When the current step's window began (reset when resumed or after a restart:
-    /// recent statistics live in memory).
+    /// When the current step's window began (reset when resumed). Every node publishes
+    /// its numbers since then, so the window outlives the node that began it.
     pub step_started_ms: i64,
     /// The same moment on the monotonic clock, while this process runs: the step's time
     /// does not jump with the wall clock.
@@ -213,6 +213,14 @@ pub struct Rollout {
     /// The latest judgement of the current step.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_check: Option<Check>,
+    /// Moved by every stored change of the rollout (a step, a pause, a new driver): a write
+    /// made on an older epoch is refused, so a driver that lost its lease while it was
+    /// paused or cut off can never write a step (the fencing token).
+    #[serde(default)]
+    pub epoch: u64,
+    /// The node that holds the lease to drive it (judge gates, write steps).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub driver: Option<String>,
 }
 
 impl Rollout {
@@ -382,6 +390,8 @@ mod tests {
             updated_at_ms: 0,
             outcome: None,
             last_check: None,
+            epoch: 0,
+            driver: None,
         }
     }
 

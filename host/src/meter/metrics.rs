@@ -9,6 +9,7 @@
 //! | `kiln_faas_invoke_duration_seconds` | histogram | function |
 //! | `kiln_faas_coldstarts_total` | counter | function |
 //! | `kiln_faas_active_instances` | gauge | |
+//! | `kiln_requests_in_flight` | gauge | |
 //! | `kiln_nn_inference_duration_seconds` | histogram | backend, device |
 //! | `kiln_compile_duration_seconds` | histogram | |
 //! | `kiln_cache_hits_total`, `kiln_cache_misses_total`, `kiln_cache_evictions_total` | counter | cache (`response`, `inference`) |
@@ -129,6 +130,7 @@ pub struct Metrics {
     duration: HistogramFamily<FunctionLabels>,
     coldstarts: Family<FunctionLabels, Counter>,
     active: Gauge<i64, AtomicI64>,
+    in_flight: Gauge<i64, AtomicI64>,
     inference: HistogramFamily<InferenceLabels>,
     compile: Histogram,
     cache_hits: Family<CacheLabels, Counter>,
@@ -180,6 +182,12 @@ impl Metrics {
             "faas_active_instances",
             "Instances running a request right now",
             active.clone(),
+        );
+        let in_flight = Gauge::<i64, AtomicI64>::default();
+        registry.register(
+            "requests_in_flight",
+            "Function requests being answered right now (queued ones included)",
+            in_flight.clone(),
         );
         let inference: HistogramFamily<InferenceLabels> =
             Family::new_with_constructor(inference_histogram);
@@ -262,6 +270,7 @@ impl Metrics {
             duration,
             coldstarts,
             active,
+            in_flight,
             inference,
             compile,
             cache_hits,
@@ -304,6 +313,17 @@ impl Metrics {
     pub fn instance(&self) -> ActiveInstance {
         self.active.inc();
         ActiveInstance(self.active.clone())
+    }
+
+    /// Counts a function request in `kiln_requests_in_flight` until the guard is dropped.
+    pub fn request(&self) -> ActiveInstance {
+        self.in_flight.inc();
+        ActiveInstance(self.in_flight.clone())
+    }
+
+    /// Function requests being answered now.
+    pub fn in_flight(&self) -> u64 {
+        self.in_flight.get().max(0) as u64
     }
 
     /// Records one native inference.
@@ -427,7 +447,7 @@ pub struct CacheMetrics {
     pub bytes: Gauge<i64, AtomicI64>,
 }
 
-/// An instance counted in `kiln_faas_active_instances` until dropped.
+/// An instance (or a request) counted in its gauge until dropped.
 pub struct ActiveInstance(Gauge<i64, AtomicI64>);
 
 impl Drop for ActiveInstance {

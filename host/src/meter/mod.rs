@@ -11,4 +11,4 @@ pub mod window;
 pub use ledger::{Durability, Ledger, LedgerStore};
 pub use metrics::{CacheMetrics, Metrics, Outcome, VersionMetrics};
 pub use usage::{Pricing, UsageRecord};
-pub use window::{ShadowStats, ShadowWindow, Stats, Window, ended_seconds};
+pub use window::{Aggregate, ShadowStats, ShadowWindow, Stats, Window, ended_seconds};

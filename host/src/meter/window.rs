@@ -170,7 +170,7 @@ impl Window {
     /// together (a version's requests are split between two: routed and others).
     pub fn combined(windows: &[&Window], window: Duration) -> Stats {
         let (seconds, window_s) = Ring::<Bucket>::last(window);
-        let mut sum = Sum::default();
+        let mut sum = Aggregate::default();
         for w in windows {
             w.ring.visit(&seconds, |b| sum.add(b));
         }
@@ -184,14 +184,24 @@ impl Window {
 
     /// The statistics of the seconds `seconds` (from [`ended_seconds`]).
     pub fn stats_in(&self, seconds: &Range<u64>) -> Stats {
-        let mut sum = Sum::default();
+        self.aggregate_in(seconds)
+            .stats(seconds.end.saturating_sub(seconds.start))
+    }
+
+    /// The numbers of the seconds `seconds` (from [`ended_seconds`]), to be added to other
+    /// processes' numbers of the same seconds.
+    pub fn aggregate_in(&self, seconds: &Range<u64>) -> Aggregate {
+        let mut sum = Aggregate::default();
         self.ring.visit(seconds, |b| sum.add(b));
-        sum.stats(seconds.end.saturating_sub(seconds.start))
+        sum
     }
 }
 
-/// Buckets added up.
-struct Sum {
+/// Buckets added up: what one process counted of a version over some seconds, in a form
+/// that adds up across processes (counts and latency buckets, not percentiles), so a
+/// rollout's driver can judge the numbers of every node together.
+#[derive(Clone, PartialEq)]
+pub struct Aggregate {
     requests: u64,
     errors: u64,
     cold: u64,
@@ -199,9 +209,9 @@ struct Sum {
     latency: [u64; SLOTS],
 }
 
-impl Default for Sum {
+impl Default for Aggregate {
     fn default() -> Self {
-        Sum {
+        Aggregate {
             requests: 0,
             errors: 0,
             cold: 0,
@@ -211,7 +221,62 @@ impl Default for Sum {
     }
 }
 
-impl Sum {
+impl std::fmt::Debug for Aggregate {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Aggregate")
+            .field("requests", &self.requests)
+            .field("errors", &self.errors)
+            .finish_non_exhaustive()
+    }
+}
+
+/// An [`Aggregate`] as stored: the latency buckets that are not empty, by index.
+#[derive(Serialize, Deserialize)]
+struct AggregateWire {
+    requests: u64,
+    errors: u64,
+    cold: u64,
+    hits: u64,
+    latency: Vec<(usize, u64)>,
+}
+
+impl Serialize for Aggregate {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        AggregateWire {
+            requests: self.requests,
+            errors: self.errors,
+            cold: self.cold,
+            hits: self.hits,
+            latency: (self.latency.iter().enumerate())
+                .filter(|(_, n)| **n > 0)
+                .map(|(i, n)| (i, *n))
+                .collect(),
+        }
+        .serialize(s)
+    }
+}
+
+impl<'de> Deserialize<'de> for Aggregate {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let w = AggregateWire::deserialize(d)?;
+        let mut a = Aggregate {
+            requests: w.requests,
+            errors: w.errors,
+            cold: w.cold,
+            hits: w.hits,
+            ..Aggregate::default()
+        };
+        for (i, n) in w.latency {
+            let slot = a.latency.get_mut(i).ok_or_else(|| {
+                serde::de::Error::custom(format!("latency bucket {i} out of range"))
+            })?;
+            *slot += n;
+        }
+        Ok(a)
+    }
+}
+
+impl Aggregate {
     fn add(&mut self, b: &Bucket) {
         self.requests += b.requests;
         self.errors += b.errors;
@@ -222,8 +287,20 @@ impl Sum {
         }
     }
 
-    fn stats(&self, window_s: u64) -> Stats {
-        let Sum {
+    /// Adds another process's numbers of the same seconds.
+    pub fn merge(&mut self, other: &Aggregate) {
+        self.requests += other.requests;
+        self.errors += other.errors;
+        self.cold += other.cold;
+        self.hits += other.hits;
+        for (sum, n) in self.latency.iter_mut().zip(other.latency.iter()) {
+            *sum += n;
+        }
+    }
+
+    /// The statistics of these numbers, over a window of `window_s` seconds.
+    pub fn stats(&self, window_s: u64) -> Stats {
+        let Aggregate {
             requests,
             errors,
             cold,
@@ -373,6 +450,32 @@ mod tests {
             );
             last = s;
         }
+    }
+
+    #[test]
+    fn aggregates_of_two_processes_add_up_through_their_stored_form() {
+        let (a, b) = (Window::default(), Window::default());
+        for _ in 0..90 {
+            a.record(Duration::from_millis(1), false, false, false);
+        }
+        for _ in 0..10 {
+            b.record(Duration::from_millis(200), true, false, false);
+        }
+        let seconds = 0..now_second() + 1;
+        let stored = serde_json::to_string(&b.aggregate_in(&seconds)).expect("json");
+        let mut total = a.aggregate_in(&seconds);
+        total.merge(&serde_json::from_str(&stored).expect("parse"));
+        let stats = total.stats(1);
+        assert_eq!((stats.requests, stats.errors), (100, 10));
+        // The slow node's latency sets the merged p99, as if one process had seen it all.
+        assert!(stats.p99_ms.is_some_and(|p| p >= 200.0), "{stats:?}");
+        assert!(stats.p50_ms.is_some_and(|p| p < 2.0), "{stats:?}");
+        assert!(
+            serde_json::from_str::<Aggregate>(
+                r#"{"requests":1,"errors":0,"cold":0,"hits":0,"latency":[[9999,1]]}"#
+            )
+            .is_err()
+        );
     }
 
     #[test]

@@ -206,16 +206,24 @@ impl Runtime {
 
     /// Number of versions currently held in memory.
     pub fn loaded_count(&self) -> usize {
+        self.loaded_ids().len()
+    }
+
+    /// The ids of the versions currently held in memory.
+    pub fn loaded_ids(&self) -> std::collections::HashSet<i64> {
         let kept = self.loaded.kept();
         let slots = self.loaded.slots.lock().unwrap_or_else(|p| p.into_inner());
-        let in_lru = slots.iter().filter(|(_, s)| s.initialized()).count();
+        let in_lru = slots
+            .iter()
+            .filter(|(_, s)| s.initialized())
+            .map(|(id, _)| *id);
         // Kept versions the LRU has evicted are in memory too.
-        let evicted = kept
+        let kept = kept
             .versions
             .iter()
-            .filter(|(id, v)| v.is_some() && slots.peek(id).is_none_or(|s| !s.initialized()))
-            .count();
-        in_lru + evicted
+            .filter(|(_, v)| v.is_some())
+            .map(|(id, _)| *id);
+        in_lru.chain(kept).collect()
     }
 
     /// The version's compiled code: this node's artifact, else the one another node shared,

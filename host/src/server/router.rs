@@ -17,9 +17,10 @@ pub const REQUEST_ID: &str = "x-kiln-request-id";
 
 static NEXT_ID: AtomicU64 = AtomicU64::new(0);
 
-fn request_id() -> HeaderValue {
-    // Process start (nanoseconds) and a counter: unique across restarts (the usage ledger
-    // keys records by it), cheap, sortable.
+/// A new request id: this node's id, the process's start (nanoseconds) and a counter,
+/// unique across the nodes of a cluster and across restarts (the usage ledger keys records
+/// by it), cheap, sortable per process.
+fn request_id(node: &str) -> HeaderValue {
     static EPOCH: std::sync::OnceLock<u128> = std::sync::OnceLock::new();
     let epoch = *EPOCH.get_or_init(|| {
         std::time::SystemTime::now()
@@ -28,14 +29,16 @@ fn request_id() -> HeaderValue {
             .unwrap_or(0)
     });
     let n = NEXT_ID.fetch_add(1, Ordering::Relaxed);
-    HeaderValue::try_from(format!("{epoch:x}-{n:x}")).unwrap_or(HeaderValue::from_static("0"))
+    HeaderValue::try_from(format!("{node}-{epoch:x}-{n:x}"))
+        .unwrap_or(HeaderValue::from_static("0"))
 }
 
 /// Handles one request from any connection.
 pub async fn handle(app: Arc<App>, req: Request<Incoming>) -> Response<Body> {
-    let id = request_id();
+    let id = request_id(&app.node_id);
     let path = req.uri().path();
     let mut resp = if path.starts_with("/fn/") {
+        let _counted = app.metrics.request();
         super::data_plane::handle(&app, req, &id).await
     } else if path == "/healthz" {
         Ok(json_response(

@@ -110,6 +110,6 @@ pub fn open_sqlite(
     Ok(conn)
 }
 pub use meta::{
-    FunctionInfo, MetaStore, NewVersion, NotOwner, PgMeta, Replayed, SqliteMeta, StoredState,
-    TrafficChange, VersionRecord,
+    Expect, FunctionInfo, MetaStore, NewVersion, NodeReport, NotOwner, PgMeta, PublishedStats,
+    Replayed, RolloutMoved, SqliteMeta, Stored, StoredState, TrafficChange, VersionRecord,
 };

@@ -23,7 +23,10 @@ const MIGRATION_LOCK: i64 = 0x6b_69_6c_6e;
 
 /// The schema, one migration per version: version N is the state after the first N.
 /// Append only: a released migration never changes.
-pub const MIGRATIONS: &[&str] = &[include_str!("schema/postgres_1.sql")];
+pub const MIGRATIONS: &[&str] = &[
+    include_str!("schema/postgres_1.sql"),
+    include_str!("schema/postgres_2.sql"),
+];
 
 /// Opens a pool on `url` (`postgres://user[:password]@host[:port]/dbname`) and brings the
 /// schema up to date. Fails, naming both versions, on a schema newer than this Kiln's.

@@ -10,8 +10,12 @@
 //! - every change is one transaction: a traffic change, its history entry and the rollout
 //!   it belongs to commit together, or not at all.
 
+mod cluster;
 mod postgres;
+mod postgres_cluster;
+mod rollouts;
 mod sqlite;
+mod sqlite_cluster;
 mod sqlite_traffic;
 
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -19,7 +23,9 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use anyhow::Context;
 use serde::Serialize;
 
+pub use cluster::{NodeReport, PublishedStats};
 pub use postgres::PgMeta;
+pub use rollouts::{Expect, RolloutMoved};
 pub use sqlite::SqliteMeta;
 
 use crate::cache::CacheSpec;
@@ -138,6 +144,17 @@ pub struct TrafficChange<'a> {
     pub rollout: Option<&'a Rollout>,
     /// The gate numbers behind it, kept in the history entry as `check`.
     pub extra: Option<&'a serde_json::Value>,
+    /// What it expects of the function's stored rollout ([`RolloutMoved`] otherwise).
+    pub expect: Expect,
+}
+
+/// What a traffic change stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Stored {
+    /// The policy's new revision.
+    pub revision: u64,
+    /// The rollout's new epoch, when the change stored one.
+    pub epoch: Option<u64>,
 }
 
 /// What a node's registry is built from, read as of one instant.
@@ -148,6 +165,8 @@ pub struct StoredState {
     pub traffic: Vec<(String, String, u64)>,
     /// (function, alias, policy JSON or `null`, revision).
     pub aliases: Vec<(String, String, String, u64)>,
+    /// The rollouts running or paused.
+    pub rollouts: Vec<Rollout>,
 }
 
 /// The metadata store, on whichever backend the server was started with.
@@ -207,18 +226,20 @@ impl MetaStore {
 
     /// Applies one traffic change of `function` (its main policy, or `alias`'s) in one
     /// transaction: the new policy (and revision), its history entry, and the function's
-    /// rollout as it now is. Returns the new revision.
+    /// rollout as it now is. Fails with [`RolloutMoved`] (inside the `anyhow::Error`) when
+    /// the stored rollout is not what `change.expect` says.
     pub async fn set_traffic(
         &self,
         function: &str,
         alias: Option<&str>,
         change: &TrafficChange<'_>,
-    ) -> anyhow::Result<u64> {
+    ) -> anyhow::Result<Stored> {
         on_backend!(self.set_traffic(function, alias, change))
     }
 
     /// Records a history entry that changes no policy (a rollout paused or resumed) and
-    /// the function's rollout as it now is, in one transaction.
+    /// the function's rollout as it now is, in one transaction, if the stored rollout is
+    /// still at epoch `expect` ([`RolloutMoved`] otherwise). Returns the new epoch.
     pub async fn record_rollout(
         &self,
         function: &str,
@@ -226,8 +247,9 @@ impl MetaStore {
         kind: &str,
         reason: &str,
         rollout: &Rollout,
-    ) -> anyhow::Result<()> {
-        on_backend!(self.record_rollout(function, actor, kind, reason, rollout))
+        expect: u64,
+    ) -> anyhow::Result<u64> {
+        on_backend!(self.record_rollout(function, actor, kind, reason, rollout, expect))
     }
 
     /// Every rollout still running or paused.
@@ -270,6 +292,7 @@ impl MetaStore {
                 versions: s.all_versions()?,
                 traffic: s.traffic()?,
                 aliases: s.aliases()?,
+                rollouts: s.active_rollouts()?,
             }),
             MetaStore::Postgres(p) => p.state().await,
         }
@@ -396,18 +419,6 @@ fn rollout_detail(rollout: &Rollout) -> serde_json::Value {
         "step": rollout.step + 1,
         "percent": rollout.percent(),
     }})
-}
-
-/// Stored rollouts that parse; one that does not is logged and left out.
-fn readable_rollouts(rows: impl Iterator<Item = String>) -> Vec<Rollout> {
-    rows.filter_map(|json| match serde_json::from_str(&json) {
-        Ok(r) => Some(r),
-        Err(e) => {
-            tracing::error!("stored rollout unreadable: {e}: {json}");
-            None
-        }
-    })
-    .collect()
 }
 
 /// (kind, the `previous` policy) of the history entry behind the current revision.

@@ -5,8 +5,9 @@
 use anyhow::Context;
 use deadpool_postgres::{GenericClient, Pool};
 
+use super::rollouts::{self, Expect, RolloutRow};
 use super::{
-    FunctionInfo, NewVersion, NotOwner, RawVersion, Replayed, TrafficChange, VersionRecord,
+    FunctionInfo, NewVersion, NotOwner, RawVersion, Replayed, Stored, TrafficChange, VersionRecord,
     history_entry, previous_of,
 };
 use crate::common::Digest;
@@ -54,7 +55,7 @@ impl PgMeta {
         PgMeta { pool }
     }
 
-    async fn client(&self) -> anyhow::Result<deadpool_postgres::Object> {
+    pub(super) async fn client(&self) -> anyhow::Result<deadpool_postgres::Object> {
         self.pool.get().await.context("connecting to the database")
     }
 
@@ -181,6 +182,7 @@ impl PgMeta {
             versions: versions_on(&tx).await?,
             traffic: traffic_on(&tx).await?,
             aliases: aliases_on(&tx).await?,
+            rollouts: active_rollouts_on(&tx).await?,
         };
         tx.commit().await?;
         Ok(state)
@@ -212,7 +214,13 @@ impl PgMeta {
     pub async fn delete_function(&self, name: &str) -> anyhow::Result<bool> {
         let mut client = self.client().await?;
         let tx = client.transaction().await?;
-        for table in ["traffic", "rollouts", "aliases", "versions"] {
+        for table in [
+            "traffic",
+            "rollouts",
+            "rollout_stats",
+            "aliases",
+            "versions",
+        ] {
             tx.execute(
                 &format!("DELETE FROM {table} WHERE function = $1"),
                 &[&name],
@@ -232,7 +240,7 @@ impl PgMeta {
         function: &str,
         alias: Option<&str>,
         change: &TrafficChange<'_>,
-    ) -> anyhow::Result<u64> {
+    ) -> anyhow::Result<Stored> {
         let mut client = self.client().await?;
         let tx = client.transaction().await?;
         let now_ms = crate::unix_ms();
@@ -242,6 +250,8 @@ impl PgMeta {
             &[&function],
         )
         .await?;
+        let stored = stored_rollout(&tx, function).await?;
+        let stored_epoch = rollouts::check(function, change.expect, stored.as_ref())?;
         let previous = match alias {
             None => {
                 tx.query_opt(
@@ -293,12 +303,19 @@ impl PgMeta {
             &detail,
         )
         .await?;
-        if let Some(r) = change.rollout {
-            upsert_rollout(&tx, function, r, now_ms).await?;
-        }
+        let epoch = match change.rollout {
+            Some(r) => {
+                let fresh = change.expect == Expect::NoActiveRollout;
+                Some(upsert_rollout(&tx, function, r, now_ms, stored_epoch, fresh).await?)
+            }
+            None => None,
+        };
         crate::store::pg::bump_changes(&tx).await?;
         tx.commit().await?;
-        Ok(revision as u64)
+        Ok(Stored {
+            revision: revision as u64,
+            epoch,
+        })
     }
 
     pub async fn record_rollout(
@@ -308,27 +325,29 @@ impl PgMeta {
         kind: &str,
         reason: &str,
         rollout: &Rollout,
-    ) -> anyhow::Result<()> {
+        expect: u64,
+    ) -> anyhow::Result<u64> {
         let mut client = self.client().await?;
         let tx = client.transaction().await?;
         let now_ms = crate::unix_ms();
+        tx.execute(
+            "SELECT 1 FROM functions WHERE name = $1 FOR UPDATE",
+            &[&function],
+        )
+        .await?;
+        let stored = stored_rollout(&tx, function).await?;
+        let stored_epoch = rollouts::check(function, Expect::Epoch(expect), stored.as_ref())?;
         let detail = super::rollout_detail(rollout);
         insert_history(&tx, function, now_ms, actor, kind, reason, &detail).await?;
-        upsert_rollout(&tx, function, rollout, now_ms).await?;
+        let epoch = upsert_rollout(&tx, function, rollout, now_ms, stored_epoch, false).await?;
         crate::store::pg::bump_changes(&tx).await?;
         tx.commit().await?;
-        Ok(())
+        Ok(epoch)
     }
 
     pub async fn active_rollouts(&self) -> anyhow::Result<Vec<Rollout>> {
-        let rows = self
-            .client()
-            .await?
-            .query("SELECT rollout FROM rollouts WHERE active", &[])
-            .await?;
-        Ok(super::readable_rollouts(
-            rows.iter().map(|r| r.get::<_, String>(0)),
-        ))
+        let client = self.client().await?;
+        active_rollouts_on(&client).await
     }
 
     pub async fn rollout(&self, function: &str) -> anyhow::Result<Option<Rollout>> {
@@ -336,13 +355,11 @@ impl PgMeta {
             .client()
             .await?
             .query_opt(
-                "SELECT rollout FROM rollouts WHERE function = $1",
+                "SELECT rollout, epoch, driver FROM rollouts WHERE function = $1",
                 &[&function],
             )
             .await?;
-        Ok(row
-            .map(|r| serde_json::from_str(&r.get::<_, String>(0)))
-            .transpose()?)
+        Ok(row.and_then(|r| rollouts::decode(&r.get::<_, String>(0), r.get(1), r.get(2))))
     }
 
     pub async fn previous_traffic(
@@ -492,14 +509,55 @@ async fn upsert_rollout(
     function: &str,
     rollout: &Rollout,
     at_ms: i64,
-) -> anyhow::Result<()> {
+    stored_epoch: i64,
+    fresh: bool,
+) -> anyhow::Result<u64> {
     let json = serde_json::to_string(rollout)?;
+    let epoch = stored_epoch + 1;
     tx.execute(
-        "INSERT INTO rollouts (function, rollout, active, updated_at) VALUES ($1, $2, $3, $4)
+        "INSERT INTO rollouts (function, rollout, active, updated_at, epoch)
+         VALUES ($1, $2, $3, $4, $5)
          ON CONFLICT (function) DO UPDATE SET rollout = excluded.rollout,
-             active = excluded.active, updated_at = excluded.updated_at",
-        &[&function, &json, &rollout.state.active(), &at_ms],
+             active = excluded.active, updated_at = excluded.updated_at, epoch = excluded.epoch,
+             driver = CASE WHEN $6 THEN NULL ELSE rollouts.driver END,
+             lease_until = CASE WHEN $6 THEN 0 ELSE rollouts.lease_until END",
+        &[
+            &function,
+            &json,
+            &rollout.state.active(),
+            &at_ms,
+            &epoch,
+            &fresh,
+        ],
     )
     .await?;
-    Ok(())
+    Ok(epoch as u64)
+}
+
+/// The function's `rollouts` row, locked until the change commits (a lease taken over
+/// meanwhile waits for it, or is seen by it).
+async fn stored_rollout(
+    tx: &impl GenericClient,
+    function: &str,
+) -> anyhow::Result<Option<RolloutRow>> {
+    Ok(tx
+        .query_opt(
+            "SELECT active, epoch, rollout, driver FROM rollouts WHERE function = $1 FOR UPDATE",
+            &[&function],
+        )
+        .await?
+        .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3))))
+}
+
+async fn active_rollouts_on(c: &impl GenericClient) -> anyhow::Result<Vec<Rollout>> {
+    let rows = c
+        .query(
+            "SELECT rollout, epoch, driver FROM rollouts WHERE active",
+            &[],
+        )
+        .await?;
+    Ok(rows
+        .iter()
+        .filter_map(|r| rollouts::decode(&r.get::<_, String>(0), r.get(1), r.get(2)))
+        .collect())
 }

@@ -58,7 +58,30 @@ CREATE TABLE IF NOT EXISTS rollouts (
     function    TEXT PRIMARY KEY,
     rollout     TEXT NOT NULL,
     active      INTEGER NOT NULL,
-    updated_at  INTEGER NOT NULL
+    updated_at  INTEGER NOT NULL,
+    epoch       INTEGER NOT NULL DEFAULT 0,  -- moved by every write of the rollout
+    driver      TEXT,                        -- the node holding its lease
+    lease_until INTEGER NOT NULL DEFAULT 0   -- unix ms
+);
+-- What this node reports of itself (GET /v1/cluster), as a cluster's nodes do.
+CREATE TABLE IF NOT EXISTS nodes (
+    id           TEXT PRIMARY KEY,
+    address      TEXT NOT NULL,
+    version      TEXT NOT NULL,
+    started_at   INTEGER NOT NULL,
+    heartbeat_at INTEGER NOT NULL,
+    loaded       TEXT NOT NULL DEFAULT '[]',
+    in_flight    INTEGER NOT NULL DEFAULT 0
+);
+-- One process's numbers of one version over its rollout's current step (JSON aggregate).
+CREATE TABLE IF NOT EXISTS rollout_stats (
+    function     TEXT NOT NULL,
+    process      TEXT NOT NULL,
+    version      INTEGER NOT NULL,
+    step_started INTEGER NOT NULL,
+    stats        TEXT NOT NULL,
+    updated_at   INTEGER NOT NULL,
+    PRIMARY KEY (function, process, version)
 );
 -- Which tenants uploaded each blob: a manifest may only name blobs its tenant holds.
 CREATE TABLE IF NOT EXISTS blob_owners (
@@ -108,6 +131,9 @@ impl SqliteMeta {
             ("functions", "tenant", "TEXT NOT NULL DEFAULT 'default'"),
             ("functions", "public", "INTEGER NOT NULL DEFAULT 0"),
             ("history", "tenant", "TEXT"),
+            ("rollouts", "epoch", "INTEGER NOT NULL DEFAULT 0"),
+            ("rollouts", "driver", "TEXT"),
+            ("rollouts", "lease_until", "INTEGER NOT NULL DEFAULT 0"),
         ];
         for (table, column, decl) in columns {
             let present: bool = conn
@@ -291,6 +317,7 @@ impl SqliteMeta {
         let tx = conn.transaction()?;
         tx.execute("DELETE FROM traffic WHERE function = ?1", [name])?;
         tx.execute("DELETE FROM rollouts WHERE function = ?1", [name])?;
+        tx.execute("DELETE FROM rollout_stats WHERE function = ?1", [name])?;
         tx.execute("DELETE FROM aliases WHERE function = ?1", [name])?;
         tx.execute("DELETE FROM versions WHERE function = ?1", [name])?;
         let n = tx.execute("DELETE FROM functions WHERE name = ?1", [name])?;

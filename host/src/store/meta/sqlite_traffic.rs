@@ -3,8 +3,9 @@
 
 use rusqlite::{OptionalExtension, params};
 
+use super::rollouts::{self, Expect, RolloutRow};
 use super::sqlite::SqliteMeta;
-use super::{TrafficChange, history_entry, previous_of};
+use super::{Stored, TrafficChange, history_entry, previous_of};
 use crate::deploy::Rollout;
 
 impl SqliteMeta {
@@ -13,10 +14,15 @@ impl SqliteMeta {
         function: &str,
         alias: Option<&str>,
         change: &TrafficChange<'_>,
-    ) -> anyhow::Result<u64> {
+    ) -> anyhow::Result<Stored> {
         let mut conn = self.conn();
         let tx = conn.transaction()?;
         let now_ms = crate::unix_ms();
+        let stored_epoch = rollouts::check(
+            function,
+            change.expect,
+            stored_rollout(&tx, function)?.as_ref(),
+        )?;
         let previous: Option<(String, i64)> = match alias {
             None => tx.query_row(
                 "SELECT policy, revision FROM traffic WHERE function = ?1",
@@ -56,11 +62,25 @@ impl SqliteMeta {
             change.reason,
             &detail,
         )?;
-        if let Some(r) = change.rollout {
-            upsert_rollout(&tx, function, r, now_ms)?;
-        }
+        let epoch = match change.rollout {
+            Some(r) => {
+                let fresh = change.expect == Expect::NoActiveRollout;
+                Some(upsert_rollout(
+                    &tx,
+                    function,
+                    r,
+                    now_ms,
+                    stored_epoch,
+                    fresh,
+                )?)
+            }
+            None => None,
+        };
         tx.commit()?;
-        Ok(revision as u64)
+        Ok(Stored {
+            revision: revision as u64,
+            epoch,
+        })
     }
 
     pub fn record_rollout(
@@ -70,36 +90,45 @@ impl SqliteMeta {
         kind: &str,
         reason: &str,
         rollout: &Rollout,
-    ) -> anyhow::Result<()> {
+        expect: u64,
+    ) -> anyhow::Result<u64> {
         let mut conn = self.conn();
         let tx = conn.transaction()?;
         let now_ms = crate::unix_ms();
+        let stored = stored_rollout(&tx, function)?;
+        let stored_epoch = rollouts::check(function, Expect::Epoch(expect), stored.as_ref())?;
         let detail = super::rollout_detail(rollout);
         insert_history(&tx, function, now_ms, actor, kind, reason, &detail)?;
-        upsert_rollout(&tx, function, rollout, now_ms)?;
+        let epoch = upsert_rollout(&tx, function, rollout, now_ms, stored_epoch, false)?;
         tx.commit()?;
-        Ok(())
+        Ok(epoch)
     }
 
     pub fn active_rollouts(&self) -> anyhow::Result<Vec<Rollout>> {
         let conn = self.conn();
-        let mut stmt = conn.prepare("SELECT rollout FROM rollouts WHERE active = 1")?;
+        let mut stmt =
+            conn.prepare("SELECT rollout, epoch, driver FROM rollouts WHERE active = 1")?;
         let rows = stmt
-            .query_map([], |r| r.get::<_, String>(0))?
+            .query_map([], |r| {
+                Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?, r.get(2)?))
+            })?
             .collect::<Result<Vec<_>, _>>()?;
-        Ok(super::readable_rollouts(rows.into_iter()))
+        Ok(rows
+            .into_iter()
+            .filter_map(|(json, epoch, driver)| rollouts::decode(&json, epoch, driver))
+            .collect())
     }
 
     pub fn rollout(&self, function: &str) -> anyhow::Result<Option<Rollout>> {
         let conn = self.conn();
-        let json: Option<String> = conn
+        let row: Option<(String, i64, Option<String>)> = conn
             .query_row(
-                "SELECT rollout FROM rollouts WHERE function = ?1",
+                "SELECT rollout, epoch, driver FROM rollouts WHERE function = ?1",
                 [function],
-                |r| r.get(0),
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
             )
             .optional()?;
-        Ok(json.map(|j| serde_json::from_str(&j)).transpose()?)
+        Ok(row.and_then(|(json, epoch, driver)| rollouts::decode(&json, epoch, driver)))
     }
 
     pub fn previous_traffic(
@@ -191,20 +220,41 @@ fn insert_history(
     )
 }
 
+/// The function's `rollouts` row, as a change reads it before writing.
+fn stored_rollout(
+    tx: &rusqlite::Transaction<'_>,
+    function: &str,
+) -> rusqlite::Result<Option<RolloutRow>> {
+    tx.query_row(
+        "SELECT active, epoch, rollout, driver FROM rollouts WHERE function = ?1",
+        [function],
+        |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
+    )
+    .optional()
+}
+
+/// Stores `rollout` as the function's, one epoch past `stored_epoch`; a `fresh` one (just
+/// started) has no driver yet. Returns the new epoch.
 fn upsert_rollout(
     tx: &rusqlite::Transaction<'_>,
     function: &str,
     rollout: &Rollout,
     at_ms: i64,
-) -> anyhow::Result<()> {
+    stored_epoch: i64,
+    fresh: bool,
+) -> anyhow::Result<u64> {
     let json = serde_json::to_string(rollout)?;
+    let epoch = stored_epoch + 1;
     tx.execute(
-        "INSERT INTO rollouts (function, rollout, active, updated_at) VALUES (?1, ?2, ?3, ?4)
+        "INSERT INTO rollouts (function, rollout, active, updated_at, epoch)
+         VALUES (?1, ?2, ?3, ?4, ?5)
          ON CONFLICT(function) DO UPDATE SET rollout = excluded.rollout,
-             active = excluded.active, updated_at = excluded.updated_at",
-        params![function, json, rollout.state.active(), at_ms],
+             active = excluded.active, updated_at = excluded.updated_at, epoch = excluded.epoch,
+             driver = CASE WHEN ?6 THEN NULL ELSE driver END,
+             lease_until = CASE WHEN ?6 THEN 0 ELSE lease_until END",
+        params![function, json, rollout.state.active(), at_ms, epoch, fresh],
     )?;
-    Ok(())
+    Ok(epoch as u64)
 }
 
 #[cfg(test)]

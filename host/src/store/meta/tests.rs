@@ -116,25 +116,29 @@ async fn traffic_changes_keep_revisions_history_and_the_previous_policy_on_every
             reason: "because",
             rollout: None,
             extra: None,
+            expect: Expect::NoActiveRollout,
         };
         let p1 = r#"{"weights":{"1":100}}"#;
         let p2 = r#"{"weights":{"1":50,"2":50}}"#;
         assert_eq!(
             meta.set_traffic("f", None, &change(p1, "traffic"))
                 .await
-                .expect("1"),
+                .expect("1")
+                .revision,
             1
         );
         assert_eq!(
             meta.set_traffic("f", None, &change(p2, "traffic"))
                 .await
-                .expect("2"),
+                .expect("2")
+                .revision,
             2
         );
         assert_eq!(
             meta.set_traffic("f", Some("staging"), &change(p1, "traffic"))
                 .await
-                .expect("a"),
+                .expect("a")
+                .revision,
             1,
             "{b}: aliases count their own revisions"
         );
@@ -177,6 +181,170 @@ async fn traffic_changes_keep_revisions_history_and_the_previous_policy_on_every
         assert!(meta.rollout("f").await.expect("rollout").is_none(), "{b}");
         assert!(
             meta.active_rollouts().await.expect("active").is_empty(),
+            "{b}"
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
+
+fn running_rollout() -> Rollout {
+    serde_json::from_value(serde_json::json!({
+        "function": "f", "candidate": 2, "stable": 1, "steps": [10, 100], "step": 0,
+        "interval_ms": 1000, "gates": {}, "state": "running", "actor": null,
+        "started_at_ms": 1, "step_started_ms": 1, "updated_at_ms": 1,
+    }))
+    .expect("rollout")
+}
+
+#[tokio::test]
+async fn one_driver_holds_a_rollout_and_a_write_on_an_old_epoch_is_fenced_on_every_backend() {
+    for (meta, _db, dir) in backends("lease").await {
+        let b = meta.describe();
+        version(&meta, new("f")).await;
+        version(&meta, new("f")).await;
+        let mut r = running_rollout();
+        let start = TrafficChange {
+            policy: r#"{"weights":{"1":90,"2":10}}"#,
+            actor: None,
+            kind: "rollout.step",
+            reason: "started",
+            rollout: Some(&r),
+            extra: None,
+            expect: Expect::NoActiveRollout,
+        };
+        let stored = meta.set_traffic("f", None, &start).await.expect("start");
+        assert_eq!(stored.epoch, Some(1), "{b}");
+        // A second start, or a hand-made policy, while it runs: refused with the rollout.
+        let err = meta
+            .set_traffic("f", None, &start)
+            .await
+            .expect_err("twice");
+        let moved = err.downcast_ref::<RolloutMoved>().expect("moved");
+        assert_eq!(moved.now.as_ref().map(|r| r.epoch), Some(1), "{b}");
+        // Node 1 takes the lease; node 2 cannot while it lasts.
+        let taken = meta.take_lease("f", "n1", 60_000).await.expect("take");
+        assert_eq!(
+            taken.as_ref().map(|r| (r.epoch, r.driver.as_deref())),
+            Some((2, Some("n1"))),
+            "{b}"
+        );
+        assert!(
+            meta.take_lease("f", "n2", 60_000)
+                .await
+                .expect("n2")
+                .is_none(),
+            "{b}"
+        );
+        assert_eq!(
+            meta.renew_lease("f", "n1", 0).await.expect("renew"),
+            Some(2),
+            "{b}"
+        );
+        assert_eq!(
+            meta.renew_lease("f", "n2", 0).await.expect("renew"),
+            None,
+            "{b}"
+        );
+        // A step decided on the epoch before the lease was taken is fenced off.
+        r.step = 1;
+        let err = meta
+            .record_rollout("f", None, "rollout.pause", "x", &r, 1)
+            .await
+            .expect_err("old epoch");
+        assert!(err.downcast_ref::<RolloutMoved>().is_some(), "{b}: {err:#}");
+        assert_eq!(
+            meta.record_rollout("f", None, "rollout.pause", "x", &r, 2)
+                .await
+                .expect("write"),
+            3,
+            "{b}"
+        );
+        // Node 1's lease (renewed for 0 ms) lapses: node 2 takes over, and node 1's next
+        // write and renewal are refused.
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        let taken = meta.take_lease("f", "n2", 60_000).await.expect("take over");
+        assert_eq!(taken.map(|r| (r.epoch, r.step)), Some((4, 1)), "{b}");
+        let err = meta
+            .record_rollout("f", None, "rollout.pause", "x", &r, 3)
+            .await
+            .expect_err("fenced");
+        assert!(err.downcast_ref::<RolloutMoved>().is_some(), "{b}: {err:#}");
+        assert_eq!(
+            meta.renew_lease("f", "n1", 60_000).await.expect("renew"),
+            None,
+            "{b}"
+        );
+        let state = meta.state().await.expect("state");
+        assert_eq!(state.rollouts.len(), 1, "{b}");
+        assert_eq!(
+            (state.rollouts[0].epoch, state.rollouts[0].driver.as_deref()),
+            (4, Some("n2")),
+            "{b}"
+        );
+        // Published numbers: only those of the step asked for, from other processes.
+        let stats = |v: u32, s: &str| PublishedStats {
+            version: v,
+            stats: s.into(),
+        };
+        meta.publish_rollout_stats("f", "n1#1", 1, &[stats(2, "a"), stats(1, "b")])
+            .await
+            .expect("publish");
+        meta.publish_rollout_stats("f", "n2#1", 1, &[stats(2, "c")])
+            .await
+            .expect("publish");
+        meta.publish_rollout_stats("f", "n3#1", 7, &[stats(2, "d")])
+            .await
+            .expect("publish");
+        let mut seen: Vec<String> = meta
+            .rollout_stats("f", 1, "n2#1")
+            .await
+            .expect("read")
+            .into_iter()
+            .map(|p| p.stats)
+            .collect();
+        seen.sort();
+        assert_eq!(seen, ["a", "b"], "{b}");
+        // Heartbeats: the live nodes, with what they reported.
+        let report = |id: &str| NodeReport {
+            id: id.into(),
+            address: "127.0.0.1:1".into(),
+            version: "0".into(),
+            started_at_ms: 5,
+            heartbeat_ms: 0,
+            loaded: vec!["f@1".into()],
+            in_flight: 3,
+        };
+        meta.heartbeat(&report("n1")).await.expect("beat");
+        meta.heartbeat(&report("n2")).await.expect("beat");
+        meta.heartbeat(&report("n1")).await.expect("beat again");
+        let nodes = meta.nodes(60_000).await.expect("nodes");
+        assert_eq!(
+            nodes.iter().map(|n| n.id.as_str()).collect::<Vec<_>>(),
+            ["n1", "n2"],
+            "{b}"
+        );
+        assert_eq!(
+            (nodes[0].in_flight, nodes[0].loaded.clone()),
+            (3, vec!["f@1".to_string()]),
+            "{b}"
+        );
+        assert!(nodes[0].heartbeat_ms > 0, "{b}");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        assert!(
+            meta.nodes(5).await.expect("nodes").is_empty(),
+            "{b}: none beat in the last 5 ms"
+        );
+        // Deleting the function forgets its rollout and numbers.
+        meta.delete_function("f").await.expect("delete");
+        assert!(
+            meta.rollout_stats("f", 1, "x")
+                .await
+                .expect("read")
+                .is_empty(),
+            "{b}"
+        );
+        assert!(
+            meta.state().await.expect("state").rollouts.is_empty(),
             "{b}"
         );
         let _ = std::fs::remove_dir_all(&dir);

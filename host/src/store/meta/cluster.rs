@@ -1,0 +1,123 @@
+//! What the nodes of a cluster share besides functions and policies: their heartbeats
+//! (`GET /v1/cluster`), the lease of each rollout's driver, and the gate numbers every node
+//! publishes for the rollouts in progress. On SQLite the one node does the same on its own
+//! file, so a single node and a cluster run the same code.
+//!
+//! Lease times are the database's clock on PostgreSQL (nodes' clocks may disagree; the
+//! database decides who holds a lease), the node's own on SQLite.
+
+use serde::{Deserialize, Serialize};
+
+use super::MetaStore;
+use crate::deploy::Rollout;
+
+/// What a node reports of itself with every heartbeat.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct NodeReport {
+    pub id: String,
+    /// Where it listens (`--listen`).
+    pub address: String,
+    /// The Kiln version it runs.
+    pub version: String,
+    /// Unix ms.
+    pub started_at_ms: i64,
+    /// The last heartbeat, unix ms (set by the store).
+    pub heartbeat_ms: i64,
+    /// The versions it holds in memory, `function@version`.
+    pub loaded: Vec<String>,
+    /// Requests it is answering now.
+    pub in_flight: u64,
+}
+
+/// One process's numbers of one version over a rollout's current step, as published (a
+/// JSON aggregate the meter reads).
+#[derive(Debug, Clone, PartialEq)]
+pub struct PublishedStats {
+    pub version: u32,
+    pub stats: String,
+}
+
+/// Heartbeats older than this are forgotten.
+pub(super) const FORGET_NODES_MS: i64 = 86_400_000;
+
+impl MetaStore {
+    /// Stores `report` as its node's latest, stamped now.
+    pub async fn heartbeat(&self, report: &NodeReport) -> anyhow::Result<()> {
+        match self {
+            MetaStore::Sqlite(s) => s.heartbeat(report),
+            MetaStore::Postgres(p) => p.heartbeat(report).await,
+        }
+    }
+
+    /// The nodes whose last heartbeat is at most `within_ms` old, by id.
+    pub async fn nodes(&self, within_ms: i64) -> anyhow::Result<Vec<NodeReport>> {
+        match self {
+            MetaStore::Sqlite(s) => s.nodes(within_ms),
+            MetaStore::Postgres(p) => p.nodes(within_ms).await,
+        }
+    }
+
+    /// Takes the lease of `function`'s active rollout for `node`, for `lease_ms`, if nobody
+    /// holds it (or its holder let it lapse, or it is `node`'s already): returns the
+    /// rollout at its new epoch, which fences off every earlier holder.
+    pub async fn take_lease(
+        &self,
+        function: &str,
+        node: &str,
+        lease_ms: i64,
+    ) -> anyhow::Result<Option<Rollout>> {
+        match self {
+            MetaStore::Sqlite(s) => s.take_lease(function, node, lease_ms),
+            MetaStore::Postgres(p) => p.take_lease(function, node, lease_ms).await,
+        }
+    }
+
+    /// Extends `node`'s lease of `function`'s active rollout by `lease_ms` from now;
+    /// returns the rollout's epoch, or `None` when the lease is no longer `node`'s (or the
+    /// rollout ended).
+    pub async fn renew_lease(
+        &self,
+        function: &str,
+        node: &str,
+        lease_ms: i64,
+    ) -> anyhow::Result<Option<u64>> {
+        match self {
+            MetaStore::Sqlite(s) => s.renew_lease(function, node, lease_ms),
+            MetaStore::Postgres(p) => p.renew_lease(function, node, lease_ms).await,
+        }
+    }
+
+    /// Stores `process`'s numbers of `stats.version` over the step of `function`'s rollout
+    /// that began at `step_started_ms`.
+    pub async fn publish_rollout_stats(
+        &self,
+        function: &str,
+        process: &str,
+        step_started_ms: i64,
+        stats: &[PublishedStats],
+    ) -> anyhow::Result<()> {
+        match self {
+            MetaStore::Sqlite(s) => {
+                s.publish_rollout_stats(function, process, step_started_ms, stats)
+            }
+            MetaStore::Postgres(p) => {
+                p.publish_rollout_stats(function, process, step_started_ms, stats)
+                    .await
+            }
+        }
+    }
+
+    /// What every process but `except` published over the step of `function`'s rollout
+    /// that began at `step_started_ms`.
+    pub async fn rollout_stats(
+        &self,
+        function: &str,
+        step_started_ms: i64,
+        except: &str,
+    ) -> anyhow::Result<Vec<PublishedStats>> {
+        match self {
+            MetaStore::Sqlite(s) => s.rollout_stats(function, step_started_ms, except),
+            MetaStore::Postgres(p) => p.rollout_stats(function, step_started_ms, except).await,
+        }
+    }
+}
