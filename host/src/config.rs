@@ -59,6 +59,8 @@ pub const DEFAULT_RESPONSE_CACHE_MB: u64 = 256;
 pub const DEFAULT_INFERENCE_TTL_MS: u64 = 3_600_000;
 /// Default commit window of the usage ledger in `batched` mode, in milliseconds.
 pub const DEFAULT_COMMIT_INTERVAL_MS: u64 = 100;
+/// Default bound on the usage records a node keeps on disk while PostgreSQL is away, in MiB.
+pub const DEFAULT_SPOOL_MB: u64 = 1024;
 /// Default bound on one outbound HTTP exchange of a guest.
 pub const DEFAULT_OUTBOUND_TIMEOUT_MS: u64 = 10_000;
 
@@ -205,6 +207,9 @@ pub struct MeteringConfig {
     pub durability: Durability,
     /// `batched`: records are committed at most this often, in milliseconds.
     pub commit_interval_ms: u64,
+    /// On PostgreSQL: how much usage may wait on local disk while the database is away,
+    /// in MiB.
+    pub spool_mb: u64,
 }
 
 impl Default for MeteringConfig {
@@ -213,6 +218,7 @@ impl Default for MeteringConfig {
             enabled: true,
             durability: Durability::Batched,
             commit_interval_ms: DEFAULT_COMMIT_INTERVAL_MS,
+            spool_mb: DEFAULT_SPOOL_MB,
         }
     }
 }

@@ -269,3 +269,72 @@ fn two_nodes_each_enforce_half_of_a_key_rate() {
     assert_eq!(refused.status, 429, "{}", refused.text());
     assert_eq!(refused.error_code(), "rate.limited");
 }
+
+/// The `.jsonl` files waiting in a node's usage spool.
+fn spooled(server: &TestServer) -> usize {
+    std::fs::read_dir(server.data_dir.join("usage-spool"))
+        .map(|d| {
+            d.filter(|e| {
+                e.as_ref()
+                    .is_ok_and(|e| e.file_name().to_string_lossy().ends_with(".jsonl"))
+            })
+            .count()
+        })
+        .unwrap_or(0)
+}
+
+#[test]
+fn strict_usage_answered_while_the_database_is_away_waits_on_disk_and_survives_a_kill() {
+    let Some(db) = kiln_tests::pg::shared_database("cluster::spool") else {
+        return;
+    };
+    let (head, rest) = db.url.split_once('@').expect("user@host in the URL");
+    let (address, name) = rest.split_once('/').expect("a database name");
+    let mut proxy = Proxy::start(address);
+    let url = format!("{head}@127.0.0.1:{}/{name}", proxy.port);
+    let dir = temp_dir("spool-node");
+    std::fs::create_dir_all(&dir).unwrap();
+    let config = dir.join("kiln.toml");
+    std::fs::write(&config, "[metering]\ndurability = \"strict\"\n").unwrap();
+    let mut server = TestServer::launch(
+        dir,
+        Some(config),
+        Launch {
+            args: vec!["--database".into(), url],
+            ..Launch::default()
+        },
+    )
+    .unwrap_or_else(|log| panic!("kiln serve exited before serving:\n{log}"));
+    server.deploy_example("hello", "hello", "");
+    assert_eq!(server.get("/fn/hello/").status, 200);
+    let mut answered = 1;
+
+    // Strict: each answer waits for its record, which now goes to the local disk.
+    proxy.cut();
+    for _ in 0..10 {
+        let r = server.get("/fn/hello/");
+        assert_eq!(r.status, 200, "{}", r.text());
+        answered += 1;
+    }
+    assert!(spooled(&server) > 0, "no usage waits on disk");
+    // The node dies before the database is back: the records are on its disk.
+    server.kill9();
+    proxy.restore();
+    server.restart_after_kill9();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let total = server.get("/v1/usage?function=hello").json()["totals"]["requests"]
+            .as_u64()
+            .unwrap();
+        assert!(total <= answered, "more records than requests: {total}");
+        if total == answered && spooled(&server) == 0 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "usage records lost: {total} of {answered}, {} files still spooled",
+            spooled(&server)
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}

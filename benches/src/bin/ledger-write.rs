@@ -51,6 +51,8 @@ fn open(dir: &std::path::Path, mode: Durability) -> anyhow::Result<Ledger> {
             LedgerStore::Postgres {
                 url: Box::leak(url.into_boxed_str()),
                 pool,
+                spool: Box::leak(dir.join("usage-spool").into_boxed_path()),
+                spool_bytes: 1 << 30,
             }
         }
         Err(_) => LedgerStore::Sqlite(&path),

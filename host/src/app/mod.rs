@@ -192,6 +192,8 @@ impl App {
                 Some((ref url, ref pool)) => LedgerStore::Postgres {
                     url,
                     pool: pool.clone(),
+                    spool: &config.data_dir.join("usage-spool"),
+                    spool_bytes: config.metering.spool_mb << 20,
                 },
             };
             Some(Ledger::open(

@@ -13,6 +13,7 @@
 //! are time windows) and a replayed record is ignored: it counts once.
 
 mod postgres;
+mod spool;
 
 use std::sync::mpsc::{Receiver, SyncSender, TrySendError};
 use std::sync::{Arc, Mutex};
@@ -60,8 +61,15 @@ pub struct Ledger {
 pub enum LedgerStore<'a> {
     /// `<data>/usage.db`.
     Sqlite(&'a std::path::Path),
-    /// The cluster's database: the writer connects to `url`, queries use `pool`.
-    Postgres { url: &'a str, pool: Pool },
+    /// The cluster's database: the writer connects to `url`, queries use `pool`; what
+    /// cannot be committed while the database is away waits in `spool` (at most
+    /// `spool_bytes`).
+    Postgres {
+        url: &'a str,
+        pool: Pool,
+        spool: &'a std::path::Path,
+        spool_bytes: u64,
+    },
 }
 
 /// How usage queries reach the ledger.
@@ -107,6 +115,9 @@ impl Cell {
 trait Sink: Send {
     /// Commits `batch` in one transaction (records already stored are skipped).
     fn commit(&mut self, batch: &[UsageRecord]) -> anyhow::Result<()>;
+
+    /// Called when no record came for a while (a buffer may be sent then).
+    fn idle(&mut self) {}
 }
 
 struct SqliteSink(Connection);
@@ -165,8 +176,17 @@ impl Ledger {
                     Reader::Sqlite(Arc::new(Mutex::new(open(path)?))),
                 )
             }
-            LedgerStore::Postgres { url, pool } => (
-                Box::new(postgres::PgSink::new(url)?),
+            LedgerStore::Postgres {
+                url,
+                pool,
+                spool,
+                spool_bytes,
+            } => (
+                Box::new(spool::Spooled::open(
+                    Box::new(postgres::PgSink::new(url)?),
+                    spool,
+                    spool_bytes,
+                )?),
                 Reader::Postgres(pool),
             ),
         };
@@ -336,9 +356,13 @@ fn write_loop(mut sink: Box<dyn Sink>, rx: Receiver<Msg>, interval: Duration, me
             }
             Msg::Close => *closing = true,
         };
-        match rx.recv() {
+        match rx.recv_timeout(spool::RETRY_EVERY) {
             Ok(m) => take(m, &mut batch, &mut acks, &mut closing),
-            Err(_) => break,
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+                sink.idle();
+                continue;
+            }
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => break,
         }
         // Batched: let the rest of this commit window queue up (unless the last commit
         // left a backlog). Sleeping rather than waiting on the channel means senders never

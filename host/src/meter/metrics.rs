@@ -67,6 +67,11 @@ impl Outcome {
             Outcome::Cancelled => "cancelled",
         }
     }
+
+    /// The outcome named `s` (as [`Outcome::as_str`] writes it).
+    pub fn parse(s: &str) -> Option<Outcome> {
+        Outcome::ALL.into_iter().find(|o| o.as_str() == s)
+    }
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
