@@ -159,7 +159,7 @@ fn the_nodes_list_each_other_and_a_rollout_outlives_its_killed_driver() {
     two_versions(&nodes, "hostile");
     let started = start(
         a,
-        &json!({"to": 2, "steps": [50, 100], "interval": "1s", "min_requests": 20}),
+        &json!({"to": 2, "steps": [50, 100], "interval": "8s", "min_requests": 20}),
     );
     assert_eq!(
         started["driver"], "node-1",
@@ -187,19 +187,26 @@ fn the_nodes_list_each_other_and_a_rollout_outlives_its_killed_driver() {
     }
 
     routed_everywhere(&nodes[1..], &json!({"1": 50, "2": 50}));
-    // The driver dies before its first gate; the failing candidate's requests are all
-    // answered by nodes 2 and 3.
-    a.kill9();
-    let killed = Instant::now();
+    // The failing candidate's requests are all answered by nodes 2 and 3, well before the
+    // first gate (8 s); then, their numbers published, the driver dies.
     let on_b = candidate_answers(b, "/fn/svc/panic", 40);
     let on_c = candidate_answers(c, "/fn/svc/panic", 40);
     assert!(
         on_b > 0 && on_c > 0,
         "both nodes served the candidate: {on_b}, {on_c}"
     );
+    std::thread::sleep(Duration::from_millis(2500));
+    let r = rollout(a);
+    assert_eq!(
+        (r["state"].clone(), r["driver"].clone()),
+        (json!("running"), json!("node-1")),
+        "{r}"
+    );
+    a.kill9();
+    let killed = Instant::now();
     let r = wait_for(
         b,
-        Duration::from_secs(20),
+        Duration::from_secs(30),
         "rolled back by a new driver",
         |r| r["state"] != "running",
     );

@@ -142,16 +142,22 @@ impl App {
 
     /// One heartbeat: report, count the live nodes, keep or take leases, publish numbers.
     pub(super) async fn heartbeat(&self) -> anyhow::Result<()> {
+        // The leases held first: nothing else this node does may let them lapse.
+        let held: Vec<String> = self.leases().keys().cloned().collect();
+        for name in &held {
+            self.renew_lease(name).await;
+        }
         self.meta.heartbeat(&self.report()).await?;
         let live = self.meta.nodes(LIVE_WITHIN.as_millis() as i64).await?;
         self.live_nodes.set(live.len());
-        let names: Vec<String> = self.active().keys().cloned().collect();
-        for name in &names {
-            let held = self.leases().contains_key(name);
-            match held {
-                true => self.renew_lease(name).await,
-                false => self.take_lease(name).await,
-            }
+        let free: Vec<String> = self
+            .active()
+            .keys()
+            .filter(|n| !held.contains(n))
+            .cloned()
+            .collect();
+        for name in &free {
+            self.take_lease(name).await;
         }
         self.publish_rollout_numbers().await
     }

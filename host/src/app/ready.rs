@@ -43,12 +43,14 @@ impl BlobHealth {
 /// The node id: `given` (`--node-id`, `KILN_NODE_ID`), else the one kept in
 /// `<data>/node-id`, else a new one (host name and a random suffix) written there.
 pub fn node_id(data_dir: &Path, given: Option<&str>) -> anyhow::Result<String> {
-    if let Some(id) = given.map(str::trim).filter(|s| !s.is_empty()) {
-        let fits = id.len() <= 64
+    let fits = |id: &str| {
+        id.len() <= 64
             && id
                 .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
-        if !fits {
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+    };
+    if let Some(id) = given.map(str::trim).filter(|s| !s.is_empty()) {
+        if !fits(id) {
             anyhow::bail!(
                 "node id {id:?}: use at most 64 letters, digits, '.', '_' and '-' (it names the node in request ids, leases and GET /v1/cluster)"
             );
@@ -56,8 +58,10 @@ pub fn node_id(data_dir: &Path, given: Option<&str>) -> anyhow::Result<String> {
         return Ok(id.to_string());
     }
     let path = data_dir.join("node-id");
+    // One an earlier Kiln made from a host name that does not fit is made again.
     if let Ok(id) = std::fs::read_to_string(&path)
         && !id.trim().is_empty()
+        && fits(id.trim())
     {
         return Ok(id.trim().to_string());
     }

@@ -428,6 +428,14 @@ impl App {
         if !self.drives(name) {
             return Ok(());
         }
+        // A step waiting for requests is looked at again once its numbers can have moved
+        // (nodes publish theirs every heartbeat), not at every tick.
+        if r.last_check.as_ref().is_some_and(|c| {
+            c.verdict == Verdict::Wait
+                && now.saturating_sub(c.at_ms) < super::HEARTBEAT_EVERY.as_millis() as i64
+        }) {
+            return Ok(());
+        }
         // Versions are never deleted alone, and deleting the function forgets its rollout.
         let f = self.registry.function(name);
         let (candidate, stable) = f

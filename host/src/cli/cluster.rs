@@ -1,7 +1,13 @@
 //! `kiln nodes`: the live nodes of the cluster the server belongs to (one, on a single
-//! node), as `GET /v1/cluster` reports them.
+//! node), as `GET /v1/cluster` reports them; `kiln store copy`: a single node's state into
+//! a cluster's database and bucket.
 
+use std::path::PathBuf;
+
+use anyhow::{Context, bail};
 use serde_json::Value;
+
+use crate::store::{BlobsUrl, DatabaseUrl};
 
 use super::commands::print_table;
 use super::{Client, Output};
@@ -57,4 +63,68 @@ pub fn nodes(client: &Client, output: Output) -> anyhow::Result<()> {
             "loaded",
         ],
     )
+}
+
+/// The arguments of `kiln store copy`.
+pub struct CopyArgs {
+    pub from: String,
+    pub to: String,
+    pub data_dir: Option<PathBuf>,
+    pub blobs_from: Option<String>,
+    pub blobs_to: Option<String>,
+}
+
+/// `kiln store copy`.
+pub fn store_copy(args: &CopyArgs) -> anyhow::Result<()> {
+    if args
+        .from
+        .parse::<DatabaseUrl>()
+        .map_err(anyhow::Error::msg)?
+        != DatabaseUrl::Sqlite
+    {
+        bail!("--from: copies start from a single node's files: --from sqlite --data-dir DIR");
+    }
+    let DatabaseUrl::Postgres(to) = args.to.parse::<DatabaseUrl>().map_err(anyhow::Error::msg)?
+    else {
+        bail!("--to names the cluster's database: postgres://user[:password]@host[:port]/dbname");
+    };
+    let data_dir = args
+        .data_dir
+        .clone()
+        .unwrap_or_else(|| PathBuf::from(crate::config::DEFAULT_DATA_DIR));
+    let blobs_to = args
+        .blobs_to
+        .as_deref()
+        .map(|u| u.parse::<BlobsUrl>().map_err(anyhow::Error::msg))
+        .transpose()
+        .context("--blobs-to")?;
+    let blobs_from = match args.blobs_from.as_deref() {
+        None | Some("folder") => data_dir.join("blobs").join("sha256"),
+        Some(dir) => {
+            let dir = PathBuf::from(dir);
+            match dir.join("sha256").is_dir() {
+                true => dir.join("sha256"),
+                false => dir,
+            }
+        }
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async {
+        // Blobs first: a version copied is then never without its component.
+        if let Some(to) = &blobs_to {
+            let b = crate::store::copy::copy_blobs(&blobs_from, to).await?;
+            println!("blobs: {} copied, {} already there", b.new, b.present);
+        } else {
+            eprintln!(
+                "no --blobs-to: blobs not copied (the cluster's nodes need them in its bucket)"
+            );
+        }
+        crate::store::copy::copy_database(&data_dir, &to, |c| {
+            println!("{}: {} copied, {} already there", c.table, c.new, c.present);
+        })
+        .await?;
+        anyhow::Ok(())
+    })
 }

@@ -64,6 +64,34 @@ impl ServerArg {
     }
 }
 
+/// `kiln store ...`.
+#[derive(Debug, Subcommand)]
+pub enum StoreCommand {
+    /// Copy a single-node installation (the data dir's SQLite files and blob folder) into
+    /// a cluster's PostgreSQL database and bucket: functions, versions, policies, history,
+    /// rollouts, keys, audit log, usage and blobs. Running it again changes nothing. Stop
+    /// the single node first.
+    Copy {
+        /// The source database: sqlite (the files of --data-dir).
+        #[arg(long)]
+        from: String,
+        /// The target database: postgres://user[:password]@host[:port]/dbname.
+        #[arg(long, hide_env_values = true)]
+        to: String,
+        /// The single node's data dir [default: ./.kiln].
+        #[arg(long, env = "KILN_DATA_DIR")]
+        data_dir: Option<PathBuf>,
+        /// Where the blobs are: the data dir's blobs/ folder [default], or another folder.
+        #[arg(long, requires = "blobs_to")]
+        blobs_from: Option<String>,
+        /// The cluster's bucket: s3://bucket[/prefix]?endpoint=http://host:port&region=R
+        /// (credentials from AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY). Without it, blobs
+        /// are not copied.
+        #[arg(long)]
+        blobs_to: Option<String>,
+    },
+}
+
 /// `kiln keys ...`.
 #[derive(Debug, Subcommand)]
 pub enum KeysCommand {
@@ -338,6 +366,11 @@ pub enum Command {
         #[command(flatten)]
         server: ServerArg,
     },
+    /// Storage: move a single node's state into a cluster.
+    Store {
+        #[command(subcommand)]
+        command: StoreCommand,
+    },
     /// List the live nodes of the cluster (id, address, version, uptime, last heartbeat,
     /// in-flight requests, loaded versions); `*` marks the one that answered.
     Nodes {
@@ -405,6 +438,22 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         ),
         Command::Functions { output, server } => commands::functions(&server.client(), output),
         Command::Nodes { output, server } => cluster::nodes(&server.client(), output),
+        Command::Store {
+            command:
+                StoreCommand::Copy {
+                    from,
+                    to,
+                    data_dir,
+                    blobs_from,
+                    blobs_to,
+                },
+        } => cluster::store_copy(&cluster::CopyArgs {
+            from,
+            to,
+            data_dir,
+            blobs_from,
+            blobs_to,
+        }),
         Command::Versions {
             name,
             output,

@@ -7,6 +7,7 @@
 //! written in one transaction per change, so a crash leaves either the old or the new state.
 
 mod blobs;
+pub mod copy;
 mod meta;
 pub mod pg;
 

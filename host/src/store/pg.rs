@@ -76,8 +76,11 @@ pub fn client_config(url: &str) -> anyhow::Result<tokio_postgres::Config> {
         .keepalives_retries(3)
         // A query on a connection whose packets vanish fails in bounded time too.
         .tcp_user_timeout(Duration::from_secs(20))
+        // A node stopped (or frozen) inside a transaction loses it, and the row locks it
+        // held, instead of blocking every other node's changes to those rows.
         .options(format!(
-            "-c statement_timeout={}",
+            "-c statement_timeout={} -c idle_in_transaction_session_timeout={}",
+            STATEMENT_TIMEOUT.as_millis(),
             STATEMENT_TIMEOUT.as_millis()
         ));
     Ok(config)

@@ -254,6 +254,10 @@ fn upsert_rollout(
              lease_until = CASE WHEN ?6 THEN 0 ELSE lease_until END",
         params![function, json, rollout.state.active(), at_ms, epoch, fresh],
     )?;
+    if !rollout.state.active() {
+        // Its gate numbers are of no use any more.
+        tx.execute("DELETE FROM rollout_stats WHERE function = ?1", [function])?;
+    }
     Ok(epoch as u64)
 }
 
