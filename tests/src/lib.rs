@@ -14,6 +14,7 @@ pub use serde_json::{Value, json};
 
 mod fixtures;
 pub use fixtures::{digest, example, kiln_bin, onnxruntime_library, root, skip, temp_dir};
+pub mod cluster;
 pub mod pg;
 pub mod proxy;
 pub mod s3;

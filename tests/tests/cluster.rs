@@ -8,26 +8,9 @@
 
 use std::time::{Duration, Instant};
 
+use kiln_tests::cluster::Cluster;
 use kiln_tests::proxy::Proxy;
-use kiln_tests::s3::Moto;
 use kiln_tests::{Launch, TestServer, json, temp_dir};
-
-fn node(db: &str, blobs: &str) -> TestServer {
-    TestServer::launch(
-        temp_dir("cluster-node"),
-        None,
-        Launch {
-            args: vec![
-                "--database".into(),
-                db.into(),
-                "--blobs".into(),
-                blobs.into(),
-            ],
-            ..Launch::default()
-        },
-    )
-    .unwrap_or_else(|log| panic!("kiln serve exited before serving:\n{log}"))
-}
 
 /// How long until `ok` holds (asserting it does within a second).
 fn within_a_second(what: &str, mut ok: impl FnMut() -> bool) -> Duration {
@@ -44,16 +27,12 @@ fn within_a_second(what: &str, mut ok: impl FnMut() -> bool) -> Duration {
 
 #[test]
 fn changes_on_one_node_apply_on_the_other_within_a_second() {
-    let Some(db) = kiln_tests::pg::shared_database("cluster::changes") else {
+    let Some(cluster) = Cluster::start("cluster::changes", 2, false) else {
         return;
     };
-    let Some(moto) = Moto::start("cluster::changes") else {
-        return;
+    let [a, b] = &cluster.nodes[..] else {
+        unreachable!()
     };
-    moto.create_bucket("kiln");
-    let blobs = moto.blobs_url("kiln", "cluster");
-    let a = node(&db.url, &blobs);
-    let b = node(&db.url, &blobs);
     let mut seen = Vec::new();
 
     // A deploy on A serves on B (fetching the artifact A compiled).
@@ -90,11 +69,11 @@ fn changes_on_one_node_apply_on_the_other_within_a_second() {
         )
         .status
     };
-    seen.push(within_a_second("key create", || call(&b) == 200));
+    seen.push(within_a_second("key create", || call(b) == 200));
     let revoke = b.request("DELETE", &format!("/v1/keys/{id}"), &[], b"");
     assert_eq!(revoke.status, 200, "{}", revoke.text());
-    seen.push(within_a_second("key revoke", || call(&a) == 401));
-    assert_eq!(call(&b), 401);
+    seen.push(within_a_second("key revoke", || call(a) == 401));
+    assert_eq!(call(b), 401);
 
     // Both nodes' requests are in the one ledger.
     let total = |s: &TestServer| {
@@ -105,12 +84,12 @@ fn changes_on_one_node_apply_on_the_other_within_a_second() {
     let deadline = Instant::now() + Duration::from_secs(5);
     let answered = (a.get("/fn/hello/").status, b.get("/fn/hello/").status);
     assert_eq!(answered, (200, 200));
-    while total(&a) != total(&b) || total(&a) < 4 {
+    while total(a) != total(b) || total(a) < 4 {
         assert!(
             Instant::now() < deadline,
             "usage differs: {} vs {}",
-            total(&a),
-            total(&b)
+            total(a),
+            total(b)
         );
         std::thread::sleep(Duration::from_millis(100));
     }
@@ -221,18 +200,14 @@ fn database_cut_off_keeps_functions_serving_answers_503_and_loses_no_usage() {
 
 #[test]
 fn two_nodes_each_enforce_half_of_a_key_rate() {
-    let Some(db) = kiln_tests::pg::shared_database("cluster::rates") else {
+    let Some(cluster) = Cluster::start("cluster::rates", 2, false) else {
         return;
     };
-    let Some(moto) = Moto::start("cluster::rates") else {
-        return;
+    let [a, b] = &cluster.nodes[..] else {
+        unreachable!()
     };
-    moto.create_bucket("kiln");
-    let blobs = moto.blobs_url("kiln", "rates");
-    let a = node(&db.url, &blobs);
-    let b = node(&db.url, &blobs);
     let deadline = Instant::now() + Duration::from_secs(5);
-    for n in [&a, &b] {
+    for n in [a, b] {
         while n.get("/v1/cluster").json()["rate_limit_nodes"] != 2 {
             assert!(
                 Instant::now() < deadline,
@@ -255,11 +230,11 @@ fn two_nodes_each_enforce_half_of_a_key_rate() {
         )
         .status
     };
-    within_a_second("key create", || call(&b) != 401);
+    within_a_second("key create", || call(b) != 401);
     // That call took one of B's five.
     let passed = |s: &TestServer, n: usize| (0..n).filter(|_| call(s) == 200).count();
-    assert_eq!(passed(&a, 8), 5, "node A's share of 10/m");
-    assert_eq!(passed(&b, 8), 4, "node B's share, one already used");
+    assert_eq!(passed(a, 8), 5, "node A's share of 10/m");
+    assert_eq!(passed(b, 8), 4, "node B's share, one already used");
     let refused = a.request(
         "GET",
         "/fn/hello/",

@@ -8,40 +8,9 @@
 
 use std::time::{Duration, Instant};
 
-use kiln_tests::s3::Moto;
-use kiln_tests::{Launch, TestServer, json, temp_dir};
+use kiln_tests::cluster::Cluster;
+use kiln_tests::{TestServer, json};
 use serde_json::Value;
-
-fn node(db: &str, blobs: &str, id: &str) -> TestServer {
-    TestServer::launch(
-        temp_dir("rollout-node"),
-        None,
-        Launch {
-            args: vec![
-                "--database".into(),
-                db.into(),
-                "--blobs".into(),
-                blobs.into(),
-                "--node-id".into(),
-                id.into(),
-            ],
-            ..Launch::default()
-        },
-    )
-    .unwrap_or_else(|log| panic!("kiln serve exited before serving:\n{log}"))
-}
-
-/// `n` nodes on a fresh database and bucket; `None` (skipped) without PostgreSQL or moto.
-fn cluster(test: &str, n: usize) -> Option<(Vec<TestServer>, kiln_tests::pg::SharedDb, Moto)> {
-    let db = kiln_tests::pg::shared_database(test)?;
-    let moto = Moto::start(test)?;
-    moto.create_bucket("kiln");
-    let blobs = moto.blobs_url("kiln", "rollouts");
-    let nodes = (1..=n)
-        .map(|i| node(&db.url, &blobs, &format!("node-{i}")))
-        .collect();
-    Some((nodes, db, moto))
-}
 
 fn rollout(s: &TestServer) -> Value {
     let a = s.get("/v1/functions/svc/rollout");
@@ -111,9 +80,10 @@ fn candidate_answers(s: &TestServer, path: &str, n: usize) -> u64 {
 
 #[test]
 fn the_nodes_list_each_other_and_a_rollout_outlives_its_killed_driver() {
-    let Some((nodes, _db, _moto)) = cluster("cluster::rollout_takeover", 3) else {
+    let Some(cluster) = Cluster::start("cluster::rollout_takeover", 3, true) else {
         return;
     };
+    let nodes = &cluster.nodes;
     let [a, b, c] = &nodes[..] else {
         unreachable!()
     };
@@ -156,7 +126,7 @@ fn the_nodes_list_each_other_and_a_rollout_outlives_its_killed_driver() {
     assert_eq!(refused.status, 403, "{}", refused.text());
 
     // hostile panics on /panic (500); hello answers 200 on any path.
-    two_versions(&nodes, "hostile");
+    two_versions(nodes, "hostile");
     let started = start(
         a,
         &json!({"to": 2, "steps": [50, 100], "interval": "8s", "min_requests": 20}),
@@ -231,11 +201,12 @@ fn the_nodes_list_each_other_and_a_rollout_outlives_its_killed_driver() {
 
 #[test]
 fn a_driver_stopped_past_its_lease_writes_no_step_when_it_runs_again() {
-    let Some((nodes, _db, _moto)) = cluster("cluster::rollout_fencing", 2) else {
+    let Some(cluster) = Cluster::start("cluster::rollout_fencing", 2, true) else {
         return;
     };
+    let nodes = &cluster.nodes;
     let [a, b] = &nodes[..] else { unreachable!() };
-    two_versions(&nodes, "hello");
+    two_versions(nodes, "hello");
     // Steps far apart: nothing is due while the test looks, so any write is a stray one.
     let started = start(
         a,
