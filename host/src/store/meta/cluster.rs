@@ -43,18 +43,12 @@ pub(super) const FORGET_NODES_MS: i64 = 86_400_000;
 impl MetaStore {
     /// Stores `report` as its node's latest, stamped now.
     pub async fn heartbeat(&self, report: &NodeReport) -> anyhow::Result<()> {
-        match self {
-            MetaStore::Sqlite(s) => s.heartbeat(report),
-            MetaStore::Postgres(p) => p.heartbeat(report).await,
-        }
+        on_backend!(self.heartbeat(report))
     }
 
     /// The nodes whose last heartbeat is at most `within_ms` old, by id.
     pub async fn nodes(&self, within_ms: i64) -> anyhow::Result<Vec<NodeReport>> {
-        match self {
-            MetaStore::Sqlite(s) => s.nodes(within_ms),
-            MetaStore::Postgres(p) => p.nodes(within_ms).await,
-        }
+        on_backend!(self.nodes(within_ms))
     }
 
     /// Takes the lease of `function`'s active rollout for `node`, for `lease_ms`, if nobody
@@ -66,10 +60,7 @@ impl MetaStore {
         node: &str,
         lease_ms: i64,
     ) -> anyhow::Result<Option<Rollout>> {
-        match self {
-            MetaStore::Sqlite(s) => s.take_lease(function, node, lease_ms),
-            MetaStore::Postgres(p) => p.take_lease(function, node, lease_ms).await,
-        }
+        on_backend!(self.take_lease(function, node, lease_ms))
     }
 
     /// Extends `node`'s lease of `function`'s active rollout by `lease_ms` from now;
@@ -81,10 +72,7 @@ impl MetaStore {
         node: &str,
         lease_ms: i64,
     ) -> anyhow::Result<Option<u64>> {
-        match self {
-            MetaStore::Sqlite(s) => s.renew_lease(function, node, lease_ms),
-            MetaStore::Postgres(p) => p.renew_lease(function, node, lease_ms).await,
-        }
+        on_backend!(self.renew_lease(function, node, lease_ms))
     }
 
     /// Stores `process`'s numbers of `stats.version` over the step of `function`'s rollout
@@ -96,15 +84,7 @@ impl MetaStore {
         step_started_ms: i64,
         stats: &[PublishedStats],
     ) -> anyhow::Result<()> {
-        match self {
-            MetaStore::Sqlite(s) => {
-                s.publish_rollout_stats(function, process, step_started_ms, stats)
-            }
-            MetaStore::Postgres(p) => {
-                p.publish_rollout_stats(function, process, step_started_ms, stats)
-                    .await
-            }
-        }
+        on_backend!(self.publish_rollout_stats(function, process, step_started_ms, stats))
     }
 
     /// What every process but `except` published over the step of `function`'s rollout
@@ -115,9 +95,6 @@ impl MetaStore {
         step_started_ms: i64,
         except: &str,
     ) -> anyhow::Result<Vec<PublishedStats>> {
-        match self {
-            MetaStore::Sqlite(s) => s.rollout_stats(function, step_started_ms, except),
-            MetaStore::Postgres(p) => p.rollout_stats(function, step_started_ms, except).await,
-        }
+        on_backend!(self.rollout_stats(function, step_started_ms, except))
     }
 }

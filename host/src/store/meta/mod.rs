@@ -10,6 +10,16 @@
 //! - every change is one transaction: a traffic change, its history entry and the rollout
 //!   it belongs to commit together, or not at all.
 
+/// Calls the same method on whichever backend, awaiting PostgreSQL's answer.
+macro_rules! on_backend {
+    ($self:ident . $method:ident ( $($arg:expr),* )) => {
+        match $self {
+            MetaStore::Sqlite(s) => s.$method($($arg),*),
+            MetaStore::Postgres(p) => p.$method($($arg),*).await,
+        }
+    };
+}
+
 mod cluster;
 mod postgres;
 mod postgres_cluster;
@@ -173,16 +183,6 @@ pub struct StoredState {
 pub enum MetaStore {
     Sqlite(SqliteMeta),
     Postgres(PgMeta),
-}
-
-/// Calls the same method on whichever backend, awaiting PostgreSQL's answer.
-macro_rules! on_backend {
-    ($self:ident . $method:ident ( $($arg:expr),* )) => {
-        match $self {
-            MetaStore::Sqlite(s) => s.$method($($arg),*),
-            MetaStore::Postgres(p) => p.$method($($arg),*).await,
-        }
-    };
 }
 
 impl MetaStore {
