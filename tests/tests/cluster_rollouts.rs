@@ -3,7 +3,8 @@
 //! the traffic on all of them, keeps going when its driver is killed with SIGKILL and rolls
 //! back a failing candidate whose errors were answered by the two other nodes (the gate
 //! judged on their numbers added up), and a driver stopped long enough to lose its lease
-//! writes no step once it runs again.
+//! writes no step once it runs again; a node shut down with SIGTERM hands its rollouts to
+//! another node at once instead of letting the lease lapse.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::time::{Duration, Instant};
@@ -255,5 +256,38 @@ fn a_driver_stopped_past_its_lease_writes_no_step_when_it_runs_again() {
         kinds,
         ["rollout.resume", "rollout.pause", "rollout.step", "traffic"],
         "one step (the start), then the pause and the resume: {history}"
+    );
+}
+
+#[test]
+fn a_node_shut_down_with_sigterm_hands_its_rollouts_over_at_once() {
+    let Some(mut cluster) = Cluster::start("cluster::rollout_release", 2, true) else {
+        return;
+    };
+    two_versions(&cluster.nodes, "hello");
+    let started = start(
+        &cluster.nodes[0],
+        &json!({"to": 2, "steps": [10, 50, 100], "interval": "1h", "min_requests": 1}),
+    );
+    assert_eq!(started["driver"], "node-1", "{started}");
+    let stopped = Instant::now();
+    assert_eq!(cluster.nodes[0].terminate(), Some(0));
+    let log = cluster.nodes[0].log();
+    assert!(log.contains("rollout leases released"), "{log}");
+    // Released, not lapsed: the lease (5 s, renewed every second) would still be held
+    // for about 4 s more; the other node takes it at its next heartbeat.
+    let b = &cluster.nodes[1];
+    let taken = wait_for(b, Duration::from_secs(10), "taken over", |r| {
+        r["driver"] == "node-2"
+    });
+    let after = stopped.elapsed();
+    assert!(
+        after < Duration::from_secs(3),
+        "taken over {after:?} after SIGTERM: {taken}"
+    );
+    assert_eq!(
+        (taken["state"].clone(), taken["step"].clone()),
+        (json!("running"), json!(0)),
+        "{taken}"
     );
 }

@@ -49,6 +49,10 @@ impl App {
     /// Takes the lease of `name`'s rollout if it is free (or lapsed, or this node's), and
     /// then drives the rollout as the database holds it.
     pub(super) async fn take_lease(&self, name: &str) {
+        // A node shutting down leaves its rollouts to the others.
+        if self.stopping.load(std::sync::atomic::Ordering::SeqCst) {
+            return;
+        }
         let _publishing = self.publishing().await;
         let sent = Instant::now();
         match self
@@ -160,6 +164,25 @@ impl App {
             self.take_lease(name).await;
         }
         self.publish_rollout_numbers().await
+    }
+
+    /// Hands every lease this node holds back (it is shutting down), so another node
+    /// drives those rollouts from its next heartbeat instead of after the lease lapses.
+    /// From now on this node takes no lease and writes no step.
+    pub async fn release_leases(&self) {
+        self.stopping
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        // The publishing lock waits out a step being written and a lease being taken.
+        let _publishing = self.publishing().await;
+        let held: Vec<String> = self.leases().drain().map(|(name, _)| name).collect();
+        if held.is_empty() {
+            return;
+        }
+        match self.meta.release_leases(&self.node_id).await {
+            Ok(n) => tracing::info!(rollouts = n, "rollout leases released"),
+            // They lapse on their own within a lease.
+            Err(e) => tracing::warn!("releasing rollout leases: {e:#}"),
+        }
     }
 
     /// What this node reports of itself.

@@ -66,6 +66,8 @@ pub struct App {
     rollouts: rollout::ActiveRollouts,
     /// The rollouts this node drives.
     leases: cluster::Leases,
+    /// Set when the node shuts down: it takes no more rollout leases.
+    stopping: std::sync::atomic::AtomicBool,
     /// The nodes alive at the last heartbeat (rate limits are split between them).
     live_nodes: crate::auth::Nodes,
     /// The last probe of a shared blob store.
@@ -224,6 +226,7 @@ impl App {
             publishing: tokio::sync::Mutex::new(()),
             rollouts: Default::default(),
             leases: Default::default(),
+            stopping: Default::default(),
             live_nodes: nodes,
             blob_health: Default::default(),
         };
@@ -238,8 +241,8 @@ impl App {
             cluster::spawn_heartbeat(&app);
             rollout::spawn_rollout_driver(&app);
             ready::start_blob_prober(&app).await;
-            if matches!(app.meta, MetaStore::Postgres(_)) {
-                sync::spawn_store_sync(&app);
+            if let DatabaseUrl::Postgres(url) = &app.config.store.database {
+                sync::spawn_store_sync(&app, url)?;
             }
         }
         Ok((app, admin_secret))

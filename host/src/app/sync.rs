@@ -1,7 +1,9 @@
 //! Keeping a node's memory in step with a database that other nodes write (PostgreSQL):
-//! the rows are the truth, and every [`POLL_EVERY`] the node reads the change counter that
-//! every writing transaction bumps last (its row lock orders the bumps as the commits, so
-//! a committed change always moves it). When it moved, the node reads the state as of one
+//! the rows are the truth. Every writing transaction bumps a change counter last (its row
+//! lock orders the bumps as the commits, so a committed change always moves it) and
+//! announces it with `NOTIFY`; the node listens, and reads the counter when woken or
+//! every [`POLL_EVERY`] (a notification lost with a dropped connection is caught there).
+//! When it moved, the node reads the state as of one
 //! instant and applies what its memory lacks the way a local change is applied: new
 //! versions registered, deleted (or deleted and re-created) functions dropped and rebuilt,
 //! policies and aliases whose revision moved swapped in whole, rollouts whose epoch moved
@@ -19,8 +21,8 @@ use std::time::Duration;
 use super::App;
 use crate::deploy::{Routing, TrafficPolicy};
 
-/// How often a node looks for changes made by other nodes.
-pub const POLL_EVERY: Duration = Duration::from_millis(200);
+/// How often a node looks for changes made by other nodes without being woken.
+pub const POLL_EVERY: Duration = Duration::from_millis(500);
 /// How often a node applies the stored state even when the counter did not move.
 pub const FULL_EVERY: Duration = Duration::from_secs(30);
 
@@ -143,16 +145,20 @@ impl App {
     }
 }
 
-/// Polls the database's fingerprint every [`POLL_EVERY`] and syncs when it moves, for as
-/// long as the app lives. Errors (the database away) are logged once and retried.
-pub(super) fn spawn_store_sync(app: &Arc<App>) {
+/// Reads the database's change counter when another node announces a change (on `url`'s
+/// `LISTEN` connection) and every [`POLL_EVERY`], and syncs when it moved, for as long as
+/// the app lives. Errors (the database away) are logged once and retried.
+pub(super) fn spawn_store_sync(app: &Arc<App>, url: &str) -> anyhow::Result<()> {
     let weak = Arc::downgrade(app);
+    let wake = Arc::new(tokio::sync::Notify::new());
+    crate::store::pg::listen_for_changes(url, wake.clone())?;
     tokio::spawn(async move {
         let mut seen = None;
         let mut failing = false;
         let mut last_full = std::time::Instant::now();
         loop {
-            tokio::time::sleep(POLL_EVERY).await;
+            // Woken early by a notification: changes that arrive together are read once.
+            let _ = tokio::time::timeout(POLL_EVERY, wake.notified()).await;
             let Some(app) = weak.upgrade() else { return };
             let now = match app.meta.changes().await {
                 Ok(f) => f,
@@ -183,4 +189,5 @@ pub(super) fn spawn_store_sync(app: &Arc<App>) {
             }
         }
     });
+    Ok(())
 }

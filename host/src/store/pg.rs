@@ -53,13 +53,104 @@ pub async fn connect(url: &str) -> anyhow::Result<Pool> {
     Ok(pool)
 }
 
+/// The channel every committed change is announced on (`NOTIFY`), to wake the other nodes.
+pub const CHANGES_CHANNEL: &str = "kiln_changes";
+
 /// Counts one change for the nodes that poll the change counter (`kiln_changes`): the last
 /// statement of every writing transaction (always taken last, so every transaction takes
-/// its locks in the same order). Its row lock orders the bumps as the commits.
+/// its locks in the same order). Its row lock orders the bumps as the commits. It also
+/// announces the change on [`CHANGES_CHANNEL`]: PostgreSQL delivers the notification when
+/// (and only if) the transaction commits, so listening nodes wake at once instead of at
+/// their next poll.
 pub async fn bump_changes(tx: &impl deadpool_postgres::GenericClient) -> anyhow::Result<()> {
-    tx.execute("UPDATE kiln_changes SET n = n + 1 WHERE id = 1", &[])
-        .await?;
+    tx.batch_execute(
+        "UPDATE kiln_changes SET n = n + 1 WHERE id = 1; SELECT pg_notify('kiln_changes', '')",
+    )
+    .await?;
     Ok(())
+}
+
+/// Keeps a connection to `url` listening on [`CHANGES_CHANNEL`] for as long as `wake` has
+/// other owners, and wakes it on every notification. Also wakes it after every (re)connect,
+/// since a notification sent while the connection was down is lost: the caller then reads
+/// the counter and catches up. A lost connection is retried every [`RELISTEN_AFTER`].
+pub fn listen_for_changes(
+    url: &str,
+    wake: std::sync::Arc<tokio::sync::Notify>,
+) -> anyhow::Result<()> {
+    let config = client_config(url)?;
+    let wake = std::sync::Arc::downgrade(&wake);
+    tokio::spawn(async move {
+        let mut failing = false;
+        loop {
+            if wake.strong_count() == 0 {
+                return;
+            }
+            match listen_once(&config, &wake).await {
+                Ok(()) => return,
+                Err(e) => {
+                    if !failing {
+                        tracing::warn!("listening for changes from other nodes: {e:#}");
+                    }
+                    failing = true;
+                }
+            }
+            tokio::time::sleep(RELISTEN_AFTER).await;
+        }
+    });
+    Ok(())
+}
+
+/// How long a node waits before listening again after its listening connection failed.
+pub const RELISTEN_AFTER: Duration = Duration::from_secs(1);
+
+/// One listening connection, until it fails (an error) or nobody needs it (`Ok`).
+async fn listen_once(
+    config: &tokio_postgres::Config,
+    wake: &std::sync::Weak<tokio::sync::Notify>,
+) -> anyhow::Result<()> {
+    use futures::StreamExt;
+    let (client, mut connection) = config.connect(NoTls).await?;
+    // The connection is driven on its own task, which hands every notification on and
+    // ends when the connection does.
+    let notify = wake.clone();
+    let mut driver = tokio::spawn(async move {
+        let mut messages = futures::stream::poll_fn(move |cx| connection.poll_message(cx));
+        while let Some(message) = messages.next().await {
+            if let tokio_postgres::AsyncMessage::Notification(_) = message? {
+                match notify.upgrade() {
+                    Some(w) => w.notify_one(),
+                    None => return Ok(()),
+                }
+            }
+        }
+        anyhow::bail!("the database closed the connection")
+    });
+    let listened = async {
+        client
+            .batch_execute(&format!("LISTEN {CHANGES_CHANNEL}"))
+            .await?;
+        tracing::debug!("listening for changes from other nodes");
+        // Whatever was announced while this node was not listening.
+        match wake.upgrade() {
+            Some(w) => w.notify_one(),
+            None => return Ok(()),
+        }
+        // A quiet connection is probed now and then, so a dead one is noticed and replaced.
+        loop {
+            tokio::time::sleep(Duration::from_secs(10)).await;
+            if wake.strong_count() == 0 {
+                return Ok(());
+            }
+            client.simple_query("SELECT 1").await?;
+        }
+    };
+    let result = tokio::select! {
+        r = listened => r,
+        r = &mut driver => r.map_err(anyhow::Error::from).and_then(|r| r),
+    };
+    driver.abort();
+    result
 }
 
 /// The client settings of every Kiln connection: `url`'s, plus a connect timeout, TCP
@@ -264,5 +355,50 @@ mod tests {
                 && msg.contains(&format!("version {})", MIGRATIONS.len())),
             "{msg}"
         );
+    }
+
+    #[tokio::test]
+    async fn a_committed_change_wakes_a_listener_and_a_cut_listener_comes_back() {
+        let Some(db) = scratch::database("pg::listen").await else {
+            return;
+        };
+        let pool = connect(&db.url).await.expect("connect");
+        let wake = std::sync::Arc::new(tokio::sync::Notify::new());
+        listen_for_changes(&db.url, wake.clone()).expect("listen");
+        let woken = |limit: u64| {
+            let wake = wake.clone();
+            async move {
+                tokio::time::timeout(Duration::from_millis(limit), wake.notified())
+                    .await
+                    .is_ok()
+            }
+        };
+        assert!(woken(5_000).await, "woken once listening (to catch up)");
+        let mut client = pool.get().await.expect("client");
+        let tx = client.transaction().await.expect("tx");
+        bump_changes(&tx).await.expect("bump");
+        tx.rollback().await.expect("rollback");
+        assert!(!woken(500).await, "a rolled-back change wakes nobody");
+        let tx = client.transaction().await.expect("tx");
+        bump_changes(&tx).await.expect("bump");
+        tx.commit().await.expect("commit");
+        assert!(woken(5_000).await, "a committed change wakes the listener");
+        // The listening connection cut (a database restart, a proxy): it listens again
+        // and wakes its owner to read what it may have missed.
+        let cut = client
+            .execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+                 WHERE datname = current_database() AND pid <> pg_backend_pid()
+                   AND query LIKE 'LISTEN%'",
+                &[],
+            )
+            .await
+            .expect("terminate");
+        assert_eq!(cut, 1, "one listening connection");
+        assert!(woken(10_000).await, "woken again after listening again");
+        let tx = client.transaction().await.expect("tx");
+        bump_changes(&tx).await.expect("bump");
+        tx.commit().await.expect("commit");
+        assert!(woken(5_000).await, "changes wake it after the cut");
     }
 }

@@ -75,6 +75,12 @@ impl MetaStore {
         on_backend!(self.renew_lease(function, node, lease_ms))
     }
 
+    /// Gives up every lease `node` holds (it is shutting down): the rollouts are free for
+    /// any node to take at once. Returns how many were released.
+    pub async fn release_leases(&self, node: &str) -> anyhow::Result<u64> {
+        on_backend!(self.release_leases(node))
+    }
+
     /// Stores `process`'s numbers of `stats.version` over the step of `function`'s rollout
     /// that began at `step_started_ms`.
     pub async fn publish_rollout_stats(

@@ -113,6 +113,19 @@ impl PgMeta {
         Ok(row.map(|r| r.get::<_, i64>(0).max(0) as u64))
     }
 
+    pub async fn release_leases(&self, node: &str) -> anyhow::Result<u64> {
+        let n = self
+            .client()
+            .await?
+            .execute(
+                "UPDATE rollouts SET driver = NULL, lease_until = 0
+                 WHERE active AND driver = $1",
+                &[&node],
+            )
+            .await?;
+        Ok(n)
+    }
+
     pub async fn publish_rollout_stats(
         &self,
         function: &str,

@@ -103,6 +103,15 @@ impl SqliteMeta {
         Ok(epoch.map(|e| e.max(0) as u64))
     }
 
+    pub fn release_leases(&self, node: &str) -> anyhow::Result<u64> {
+        let n = self.conn().execute(
+            "UPDATE rollouts SET driver = NULL, lease_until = 0
+             WHERE active = 1 AND driver = ?1",
+            params![node],
+        )?;
+        Ok(n as u64)
+    }
+
     pub fn publish_rollout_stats(
         &self,
         function: &str,
