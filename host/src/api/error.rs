@@ -59,6 +59,9 @@ pub enum ApiError {
     /// A store this node needs (the database, the blob store) cannot be reached.
     #[error("{0}")]
     Unavailable(String),
+    /// The server is at one of its own limits (buffered bytes, connections): try again.
+    #[error("{0}")]
+    Busy(String),
     #[error("internal error: {0:#}")]
     Internal(#[from] anyhow::Error),
 }
@@ -92,7 +95,7 @@ impl ApiError {
             Auth(AuthError::RateLimited { .. }) => StatusCode::TOO_MANY_REQUESTS,
             Sign(SignError::Unsigned(_) | SignError::Untrusted(..)) => StatusCode::FORBIDDEN,
             Sign(_) | Tampered(_) => StatusCode::BAD_REQUEST,
-            Overloaded(_) | Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            Overloaded(_) | Unavailable(_) | Busy(_) => StatusCode::SERVICE_UNAVAILABLE,
             Internal(e) if crate::store::unreachable(e) => StatusCode::SERVICE_UNAVAILABLE,
             Invoke(InvokeError::Timeout(_)) => StatusCode::GATEWAY_TIMEOUT,
             Invoke(_) => StatusCode::INTERNAL_SERVER_ERROR,
@@ -143,6 +146,7 @@ impl ApiError {
             Tampered(_) => "bundle.digest_mismatch",
             Overloaded(_) => "function.overloaded",
             Unavailable(_) => "store.unavailable",
+            Busy(_) => "server.busy",
             Internal(e) if crate::store::unreachable(e) => "store.unavailable",
             Invoke(InvokeError::Timeout(_)) => "function.timeout",
             Invoke(InvokeError::Trap(_)) => "function.trap",

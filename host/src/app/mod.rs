@@ -72,6 +72,8 @@ pub struct App {
     live_nodes: crate::auth::Nodes,
     /// The last probe of a shared blob store.
     blob_health: ready::BlobHealth,
+    /// Request body bytes held whole in memory, over all requests (`[server] body_buffer_mb`).
+    pub body_budget: crate::common::ByteBudget,
 }
 
 /// Who deploys a version, as far as [`App::deploy`] is concerned.
@@ -209,6 +211,7 @@ impl App {
         };
         let node_id = ready::node_id(&config.data_dir, config.node_id.as_deref())?;
         let started_at_ms = crate::unix_ms();
+        let body_budget = crate::common::ByteBudget::new(config.server.body_buffer_bytes());
         let app = App {
             config,
             process: format!("{node_id}#{started_at_ms}"),
@@ -229,6 +232,7 @@ impl App {
             stopping: Default::default(),
             live_nodes: nodes,
             blob_health: Default::default(),
+            body_budget,
         };
         // The registry is built from the database as changes from other nodes are applied.
         app.apply_stored(false).await?;

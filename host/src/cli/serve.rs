@@ -18,6 +18,7 @@ pub fn run(flags: Overrides, config: Option<PathBuf>, insecure: bool) -> anyhow:
         .ok()
         .filter(|k| !k.is_empty());
     config.auth.insecure = insecure;
+    raise_open_files_limit(config.server.max_connections);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("kiln-worker")
@@ -47,6 +48,45 @@ pub fn run(flags: Overrides, config: Option<PathBuf>, insecure: bool) -> anyhow:
         tracing::info!("usage ledger flushed");
         served
     })
+}
+
+/// Raises this process's soft limit of open files to its hard limit (as servers that hold
+/// many connections do), and warns when even that is below what `max_connections` needs:
+/// connections past it would fail at accept instead of getting a clear 503.
+fn raise_open_files_limit(max_connections: usize) {
+    #[cfg(unix)]
+    {
+        let mut lim = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        // SAFETY: getrlimit/setrlimit only read and write the struct passed.
+        #[allow(unsafe_code)]
+        let got = unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } == 0;
+        if !got {
+            return;
+        }
+        if lim.rlim_cur < lim.rlim_max {
+            let raised = libc::rlimit {
+                rlim_cur: lim.rlim_max,
+                rlim_max: lim.rlim_max,
+            };
+            #[allow(unsafe_code)]
+            let ok = unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } == 0;
+            if ok {
+                lim = raised;
+            }
+        }
+        // Files, the database pool and the listener need some descriptors besides.
+        let needed = max_connections as u64 + 256;
+        if lim.rlim_cur < needed {
+            tracing::warn!(
+                open_files = lim.rlim_cur,
+                needed,
+                "the open-files limit is below [server] max_connections plus headroom: lower max_connections or raise the limit"
+            );
+        }
+    }
 }
 
 async fn shutdown_signal() {

@@ -1,16 +1,18 @@
 //! What every layer shares and none owns: content digests, the limits a version runs
-//! under, rates, and the [`BlobSource`] through which the runtime and `nn` reach blob
+//! under, rates, the byte budget buffered bodies share, and the [`BlobSource`] through which the runtime and `nn` reach blob
 //! bytes without knowing where they are stored.
 //!
 //! A leaf: it imports nothing else from the crate, so caches, `nn` and the runtime need no
 //! storage module, and storage needs no runtime.
 
 mod blobs;
+mod budget;
 mod digest;
 mod limits;
 mod rate;
 
 pub use blobs::BlobSource;
+pub use budget::{BudgetShare, ByteBudget, OverBudget};
 pub use digest::{Digest, DigestError};
 pub use limits::{LimitError, Limits, LimitsSpec};
 pub use rate::{Period, Rate};

@@ -10,6 +10,8 @@
 //! | `kiln_faas_coldstarts_total` | counter | function |
 //! | `kiln_faas_active_instances` | gauge | |
 //! | `kiln_requests_in_flight` | gauge | |
+//! | `kiln_connections_open` | gauge | |
+//! | `kiln_connections_refused_total` | counter | |
 //! | `kiln_nn_inference_duration_seconds` | histogram | backend, device |
 //! | `kiln_compile_duration_seconds` | histogram | |
 //! | `kiln_cache_hits_total`, `kiln_cache_misses_total`, `kiln_cache_evictions_total` | counter | cache (`response`, `inference`) |
@@ -136,6 +138,8 @@ pub struct Metrics {
     coldstarts: Family<FunctionLabels, Counter>,
     active: Gauge<i64, AtomicI64>,
     in_flight: Gauge<i64, AtomicI64>,
+    connections: Gauge<i64, AtomicI64>,
+    connections_refused: Counter,
     inference: HistogramFamily<InferenceLabels>,
     compile: Histogram,
     cache_hits: Family<CacheLabels, Counter>,
@@ -193,6 +197,18 @@ impl Metrics {
             "requests_in_flight",
             "Function requests being answered right now (queued ones included)",
             in_flight.clone(),
+        );
+        let connections = Gauge::<i64, AtomicI64>::default();
+        registry.register(
+            "connections_open",
+            "Client connections open now",
+            connections.clone(),
+        );
+        let connections_refused = Counter::default();
+        registry.register(
+            "connections_refused",
+            "Connections answered 503 and closed at [server] max_connections",
+            connections_refused.clone(),
         );
         let inference: HistogramFamily<InferenceLabels> =
             Family::new_with_constructor(inference_histogram);
@@ -276,6 +292,8 @@ impl Metrics {
             coldstarts,
             active,
             in_flight,
+            connections,
+            connections_refused,
             inference,
             compile,
             cache_hits,
@@ -324,6 +342,17 @@ impl Metrics {
     pub fn request(&self) -> ActiveInstance {
         self.in_flight.inc();
         ActiveInstance(self.in_flight.clone())
+    }
+
+    /// Counts a client connection in `kiln_connections_open` until the guard is dropped.
+    pub fn connection_opened(&self) -> ActiveInstance {
+        self.connections.inc();
+        ActiveInstance(self.connections.clone())
+    }
+
+    /// Counts a connection refused at the connection limit.
+    pub fn connection_refused(&self) {
+        self.connections_refused.inc();
     }
 
     /// Function requests being answered now.

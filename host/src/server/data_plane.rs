@@ -3,8 +3,10 @@
 //! admission gate, loads the version (cold start if needed), runs the guest on a fresh
 //! instance with the path rewritten to `/{rest...}`, adds `x-kiln-version`,
 //! `x-kiln-cache` and `server-timing` to the response, and writes the request's usage
-//! record ([`super::usage`]) when its body has been sent. A request drawn for the traffic policy's shadow
-//! has its body read whole first, and is copied to the shadow once answered ([`super::shadow`]).
+//! record ([`super::usage`]) when its body has been sent. A request drawn for the traffic
+//! policy's shadow, or looked up in the response cache, has its body read whole once it
+//! is admitted, within the server's body budget ([`super::whole`]); a shadow copy is sent
+//! once the primary answered ([`super::shadow`]).
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -17,11 +19,11 @@ use hyper::body::Incoming;
 use super::body::{Body, BodyStats, LimitedBody, Tapped, full, incoming};
 use super::shadow;
 use super::usage::Usage;
+use super::whole::{Held, Input, admit_and_read, cached};
 use crate::api::ApiError;
 use crate::app::App;
 use crate::auth::{AuthError, Caller};
-use crate::cache::responses::{self, CacheStatus, CachedResponse};
-use crate::cache::{Lookup, Placement};
+use crate::cache::responses::{self, CacheStatus};
 use crate::deploy::{Admitted, RouteError, VersionEntry};
 use crate::meter::Outcome;
 use crate::runtime::{InvokeError, ResponseBody, Timings};
@@ -78,8 +80,8 @@ pub fn parse_fn_path(path: &str) -> Result<(FnTarget<'_>, &str), ApiError> {
 /// Request header forcing a version (and response header naming the one that answered).
 pub const VERSION_HEADER: &str = "x-kiln-version";
 
-/// A response and the concurrency permit its body holds (none for a cache hit).
-type Served = (Response<Body>, Option<Admitted>);
+/// A response and what its body holds until it is sent.
+pub(super) type Served = (Response<Body>, Held);
 
 /// Serves one data-plane request; `id` is its request id (the usage record's key).
 pub async fn handle(
@@ -101,39 +103,51 @@ pub async fn handle(
     usage.routed = routed;
     let rest = rest.to_string();
     let req = req.map(incoming);
-    // A request copied to a shadow is read whole first: the shadow gets the same bytes,
-    // and both latencies are counted from when the body is in.
+    let cacheable = placement.is_some() && !responses::bypass(req.method(), req.headers());
+    // A request copied to a shadow, or looked up in the response cache, is read whole,
+    // after admission (a queued request holds no body bytes) and within the server's
+    // body budget. The shadow gets the same bytes; both latencies are counted from when
+    // the body is in.
     let mut primary_start = usage.started;
-    let (req, copy) = match shadowed {
-        Some(to) => match shadow::read_whole(app, &entry, req, &rest, id, owner, to).await {
-            Ok((req, copy)) => {
+    let input = match shadowed.is_some() || cacheable {
+        true => match admit_and_read(app, &entry, req).await {
+            Ok(whole) => {
                 primary_start = Instant::now();
-                (req, Some(copy))
+                Input::Whole(whole)
             }
             Err(e) => {
+                if let Some(to) = &shadowed {
+                    shadow::skip(app, to);
+                }
                 usage.fail(&e).await;
                 return Err(e);
             }
         },
-        None => (req, None),
+        false => Input::Stream(req),
     };
-    let served = match placement {
-        Some(at) if !responses::bypass(req.method(), req.headers()) => {
-            cached(app, &entry, req, &rest, at, &mut usage).await
+    let copy = match (&input, shadowed) {
+        (Input::Whole(w), Some(to)) => {
+            Some(shadow::copy_of(&w.parts, &w.body, &rest, id, owner, to))
         }
-        Some(_) => {
+        _ => None,
+    };
+    let served = match (placement, input) {
+        (Some(at), Input::Whole(whole)) if cacheable => {
+            cached(app, &entry, whole, &rest, at, &mut usage).await
+        }
+        (Some(_), input) => {
             usage.cache = CacheStatus::Bypass.as_str();
             streamed(
                 app,
                 &entry,
-                req,
+                input,
                 &rest,
                 &mut usage,
                 Some(CacheStatus::Bypass),
             )
             .await
         }
-        None => streamed(app, &entry, req, &rest, &mut usage, None).await,
+        (None, input) => streamed(app, &entry, input, &rest, &mut usage, None).await,
     };
     match served {
         Ok((mut resp, guard)) => {
@@ -247,7 +261,7 @@ fn admit(app: &App, req: &Request<Incoming>, target: FnTarget<'_>) -> Result<Adm
 
 /// Refuses a body announced larger than the limit (reading a modest one first, so the
 /// client sees the answer rather than a reset).
-async fn refuse_large(entry: &VersionEntry, req: Request<Body>, max: u64) -> ApiError {
+pub(super) async fn refuse_large(entry: &VersionEntry, req: Request<Body>, max: u64) -> ApiError {
     entry.metrics.record(Outcome::Rejected, None, false);
     let len = content_length(&req).unwrap_or(0);
     if len <= super::body::DRAIN_CAP as u64 {
@@ -258,171 +272,54 @@ async fn refuse_large(entry: &VersionEntry, req: Request<Body>, max: u64) -> Api
     ))
 }
 
-/// The uncached path: the request body streams into the guest, its response out.
-/// `cache` is set when a cacheable function's request bypasses the cache.
+/// The uncached path: the request body streams into the guest (or was read whole for a
+/// shadow copy), its response out. `cache` is set when a cacheable function's request
+/// bypasses the cache.
 async fn streamed(
     app: &Arc<App>,
     entry: &VersionEntry,
-    req: Request<Body>,
+    input: Input,
     rest: &str,
     usage: &mut Usage,
     cache: Option<CacheStatus>,
 ) -> Result<Served, ApiError> {
-    let max_body = app.config.max_body_bytes;
-    if content_length(&req).is_some_and(|len| len > max_body) {
-        return Err(refuse_large(entry, req, max_body).await);
-    }
-    let (parts, body) = req.into_parts();
-    let (body, stats) = LimitedBody::new(body, max_body);
-    usage.body_stats = Some(stats.clone());
-    let (resp, admitted, timings) =
-        run(app, entry, parts, body, rest, usage, Some(&stats), None).await?;
+    let (resp, held, timings) = match input {
+        Input::Stream(req) => {
+            let max_body = app.config.max_body_bytes;
+            if content_length(&req).is_some_and(|len| len > max_body) {
+                return Err(refuse_large(entry, req, max_body).await);
+            }
+            let (parts, body) = req.into_parts();
+            let (body, stats) = LimitedBody::new(body, max_body);
+            usage.body_stats = Some(stats.clone());
+            let (resp, slot, timings) =
+                run(app, entry, parts, body, rest, usage, Some(&stats), None).await?;
+            (resp, Held::slot(slot), timings)
+        }
+        Input::Whole(w) => {
+            usage.bytes_in = w.body.len() as u64;
+            let (resp, slot, timings) = run(
+                app,
+                entry,
+                w.parts,
+                full(w.body),
+                rest,
+                usage,
+                None,
+                Some(w.slot),
+            )
+            .await?;
+            let held = Held {
+                _slot: Some(slot),
+                _share: Some(w.share),
+            };
+            (resp, held, timings)
+        }
+    };
     let (mut parts, body) = resp.into_parts();
     let cache = cache.map(|c| (c, Duration::ZERO));
     set_server_timing(&mut parts.headers, Some(&timings), cache);
-    Ok((
-        Response::from_parts(parts, body.boxed_unsync()),
-        Some(admitted),
-    ))
-}
-
-/// The cached path: the body is read whole (it is part of the key); a hit answers from
-/// the cache, a miss runs the guest once for every concurrent identical request and stores
-/// a storable answer.
-async fn cached(
-    app: &Arc<App>,
-    entry: &VersionEntry,
-    req: Request<Body>,
-    rest: &str,
-    at: &Placement,
-    usage: &mut Usage,
-) -> Result<Served, ApiError> {
-    let max_body = app.config.max_body_bytes;
-    if content_length(&req).is_some_and(|len| len > max_body) {
-        return Err(refuse_large(entry, req, max_body).await);
-    }
-    let (parts, body) = req.into_parts();
-    let body = read_body(entry, body, max_body).await?;
-    usage.bytes_in = body.len() as u64;
-    let record = &entry.record;
-    let vary = record
-        .cache
-        .responses
-        .as_ref()
-        .map_or(&[][..], |p| p.vary.as_slice());
-    let path_and_query = match parts.uri.query() {
-        Some(q) => format!("{rest}?{q}"),
-        None => rest.to_string(),
-    };
-    let key = responses::key(
-        at.scope,
-        &record.digest,
-        &parts.method,
-        &path_and_query,
-        vary,
-        &parts.headers,
-        &body,
-    );
-    let looked = Instant::now();
-    let wait = Duration::from_millis(record.limits.timeout_ms);
-    match app.responses.lookup(at, key, wait).await {
-        Lookup::Hit(stored, age) => {
-            usage.cache = CacheStatus::Hit.as_str();
-            let mut resp = Response::new(full(stored.body.clone()));
-            *resp.status_mut() = stored.status;
-            *resp.headers_mut() = stored.headers.clone();
-            resp.headers_mut()
-                .insert(header::AGE, HeaderValue::from(age.as_secs()));
-            set_server_timing(
-                resp.headers_mut(),
-                None,
-                Some((CacheStatus::Hit, looked.elapsed())),
-            );
-            Ok((resp, None))
-        }
-        Lookup::Miss(mut fill) => {
-            let lookup = looked.elapsed();
-            let (resp, admitted, timings) =
-                run(app, entry, parts, full(body), rest, usage, None, None).await?;
-            let (mut head, body) = resp.into_parts();
-            let body = if responses::storable(head.status, &head.headers) {
-                match collect_up_to(body, app.responses.max_entry()).await {
-                    Ok(Ok(bytes)) => {
-                        let stored = CachedResponse {
-                            status: head.status,
-                            headers: head.headers.clone(),
-                            body: bytes.clone(),
-                        };
-                        let size = stored.size();
-                        fill.store(at, Arc::new(stored), size);
-                        full(bytes)
-                    }
-                    Ok(Err(partial)) => partial,
-                    Err(e) => {
-                        return Err(ApiError::Invoke(InvokeError::GuestError(format!(
-                            "the response body failed: {e}"
-                        ))));
-                    }
-                }
-            } else {
-                body.boxed_unsync()
-            };
-            drop(fill);
-            set_server_timing(
-                &mut head.headers,
-                Some(&timings),
-                Some((CacheStatus::Miss, lookup)),
-            );
-            Ok((Response::from_parts(head, body), Some(admitted)))
-        }
-    }
-}
-
-/// Reads a request body whole, refusing it past `max` bytes.
-pub(super) async fn read_body(
-    entry: &VersionEntry,
-    body: Body,
-    max: u64,
-) -> Result<bytes::Bytes, ApiError> {
-    match http_body_util::Limited::new(body, max as usize)
-        .collect()
-        .await
-    {
-        Ok(b) => Ok(b.to_bytes()),
-        Err(e) => {
-            entry.metrics.record(Outcome::Rejected, None, false);
-            Err(match e.is::<http_body_util::LengthLimitError>() {
-                true => {
-                    ApiError::TooLarge(format!("request body exceeds the limit of {max} bytes"))
-                }
-                false => ApiError::InvalidRequest(format!("reading the request body: {e}")),
-            })
-        }
-    }
-}
-
-/// Reads `body` whole if it is at most `max` bytes; otherwise gives back a body that
-/// replays what was read and streams the rest.
-async fn collect_up_to(
-    mut body: ResponseBody,
-    max: u64,
-) -> Result<Result<bytes::Bytes, Body>, super::BodyError> {
-    let mut buf = bytes::BytesMut::new();
-    while let Some(frame) = body.frame().await {
-        let frame = frame?;
-        if let Some(data) = frame.data_ref() {
-            buf.extend_from_slice(data);
-        }
-        if buf.len() as u64 > max {
-            let head = futures::stream::once(futures::future::ready(Ok(http_body::Frame::data(
-                buf.freeze(),
-            ))));
-            let tail = http_body_util::BodyStream::new(body);
-            let stream = futures::StreamExt::chain(head, tail);
-            return Ok(Err(http_body_util::StreamBody::new(stream).boxed_unsync()));
-        }
-    }
-    Ok(Ok(buf.freeze()))
+    Ok((Response::from_parts(parts, body.boxed_unsync()), held))
 }
 
 /// Runs the guest: admission (unless `permit` is a slot already taken), load (cold start),
@@ -519,7 +416,7 @@ where
     Ok((outcome?, admitted, timings))
 }
 
-fn content_length<B>(req: &Request<B>) -> Option<u64> {
+pub(super) fn content_length<B>(req: &Request<B>) -> Option<u64> {
     req.headers()
         .get(header::CONTENT_LENGTH)?
         .to_str()
@@ -530,7 +427,7 @@ fn content_length<B>(req: &Request<B>) -> Option<u64> {
 
 /// Sets `server-timing`: `cache` (response cache), `cold`, `instantiate`, `handler`,
 /// `inference` (backend time, by device) and `inference-cache`.
-fn set_server_timing(
+pub(super) fn set_server_timing(
     headers: &mut http::HeaderMap,
     t: Option<&Timings>,
     cache: Option<(CacheStatus, Duration)>,

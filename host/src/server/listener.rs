@@ -1,17 +1,33 @@
-//! The accept loop and graceful shutdown.
+//! The accept loop, the connection limits and graceful shutdown.
+//!
+//! What bounds a flood here (the `[server]` table): at most `max_connections` connections
+//! (one more is answered 503 and closed at once), at most `h2_max_streams` streams on an
+//! HTTP/2 connection and small HTTP/2 flow-control windows (a stream waiting for
+//! admission holds at most a window of unread bytes), keep-alive pings that drop a peer
+//! that stopped answering, a first request due within the header timeout on every
+//! protocol (HTTP/1 enforces it per request too), and an idle timeout that closes a
+//! connection no request has used for `idle_timeout_ms`.
 
 use std::convert::Infallible;
 use std::future::Future;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
-use tokio::net::TcpListener;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{Semaphore, watch};
+use tokio::time::Instant;
 
 use crate::app::App;
+
+/// HTTP/2 receive window of one stream: what a stream may send before it is read.
+const H2_STREAM_WINDOW: u32 = 64 << 10;
+/// HTTP/2 receive window of a whole connection, over its streams.
+const H2_CONNECTION_WINDOW: u32 = 256 << 10;
 
 /// Serves `listener` until `shutdown` resolves, then stops accepting and waits (up to the
 /// configured drain timeout) for in-flight requests to finish.
@@ -20,14 +36,30 @@ pub async fn serve(
     listener: TcpListener,
     shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<()> {
+    let limits = app.config.server.clone();
+    let header_timeout = Duration::from_millis(app.config.header_timeout_ms);
+    let keepalive = Duration::from_millis(limits.h2_keepalive_ms);
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
         .http1()
         .timer(TokioTimer::new())
-        .header_read_timeout(Duration::from_millis(app.config.header_timeout_ms))
+        .header_read_timeout(header_timeout)
         .keep_alive(true);
-    builder.http2().timer(TokioTimer::new());
-    let graceful = GracefulShutdown::new();
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_concurrent_streams(limits.h2_max_streams)
+        .initial_stream_window_size(H2_STREAM_WINDOW)
+        .initial_connection_window_size(H2_CONNECTION_WINDOW)
+        .keep_alive_interval(Some(keepalive))
+        .keep_alive_timeout(keepalive);
+    let timeouts = Timeouts {
+        first_request: header_timeout,
+        idle: Duration::from_millis(limits.idle_timeout_ms),
+        drain: Duration::from_millis(app.config.drain_timeout_ms),
+    };
+    let slots = Arc::new(Semaphore::new(limits.max_connections));
+    let (stop, stopping) = watch::channel(false);
     // Connection tasks, so that the ones still open after the drain timeout can be ended
     // (and their requests' usage records written) before the ledger is flushed.
     let mut connections = tokio::task::JoinSet::new();
@@ -45,18 +77,29 @@ pub async fn serve(
                         continue;
                     }
                 };
+                let Ok(slot) = slots.clone().try_acquire_owned() else {
+                    app.metrics.connection_refused();
+                    tokio::spawn(refuse(stream));
+                    continue;
+                };
                 let _ = stream.set_nodelay(true);
-                let app = app.clone();
-                let service = service_fn(move |req| {
-                    let app = app.clone();
-                    async move { Ok::<_, Infallible>(super::handle(app, req).await) }
-                });
+                let activity = Arc::new(Activity::new());
+                let service = {
+                    let (app, activity) = (app.clone(), activity.clone());
+                    service_fn(move |req| {
+                        let (app, activity) = (app.clone(), activity.clone());
+                        async move {
+                            let _busy = activity.begin();
+                            Ok::<_, Infallible>(super::handle(app, req).await)
+                        }
+                    })
+                };
                 let conn = builder.serve_connection(TokioIo::new(stream), service).into_owned();
-                let conn = graceful.watch(conn);
+                let open = app.metrics.connection_opened();
+                let stopping = stopping.clone();
                 connections.spawn(async move {
-                    if let Err(e) = conn.await {
-                        tracing::debug!(%peer, "connection ended with error: {e}");
-                    }
+                    drive(conn, &activity, stopping, timeouts, peer).await;
+                    drop((slot, open));
                 });
             }
             Some(_) = connections.join_next(), if !connections.is_empty() => {}
@@ -65,11 +108,176 @@ pub async fn serve(
     }
     drop(listener);
     tracing::info!("shutting down: draining in-flight requests");
-    let drain = Duration::from_millis(app.config.drain_timeout_ms);
+    let _ = stop.send(true);
+    let drained = async { while connections.join_next().await.is_some() {} };
     tokio::select! {
-        () = graceful.shutdown() => tracing::info!("all connections drained"),
-        () = tokio::time::sleep(drain) => tracing::warn!("drain timeout reached; closing remaining connections"),
+        () = drained => tracing::info!("all connections drained"),
+        () = tokio::time::sleep(timeouts.drain) => tracing::warn!("drain timeout reached; closing remaining connections"),
     }
     connections.shutdown().await;
     Ok(())
+}
+
+/// The timeouts a connection runs under.
+#[derive(Debug, Clone, Copy)]
+struct Timeouts {
+    /// From accept to the first request's head.
+    first_request: Duration,
+    /// With no request in progress.
+    idle: Duration,
+    /// For the requests in progress once the connection is told to close.
+    drain: Duration,
+}
+
+/// Serves one connection until it ends, closing it gracefully when the server stops or
+/// when it stays unused past its timeout.
+async fn drive<C>(
+    conn: C,
+    activity: &Activity,
+    mut stopping: watch::Receiver<bool>,
+    timeouts: Timeouts,
+    peer: std::net::SocketAddr,
+) where
+    C: Future<Output = Result<(), Box<dyn std::error::Error + Send + Sync>>> + Graceful,
+{
+    tokio::pin!(conn);
+    let mut deadline = Instant::now() + timeouts.first_request;
+    let why = loop {
+        tokio::select! {
+            ended = conn.as_mut() => {
+                if let Err(e) = ended {
+                    tracing::debug!(%peer, "connection ended with error: {e}");
+                }
+                return;
+            }
+            _ = stopping.changed() => break "server shutting down",
+            () = tokio::time::sleep_until(deadline) => match activity.idle_since() {
+                None => deadline = Instant::now() + timeouts.idle,
+                Some(since) => {
+                    let limit = match activity.served() {
+                        0 => timeouts.first_request,
+                        _ => timeouts.idle,
+                    };
+                    if since.elapsed() >= limit {
+                        break "idle";
+                    }
+                    deadline = since + limit;
+                }
+            },
+        }
+    };
+    tracing::debug!(%peer, why, "closing connection");
+    Graceful::graceful_shutdown(conn.as_mut());
+    if tokio::time::timeout(timeouts.drain, conn).await.is_err() {
+        tracing::debug!(%peer, "connection did not close within the drain timeout");
+    }
+}
+
+/// A connection that can be asked to finish what is in progress and close.
+trait Graceful {
+    fn graceful_shutdown(self: std::pin::Pin<&mut Self>);
+}
+
+impl<I, S, E, B> Graceful for auto::Connection<'static, I, S, E>
+where
+    S: hyper::service::HttpService<hyper::body::Incoming, ResBody = B>,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    I: hyper::rt::Read + hyper::rt::Write + Unpin,
+    B: hyper::body::Body + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    E: auto::HttpServerConnExec<S::Future, B>,
+{
+    fn graceful_shutdown(self: std::pin::Pin<&mut Self>) {
+        auto::Connection::graceful_shutdown(self)
+    }
+}
+
+/// The requests of one connection: how many are in progress, how many were served, and
+/// when the last one ended (ms since the connection opened).
+struct Activity {
+    opened: Instant,
+    in_progress: AtomicUsize,
+    served: AtomicU64,
+    last_ms: AtomicU64,
+}
+
+/// Marks a request in progress until dropped.
+struct Busy<'a>(&'a Activity);
+
+impl Activity {
+    fn new() -> Self {
+        Activity {
+            opened: Instant::now(),
+            in_progress: AtomicUsize::new(0),
+            served: AtomicU64::new(0),
+            last_ms: AtomicU64::new(0),
+        }
+    }
+
+    fn begin(&self) -> Busy<'_> {
+        self.in_progress.fetch_add(1, Ordering::SeqCst);
+        self.served.fetch_add(1, Ordering::Relaxed);
+        Busy(self)
+    }
+
+    fn served(&self) -> u64 {
+        self.served.load(Ordering::Relaxed)
+    }
+
+    /// Since when nothing is in progress; `None` while a request is.
+    fn idle_since(&self) -> Option<Instant> {
+        (self.in_progress.load(Ordering::SeqCst) == 0)
+            .then(|| self.opened + Duration::from_millis(self.last_ms.load(Ordering::SeqCst)))
+    }
+}
+
+impl Drop for Busy<'_> {
+    fn drop(&mut self) {
+        let ms = self.0.opened.elapsed().as_millis() as u64;
+        self.0.last_ms.fetch_max(ms, Ordering::SeqCst);
+        self.0.in_progress.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// What a connection over `max_connections` is told before it is closed.
+fn refusal() -> String {
+    let body = r#"{"error":{"code":"server.busy","message":"the server is at its connection limit; try again"}}"#;
+    format!(
+        "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\nretry-after: 1\r\nconnection: close\r\ncontent-length: {}\r\n\r\n{body}",
+        body.len()
+    )
+}
+
+/// Answers a connection over the limit with a 503 and closes it, within a second.
+async fn refuse(mut stream: TcpStream) {
+    let _ = tokio::time::timeout(Duration::from_secs(1), async {
+        stream.write_all(refusal().as_bytes()).await?;
+        stream.shutdown().await?;
+        // Read what the client sent, so closing does not reset the connection before
+        // the client has read the answer.
+        let mut sink = [0u8; 4096];
+        while stream.read(&mut sink).await? > 0 {}
+        std::io::Result::Ok(())
+    })
+    .await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_refusal_is_a_well_formed_response() {
+        let refusal = refusal();
+        let (head, body) = refusal.split_once("\r\n\r\n").unwrap();
+        let len: usize = head
+            .lines()
+            .find_map(|l| l.strip_prefix("content-length: "))
+            .unwrap()
+            .parse()
+            .unwrap();
+        assert_eq!(body.len(), len);
+        let v: serde_json::Value = serde_json::from_str(body).unwrap();
+        assert_eq!(v["error"]["code"], "server.busy");
+    }
 }

@@ -8,6 +8,7 @@ mod listener;
 mod router;
 mod shadow;
 mod usage;
+mod whole;
 
 pub use body::{Body, BodyError, DRAIN_CAP, LimitedBody, drain, empty, full};
 pub use listener::serve;

@@ -104,12 +104,14 @@ pub fn error_response(e: &ApiError) -> Response<Body> {
             ApiError::Invoke(_) | ApiError::Overloaded(_) => {
                 tracing::info!(code = e.code(), "{e:#}")
             }
+            // A flood answered fast must not become a flood of log lines.
+            ApiError::Busy(_) => tracing::debug!(code = e.code(), "{e:#}"),
             _ => tracing::error!(code = e.code(), "{e:#}"),
         }
     }
     let mut resp = json_response(status, &e.to_json());
     match e {
-        ApiError::Overloaded(_) => {
+        ApiError::Overloaded(_) | ApiError::Busy(_) => {
             resp.headers_mut()
                 .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
         }

@@ -22,10 +22,9 @@ use http::{HeaderValue, Request, StatusCode, header};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 
-use super::body::{Body, full};
+use super::body::full;
 use super::data_plane;
 use super::usage::Usage;
-use crate::api::ApiError;
 use crate::app::App;
 use crate::deploy::{Admitted, VersionEntry};
 use crate::meter::Outcome;
@@ -54,42 +53,29 @@ pub(super) fn eligible(req: &Request<Incoming>, max_body: u64) -> bool {
             .is_some_and(|n| n <= MAX_COPY_BYTES.min(max_body))
 }
 
-/// Reads the request body whole (within the version's timeout) and keeps a copy for the
-/// shadow version `to`; gives back the request with the same bytes for the primary.
-pub(super) async fn read_whole(
-    app: &App,
-    primary: &VersionEntry,
-    req: Request<Body>,
+/// The copy of a request for the shadow version `to`: the primary's head and the body
+/// it read whole (the same bytes, shared).
+pub(super) fn copy_of(
+    parts: &http::request::Parts,
+    body: &Bytes,
     rest: &str,
     request_id: &HeaderValue,
     owner: Arc<str>,
     to: Arc<VersionEntry>,
-) -> Result<(Request<Body>, ShadowCopy), ApiError> {
-    let max_body = app.config.max_body_bytes.min(MAX_COPY_BYTES);
-    let (parts, body) = req.into_parts();
-    let timeout = Duration::from_millis(primary.record.limits.timeout_ms);
-    let body = tokio::time::timeout(timeout, data_plane::read_body(primary, body, max_body))
-        .await
-        .map_err(|_| {
-            ApiError::InvalidRequest(format!(
-                "the request body did not arrive within {} ms",
-                timeout.as_millis()
-            ))
-        })??;
+) -> ShadowCopy {
     let mut copy = Request::new(()).into_parts().0;
     copy.method = parts.method.clone();
     copy.uri = parts.uri.clone();
     copy.version = parts.version;
     copy.headers = parts.headers.clone();
-    let shadow = ShadowCopy {
+    ShadowCopy {
         to,
         tenant: owner,
         parts: copy,
         body: body.clone(),
         rest: rest.to_string(),
         request_id: request_id.clone(),
-    };
-    Ok((Request::from_parts(parts, full(body)), shadow))
+    }
 }
 
 /// Counts a copy to `to` that will not be sent (not eligible, the primary failed or

@@ -15,6 +15,9 @@ use crate::common::Limits;
 use crate::meter::{Durability, Pricing};
 use crate::store::{BlobsUrl, DEFAULT_CACHE_MB, DatabaseUrl};
 
+mod server;
+pub use server::ServerLimits;
+
 /// Default address the server listens on.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
 /// Default data directory (SQLite metadata, blobs, compiled artifacts).
@@ -79,6 +82,8 @@ pub struct ServerConfig {
     pub header_timeout_ms: u64,
     /// How long shutdown waits for in-flight requests, in milliseconds.
     pub drain_timeout_ms: u64,
+    /// Connection, stream and buffered-body limits (`[server]`).
+    pub server: ServerLimits,
     /// Runtime (engine, pool, compile) settings.
     pub runtime: RuntimeConfig,
     /// Inference (`wasi:nn`) settings.
@@ -359,6 +364,8 @@ pub struct ConfigFile {
     pub header_timeout_ms: Option<u64>,
     pub drain_timeout_ms: Option<u64>,
     #[serde(default)]
+    pub server: ServerLimits,
+    #[serde(default)]
     pub runtime: RuntimeFile,
     #[serde(default)]
     pub nn: NnFile,
@@ -472,6 +479,7 @@ impl ServerConfig {
             max_upload_bytes: file.max_upload_bytes.unwrap_or(DEFAULT_MAX_UPLOAD_BYTES),
             header_timeout_ms: file.header_timeout_ms.unwrap_or(DEFAULT_HEADER_TIMEOUT_MS),
             drain_timeout_ms: file.drain_timeout_ms.unwrap_or(DEFAULT_DRAIN_TIMEOUT_MS),
+            server: file.server,
             runtime: RuntimeConfig {
                 loaded_versions: r.loaded_versions.unwrap_or(base.loaded_versions),
                 kept_versions: r.kept_versions.unwrap_or(base.kept_versions),
@@ -525,6 +533,7 @@ impl ServerConfig {
         if self.max_body_bytes == 0 || self.max_upload_bytes == 0 {
             bail!("max_body_bytes and max_upload_bytes must be at least 1");
         }
+        self.server.validate(self.max_body_bytes)?;
         if r.memory_keep_resident_bytes > r.max_memory_mb << 20 {
             bail!("runtime.memory_keep_resident_bytes exceeds runtime.max_memory_mb");
         }

@@ -1,0 +1,77 @@
+//! The `[server]` table: what bounds the HTTP front door's memory and connections, so a
+//! flood (many connections, many HTTP/2 streams, large bodies) is answered with fast
+//! refusals instead of growth.
+
+use serde::Deserialize;
+
+/// Default cap on open client connections.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 4096;
+/// Default cap on concurrent HTTP/2 streams per connection.
+pub const DEFAULT_H2_MAX_STREAMS: u32 = 128;
+/// Default time a connection may stay without a request before it is closed.
+pub const DEFAULT_IDLE_TIMEOUT_MS: u64 = 60_000;
+/// Default interval of HTTP/2 keep-alive pings (a peer that does not answer one within
+/// the same time is gone).
+pub const DEFAULT_H2_KEEPALIVE_MS: u64 = 20_000;
+/// Default budget of request body bytes held in memory at once, over all requests.
+pub const DEFAULT_BODY_BUFFER_MB: u64 = 256;
+
+/// Front-door limits (`[server]`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerLimits {
+    /// Open client connections at most; one more is answered 503 and closed.
+    pub max_connections: usize,
+    /// Concurrent HTTP/2 streams a connection may open; more are refused by the
+    /// protocol (`SETTINGS_MAX_CONCURRENT_STREAMS`).
+    pub h2_max_streams: u32,
+    /// A connection with no request in progress for this long is closed gracefully
+    /// (HTTP/1 keep-alive and HTTP/2 alike), in milliseconds.
+    pub idle_timeout_ms: u64,
+    /// HTTP/2 keep-alive ping interval and timeout, in milliseconds.
+    pub h2_keepalive_ms: u64,
+    /// Request body bytes buffered whole at once (the response-cache key, shadow copies),
+    /// over all requests, in MiB; a request that would exceed it is answered 503
+    /// `server.busy` at once. Streamed bodies are not buffered and not counted.
+    pub body_buffer_mb: u64,
+}
+
+impl Default for ServerLimits {
+    fn default() -> Self {
+        ServerLimits {
+            max_connections: DEFAULT_MAX_CONNECTIONS,
+            h2_max_streams: DEFAULT_H2_MAX_STREAMS,
+            idle_timeout_ms: DEFAULT_IDLE_TIMEOUT_MS,
+            h2_keepalive_ms: DEFAULT_H2_KEEPALIVE_MS,
+            body_buffer_mb: DEFAULT_BODY_BUFFER_MB,
+        }
+    }
+}
+
+impl ServerLimits {
+    /// Checks the values; the caller names the table.
+    pub fn validate(&self, max_body_bytes: u64) -> anyhow::Result<()> {
+        if self.max_connections == 0 || self.h2_max_streams == 0 {
+            anyhow::bail!("server.max_connections and server.h2_max_streams must be at least 1");
+        }
+        if self.idle_timeout_ms == 0 || self.h2_keepalive_ms == 0 {
+            anyhow::bail!("server.idle_timeout_ms and server.h2_keepalive_ms must be at least 1");
+        }
+        if self.body_buffer_mb == 0 || self.body_buffer_mb > 1 << 20 {
+            anyhow::bail!("server.body_buffer_mb must be between 1 and 1048576");
+        }
+        // Every body the server may buffer must fit, or such requests could never run.
+        if self.body_buffer_mb << 20 < max_body_bytes {
+            anyhow::bail!(
+                "server.body_buffer_mb ({} MiB) is smaller than max_body_bytes ({max_body_bytes})",
+                self.body_buffer_mb
+            );
+        }
+        Ok(())
+    }
+
+    /// The body budget in bytes.
+    pub fn body_buffer_bytes(&self) -> u64 {
+        self.body_buffer_mb << 20
+    }
+}
