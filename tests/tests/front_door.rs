@@ -229,3 +229,78 @@ fn connections_past_the_limit_get_a_fast_503_and_silent_ones_are_closed() {
         "{metrics}"
     );
 }
+
+#[test]
+fn a_cache_hit_without_a_body_needs_no_slot_and_a_slow_response_is_not_idle() {
+    let server = TestServer::start_with_config(
+        "max_body_bytes = 67108864\nheader_timeout_ms = 1000\ndrain_timeout_ms = 300\n[runtime]\nqueue_depth = 0\n[server]\nidle_timeout_ms = 1000\n",
+    );
+    server.deploy_toml(
+        "c",
+        "hello",
+        "[limits]\nmax_concurrency = 1\n[cache]\nresponses = { ttl = \"60s\" }\n",
+    );
+    let first = server.get("/fn/c/");
+    assert_eq!(
+        (first.status, first.header("x-kiln-cache")),
+        (200, Some("miss"))
+    );
+    // An upload that trickles holds the only slot while its body is read...
+    let mut slow = TcpStream::connect(addr(&server)).unwrap();
+    write!(
+        slow,
+        "POST /fn/c/ HTTP/1.1\r\nhost: x\r\nauthorization: {}\r\ncontent-length: 100\r\n\r\n0123456789",
+        kiln_tests::ADMIN_BEARER
+    )
+    .unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    // ...and with no queue a request needing a slot is refused, but a hit needs none.
+    let busy = server.request("POST", "/fn/c/", &[], b"other body");
+    assert_eq!(
+        (busy.status, busy.error_code().as_str()),
+        (503, "function.overloaded"),
+        "{}",
+        busy.text()
+    );
+    let hit = server.get("/fn/c/");
+    assert_eq!(
+        (hit.status, hit.header("x-kiln-cache")),
+        (200, Some("hit")),
+        "{}",
+        hit.text()
+    );
+    drop(slow);
+
+    // A response still being sent is not idle: a 32 MiB echo read slowly arrives whole,
+    // long after the idle and drain timeouts (1 s, 300 ms).
+    server.deploy_toml("echo", "echo", "[limits]\nmemory_mb = 512\n");
+    let mut conn = TcpStream::connect(addr(&server)).unwrap();
+    let size = 32usize << 20;
+    let mut writer = conn.try_clone().unwrap();
+    let head = format!(
+        "POST /fn/echo/ HTTP/1.1\r\nhost: x\r\nauthorization: {}\r\ncontent-length: {size}\r\nconnection: close\r\n\r\n",
+        kiln_tests::ADMIN_BEARER
+    );
+    let sender = std::thread::spawn(move || {
+        writer.write_all(head.as_bytes()).unwrap();
+        let chunk = vec![b'e'; 1 << 20];
+        for _ in 0..32 {
+            if writer.write_all(&chunk).is_err() {
+                return;
+            }
+        }
+    });
+    std::thread::sleep(Duration::from_secs(3));
+    let mut answer = Vec::new();
+    conn.set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    conn.read_to_end(&mut answer).unwrap();
+    sender.join().unwrap();
+    let split = answer.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
+    let head = String::from_utf8_lossy(&answer[..split]).to_string();
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    let body = &answer[split..];
+    // Chunked or not, every byte sent came back.
+    let echoed = body.iter().filter(|b| **b == b'e').count();
+    assert_eq!(echoed, size, "{head}");
+}

@@ -563,3 +563,49 @@ fn rate_limits_per_key_and_per_function_answer_429_with_retry_after() {
     let v = server.get("/v1/functions/limited/versions/1").json();
     assert_eq!(v["limits"]["rate"], "2/m");
 }
+
+#[test]
+fn forcing_a_version_no_policy_routes_needs_invoke_rights_even_when_public() {
+    let server = TestServer::start();
+    let (owner, _) = server.create_key("pub", &["deploy:*", "invoke:*"], None);
+    let (deployer, _) = server.create_key("pub", &["deploy:*"], None);
+    for _ in 0..2 {
+        let a = server.deploy_as(&owner, "open", "hello", "public=true");
+        assert_eq!(a.status, 201, "{}", a.text());
+    }
+    // No policy: the latest version takes the traffic; forcing it is fine for anyone.
+    assert_eq!(server.call_as("", "GET", "/fn/open@2/", b"").status, 200);
+    // Version 1 takes none: an anonymous caller cannot reach it, by path or by header.
+    let a = server.call_as("", "GET", "/fn/open@1/", b"");
+    assert_eq!(
+        (a.status, a.error_code().as_str()),
+        (403, "auth.forbidden"),
+        "{}",
+        a.text()
+    );
+    assert!(a.text().contains("takes no public traffic"), "{}", a.text());
+    let a = server.request(
+        "GET",
+        "/fn/open/",
+        &[("authorization", ""), ("x-kiln-version", "1")],
+        b"",
+    );
+    assert_eq!(a.status, 403, "{}", a.text());
+    // A key of the tenant without invoke rights neither; with them, yes.
+    assert_eq!(
+        server.call_as(&deployer, "GET", "/fn/open@1/", b"").status,
+        403
+    );
+    let a = server.call_as(&owner, "GET", "/fn/open@1/", b"");
+    assert_eq!((a.status, a.header("x-kiln-version")), (200, Some("1")));
+    // A policy that routes version 1 opens it to everyone; version 2, now at 0%, closes.
+    let pin = server.request(
+        "PUT",
+        "/v1/functions/open/traffic",
+        &[("content-type", "application/json")],
+        json!({"weights": {"1": 100}}).to_string().as_bytes(),
+    );
+    assert_eq!(pin.status, 200, "{}", pin.text());
+    assert_eq!(server.call_as("", "GET", "/fn/open@1/", b"").status, 200);
+    assert_eq!(server.call_as("", "GET", "/fn/open@2/", b"").status, 403);
+}

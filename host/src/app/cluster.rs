@@ -37,9 +37,11 @@ impl App {
 
     /// Whether this node holds the lease of `name`'s rollout now.
     pub(super) fn drives(&self, name: &str) -> bool {
-        self.leases()
-            .get(name)
-            .is_some_and(|until| Instant::now() < *until)
+        !self.stopping.load(std::sync::atomic::Ordering::SeqCst)
+            && self
+                .leases()
+                .get(name)
+                .is_some_and(|until| Instant::now() < *until)
     }
 
     pub(super) fn drop_lease(&self, name: &str) {
@@ -54,6 +56,10 @@ impl App {
             return;
         }
         let _publishing = self.publishing().await;
+        // Checked again under the lock: a release may have run while this waited.
+        if self.stopping.load(std::sync::atomic::Ordering::SeqCst) {
+            return;
+        }
         let sent = Instant::now();
         match self
             .meta
@@ -80,6 +86,8 @@ impl App {
             .renew_lease(name, &self.node_id, LEASE.as_millis() as i64)
             .await;
         match renewed {
+            // Released meanwhile (shutting down): the database has it as released.
+            Ok(Some(_)) if self.stopping.load(std::sync::atomic::Ordering::SeqCst) => {}
             Ok(Some(epoch)) => {
                 self.leases()
                     .insert(name.to_string(), sent + LEASE - LEASE_MARGIN);
@@ -174,11 +182,11 @@ impl App {
             .store(true, std::sync::atomic::Ordering::SeqCst);
         // The publishing lock waits out a step being written and a lease being taken.
         let _publishing = self.publishing().await;
-        let held: Vec<String> = self.leases().drain().map(|(name, _)| name).collect();
-        if held.is_empty() {
-            return;
-        }
+        self.leases().clear();
+        // The database is asked even when memory holds none: a renewal in flight may
+        // have extended one.
         match self.meta.release_leases(&self.node_id).await {
+            Ok(0) => {}
             Ok(n) => tracing::info!(rollouts = n, "rollout leases released"),
             // They lapse on their own within a lease.
             Err(e) => tracing::warn!("releasing rollout leases: {e:#}"),

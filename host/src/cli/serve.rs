@@ -37,9 +37,14 @@ pub fn run(flags: Overrides, config: Option<PathBuf>, insecure: bool) -> anyhow:
         }
         tracing::info!(node = %app.node_id, data_dir = %app.config.data_dir.display(), blobs = %app.blobs.describe(), functions = app.registry.functions().len(), auth = !app.auth.is_open(), "kiln ready");
         println!("kiln serving on http://{addr}");
-        let served = crate::server::serve(app.clone(), listener, shutdown_signal()).await;
-        // Another node drives this node's rollouts from its next heartbeat.
-        app.release_leases().await;
+        let stopping = app.clone();
+        let signal = async move {
+            shutdown_signal().await;
+            // Another node drives this node's rollouts from its next heartbeat, while
+            // this one drains its requests.
+            stopping.release_leases().await;
+        };
+        let served = crate::server::serve(app.clone(), listener, signal).await;
         // Every drained request has submitted its usage record: commit them all.
         let closing = app.clone();
         tokio::task::spawn_blocking(move || closing.close())

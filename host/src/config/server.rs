@@ -5,7 +5,7 @@
 use serde::Deserialize;
 
 /// Default cap on open client connections.
-pub const DEFAULT_MAX_CONNECTIONS: usize = 4096;
+pub const DEFAULT_MAX_CONNECTIONS: usize = 1024;
 /// Default cap on concurrent HTTP/2 streams per connection.
 pub const DEFAULT_H2_MAX_STREAMS: u32 = 128;
 /// Default time a connection may stay without a request before it is closed.
@@ -13,6 +13,8 @@ pub const DEFAULT_IDLE_TIMEOUT_MS: u64 = 60_000;
 /// Default interval of HTTP/2 keep-alive pings (a peer that does not answer one within
 /// the same time is gone).
 pub const DEFAULT_H2_KEEPALIVE_MS: u64 = 20_000;
+/// Default HTTP/2 receive window of a connection, over its streams, in KiB.
+pub const DEFAULT_H2_WINDOW_KB: u32 = 1024;
 /// Default budget of request body bytes held in memory at once, over all requests.
 pub const DEFAULT_BODY_BUFFER_MB: u64 = 256;
 
@@ -30,6 +32,11 @@ pub struct ServerLimits {
     pub idle_timeout_ms: u64,
     /// HTTP/2 keep-alive ping interval and timeout, in milliseconds.
     pub h2_keepalive_ms: u64,
+    /// HTTP/2 receive window of a connection, in KiB: the unread request bytes one
+    /// connection's streams may hold at once (each stream at most 64 KiB of it). Streams
+    /// waiting for admission hold theirs, so a connection with more uploads queued than
+    /// fit stalls until they are admitted.
+    pub h2_window_kb: u32,
     /// Request body bytes buffered whole at once (the response-cache key, shadow copies),
     /// over all requests, in MiB; a request that would exceed it is answered 503
     /// `server.busy` at once. Streamed bodies are not buffered and not counted.
@@ -43,6 +50,7 @@ impl Default for ServerLimits {
             h2_max_streams: DEFAULT_H2_MAX_STREAMS,
             idle_timeout_ms: DEFAULT_IDLE_TIMEOUT_MS,
             h2_keepalive_ms: DEFAULT_H2_KEEPALIVE_MS,
+            h2_window_kb: DEFAULT_H2_WINDOW_KB,
             body_buffer_mb: DEFAULT_BODY_BUFFER_MB,
         }
     }
@@ -56,6 +64,10 @@ impl ServerLimits {
         }
         if self.idle_timeout_ms == 0 || self.h2_keepalive_ms == 0 {
             anyhow::bail!("server.idle_timeout_ms and server.h2_keepalive_ms must be at least 1");
+        }
+        // HTTP/2 windows are at least 64 KiB and at most 2^31 - 1 bytes.
+        if !(64..=2_097_151).contains(&self.h2_window_kb) {
+            anyhow::bail!("server.h2_window_kb must be between 64 and 2097151");
         }
         if self.body_buffer_mb == 0 || self.body_buffer_mb > 1 << 20 {
             anyhow::bail!("server.body_buffer_mb must be between 1 and 1048576");

@@ -195,6 +195,12 @@ impl Routing {
             .chain(self.policy.shadow.map(|s| s.version))
     }
 
+    /// Whether this policy sends `version` a share of its requests (a shadow version gets
+    /// copies only: not routed).
+    pub fn routes(&self, version: u32) -> bool {
+        self.ranges.iter().any(|(_, v)| *v == version)
+    }
+
     /// The version a request with `headers` goes to.
     pub fn pick(&self, headers: &HeaderMap) -> u32 {
         let key = match &self.policy.sticky {

@@ -19,7 +19,7 @@ use hyper::body::Incoming;
 use super::body::{Body, BodyStats, LimitedBody, Tapped, full, incoming};
 use super::shadow;
 use super::usage::Usage;
-use super::whole::{Held, Input, admit_and_read, cached};
+use super::whole::{Input, admit_and_read, cached};
 use crate::api::ApiError;
 use crate::app::App;
 use crate::auth::{AuthError, Caller};
@@ -80,8 +80,8 @@ pub fn parse_fn_path(path: &str) -> Result<(FnTarget<'_>, &str), ApiError> {
 /// Request header forcing a version (and response header naming the one that answered).
 pub const VERSION_HEADER: &str = "x-kiln-version";
 
-/// A response and what its body holds until it is sent.
-pub(super) type Served = (Response<Body>, Held);
+/// A response and the concurrency permit its body holds (none for a cache hit).
+pub(super) type Served = (Response<Body>, Option<Admitted>);
 
 /// Serves one data-plane request; `id` is its request id (the usage record's key).
 pub async fn handle(
@@ -231,6 +231,24 @@ fn admit(app: &App, req: &Request<Incoming>, target: FnTarget<'_>) -> Result<Adm
         })?;
     }
     let routing = f.routing_for(alias)?;
+    // Forcing a version the policy does not route (a candidate at 0%, an old one) is
+    // someone looking at one version: it needs the right to invoke the function as its
+    // owner would, even when the function is public.
+    if let Some(n) = forced {
+        let routed = match routing {
+            Some(r) => r.routes(n),
+            None => f.latest().is_some_and(|v| v.record.version == n),
+        };
+        if !routed {
+            if anonymous {
+                return Err(AuthError::Forbidden(format!(
+                    "version {n} of function {name:?} takes no public traffic: forcing it needs an API key with invoke rights on the function"
+                ))
+                .into());
+            }
+            caller.may_invoke(name, &f.owner, false)?;
+        }
+    }
     let entry = f.route_request(forced, routing, req.headers())?.clone();
     let tenant = match caller {
         Caller::Key(k) => k.tenant.clone(),
@@ -294,32 +312,21 @@ async fn streamed(
             usage.body_stats = Some(stats.clone());
             let (resp, slot, timings) =
                 run(app, entry, parts, body, rest, usage, Some(&stats), None).await?;
-            (resp, Held::slot(slot), timings)
+            (resp, slot, timings)
         }
         Input::Whole(w) => {
             usage.bytes_in = w.body.len() as u64;
-            let (resp, slot, timings) = run(
-                app,
-                entry,
-                w.parts,
-                full(w.body),
-                rest,
-                usage,
-                None,
-                Some(w.slot),
-            )
-            .await?;
-            let held = Held {
-                _slot: Some(slot),
-                _share: Some(w.share),
-            };
-            (resp, held, timings)
+            let (resp, slot, timings) =
+                run(app, entry, w.parts, full(w.body), rest, usage, None, w.slot).await?;
+            // The guest has answered: the request bytes are no longer held for it.
+            drop(w.share);
+            (resp, slot, timings)
         }
     };
     let (mut parts, body) = resp.into_parts();
     let cache = cache.map(|c| (c, Duration::ZERO));
     set_server_timing(&mut parts.headers, Some(&timings), cache);
-    Ok((Response::from_parts(parts, body.boxed_unsync()), held))
+    Ok((Response::from_parts(parts, body.boxed_unsync()), Some(held)))
 }
 
 /// Runs the guest: admission (unless `permit` is a slot already taken), load (cold start),

@@ -14,6 +14,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
+use http_body_util::BodyExt;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
@@ -26,8 +27,8 @@ use crate::app::App;
 
 /// HTTP/2 receive window of one stream: what a stream may send before it is read.
 const H2_STREAM_WINDOW: u32 = 64 << 10;
-/// HTTP/2 receive window of a whole connection, over its streams.
-const H2_CONNECTION_WINDOW: u32 = 256 << 10;
+/// Connections over the limit being answered at once; more are closed without an answer.
+const MAX_REFUSING: usize = 64;
 
 /// Serves `listener` until `shutdown` resolves, then stops accepting and waits (up to the
 /// configured drain timeout) for in-flight requests to finish.
@@ -50,7 +51,7 @@ pub async fn serve(
         .timer(TokioTimer::new())
         .max_concurrent_streams(limits.h2_max_streams)
         .initial_stream_window_size(H2_STREAM_WINDOW)
-        .initial_connection_window_size(H2_CONNECTION_WINDOW)
+        .initial_connection_window_size(limits.h2_window_kb.saturating_mul(1024))
         .keep_alive_interval(Some(keepalive))
         .keep_alive_timeout(keepalive);
     let timeouts = Timeouts {
@@ -59,6 +60,7 @@ pub async fn serve(
         drain: Duration::from_millis(app.config.drain_timeout_ms),
     };
     let slots = Arc::new(Semaphore::new(limits.max_connections));
+    let refusals = Arc::new(Semaphore::new(MAX_REFUSING));
     let (stop, stopping) = watch::channel(false);
     // Connection tasks, so that the ones still open after the drain timeout can be ended
     // (and their requests' usage records written) before the ledger is flushed.
@@ -79,7 +81,13 @@ pub async fn serve(
                 };
                 let Ok(slot) = slots.clone().try_acquire_owned() else {
                     app.metrics.connection_refused();
-                    tokio::spawn(refuse(stream));
+                    // Refusals in progress are bounded too: past that, closed at once.
+                    if let Ok(refusing) = refusals.clone().try_acquire_owned() {
+                        tokio::spawn(async move {
+                            refuse(stream).await;
+                            drop(refusing);
+                        });
+                    }
                     continue;
                 };
                 let _ = stream.set_nodelay(true);
@@ -89,8 +97,10 @@ pub async fn serve(
                     service_fn(move |req| {
                         let (app, activity) = (app.clone(), activity.clone());
                         async move {
-                            let _busy = activity.begin();
-                            Ok::<_, Infallible>(super::handle(app, req).await)
+                            // In progress until the response body has been sent (or dropped).
+                            let busy = Activity::begin(&activity);
+                            let resp = super::handle(app, req).await;
+                            Ok::<_, Infallible>(resp.map(|body| Holding { body, _busy: busy }.boxed_unsync()))
                         }
                     })
                 };
@@ -202,7 +212,33 @@ struct Activity {
 }
 
 /// Marks a request in progress until dropped.
-struct Busy<'a>(&'a Activity);
+struct Busy(Arc<Activity>);
+
+/// A response body holding its request's [`Busy`] mark until it is dropped.
+struct Holding {
+    body: super::Body,
+    _busy: Busy,
+}
+
+impl hyper::body::Body for Holding {
+    type Data = bytes::Bytes;
+    type Error = super::BodyError;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<bytes::Bytes>, Self::Error>>> {
+        std::pin::Pin::new(&mut self.body).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.body.size_hint()
+    }
+}
 
 impl Activity {
     fn new() -> Self {
@@ -214,10 +250,10 @@ impl Activity {
         }
     }
 
-    fn begin(&self) -> Busy<'_> {
-        self.in_progress.fetch_add(1, Ordering::SeqCst);
-        self.served.fetch_add(1, Ordering::Relaxed);
-        Busy(self)
+    fn begin(this: &Arc<Activity>) -> Busy {
+        this.in_progress.fetch_add(1, Ordering::SeqCst);
+        this.served.fetch_add(1, Ordering::Relaxed);
+        Busy(this.clone())
     }
 
     fn served(&self) -> u64 {
@@ -231,7 +267,7 @@ impl Activity {
     }
 }
 
-impl Drop for Busy<'_> {
+impl Drop for Busy {
     fn drop(&mut self) {
         let ms = self.0.opened.elapsed().as_millis() as u64;
         self.0.last_ms.fetch_max(ms, Ordering::SeqCst);

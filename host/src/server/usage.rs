@@ -12,7 +12,7 @@ use super::body::{Body, BodyStats, Finishing, OnEnd};
 use crate::api::ApiError;
 use crate::app::App;
 use crate::cache::responses::CacheStatus;
-use crate::deploy::VersionEntry;
+use crate::deploy::{Admitted, VersionEntry};
 use crate::meter::{Durability, Outcome, UsageRecord};
 use crate::nn::{Device, InferenceTime};
 use crate::runtime::{GuestUsage, InvokeError};
@@ -151,7 +151,7 @@ impl Usage {
     pub(super) async fn finish(
         mut self,
         resp: Response<Body>,
-        guard: super::whole::Held,
+        guard: Option<Admitted>,
     ) -> Response<Body> {
         let status = resp.status();
         let (parts, body) = resp.into_parts();

@@ -30,32 +30,19 @@ pub(super) enum Input {
 }
 
 /// A request whose body was read whole after admission: the concurrency slot it was
-/// admitted with and the share of the body budget its bytes hold.
+/// admitted with (none for a request without a body: it reads nothing, and a cache hit
+/// runs nothing) and the share of the body budget its bytes hold until the guest has
+/// answered.
 pub(super) struct Whole {
     pub(super) parts: http::request::Parts,
     pub(super) body: bytes::Bytes,
-    pub(super) slot: Admitted,
+    pub(super) slot: Option<Admitted>,
     pub(super) share: BudgetShare,
 }
 
-/// What a response's body keeps until it is sent: the version's concurrency slot (none
-/// for a cache hit) and the request bytes held for it.
-pub(super) struct Held {
-    pub(super) _slot: Option<Admitted>,
-    pub(super) _share: Option<BudgetShare>,
-}
-
-impl Held {
-    pub(super) fn slot(slot: Admitted) -> Held {
-        Held {
-            _slot: Some(slot),
-            _share: None,
-        }
-    }
-}
-
 /// Takes a concurrency slot of `entry`, then reads the body whole (at most
-/// `max_body_bytes`, within the body budget), all within the version's timeout.
+/// `max_body_bytes`, within the body budget), all within the version's timeout. A request
+/// without a body takes no slot here: a cache hit then needs none, a miss takes one to run.
 pub(super) async fn admit_and_read(
     app: &App,
     entry: &VersionEntry,
@@ -67,15 +54,23 @@ pub(super) async fn admit_and_read(
     }
     let started = Instant::now();
     let timeout = Duration::from_millis(entry.record.limits.timeout_ms);
+    let (parts, body) = req.into_parts();
+    let mut share = app.body_budget.share();
+    if http_body::Body::size_hint(&body).exact() == Some(0) {
+        return Ok(Whole {
+            parts,
+            body: bytes::Bytes::new(),
+            slot: None,
+            share,
+        });
+    }
     let slot = match entry.admission.admit(timeout).await {
-        Ok(a) => a,
+        Ok(a) => Some(a),
         Err(e) => {
             entry.metrics.record(Outcome::Rejected, None, false);
             return Err(e.into());
         }
     };
-    let (parts, body) = req.into_parts();
-    let mut share = app.body_budget.share();
     let left = timeout.saturating_sub(started.elapsed());
     let body = tokio::time::timeout(left, read_body(entry, body, max_body, &mut share))
         .await
@@ -148,16 +143,14 @@ pub(super) async fn cached(
             );
             // A hit runs nothing and needs no request bytes: both are given back now.
             drop((slot, share));
-            let held = Held {
-                _slot: None,
-                _share: None,
-            };
-            Ok((resp, held))
+            Ok((resp, None))
         }
         Lookup::Miss(mut fill) => {
             let lookup = looked.elapsed();
             let (resp, slot, timings) =
-                run(app, entry, parts, full(body), rest, usage, None, Some(slot)).await?;
+                run(app, entry, parts, full(body), rest, usage, None, slot).await?;
+            // The guest has answered: the request bytes are no longer held for it.
+            drop(share);
             let (mut head, body) = resp.into_parts();
             let body = if responses::storable(head.status, &head.headers) {
                 match collect_up_to(body, app.responses.max_entry()).await {
@@ -187,18 +180,14 @@ pub(super) async fn cached(
                 Some(&timings),
                 Some((CacheStatus::Miss, lookup)),
             );
-            let held = Held {
-                _slot: Some(slot),
-                _share: Some(share),
-            };
-            Ok((Response::from_parts(head, body), held))
+            Ok((Response::from_parts(head, body), Some(slot)))
         }
     }
 }
 
 /// Reads a request body whole, refusing it past `max` bytes (413) or past what `share`
-/// can take from the body budget (503 `server.busy`, at once). A body of announced size
-/// takes its share before the first byte is read.
+/// can take from the body budget (503 `server.busy`, at once). The share grows with the
+/// bytes that arrive: a client announcing a large body and sending little holds little.
 async fn read_body(
     entry: &VersionEntry,
     mut body: Body,

@@ -86,7 +86,7 @@ pub fn listen_for_changes(
             if wake.strong_count() == 0 {
                 return;
             }
-            match listen_once(&config, &wake).await {
+            match listen_once(&config, &wake, &mut failing).await {
                 Ok(()) => return,
                 Err(e) => {
                     if !failing {
@@ -108,6 +108,7 @@ pub const RELISTEN_AFTER: Duration = Duration::from_secs(1);
 async fn listen_once(
     config: &tokio_postgres::Config,
     wake: &std::sync::Weak<tokio::sync::Notify>,
+    failing: &mut bool,
 ) -> anyhow::Result<()> {
     use futures::StreamExt;
     let (client, mut connection) = config.connect(NoTls).await?;
@@ -130,7 +131,9 @@ async fn listen_once(
         client
             .batch_execute(&format!("LISTEN {CHANGES_CHANNEL}"))
             .await?;
-        tracing::debug!("listening for changes from other nodes");
+        if std::mem::take(failing) {
+            tracing::info!("listening for changes from other nodes again");
+        }
         // Whatever was announced while this node was not listening.
         match wake.upgrade() {
             Some(w) => w.notify_one(),
@@ -142,7 +145,9 @@ async fn listen_once(
             if wake.strong_count() == 0 {
                 return Ok(());
             }
-            client.simple_query("SELECT 1").await?;
+            tokio::time::timeout(CONNECT_TIMEOUT, client.simple_query("SELECT 1"))
+                .await
+                .map_err(|_| anyhow::anyhow!("the listening connection stopped answering"))??;
         }
     };
     let result = tokio::select! {
