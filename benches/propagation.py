@@ -15,15 +15,7 @@ import urllib.request
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from http_load import BENCH_KEY, HELLO, REL, wait_http
-from cold_fetch import FAKE_SIG, free_port
-
-
-def call(method, url, body=None, content_type="application/json"):
-    req = urllib.request.Request(url, data=body, method=method,
-                                 headers={"content-type": content_type,
-                                          "authorization": f"Bearer {BENCH_KEY}"})
-    with urllib.request.urlopen(req) as r:
-        return r.read(), r.headers
+from cold_fetch import FAKE_SIG, call, free_port
 
 
 def percentile(xs, p):
