@@ -10,7 +10,7 @@ rounds. The bucket is a real moto S3 server on loopback.
 
 Needs: moto_server (pip install 'moto[server]'), the release build and the examples built.
 """
-import argparse, json, os, re, shutil, socket, statistics, subprocess, sys, tempfile, time
+import argparse, contextlib, json, os, re, shutil, socket, statistics, subprocess, sys, tempfile, time
 import urllib.request
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -28,6 +28,35 @@ def free_port():
     port = s.getsockname()[1]
     s.close()
     return port
+
+
+@contextlib.contextmanager
+def moto_bucket(bucket="kiln-bench"):
+    """A moto S3 server on a loopback port holding an empty `bucket`; yields its endpoint."""
+    port = free_port()
+    moto = subprocess.Popen(["moto_server", "-H", "127.0.0.1", "-p", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    endpoint = f"http://127.0.0.1:{port}"
+    try:
+        wait_http(f"{endpoint}/")
+        urllib.request.urlopen(urllib.request.Request(f"{endpoint}/{bucket}", method="PUT",
+                                                      headers={"authorization": FAKE_SIG}))
+        yield endpoint
+    finally:
+        moto.terminate()
+
+
+@contextlib.contextmanager
+def scratch_database():
+    """A fresh database on the PostgreSQL at KILN_BENCH_POSTGRES (default the local one),
+    dropped afterwards; yields its URL."""
+    admin = os.environ.get("KILN_BENCH_POSTGRES", "postgres://postgres@127.0.0.1:5432/postgres")
+    db = f"kiln_bench_{os.getpid()}"
+    subprocess.run(["psql", admin, "-qc", f"CREATE DATABASE {db}"], check=True)
+    try:
+        yield f"{admin.rsplit('/', 1)[0]}/{db}"
+    finally:
+        subprocess.run(["psql", admin, "-qc", f"DROP DATABASE IF EXISTS {db} WITH (FORCE)"])
 
 
 def call(method, url, body=None, content_type="application/json"):
@@ -80,70 +109,68 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--rounds", type=int, default=7)
     args = ap.parse_args()
-    moto_port = free_port()
-    moto = subprocess.Popen(["moto_server", "-H", "127.0.0.1", "-p", str(moto_port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    endpoint = f"http://127.0.0.1:{moto_port}"
     work = tempfile.mkdtemp(prefix="kiln-cold-bench-")
-    try:
-        wait_http(f"{endpoint}/")
-        urllib.request.urlopen(urllib.request.Request(f"{endpoint}/kiln-bench", method="PUT",
-                                                      headers={"authorization": FAKE_SIG}))
-        blobs = ["--blobs", f"s3://kiln-bench/c?endpoint={endpoint}&region=us-east-1"]
-        origin = os.path.join(work, "origin")
-        a = Node(origin, blobs)
-        with open(HELLO, "rb") as f:
-            call("POST", f"{a.base}/v1/functions/hello/versions", f.read(), "application/wasm")
-        with open(MODEL, "rb") as f:
-            model = f.read()
-        with open(DIGITS, "rb") as f:
-            component = f.read()
-        for blob in (model, component):
-            call("PUT", f"{a.base}/v1/blobs/{digest(blob)}", blob, "application/octet-stream")
-        manifest = {"component": digest(component),
-                    "models": {"digits": {"digest": digest(model), "backend": "tract"}}}
-        call("POST", f"{a.base}/v1/functions/digits/versions", json.dumps(manifest).encode())
-        a.stop()
-        pixels = json.dumps({"pixels": [0.0] * 64}).encode()
-        calls = {"hello": ("GET", "/fn/hello/", b""), "digits": ("POST", "/fn/digits/", pixels)}
-        times = {(f, how): [] for f in calls for how in ("fetch", "map", "compile")}
-        for r in range(args.rounds):
-            # A new node of the cluster: the database only.
-            d = os.path.join(work, f"fetch-{r}")
-            databases_only(origin, d)
-            node = Node(d, blobs)
-            for f, c in calls.items():
-                times[(f, "fetch")].append(node.cold(*c))
-            node.stop()
-            # The same node again: its artifacts are local now.
-            node = Node(d, blobs)
-            for f, c in calls.items():
-                times[(f, "map")].append(node.cold(*c))
-            node.stop()
-            # One node, the components but no compiled artifacts (no bucket to fetch from).
-            d = os.path.join(work, f"compile-{r}")
-            databases_only(origin, d, blobs=True)
-            node = Node(d, [])
-            for f, c in calls.items():
-                times[(f, "compile")].append(node.cold(*c))
-            node.stop()
-        for (f, how), runs in times.items():
-            descs = {d for _, d in runs}
-            if descs != {how}:
-                raise SystemExit(f"{f} {how}: server-timing said {descs}")
-        for f in calls:
-            med = {how: statistics.median(t for t, _ in times[(f, how)])
-                   for how in ("fetch", "map", "compile")}
-            spread = {how: (min(t for t, _ in times[(f, how)]), max(t for t, _ in times[(f, how)]))
-                      for how in med}
-            print(f"{f:6} " + "  ".join(
-                f"{how} {med[how]:7.2f} ms ({spread[how][0]:.2f}-{spread[how][1]:.2f})"
-                for how in med)
-                  + f"  fetch/map {med['fetch'] / med['map']:.1f}x"
-                  + f"  compile/fetch {med['compile'] / med['fetch']:.1f}x")
-    finally:
-        moto.terminate()
-        shutil.rmtree(work, ignore_errors=True)
+    with moto_bucket() as endpoint:
+        try:
+            run(args, work, endpoint)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+def run(args, work, endpoint):
+    """Every round of the benchmark, with a bucket at `endpoint` and scratch space in `work`."""
+    blobs = ["--blobs", f"s3://kiln-bench/c?endpoint={endpoint}&region=us-east-1"]
+    origin = os.path.join(work, "origin")
+    a = Node(origin, blobs)
+    with open(HELLO, "rb") as f:
+        call("POST", f"{a.base}/v1/functions/hello/versions", f.read(), "application/wasm")
+    with open(MODEL, "rb") as f:
+        model = f.read()
+    with open(DIGITS, "rb") as f:
+        component = f.read()
+    for blob in (model, component):
+        call("PUT", f"{a.base}/v1/blobs/{digest(blob)}", blob, "application/octet-stream")
+    manifest = {"component": digest(component),
+                "models": {"digits": {"digest": digest(model), "backend": "tract"}}}
+    call("POST", f"{a.base}/v1/functions/digits/versions", json.dumps(manifest).encode())
+    a.stop()
+    pixels = json.dumps({"pixels": [0.0] * 64}).encode()
+    calls = {"hello": ("GET", "/fn/hello/", b""), "digits": ("POST", "/fn/digits/", pixels)}
+    times = {(f, how): [] for f in calls for how in ("fetch", "map", "compile")}
+    for r in range(args.rounds):
+        # A new node of the cluster: the database only.
+        d = os.path.join(work, f"fetch-{r}")
+        databases_only(origin, d)
+        node = Node(d, blobs)
+        for f, c in calls.items():
+            times[(f, "fetch")].append(node.cold(*c))
+        node.stop()
+        # The same node again: its artifacts are local now.
+        node = Node(d, blobs)
+        for f, c in calls.items():
+            times[(f, "map")].append(node.cold(*c))
+        node.stop()
+        # One node, the components but no compiled artifacts (no bucket to fetch from).
+        d = os.path.join(work, f"compile-{r}")
+        databases_only(origin, d, blobs=True)
+        node = Node(d, [])
+        for f, c in calls.items():
+            times[(f, "compile")].append(node.cold(*c))
+        node.stop()
+    for (f, how), runs in times.items():
+        descs = {d for _, d in runs}
+        if descs != {how}:
+            raise SystemExit(f"{f} {how}: server-timing said {descs}")
+    for f in calls:
+        med = {how: statistics.median(t for t, _ in times[(f, how)])
+               for how in ("fetch", "map", "compile")}
+        spread = {how: (min(t for t, _ in times[(f, how)]), max(t for t, _ in times[(f, how)]))
+                  for how in med}
+        print(f"{f:6} " + "  ".join(
+            f"{how} {med[how]:7.2f} ms ({spread[how][0]:.2f}-{spread[how][1]:.2f})"
+            for how in med)
+              + f"  fetch/map {med['fetch'] / med['map']:.1f}x"
+              + f"  compile/fetch {med['compile'] / med['fetch']:.1f}x")
 
 
 if __name__ == "__main__":

@@ -11,11 +11,10 @@ Needs: moto_server (pip install 'moto[server]'), psql and a PostgreSQL on 127.0.
 (KILN_BENCH_POSTGRES for another), the release build and the examples built.
 """
 import argparse, json, os, statistics, subprocess, sys, tempfile, threading, time
-import urllib.request
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from http_load import BENCH_KEY, HELLO, REL, wait_http
-from cold_fetch import FAKE_SIG, call, free_port
+from cold_fetch import call, free_port, moto_bucket, scratch_database
 
 
 def percentile(xs, p):
@@ -27,77 +26,71 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--rounds", type=int, default=200)
     args = ap.parse_args()
-    admin = os.environ.get("KILN_BENCH_POSTGRES", "postgres://postgres@127.0.0.1:5432/postgres")
-    db = f"kiln_bench_{os.getpid()}"
-    subprocess.run(["psql", admin, "-qc", f"CREATE DATABASE {db}"], check=True)
-    moto_port = free_port()
-    moto = subprocess.Popen(["moto_server", "-H", "127.0.0.1", "-p", str(moto_port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    endpoint = f"http://127.0.0.1:{moto_port}"
     env = dict(os.environ, AWS_ACCESS_KEY_ID="kiln-bench", AWS_SECRET_ACCESS_KEY="x",
                KILN_LOG="warn", KILN_ADMIN_KEY=BENCH_KEY)
     nodes = []
-    try:
-        wait_http(f"{endpoint}/")
-        urllib.request.urlopen(urllib.request.Request(f"{endpoint}/kiln-bench", method="PUT",
-                                                      headers={"authorization": FAKE_SIG}))
-        shared = ["--database", f"{admin.rsplit('/', 1)[0]}/{db}",
-                  "--blobs", f"s3://kiln-bench/p?endpoint={endpoint}&region=us-east-1"]
-        for i in range(3):
-            port = free_port()
-            argv = [os.path.join(REL, "kiln"), "serve", "--listen", f"127.0.0.1:{port}",
-                    "--data-dir", tempfile.mkdtemp(prefix="kiln-propagation-"),
-                    "--node-id", f"node-{i + 1}"] + shared
-            proc = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL,
-                                    stderr=subprocess.DEVNULL)
-            nodes.append((f"http://127.0.0.1:{port}", proc))
-            wait_http(f"http://127.0.0.1:{port}/healthz")
-        first, second, third = (base for base, _ in nodes)
-        with open(HELLO, "rb") as f:
-            wasm = f.read()
-        for _ in range(2):
-            call("POST", f"{first}/v1/functions/hello/versions", wasm, "application/wasm")
+    with scratch_database() as database, moto_bucket() as endpoint:
+        try:
+            measure(args, database, endpoint, env, nodes)
+        finally:
+            for _, proc in nodes:
+                proc.terminate()
+            for _, proc in nodes:
+                proc.wait(20)
 
-        def served(base):
-            _, headers = call("GET", f"{base}/fn/hello/")
-            return headers.get("x-kiln-version")
 
-        def wait_routed(base, want, started, out):
-            while served(base) != want:
-                if time.monotonic() - started > 10:
-                    raise SystemExit(f"{base} did not route v{want} within 10 s")
-            out.append((time.monotonic() - started) * 1000)
+def measure(args, database, endpoint, env, nodes):
+    """Starts three nodes (into `nodes`) on `database` and the bucket, and times the rounds."""
+    shared = ["--database", database,
+              "--blobs", f"s3://kiln-bench/p?endpoint={endpoint}&region=us-east-1"]
+    for i in range(3):
+        port = free_port()
+        argv = [os.path.join(REL, "kiln"), "serve", "--listen", f"127.0.0.1:{port}",
+                "--data-dir", tempfile.mkdtemp(prefix="kiln-propagation-"),
+                "--node-id", f"node-{i + 1}"] + shared
+        proc = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL)
+        nodes.append((f"http://127.0.0.1:{port}", proc))
+        wait_http(f"http://127.0.0.1:{port}/healthz")
+    first, second, third = (base for base, _ in nodes)
+    with open(HELLO, "rb") as f:
+        wasm = f.read()
+    for _ in range(2):
+        call("POST", f"{first}/v1/functions/hello/versions", wasm, "application/wasm")
 
-        # Every node has both versions loaded before the rounds begin.
-        for base in (first, second, third):
-            deadline = time.monotonic() + 10
-            while call("GET", f"{base}/v1/functions/hello")[0].count(b'"version"') < 2:
-                if time.monotonic() > deadline:
-                    raise SystemExit(f"{base} never saw both versions")
-                time.sleep(0.05)
-        times = []
-        for r in range(args.rounds):
-            want = str(1 + (r % 2))
-            body = json.dumps({"weights": {want: 100}}).encode()
-            call("PUT", f"{second}/v1/functions/hello/traffic", body)
-            started = time.monotonic()
-            threads = [threading.Thread(target=wait_routed, args=(b, want, started, times))
-                       for b in (first, third)]
-            for t in threads:
-                t.start()
-            for t in threads:
-                t.join()
+    def served(base):
+        _, headers = call("GET", f"{base}/fn/hello/")
+        return headers.get("x-kiln-version")
+
+    def wait_routed(base, want, started, out):
+        while served(base) != want:
+            if time.monotonic() - started > 10:
+                raise SystemExit(f"{base} did not route v{want} within 10 s")
+        out.append((time.monotonic() - started) * 1000)
+
+    # Every node has both versions loaded before the rounds begin.
+    for base in (first, second, third):
+        deadline = time.monotonic() + 10
+        while call("GET", f"{base}/v1/functions/hello")[0].count(b'"version"') < 2:
+            if time.monotonic() > deadline:
+                raise SystemExit(f"{base} never saw both versions")
             time.sleep(0.05)
-        print(f"traffic change on node 2 -> routed on nodes 1 and 3: {len(times)} samples, "
-              f"p50 {statistics.median(times):.1f} ms, p99 {percentile(times, 99):.1f} ms, "
-              f"max {max(times):.1f} ms")
-    finally:
-        for _, proc in nodes:
-            proc.terminate()
-        for _, proc in nodes:
-            proc.wait(20)
-        moto.terminate()
-        subprocess.run(["psql", admin, "-qc", f"DROP DATABASE IF EXISTS {db} WITH (FORCE)"])
+    times = []
+    for r in range(args.rounds):
+        want = str(1 + (r % 2))
+        body = json.dumps({"weights": {want: 100}}).encode()
+        call("PUT", f"{second}/v1/functions/hello/traffic", body)
+        started = time.monotonic()
+        threads = [threading.Thread(target=wait_routed, args=(b, want, started, times))
+                   for b in (first, third)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        time.sleep(0.05)
+    print(f"traffic change on node 2 -> routed on nodes 1 and 3: {len(times)} samples, "
+          f"p50 {statistics.median(times):.1f} ms, p99 {percentile(times, 99):.1f} ms, "
+          f"max {max(times):.1f} ms")
 
 
 if __name__ == "__main__":

@@ -48,13 +48,9 @@ impl ByteBudget {
     }
 
     /// Bytes held now, over all shares.
-    pub fn held(&self) -> u64 {
+    #[cfg(test)]
+    fn held(&self) -> u64 {
         self.total - self.bytes.available_permits() as u64
-    }
-
-    /// The whole budget, in bytes.
-    pub fn total(&self) -> u64 {
-        self.total
     }
 }
 

@@ -275,9 +275,12 @@ impl Drop for Busy {
     }
 }
 
-/// What a connection over `max_connections` is told before it is closed.
+/// What a connection over `max_connections` is told before it is closed: the error every
+/// other refusal uses, written by hand (no HTTP connection is served for it).
 fn refusal() -> String {
-    let body = r#"{"error":{"code":"server.busy","message":"the server is at its connection limit; try again"}}"#;
+    let e =
+        crate::api::ApiError::Busy("the server is at its connection limit; try again".to_string());
+    let body = e.to_json().to_string();
     format!(
         "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\nretry-after: 1\r\nconnection: close\r\ncontent-length: {}\r\n\r\n{body}",
         body.len()
