@@ -88,6 +88,8 @@ fn try_spawn(
         .env_remove("KILN_BLOBS_URL")
         .env_remove("KILN_DATABASE_URL")
         .env_remove("KILN_NODE_ID")
+        .env_remove("KILN_TLS_CERT")
+        .env_remove("KILN_TLS_KEY")
         // ONNX Runtime only where a test configures it, so backends are chosen on purpose.
         .env_remove("ORT_DYLIB_PATH")
         .stdout(Stdio::piped())
@@ -474,6 +476,8 @@ impl TestServer {
         cmd.args(args)
             .env("KILN_SERVER", &self.url)
             .env_remove("KILN_API_KEY")
+            .env_remove("KILN_CA_CERT")
+            .env_remove("KILN_TIMEOUT")
             .current_dir(root());
         if !key.is_empty() {
             cmd.env("KILN_API_KEY", key);

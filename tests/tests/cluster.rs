@@ -57,6 +57,42 @@ fn changes_on_one_node_apply_on_the_other_within_a_second() {
         a.get("/fn/hello/").header("x-kiln-version") == Some("1")
     }));
 
+    // Sticky keys land on the same version on every node: one secret, kept in the
+    // database, salts every node's hash.
+    let put = b.request(
+        "PUT",
+        "/v1/functions/hello/traffic",
+        &[("content-type", "application/json")],
+        json!({"weights": {"1": 50, "2": 50}, "sticky": "header:x-user-id"})
+            .to_string()
+            .as_bytes(),
+    );
+    assert_eq!(put.status, 200, "{}", put.text());
+    let revision = put.json()["revision"].clone();
+    within_a_second("sticky policy", || {
+        a.get("/v1/functions/hello/traffic").json()["revision"] == revision
+    });
+    let landing = |s: &TestServer, user: &str| {
+        s.request("GET", "/fn/hello/", &[("x-user-id", user)], b"")
+            .header("x-kiln-version")
+            .map(str::to_string)
+    };
+    let mut versions = std::collections::BTreeSet::new();
+    for user in (0..40).map(|u| format!("user-{u}")) {
+        let on_a = landing(a, &user);
+        assert_eq!(
+            on_a,
+            landing(b, &user),
+            "{user} lands differently on the two nodes"
+        );
+        versions.insert(on_a);
+    }
+    assert_eq!(
+        versions.len(),
+        2,
+        "keys spread over both versions: {versions:?}"
+    );
+
     // A key made on A works on B; revoked on B, it is refused on A.
     let (key, id) = a.create_key("default", &["invoke:*"], None);
     let auth = format!("Bearer {key}");

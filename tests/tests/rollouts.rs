@@ -80,7 +80,7 @@ fn weighted_routing_follows_the_weights_within_two_points() {
 
 #[test]
 fn sticky_keys_stay_on_one_version() {
-    let server = server_with_versions(2);
+    let mut server = server_with_versions(2);
     let a = set(
         &server,
         &json!({"weights": {"1": 50, "2": 50}, "sticky": "header:x-user-id"}),
@@ -102,6 +102,30 @@ fn sticky_keys_stay_on_one_version() {
         BTreeSet::from([1, 2]),
         "users spread over both versions"
     );
+    // The hash's secret is kept in the database: after a restart every user lands where
+    // they did.
+    let before: Vec<u32> = (0..20)
+        .map(|u| {
+            version_of(&server.request(
+                "GET",
+                "/fn/hello/",
+                &[("x-user-id", &format!("user-{u}"))],
+                b"",
+            ))
+        })
+        .collect();
+    server.restart();
+    let after: Vec<u32> = (0..20)
+        .map(|u| {
+            version_of(&server.request(
+                "GET",
+                "/fn/hello/",
+                &[("x-user-id", &format!("user-{u}"))],
+                b"",
+            ))
+        })
+        .collect();
+    assert_eq!(before, after);
 }
 
 #[test]

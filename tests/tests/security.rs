@@ -29,9 +29,29 @@ fn control_plane_needs_a_key_with_the_right_scope() {
         b"",
     );
     assert_eq!(a.status, 401);
-    // /metrics names every tenant's functions: admin only. /healthz stays open.
+    // /metrics names every tenant's functions: admin or metrics:read only. /healthz
+    // stays open and says nothing about functions or tenants.
     assert_eq!(server.call_as("", "GET", "/metrics", b"").status, 401);
-    assert_eq!(server.call_as("", "GET", "/healthz", b"").status, 200);
+    let health = server.call_as("", "GET", "/healthz", b"");
+    assert_eq!(health.status, 200);
+    assert_eq!(health.json(), json!({"status": "ok"}));
+    let (scraper, _) = server.create_key("ops", &["metrics:read"], None);
+    let scraped = server.call_as(&scraper, "GET", "/metrics", b"");
+    assert_eq!(scraped.status, 200, "{}", scraped.text());
+    assert!(
+        scraped.text().contains("kiln_build_info{version=\""),
+        "{}",
+        scraped.text()
+    );
+    for path in ["/v1/usage", "/v1/audit"] {
+        let a = server.call_as(&scraper, "GET", path, b"");
+        assert_eq!(a.status, 403, "{path}: {}", a.text());
+    }
+    // Another tenant's private function does not exist for it.
+    assert_eq!(
+        server.call_as(&scraper, "GET", "/fn/hello/", b"").status,
+        404
+    );
 
     // A key with usage:read only can read usage, and nothing else.
     let (reader, _) = server.create_key("acme", &["usage:read"], None);

@@ -114,6 +114,7 @@ fn a_single_node_moves_into_a_cluster_with_nothing_lost_and_a_second_copy_change
         "versions:",
         "aliases:",
         "api_keys:",
+        "secrets:",
         "usage:",
         "blobs:",
     ] {

@@ -74,6 +74,9 @@ pub struct App {
     blob_health: ready::BlobHealth,
     /// Request body bytes held whole in memory, over all requests (`[server] body_buffer_mb`).
     pub body_budget: crate::common::ByteBudget,
+    /// What sticky keys are hashed under: the database's `sticky` secret, the same on
+    /// every node.
+    pub sticky: crate::deploy::StickySecret,
 }
 
 /// Who deploys a version, as far as [`App::deploy`] is concerned.
@@ -212,6 +215,11 @@ impl App {
         let node_id = ready::node_id(&config.data_dir, config.node_id.as_deref())?;
         let started_at_ms = crate::unix_ms();
         let body_budget = crate::common::ByteBudget::new(config.server.body_buffer_bytes());
+        let sticky = crate::deploy::StickySecret::new(
+            meta.secret("sticky")
+                .await
+                .context("reading the sticky-hash secret")?,
+        );
         let app = App {
             config,
             process: format!("{node_id}#{started_at_ms}"),
@@ -233,6 +241,7 @@ impl App {
             live_nodes: nodes,
             blob_health: Default::default(),
             body_budget,
+            sticky,
         };
         // The registry is built from the database as changes from other nodes are applied.
         app.apply_stored(false).await?;

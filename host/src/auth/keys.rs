@@ -26,6 +26,8 @@ pub enum Scope {
     UsageRead,
     /// Read the tenant's entries of the audit log.
     AuditRead,
+    /// Scrape `/metrics` (which names every tenant's functions), and nothing else.
+    MetricsRead,
 }
 
 impl FromStr for Scope {
@@ -41,9 +43,10 @@ impl FromStr for Scope {
             Some(("invoke", p)) => Scope::Invoke(pattern(p)?),
             Some(("usage", "read")) => Scope::UsageRead,
             Some(("audit", "read")) => Scope::AuditRead,
+            Some(("metrics", "read")) => Scope::MetricsRead,
             _ => {
                 return Err(format!(
-                    "unknown scope {s:?}: use admin, deploy:PATTERN, invoke:PATTERN, usage:read or audit:read"
+                    "unknown scope {s:?}: use admin, deploy:PATTERN, invoke:PATTERN, usage:read, audit:read or metrics:read"
                 ));
             }
         })
@@ -58,6 +61,7 @@ impl fmt::Display for Scope {
             Scope::Invoke(p) => write!(f, "invoke:{p}"),
             Scope::UsageRead => f.write_str("usage:read"),
             Scope::AuditRead => f.write_str("audit:read"),
+            Scope::MetricsRead => f.write_str("metrics:read"),
         }
     }
 }

@@ -1,10 +1,25 @@
 //! A small blocking client for the Kiln HTTP API, turning `{"error":{...}}` answers into
-//! readable errors.
+//! readable errors. It speaks https (rustls, the public roots or a private CA), gives up
+//! on a server that stops answering, and keeps API keys off plain http beyond loopback.
 
 use std::io::Read;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::{Context, bail};
 use serde_json::Value;
+
+/// How the client reaches the server.
+#[derive(Debug, Clone, Default)]
+pub struct Connect {
+    /// PEM certificates of a private CA, trusted instead of the public roots.
+    pub ca_cert: Option<PathBuf>,
+    /// Send the key over plain http to a host beyond loopback anyway.
+    pub allow_http: bool,
+    /// Longest wait to connect and for each read or write (`None`: no limit).
+    pub timeout: Option<Duration>,
+}
 
 /// Client of one Kiln server.
 pub struct Client {
@@ -15,21 +30,51 @@ pub struct Client {
 }
 
 impl Client {
-    /// A client for `base` (e.g. `http://127.0.0.1:8080`) sending `api_key` (if any) as
-    /// `authorization: Bearer`.
-    pub fn new(base: &str, api_key: Option<&str>) -> Self {
+    /// A client for `base` (e.g. `https://kiln.example.com`) sending `api_key` (if any)
+    /// as `authorization: Bearer`. Refuses to send a key over plain http to a host beyond
+    /// loopback unless `connect.allow_http`.
+    pub fn new(base: &str, api_key: Option<&str>, connect: &Connect) -> anyhow::Result<Self> {
+        let base = base.trim_end_matches('/').to_string();
+        let uri: http::Uri = base
+            .parse()
+            .with_context(|| format!("server URL {base:?} is not a URL"))?;
+        let bearer = api_key
+            .map(str::trim)
+            .filter(|k| !k.is_empty())
+            .map(|k| format!("Bearer {k}"));
+        match uri.scheme_str() {
+            Some("https") => {}
+            Some("http") => {
+                let host = uri.host().unwrap_or_default();
+                if bearer.is_some() && !connect.allow_http && !is_loopback(host) {
+                    bail!(
+                        "refusing to send the API key over plain http to {host}: anyone on the path could read and reuse it. Use https://, or pass --allow-http if the network is trusted"
+                    );
+                }
+            }
+            _ => bail!("server URL {base:?} must start with http:// or https://"),
+        }
+        let mut tls = ureq::tls::TlsConfig::builder()
+            .provider(ureq::tls::TlsProvider::Rustls)
+            .unversioned_rustls_crypto_provider(Arc::new(
+                rustls::crypto::aws_lc_rs::default_provider(),
+            ));
+        if let Some(path) = &connect.ca_cert {
+            tls = tls.root_certs(read_ca(path)?);
+        }
         let agent = ureq::Agent::config_builder()
             .http_status_as_error(false)
+            .tls_config(tls.build())
+            .timeout_connect(connect.timeout)
+            .timeout_per_read(connect.timeout)
+            .timeout_per_write(connect.timeout)
             .build()
             .into();
-        Client {
-            base: base.trim_end_matches('/').to_string(),
+        Ok(Client {
+            base,
             agent,
-            bearer: api_key
-                .map(str::trim)
-                .filter(|k| !k.is_empty())
-                .map(|k| format!("Bearer {k}")),
-        }
+            bearer,
+        })
     }
 
     /// The `authorization` header value, if a key was given.
@@ -142,9 +187,33 @@ impl Client {
         json: &[u8],
         headers: &[(&str, &str)],
     ) -> anyhow::Result<Value> {
-        let mut req = self
-            .auth(self.agent.post(self.url(path)))
-            .header("content-type", "application/json");
+        self.post_with(self.agent.post(self.url(path)), json, headers)
+    }
+
+    /// As [`post_bytes`](Self::post_bytes), waiting as long as the server takes to answer:
+    /// a deploy's answer comes once the component is compiled, which may take minutes.
+    pub fn post_waiting(
+        &self,
+        path: &str,
+        json: &[u8],
+        headers: &[(&str, &str)],
+    ) -> anyhow::Result<Value> {
+        let req = self
+            .agent
+            .post(self.url(path))
+            .config()
+            .timeout_per_read(None)
+            .build();
+        self.post_with(req, json, headers)
+    }
+
+    fn post_with(
+        &self,
+        req: ureq::RequestBuilder<ureq::typestate::WithBody>,
+        json: &[u8],
+        headers: &[(&str, &str)],
+    ) -> anyhow::Result<Value> {
+        let mut req = self.auth(req).header("content-type", "application/json");
         for (k, v) in headers {
             req = req.header(*k, *v);
         }
@@ -153,6 +222,36 @@ impl Client {
             .with_context(|| format!("connecting to {}", self.base))?;
         json_or_error(resp)
     }
+}
+
+/// Whether `host` (as a URL spells it) is this machine: plain http stays on it.
+fn is_loopback(host: &str) -> bool {
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    host.eq_ignore_ascii_case("localhost")
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
+}
+
+/// The certificates of a private CA's PEM file.
+fn read_ca(path: &std::path::Path) -> anyhow::Result<ureq::tls::RootCerts> {
+    let pem =
+        std::fs::read(path).with_context(|| format!("reading --ca-cert {}", path.display()))?;
+    let mut certs = Vec::new();
+    for item in ureq::tls::parse_pem(&pem) {
+        if let ureq::tls::PemItem::Certificate(c) =
+            item.with_context(|| format!("--ca-cert {}: not PEM", path.display()))?
+        {
+            certs.push(c);
+        }
+    }
+    if certs.is_empty() {
+        bail!(
+            "--ca-cert {}: no PEM certificate in the file",
+            path.display()
+        );
+    }
+    Ok(ureq::tls::RootCerts::new_with_certs(&certs))
 }
 
 /// The JSON body of a 2xx answer, or the server's error message as an error.
@@ -179,5 +278,39 @@ pub fn json_or_error(mut resp: http::Response<ureq::Body>) -> anyhow::Result<Val
             status.as_u16()
         ),
         _ => bail!("HTTP {}: {text}", status.as_u16()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_key_is_kept_off_plain_http_beyond_loopback() {
+        let plain = Connect::default();
+        for url in [
+            "http://127.0.0.1:8080",
+            "http://localhost:1",
+            "http://[::1]:8080",
+        ] {
+            assert!(Client::new(url, Some("k"), &plain).is_ok(), "{url}");
+        }
+        let err = Client::new("http://10.0.0.5:8080", Some("k"), &plain)
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(
+            err.contains("--allow-http") && err.contains("10.0.0.5"),
+            "{err}"
+        );
+        // Without a key nothing secret is sent; with --allow-http the operator chose.
+        assert!(Client::new("http://10.0.0.5:8080", None, &plain).is_ok());
+        let allowed = Connect {
+            allow_http: true,
+            ..Connect::default()
+        };
+        assert!(Client::new("http://10.0.0.5:8080", Some("k"), &allowed).is_ok());
+        assert!(Client::new("https://10.0.0.5", Some("k"), &plain).is_ok());
+        assert!(Client::new("ftp://10.0.0.5", None, &plain).is_err());
     }
 }

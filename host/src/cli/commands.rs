@@ -158,7 +158,7 @@ pub fn deploy(
         None => Vec::new(),
     };
     let headers: Vec<(&str, &str)> = headers.iter().map(|(k, v)| (*k, v.as_str())).collect();
-    let answer = client.post_bytes(
+    let answer = client.post_waiting(
         &format!("/v1/functions/{name}/versions"),
         manifest.as_bytes(),
         &headers,

@@ -11,7 +11,7 @@ use std::path::PathBuf;
 
 use clap::{Parser, Subcommand, ValueEnum};
 
-pub use client::Client;
+pub use client::{Client, Connect};
 
 /// Default server URL for client commands.
 pub const DEFAULT_SERVER: &str = "http://127.0.0.1:8080";
@@ -55,12 +55,30 @@ pub struct ServerArg {
     /// API key, sent as `authorization: Bearer`.
     #[arg(long, env = "KILN_API_KEY", hide_env_values = true)]
     pub api_key: Option<String>,
+    /// PEM certificate of a private CA to trust for https, instead of the public roots.
+    #[arg(long, env = "KILN_CA_CERT")]
+    pub ca_cert: Option<PathBuf>,
+    /// Send the API key over plain http to a host beyond loopback (anyone on the path can
+    /// read and reuse it).
+    #[arg(long)]
+    pub allow_http: bool,
+    /// Longest wait to connect and for each read or write, e.g. 30s, 2m (0: none); a
+    /// deploy waits for its compile regardless.
+    #[arg(long, env = "KILN_TIMEOUT", default_value = "30s")]
+    pub timeout: String,
 }
 
 impl ServerArg {
     /// A client of the server, carrying the key.
-    pub fn client(&self) -> Client {
-        Client::new(&self.server, self.api_key.as_deref())
+    pub fn client(&self) -> anyhow::Result<Client> {
+        let timeout = humantime::parse_duration(&self.timeout)
+            .map_err(|e| anyhow::anyhow!("--timeout {:?}: {e}", self.timeout))?;
+        let connect = Connect {
+            ca_cert: self.ca_cert.clone(),
+            allow_http: self.allow_http,
+            timeout: (!timeout.is_zero()).then_some(timeout),
+        };
+        Client::new(&self.server, self.api_key.as_deref(), &connect)
     }
 }
 
@@ -100,7 +118,7 @@ pub enum KeysCommand {
         /// The tenant the key acts for and bills.
         #[arg(long)]
         tenant: String,
-        /// admin, deploy:PATTERN, invoke:PATTERN, usage:read or audit:read (repeatable;
+        /// admin, deploy:PATTERN, invoke:PATTERN, usage:read, audit:read or metrics:read (repeatable;
         /// PATTERN matches function names, `*` for any run of characters).
         #[arg(long = "scope", required = true)]
         scopes: Vec<String>,
@@ -148,6 +166,13 @@ pub enum Command {
         /// This node's id [default: host name and a random suffix, kept in the data dir].
         #[arg(long, env = "KILN_NODE_ID")]
         node_id: Option<String>,
+        /// PEM certificate chain to serve HTTPS with (HTTP/2 and HTTP/1.1 by ALPN); read
+        /// again on SIGHUP [config: server.tls_cert].
+        #[arg(long, env = "KILN_TLS_CERT", requires = "tls_key")]
+        tls_cert: Option<PathBuf>,
+        /// PEM private key of --tls-cert [config: server.tls_key].
+        #[arg(long, env = "KILN_TLS_KEY", requires = "tls_cert")]
+        tls_key: Option<PathBuf>,
         /// TOML configuration file; flags and KILN_* variables override it.
         #[arg(long)]
         config: Option<PathBuf>,
@@ -397,6 +422,8 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             blobs,
             database,
             node_id,
+            tls_cert,
+            tls_key,
             config,
             insecure,
         } => serve::run(
@@ -406,6 +433,8 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                 blobs,
                 database,
                 node_id,
+                tls_cert,
+                tls_key,
             },
             config,
             insecure,
@@ -416,7 +445,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             name,
             sign,
             server,
-        } => commands::deploy(&server.client(), &path, name, sign.as_deref()),
+        } => commands::deploy(&server.client()?, &path, name, sign.as_deref()),
         Command::Invoke {
             name,
             path,
@@ -426,7 +455,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             include,
             server,
         } => commands::invoke(
-            &server.client(),
+            &server.client()?,
             &commands::InvokeArgs {
                 name,
                 path,
@@ -436,8 +465,8 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                 include,
             },
         ),
-        Command::Functions { output, server } => commands::functions(&server.client(), output),
-        Command::Nodes { output, server } => cluster::nodes(&server.client(), output),
+        Command::Functions { output, server } => commands::functions(&server.client()?, output),
+        Command::Nodes { output, server } => cluster::nodes(&server.client()?, output),
         Command::Store {
             command:
                 StoreCommand::Copy {
@@ -458,8 +487,8 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             name,
             output,
             server,
-        } => commands::versions(&server.client(), &name, output),
-        Command::Delete { name, server } => commands::delete(&server.client(), &name),
+        } => commands::versions(&server.client()?, &name, output),
+        Command::Delete { name, server } => commands::delete(&server.client()?, &name),
         Command::Usage {
             function,
             tenant,
@@ -476,7 +505,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                 ("until", until),
                 ("group_by", group_by),
             ];
-            commands::usage(&server.client(), &filters, output)
+            commands::usage(&server.client()?, &filters, output)
         }
         Command::Keys { command } => match command {
             KeysCommand::Create {
@@ -484,9 +513,9 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                 scopes,
                 rate,
                 server,
-            } => commands::keys_create(&server.client(), &tenant, &scopes, rate.as_deref()),
-            KeysCommand::List { output, server } => commands::keys_list(&server.client(), output),
-            KeysCommand::Revoke { id, server } => commands::keys_revoke(&server.client(), &id),
+            } => commands::keys_create(&server.client()?, &tenant, &scopes, rate.as_deref()),
+            KeysCommand::List { output, server } => commands::keys_list(&server.client()?, output),
+            KeysCommand::Revoke { id, server } => commands::keys_revoke(&server.client()?, &id),
         },
         Command::Audit {
             since,
@@ -504,7 +533,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                 ("action", action),
                 ("limit", limit.map(|l| l.to_string())),
             ];
-            commands::audit(&server.client(), &filters, output)
+            commands::audit(&server.client()?, &filters, output)
         }
         Command::Keygen { out } => commands::keygen(&out),
         Command::Traffic {
@@ -516,7 +545,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             output,
             server,
         } => traffic::traffic(
-            &server.client(),
+            &server.client()?,
             &name,
             &weights,
             traffic::Extras {
@@ -532,7 +561,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             to,
             reason,
             server,
-        } => traffic::promote(&server.client(), &name, &from, &to, reason),
+        } => traffic::promote(&server.client()?, &name, &from, &to, reason),
         Command::Rollout {
             name,
             to,
@@ -548,7 +577,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             output,
             server,
         } => {
-            let client = server.client();
+            let client = server.client()?;
             match (to, pause, resume, abort) {
                 (Some(to), ..) => {
                     let body = serde_json::json!({
@@ -577,12 +606,12 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             name,
             output,
             server,
-        } => traffic::history(&server.client(), &name, output),
+        } => traffic::history(&server.client()?, &name, output),
         Command::Rollback {
             name,
             reason,
             alias,
             server,
-        } => traffic::rollback(&server.client(), &name, reason, alias),
+        } => traffic::rollback(&server.client()?, &name, reason, alias),
     }
 }

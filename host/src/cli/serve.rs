@@ -25,6 +25,15 @@ pub fn run(flags: Overrides, config: Option<PathBuf>, insecure: bool) -> anyhow:
         .build()
         .context("starting the tokio runtime")?;
     runtime.block_on(async move {
+        // Read before binding: a wrong file stops the start with the file named.
+        let tls = match &config.tls {
+            Some(files) => {
+                let certs = crate::server::tls::Certificates::load(files.clone())?;
+                certs.reload_on_sighup()?;
+                Some(certs.server_config()?)
+            }
+            None => None,
+        };
         let listener = tokio::net::TcpListener::bind(config.listen)
             .await
             .with_context(|| format!("binding {}", config.listen))?;
@@ -36,7 +45,14 @@ pub fn run(flags: Overrides, config: Option<PathBuf>, insecure: bool) -> anyhow:
             println!("kiln admin key (shown once; keep it, then `export KILN_API_KEY=...`):\n{key}");
         }
         tracing::info!(node = %app.node_id, data_dir = %app.config.data_dir.display(), blobs = %app.blobs.describe(), functions = app.registry.functions().len(), auth = !app.auth.is_open(), "kiln ready");
-        println!("kiln serving on http://{addr}");
+        if tls.is_none() && !addr.ip().is_loopback() {
+            tracing::warn!(
+                %addr,
+                "serving plain HTTP beyond loopback: API keys are bearer tokens and travel in clear text, so anyone on the path can read and reuse them; serve with --tls-cert and --tls-key (or put a TLS proxy in front)"
+            );
+        }
+        let scheme = if tls.is_some() { "https" } else { "http" };
+        println!("kiln serving on {scheme}://{addr}");
         let stopping = app.clone();
         let signal = async move {
             shutdown_signal().await;
@@ -44,7 +60,7 @@ pub fn run(flags: Overrides, config: Option<PathBuf>, insecure: bool) -> anyhow:
             // this one drains its requests.
             stopping.release_leases().await;
         };
-        let served = crate::server::serve(app.clone(), listener, signal).await;
+        let served = crate::server::serve(app.clone(), listener, tls, signal).await;
         // Every drained request has submitted its usage record: commit them all.
         let closing = app.clone();
         tokio::task::spawn_blocking(move || closing.close())

@@ -16,7 +16,7 @@ use crate::meter::{Durability, Pricing};
 use crate::store::{BlobsUrl, DEFAULT_CACHE_MB, DatabaseUrl};
 
 mod server;
-pub use server::ServerLimits;
+pub use server::{ServerLimits, TlsFiles};
 
 /// Default address the server listens on.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
@@ -84,6 +84,8 @@ pub struct ServerConfig {
     pub drain_timeout_ms: u64,
     /// Connection, stream and buffered-body limits (`[server]`).
     pub server: ServerLimits,
+    /// The listener's TLS pair; `None`: plain HTTP.
+    pub tls: Option<TlsFiles>,
     /// Runtime (engine, pool, compile) settings.
     pub runtime: RuntimeConfig,
     /// Inference (`wasi:nn`) settings.
@@ -157,6 +159,10 @@ pub struct Overrides {
     pub database: Option<String>,
     /// `--node-id` / `KILN_NODE_ID`.
     pub node_id: Option<String>,
+    /// `--tls-cert` / `KILN_TLS_CERT`.
+    pub tls_cert: Option<PathBuf>,
+    /// `--tls-key` / `KILN_TLS_KEY`.
+    pub tls_key: Option<PathBuf>,
 }
 
 /// Authentication settings (`[auth]`, plus the bootstrap from flags and the environment).
@@ -422,7 +428,10 @@ impl ServerConfig {
             blobs,
             database,
             node_id,
+            tls_cert,
+            tls_key,
         } = flags;
+        let tls = file.server.tls(tls_cert, tls_key)?;
         let mut store = file.store;
         if let Some(url) = blobs.filter(|b| !b.is_empty()) {
             store.blobs = url
@@ -480,6 +489,7 @@ impl ServerConfig {
             header_timeout_ms: file.header_timeout_ms.unwrap_or(DEFAULT_HEADER_TIMEOUT_MS),
             drain_timeout_ms: file.drain_timeout_ms.unwrap_or(DEFAULT_DRAIN_TIMEOUT_MS),
             server: file.server,
+            tls,
             runtime: RuntimeConfig {
                 loaded_versions: r.loaded_versions.unwrap_or(base.loaded_versions),
                 kept_versions: r.kept_versions.unwrap_or(base.kept_versions),

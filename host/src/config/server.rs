@@ -2,6 +2,8 @@
 //! flood (many connections, many HTTP/2 streams, large bodies) is answered with fast
 //! refusals instead of growth.
 
+use std::path::PathBuf;
+
 use serde::Deserialize;
 
 /// Default cap on open client connections.
@@ -41,6 +43,20 @@ pub struct ServerLimits {
     /// over all requests, in MiB; a request that would exceed it is answered 503
     /// `server.busy` at once. Streamed bodies are not buffered and not counted.
     pub body_buffer_mb: u64,
+    /// PEM certificate chain served over TLS (with `tls_key`; `--tls-cert` and
+    /// `KILN_TLS_CERT` override it).
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key of `tls_cert` (`--tls-key`, `KILN_TLS_KEY`).
+    pub tls_key: Option<PathBuf>,
+}
+
+/// The certificate chain and private key files of the listener.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsFiles {
+    /// PEM certificate chain, the server's own certificate first.
+    pub cert: PathBuf,
+    /// PEM private key (PKCS#8, PKCS#1 or SEC1).
+    pub key: PathBuf,
 }
 
 impl Default for ServerLimits {
@@ -52,6 +68,8 @@ impl Default for ServerLimits {
             h2_keepalive_ms: DEFAULT_H2_KEEPALIVE_MS,
             h2_window_kb: DEFAULT_H2_WINDOW_KB,
             body_buffer_mb: DEFAULT_BODY_BUFFER_MB,
+            tls_cert: None,
+            tls_key: None,
         }
     }
 }
@@ -80,6 +98,26 @@ impl ServerLimits {
             );
         }
         Ok(())
+    }
+
+    /// The TLS pair, from the flags (`cert`, `key`) over the table's; both files or none.
+    pub fn tls(
+        &self,
+        cert: Option<PathBuf>,
+        key: Option<PathBuf>,
+    ) -> anyhow::Result<Option<TlsFiles>> {
+        let cert = cert.or_else(|| self.tls_cert.clone());
+        let key = key.or_else(|| self.tls_key.clone());
+        match (cert, key) {
+            (Some(cert), Some(key)) => Ok(Some(TlsFiles { cert, key })),
+            (None, None) => Ok(None),
+            (Some(_), None) => anyhow::bail!(
+                "a TLS certificate needs its key: --tls-key (KILN_TLS_KEY, [server] tls_key)"
+            ),
+            (None, Some(_)) => anyhow::bail!(
+                "a TLS key needs its certificate: --tls-cert (KILN_TLS_CERT, [server] tls_cert)"
+            ),
+        }
     }
 
     /// The body budget in bytes.

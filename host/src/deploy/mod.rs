@@ -11,7 +11,7 @@ pub mod traffic;
 pub use admission::{Admission, Admitted, Rejected};
 pub use registry::{DEFAULT_ALIAS, FunctionEntry, Registry, RouteError, VersionEntry};
 pub use rollout::{Gates, Phase, Rollout, RolloutRequest};
-pub use traffic::{Routing, Shadow, TrafficPolicy};
+pub use traffic::{Routing, Shadow, StickySecret, TrafficPolicy};
 
 /// Checks a function name: 1-63 characters of `a-z`, `0-9`, `-`, `_`, starting with a
 /// letter or digit. `@` and `:` stay free to pin versions and name aliases in URLs.

@@ -106,15 +106,17 @@ impl FunctionEntry {
     }
 
     /// The version that serves a request with `headers`: the forced one (`@N` or
-    /// `x-kiln-version`, even at 0%), else `routing`'s pick, else the newest.
+    /// `x-kiln-version`, even at 0%), else `routing`'s pick (sticky keys hashed under
+    /// `secret`), else the newest.
     pub fn route_request(
         &self,
         forced: Option<u32>,
         routing: Option<&Arc<Routing>>,
         headers: &http::HeaderMap,
+        secret: &super::StickySecret,
     ) -> Result<&Arc<VersionEntry>, RouteError> {
         match (forced, routing) {
-            (None, Some(routing)) => self.pick(Some(routing.pick(headers))),
+            (None, Some(routing)) => self.pick(Some(routing.pick(&self.name, headers, secret))),
             _ => self.pick(forced),
         }
     }

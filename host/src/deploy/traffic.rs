@@ -5,7 +5,9 @@
 //! the version whose cumulative range holds it: uniformly at random, or, with a sticky key,
 //! at the point the key hashes to, so the same key always lands on the same version while
 //! the weights are unchanged (and when they change, only the keys in the ranges that moved
-//! change version).
+//! change version). The key is hashed under a secret of the server's (shared by a
+//! cluster's nodes) and the function's name, so a caller cannot compute which keys land on
+//! a candidate, and one key lands independently in each function.
 //!
 //! A shadow version gets a copy of a share of the requests after the primary has answered;
 //! its answer is compared with the primary's and thrown away.
@@ -156,6 +158,36 @@ pub struct Routing {
     ranges: Vec<(u32, u32)>,
 }
 
+/// The secret sticky keys are hashed under (the store's `sticky` secret): without it, the
+/// keys that land on a version cannot be computed.
+#[derive(Clone)]
+pub struct StickySecret([u8; 32]);
+
+impl fmt::Debug for StickySecret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("StickySecret(..)")
+    }
+}
+
+impl StickySecret {
+    /// The secret of these bytes.
+    pub fn new(bytes: [u8; 32]) -> Self {
+        StickySecret(bytes)
+    }
+
+    /// Where `key` lands in `function`'s policy: a keyed BLAKE3 of the (length-prefixed)
+    /// name and the key.
+    fn point(&self, function: &str, key: &[u8]) -> u64 {
+        let mut h = blake3::Hasher::new_keyed(&self.0);
+        h.update(&(function.len() as u64).to_le_bytes());
+        h.update(function.as_bytes());
+        h.update(key);
+        let mut first = [0u8; 8];
+        first.copy_from_slice(&h.finalize().as_bytes()[..8]);
+        u64::from_le_bytes(first)
+    }
+}
+
 /// Draws for requests without a sticky key.
 static DRAWS: AtomicU64 = AtomicU64::new(0);
 
@@ -201,20 +233,15 @@ impl Routing {
         self.ranges.iter().any(|(_, v)| *v == version)
     }
 
-    /// The version a request with `headers` goes to.
-    pub fn pick(&self, headers: &HeaderMap) -> u32 {
+    /// The version a request to `function` with `headers` goes to.
+    pub fn pick(&self, function: &str, headers: &HeaderMap, secret: &StickySecret) -> u32 {
         let key = match &self.policy.sticky {
             Some(Sticky::Header(name)) => headers.get(name).map(|v| v.as_bytes()),
             None => None,
         };
         let draw = match key {
             // Keyed: the same key, the same point.
-            Some(k) => {
-                let h = blake3::hash(k);
-                let mut first = [0u8; 8];
-                first.copy_from_slice(&h.as_bytes()[..8]);
-                u64::from_le_bytes(first)
-            }
+            Some(k) => secret.point(function, k),
             None => mix(DRAWS.fetch_add(1, Ordering::Relaxed) ^ seed()),
         };
         let point = (draw % 100) as u32;
@@ -292,11 +319,49 @@ mod tests {
         assert!("header:bad header".parse::<Sticky>().is_err());
     }
 
+    /// The versions each of 200 keys lands on in `function` under `secret`.
+    fn landings(r: &Routing, function: &str, secret: &StickySecret) -> Vec<u32> {
+        (0..200)
+            .map(|user| {
+                let mut h = HeaderMap::new();
+                h.insert(
+                    "x-user",
+                    user.to_string().parse().unwrap_or_else(|e| panic!("{e}")),
+                );
+                r.pick(function, &h, secret)
+            })
+            .collect()
+    }
+
+    #[test]
+    fn sticky_keys_land_by_the_secret_and_the_function() {
+        let r = Routing::new(policy(&[(1, 50), (2, 50)], Some("header:x-user")), 1);
+        let secret = StickySecret::new([7; 32]);
+        let base = landings(&r, "f", &secret);
+        assert_eq!(
+            base,
+            landings(&r, "f", &StickySecret::new([7; 32])),
+            "same secret, same landings"
+        );
+        // Another secret or another function moves about half of the keys: neither can be
+        // predicted from the other.
+        for other in [
+            landings(&r, "f", &StickySecret::new([8; 32])),
+            landings(&r, "g", &secret),
+        ] {
+            let moved = base.iter().zip(&other).filter(|(a, b)| a != b).count();
+            assert!((50..150).contains(&moved), "{moved} of 200 moved");
+        }
+    }
+
     #[test]
     fn draws_follow_the_weights_and_sticky_keys_stay() {
+        let secret = StickySecret::new([1; 32]);
         let r = Routing::new(policy(&[(1, 70), (2, 30)], None), 1);
         let none = HeaderMap::new();
-        let ones = (0..10_000).filter(|_| r.pick(&none) == 1).count();
+        let ones = (0..10_000)
+            .filter(|_| r.pick("f", &none, &secret) == 1)
+            .count();
         assert!((6_800..7_200).contains(&ones), "{ones}");
         let r = Routing::new(policy(&[(1, 50), (2, 50)], Some("header:x-user")), 2);
         let mut h = HeaderMap::new();
@@ -306,13 +371,13 @@ mod tests {
                 "x-user",
                 user.to_string().parse().unwrap_or_else(|e| panic!("{e}")),
             );
-            let first = r.pick(&h);
-            assert!((0..5).all(|_| r.pick(&h) == first));
+            let first = r.pick("f", &h, &secret);
+            assert!((0..5).all(|_| r.pick("f", &h, &secret) == first));
             seen.insert(first);
         }
         assert_eq!(seen.len(), 2, "keys spread over both versions");
         let zero = Routing::new(policy(&[(1, 0), (2, 100)], None), 3);
-        assert!((0..1000).all(|_| zero.pick(&none) == 2));
+        assert!((0..1000).all(|_| zero.pick("f", &none, &secret) == 2));
         let mut p = policy(&[(1, 100)], None);
         p.shadow = Some(Shadow {
             version: 2,

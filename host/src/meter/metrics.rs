@@ -18,6 +18,7 @@
 //! | `kiln_cache_bytes` | gauge | cache |
 //! | `kiln_ledger_records_total` | counter | |
 //! | `kiln_ledger_commit_duration_seconds` | histogram | |
+//! | `kiln_build_info` | gauge (1) | version |
 
 use std::sync::atomic::{AtomicI64, AtomicU64};
 use std::time::Duration;
@@ -111,6 +112,11 @@ struct ShadowSideLabels {
     function: String,
     version: String,
     side: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct BuildLabels {
+    version: &'static str,
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -285,6 +291,14 @@ impl Metrics {
             "One group commit of usage records",
             ledger_commit.clone(),
         );
+        // Which build answers: a constant 1 whose label joins onto any other series.
+        let build = Family::<BuildLabels, Gauge>::default();
+        build
+            .get_or_create(&BuildLabels {
+                version: env!("CARGO_PKG_VERSION"),
+            })
+            .set(1);
+        registry.register("build_info", "The build of kiln serving", build);
         Metrics {
             registry,
             invocations,

@@ -204,11 +204,6 @@ impl Runtime {
         slots.pop(&id);
     }
 
-    /// Number of versions currently held in memory.
-    pub fn loaded_count(&self) -> usize {
-        self.loaded_ids().len()
-    }
-
     /// The ids of the versions currently held in memory.
     pub fn loaded_ids(&self) -> std::collections::HashSet<i64> {
         let kept = self.loaded.kept();

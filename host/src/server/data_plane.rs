@@ -249,7 +249,9 @@ fn admit(app: &App, req: &Request<Incoming>, target: FnTarget<'_>) -> Result<Adm
             caller.may_invoke(name, &f.owner, false)?;
         }
     }
-    let entry = f.route_request(forced, routing, req.headers())?.clone();
+    let entry = f
+        .route_request(forced, routing, req.headers(), &app.sticky)?
+        .clone();
     let tenant = match caller {
         Caller::Key(k) => k.tenant.clone(),
         Caller::Open | Caller::Anonymous => f.owner.clone(),

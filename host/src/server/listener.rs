@@ -6,7 +6,8 @@
 //! admission holds at most a window of unread bytes), keep-alive pings that drop a peer
 //! that stopped answering, a first request due within the header timeout on every
 //! protocol (HTTP/1 enforces it per request too), and an idle timeout that closes a
-//! connection no request has used for `idle_timeout_ms`.
+//! connection no request has used for `idle_timeout_ms`. With TLS (`server/tls.rs`) the
+//! handshake is due within the header timeout too.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -31,10 +32,12 @@ const H2_STREAM_WINDOW: u32 = 64 << 10;
 const MAX_REFUSING: usize = 64;
 
 /// Serves `listener` until `shutdown` resolves, then stops accepting and waits (up to the
-/// configured drain timeout) for in-flight requests to finish.
+/// configured drain timeout) for in-flight requests to finish. With `tls`, every
+/// connection is a TLS one (handshake due within the header timeout).
 pub async fn serve(
     app: Arc<App>,
     listener: TcpListener,
+    tls: Option<Arc<rustls::ServerConfig>>,
     shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<()> {
     let limits = app.config.server.clone();
@@ -59,9 +62,16 @@ pub async fn serve(
         idle: Duration::from_millis(limits.idle_timeout_ms),
         drain: Duration::from_millis(app.config.drain_timeout_ms),
     };
+    let tls = tls.map(tokio_rustls::TlsAcceptor::from);
     let slots = Arc::new(Semaphore::new(limits.max_connections));
     let refusals = Arc::new(Semaphore::new(MAX_REFUSING));
     let (stop, stopping) = watch::channel(false);
+    let server = Arc::new(Connections {
+        app: app.clone(),
+        builder,
+        timeouts,
+        stopping,
+    });
     // Connection tasks, so that the ones still open after the drain timeout can be ended
     // (and their requests' usage records written) before the ledger is flushed.
     let mut connections = tokio::task::JoinSet::new();
@@ -83,32 +93,26 @@ pub async fn serve(
                     app.metrics.connection_refused();
                     // Refusals in progress are bounded too: past that, closed at once.
                     if let Ok(refusing) = refusals.clone().try_acquire_owned() {
+                        let tls = tls.clone();
                         tokio::spawn(async move {
-                            refuse(stream).await;
+                            refuse(stream, tls).await;
                             drop(refusing);
                         });
                     }
                     continue;
                 };
                 let _ = stream.set_nodelay(true);
-                let activity = Arc::new(Activity::new());
-                let service = {
-                    let (app, activity) = (app.clone(), activity.clone());
-                    service_fn(move |req| {
-                        let (app, activity) = (app.clone(), activity.clone());
-                        async move {
-                            // In progress until the response body has been sent (or dropped).
-                            let busy = Activity::begin(&activity);
-                            let resp = super::handle(app, req).await;
-                            Ok::<_, Infallible>(resp.map(|body| Holding { body, _busy: busy }.boxed_unsync()))
-                        }
-                    })
-                };
-                let conn = builder.serve_connection(TokioIo::new(stream), service).into_owned();
                 let open = app.metrics.connection_opened();
-                let stopping = stopping.clone();
+                let (server, tls) = (server.clone(), tls.clone());
                 connections.spawn(async move {
-                    drive(conn, &activity, stopping, timeouts, peer).await;
+                    match tls {
+                        None => server.serve(stream, peer).await,
+                        Some(tls) => match tokio::time::timeout(header_timeout, tls.accept(stream)).await {
+                            Ok(Ok(stream)) => server.serve(stream, peer).await,
+                            Ok(Err(e)) => tracing::debug!(%peer, "TLS handshake failed: {e}"),
+                            Err(_) => tracing::debug!(%peer, "TLS handshake not done within the header timeout"),
+                        },
+                    }
                     drop((slot, open));
                 });
             }
@@ -126,6 +130,43 @@ pub async fn serve(
     }
     connections.shutdown().await;
     Ok(())
+}
+
+/// What every connection is served with.
+struct Connections {
+    app: Arc<App>,
+    builder: auto::Builder<TokioExecutor>,
+    timeouts: Timeouts,
+    stopping: watch::Receiver<bool>,
+}
+
+impl Connections {
+    /// Serves HTTP/1 or HTTP/2 on one connection (plain or TLS) until it ends.
+    async fn serve<I>(&self, io: I, peer: std::net::SocketAddr)
+    where
+        I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    {
+        let activity = Arc::new(Activity::new());
+        let service = {
+            let (app, activity) = (self.app.clone(), activity.clone());
+            service_fn(move |req| {
+                let (app, activity) = (app.clone(), activity.clone());
+                async move {
+                    // In progress until the response body has been sent (or dropped).
+                    let busy = Activity::begin(&activity);
+                    let resp = super::handle(app, req).await;
+                    Ok::<_, Infallible>(
+                        resp.map(|body| Holding { body, _busy: busy }.boxed_unsync()),
+                    )
+                }
+            })
+        };
+        let conn = self
+            .builder
+            .serve_connection(TokioIo::new(io), service)
+            .into_owned();
+        drive(conn, &activity, self.stopping.clone(), self.timeouts, peer).await;
+    }
 }
 
 /// The timeouts a connection runs under.
@@ -287,18 +328,36 @@ fn refusal() -> String {
     )
 }
 
-/// Answers a connection over the limit with a 503 and closes it, within a second.
-async fn refuse(mut stream: TcpStream) {
+/// Answers a connection over the limit with a 503 and closes it, within a second. Over
+/// TLS the handshake comes first; a client that chose HTTP/2 is closed without an answer
+/// (an HTTP/1 one would not parse).
+async fn refuse(stream: TcpStream, tls: Option<tokio_rustls::TlsAcceptor>) {
     let _ = tokio::time::timeout(Duration::from_secs(1), async {
-        stream.write_all(refusal().as_bytes()).await?;
-        stream.shutdown().await?;
-        // Read what the client sent, so closing does not reset the connection before
-        // the client has read the answer.
-        let mut sink = [0u8; 4096];
-        while stream.read(&mut sink).await? > 0 {}
-        std::io::Result::Ok(())
+        match tls {
+            None => answer_refusal(stream).await,
+            Some(tls) => {
+                let mut stream = tls.accept(stream).await?;
+                if stream.get_ref().1.alpn_protocol() == Some(b"h2") {
+                    return stream.shutdown().await;
+                }
+                answer_refusal(stream).await
+            }
+        }
     })
     .await;
+}
+
+async fn answer_refusal<S>(mut stream: S) -> std::io::Result<()>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    stream.write_all(refusal().as_bytes()).await?;
+    stream.shutdown().await?;
+    // Read what the client sent, so closing does not reset the connection before the
+    // client has read the answer.
+    let mut sink = [0u8; 4096];
+    while stream.read(&mut sink).await? > 0 {}
+    Ok(())
 }
 
 #[cfg(test)]

@@ -7,6 +7,7 @@ mod data_plane;
 mod listener;
 mod router;
 mod shadow;
+pub mod tls;
 mod usage;
 mod whole;
 

@@ -1,11 +1,13 @@
 //! `kiln store copy`: a single-node installation (the data dir's SQLite files and blob
 //! folder) moved into a cluster's PostgreSQL database and bucket, with nothing lost:
 //! functions, versions (their ids and numbers), policies, aliases, history, rollouts, blob
-//! owners, API keys, the audit log and the usage ledger, row for row, and every blob.
+//! owners, the sticky-hash secret, API keys, the audit log and the usage ledger, row for
+//! row, and every blob.
 //!
 //! Running it again changes nothing: a row the target already holds exactly is skipped. A
 //! row whose key the target holds with other values (the target is another installation)
-//! stops the copy, naming the table: merging two installations is not a copy. Each table is
+//! stops the copy, naming the table: merging two installations is not a copy (the one
+//! exception is a secret a cluster node made before the copy: the single node's replaces it). Each table is
 //! copied in one transaction, in an order that keeps every reference valid; the sequences
 //! behind ids then continue after the copied ones, and the change counter moves so that
 //! running nodes apply what arrived.
@@ -35,6 +37,9 @@ struct Table {
     name: &'static str,
     columns: &'static [(&'static str, Col)],
     serial: Option<&'static str>,
+    /// The key column of a table whose rows the copy replaces (the target's differ from
+    /// the source's only because a cluster node made its own before the copy).
+    replace_on: Option<&'static str>,
 }
 
 use Col::{Bool, Bytes, Int, Int4, Text};
@@ -51,12 +56,14 @@ const TABLES: &[Table] = &[
             ("public", Bool),
         ],
         serial: None,
+        replace_on: None,
     },
     Table {
         file: "kiln.db",
         name: "version_seq",
         columns: &[("function", Text), ("last", Int), ("last_signed_at", Int)],
         serial: None,
+        replace_on: None,
     },
     Table {
         file: "kiln.db",
@@ -78,6 +85,7 @@ const TABLES: &[Table] = &[
             ("outbound", Text),
         ],
         serial: Some("id"),
+        replace_on: None,
     },
     Table {
         file: "kiln.db",
@@ -89,6 +97,7 @@ const TABLES: &[Table] = &[
             ("updated_at", Int),
         ],
         serial: None,
+        replace_on: None,
     },
     Table {
         file: "kiln.db",
@@ -101,6 +110,7 @@ const TABLES: &[Table] = &[
             ("updated_at", Int),
         ],
         serial: None,
+        replace_on: None,
     },
     Table {
         file: "kiln.db",
@@ -116,6 +126,7 @@ const TABLES: &[Table] = &[
             ("tenant", Text),
         ],
         serial: Some("seq"),
+        replace_on: None,
     },
     Table {
         file: "kiln.db",
@@ -129,12 +140,22 @@ const TABLES: &[Table] = &[
             ("epoch", Int),
         ],
         serial: None,
+        replace_on: None,
     },
     Table {
         file: "kiln.db",
         name: "blob_owners",
         columns: &[("digest", Text), ("tenant", Text)],
         serial: None,
+        replace_on: None,
+    },
+    // The single node's sticky-hash secret: its callers keep their versions in the cluster.
+    Table {
+        file: "kiln.db",
+        name: "secrets",
+        columns: &[("name", Text), ("value", Bytes)],
+        serial: None,
+        replace_on: Some("name"),
     },
     Table {
         file: "kiln.db",
@@ -150,6 +171,7 @@ const TABLES: &[Table] = &[
             ("revoked_at", Int),
         ],
         serial: None,
+        replace_on: None,
     },
     Table {
         file: "audit.db",
@@ -167,6 +189,7 @@ const TABLES: &[Table] = &[
             ("detail", Text),
         ],
         serial: Some("seq"),
+        replace_on: None,
     },
     Table {
         file: "usage.db",
@@ -192,6 +215,7 @@ const TABLES: &[Table] = &[
             ("cost", Int),
         ],
         serial: None,
+        replace_on: None,
     },
 ];
 
@@ -331,9 +355,32 @@ async fn insert_rows(
 ) -> anyhow::Result<Copied> {
     let names: Vec<&str> = table.columns.iter().map(|c| c.0).collect();
     let marks: Vec<String> = (1..=names.len()).map(|i| format!("${i}")).collect();
+    let on_conflict = match table.replace_on {
+        // Updated only when different: an unchanged row counts as present.
+        Some(key) => {
+            let rest: Vec<&str> = names.iter().copied().filter(|n| *n != key).collect();
+            format!(
+                "ON CONFLICT ({key}) DO UPDATE SET ({}) = ROW({}) WHERE ({}) IS DISTINCT FROM ({})",
+                rest.join(", "),
+                rest.iter()
+                    .map(|n| format!("EXCLUDED.{n}"))
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                rest.iter()
+                    .map(|n| format!("{}.{n}", table.name))
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                rest.iter()
+                    .map(|n| format!("EXCLUDED.{n}"))
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            )
+        }
+        None => "ON CONFLICT DO NOTHING".to_string(),
+    };
     let insert = tx
         .prepare(&format!(
-            "INSERT INTO {} ({}) VALUES ({}) ON CONFLICT DO NOTHING",
+            "INSERT INTO {} ({}) VALUES ({}) {on_conflict}",
             table.name,
             names.join(", "),
             marks.join(", ")

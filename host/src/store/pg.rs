@@ -26,6 +26,7 @@ const MIGRATION_LOCK: i64 = 0x6b_69_6c_6e;
 pub const MIGRATIONS: &[&str] = &[
     include_str!("schema/postgres_1.sql"),
     include_str!("schema/postgres_2.sql"),
+    include_str!("schema/postgres_3.sql"),
 ];
 
 /// Opens a pool on `url` (`postgres://user[:password]@host[:port]/dbname`) and brings the

@@ -1,6 +1,6 @@
 //! What the nodes of a cluster share besides functions and policies: their heartbeats
-//! (`GET /v1/cluster`), the lease of each rollout's driver, and the gate numbers every node
-//! publishes for the rollouts in progress. On SQLite the one node does the same on its own
+//! (`GET /v1/cluster`), the lease of each rollout's driver, the gate numbers every node
+//! publishes for the rollouts in progress, and the secrets they must agree on. On SQLite the one node does the same on its own
 //! file, so a single node and a cluster run the same code.
 //!
 //! Lease times are the database's clock on PostgreSQL (nodes' clocks may disagree; the
@@ -40,7 +40,24 @@ pub struct PublishedStats {
 /// Heartbeats older than this are forgotten.
 pub(super) const FORGET_NODES_MS: i64 = 86_400_000;
 
+/// Length of a shared secret, in bytes.
+pub const SECRET_LEN: usize = 32;
+
 impl MetaStore {
+    /// The shared secret called `name`, made (from the OS's random source) by the first
+    /// node that asks; every node gets the same bytes.
+    pub async fn secret(&self, name: &str) -> anyhow::Result<[u8; SECRET_LEN]> {
+        let mut fresh = [0u8; SECRET_LEN];
+        getrandom::fill(&mut fresh).map_err(|e| anyhow::anyhow!("random source: {e}"))?;
+        let stored = on_backend!(self.secret(name, &fresh))?;
+        stored.as_slice().try_into().map_err(|_| {
+            anyhow::anyhow!(
+                "stored secret {name:?} is {} bytes, not {SECRET_LEN}",
+                stored.len()
+            )
+        })
+    }
+
     /// Stores `report` as its node's latest, stamped now.
     pub async fn heartbeat(&self, report: &NodeReport) -> anyhow::Result<()> {
         on_backend!(self.heartbeat(report))

@@ -113,6 +113,22 @@ impl PgMeta {
         Ok(row.map(|r| r.get::<_, i64>(0).max(0) as u64))
     }
 
+    /// The secret `name`, storing `fresh` first when there is none (nodes racing to
+    /// make it all read the one that won).
+    pub async fn secret(&self, name: &str, fresh: &[u8]) -> anyhow::Result<Vec<u8>> {
+        let client = self.client().await?;
+        client
+            .execute(
+                "INSERT INTO secrets (name, value) VALUES ($1, $2) ON CONFLICT DO NOTHING",
+                &[&name, &fresh],
+            )
+            .await?;
+        Ok(client
+            .query_one("SELECT value FROM secrets WHERE name = $1", &[&name])
+            .await?
+            .get(0))
+    }
+
     pub async fn release_leases(&self, node: &str) -> anyhow::Result<u64> {
         let n = self
             .client()

@@ -89,6 +89,11 @@ CREATE TABLE IF NOT EXISTS blob_owners (
     tenant      TEXT NOT NULL,
     PRIMARY KEY (digest, tenant)
 ) WITHOUT ROWID;
+-- Secrets shared by everything on this database (`sticky`: the sticky-hash salt).
+CREATE TABLE IF NOT EXISTS secrets (
+    name        TEXT PRIMARY KEY,
+    value       BLOB NOT NULL
+);
 -- Outlives its function: numbers and the last signed deploy are never reused.
 CREATE TABLE IF NOT EXISTS version_seq (
     function        TEXT PRIMARY KEY,

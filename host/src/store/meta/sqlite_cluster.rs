@@ -103,6 +103,20 @@ impl SqliteMeta {
         Ok(epoch.map(|e| e.max(0) as u64))
     }
 
+    /// The secret `name`, storing `fresh` first when there is none.
+    pub fn secret(&self, name: &str, fresh: &[u8]) -> anyhow::Result<Vec<u8>> {
+        let conn = self.conn();
+        conn.execute(
+            "INSERT OR IGNORE INTO secrets (name, value) VALUES (?1, ?2)",
+            params![name, fresh],
+        )?;
+        Ok(
+            conn.query_row("SELECT value FROM secrets WHERE name = ?1", [name], |r| {
+                r.get(0)
+            })?,
+        )
+    }
+
     pub fn release_leases(&self, node: &str) -> anyhow::Result<u64> {
         let n = self.conn().execute(
             "UPDATE rollouts SET driver = NULL, lease_until = 0

@@ -2,6 +2,7 @@
 
 use super::*;
 use crate::store::pg::scratch::{self, ScratchDb};
+use cluster::SECRET_LEN;
 
 /// The store on each backend: SQLite in a temp dir, and PostgreSQL in a database of
 /// its own when one answers.
@@ -348,5 +349,29 @@ async fn one_driver_holds_a_rollout_and_a_write_on_an_old_epoch_is_fenced_on_eve
             "{b}"
         );
         let _ = std::fs::remove_dir_all(&dir);
+    }
+}
+
+#[tokio::test]
+async fn a_secret_is_made_once_and_every_caller_reads_the_same_on_every_backend() {
+    for (meta, db, dir) in backends("secret").await {
+        let b = meta.describe();
+        let first = meta.secret("sticky").await.expect("make");
+        assert_ne!(first, [0u8; SECRET_LEN], "{b}: not random");
+        assert_eq!(meta.secret("sticky").await.expect("read"), first, "{b}");
+        assert_ne!(meta.secret("other").await.expect("other"), first, "{b}");
+        // Another store on the same database (another node, a restart) reads it too.
+        let again = match &meta {
+            MetaStore::Sqlite(_) => {
+                MetaStore::Sqlite(SqliteMeta::open(&dir.join("kiln.db")).expect("reopen"))
+            }
+            MetaStore::Postgres(_) => {
+                let url = &db.as_ref().expect("scratch database").url;
+                MetaStore::Postgres(PgMeta::new(
+                    crate::store::pg::connect(url).await.expect("connect"),
+                ))
+            }
+        };
+        assert_eq!(again.secret("sticky").await.expect("read"), first, "{b}");
     }
 }
