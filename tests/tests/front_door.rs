@@ -132,12 +132,14 @@ fn h2_floods_of_large_bodies_and_idle_connections_leave_memory_bounded() {
     }
     let statuses = flood.join().unwrap();
     let ok = statuses.iter().filter(|s| **s == 200).count();
-    let busy = statuses.iter().filter(|s| **s == 503).count();
+    // 503 at the body budget; 408 for a stream admitted so late in its timeout that its
+    // body could not arrive in the rest of it.
+    let busy = statuses.iter().filter(|s| matches!(**s, 503 | 408)).count();
     assert!(ok > 0, "some streams were served: {statuses:?}");
     assert_eq!(
         ok + busy,
         statuses.len(),
-        "every stream is answered 200, or 503 at the body budget: {statuses:?}"
+        "every stream is answered 200, or 503 at the body budget (408 past its time): {statuses:?}"
     );
     let peak = memory_kib(pid, "VmHWM:");
     let after = memory_kib(pid, "VmRSS:");

@@ -47,9 +47,17 @@ fn metrics_count_invocations_by_outcome_cold_starts_inference_and_compiles() {
     assert_eq!(
         metric_sample(
             &text,
-            "kiln_faas_invoke_duration_seconds_count{function=\"hello\"}"
+            "kiln_faas_invoke_duration_seconds_count{function=\"hello\",version=\"1\",status_class=\"2xx\"}"
         ),
         3.0
+    );
+    // The trap and the timeout are timed as the 5xx they were answered with.
+    assert_eq!(
+        metric_sample(
+            &text,
+            "kiln_faas_invoke_duration_seconds_count{function=\"hostile\",version=\"1\",status_class=\"5xx\"}"
+        ),
+        2.0
     );
     assert_eq!(
         metric_sample(

@@ -229,4 +229,62 @@ fn health_and_unknown_routes_answer_json() {
         (a.status, a.error_code().as_str()),
         (405, "method.not_allowed")
     );
+    assert_eq!(a.header("allow"), Some("GET"));
+    let a = server.request("PATCH", "/v1/functions/x/traffic", &[], b"");
+    assert_eq!((a.status, a.header("allow")), (405, Some("GET, PUT")));
+}
+
+#[test]
+fn created_resources_say_where_and_urls_follow_the_public_url() {
+    let server =
+        TestServer::start_with_config("[server]\npublic_url = \"https://kiln.example.com\"\n");
+    let a = server.deploy_wasm(
+        "hello",
+        &std::fs::read(kiln_tests::example("hello")).unwrap(),
+        "",
+    );
+    assert_eq!(a.status, 201, "{}", a.text());
+    assert_eq!(a.header("location"), Some("/v1/functions/hello/versions/1"));
+    assert_eq!(a.json()["url"], "https://kiln.example.com/fn/hello/");
+    let listed = server.get("/v1/functions/hello/versions").json();
+    assert_eq!(
+        listed["versions"][0]["url"], "https://kiln.example.com/fn/hello@1/",
+        "{listed}"
+    );
+    let a = server.request(
+        "POST",
+        "/v1/keys",
+        &[],
+        br#"{"tenant": "acme", "scopes": ["invoke:*"]}"#,
+    );
+    assert_eq!(a.status, 201, "{}", a.text());
+    let id = a.json()["id"].as_str().unwrap().to_string();
+    assert_eq!(
+        a.header("location"),
+        Some(format!("/v1/keys/{id}").as_str())
+    );
+    // Without one, the scheme is the server's own and the host the request's.
+    let plain = TestServer::start();
+    let a = plain.deploy_wasm(
+        "hello",
+        &std::fs::read(kiln_tests::example("hello")).unwrap(),
+        "",
+    );
+    let url = a.json()["url"].as_str().unwrap().to_string();
+    assert_eq!(url, format!("{}/fn/hello/", plain.url));
+}
+
+#[test]
+fn a_public_url_with_a_path_is_refused_at_start() {
+    let dir = kiln_tests::temp_dir("data");
+    let config = dir.join("kiln.toml");
+    std::fs::write(
+        &config,
+        "[server]\npublic_url = \"https://kiln.example.com/api\"\n",
+    )
+    .unwrap();
+    let log = TestServer::launch(dir, Some(config), kiln_tests::Launch::default())
+        .err()
+        .expect("must not start");
+    assert!(log.contains("server.public_url"), "{log}");
 }

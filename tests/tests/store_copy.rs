@@ -57,6 +57,14 @@ fn view(s: &TestServer, key: &str) -> Value {
         "with_key": served("/fn/hello/", &bearer),
         "keys": s.get("/v1/keys").json()["keys"].as_array().unwrap().len(),
         "history": s.get("/v1/functions/hello/history").json()["history"].clone(),
+        "sticky": (0..16)
+            .map(|u| {
+                let user = format!("user-{u}");
+                s.request("GET", "/fn/hello:split/", &[("x-user", user.as_str())], b"")
+                    .header("x-kiln-version")
+                    .map(str::to_string)
+            })
+            .collect::<Vec<_>>(),
     })
 }
 
@@ -97,6 +105,12 @@ fn a_single_node_moves_into_a_cluster_with_nothing_lost_and_a_second_copy_change
         &single,
         "/v1/functions/hello/aliases/staging",
         &json!({"weights": {"2": 100}}),
+    );
+    // Sticky callers split over both versions: they land where they did after the copy.
+    put(
+        &single,
+        "/v1/functions/hello/aliases/split",
+        &json!({"weights": {"1": 50, "2": 50}, "sticky": "header:x-user"}),
     );
     let (key, _) = single.create_key("default", &["invoke:*"], None);
     let before = view(&single, &key);
@@ -141,9 +155,9 @@ fn a_single_node_moves_into_a_cluster_with_nothing_lost_and_a_second_copy_change
         },
     )
     .unwrap_or_else(|log| panic!("kiln serve exited before serving:\n{log}"));
-    // The three calls `view` made on the single node, flushed when it stopped.
+    // The 19 calls `view` made on the single node, flushed when it stopped.
     let usage = node.get("/v1/usage?function=hello").json()["totals"]["requests"].clone();
-    assert_eq!(usage, 3, "usage totals differ");
+    assert_eq!(usage, 19, "usage totals differ");
     let after = view(&node, &key);
     assert_eq!(after, before, "the cluster differs from the single node");
     let audit_after = node.get("/v1/audit?limit=1000").json()["entries"]

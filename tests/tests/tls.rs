@@ -195,6 +195,11 @@ fn https_speaks_h2_and_http1_by_alpn_and_the_cli_trusts_a_private_ca() {
         let (mut sender, _) = h2(&addr, pki.ca_der()).await;
         let (status, body) = status_h2(&mut sender, "/fn/hello/").await;
         assert_eq!(status, 200, "{body}");
+        // URLs in answers name the authority the client used, with https.
+        let (status, body) = status_h2(&mut sender, "/v1/functions/hello").await;
+        assert_eq!(status, 200, "{body}");
+        let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(v["url"], "https://localhost/fn/hello/", "{v}");
         // ...HTTP/1.1 when it offers only that.
         let tls = connect(&addr, pki.ca_der(), &[b"http/1.1"]).await;
         assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"http/1.1"[..]));
@@ -206,8 +211,6 @@ fn https_speaks_h2_and_http1_by_alpn_and_the_cli_trusts_a_private_ca() {
         assert_eq!(resp.status(), 200);
         assert_eq!(resp.version(), http::Version::HTTP_11);
     });
-    // Loopback: no warning about clear-text keys.
-    assert!(!server.log().contains("clear text"), "{}", server.log());
 }
 
 #[test]
@@ -325,6 +328,16 @@ fn plain_http_beyond_loopback_is_served_with_a_warning() {
         log.contains("WARN") && log.contains("clear text") && log.contains("--tls-cert"),
         "{log}"
     );
+    // On loopback, plain http warns of nothing; SIGHUP without TLS is logged, not fatal.
+    let local = TestServer::start();
+    local.signal("HUP");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !local.log().contains("no TLS certificate to reload") {
+        assert!(Instant::now() < deadline, "{}", local.log());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(local.get("/healthz").status, 200);
+    assert!(!local.log().contains("clear text"), "{}", local.log());
 }
 
 #[test]

@@ -85,10 +85,12 @@ pub(super) async fn put(
     )
     .await?;
     app.meta.add_blob_owner(&stored, &tenant).await?;
-    Ok(json_response(
+    let mut resp = json_response(
         StatusCode::CREATED,
         &serde_json::json!({"digest": stored, "size": size, "created": true}),
-    ))
+    );
+    super::created_at(&mut resp, &format!("/v1/blobs/{stored}"));
+    Ok(resp)
 }
 
 /// Streams a request body into the blob store; returns the digest and size. On failure the

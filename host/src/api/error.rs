@@ -22,10 +22,14 @@ pub enum ApiError {
     KeyNotFound(String),
     #[error("no such endpoint: {0}")]
     NoRoute(String),
-    #[error("method {0} is not allowed on this endpoint")]
-    MethodNotAllowed(String),
+    /// The method, and the methods the endpoint takes (`Allow`).
+    #[error("method {0} is not allowed on this endpoint (it takes {1})")]
+    MethodNotAllowed(String, &'static str),
     #[error("{0}")]
     InvalidRequest(String),
+    /// The request's body did not arrive in time (408).
+    #[error("{0}")]
+    RequestTimeout(String),
     /// The request conflicts with the state of what it names (a rollout in progress);
     /// the second field is the code.
     #[error("{0}")]
@@ -72,8 +76,9 @@ impl ApiError {
         use ApiError::*;
         match self {
             Route(_) | BlobNotFound(_) | KeyNotFound(_) | NoRoute(_) => StatusCode::NOT_FOUND,
-            MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
+            MethodNotAllowed(..) => StatusCode::METHOD_NOT_ALLOWED,
             InvalidRequest(_) => StatusCode::BAD_REQUEST,
+            RequestTimeout(_) => StatusCode::REQUEST_TIMEOUT,
             Conflict(..) => StatusCode::CONFLICT,
             NotFound(..) => StatusCode::NOT_FOUND,
             UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
@@ -113,8 +118,9 @@ impl ApiError {
             BlobNotFound(_) | Blob(BlobError::NotFound(_)) => "blob.not_found",
             KeyNotFound(_) => "key.not_found",
             NoRoute(_) => "route.not_found",
-            MethodNotAllowed(_) => "method.not_allowed",
+            MethodNotAllowed(..) => "method.not_allowed",
             InvalidRequest(_) => "request.invalid",
+            RequestTimeout(_) => "request.timeout",
             Conflict(_, code) | NotFound(_, code) => code,
             UnsupportedMediaType(_) => "request.unsupported_media_type",
             TooLarge(_) | Blob(BlobError::TooLarge { .. }) => "request.too_large",

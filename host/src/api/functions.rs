@@ -102,14 +102,31 @@ impl CreateVersion {
     }
 }
 
-fn base_url<B>(app: &App, req: &Request<B>) -> String {
+/// Where clients reach this server, for the URLs answers carry: `[server] public_url`, else
+/// the request's authority (HTTP/2 `:authority`, or a valid `Host`) or the listen address,
+/// with this server's scheme.
+pub(super) fn base_url<B>(app: &App, req: &Request<B>) -> String {
+    if let Some(url) = &app.config.server.public_url {
+        return url.clone();
+    }
+    let scheme = if app.config.tls.is_some() {
+        "https"
+    } else {
+        "http"
+    };
     let host = req
-        .headers()
-        .get(header::HOST)
-        .and_then(|h| h.to_str().ok())
-        .map(str::to_string)
+        .uri()
+        .authority()
+        .map(|a| a.to_string())
+        .or_else(|| {
+            req.headers()
+                .get(header::HOST)
+                .and_then(|h| h.to_str().ok())
+                .filter(|h| h.parse::<http::uri::Authority>().is_ok())
+                .map(str::to_string)
+        })
         .unwrap_or_else(|| app.config.listen.to_string());
-    format!("http://{host}")
+    format!("{scheme}://{host}")
 }
 
 fn version_json(rec: &VersionRecord, base: &str) -> serde_json::Value {
@@ -162,8 +179,12 @@ fn function(app: &App, name: &str) -> Result<Arc<FunctionEntry>, ApiError> {
 }
 
 /// `GET /v1/functions`: the caller's tenant's functions (every one for an admin).
-pub(super) fn list(app: &Arc<App>, caller: &Caller) -> Result<Response<Body>, ApiError> {
-    let base = format!("http://{}", app.config.listen);
+pub(super) fn list(
+    app: &Arc<App>,
+    caller: &Caller,
+    req: &Request<Incoming>,
+) -> Result<Response<Body>, ApiError> {
+    let base = base_url(app, req);
     let all: Vec<_> = app
         .registry
         .functions()
@@ -220,9 +241,13 @@ pub(super) fn clear_cache(app: &Arc<App>, name: &str) -> Result<Response<Body>, 
     ))
 }
 
-pub(super) fn versions(app: &Arc<App>, name: &str) -> Result<Response<Body>, ApiError> {
+pub(super) fn versions(
+    app: &Arc<App>,
+    name: &str,
+    req: &Request<Incoming>,
+) -> Result<Response<Body>, ApiError> {
     let f = function(app, name)?;
-    let base = format!("http://{}", app.config.listen);
+    let base = base_url(app, req);
     let list: Vec<_> = f
         .versions
         .values()
@@ -234,12 +259,17 @@ pub(super) fn versions(app: &Arc<App>, name: &str) -> Result<Response<Body>, Api
     ))
 }
 
-pub(super) fn version(app: &Arc<App>, name: &str, v: &str) -> Result<Response<Body>, ApiError> {
+pub(super) fn version(
+    app: &Arc<App>,
+    name: &str,
+    v: &str,
+    req: &Request<Incoming>,
+) -> Result<Response<Body>, ApiError> {
     let n: u32 = v.parse().map_err(|_| {
         ApiError::InvalidRequest(format!("invalid version {v:?}: expected a number"))
     })?;
     let entry = app.registry.route(name, Some(n))?;
-    let base = format!("http://{}", app.config.listen);
+    let base = base_url(app, req);
     Ok(json_response(
         StatusCode::OK,
         &version_detail(app, &entry, &base),
@@ -393,6 +423,10 @@ pub(super) async fn create_version(
     let mut json = version_detail(app, &entry, &base);
     json["url"] = format!("{base}/fn/{}/", rec.function).into();
     let mut resp = json_response(StatusCode::CREATED, &json);
+    super::created_at(
+        &mut resp,
+        &format!("/v1/functions/{}/versions/{}", rec.function, rec.version),
+    );
     let signed = match &rec.signer {
         Some(s) => format!(", signed by {s}"),
         None => String::new(),

@@ -33,6 +33,7 @@ pub(super) async fn create(
     let mut json = key_json(&key);
     json["key"] = secret.into();
     let mut resp = json_response(StatusCode::CREATED, &json);
+    super::created_at(&mut resp, &format!("/v1/keys/{}", key.id));
     let scopes: Vec<String> = key.scopes.iter().map(ToString::to_string).collect();
     resp.extensions_mut().insert(AuditDetail {
         detail: format!(

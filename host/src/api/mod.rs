@@ -90,53 +90,54 @@ enum Op<'a> {
 
 impl<'a> Op<'a> {
     fn parse(method: &Method, segments: &[&'a str], path: &str) -> Result<Op<'a>, ApiError> {
-        let not_allowed = || ApiError::MethodNotAllowed(method.to_string());
+        let not_allowed =
+            |allow: &'static str| ApiError::MethodNotAllowed(method.to_string(), allow);
         Ok(match (segments, method) {
             (["blobs", d], &Method::PUT) => Op::PutBlob(d),
             (["blobs", d], &Method::HEAD) => Op::HeadBlob(d),
-            (["blobs", _], _) => return Err(not_allowed()),
+            (["blobs", _], _) => return Err(not_allowed("PUT, HEAD")),
             (["functions"], &Method::GET) => Op::ListFunctions,
-            (["functions"], _) => return Err(not_allowed()),
+            (["functions"], _) => return Err(not_allowed("GET")),
             (["functions", n], &Method::GET) => Op::ShowFunction(n),
             (["functions", n], &Method::DELETE) => Op::DeleteFunction(n),
-            (["functions", _], _) => return Err(not_allowed()),
+            (["functions", _], _) => return Err(not_allowed("GET, DELETE")),
             (["functions", n, "versions"], &Method::GET) => Op::ListVersions(n),
             (["functions", n, "versions"], &Method::POST) => Op::CreateVersion(n),
-            (["functions", _, "versions"], _) => return Err(not_allowed()),
+            (["functions", _, "versions"], _) => return Err(not_allowed("GET, POST")),
             (["functions", n, "versions", v], &Method::GET) => Op::ShowVersion(n, v),
-            (["functions", _, "versions", _], _) => return Err(not_allowed()),
+            (["functions", _, "versions", _], _) => return Err(not_allowed("GET")),
             (["functions", n, "versions", v, "stats"], &Method::GET) => Op::VersionStats(n, v),
-            (["functions", _, "versions", _, "stats"], _) => return Err(not_allowed()),
+            (["functions", _, "versions", _, "stats"], _) => return Err(not_allowed("GET")),
             (["functions", n, "cache"], &Method::DELETE) => Op::ClearCache(n),
-            (["functions", _, "cache"], _) => return Err(not_allowed()),
+            (["functions", _, "cache"], _) => return Err(not_allowed("DELETE")),
             (["functions", n, "traffic"], &Method::GET) => Op::GetTraffic(n),
             (["functions", n, "traffic"], &Method::PUT) => Op::PutTraffic(n),
-            (["functions", _, "traffic"], _) => return Err(not_allowed()),
+            (["functions", _, "traffic"], _) => return Err(not_allowed("GET, PUT")),
             (["functions", n, "aliases", a], &Method::GET) => Op::GetAlias(n, a),
             (["functions", n, "aliases", a], &Method::PUT | &Method::DELETE) => Op::PutAlias(n, a),
-            (["functions", _, "aliases", _], _) => return Err(not_allowed()),
+            (["functions", _, "aliases", _], _) => return Err(not_allowed("GET, PUT, DELETE")),
             (["functions", n, "promote"], &Method::POST) => Op::Promote(n),
-            (["functions", _, "promote"], _) => return Err(not_allowed()),
+            (["functions", _, "promote"], _) => return Err(not_allowed("POST")),
             (["functions", n, "history"], &Method::GET) => Op::History(n),
-            (["functions", _, "history"], _) => return Err(not_allowed()),
+            (["functions", _, "history"], _) => return Err(not_allowed("GET")),
             (["functions", n, "rollback"], &Method::POST) => Op::Rollback(n),
             (["functions", n, "rollout"], &Method::GET) => Op::GetRollout(n),
             (["functions", n, "rollout"], &Method::POST) => Op::StartRollout(n),
-            (["functions", _, "rollback"], _) => return Err(not_allowed()),
-            (["functions", _, "rollout"], _) => return Err(not_allowed()),
+            (["functions", _, "rollback"], _) => return Err(not_allowed("POST")),
+            (["functions", _, "rollout"], _) => return Err(not_allowed("GET, POST")),
             (["functions", n, "rollout", a], &Method::POST) => Op::ControlRollout(n, a),
-            (["functions", _, "rollout", _], _) => return Err(not_allowed()),
+            (["functions", _, "rollout", _], _) => return Err(not_allowed("POST")),
             (["usage"], &Method::GET) => Op::Usage,
-            (["usage"], _) => return Err(not_allowed()),
+            (["usage"], _) => return Err(not_allowed("GET")),
             (["keys"], &Method::POST) => Op::CreateKey,
             (["keys"], &Method::GET) => Op::ListKeys,
-            (["keys"], _) => return Err(not_allowed()),
+            (["keys"], _) => return Err(not_allowed("GET, POST")),
             (["keys", id], &Method::DELETE) => Op::RevokeKey(id),
-            (["keys", _], _) => return Err(not_allowed()),
+            (["keys", _], _) => return Err(not_allowed("DELETE")),
             (["audit"], &Method::GET) => Op::Audit,
-            (["audit"], _) => return Err(not_allowed()),
+            (["audit"], _) => return Err(not_allowed("GET")),
             (["cluster"], &Method::GET) => Op::Cluster,
-            (["cluster"], _) => return Err(not_allowed()),
+            (["cluster"], _) => return Err(not_allowed("GET")),
             _ => return Err(ApiError::NoRoute(format!("{method} {path}"))),
         })
     }
@@ -317,12 +318,12 @@ async fn dispatch(
     match op {
         Op::PutBlob(d) => blobs::put(app, d, req, caller).await,
         Op::HeadBlob(d) => blobs::head(app, d, caller).await,
-        Op::ListFunctions => functions::list(app, caller),
+        Op::ListFunctions => functions::list(app, caller, &req),
         Op::ShowFunction(n) => functions::show(app, n, &req),
         Op::DeleteFunction(n) => functions::delete(app, n, caller).await,
-        Op::ListVersions(n) => functions::versions(app, n),
+        Op::ListVersions(n) => functions::versions(app, n, &req),
         Op::CreateVersion(n) => functions::create_version(app, n, req, caller).await,
-        Op::ShowVersion(n, v) => functions::version(app, n, v),
+        Op::ShowVersion(n, v) => functions::version(app, n, v, &req),
         Op::VersionStats(n, v) => traffic::stats(app, n, v, req.uri().query().unwrap_or("")),
         Op::ClearCache(n) => functions::clear_cache(app, n),
         Op::GetTraffic(n) => traffic::get(app, n, None),
@@ -359,6 +360,14 @@ async fn cluster(app: &Arc<App>) -> Result<Response<Body>, ApiError> {
             "nodes": nodes,
         }),
     ))
+}
+
+/// Marks `resp` (a 201) as having made the resource at `path` (`Location`, relative to
+/// this server: right behind any proxy).
+pub(crate) fn created_at(resp: &mut Response<Body>, path: &str) {
+    if let Ok(v) = http::HeaderValue::try_from(path) {
+        resp.headers_mut().insert(http::header::LOCATION, v);
+    }
 }
 
 /// Reads a small request body (a manifest, a policy) whole, refusing it past `max` bytes;

@@ -52,6 +52,7 @@ pub(super) async fn start(
         .start_rollout(name, &request, &Actor::of(caller))
         .await?;
     let mut resp = json_response(StatusCode::CREATED, &rollout_json(app, &r));
+    super::created_at(&mut resp, &format!("/v1/functions/{name}/rollout"));
     resp.extensions_mut().insert(AuditDetail {
         detail: format!(
             "v{} -> v{} steps {:?} every {} ms",

@@ -75,8 +75,9 @@ pub struct App {
     /// Request body bytes held whole in memory, over all requests (`[server] body_buffer_mb`).
     pub body_budget: crate::common::ByteBudget,
     /// What sticky keys are hashed under: the database's `sticky` secret, the same on
-    /// every node.
-    pub sticky: crate::deploy::StickySecret,
+    /// every node (read again when other nodes' changes are applied: `kiln store copy`
+    /// may replace it).
+    sticky: std::sync::RwLock<crate::deploy::StickySecret>,
 }
 
 /// Who deploys a version, as far as [`App::deploy`] is concerned.
@@ -241,7 +242,7 @@ impl App {
             live_nodes: nodes,
             blob_health: Default::default(),
             body_budget,
-            sticky,
+            sticky: std::sync::RwLock::new(sticky),
         };
         // The registry is built from the database as changes from other nodes are applied.
         app.apply_stored(false).await?;
@@ -553,6 +554,14 @@ impl App {
 
     /// Deletes a function and every version; false when there was none (or, with
     /// `owner`, when it is not that tenant's).
+    /// The secret sticky keys are hashed under.
+    pub fn sticky(&self) -> crate::deploy::StickySecret {
+        self.sticky
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
     pub async fn delete_function(&self, name: &str, owner: Option<&str>) -> anyhow::Result<bool> {
         let _publishing = self.publishing().await;
         if let (Some(owner), Some(f)) = (owner, self.registry.function(name))

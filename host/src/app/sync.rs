@@ -126,10 +126,12 @@ impl App {
         }
         self.apply_rollouts(state.rollouts);
         drop(_publishing);
-        match from_other_nodes {
-            true => self.auth.reload().await,
-            false => Ok(()),
+        if !from_other_nodes {
+            return Ok(());
         }
+        let sticky = crate::deploy::StickySecret::new(self.meta.secret("sticky").await?);
+        *self.sticky.write().unwrap_or_else(|p| p.into_inner()) = sticky;
+        self.auth.reload().await
     }
 
     /// Drops function `name` from memory (deleted in the database).
@@ -141,6 +143,7 @@ impl App {
             for v in f.versions.values() {
                 self.runtime.unload(v.record.id);
             }
+            self.metrics.forget(name, f.versions.keys().copied());
         }
     }
 }

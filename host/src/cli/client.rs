@@ -65,6 +65,7 @@ impl Client {
         let agent = ureq::Agent::config_builder()
             .http_status_as_error(false)
             .tls_config(tls.build())
+            .timeout_resolve(connect.timeout)
             .timeout_connect(connect.timeout)
             .timeout_per_read(connect.timeout)
             .timeout_per_write(connect.timeout)

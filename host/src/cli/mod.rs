@@ -168,10 +168,10 @@ pub enum Command {
         node_id: Option<String>,
         /// PEM certificate chain to serve HTTPS with (HTTP/2 and HTTP/1.1 by ALPN); read
         /// again on SIGHUP [config: server.tls_cert].
-        #[arg(long, env = "KILN_TLS_CERT", requires = "tls_key")]
+        #[arg(long, env = "KILN_TLS_CERT")]
         tls_cert: Option<PathBuf>,
         /// PEM private key of --tls-cert [config: server.tls_key].
-        #[arg(long, env = "KILN_TLS_KEY", requires = "tls_cert")]
+        #[arg(long, env = "KILN_TLS_KEY")]
         tls_key: Option<PathBuf>,
         /// TOML configuration file; flags and KILN_* variables override it.
         #[arg(long)]

@@ -26,14 +26,14 @@ pub fn run(flags: Overrides, config: Option<PathBuf>, insecure: bool) -> anyhow:
         .context("starting the tokio runtime")?;
     runtime.block_on(async move {
         // Read before binding: a wrong file stops the start with the file named.
-        let tls = match &config.tls {
-            Some(files) => {
-                let certs = crate::server::tls::Certificates::load(files.clone())?;
-                certs.reload_on_sighup()?;
-                Some(certs.server_config()?)
-            }
+        let certs = match &config.tls {
+            Some(files) => Some(crate::server::tls::Certificates::load(files.clone())?),
             None => None,
         };
+        // SIGHUP reloads the certificate; without TLS it is logged, never fatal (its
+        // default action would end the process without draining or flushing usage).
+        crate::server::tls::on_sighup(certs.clone())?;
+        let tls = certs.map(|c| c.server_config()).transpose()?;
         let listener = tokio::net::TcpListener::bind(config.listen)
             .await
             .with_context(|| format!("binding {}", config.listen))?;

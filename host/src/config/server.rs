@@ -48,6 +48,9 @@ pub struct ServerLimits {
     pub tls_cert: Option<PathBuf>,
     /// PEM private key of `tls_cert` (`--tls-key`, `KILN_TLS_KEY`).
     pub tls_key: Option<PathBuf>,
+    /// The URL clients reach this server at (behind a proxy or a load balancer), used in
+    /// the URLs the API returns; unset: the request's `Host` with this server's scheme.
+    pub public_url: Option<String>,
 }
 
 /// The certificate chain and private key files of the listener.
@@ -70,6 +73,7 @@ impl Default for ServerLimits {
             body_buffer_mb: DEFAULT_BODY_BUFFER_MB,
             tls_cert: None,
             tls_key: None,
+            public_url: None,
         }
     }
 }
@@ -89,6 +93,20 @@ impl ServerLimits {
         }
         if self.body_buffer_mb == 0 || self.body_buffer_mb > 1 << 20 {
             anyhow::bail!("server.body_buffer_mb must be between 1 and 1048576");
+        }
+        if let Some(url) = &self.public_url {
+            let uri: http::Uri = url
+                .parse()
+                .map_err(|e| anyhow::anyhow!("server.public_url {url:?}: {e}"))?;
+            let bare = uri.path() == "/" && uri.query().is_none() && !url.ends_with('/');
+            if !matches!(uri.scheme_str(), Some("http" | "https"))
+                || uri.authority().is_none()
+                || !(bare || uri.path().is_empty())
+            {
+                anyhow::bail!(
+                    "server.public_url {url:?}: want scheme://host[:port] with no path, e.g. https://kiln.example.com"
+                );
+            }
         }
         // Every body the server may buffer must fit, or such requests could never run.
         if self.body_buffer_mb << 20 < max_body_bytes {

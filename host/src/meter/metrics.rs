@@ -1,12 +1,14 @@
 //! `GET /metrics`: Prometheus (OpenMetrics) text, named after OpenTelemetry's FaaS
 //! conventions with a `kiln_` prefix and base units (seconds). Labels are bounded sets
 //! (function, version, outcome, backend, device); tenants and request ids belong in the
-//! usage ledger, not here.
+//! usage ledger, not here. Every data-plane request is counted once, when its usage record
+//! is written, with the outcome the ledger, version stats and rollout gates see; a
+//! function's series go when it is deleted.
 //!
 //! | metric | type | labels |
 //! |---|---|---|
 //! | `kiln_faas_invocations_total` | counter | function, version, outcome |
-//! | `kiln_faas_invoke_duration_seconds` | histogram | function |
+//! | `kiln_faas_invoke_duration_seconds` | histogram | function, version, status_class |
 //! | `kiln_faas_coldstarts_total` | counter | function |
 //! | `kiln_faas_active_instances` | gauge | |
 //! | `kiln_requests_in_flight` | gauge | |
@@ -85,6 +87,27 @@ struct InvocationLabels {
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct DurationLabels {
+    function: String,
+    version: String,
+    status_class: &'static str,
+}
+
+/// The `status_class` label values, by the status's first digit (1 to 5).
+const STATUS_CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
+
+/// Index into [`STATUS_CLASSES`] of `status` (anything out of range counts as 5xx).
+fn status_class(status: u16) -> usize {
+    match status / 100 {
+        1..=5 => usize::from(status / 100 - 1),
+        _ => 4,
+    }
+}
+
+/// The `result` label values of shadow copies.
+const SHADOW_RESULTS: [&str; 3] = ["match", "mismatch", "skipped"];
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct FunctionLabels {
     function: String,
 }
@@ -140,7 +163,7 @@ fn inference_histogram() -> Histogram {
 pub struct Metrics {
     registry: Registry,
     invocations: Family<InvocationLabels, Counter>,
-    duration: HistogramFamily<FunctionLabels>,
+    duration: HistogramFamily<DurationLabels>,
     coldstarts: Family<FunctionLabels, Counter>,
     active: Gauge<i64, AtomicI64>,
     in_flight: Gauge<i64, AtomicI64>,
@@ -179,7 +202,7 @@ impl Metrics {
             "Invocations by function, version and outcome",
             invocations.clone(),
         );
-        let duration: HistogramFamily<FunctionLabels> =
+        let duration: HistogramFamily<DurationLabels> =
             Family::new_with_constructor(request_histogram);
         registry.register(
             "faas_invoke_duration_seconds",
@@ -336,12 +359,21 @@ impl Metrics {
                 })
                 .clone()
         });
+        let duration = STATUS_CLASSES.map(|status_class| {
+            self.duration
+                .get_or_create(&DurationLabels {
+                    function: function.to_string(),
+                    version: version.to_string(),
+                    status_class,
+                })
+                .clone()
+        });
         let f = FunctionLabels {
             function: function.to_string(),
         };
         VersionMetrics {
             outcomes,
-            duration: self.duration.get_or_create(&f).clone(),
+            duration,
             coldstarts: self.coldstarts.get_or_create(&f).clone(),
         }
     }
@@ -450,6 +482,48 @@ impl Metrics {
         }
     }
 
+    /// Removes every series of function `name` and its `versions` (it was deleted): a
+    /// scraper stops seeing them, and the registry does not grow with deleted functions.
+    pub fn forget(&self, name: &str, versions: impl IntoIterator<Item = u32>) {
+        for version in versions {
+            let version = version.to_string();
+            for outcome in Outcome::ALL {
+                self.invocations.remove(&InvocationLabels {
+                    function: name.to_string(),
+                    version: version.clone(),
+                    outcome: outcome.as_str(),
+                });
+            }
+            for status_class in STATUS_CLASSES {
+                self.duration.remove(&DurationLabels {
+                    function: name.to_string(),
+                    version: version.clone(),
+                    status_class,
+                });
+            }
+            for result in SHADOW_RESULTS {
+                self.shadow.remove(&ShadowLabels {
+                    function: name.to_string(),
+                    version: version.clone(),
+                    result,
+                });
+            }
+            for side in ["primary", "shadow"] {
+                self.shadow_seconds.remove(&ShadowSideLabels {
+                    function: name.to_string(),
+                    version: version.clone(),
+                    side,
+                });
+            }
+        }
+        let f = FunctionLabels {
+            function: name.to_string(),
+        };
+        self.coldstarts.remove(&f);
+        self.rollout_steps.remove(&f);
+        self.rollout_rollbacks.remove(&f);
+    }
+
     /// Records one component compilation.
     pub fn compiled(&self, took: Duration) {
         self.compile.observe(took.as_secs_f64());
@@ -469,16 +543,18 @@ impl Metrics {
 pub struct VersionMetrics {
     /// Indexed like [`Outcome::ALL`].
     outcomes: [Counter; 6],
-    duration: Histogram,
+    /// Indexed like [`STATUS_CLASSES`].
+    duration: [Histogram; 5],
     coldstarts: Counter,
 }
 
 impl VersionMetrics {
-    /// Records one finished invocation (`took` is `None` when it never ran).
-    pub fn record(&self, outcome: Outcome, took: Option<Duration>, cold: bool) {
+    /// Records one finished request answered `status` (`took` is `None` when it never
+    /// ran: refused before admission).
+    pub fn record(&self, outcome: Outcome, status: u16, took: Option<Duration>, cold: bool) {
         self.outcomes[outcome as usize].inc();
         if let Some(t) = took {
-            self.duration.observe(t.as_secs_f64());
+            self.duration[status_class(status)].observe(t.as_secs_f64());
         }
         if cold {
             self.coldstarts.inc();
@@ -512,7 +588,7 @@ mod tests {
     fn metrics_are_named_after_the_faas_conventions() {
         let m = Metrics::new();
         m.version("hello", 2)
-            .record(Outcome::Timeout, Some(Duration::from_millis(3)), true);
+            .record(Outcome::Timeout, 504, Some(Duration::from_millis(3)), true);
         m.inference(BackendKind::Tract, Device::Cpu, Duration::from_micros(20));
         let guard = m.instance();
         let text = m.encode();
@@ -534,6 +610,24 @@ mod tests {
             ),
             "{text}"
         );
+        assert!(
+            text.contains("kiln_faas_invoke_duration_seconds_count{function=\"hello\",version=\"2\",status_class=\"5xx\"} 1"),
+            "{text}"
+        );
         assert!(m.encode().contains("kiln_faas_active_instances 0"));
+        m.shadowed("hello", 2, "match", Some((Duration::ZERO, Duration::ZERO)));
+        m.forget("hello", [2]);
+        let text = m.encode();
+        assert!(!text.contains("function=\"hello\""), "{text}");
+    }
+
+    #[test]
+    fn status_classes_are_bounded() {
+        assert_eq!(
+            [100, 200, 299, 304, 404, 499, 503, 0, 999].map(|s| STATUS_CLASSES[status_class(s)]),
+            [
+                "1xx", "2xx", "2xx", "3xx", "4xx", "4xx", "5xx", "5xx", "5xx"
+            ]
+        );
     }
 }

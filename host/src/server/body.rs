@@ -101,10 +101,21 @@ impl HttpBody for LimitedBody {
     }
 }
 
+/// How a response body ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum End {
+    /// Sent to its end.
+    Complete,
+    /// The body itself failed (the guest trapped or ran out of time mid-stream).
+    Failed,
+    /// Dropped before its end: the client went away after the response head.
+    Abandoned,
+}
+
 /// Called once when a response body ends (or is dropped unfinished) with the bytes sent
-/// and whether the body failed; may return a receiver the end of the body waits for (a
-/// strict usage record).
-pub type OnEnd = Box<dyn FnOnce(u64, bool) -> Option<tokio::sync::oneshot::Receiver<()>> + Send>;
+/// and how it ended; may return a receiver the end of the body waits for (a strict usage
+/// record).
+pub type OnEnd = Box<dyn FnOnce(u64, End) -> Option<tokio::sync::oneshot::Receiver<()>> + Send>;
 
 /// A response body that keeps `guard` (a concurrency permit) alive until it is finished,
 /// counts the bytes it sends and reports them at the end through [`OnEnd`].
@@ -119,12 +130,19 @@ pub struct Finishing<B, G> {
     held: Option<Frame<Bytes>>,
     ack: Option<tokio::sync::oneshot::Receiver<()>>,
     sent: u64,
+    /// The body's length when it declared one: a body dropped once that much was sent
+    /// was complete (a server may stop polling at its content-length).
+    length: Option<u64>,
     done: bool,
 }
 
 impl<B, G> Finishing<B, G> {
-    pub fn new(inner: B, guard: G, on_end: Option<OnEnd>, hold_last: bool) -> Self {
+    pub fn new(inner: B, guard: G, on_end: Option<OnEnd>, hold_last: bool) -> Self
+    where
+        B: HttpBody,
+    {
         Finishing {
+            length: inner.size_hint().exact(),
             inner,
             guard: Some(guard),
             hold_last: hold_last && on_end.is_some(),
@@ -136,9 +154,16 @@ impl<B, G> Finishing<B, G> {
         }
     }
 
-    fn end(&mut self, failed: bool) -> Option<tokio::sync::oneshot::Receiver<()>> {
+    /// Takes `length` (the response's `content-length`) as the body's length when the body
+    /// itself declares none.
+    pub fn declared(mut self, length: Option<u64>) -> Self {
+        self.length = self.length.or(length);
+        self
+    }
+
+    fn end(&mut self, how: End) -> Option<tokio::sync::oneshot::Receiver<()>> {
         self.guard = None;
-        self.on_end.take().and_then(|f| f(self.sent, failed))
+        self.on_end.take().and_then(|f| f(self.sent, how))
     }
 }
 
@@ -183,10 +208,10 @@ where
                 Some(Err(e)) => {
                     this.done = true;
                     this.held = None;
-                    drop(this.end(true));
+                    drop(this.end(End::Failed));
                     return Poll::Ready(Some(Err(e)));
                 }
-                None => match this.end(false) {
+                None => match this.end(End::Complete) {
                     Some(ack) if this.hold_last => this.ack = Some(ack),
                     _ => this.done = true,
                 },
@@ -205,8 +230,16 @@ where
 
 impl<B, G> Drop for Finishing<B, G> {
     fn drop(&mut self) {
-        // A client that went away before the end still used what it used.
-        drop(self.end(false));
+        if self.on_end.is_none() {
+            return;
+        }
+        // A client that went away before the end still used what it used, and is told
+        // apart from one that got everything.
+        let how = match self.length {
+            Some(n) if self.sent >= n => End::Complete,
+            _ => End::Abandoned,
+        };
+        drop(self.end(how));
     }
 }
 
@@ -313,7 +346,8 @@ mod tests {
         let (ack_tx, ack_rx) = tokio::sync::oneshot::channel();
         let mut ack_rx = Some(ack_rx);
         let s = seen.clone();
-        let on_end: OnEnd = Box::new(move |sent, _failed| {
+        let on_end: OnEnd = Box::new(move |sent, how| {
+            assert_eq!(how, End::Complete);
             *s.lock().expect("lock") = Some(sent);
             ack_rx.take()
         });
@@ -330,14 +364,24 @@ mod tests {
         assert_eq!(frame.into_data().expect("data"), "hello");
         assert!(body.frame().await.is_none());
 
-        // Without holding, the record is made when the body is dropped unfinished.
+        // Without holding, the record is made when the body is dropped unfinished:
+        // abandoned, unless all of its declared length was sent.
         let seen = Arc::new(Mutex::new(None));
         let s = seen.clone();
-        let on_end: OnEnd = Box::new(move |sent, _failed| {
-            *s.lock().expect("lock") = Some(sent);
+        let on_end: OnEnd = Box::new(move |sent, how| {
+            *s.lock().expect("lock") = Some((sent, how));
             None
         });
         drop(Finishing::new(full("abc"), (), Some(on_end), false));
-        assert_eq!(*seen.lock().expect("lock"), Some(0));
+        assert_eq!(*seen.lock().expect("lock"), Some((0, End::Abandoned)));
+        let s = seen.clone();
+        let on_end: OnEnd = Box::new(move |sent, how| {
+            *s.lock().expect("lock") = Some((sent, how));
+            None
+        });
+        let mut body = Finishing::new(full("abc"), (), Some(on_end), false);
+        assert!(body.frame().await.is_some());
+        drop(body);
+        assert_eq!(*seen.lock().expect("lock"), Some((3, End::Complete)));
     }
 }

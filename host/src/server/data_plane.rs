@@ -25,8 +25,7 @@ use crate::app::App;
 use crate::auth::{AuthError, Caller};
 use crate::cache::responses::{self, CacheStatus};
 use crate::deploy::{Admitted, RouteError, VersionEntry};
-use crate::meter::Outcome;
-use crate::runtime::{InvokeError, ResponseBody, Timings};
+use crate::runtime::{ResponseBody, Timings};
 
 /// What `/fn/{target}/` names: a function, and a version or an alias of it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -250,7 +249,7 @@ fn admit(app: &App, req: &Request<Incoming>, target: FnTarget<'_>) -> Result<Adm
         }
     }
     let entry = f
-        .route_request(forced, routing, req.headers(), &app.sticky)?
+        .route_request(forced, routing, req.headers(), &app.sticky())?
         .clone();
     let tenant = match caller {
         Caller::Key(k) => k.tenant.clone(),
@@ -281,8 +280,7 @@ fn admit(app: &App, req: &Request<Incoming>, target: FnTarget<'_>) -> Result<Adm
 
 /// Refuses a body announced larger than the limit (reading a modest one first, so the
 /// client sees the answer rather than a reset).
-pub(super) async fn refuse_large(entry: &VersionEntry, req: Request<Body>, max: u64) -> ApiError {
-    entry.metrics.record(Outcome::Rejected, None, false);
+pub(super) async fn refuse_large(req: Request<Body>, max: u64) -> ApiError {
     let len = content_length(&req).unwrap_or(0);
     if len <= super::body::DRAIN_CAP as u64 {
         super::body::drain(req.into_body()).await;
@@ -307,7 +305,7 @@ async fn streamed(
         Input::Stream(req) => {
             let max_body = app.config.max_body_bytes;
             if content_length(&req).is_some_and(|len| len > max_body) {
-                return Err(refuse_large(entry, req, max_body).await);
+                return Err(refuse_large(req, max_body).await);
             }
             let (parts, body) = req.into_parts();
             let (body, stats) = LimitedBody::new(body, max_body);
@@ -350,7 +348,6 @@ where
     B::Error: Into<wasmtime_wasi_http::Error>,
 {
     let record = &entry.record;
-    let started = Instant::now();
     let admitted = match permit {
         Some(p) => Ok(p),
         None => {
@@ -360,13 +357,7 @@ where
                 .await
         }
     };
-    let admitted = match admitted {
-        Ok(a) => a,
-        Err(e) => {
-            entry.metrics.record(Outcome::Rejected, None, false);
-            return Err(e.into());
-        }
-    };
+    let admitted = admitted?;
     let (loaded, cold) = app
         .runtime
         .load(record.id, &record.function, &record.digest, record.limits)
@@ -405,15 +396,6 @@ where
         )
         .await;
     drop(instance);
-    let label = match &outcome {
-        Ok(_) => Outcome::Ok,
-        Err(InvokeError::Timeout(_)) => Outcome::Timeout,
-        Err(InvokeError::NoResponse | InvokeError::GuestError(_)) => Outcome::GuestError,
-        Err(InvokeError::Trap(_) | InvokeError::Internal(_)) => Outcome::Trap,
-    };
-    entry
-        .metrics
-        .record(label, Some(started.elapsed()), timings.cold.is_some());
     // A body that went over the limit makes the request invalid whatever the guest then
     // did with the truncated stream (answered, failed or trapped).
     if stats.is_some_and(|s| s.tripped.load(Ordering::Relaxed)) {

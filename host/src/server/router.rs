@@ -113,6 +113,10 @@ pub fn error_response(e: &ApiError) -> Response<Body> {
             resp.headers_mut()
                 .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
         }
+        ApiError::MethodNotAllowed(_, allow) => {
+            resp.headers_mut()
+                .insert(header::ALLOW, HeaderValue::from_static(allow));
+        }
         ApiError::Auth(AuthError::RateLimited { retry_after, .. }) => {
             resp.headers_mut().insert(
                 header::RETRY_AFTER,

@@ -71,26 +71,33 @@ impl Certificates {
         config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
         Ok(Arc::new(config))
     }
+}
 
-    /// Reloads the pair on every SIGHUP, for as long as the process runs.
-    pub fn reload_on_sighup(self: &Arc<Self>) -> anyhow::Result<()> {
-        #[cfg(unix)]
-        {
-            use tokio::signal::unix::{SignalKind, signal};
-            let mut hangups = signal(SignalKind::hangup()).context("listening for SIGHUP")?;
-            let certs = self.clone();
-            tokio::spawn(async move {
-                while hangups.recv().await.is_some() {
-                    if let Err(e) = certs.reload() {
-                        tracing::error!(
-                            "TLS certificate not reloaded, the previous one stays in use: {e:#}"
-                        );
+/// Handles every SIGHUP for as long as the process runs: reloads `certs`, or, without
+/// TLS, logs that there is nothing to reload.
+pub fn on_sighup(certs: Option<Arc<Certificates>>) -> anyhow::Result<()> {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        let mut hangups = signal(SignalKind::hangup()).context("listening for SIGHUP")?;
+        tokio::spawn(async move {
+            while hangups.recv().await.is_some() {
+                match &certs {
+                    Some(certs) => {
+                        if let Err(e) = certs.reload() {
+                            tracing::error!(
+                                "TLS certificate not reloaded, the previous one stays in use: {e:#}"
+                            );
+                        }
                     }
+                    None => tracing::info!("SIGHUP: no TLS certificate to reload"),
                 }
-            });
-        }
-        Ok(())
+            }
+        });
     }
+    #[cfg(not(unix))]
+    let _ = certs;
+    Ok(())
 }
 
 impl ResolvesServerCert for Certificates {
@@ -144,7 +151,8 @@ fn pem_error(e: &rustls_pki_types::pem::Error) -> String {
     }
 }
 
-/// SHA-256 of the leaf certificate, as `openssl x509 -fingerprint -sha256` shows it.
+/// SHA-256 of the leaf certificate's DER, in lowercase hex (what `openssl x509
+/// -fingerprint -sha256` shows, without its colons and upper case).
 fn fingerprint(pair: &CertifiedKey) -> String {
     pair.cert
         .first()

@@ -1,5 +1,6 @@
 //! The usage record of one data-plane request, gathered while it is served and written
-//! once: into the version's recent statistics, and into the ledger when metering is on.
+//! once: into `/metrics`, the version's recent statistics (what rollout gates judge), and
+//! the ledger when metering is on, all with the same outcome and status.
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -8,7 +9,7 @@ use std::time::{Duration, Instant};
 use http::{HeaderValue, Response};
 use http_body_util::BodyExt;
 
-use super::body::{Body, BodyStats, Finishing, OnEnd};
+use super::body::{Body, BodyStats, End, Finishing, OnEnd};
 use crate::api::ApiError;
 use crate::app::App;
 use crate::cache::responses::CacheStatus;
@@ -81,13 +82,20 @@ impl Usage {
             return None;
         }
         let wall = self.started.elapsed();
+        let hit = self.cache == CacheStatus::Hit.as_str();
+        // A response-cache hit ran no guest: it is no invocation (the cache counts it).
+        if !hit {
+            let ran = outcome != Outcome::Rejected;
+            self.entry
+                .metrics
+                .record(outcome, status, ran.then_some(wall), self.cold);
+        }
         let error = status >= 500
             || matches!(
                 outcome,
                 Outcome::Trap | Outcome::Timeout | Outcome::GuestError
             );
         if !self.shadow {
-            let hit = self.cache == CacheStatus::Hit.as_str();
             let window = match self.routed {
                 true => &self.entry.routed,
                 false => &self.entry.other,
@@ -145,9 +153,10 @@ impl Usage {
         }
     }
 
-    /// Attaches the record to `resp`'s body: it is written when the body ends, and in
-    /// strict mode the body's end waits for it. A response without a body to wait on
-    /// (HEAD, empty) is recorded here, and in strict mode only answered once durable.
+    /// Attaches the record to `resp`'s body: it is written when the body ends (`cancelled`
+    /// when it is dropped before), and in strict mode the body's end waits for it. A
+    /// response without a body to wait on (HEAD, empty) is recorded here, and in strict
+    /// mode only answered once durable.
     pub(super) async fn finish(
         mut self,
         resp: Response<Body>,
@@ -160,28 +169,43 @@ impl Usage {
             || http_body::Body::size_hint(&body).exact() == Some(0)
             || status == http::StatusCode::NO_CONTENT
             || status == http::StatusCode::NOT_MODIFIED;
-        if bodiless
-            && self.strict()
-            && let Some(ack) = self.write(Outcome::Ok, status.as_u16(), 0)
-        {
-            let _ = ack.await;
+        // Nothing to send: the answer is complete now (hyper drops such a body unpolled).
+        if bodiless {
+            let strict = self.strict();
+            if let Some(ack) = self.write(Outcome::Ok, status.as_u16(), 0)
+                && strict
+            {
+                let _ = ack.await;
+            }
         }
+        // What the head declares: a server stops polling a body at its content-length.
+        let declared = http_body::Body::size_hint(&body).exact().or_else(|| {
+            parts
+                .headers
+                .get(http::header::CONTENT_LENGTH)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.parse().ok())
+        });
         let strict = self.strict();
         let timeout = Duration::from_millis(self.entry.record.limits.timeout_ms);
         let on_end: Option<OnEnd> = (!self.written).then(|| {
-            Box::new(move |sent: u64, failed: bool| {
-                // A body cut short by the guest: it trapped, or ran out of time mid-stream.
-                let outcome = match failed {
-                    false => Outcome::Ok,
-                    true if self.started.elapsed() >= timeout => Outcome::Timeout,
-                    true => Outcome::Trap,
+            Box::new(move |sent: u64, how: End| {
+                let outcome = match how {
+                    End::Complete => Outcome::Ok,
+                    // The client left after the head: what it used is billed, as cancelled.
+                    End::Abandoned => Outcome::Cancelled,
+                    // Cut short by the guest: it trapped, or ran out of time mid-stream.
+                    End::Failed if self.started.elapsed() >= timeout => Outcome::Timeout,
+                    End::Failed => Outcome::Trap,
                 };
                 self.write(outcome, status.as_u16(), sent)
             }) as OnEnd
         });
         Response::from_parts(
             parts,
-            Finishing::new(body, guard, on_end, strict).boxed_unsync(),
+            Finishing::new(body, guard, on_end, strict)
+                .declared(declared)
+                .boxed_unsync(),
         )
     }
 }

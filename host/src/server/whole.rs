@@ -20,7 +20,6 @@ use crate::cache::Placement;
 use crate::cache::responses::{self, CacheStatus, CachedResponse};
 use crate::common::BudgetShare;
 use crate::deploy::{Admitted, VersionEntry};
-use crate::meter::Outcome;
 use crate::runtime::{InvokeError, ResponseBody};
 
 /// A request as the data plane runs it: streaming, or read whole after admission.
@@ -50,7 +49,7 @@ pub(super) async fn admit_and_read(
 ) -> Result<Whole, ApiError> {
     let max_body = app.config.max_body_bytes;
     if content_length(&req).is_some_and(|len| len > max_body) {
-        return Err(refuse_large(entry, req, max_body).await);
+        return Err(refuse_large(req, max_body).await);
     }
     let started = Instant::now();
     let timeout = Duration::from_millis(entry.record.limits.timeout_ms);
@@ -64,19 +63,12 @@ pub(super) async fn admit_and_read(
             share,
         });
     }
-    let slot = match entry.admission.admit(timeout).await {
-        Ok(a) => Some(a),
-        Err(e) => {
-            entry.metrics.record(Outcome::Rejected, None, false);
-            return Err(e.into());
-        }
-    };
+    let slot = Some(entry.admission.admit(timeout).await?);
     let left = timeout.saturating_sub(started.elapsed());
-    let body = tokio::time::timeout(left, read_body(entry, body, max_body, &mut share))
+    let body = tokio::time::timeout(left, read_body(body, max_body, &mut share))
         .await
         .map_err(|_| {
-            entry.metrics.record(Outcome::Rejected, None, false);
-            ApiError::InvalidRequest(format!(
+            ApiError::RequestTimeout(format!(
                 "the request body did not arrive within {} ms",
                 timeout.as_millis()
             ))
@@ -189,19 +181,14 @@ pub(super) async fn cached(
 /// can take from the body budget (503 `server.busy`, at once). The share grows with the
 /// bytes that arrive: a client announcing a large body and sending little holds little.
 async fn read_body(
-    entry: &VersionEntry,
     mut body: Body,
     max: u64,
     share: &mut BudgetShare,
 ) -> Result<bytes::Bytes, ApiError> {
-    let refuse = |e: ApiError| {
-        entry.metrics.record(Outcome::Rejected, None, false);
-        e
-    };
     let busy = |e: crate::common::OverBudget| {
-        refuse(ApiError::Busy(format!(
+        ApiError::Busy(format!(
             "the server holds too many request bodies in memory ({e}); try again"
-        )))
+        ))
     };
     let announced = http_body::Body::size_hint(&body)
         .exact()
@@ -210,19 +197,16 @@ async fn read_body(
     share.grow(announced).map_err(busy)?;
     let mut buf = bytes::BytesMut::with_capacity(announced as usize);
     while let Some(frame) = body.frame().await {
-        let frame = frame.map_err(|e| {
-            refuse(ApiError::InvalidRequest(format!(
-                "reading the request body: {e}"
-            )))
-        })?;
+        let frame = frame
+            .map_err(|e| ApiError::InvalidRequest(format!("reading the request body: {e}")))?;
         let Ok(data) = frame.into_data() else {
             continue;
         };
         let len = (buf.len() + data.len()) as u64;
         if len > max {
-            return Err(refuse(ApiError::TooLarge(format!(
+            return Err(ApiError::TooLarge(format!(
                 "request body exceeds the limit of {max} bytes"
-            ))));
+            )));
         }
         share
             .grow(len.saturating_sub(share.bytes()))
