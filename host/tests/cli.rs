@@ -59,3 +59,19 @@ fn client_command_without_a_server_says_so() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("connecting to http://127.0.0.1:9"), "{err}");
 }
+
+#[test]
+fn completions_are_printed_for_each_shell() {
+    for (shell, mark) in [
+        ("bash", "complete -F _kiln"),
+        ("zsh", "#compdef kiln"),
+        ("fish", "complete -c kiln"),
+    ] {
+        let out = kiln(&["completions", shell]);
+        assert!(out.status.success(), "{shell}");
+        let script = String::from_utf8_lossy(&out.stdout);
+        assert!(script.contains(mark), "{shell}: {script}");
+        assert!(script.contains("rollout"), "{shell} misses subcommands");
+    }
+    assert!(!kiln(&["completions", "tcsh"]).status.success());
+}

@@ -288,3 +288,52 @@ fn a_public_url_with_a_path_is_refused_at_start() {
         .expect("must not start");
     assert!(log.contains("server.public_url"), "{log}");
 }
+
+#[test]
+fn kiln_delete_asks_on_a_terminal_unless_yes() {
+    let server = TestServer::start();
+    server.deploy_example("hello", "hello", "");
+    // On a terminal (a pty from script(1)), a wrong answer deletes nothing.
+    let run_on_tty = |answer: &str, args: &str| {
+        let mut child = std::process::Command::new("script")
+            .args([
+                "-qec",
+                &format!("{} delete hello {args}", kiln_tests::kiln_bin().display()),
+                "/dev/null",
+            ])
+            .env("KILN_SERVER", &server.url)
+            .env("KILN_API_KEY", kiln_tests::ADMIN_KEY)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        use std::io::Write;
+        let mut stdin = child.stdin.take().unwrap();
+        stdin.write_all(answer.as_bytes()).unwrap();
+        let out = child.wait_with_output().unwrap();
+        drop(stdin);
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).to_string(),
+        )
+    };
+    let (ok, out) = run_on_tty("nope\n", "");
+    assert!(
+        !ok && out.contains("type its name") && out.contains("not deleted"),
+        "{out}"
+    );
+    assert_eq!(server.get("/fn/hello/").status, 200);
+    let (ok, out) = run_on_tty("hello\n", "");
+    assert!(ok && out.contains("deleted hello"), "{out}");
+    assert_eq!(server.get("/fn/hello/").status, 404);
+    // --yes, and no terminal at all, do not ask.
+    server.deploy_example("hello", "hello", "");
+    let (ok, out) = run_on_tty("", "--yes");
+    assert!(ok && !out.contains("type its name"), "{out}");
+    server.deploy_example("hello", "hello", "");
+    assert!(
+        server
+            .cli_ok(&["delete", "hello"])
+            .contains("deleted hello")
+    );
+}

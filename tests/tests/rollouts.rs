@@ -104,27 +104,17 @@ fn sticky_keys_stay_on_one_version() {
     );
     // The hash's secret is kept in the database: after a restart every user lands where
     // they did.
-    let before: Vec<u32> = (0..20)
-        .map(|u| {
-            version_of(&server.request(
-                "GET",
-                "/fn/hello/",
-                &[("x-user-id", &format!("user-{u}"))],
-                b"",
-            ))
-        })
-        .collect();
+    let landings = |server: &TestServer| -> Vec<u32> {
+        (0..20)
+            .map(|u| {
+                let user = format!("user-{u}");
+                version_of(&server.request("GET", "/fn/hello/", &[("x-user-id", &user)], b""))
+            })
+            .collect()
+    };
+    let before = landings(&server);
     server.restart();
-    let after: Vec<u32> = (0..20)
-        .map(|u| {
-            version_of(&server.request(
-                "GET",
-                "/fn/hello/",
-                &[("x-user-id", &format!("user-{u}"))],
-                b"",
-            ))
-        })
-        .collect();
+    let after = landings(&server);
     assert_eq!(before, after);
 }
 
@@ -461,4 +451,47 @@ fn traffic_history_and_rollouts_stay_within_the_owning_tenant() {
             .len(),
         2
     );
+}
+
+#[test]
+fn if_match_refuses_a_change_decided_on_a_stale_revision() {
+    let server = server_with_versions(2);
+    let put = |policy: &Value, if_match: Option<&str>| {
+        let mut headers = vec![("content-type", "application/json")];
+        if let Some(tag) = if_match {
+            headers.push(("if-match", tag));
+        }
+        server.request(
+            "PUT",
+            "/v1/functions/hello/traffic",
+            &headers,
+            policy.to_string().as_bytes(),
+        )
+    };
+    let read = server.get("/v1/functions/hello/traffic");
+    assert_eq!(read.header("etag"), Some("\"0\""), "no policy yet");
+    let a = put(&json!({"weights": {"1": 100}}), Some("\"0\""));
+    assert_eq!(a.status, 200, "{}", a.text());
+    assert_eq!(a.header("etag"), Some("\"1\""));
+    // Two operators read revision 1; the first change wins, the second is refused.
+    let a = put(&json!({"weights": {"1": 50, "2": 50}}), Some("\"1\""));
+    assert_eq!(a.status, 200, "{}", a.text());
+    let a = put(&json!({"weights": {"2": 100}}), Some("\"1\""));
+    assert_eq!(
+        (a.status, a.error_code().as_str()),
+        (412, "traffic.stale_revision"),
+        "{}",
+        a.text()
+    );
+    assert!(a.text().contains("revision 2"), "{}", a.text());
+    let now = server.get("/v1/functions/hello/traffic");
+    assert_eq!(now.json()["policy"]["weights"], json!({"1": 50, "2": 50}));
+    assert_eq!(now.header("etag"), Some("\"2\""));
+    // A tag that is no revision is a bad request; `*` and no header change it anyway.
+    assert_eq!(
+        put(&json!({"weights": {"2": 100}}), Some("W/2")).status,
+        400
+    );
+    assert_eq!(put(&json!({"weights": {"2": 100}}), Some("*")).status, 200);
+    assert_eq!(put(&json!({"weights": {"1": 100}}), None).status, 200);
 }

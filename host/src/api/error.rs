@@ -27,6 +27,9 @@ pub enum ApiError {
     MethodNotAllowed(String, &'static str),
     #[error("{0}")]
     InvalidRequest(String),
+    /// `If-Match` named a revision the resource is no longer at (412).
+    #[error("{0}")]
+    PreconditionFailed(String),
     /// The request's body did not arrive in time (408).
     #[error("{0}")]
     RequestTimeout(String),
@@ -79,6 +82,7 @@ impl ApiError {
             MethodNotAllowed(..) => StatusCode::METHOD_NOT_ALLOWED,
             InvalidRequest(_) => StatusCode::BAD_REQUEST,
             RequestTimeout(_) => StatusCode::REQUEST_TIMEOUT,
+            PreconditionFailed(_) => StatusCode::PRECONDITION_FAILED,
             Conflict(..) => StatusCode::CONFLICT,
             NotFound(..) => StatusCode::NOT_FOUND,
             UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
@@ -121,6 +125,7 @@ impl ApiError {
             MethodNotAllowed(..) => "method.not_allowed",
             InvalidRequest(_) => "request.invalid",
             RequestTimeout(_) => "request.timeout",
+            PreconditionFailed(_) => "traffic.stale_revision",
             Conflict(_, code) | NotFound(_, code) => code,
             UnsupportedMediaType(_) => "request.unsupported_media_type",
             TooLarge(_) | Blob(BlobError::TooLarge { .. }) => "request.too_large",
@@ -179,6 +184,7 @@ impl From<crate::app::TrafficError> for ApiError {
             | TrafficError::NothingToRollBack(_) => ApiError::InvalidRequest(e.to_string()),
             TrafficError::RolloutActive(..) => ApiError::Conflict(e.to_string(), "rollout.active"),
             TrafficError::Moved(_) => ApiError::Conflict(e.to_string(), "rollout.changed"),
+            TrafficError::Stale(_) => ApiError::PreconditionFailed(e.to_string()),
             TrafficError::RolloutState(..) => {
                 ApiError::Conflict(e.to_string(), "rollout.not_active")
             }

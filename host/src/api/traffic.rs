@@ -67,10 +67,39 @@ pub(super) fn get(
     name: &str,
     alias: Option<&str>,
 ) -> Result<Response<Body>, ApiError> {
-    Ok(json_response(
-        StatusCode::OK,
-        &policy_json(app, name, alias)?,
-    ))
+    Ok(tagged(&policy_json(app, name, alias)?))
+}
+
+/// A policy answer with its revision as entity tag, `"N"`: sent back in `If-Match`, the
+/// next change is made only if nobody changed the policy in between (412 otherwise).
+fn tagged(policy: &serde_json::Value) -> Response<Body> {
+    let mut resp = json_response(StatusCode::OK, policy);
+    if let Some(revision) = policy["revision"].as_u64()
+        && let Ok(tag) = http::HeaderValue::try_from(format!("\"{revision}\""))
+    {
+        resp.headers_mut().insert(http::header::ETAG, tag);
+    }
+    resp
+}
+
+/// The revision an `If-Match: "N"` names (`*` or none: any).
+fn if_match(headers: &http::HeaderMap) -> Result<Option<u64>, ApiError> {
+    let Some(v) = headers.get(http::header::IF_MATCH) else {
+        return Ok(None);
+    };
+    let v = v.to_str().unwrap_or_default().trim();
+    if v == "*" {
+        return Ok(None);
+    }
+    v.strip_prefix('"')
+        .and_then(|v| v.strip_suffix('"'))
+        .and_then(|v| v.parse().ok())
+        .map(Some)
+        .ok_or_else(|| {
+            ApiError::InvalidRequest(format!(
+                "If-Match: {v:?} is not a policy revision's entity tag (\"N\", as ETag gives it)"
+            ))
+        })
 }
 
 /// `PUT /v1/functions/{name}/traffic` or `.../aliases/{alias}`
@@ -88,14 +117,22 @@ pub(super) async fn put(
             "{DEFAULT_ALIAS:?} is the main policy and cannot be removed; set it with PUT /v1/functions/{name}/traffic"
         )));
     }
+    let if_revision = if_match(req.headers())?;
     let policy: Option<TrafficPolicy> = match req.method() == http::Method::DELETE {
         true => None,
         false => Some(super::read_json(req.into_body(), MAX_POLICY_BYTES, "traffic policy").await?),
     };
     let detail = serde_json::to_string(&policy).unwrap_or_default();
-    app.set_traffic(name, alias, policy, &Actor::of(caller), "set by API")
-        .await?;
-    let mut resp = json_response(StatusCode::OK, &changed_json(app, name, alias)?);
+    app.set_traffic(
+        name,
+        alias,
+        policy,
+        &Actor::of(caller),
+        "set by API",
+        if_revision,
+    )
+    .await?;
+    let mut resp = tagged(&changed_json(app, name, alias)?);
     resp.extensions_mut().insert(AuditDetail {
         detail: format!(
             "{}{detail}",

@@ -258,6 +258,7 @@ impl App {
             rollout: Some(&r),
             extra: None,
             expect: Expect::NoActiveRollout,
+            if_revision: None,
         };
         self.store_policy(name, None, Some(&policy), change).await?;
         self.metrics.rollout_step(name);
@@ -384,6 +385,7 @@ impl App {
             rollout: Some(&r),
             extra: extra.as_ref(),
             expect: Expect::Epoch(r.epoch),
+            if_revision: None,
         };
         let routing = self
             .store_policy(name, None, Some(&r.stable_policy()), change)
@@ -518,6 +520,7 @@ impl App {
                     rollout: Some(&r),
                     extra: Some(&extra),
                     expect: Expect::Epoch(r.epoch),
+                    if_revision: None,
                 };
                 self.store_policy(name, None, Some(&r.policy_at(r.step)), change)
                     .await?;

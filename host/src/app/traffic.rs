@@ -39,6 +39,9 @@ pub enum TrafficError {
     /// decided on it.
     #[error("{}; look at it again: kiln rollout {}", .0, .0.function)]
     Moved(RolloutMoved),
+    /// The policy moved past the revision the change was decided on (`If-Match`).
+    #[error(transparent)]
+    Stale(crate::store::StaleRevision),
     #[error(transparent)]
     Route(#[from] RouteError),
     #[error(transparent)]
@@ -50,7 +53,10 @@ impl TrafficError {
     pub(super) fn stored(e: anyhow::Error) -> TrafficError {
         match e.downcast::<RolloutMoved>() {
             Ok(moved) => TrafficError::Moved(moved),
-            Err(e) => TrafficError::Internal(e),
+            Err(e) => match e.downcast::<crate::store::StaleRevision>() {
+                Ok(stale) => TrafficError::Stale(stale),
+                Err(e) => TrafficError::Internal(e),
+            },
         }
     }
 }
@@ -106,6 +112,8 @@ pub(super) struct Change<'a> {
     pub extra: Option<&'a serde_json::Value>,
     /// What the change was decided on: the rollout in force, or none.
     pub expect: Expect,
+    /// The policy revision the caller read (`If-Match`), when it said.
+    pub if_revision: Option<u64>,
 }
 
 impl App {
@@ -142,6 +150,7 @@ impl App {
                     rollout: change.rollout,
                     extra: change.extra,
                     expect: change.expect,
+                    if_revision: change.if_revision,
                 },
             )
             .await
@@ -177,6 +186,7 @@ impl App {
         policy: Option<TrafficPolicy>,
         by: &Actor,
         reason: &str,
+        if_revision: Option<u64>,
     ) -> Result<Option<Arc<Routing>>, TrafficError> {
         let _publishing = self.publishing().await;
         let f = self.owned(name, by)?;
@@ -205,6 +215,7 @@ impl App {
             rollout: None,
             extra: None,
             expect: main_policy(alias),
+            if_revision,
         };
         self.store_policy(name, alias, policy.as_ref(), change)
             .await
@@ -258,6 +269,7 @@ impl App {
             rollout: None,
             extra: None,
             expect: main_policy(to_alias),
+            if_revision: None,
         };
         let routing = self
             .store_policy(name, to_alias, Some(&source), change)
@@ -336,6 +348,7 @@ impl App {
             rollout: None,
             extra: None,
             expect: main_policy(alias),
+            if_revision: None,
         };
         self.store_policy(name, alias, policy.as_ref(), change)
             .await

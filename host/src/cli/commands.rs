@@ -341,7 +341,19 @@ pub fn versions(client: &Client, name: &str, output: Output) -> anyhow::Result<(
 }
 
 /// `kiln delete NAME`.
-pub fn delete(client: &Client, name: &str) -> anyhow::Result<()> {
+pub fn delete(client: &Client, name: &str, yes: bool) -> anyhow::Result<()> {
+    use std::io::{BufRead, IsTerminal, Write};
+    // Someone at a terminal confirms by typing the name; scripts (no terminal) and --yes
+    // do not ask.
+    if !yes && std::io::stdin().is_terminal() {
+        eprint!("delete function {name} and all its versions? type its name to confirm: ");
+        std::io::stderr().flush()?;
+        let mut answer = String::new();
+        std::io::stdin().lock().read_line(&mut answer)?;
+        if answer.trim() != name {
+            bail!("not deleted: the answer was not {name:?}");
+        }
+    }
     client.delete(&format!("/v1/functions/{name}"))?;
     println!("deleted {name}");
     Ok(())

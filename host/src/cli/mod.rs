@@ -242,9 +242,12 @@ pub enum Command {
         #[command(flatten)]
         server: ServerArg,
     },
-    /// Delete a function and all its versions.
+    /// Delete a function and all its versions; on a terminal, asks for its name first.
     Delete {
         name: String,
+        /// Do not ask.
+        #[arg(long, short = 'y')]
+        yes: bool,
         #[command(flatten)]
         server: ServerArg,
     },
@@ -411,6 +414,8 @@ pub enum Command {
         #[arg(long, default_value = "kiln-signing.key")]
         out: PathBuf,
     },
+    /// Print a shell completion script: `kiln completions bash > /etc/bash_completion.d/kiln`.
+    Completions { shell: clap_complete::Shell },
 }
 
 /// Runs a parsed command line.
@@ -488,7 +493,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             output,
             server,
         } => commands::versions(&server.client()?, &name, output),
-        Command::Delete { name, server } => commands::delete(&server.client()?, &name),
+        Command::Delete { name, yes, server } => commands::delete(&server.client()?, &name, yes),
         Command::Usage {
             function,
             tenant,
@@ -536,6 +541,11 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             commands::audit(&server.client()?, &filters, output)
         }
         Command::Keygen { out } => commands::keygen(&out),
+        Command::Completions { shell } => {
+            use clap::CommandFactory;
+            clap_complete::generate(shell, &mut Cli::command(), "kiln", &mut std::io::stdout());
+            Ok(())
+        }
         Command::Traffic {
             name,
             weights,

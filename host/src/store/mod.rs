@@ -112,5 +112,6 @@ pub fn open_sqlite(
 }
 pub use meta::{
     Expect, FunctionInfo, MetaStore, NewVersion, NodeReport, NotOwner, PgMeta, PublishedStats,
-    Replayed, RolloutMoved, SqliteMeta, Stored, StoredState, TrafficChange, VersionRecord,
+    Replayed, RolloutMoved, SqliteMeta, StaleRevision, Stored, StoredState, TrafficChange,
+    VersionRecord,
 };

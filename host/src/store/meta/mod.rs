@@ -156,6 +156,31 @@ pub struct TrafficChange<'a> {
     pub extra: Option<&'a serde_json::Value>,
     /// What it expects of the function's stored rollout ([`RolloutMoved`] otherwise).
     pub expect: Expect,
+    /// The policy's revision the change was decided on (`If-Match`); any other refuses it
+    /// with [`StaleRevision`].
+    pub if_revision: Option<u64>,
+}
+
+/// A change refused because the policy moved past the revision it was decided on.
+#[derive(Debug, thiserror::Error)]
+#[error("the policy is at revision {current}, not {expected}: read it again and decide on that")]
+pub struct StaleRevision {
+    pub expected: u64,
+    pub current: u64,
+}
+
+impl StaleRevision {
+    /// Refuses a change decided on `expected` of a policy at `current`.
+    pub(super) fn check(expected: Option<u64>, current: i64) -> anyhow::Result<()> {
+        match expected {
+            Some(expected) if expected != current as u64 => Err(StaleRevision {
+                expected,
+                current: current as u64,
+            }
+            .into()),
+            _ => Ok(()),
+        }
+    }
 }
 
 /// What a traffic change stored.

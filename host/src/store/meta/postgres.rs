@@ -269,6 +269,7 @@ impl PgMeta {
             }
         }
         .map(|r| (r.get::<_, String>(0), r.get::<_, i64>(1)));
+        super::StaleRevision::check(change.if_revision, previous.as_ref().map_or(0, |p| p.1))?;
         let revision = previous.as_ref().map_or(0, |p| p.1) + 1;
         match alias {
             None => {

@@ -36,6 +36,7 @@ impl SqliteMeta {
             ),
         }
         .optional()?;
+        super::StaleRevision::check(change.if_revision, previous.as_ref().map_or(0, |p| p.1))?;
         let revision = previous.as_ref().map_or(0, |p| p.1) + 1;
         match alias {
             None => tx.execute(

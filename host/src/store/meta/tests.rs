@@ -118,6 +118,7 @@ async fn traffic_changes_keep_revisions_history_and_the_previous_policy_on_every
             rollout: None,
             extra: None,
             expect: Expect::NoActiveRollout,
+            if_revision: None,
         };
         let p1 = r#"{"weights":{"1":100}}"#;
         let p2 = r#"{"weights":{"1":50,"2":50}}"#;
@@ -212,6 +213,7 @@ async fn one_driver_holds_a_rollout_and_a_write_on_an_old_epoch_is_fenced_on_eve
             rollout: Some(&r),
             extra: None,
             expect: Expect::NoActiveRollout,
+            if_revision: None,
         };
         let stored = meta.set_traffic("f", None, &start).await.expect("start");
         assert_eq!(stored.epoch, Some(1), "{b}");
