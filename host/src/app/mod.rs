@@ -552,8 +552,6 @@ impl App {
         Ok(record)
     }
 
-    /// Deletes a function and every version; false when there was none (or, with
-    /// `owner`, when it is not that tenant's).
     /// The secret sticky keys are hashed under.
     pub fn sticky(&self) -> crate::deploy::StickySecret {
         self.sticky
@@ -562,6 +560,8 @@ impl App {
             .clone()
     }
 
+    /// Deletes a function and every version; false when there was none (or, with
+    /// `owner`, when it is not that tenant's).
     pub async fn delete_function(&self, name: &str, owner: Option<&str>) -> anyhow::Result<bool> {
         let _publishing = self.publishing().await;
         if let (Some(owner), Some(f)) = (owner, self.registry.function(name))

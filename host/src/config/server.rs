@@ -98,10 +98,11 @@ impl ServerLimits {
             let uri: http::Uri = url
                 .parse()
                 .map_err(|e| anyhow::anyhow!("server.public_url {url:?}: {e}"))?;
-            let bare = uri.path() == "/" && uri.query().is_none() && !url.ends_with('/');
+            let bare = matches!(uri.path_and_query().map(|p| p.as_str()), None | Some("/"))
+                && !url.ends_with('/');
             if !matches!(uri.scheme_str(), Some("http" | "https"))
                 || uri.authority().is_none()
-                || !(bare || uri.path().is_empty())
+                || !bare
             {
                 anyhow::bail!(
                     "server.public_url {url:?}: want scheme://host[:port] with no path, e.g. https://kiln.example.com"

@@ -349,15 +349,14 @@ where
 {
     let record = &entry.record;
     let admitted = match permit {
-        Some(p) => Ok(p),
+        Some(p) => p,
         None => {
             entry
                 .admission
                 .admit(Duration::from_millis(record.limits.timeout_ms))
-                .await
+                .await?
         }
     };
-    let admitted = admitted?;
     let (loaded, cold) = app
         .runtime
         .load(record.id, &record.function, &record.digest, record.limits)

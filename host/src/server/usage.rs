@@ -179,13 +179,11 @@ impl Usage {
             }
         }
         // What the head declares: a server stops polling a body at its content-length.
-        let declared = http_body::Body::size_hint(&body).exact().or_else(|| {
-            parts
-                .headers
-                .get(http::header::CONTENT_LENGTH)
-                .and_then(|v| v.to_str().ok())
-                .and_then(|v| v.parse().ok())
-        });
+        let declared = parts
+            .headers
+            .get(http::header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse().ok());
         let strict = self.strict();
         let timeout = Duration::from_millis(self.entry.record.limits.timeout_ms);
         let on_end: Option<OnEnd> = (!self.written).then(|| {
