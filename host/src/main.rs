@@ -12,8 +12,15 @@ fn main() -> std::process::ExitCode {
         .with_writer(std::io::stderr)
         .init();
     let cli = kiln_host::cli::Cli::parse();
+    let output = cli.output;
     match kiln_host::cli::run(cli) {
         Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) if e.is::<kiln_host::cli::Printed>() => std::process::ExitCode::FAILURE,
+        // With --output json, scripts read the error (and its code) where they read answers.
+        Err(e) if output == kiln_host::cli::Output::Json => {
+            println!("{}", kiln_host::cli::ApiFailure::json_of(&e));
+            std::process::ExitCode::FAILURE
+        }
         Err(e) => {
             eprintln!("error: {e:#}");
             std::process::ExitCode::FAILURE

@@ -229,9 +229,9 @@ fn health_and_unknown_routes_answer_json() {
         (a.status, a.error_code().as_str()),
         (405, "method.not_allowed")
     );
-    assert_eq!(a.header("allow"), Some("GET"));
+    assert_eq!(a.header("allow"), Some("GET, HEAD"));
     let a = server.request("PATCH", "/v1/functions/x/traffic", &[], b"");
-    assert_eq!((a.status, a.header("allow")), (405, Some("GET, PUT")));
+    assert_eq!((a.status, a.header("allow")), (405, Some("GET, HEAD, PUT")));
 }
 
 #[test]

@@ -494,4 +494,32 @@ fn if_match_refuses_a_change_decided_on_a_stale_revision() {
     );
     assert_eq!(put(&json!({"weights": {"2": 100}}), Some("*")).status, 200);
     assert_eq!(put(&json!({"weights": {"1": 100}}), None).status, 200);
+
+    // Rolled back to no policy, the function is at revision 0 again, and a change decided
+    // on that tag goes through.
+    server.deploy_example("fresh", "hello", "");
+    let fresh = |method: &str, path: &str, tag: Option<&str>, body: &Value| {
+        let mut headers = vec![("content-type", "application/json")];
+        if let Some(tag) = tag {
+            headers.push(("if-match", tag));
+        }
+        server.request(method, path, &headers, body.to_string().as_bytes())
+    };
+    let traffic = "/v1/functions/fresh/traffic";
+    assert_eq!(
+        fresh("PUT", traffic, None, &json!({"weights": {"1": 100}})).status,
+        200
+    );
+    let back = fresh("POST", "/v1/functions/fresh/rollback", None, &json!({}));
+    assert_eq!(back.status, 200, "{}", back.text());
+    let read = server.get(traffic);
+    assert!(read.json()["policy"].is_null(), "{}", read.text());
+    assert_eq!(read.header("etag"), Some("\"0\""));
+    let a = fresh(
+        "PUT",
+        traffic,
+        Some("\"0\""),
+        &json!({"weights": {"1": 100}}),
+    );
+    assert_eq!(a.status, 200, "{}", a.text());
 }

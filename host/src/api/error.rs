@@ -37,6 +37,10 @@ pub enum ApiError {
     /// the second field is the code.
     #[error("{0}")]
     Conflict(String, &'static str),
+    /// A well-formed request that cannot be done as asked (an idempotency key used for
+    /// another request); with its code.
+    #[error("{0}")]
+    Unprocessable(String, &'static str),
     /// A missing resource other than a function, version, blob or key; with its code.
     #[error("{0}")]
     NotFound(String, &'static str),
@@ -84,6 +88,7 @@ impl ApiError {
             RequestTimeout(_) => StatusCode::REQUEST_TIMEOUT,
             PreconditionFailed(_) => StatusCode::PRECONDITION_FAILED,
             Conflict(..) => StatusCode::CONFLICT,
+            Unprocessable(..) => StatusCode::UNPROCESSABLE_ENTITY,
             NotFound(..) => StatusCode::NOT_FOUND,
             UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
@@ -126,7 +131,7 @@ impl ApiError {
             InvalidRequest(_) => "request.invalid",
             RequestTimeout(_) => "request.timeout",
             PreconditionFailed(_) => "traffic.stale_revision",
-            Conflict(_, code) | NotFound(_, code) => code,
+            Conflict(_, code) | NotFound(_, code) | Unprocessable(_, code) => code,
             UnsupportedMediaType(_) => "request.unsupported_media_type",
             TooLarge(_) | Blob(BlobError::TooLarge { .. }) => "request.too_large",
             Compile(CompileError::TooLarge { .. }) => "component.too_large",

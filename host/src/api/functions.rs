@@ -8,13 +8,15 @@ use http::{Request, Response, StatusCode, header};
 use hyper::body::Incoming;
 use serde::{Deserialize, Serialize};
 
+use super::idempotency::{self, Begun};
+use super::page::Paging;
 use super::{ApiError, AuditDetail, blobs};
 use crate::app::{App, Deployer};
 use crate::auth::Caller;
 use crate::auth::signing::{self, SignError};
 use crate::cache::CacheSpec;
-use crate::common::Digest;
-use crate::common::LimitsSpec;
+use crate::common::time::format_secs;
+use crate::common::{Digest, LimitsSpec};
 use crate::deploy::{FunctionEntry, RouteError, VersionEntry, validate_name};
 use crate::nn::{BackendKind, Encoding, ModelRef, NnSpec, Target};
 use crate::server::{Body, json_response};
@@ -22,6 +24,8 @@ use crate::store::VersionRecord;
 
 /// Largest JSON manifest accepted, in bytes.
 const MAX_MANIFEST_BYTES: usize = 1 << 20;
+/// Most functions or versions one page of a list holds.
+const MAX_PAGE: usize = 1000;
 
 /// The JSON body of `POST /v1/functions/{name}/versions` that names stored blobs.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -136,7 +140,7 @@ fn version_json(rec: &VersionRecord, base: &str) -> serde_json::Value {
         "digest": rec.digest,
         "size": rec.size,
         "limits": rec.limits,
-        "created_at": rec.created_at,
+        "created_at": format_secs(rec.created_at),
         "url": format!("{base}/fn/{}@{}/", rec.function, rec.version),
     });
     if let Some(max) = rec.nn.guest_load_max_bytes {
@@ -165,7 +169,7 @@ fn function_json(f: &FunctionEntry, base: &str) -> serde_json::Value {
         "name": f.name,
         "tenant": &*f.owner,
         "public": f.public,
-        "created_at": f.created_at,
+        "created_at": format_secs(f.created_at),
         "latest_version": f.latest().map(|v| v.record.version),
         "versions": f.versions.len(),
         "url": format!("{base}/fn/{}/", f.name),
@@ -178,23 +182,25 @@ fn function(app: &App, name: &str) -> Result<Arc<FunctionEntry>, ApiError> {
         .ok_or_else(|| RouteError::NoFunction(name.to_string()).into())
 }
 
-/// `GET /v1/functions`: the caller's tenant's functions (every one for an admin).
+/// `GET /v1/functions?limit&cursor`: the caller's tenant's functions (every one for an
+/// admin), by name, a page at a time.
 pub(super) fn list(
     app: &Arc<App>,
     caller: &Caller,
     req: &Request<Incoming>,
 ) -> Result<Response<Body>, ApiError> {
+    let paging = Paging::parse("functions", MAX_PAGE, req.uri().query().unwrap_or(""))?;
     let base = base_url(app, req);
-    let all: Vec<_> = app
+    let mine = app
         .registry
         .functions()
-        .iter()
-        .filter(|f| caller.is_admin() || caller.tenant() == Some(&*f.owner))
-        .map(|f| function_json(f, &base))
-        .collect();
+        .into_iter()
+        .filter(|f| caller.is_admin() || caller.tenant() == Some(&*f.owner));
+    let (page, next) = paging.of_sorted(mine, |f| f.name.clone())?;
+    let page: Vec<_> = page.iter().map(|f| function_json(f, &base)).collect();
     Ok(json_response(
         StatusCode::OK,
-        &serde_json::json!({"functions": all}),
+        &serde_json::json!({"functions": page, "next_cursor": next}),
     ))
 }
 
@@ -246,16 +252,17 @@ pub(super) fn versions(
     name: &str,
     req: &Request<Incoming>,
 ) -> Result<Response<Body>, ApiError> {
+    let paging = Paging::parse("versions", MAX_PAGE, req.uri().query().unwrap_or(""))?;
     let f = function(app, name)?;
     let base = base_url(app, req);
-    let list: Vec<_> = f
-        .versions
-        .values()
+    let (page, next) = paging.of_sorted(f.versions.values(), |v| v.record.version)?;
+    let page: Vec<_> = page
+        .iter()
         .map(|v| version_json(&v.record, &base))
         .collect();
     Ok(json_response(
         StatusCode::OK,
-        &serde_json::json!({"versions": list}),
+        &serde_json::json!({"versions": page, "next_cursor": next}),
     ))
 }
 
@@ -353,7 +360,7 @@ pub(super) async fn create_version(
         .function(name)
         .map_or_else(|| tenant.clone(), |f| f.owner.to_string());
     let trust = app.config.auth.trust(&owner);
-    let upload = match precheck(name, &req) {
+    let upload = match idempotency::key_of(req.headers()).and_then(|_| precheck(name, &req)) {
         Ok(Upload::Wasm(..)) if req.headers().contains_key(signing::SIGNATURE_HEADER) => {
             Err(SignError::BareUpload.into())
         }
@@ -369,9 +376,14 @@ pub(super) async fn create_version(
             return Err(e);
         }
     };
+    // Checked with the precheck above.
+    let idempotency_key = idempotency::key_of(req.headers())?;
+    let query = req.uri().query().unwrap_or("").to_string();
     let mut signer = None;
     let mut signed_at = None;
     let mut outbound = Vec::new();
+    // What the request asked for, for the idempotency key's fingerprint.
+    let request: Vec<Vec<u8>>;
     let (component, limits, nn, cache, public) = match upload {
         Upload::Wasm(spec, cache, public) => {
             let limit = app
@@ -380,11 +392,28 @@ pub(super) async fn create_version(
                 .min(app.config.runtime.max_component_bytes);
             let (digest, _) = blobs::receive(app, req.into_body(), None, limit).await?;
             app.meta.add_blob_owner(&digest, &tenant).await?;
+            request = vec![
+                b"wasm".to_vec(),
+                query.into_bytes(),
+                digest.to_string().into_bytes(),
+            ];
             (digest, spec, NnSpec::default(), cache, public)
         }
         Upload::Manifest => {
             let (parts, body) = req.into_parts();
             let body = super::read_small_body(body, MAX_MANIFEST_BYTES, "manifest").await?;
+            let signature = |h: &str| {
+                parts
+                    .headers
+                    .get(h)
+                    .map_or(vec![], |v| v.as_bytes().to_vec())
+            };
+            request = vec![
+                b"manifest".to_vec(),
+                body.to_vec(),
+                signature(signing::SIGNER_HEADER),
+                signature(signing::SIGNATURE_HEADER),
+            ];
             // The signature covers the bytes as sent; check it before reading them.
             signer = signing::verify(&parts.headers, name, &body)?;
             trust.check(signer.as_ref())?;
@@ -418,7 +447,37 @@ pub(super) async fn create_version(
         signed_at,
         outbound,
     };
-    let rec = app.deploy(name, component, limits, nn, cache, &by).await?;
+    // Claimed once the request is known to be well-formed, just before anything is made.
+    let request: Vec<&[u8]> = request.iter().map(Vec::as_slice).collect();
+    let claimed = match idempotency::begin(
+        app,
+        caller,
+        "version.create",
+        name,
+        idempotency_key,
+        &request,
+    )
+    .await?
+    {
+        Begun::Replay(resp) => return Ok(resp),
+        Begun::Run(c) => c,
+    };
+    let made = async {
+        let rec = app.deploy(name, component, limits, nn, cache, &by).await?;
+        answer_created(app, name, &rec, &base)
+    };
+    let result = made.await;
+    idempotency::settle(app, claimed, result).await
+}
+
+/// The 201 of a deployed version: its details, `Location`, and what the audit log keeps.
+fn answer_created(
+    app: &App,
+    name: &str,
+    rec: &VersionRecord,
+    base: &str,
+) -> Result<Response<Body>, ApiError> {
+    let base = base.to_string();
     let entry = app.registry.route(name, Some(rec.version))?;
     let mut json = version_detail(app, &entry, &base);
     json["url"] = format!("{base}/fn/{}/", rec.function).into();

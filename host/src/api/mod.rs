@@ -4,9 +4,11 @@
 //! log. Calls without a valid key (401) and over a rate limit (429) are counted in
 //! `kiln_auth_refusals_total` instead: they carry no identity, and anyone could flood them.
 //! A call runs to its end (its audit entry included) even if the client hangs up.
+//! Every `GET` also answers `HEAD`; every list is paged the same way ([`page`]).
 //!
 //! | method | path | what | needs |
 //! |---|---|---|---|
+//! | `GET` | `/v1/openapi.json` | this API's OpenAPI 3.1 description | nothing |
 //! | `PUT`, `HEAD` | `/v1/blobs/sha256:{hex}` | upload (digest verified) / check a blob | deploy |
 //! | `GET` | `/v1/functions` | list functions (the tenant's; all for admin) | a key |
 //! | `GET`, `DELETE` | `/v1/functions/{name}` | show / delete a function | owner / deploy |
@@ -32,7 +34,9 @@ mod audit;
 mod blobs;
 mod error;
 pub mod functions;
+mod idempotency;
 mod keys;
+mod page;
 mod rollout;
 mod traffic;
 pub mod usage;
@@ -60,6 +64,7 @@ pub(crate) struct AuditDetail {
 /// One control-plane operation, parsed from the method and path.
 #[derive(Debug, Clone, Copy)]
 enum Op<'a> {
+    OpenApi,
     PutBlob(&'a str),
     HeadBlob(&'a str),
     ListFunctions,
@@ -74,6 +79,7 @@ enum Op<'a> {
     PutTraffic(&'a str),
     GetAlias(&'a str, &'a str),
     PutAlias(&'a str, &'a str),
+    DeleteAlias(&'a str, &'a str),
     Promote(&'a str),
     History(&'a str),
     Rollback(&'a str),
@@ -88,63 +94,97 @@ enum Op<'a> {
     Cluster,
 }
 
+/// Every path of the API and the methods it takes (`Allow` on a 405): the router's own
+/// table, which the OpenAPI document is checked against. `{...}` matches one segment.
+pub(crate) const ROUTES: &[(&str, &str)] = &[
+    ("/v1/openapi.json", "GET, HEAD"),
+    ("/v1/blobs/{digest}", "PUT, HEAD"),
+    ("/v1/functions", "GET, HEAD"),
+    ("/v1/functions/{name}", "GET, HEAD, DELETE"),
+    ("/v1/functions/{name}/versions", "GET, HEAD, POST"),
+    ("/v1/functions/{name}/versions/{version}", "GET, HEAD"),
+    ("/v1/functions/{name}/versions/{version}/stats", "GET, HEAD"),
+    ("/v1/functions/{name}/cache", "DELETE"),
+    ("/v1/functions/{name}/traffic", "GET, HEAD, PUT"),
+    (
+        "/v1/functions/{name}/aliases/{alias}",
+        "GET, HEAD, PUT, DELETE",
+    ),
+    ("/v1/functions/{name}/promote", "POST"),
+    ("/v1/functions/{name}/history", "GET, HEAD"),
+    ("/v1/functions/{name}/rollback", "POST"),
+    ("/v1/functions/{name}/rollout", "GET, HEAD, POST"),
+    ("/v1/functions/{name}/rollout/{action}", "POST"),
+    ("/v1/usage", "GET, HEAD"),
+    ("/v1/keys", "GET, HEAD, POST"),
+    ("/v1/keys/{id}", "DELETE"),
+    ("/v1/audit", "GET, HEAD"),
+    ("/v1/cluster", "GET, HEAD"),
+];
+
+/// The entry of [`ROUTES`] whose template `segments` (the path after `/v1/`) fill.
+fn route_of(segments: &[&str]) -> Option<&'static (&'static str, &'static str)> {
+    ROUTES.iter().find(|(template, _)| {
+        let parts: Vec<&str> = template.split('/').skip(2).collect();
+        parts.len() == segments.len()
+            && parts.iter().zip(segments).all(|(p, s)| {
+                if p.starts_with('{') {
+                    !s.is_empty()
+                } else {
+                    p == s
+                }
+            })
+    })
+}
+
 impl<'a> Op<'a> {
+    /// The operation of `method` on `segments` (the path after `/v1/`). `HEAD` is `GET`
+    /// without the body (hyper leaves it out), except on blobs, where it is its own check.
     fn parse(method: &Method, segments: &[&'a str], path: &str) -> Result<Op<'a>, ApiError> {
-        let not_allowed =
-            |allow: &'static str| ApiError::MethodNotAllowed(method.to_string(), allow);
-        Ok(match (segments, method) {
+        let Some((_, allow)) = route_of(segments) else {
+            return Err(ApiError::NoRoute(format!("{method} {path}")));
+        };
+        let verb = match method {
+            &Method::HEAD if segments.first() != Some(&"blobs") => &Method::GET,
+            m => m,
+        };
+        Ok(match (segments, verb) {
+            (["openapi.json"], &Method::GET) => Op::OpenApi,
             (["blobs", d], &Method::PUT) => Op::PutBlob(d),
             (["blobs", d], &Method::HEAD) => Op::HeadBlob(d),
-            (["blobs", _], _) => return Err(not_allowed("PUT, HEAD")),
             (["functions"], &Method::GET) => Op::ListFunctions,
-            (["functions"], _) => return Err(not_allowed("GET")),
             (["functions", n], &Method::GET) => Op::ShowFunction(n),
             (["functions", n], &Method::DELETE) => Op::DeleteFunction(n),
-            (["functions", _], _) => return Err(not_allowed("GET, DELETE")),
             (["functions", n, "versions"], &Method::GET) => Op::ListVersions(n),
             (["functions", n, "versions"], &Method::POST) => Op::CreateVersion(n),
-            (["functions", _, "versions"], _) => return Err(not_allowed("GET, POST")),
             (["functions", n, "versions", v], &Method::GET) => Op::ShowVersion(n, v),
-            (["functions", _, "versions", _], _) => return Err(not_allowed("GET")),
             (["functions", n, "versions", v, "stats"], &Method::GET) => Op::VersionStats(n, v),
-            (["functions", _, "versions", _, "stats"], _) => return Err(not_allowed("GET")),
             (["functions", n, "cache"], &Method::DELETE) => Op::ClearCache(n),
-            (["functions", _, "cache"], _) => return Err(not_allowed("DELETE")),
             (["functions", n, "traffic"], &Method::GET) => Op::GetTraffic(n),
             (["functions", n, "traffic"], &Method::PUT) => Op::PutTraffic(n),
-            (["functions", _, "traffic"], _) => return Err(not_allowed("GET, PUT")),
             (["functions", n, "aliases", a], &Method::GET) => Op::GetAlias(n, a),
-            (["functions", n, "aliases", a], &Method::PUT | &Method::DELETE) => Op::PutAlias(n, a),
-            (["functions", _, "aliases", _], _) => return Err(not_allowed("GET, PUT, DELETE")),
+            (["functions", n, "aliases", a], &Method::PUT) => Op::PutAlias(n, a),
+            (["functions", n, "aliases", a], &Method::DELETE) => Op::DeleteAlias(n, a),
             (["functions", n, "promote"], &Method::POST) => Op::Promote(n),
-            (["functions", _, "promote"], _) => return Err(not_allowed("POST")),
             (["functions", n, "history"], &Method::GET) => Op::History(n),
-            (["functions", _, "history"], _) => return Err(not_allowed("GET")),
             (["functions", n, "rollback"], &Method::POST) => Op::Rollback(n),
             (["functions", n, "rollout"], &Method::GET) => Op::GetRollout(n),
             (["functions", n, "rollout"], &Method::POST) => Op::StartRollout(n),
-            (["functions", _, "rollback"], _) => return Err(not_allowed("POST")),
-            (["functions", _, "rollout"], _) => return Err(not_allowed("GET, POST")),
             (["functions", n, "rollout", a], &Method::POST) => Op::ControlRollout(n, a),
-            (["functions", _, "rollout", _], _) => return Err(not_allowed("POST")),
             (["usage"], &Method::GET) => Op::Usage,
-            (["usage"], _) => return Err(not_allowed("GET")),
             (["keys"], &Method::POST) => Op::CreateKey,
             (["keys"], &Method::GET) => Op::ListKeys,
-            (["keys"], _) => return Err(not_allowed("GET, POST")),
             (["keys", id], &Method::DELETE) => Op::RevokeKey(id),
-            (["keys", _], _) => return Err(not_allowed("DELETE")),
             (["audit"], &Method::GET) => Op::Audit,
-            (["audit"], _) => return Err(not_allowed("GET")),
             (["cluster"], &Method::GET) => Op::Cluster,
-            (["cluster"], _) => return Err(not_allowed("GET")),
-            _ => return Err(ApiError::NoRoute(format!("{method} {path}"))),
+            _ => return Err(ApiError::MethodNotAllowed(method.to_string(), allow)),
         })
     }
 
     /// The audit log's name for it, and what it acts on.
     fn describe(self) -> (&'static str, &'a str) {
         match self {
+            Op::OpenApi => ("openapi.read", ""),
             Op::PutBlob(d) => ("blob.put", d),
             Op::HeadBlob(d) => ("blob.check", d),
             Op::ListFunctions => ("function.list", ""),
@@ -159,6 +199,7 @@ impl<'a> Op<'a> {
             Op::PutTraffic(n) => ("traffic.set", n),
             Op::GetAlias(n, _) => ("alias.show", n),
             Op::PutAlias(n, _) => ("alias.set", n),
+            Op::DeleteAlias(n, _) => ("alias.delete", n),
             Op::Promote(n) => ("alias.promote", n),
             Op::History(n) => ("history.show", n),
             Op::Rollback(n) => ("traffic.rollback", n),
@@ -188,6 +229,7 @@ impl<'a> Op<'a> {
             | Op::PutTraffic(n)
             | Op::GetAlias(n, _)
             | Op::PutAlias(n, _)
+            | Op::DeleteAlias(n, _)
             | Op::Promote(n)
             | Op::History(n)
             | Op::Rollback(n)
@@ -205,6 +247,7 @@ impl<'a> Op<'a> {
         caller.authenticated()?;
         let owner = |name: &str| app.registry.function(name).map(|f| f.owner.clone());
         match self {
+            Op::OpenApi => {}
             Op::PutBlob(_) | Op::HeadBlob(_) => caller.may_upload()?,
             Op::ListFunctions => {}
             Op::ShowFunction(n)
@@ -223,6 +266,7 @@ impl<'a> Op<'a> {
             | Op::ClearCache(n)
             | Op::PutTraffic(n)
             | Op::PutAlias(n, _)
+            | Op::DeleteAlias(n, _)
             | Op::Promote(n)
             | Op::Rollback(n)
             | Op::StartRollout(n)
@@ -256,9 +300,19 @@ pub async fn handle(app: &Arc<App>, req: Request<Incoming>) -> Result<Response<B
 
 async fn handle_to_end(app: &Arc<App>, req: Request<Incoming>) -> Result<Response<Body>, ApiError> {
     let path = req.uri().path().trim_end_matches('/').to_string();
-    let segments: Vec<&str> = path.split('/').skip(2).collect();
+    let decoded = path
+        .split('/')
+        .skip(2)
+        .map(decode_segment)
+        .collect::<Result<Vec<String>, ApiError>>()?;
+    let segments: Vec<&str> = decoded.iter().map(String::as_str).collect();
     let method = req.method().clone();
     let op = Op::parse(&method, &segments, &path)?;
+    if let Op::OpenApi = op {
+        // The contract is public: clients and fuzzers read it before they hold a key.
+        crate::server::drain(req.into_body()).await;
+        return Ok(openapi());
+    }
     let caller = match app.auth.authenticate(req.headers()) {
         Ok(Caller::Anonymous) => Err(AuthError::Missing),
         other => other,
@@ -315,7 +369,10 @@ async fn dispatch(
     caller: &Caller,
     req: Request<Incoming>,
 ) -> Result<Response<Body>, ApiError> {
+    let query = req.uri().query().unwrap_or("").to_string();
+    let query = query.as_str();
     match op {
+        Op::OpenApi => Ok(openapi()),
         Op::PutBlob(d) => blobs::put(app, d, req, caller).await,
         Op::HeadBlob(d) => blobs::head(app, d, caller).await,
         Op::ListFunctions => functions::list(app, caller, &req),
@@ -324,25 +381,46 @@ async fn dispatch(
         Op::ListVersions(n) => functions::versions(app, n, &req),
         Op::CreateVersion(n) => functions::create_version(app, n, req, caller).await,
         Op::ShowVersion(n, v) => functions::version(app, n, v, &req),
-        Op::VersionStats(n, v) => traffic::stats(app, n, v, req.uri().query().unwrap_or("")),
+        Op::VersionStats(n, v) => traffic::stats(app, n, v, query),
         Op::ClearCache(n) => functions::clear_cache(app, n),
         Op::GetTraffic(n) => traffic::get(app, n, None),
         Op::PutTraffic(n) => traffic::put(app, n, None, req, caller).await,
         Op::GetAlias(n, a) => traffic::get(app, n, Some(a)),
-        Op::PutAlias(n, a) => traffic::put(app, n, Some(a), req, caller).await,
+        Op::PutAlias(n, a) | Op::DeleteAlias(n, a) => {
+            traffic::put(app, n, Some(a), req, caller).await
+        }
         Op::Promote(n) => traffic::promote(app, n, req, caller).await,
-        Op::History(n) => traffic::history(app, n, caller).await,
+        Op::History(n) => traffic::history(app, n, query, caller).await,
         Op::Rollback(n) => traffic::rollback(app, n, req, caller).await,
         Op::GetRollout(n) => rollout::get(app, n).await,
         Op::StartRollout(n) => rollout::start(app, n, req, caller).await,
         Op::ControlRollout(n, a) => rollout::control(app, n, a, req, caller).await,
-        Op::Usage => usage::get(app, req.uri().query().unwrap_or(""), caller).await,
+        Op::Usage => usage::get(app, query, caller).await,
         Op::CreateKey => keys::create(app, req, caller).await,
-        Op::ListKeys => keys::list(app),
+        Op::ListKeys => keys::list(app, query),
         Op::RevokeKey(id) => keys::revoke(app, id).await,
-        Op::Audit => audit::get(app, req.uri().query().unwrap_or(""), caller).await,
+        Op::Audit => audit::get(app, query, caller).await,
         Op::Cluster => cluster(app).await,
     }
+}
+
+/// The OpenAPI 3.1 description of this API (`openapi.json` beside this file), with this
+/// build's version.
+static OPENAPI: std::sync::LazyLock<bytes::Bytes> = std::sync::LazyLock::new(|| {
+    let mut doc: serde_json::Value =
+        serde_json::from_str(include_str!("openapi.json")).unwrap_or_default();
+    doc["info"]["version"] = env!("CARGO_PKG_VERSION").into();
+    serde_json::to_vec(&doc).unwrap_or_default().into()
+});
+
+/// `GET /v1/openapi.json`: needs no key.
+fn openapi() -> Response<Body> {
+    let mut resp = Response::new(crate::server::full(OPENAPI.clone()));
+    resp.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("application/json"),
+    );
+    resp
 }
 
 /// `GET /v1/cluster`: every node alive (a heartbeat within the last
@@ -412,6 +490,16 @@ pub(crate) async fn read_optional_json<T: serde::de::DeserializeOwned + Default>
 /// Decodes a query parameter value: `%XX` escapes and `+` (times carry `+01:00` offsets
 /// and `:`; header lists carry `,`).
 pub(crate) fn percent_decode(s: &str) -> Result<String, String> {
+    decode(s, true)
+}
+
+/// Decodes one path segment: `%XX` escapes (a client may send a digest's `:` as `%3A`);
+/// `+` is itself.
+fn decode_segment(s: &str) -> Result<String, ApiError> {
+    decode(s, false).map_err(|e| ApiError::InvalidRequest(format!("path: {e}")))
+}
+
+fn decode(s: &str, plus_is_space: bool) -> Result<String, String> {
     let bytes = s.as_bytes();
     let mut out = Vec::with_capacity(bytes.len());
     let mut i = 0;
@@ -425,7 +513,7 @@ pub(crate) fn percent_decode(s: &str) -> Result<String, String> {
                 out.push(hex);
                 i += 3;
             }
-            b'+' => {
+            b'+' if plus_is_space => {
                 out.push(b' ');
                 i += 1;
             }
@@ -436,4 +524,84 @@ pub(crate) fn percent_decode(s: &str) -> Result<String, String> {
         }
     }
     String::from_utf8(out).map_err(|_| format!("{s:?} is not UTF-8"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const METHODS: [Method; 5] = [
+        Method::GET,
+        Method::HEAD,
+        Method::POST,
+        Method::PUT,
+        Method::DELETE,
+    ];
+
+    fn openapi_operations() -> Vec<(String, String)> {
+        let doc: serde_json::Value =
+            serde_json::from_str(include_str!("openapi.json")).expect("openapi.json is JSON");
+        assert_eq!(doc["openapi"], "3.1.0");
+        let mut ops = Vec::new();
+        for (path, item) in doc["paths"].as_object().expect("paths") {
+            for method in item.as_object().expect("path item").keys() {
+                if METHODS
+                    .iter()
+                    .any(|m| m.as_str().eq_ignore_ascii_case(method))
+                {
+                    ops.push((path.clone(), method.to_ascii_uppercase()));
+                }
+            }
+        }
+        ops.sort();
+        ops
+    }
+
+    fn routed_operations() -> Vec<(String, String)> {
+        let mut ops: Vec<(String, String)> = ROUTES
+            .iter()
+            .flat_map(|(path, allow)| allow.split(", ").map(|m| (path.to_string(), m.to_string())))
+            .collect();
+        ops.sort();
+        ops
+    }
+
+    #[test]
+    fn every_route_is_in_the_openapi_document_and_nothing_else_is() {
+        assert_eq!(openapi_operations(), routed_operations());
+    }
+
+    #[test]
+    fn the_router_takes_exactly_the_methods_its_table_names() {
+        for (template, allow) in ROUTES {
+            let path = template
+                .split('/')
+                .map(|p| if p.starts_with('{') { "x" } else { p })
+                .collect::<Vec<_>>()
+                .join("/");
+            let segments: Vec<&str> = path.split('/').skip(2).collect();
+            for m in &METHODS {
+                let listed = allow.split(", ").any(|a| a == m.as_str());
+                match Op::parse(m, &segments, &path) {
+                    Ok(_) => assert!(listed, "{m} {template} is routed but not in its Allow"),
+                    Err(ApiError::MethodNotAllowed(_, a)) => {
+                        assert!(!listed, "{m} {template} is listed but refused");
+                        assert_eq!(a, *allow);
+                    }
+                    Err(e) => panic!("{m} {template}: {e}"),
+                }
+            }
+        }
+        for bad in [
+            "/v1/nothing",
+            "/v1/functions/x/y",
+            "/v1/functions//versions",
+        ] {
+            let segments: Vec<&str> = bad.split('/').skip(2).collect();
+            assert!(matches!(
+                Op::parse(&Method::GET, &segments, bad),
+                Err(ApiError::NoRoute(_))
+            ));
+        }
+    }
 }

@@ -7,6 +7,7 @@ use std::sync::Arc;
 use http::{Request, Response, StatusCode};
 use hyper::body::Incoming;
 
+use super::page::Paging;
 use super::{ApiError, AuditDetail};
 use crate::app::{Actor, App};
 use crate::auth::Caller;
@@ -15,8 +16,8 @@ use crate::server::{Body, json_response};
 
 /// Largest policy accepted, in bytes.
 const MAX_POLICY_BYTES: usize = 64 << 10;
-/// History entries returned.
-const HISTORY_LIMIT: u32 = 1000;
+/// Most history entries one page holds.
+const MAX_HISTORY_PAGE: usize = 1000;
 
 /// The main policy (with every alias), or alias `alias`'s.
 fn policy_json(app: &App, name: &str, alias: Option<&str>) -> Result<serde_json::Value, ApiError> {
@@ -266,23 +267,31 @@ pub(super) fn stats(
     Ok(json_response(StatusCode::OK, &json))
 }
 
-/// `GET /v1/functions/{name}/history`: newest first; a tenant sees only the entries of
-/// its own time as the owner.
+/// `GET /v1/functions/{name}/history?limit&cursor`: newest first, a page at a time; a
+/// tenant sees only the entries of its own time as the owner.
 pub(super) async fn history(
     app: &Arc<App>,
     name: &str,
+    query: &str,
     caller: &Caller,
 ) -> Result<Response<Body>, ApiError> {
+    let paging = Paging::parse("history", MAX_HISTORY_PAGE, query)?;
     let tenant = Actor::of(caller).tenant;
     let entries = app
         .meta
-        .history(name, HISTORY_LIMIT, tenant.as_deref())
+        .history(
+            name,
+            paging.limit as u32 + 1,
+            paging.after()?,
+            tenant.as_deref(),
+        )
         .await?;
     if entries.is_empty() && app.registry.function(name).is_none() {
         return Err(RouteError::NoFunction(name.to_string()).into());
     }
+    let (entries, next) = paging.finish(entries, |e| e["seq"].as_i64().unwrap_or(0));
     Ok(json_response(
         StatusCode::OK,
-        &serde_json::json!({"function": name, "history": entries}),
+        &serde_json::json!({"function": name, "history": entries, "next_cursor": next}),
     ))
 }

@@ -1,7 +1,7 @@
 //! `GET /v1/usage`: usage totals from the ledger, optionally grouped, or the records as CSV.
 //!
-//! Parameters: `function`, `tenant`, `since`, `until` (RFC 3339 or unix milliseconds;
-//! `since <= start < until`), `group_by` (`function`, `version`, `tenant`, `hour`, `day`),
+//! Parameters: `function`, `tenant`, `since`, `until` (RFC 3339 with any offset, unix
+//! milliseconds, or a span back from now like `1h`; `since <= start < until`), `group_by` (`function`, `version`, `tenant`, `hour`, `day`),
 //! `format` (`json`, default, or `csv`).
 
 use std::sync::Arc;
@@ -11,6 +11,7 @@ use http::{HeaderValue, Response, StatusCode, header};
 use super::{ApiError, percent_decode};
 use crate::app::App;
 use crate::auth::Caller;
+use crate::common::time::parse_time;
 use crate::meter::query::{self, GroupBy, UsageQuery};
 use crate::server::{Body, full, json_response};
 
@@ -24,8 +25,8 @@ pub fn parse(query_string: &str) -> Result<(UsageQuery, bool), String> {
         match k {
             "function" => q.function = Some(v),
             "tenant" => q.tenant = Some(v),
-            "since" => q.since_ms = Some(query::parse_time(&v).map_err(|e| format!("since: {e}"))?),
-            "until" => q.until_ms = Some(query::parse_time(&v).map_err(|e| format!("until: {e}"))?),
+            "since" => q.since_ms = Some(parse_time(&v).map_err(|e| format!("since: {e}"))?),
+            "until" => q.until_ms = Some(parse_time(&v).map_err(|e| format!("until: {e}"))?),
             "group_by" => q.group_by = Some(GroupBy::parse(&v)?),
             "format" => {
                 csv = match v.as_str() {

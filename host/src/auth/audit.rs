@@ -76,6 +76,8 @@ pub struct AuditQuery {
     pub action: Option<String>,
     /// Newest entries first, at most this many.
     pub limit: u32,
+    /// Only entries older than this sequence number (the next page of a listing).
+    pub before_seq: Option<i64>,
 }
 
 /// The audit log's table: in SQLite (one connection appends, another reads) or in the
@@ -179,6 +181,7 @@ impl AuditLog {
             q.since_ms.unwrap_or(i64::MIN),
             q.until_ms.unwrap_or(i64::MAX),
         );
+        let before = q.before_seq.unwrap_or(i64::MAX);
         match self {
             AuditLog::Sqlite { reader, .. } => {
                 let (tenant, action, limit) = (q.tenant.clone(), q.action.clone(), q.limit);
@@ -187,20 +190,20 @@ impl AuditLog {
                         "SELECT {QUERY_COLUMNS} FROM audit
                      WHERE at_ms >= ?1 AND at_ms < ?2
                        AND (?3 IS NULL OR tenant = ?3 OR subject_tenant = ?3)
-                       AND (?4 IS NULL OR action = ?4)
+                       AND (?4 IS NULL OR action = ?4) AND seq < ?6
                      ORDER BY seq DESC LIMIT ?5"
                     ))?;
-                    let rows =
-                        stmt.query_map(params![since, until, tenant, action, limit], |r| {
-                            Ok(entry(
-                                r.get(0)?,
-                                r.get(1)?,
-                                [r.get(2)?, r.get(3)?, r.get(4)?],
-                                [r.get(5)?, r.get(6)?, r.get(7)?],
-                                r.get(8)?,
-                                r.get(9)?,
-                            ))
-                        })?;
+                    let args = params![since, until, tenant, action, limit, before];
+                    let rows = stmt.query_map(args, |r| {
+                        Ok(entry(
+                            r.get(0)?,
+                            r.get(1)?,
+                            [r.get(2)?, r.get(3)?, r.get(4)?],
+                            [r.get(5)?, r.get(6)?, r.get(7)?],
+                            r.get(8)?,
+                            r.get(9)?,
+                        ))
+                    })?;
                     Ok(rows.collect::<Result<_, _>>()?)
                 })
                 .await
@@ -214,10 +217,17 @@ impl AuditLog {
                             "SELECT {QUERY_COLUMNS} FROM audit
                              WHERE at_ms >= $1 AND at_ms < $2
                                AND ($3::text IS NULL OR tenant = $3 OR subject_tenant = $3)
-                               AND ($4::text IS NULL OR action = $4)
+                               AND ($4::text IS NULL OR action = $4) AND seq < $6
                              ORDER BY seq DESC LIMIT $5"
                         ),
-                        &[&since, &until, &q.tenant, &q.action, &i64::from(q.limit)],
+                        &[
+                            &since,
+                            &until,
+                            &q.tenant,
+                            &q.action,
+                            &i64::from(q.limit),
+                            &before,
+                        ],
                     )
                     .await?;
                 Ok(rows
@@ -251,7 +261,7 @@ fn entry(
     AuditEntry {
         seq,
         at_ms,
-        at: crate::meter::query::format_time(at_ms),
+        at: crate::common::time::format_time(at_ms),
         key_id,
         tenant,
         subject_tenant,
@@ -308,6 +318,11 @@ mod tests {
             assert_eq!(got.len(), 1, "the subject tenant sees it");
             assert!(got[0].target.len() <= MAX_FIELD_BYTES && got[0].target.starts_with('é'));
             assert_eq!(got[0].status, 200);
+            let older = AuditQuery {
+                before_seq: Some(got[0].seq),
+                ..q.clone()
+            };
+            assert!(log.query(&older).await.expect("older").is_empty());
             let other = AuditQuery {
                 tenant: Some("c".into()),
                 limit: 10,

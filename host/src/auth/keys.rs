@@ -131,15 +131,25 @@ pub struct ApiKey {
     /// Its own rate limit; unset takes the server's default.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub rate: Option<Rate>,
-    /// Unix seconds.
+    /// Unix seconds (RFC 3339 in answers).
+    #[serde(serialize_with = "crate::common::time::serialize_secs")]
     pub created_at: i64,
     /// Id of the key that created it (none for the bootstrap key).
     pub created_by: Option<String>,
-    /// Unix seconds; set once revoked, and from then on the key is refused.
+    /// Unix seconds (RFC 3339 in answers); set once revoked, and from then on the key is
+    /// refused.
+    #[serde(serialize_with = "revoked_at")]
     pub revoked_at: Option<i64>,
     /// The key's request budget (its rate, or the server's default).
     #[serde(skip)]
     pub limiter: Option<Arc<Limiter>>,
+}
+
+fn revoked_at<S: serde::Serializer>(v: &Option<i64>, s: S) -> Result<S::Ok, S::Error> {
+    match v {
+        Some(secs) => crate::common::time::serialize_secs(secs, s),
+        None => s.serialize_none(),
+    }
 }
 
 fn as_str<S: serde::Serializer>(v: &Arc<str>, s: S) -> Result<S::Ok, S::Error> {

@@ -109,6 +109,26 @@ impl Client {
         self.call(self.auth(self.agent.get(self.url(path))))
     }
 
+    /// GETs every page of a list (`key` holds the items; `next_cursor` the next page),
+    /// stopping once `max` items are in. Returns the first page's answer with all the items.
+    pub fn get_all(&self, path: &str, key: &str, max: Option<usize>) -> anyhow::Result<Value> {
+        let sep = if path.contains('?') { '&' } else { '?' };
+        let mut first = self.get_json(path)?;
+        let mut items = first[key].as_array().cloned().unwrap_or_default();
+        let mut cursor = first["next_cursor"].as_str().map(str::to_string);
+        while let Some(c) = cursor.filter(|_| max.is_none_or(|m| items.len() < m)) {
+            let page = self.get_json(&format!("{path}{sep}cursor={c}"))?;
+            items.extend(page[key].as_array().cloned().unwrap_or_default());
+            cursor = page["next_cursor"].as_str().map(str::to_string);
+        }
+        if let Some(m) = max {
+            items.truncate(m);
+        }
+        first[key] = Value::Array(items);
+        first["next_cursor"] = Value::Null;
+        Ok(first)
+    }
+
     /// GET a text document (an error answer becomes an error).
     pub fn get_text(&self, path: &str) -> anyhow::Result<String> {
         let mut resp = self
@@ -255,7 +275,34 @@ fn read_ca(path: &std::path::Path) -> anyhow::Result<ureq::tls::RootCerts> {
     Ok(ureq::tls::RootCerts::new_with_certs(&certs))
 }
 
-/// The JSON body of a 2xx answer, or the server's error message as an error.
+/// An error answer of the API, as the server gave it: what `--output json` prints, and
+/// what callers match on.
+#[derive(Debug, thiserror::Error)]
+#[error("{message} ({code}, HTTP {status})")]
+pub struct ApiFailure {
+    /// The HTTP status.
+    pub status: u16,
+    /// The stable code (`function.not_found`), or `http.<status>` when the answer had none.
+    pub code: String,
+    pub message: String,
+}
+
+impl ApiFailure {
+    /// The error as `{"error":{"code","message","status"}}`, for any error the CLI ends
+    /// with: an API failure keeps its code; anything else (a file, the network, the
+    /// arguments) is `cli.error`.
+    pub fn json_of(e: &anyhow::Error) -> Value {
+        match e.chain().find_map(|c| c.downcast_ref::<ApiFailure>()) {
+            Some(f) => serde_json::json!({"error": {
+                "code": f.code, "message": format!("{e:#}"), "status": f.status}}),
+            None => {
+                serde_json::json!({"error": {"code": "cli.error", "message": format!("{e:#}")}})
+            }
+        }
+    }
+}
+
+/// The JSON body of a 2xx answer, or the server's error (an [`ApiFailure`]).
 pub fn json_or_error(mut resp: http::Response<ureq::Body>) -> anyhow::Result<Value> {
     let status = resp.status();
     let text = resp
@@ -271,15 +318,22 @@ pub fn json_or_error(mut resp: http::Response<ureq::Body>) -> anyhow::Result<Val
         return serde_json::from_str(&text)
             .with_context(|| format!("server sent invalid JSON: {text}"));
     }
-    match serde_json::from_str::<Value>(&text) {
-        Ok(v) if v["error"]["message"].is_string() => bail!(
-            "{} ({}, HTTP {})",
-            v["error"]["message"].as_str().unwrap_or_default(),
-            v["error"]["code"].as_str().unwrap_or("error"),
-            status.as_u16()
+    let (code, message) = match serde_json::from_str::<Value>(&text) {
+        Ok(v) if v["error"]["message"].is_string() => (
+            v["error"]["code"].as_str().map(str::to_string),
+            v["error"]["message"]
+                .as_str()
+                .unwrap_or_default()
+                .to_string(),
         ),
-        _ => bail!("HTTP {}: {text}", status.as_u16()),
+        _ => (None, text),
+    };
+    Err(ApiFailure {
+        status: status.as_u16(),
+        code: code.unwrap_or_else(|| format!("http.{}", status.as_u16())),
+        message,
     }
+    .into())
 }
 
 #[cfg(test)]

@@ -74,8 +74,10 @@ pub struct CopyArgs {
     pub blobs_to: Option<String>,
 }
 
-/// `kiln store copy`.
-pub fn store_copy(args: &CopyArgs) -> anyhow::Result<()> {
+/// `kiln store copy`: a line per table (and the blobs), or with `--output json` one
+/// document `{"blobs": {"copied", "present"}, "tables": [{"table", "copied", "present"}]}`.
+pub fn store_copy(args: &CopyArgs, output: Output) -> anyhow::Result<()> {
+    let people = output != Output::Json;
     if args
         .from
         .parse::<DatabaseUrl>()
@@ -111,20 +113,31 @@ pub fn store_copy(args: &CopyArgs) -> anyhow::Result<()> {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
+    let mut report = serde_json::json!({"blobs": null, "tables": []});
     rt.block_on(async {
         // Blobs first: a version copied is then never without its component.
         if let Some(to) = &blobs_to {
             let b = crate::store::copy::copy_blobs(&blobs_from, to).await?;
-            println!("blobs: {} copied, {} already there", b.new, b.present);
+            if people {
+                println!("blobs: {} copied, {} already there", b.new, b.present);
+            }
+            report["blobs"] = serde_json::json!({"copied": b.new, "present": b.present});
         } else {
             eprintln!(
                 "no --blobs-to: blobs not copied (the cluster's nodes need them in its bucket)"
             );
         }
+        let mut tables = Vec::new();
         crate::store::copy::copy_database(&data_dir, &to, |c| {
-            println!("{}: {} copied, {} already there", c.table, c.new, c.present);
+            if people {
+                println!("{}: {} copied, {} already there", c.table, c.new, c.present);
+            }
+            tables
+                .push(serde_json::json!({"table": c.table, "copied": c.new, "present": c.present}));
         })
         .await?;
+        report["tables"] = tables.into();
         anyhow::Ok(())
-    })
+    })?;
+    output.show(&report, || Ok(()))
 }

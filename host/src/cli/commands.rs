@@ -1,4 +1,4 @@
-//! The client commands: build, deploy, invoke, list, delete, usage, keys, audit, keygen.
+//! The function commands: build, deploy, invoke, list, delete; and the tables they print.
 
 use std::io::{IsTerminal, Read, Write};
 use std::path::Path;
@@ -19,7 +19,7 @@ use crate::nn::embed::{self, EmbeddedModel};
 const PROGRESS_THRESHOLD: u64 = 4 << 20;
 
 /// `kiln build [DIR] [--embed-models]`.
-pub fn build(dir: &Path, embed_models: bool) -> anyhow::Result<()> {
+pub fn build(dir: &Path, embed_models: bool, output: Output) -> anyhow::Result<()> {
     let m = Manifest::load(dir)?;
     let Some(cmd) = m.build_command() else {
         bail!(
@@ -48,8 +48,12 @@ pub fn build(dir: &Path, embed_models: bool) -> anyhow::Result<()> {
     if embed_models {
         embed_models_into(&m, &out)?;
     }
-    println!("{}", out.display());
-    Ok(())
+    let size = std::fs::metadata(&out)?.len();
+    let v = json!({"function": m.name, "component": out, "size": size});
+    output.show(&v, || {
+        println!("{}", out.display());
+        Ok(())
+    })
 }
 
 /// Rewrites the built component with the manifest's models in custom sections.
@@ -90,6 +94,7 @@ pub fn deploy(
     path: &Path,
     name: Option<String>,
     sign: Option<&Path>,
+    output: Output,
 ) -> anyhow::Result<()> {
     // Read the key first: a bad key file fails before anything is uploaded.
     let secret = sign
@@ -163,14 +168,16 @@ pub fn deploy(
         manifest.as_bytes(),
         &headers,
     )?;
-    println!(
-        "deployed {} version {} ({})",
-        answer["function"].as_str().unwrap_or(&name),
-        answer["version"],
-        answer["digest"].as_str().unwrap_or_default()
-    );
-    println!("{}", answer["url"].as_str().unwrap_or_default());
-    Ok(())
+    output.show(&answer, || {
+        println!(
+            "deployed {} version {} ({})",
+            answer["function"].as_str().unwrap_or(&name),
+            answer["version"],
+            answer["digest"].as_str().unwrap_or_default()
+        );
+        println!("{}", answer["url"].as_str().unwrap_or_default());
+        Ok(())
+    })
 }
 
 /// Uploads the manifest's models (each only if the server lacks it) and returns the
@@ -255,7 +262,7 @@ pub struct InvokeArgs {
 }
 
 /// `kiln invoke NAME`.
-pub fn invoke(client: &Client, args: &InvokeArgs) -> anyhow::Result<()> {
+pub fn invoke(client: &Client, args: &InvokeArgs, output: Output) -> anyhow::Result<()> {
     let body = match args.data.as_deref() {
         Some(d) if d.starts_with('@') => {
             std::fs::read(&d[1..]).with_context(|| format!("reading {}", &d[1..]))?
@@ -291,6 +298,9 @@ pub fn invoke(client: &Client, args: &InvokeArgs) -> anyhow::Result<()> {
         .run(req)
         .with_context(|| format!("connecting to {}", client.base()))?;
     let status = resp.status();
+    if output == Output::Json {
+        return invoke_json(resp);
+    }
     if args.include {
         eprintln!("HTTP {status}");
         for (k, v) in resp.headers() {
@@ -311,9 +321,42 @@ pub fn invoke(client: &Client, args: &InvokeArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `kiln invoke --output json`: the function's answer as `{"status", "headers", "body"}`
+/// (`body_base64` instead when it is not UTF-8); a 4xx or 5xx answer is still printed, and
+/// fails the command.
+fn invoke_json(mut resp: http::Response<ureq::Body>) -> anyhow::Result<()> {
+    use base64::Engine as _;
+    let status = resp.status();
+    let mut headers = serde_json::Map::new();
+    for (k, v) in resp.headers() {
+        headers.insert(k.to_string(), v.to_str().unwrap_or("<binary>").into());
+    }
+    let bytes = resp
+        .body_mut()
+        .with_config()
+        .limit(u64::MAX)
+        .read_to_vec()
+        .context("reading the response")?;
+    let mut v = json!({"status": status.as_u16(), "headers": headers});
+    match String::from_utf8(bytes) {
+        Ok(text) => v["body"] = text.into(),
+        Err(e) => {
+            v["body_base64"] = base64::engine::general_purpose::STANDARD
+                .encode(e.as_bytes())
+                .into()
+        }
+    }
+    println!("{}", serde_json::to_string_pretty(&v)?);
+    if !status.is_success() {
+        // Printed already; the exit status says it failed (main prints nothing more).
+        return Err(super::Printed.into());
+    }
+    Ok(())
+}
+
 /// `kiln functions`.
 pub fn functions(client: &Client, output: Output) -> anyhow::Result<()> {
-    let v = client.get_json("/v1/functions")?;
+    let v = client.get_all("/v1/functions", "functions", None)?;
     print_table(
         &v,
         output,
@@ -331,7 +374,7 @@ pub fn functions(client: &Client, output: Output) -> anyhow::Result<()> {
 
 /// `kiln versions NAME`.
 pub fn versions(client: &Client, name: &str, output: Output) -> anyhow::Result<()> {
-    let v = client.get_json(&format!("/v1/functions/{name}/versions"))?;
+    let v = client.get_all(&format!("/v1/functions/{name}/versions"), "versions", None)?;
     print_table(
         &v,
         output,
@@ -341,7 +384,7 @@ pub fn versions(client: &Client, name: &str, output: Output) -> anyhow::Result<(
 }
 
 /// `kiln delete NAME`.
-pub fn delete(client: &Client, name: &str, yes: bool) -> anyhow::Result<()> {
+pub fn delete(client: &Client, name: &str, yes: bool, output: Output) -> anyhow::Result<()> {
     use std::io::{BufRead, IsTerminal, Write};
     // Someone at a terminal confirms by typing the name; scripts (no terminal) and --yes
     // do not ask.
@@ -354,197 +397,11 @@ pub fn delete(client: &Client, name: &str, yes: bool) -> anyhow::Result<()> {
             bail!("not deleted: the answer was not {name:?}");
         }
     }
-    client.delete(&format!("/v1/functions/{name}"))?;
-    println!("deleted {name}");
-    Ok(())
-}
-
-/// `kiln usage`: totals (per group) as a table, the JSON answer, or the records as CSV.
-pub fn usage(
-    client: &Client,
-    filters: &[(&str, Option<String>)],
-    output: super::UsageOutput,
-) -> anyhow::Result<()> {
-    let mut query: Vec<String> = filters
-        .iter()
-        .filter_map(|(k, v)| v.as_ref().map(|v| format!("{k}={}", percent_encode(v))))
-        .collect();
-    if let super::UsageOutput::Csv = output {
-        query.push("format=csv".into());
-        print!(
-            "{}",
-            client.get_text(&format!("/v1/usage?{}", query.join("&")))?
-        );
-        return Ok(());
-    }
-    let v = client.get_json(&format!("/v1/usage?{}", query.join("&")))?;
-    if let super::UsageOutput::Json = output {
-        println!("{}", serde_json::to_string_pretty(&v)?);
-        return Ok(());
-    }
-    let flat = |t: &Value, key: &str| {
-        json!({
-            "key": key,
-            "requests": t["requests"],
-            "cache_hits": t["cache_hits"],
-            "errors": t["errors"],
-            "cpu_ms": format!("{:.3}", t["cpu_ms"].as_f64().unwrap_or(0.0)),
-            "gb_s": format!("{:.6}", t["gb_s"].as_f64().unwrap_or(0.0)),
-            "inference_cpu_ms": format!("{:.3}", t["inference_ms"]["cpu"].as_f64().unwrap_or(0.0)),
-            "inference_gpu_ms": format!("{:.3}", t["inference_ms"]["gpu"].as_f64().unwrap_or(0.0)),
-            "bytes_in": t["bytes_in"],
-            "bytes_out": t["bytes_out"],
-            "cost": t["cost"],
-        })
-    };
-    let mut rows: Vec<Value> = v["groups"]
-        .as_array()
-        .map(|g| {
-            g.iter()
-                .map(|g| flat(g, g["key"].as_str().unwrap_or("-")))
-                .collect()
-        })
-        .unwrap_or_default();
-    rows.push(flat(&v["totals"], "TOTAL"));
-    print_table(
-        &json!({ "rows": rows }),
-        Output::Table,
-        "rows",
-        &[
-            "key",
-            "requests",
-            "cache_hits",
-            "errors",
-            "cpu_ms",
-            "gb_s",
-            "inference_cpu_ms",
-            "inference_gpu_ms",
-            "bytes_in",
-            "bytes_out",
-            "cost",
-        ],
-    )?;
-    println!(
-        "cost in micro-{} ({})",
-        v["currency"].as_str().unwrap_or("units"),
-        match (v["since"].as_str(), v["until"].as_str()) {
-            (None, None) => "all time".to_string(),
-            (s, u) => format!("{} .. {}", s.unwrap_or("start"), u.unwrap_or("now")),
-        }
-    );
-    Ok(())
-}
-
-/// Escapes a query parameter value (times carry `:` and `+`).
-fn percent_encode(s: &str) -> String {
-    s.bytes()
-        .map(|b| match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
-                (b as char).to_string()
-            }
-            _ => format!("%{b:02X}"),
-        })
-        .collect()
-}
-
-/// `kiln keys create`: prints the key's details, then its secret alone on the last line.
-pub fn keys_create(
-    client: &Client,
-    tenant: &str,
-    scopes: &[String],
-    rate: Option<&str>,
-) -> anyhow::Result<()> {
-    let mut body = json!({"tenant": tenant, "scopes": scopes});
-    if let Some(r) = rate {
-        body["rate"] = r.into();
-    }
-    let v = client.post_json("/v1/keys", &body)?;
-    let scopes: Vec<&str> = v["scopes"]
-        .as_array()
-        .map(|a| a.iter().filter_map(Value::as_str).collect())
-        .unwrap_or_default();
-    eprintln!(
-        "created key {} for tenant {} ({}); it is shown only now:",
-        v["id"].as_str().unwrap_or_default(),
-        v["tenant"].as_str().unwrap_or_default(),
-        scopes.join(" ")
-    );
-    println!("{}", v["key"].as_str().context("the server sent no key")?);
-    Ok(())
-}
-
-/// `kiln keys list`.
-pub fn keys_list(client: &Client, output: Output) -> anyhow::Result<()> {
-    let mut v = client.get_json("/v1/keys")?;
-    if let (Output::Table, Some(keys)) = (output, v["keys"].as_array_mut()) {
-        for k in keys {
-            let scopes: Vec<&str> = k["scopes"]
-                .as_array()
-                .map(|a| a.iter().filter_map(Value::as_str).collect())
-                .unwrap_or_default();
-            k["scopes"] = scopes.join(",").into();
-            k["status"] = if k["revoked_at"].is_null() {
-                "active"
-            } else {
-                "revoked"
-            }
-            .into();
-        }
-    }
-    print_table(
-        &v,
-        output,
-        "keys",
-        &["id", "tenant", "scopes", "rate", "status", "created_at"],
-    )
-}
-
-/// `kiln keys revoke ID`.
-pub fn keys_revoke(client: &Client, id: &str) -> anyhow::Result<()> {
-    client.delete(&format!("/v1/keys/{}", percent_encode(id)))?;
-    println!("revoked {id}");
-    Ok(())
-}
-
-/// `kiln audit`.
-pub fn audit(
-    client: &Client,
-    filters: &[(&str, Option<String>)],
-    output: Output,
-) -> anyhow::Result<()> {
-    let query: Vec<String> = filters
-        .iter()
-        .filter_map(|(k, v)| v.as_ref().map(|v| format!("{k}={}", percent_encode(v))))
-        .collect();
-    let v = client.get_json(&format!("/v1/audit?{}", query.join("&")))?;
-    print_table(
-        &v,
-        output,
-        "entries",
-        &[
-            "at", "key_id", "tenant", "action", "target", "outcome", "status", "detail",
-        ],
-    )
-}
-
-/// `kiln keygen --out FILE`.
-pub fn keygen(out: &Path) -> anyhow::Result<()> {
-    use std::os::unix::fs::OpenOptionsExt;
-    let (secret, public) = signing::keygen()?;
-    let mut file = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(out)
-        .with_context(|| format!("creating {} (it must not exist yet)", out.display()))?;
-    file.write_all(secret.as_bytes())?;
-    file.sync_all()?;
-    eprintln!(
-        "wrote the secret key to {}; trust the public key on servers with\n  [auth] trusted_publishers = [\"{public}\"]",
-        out.display()
-    );
-    println!("{public}");
-    Ok(())
+    let v = client.delete(&format!("/v1/functions/{name}"))?;
+    output.show(&v, || {
+        println!("deleted {name}");
+        Ok(())
+    })
 }
 
 pub(super) fn print_table(

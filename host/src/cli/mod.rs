@@ -1,9 +1,11 @@
 //! The `kiln` command line: `serve` runs the server; the other commands are thin clients of
 //! the HTTP API (`--server`, or `KILN_SERVER`).
 
+mod accounts;
 mod client;
 mod cluster;
 mod commands;
+mod dispatch;
 mod serve;
 mod traffic;
 
@@ -11,7 +13,8 @@ use std::path::PathBuf;
 
 use clap::{Parser, Subcommand, ValueEnum};
 
-pub use client::{Client, Connect};
+pub use client::{ApiFailure, Client, Connect};
+pub use dispatch::run;
 
 /// Default server URL for client commands.
 pub const DEFAULT_SERVER: &str = "http://127.0.0.1:8080";
@@ -20,30 +23,47 @@ pub const DEFAULT_SERVER: &str = "http://127.0.0.1:8080";
 #[derive(Debug, Parser)]
 #[command(name = "kiln", version, about)]
 pub struct Cli {
+    /// How client commands print their answers, errors included.
+    #[arg(long, short = 'o', global = true, value_enum, default_value_t)]
+    pub output: Output,
     #[command(subcommand)]
     pub command: Command,
 }
 
-/// Output format of listing commands.
-#[derive(Debug, Clone, Copy, Default, ValueEnum)]
+/// How a client command prints what it got.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, ValueEnum)]
 pub enum Output {
-    /// A human-readable table.
+    /// Tables and sentences for people.
     #[default]
     Table,
-    /// JSON, as the API returns it.
+    /// The API's JSON answer on stdout (lists: every page's items in one array); an error
+    /// as `{"error":{"code","message"}}` on stdout, with a failing exit status.
     Json,
+    /// `kiln usage` only: every record of the window, as CSV.
+    Csv,
 }
 
-/// Output format of `kiln usage`.
-#[derive(Debug, Clone, Copy, Default, ValueEnum)]
-pub enum UsageOutput {
-    /// Totals (per group) as a table.
-    #[default]
-    Table,
-    /// The API's JSON answer.
-    Json,
-    /// Every record of the window, as CSV.
-    Csv,
+/// An error whose answer is already on stdout (`kiln invoke --output json` printed the
+/// failing response): the command fails without printing more.
+#[derive(Debug, thiserror::Error)]
+#[error("the function answered with an error status")]
+pub struct Printed;
+
+impl Output {
+    /// Prints `v` as JSON, or runs `human` to print it for people.
+    pub(crate) fn show(
+        self,
+        v: &serde_json::Value,
+        human: impl FnOnce() -> anyhow::Result<()>,
+    ) -> anyhow::Result<()> {
+        match self {
+            Output::Json => {
+                println!("{}", serde_json::to_string_pretty(v)?);
+                Ok(())
+            }
+            _ => human(),
+        }
+    }
 }
 
 /// Where client commands send their requests, and with which key.
@@ -130,8 +150,6 @@ pub enum KeysCommand {
     },
     /// List API keys (never their secrets).
     List {
-        #[arg(long, value_enum, default_value_t)]
-        output: Output,
         #[command(flatten)]
         server: ServerArg,
     },
@@ -229,16 +247,12 @@ pub enum Command {
     },
     /// List functions.
     Functions {
-        #[arg(long, value_enum, default_value_t)]
-        output: Output,
         #[command(flatten)]
         server: ServerArg,
     },
     /// List the versions of a function.
     Versions {
         name: String,
-        #[arg(long, value_enum, default_value_t)]
-        output: Output,
         #[command(flatten)]
         server: ServerArg,
     },
@@ -259,7 +273,9 @@ pub enum Command {
         /// Only this tenant.
         #[arg(long)]
         tenant: Option<String>,
-        /// Window start: RFC 3339 (2026-11-27T10:00:00Z) or unix milliseconds.
+        /// Window start: RFC 3339 with any offset (2026-11-27T10:00:00Z,
+        /// 2026-11-27T11:00:00+01:00), a date, unix milliseconds, or a span back from now
+        /// (30m, 1h, 7d).
         #[arg(long)]
         since: Option<String>,
         /// Window end (exclusive), same forms.
@@ -268,8 +284,6 @@ pub enum Command {
         /// function, version, tenant, hour or day.
         #[arg(long)]
         group_by: Option<String>,
-        #[arg(long, value_enum, default_value_t)]
-        output: UsageOutput,
         #[command(flatten)]
         server: ServerArg,
     },
@@ -288,8 +302,6 @@ pub enum Command {
         /// Show or set this alias's policy (`/fn/NAME:ALIAS/`) instead of the main one.
         #[arg(long)]
         alias: Option<String>,
-        #[arg(long, value_enum, default_value_t)]
-        output: Output,
         #[command(flatten)]
         server: ServerArg,
     },
@@ -341,8 +353,6 @@ pub enum Command {
         /// Why (kept in the history) for --pause, --resume, --abort.
         #[arg(long)]
         reason: Option<String>,
-        #[arg(long, value_enum, default_value_t)]
-        output: Output,
         #[command(flatten)]
         server: ServerArg,
     },
@@ -362,8 +372,6 @@ pub enum Command {
     /// Traffic changes of a function, newest first.
     History {
         name: String,
-        #[arg(long, value_enum, default_value_t)]
-        output: Output,
         #[command(flatten)]
         server: ServerArg,
     },
@@ -374,7 +382,8 @@ pub enum Command {
     },
     /// Read the audit log of control-plane actions, newest first.
     Audit {
-        /// Window start: RFC 3339 or unix milliseconds.
+        /// Window start: RFC 3339 with any offset, a date, unix milliseconds, or a span
+        /// back from now (30m, 1h, 7d).
         #[arg(long)]
         since: Option<String>,
         /// Window end (exclusive).
@@ -389,8 +398,6 @@ pub enum Command {
         /// At most this many entries.
         #[arg(long)]
         limit: Option<u32>,
-        #[arg(long, value_enum, default_value_t)]
-        output: Output,
         #[command(flatten)]
         server: ServerArg,
     },
@@ -402,8 +409,6 @@ pub enum Command {
     /// List the live nodes of the cluster (id, address, version, uptime, last heartbeat,
     /// in-flight requests, loaded versions); `*` marks the one that answered.
     Nodes {
-        #[arg(long, value_enum, default_value_t)]
-        output: Output,
         #[command(flatten)]
         server: ServerArg,
     },
@@ -416,212 +421,4 @@ pub enum Command {
     },
     /// Print a shell completion script: `kiln completions bash > /etc/bash_completion.d/kiln`.
     Completions { shell: clap_complete::Shell },
-}
-
-/// Runs a parsed command line.
-pub fn run(cli: Cli) -> anyhow::Result<()> {
-    match cli.command {
-        Command::Serve {
-            listen,
-            data_dir,
-            blobs,
-            database,
-            node_id,
-            tls_cert,
-            tls_key,
-            config,
-            insecure,
-        } => serve::run(
-            crate::config::Overrides {
-                listen,
-                data_dir,
-                blobs,
-                database,
-                node_id,
-                tls_cert,
-                tls_key,
-            },
-            config,
-            insecure,
-        ),
-        Command::Build { dir, embed_models } => commands::build(&dir, embed_models),
-        Command::Deploy {
-            path,
-            name,
-            sign,
-            server,
-        } => commands::deploy(&server.client()?, &path, name, sign.as_deref()),
-        Command::Invoke {
-            name,
-            path,
-            method,
-            headers,
-            data,
-            include,
-            server,
-        } => commands::invoke(
-            &server.client()?,
-            &commands::InvokeArgs {
-                name,
-                path,
-                method,
-                headers,
-                data,
-                include,
-            },
-        ),
-        Command::Functions { output, server } => commands::functions(&server.client()?, output),
-        Command::Nodes { output, server } => cluster::nodes(&server.client()?, output),
-        Command::Store {
-            command:
-                StoreCommand::Copy {
-                    from,
-                    to,
-                    data_dir,
-                    blobs_from,
-                    blobs_to,
-                },
-        } => cluster::store_copy(&cluster::CopyArgs {
-            from,
-            to,
-            data_dir,
-            blobs_from,
-            blobs_to,
-        }),
-        Command::Versions {
-            name,
-            output,
-            server,
-        } => commands::versions(&server.client()?, &name, output),
-        Command::Delete { name, yes, server } => commands::delete(&server.client()?, &name, yes),
-        Command::Usage {
-            function,
-            tenant,
-            since,
-            until,
-            group_by,
-            output,
-            server,
-        } => {
-            let filters = [
-                ("function", function),
-                ("tenant", tenant),
-                ("since", since),
-                ("until", until),
-                ("group_by", group_by),
-            ];
-            commands::usage(&server.client()?, &filters, output)
-        }
-        Command::Keys { command } => match command {
-            KeysCommand::Create {
-                tenant,
-                scopes,
-                rate,
-                server,
-            } => commands::keys_create(&server.client()?, &tenant, &scopes, rate.as_deref()),
-            KeysCommand::List { output, server } => commands::keys_list(&server.client()?, output),
-            KeysCommand::Revoke { id, server } => commands::keys_revoke(&server.client()?, &id),
-        },
-        Command::Audit {
-            since,
-            until,
-            tenant,
-            action,
-            limit,
-            output,
-            server,
-        } => {
-            let filters = [
-                ("since", since),
-                ("until", until),
-                ("tenant", tenant),
-                ("action", action),
-                ("limit", limit.map(|l| l.to_string())),
-            ];
-            commands::audit(&server.client()?, &filters, output)
-        }
-        Command::Keygen { out } => commands::keygen(&out),
-        Command::Completions { shell } => {
-            use clap::CommandFactory;
-            clap_complete::generate(shell, &mut Cli::command(), "kiln", &mut std::io::stdout());
-            Ok(())
-        }
-        Command::Traffic {
-            name,
-            weights,
-            sticky,
-            shadow,
-            alias,
-            output,
-            server,
-        } => traffic::traffic(
-            &server.client()?,
-            &name,
-            &weights,
-            traffic::Extras {
-                sticky,
-                shadow,
-                alias,
-            },
-            output,
-        ),
-        Command::Promote {
-            name,
-            from,
-            to,
-            reason,
-            server,
-        } => traffic::promote(&server.client()?, &name, &from, &to, reason),
-        Command::Rollout {
-            name,
-            to,
-            steps,
-            interval,
-            min_requests,
-            max_error_rate,
-            max_p99_ratio,
-            pause,
-            resume,
-            abort,
-            reason,
-            output,
-            server,
-        } => {
-            let client = server.client()?;
-            match (to, pause, resume, abort) {
-                (Some(to), ..) => {
-                    let body = serde_json::json!({
-                        "to": to,
-                        "steps": steps,
-                        "interval": interval,
-                        "min_requests": min_requests,
-                        "max_error_rate": max_error_rate,
-                        "max_p99_ratio": max_p99_ratio,
-                    });
-                    traffic::rollout_start(&client, &name, body, output)
-                }
-                (None, true, ..) => {
-                    traffic::rollout_control(&client, &name, "pause", reason, output)
-                }
-                (None, _, true, _) => {
-                    traffic::rollout_control(&client, &name, "resume", reason, output)
-                }
-                (None, _, _, true) => {
-                    traffic::rollout_control(&client, &name, "abort", reason, output)
-                }
-                _ => traffic::rollout_show(&client, &name, output),
-            }
-        }
-        Command::History {
-            name,
-            output,
-            server,
-        } => traffic::history(&server.client()?, &name, output),
-        Command::Rollback {
-            name,
-            reason,
-            alias,
-            server,
-        } => traffic::rollback(&server.client()?, &name, reason, alias),
-    }
 }

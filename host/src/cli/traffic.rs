@@ -59,12 +59,10 @@ pub fn traffic(
         }
         client.put_json(&path, &body)?
     };
-    if let Output::Json = output {
-        println!("{}", serde_json::to_string_pretty(&v)?);
-        return Ok(());
-    }
-    print_policy(name, &v);
-    Ok(())
+    output.show(&v, || {
+        print_policy(name, &v);
+        Ok(())
+    })
 }
 
 /// `NAME[:ALIAS] (revision N): 3=90 4=10 ...`, then each alias of the main policy.
@@ -101,14 +99,17 @@ pub fn promote(
     from: &str,
     to: &str,
     reason: Option<String>,
+    output: Output,
 ) -> anyhow::Result<()> {
     let mut body = json!({"from": from, "to": to});
     if let Some(r) = reason {
         body["reason"] = r.into();
     }
     let v = client.post_json(&format!("/v1/functions/{name}/promote"), &body)?;
-    print_policy(name, &v);
-    Ok(())
+    output.show(&v, || {
+        print_policy(name, &v);
+        Ok(())
+    })
 }
 
 /// `3=90 4=10 sticky header:x-user shadow 5:100`.
@@ -160,10 +161,13 @@ pub fn rollout_show(client: &Client, name: &str, output: Output) -> anyhow::Resu
 }
 
 fn print_rollout(v: &Value, output: Output) -> anyhow::Result<()> {
-    if let Output::Json = output {
-        println!("{}", serde_json::to_string_pretty(v)?);
-        return Ok(());
-    }
+    output.show(v, || {
+        print_rollout_for_people(v);
+        Ok(())
+    })
+}
+
+fn print_rollout_for_people(v: &Value) {
     let steps: Vec<String> = v["steps"]
         .as_array()
         .map(|s| s.iter().map(|p| format!("{p}%")).collect())
@@ -191,7 +195,6 @@ fn print_rollout(v: &Value, output: Output) -> anyhow::Result<()> {
     if let Some(outcome) = v["outcome"].as_str() {
         println!("outcome: {outcome}");
     }
-    Ok(())
 }
 
 /// `kiln rollback NAME [--reason R] [--alias A]`: prints the policy now in force.
@@ -200,16 +203,19 @@ pub fn rollback(
     name: &str,
     reason: Option<String>,
     alias: Option<String>,
+    output: Output,
 ) -> anyhow::Result<()> {
     let body = json!({"reason": reason, "alias": alias});
     let v = client.post_json(&format!("/v1/functions/{name}/rollback"), &body)?;
-    print_policy(name, &v);
-    Ok(())
+    output.show(&v, || {
+        print_policy(name, &v);
+        Ok(())
+    })
 }
 
 /// `kiln history NAME`.
 pub fn history(client: &Client, name: &str, output: Output) -> anyhow::Result<()> {
-    let mut v = client.get_json(&format!("/v1/functions/{name}/history"))?;
+    let mut v = client.get_all(&format!("/v1/functions/{name}/history"), "history", None)?;
     if let (Output::Table, Some(entries)) = (output, v["history"].as_array_mut()) {
         for e in entries {
             let alias = e["detail"]["alias"]

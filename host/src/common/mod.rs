@@ -1,5 +1,5 @@
 //! What every layer shares and none owns: content digests, the limits a version runs
-//! under, rates, the byte budget buffered bodies share, and the [`BlobSource`] through which the runtime and `nn` reach blob
+//! under, rates, the byte budget buffered bodies share, times as the API reads and writes them, and the [`BlobSource`] through which the runtime and `nn` reach blob
 //! bytes without knowing where they are stored.
 //!
 //! A leaf: it imports nothing else from the crate, so caches, `nn` and the runtime need no
@@ -10,6 +10,7 @@ mod budget;
 mod digest;
 mod limits;
 mod rate;
+pub mod time;
 
 pub use blobs::BlobSource;
 pub use budget::{BudgetShare, ByteBudget, OverBudget};

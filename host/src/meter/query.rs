@@ -5,8 +5,8 @@
 //! The SQL is written once for both backends (SQLite and PostgreSQL): only the parameter
 //! markers differ, and every sum is cast to a 64-bit integer so both answer the same types.
 
+use crate::common::time::format_time;
 use std::fmt::Write as _;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde_json::json;
 
@@ -68,29 +68,6 @@ pub struct UsageQuery {
     pub since_ms: Option<i64>,
     pub until_ms: Option<i64>,
     pub group_by: Option<GroupBy>,
-}
-
-/// Parses a time parameter: RFC 3339 (`2026-11-27T10:00:00Z`) or unix milliseconds.
-pub fn parse_time(s: &str) -> Result<i64, String> {
-    if let Ok(ms) = s.parse::<i64>() {
-        return Ok(ms);
-    }
-    let t = humantime::parse_rfc3339_weak(s).map_err(|e| {
-        format!("{s:?} is not a time: {e} (use RFC 3339 like 2026-11-27T10:00:00Z, or unix milliseconds)")
-    })?;
-    Ok(unix_ms(t))
-}
-
-fn unix_ms(t: SystemTime) -> i64 {
-    t.duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
-}
-
-/// RFC 3339 text of unix milliseconds.
-pub fn format_time(ms: i64) -> String {
-    let t = UNIX_EPOCH + Duration::from_millis(ms.max(0) as u64);
-    humantime::format_rfc3339_millis(t).to_string()
 }
 
 impl UsageQuery {

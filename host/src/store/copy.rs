@@ -2,7 +2,8 @@
 //! folder) moved into a cluster's PostgreSQL database and bucket, with nothing lost:
 //! functions, versions (their ids and numbers), policies, aliases, history, rollouts, blob
 //! owners, the sticky-hash secret, API keys, the audit log and the usage ledger, row for
-//! row, and every blob.
+//! row, and every blob. (Not the answers kept for `Idempotency-Key` retries: they live a
+//! day, and a retry across the move starts afresh.)
 //!
 //! Running it again changes nothing: a row the target already holds exactly is skipped. A
 //! row whose key the target holds with other values (the target is another installation)

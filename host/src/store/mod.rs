@@ -111,7 +111,7 @@ pub fn open_sqlite(
     Ok(conn)
 }
 pub use meta::{
-    Expect, FunctionInfo, MetaStore, NewVersion, NodeReport, NotOwner, PgMeta, PublishedStats,
-    Replayed, RolloutMoved, SqliteMeta, StaleRevision, Stored, StoredState, TrafficChange,
-    VersionRecord,
+    Claim, Expect, FunctionInfo, MetaStore, NewVersion, NodeReport, NotOwner, PgMeta,
+    PublishedStats, Replayed, RolloutMoved, SqliteMeta, StaleRevision, Stored, StoredAnswer,
+    StoredState, TrafficChange, VersionRecord,
 };

@@ -1,5 +1,6 @@
 //! Metadata: functions and their immutable versions, traffic policies (main and aliases),
-//! their history, rollouts, and which tenants hold which blobs.
+//! their history, rollouts, which tenants hold which blobs, and the first answers to
+//! idempotent requests.
 //!
 //! One [`MetaStore`], two backends chosen at startup: SQLite (`<data>/kiln.db`, WAL; the
 //! default, for one node) and PostgreSQL (for a cluster's nodes). Callers see one async
@@ -21,6 +22,7 @@ macro_rules! on_backend {
 }
 
 mod cluster;
+mod idempotency;
 mod postgres;
 mod postgres_cluster;
 mod rollouts;
@@ -34,6 +36,7 @@ use anyhow::Context;
 use serde::Serialize;
 
 pub use cluster::{NodeReport, PublishedStats};
+pub use idempotency::{Claim, StoredAnswer};
 pub use postgres::PgMeta;
 pub use rollouts::{Expect, RolloutMoved};
 pub use sqlite::SqliteMeta;
@@ -170,8 +173,17 @@ pub struct StaleRevision {
 }
 
 impl StaleRevision {
-    /// Refuses a change decided on `expected` of a policy at `current`.
-    pub(super) fn check(expected: Option<u64>, current: i64) -> anyhow::Result<()> {
+    /// Refuses a change decided on `expected` of the stored `(policy, revision)`. No
+    /// policy in force (none stored, or rolled back to none) is revision 0, as the
+    /// registry reports it.
+    pub(super) fn check(
+        expected: Option<u64>,
+        stored: Option<&(String, i64)>,
+    ) -> anyhow::Result<()> {
+        let current = match stored {
+            Some((policy, revision)) if policy != "null" => *revision,
+            _ => 0,
+        };
         match expected {
             Some(expected) if expected != current as u64 => Err(StaleRevision {
                 expected,
@@ -330,9 +342,10 @@ impl MetaStore {
         &self,
         function: &str,
         limit: u32,
+        before: Option<i64>,
         tenant: Option<&str>,
     ) -> anyhow::Result<Vec<serde_json::Value>> {
-        on_backend!(self.history(function, limit, tenant))
+        on_backend!(self.history(function, limit, before, tenant))
     }
 }
 
@@ -464,7 +477,7 @@ fn history_entry(
     serde_json::json!({
         "seq": seq,
         "at_ms": at_ms,
-        "at": crate::meter::query::format_time(at_ms),
+        "at": crate::common::time::format_time(at_ms),
         "actor": actor,
         "kind": kind,
         "reason": reason,

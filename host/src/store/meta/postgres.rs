@@ -269,7 +269,7 @@ impl PgMeta {
             }
         }
         .map(|r| (r.get::<_, String>(0), r.get::<_, i64>(1)));
-        super::StaleRevision::check(change.if_revision, previous.as_ref().map_or(0, |p| p.1))?;
+        super::StaleRevision::check(change.if_revision, previous.as_ref())?;
         let revision = previous.as_ref().map_or(0, |p| p.1) + 1;
         match alias {
             None => {
@@ -412,16 +412,18 @@ impl PgMeta {
         &self,
         function: &str,
         limit: u32,
+        before: Option<i64>,
         tenant: Option<&str>,
     ) -> anyhow::Result<Vec<serde_json::Value>> {
+        let before = before.unwrap_or(i64::MAX);
         let rows = self
             .client()
             .await?
             .query(
                 "SELECT seq, at_ms, actor, kind, reason, detail FROM history
-                 WHERE function = $1 AND ($3::text IS NULL OR tenant = $3)
+                 WHERE function = $1 AND ($3::text IS NULL OR tenant = $3) AND seq < $4
                  ORDER BY seq DESC LIMIT $2",
-                &[&function, &i64::from(limit), &tenant],
+                &[&function, &i64::from(limit), &tenant, &before],
             )
             .await?;
         Ok(rows

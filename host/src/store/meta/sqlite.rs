@@ -94,6 +94,19 @@ CREATE TABLE IF NOT EXISTS secrets (
     name        TEXT PRIMARY KEY,
     value       BLOB NOT NULL
 );
+-- The first answer to each Idempotency-Key (store/meta/idempotency.rs); NULL status
+-- while that request runs.
+CREATE TABLE IF NOT EXISTS idempotency (
+    scope       TEXT NOT NULL,
+    key         TEXT NOT NULL,
+    fingerprint TEXT NOT NULL,
+    created_ms  INTEGER NOT NULL,
+    status      INTEGER,
+    location    TEXT,
+    body        BLOB,
+    PRIMARY KEY (scope, key)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS idempotency_created ON idempotency (created_ms);
 -- Outlives its function: numbers and the last signed deploy are never reused.
 CREATE TABLE IF NOT EXISTS version_seq (
     function        TEXT PRIMARY KEY,

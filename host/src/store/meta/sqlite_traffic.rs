@@ -36,7 +36,7 @@ impl SqliteMeta {
             ),
         }
         .optional()?;
-        super::StaleRevision::check(change.if_revision, previous.as_ref().map_or(0, |p| p.1))?;
+        super::StaleRevision::check(change.if_revision, previous.as_ref())?;
         let revision = previous.as_ref().map_or(0, |p| p.1) + 1;
         match alias {
             None => tx.execute(
@@ -183,14 +183,17 @@ impl SqliteMeta {
         &self,
         function: &str,
         limit: u32,
+        before: Option<i64>,
         tenant: Option<&str>,
     ) -> anyhow::Result<Vec<serde_json::Value>> {
         let conn = self.conn();
         let mut stmt = conn.prepare(
             "SELECT seq, at_ms, actor, kind, reason, detail FROM history
-             WHERE function = ?1 AND (?3 IS NULL OR tenant = ?3) ORDER BY seq DESC LIMIT ?2",
+             WHERE function = ?1 AND (?3 IS NULL OR tenant = ?3) AND seq < ?4
+             ORDER BY seq DESC LIMIT ?2",
         )?;
-        let rows = stmt.query_map(params![function, limit, tenant], |r| {
+        let before = before.unwrap_or(i64::MAX);
+        let rows = stmt.query_map(params![function, limit, tenant, before], |r| {
             let detail: String = r.get(5)?;
             Ok(history_entry(
                 r.get(0)?,
@@ -290,8 +293,13 @@ mod tests {
         }
         let meta = SqliteMeta::open(&path).expect("migrate");
         // The entry from before team-b created `f` belonged to an earlier owner.
-        assert_eq!(meta.history("f", 10, Some("team-b")).expect("b").len(), 1);
-        assert_eq!(meta.history("f", 10, None).expect("admin").len(), 2);
+        assert_eq!(
+            meta.history("f", 10, None, Some("team-b"))
+                .expect("b")
+                .len(),
+            1
+        );
+        assert_eq!(meta.history("f", 10, None, None).expect("admin").len(), 2);
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -163,18 +163,27 @@ async fn traffic_changes_keep_revisions_history_and_the_previous_policy_on_every
         assert_eq!(previous, "null", "{b}: the alias had no policy before");
         assert_eq!(meta.state().await.expect("state").traffic.len(), 1, "{b}");
         assert_eq!(meta.state().await.expect("state").aliases.len(), 1, "{b}");
-        let history = meta.history("f", 10, None).await.expect("history");
+        let history = meta.history("f", 10, None, None).await.expect("history");
         assert_eq!(history.len(), 3, "{b}");
         assert_eq!(history[0]["detail"]["alias"], "staging", "{b}");
         assert_eq!(history[1]["detail"]["revision"], 2, "{b}");
         assert_eq!(history[2]["actor"], "key1", "{b}");
+        // The next page starts below the last sequence number seen.
+        let older = meta
+            .history("f", 10, history[0]["seq"].as_i64(), None)
+            .await
+            .expect("older");
+        assert_eq!(older, history[1..], "{b}");
         assert_eq!(
-            meta.history("f", 10, Some("t")).await.expect("t").len(),
+            meta.history("f", 10, None, Some("t"))
+                .await
+                .expect("t")
+                .len(),
             3,
             "{b}"
         );
         assert!(
-            meta.history("f", 10, Some("u"))
+            meta.history("f", 10, None, Some("u"))
                 .await
                 .expect("u")
                 .is_empty(),
@@ -375,5 +384,64 @@ async fn a_secret_is_made_once_and_every_caller_reads_the_same_on_every_backend(
             }
         };
         assert_eq!(again.secret("sticky").await.expect("read"), first, "{b}");
+    }
+}
+
+#[tokio::test]
+async fn an_idempotency_key_runs_once_replays_its_answer_and_expires_on_every_backend() {
+    use idempotency::{ABANDONED_AFTER_MS, KEEP_MS};
+    for (meta, _db, _dir) in backends("idempotency").await {
+        let b = meta.describe();
+        let t0 = 1_000_000_000_000;
+        let claim = |key: &'static str, fp: &'static str, at: i64| {
+            let meta = &meta;
+            async move {
+                meta.idempotency_claim("k1|key.create", key, fp, at)
+                    .await
+                    .expect("claim")
+            }
+        };
+        assert_eq!(claim("a", "f1", t0).await, Claim::New, "{b}");
+        assert_eq!(claim("a", "f1", t0 + 1).await, Claim::InProgress, "{b}");
+        assert_eq!(claim("a", "f2", t0 + 1).await, Claim::Reused, "{b}");
+        // Another caller's scope is another key space.
+        assert_eq!(
+            meta.idempotency_claim("k2|key.create", "a", "f9", t0)
+                .await
+                .expect("k2"),
+            Claim::New,
+            "{b}"
+        );
+        let answer = StoredAnswer {
+            status: 201,
+            location: Some("/v1/keys/x".into()),
+            body: b"{\"id\":\"x\"}".to_vec(),
+        };
+        meta.idempotency_finish("k1|key.create", "a", &answer)
+            .await
+            .expect("finish");
+        assert_eq!(
+            claim("a", "f1", t0 + 2).await,
+            Claim::Done(answer.clone()),
+            "{b}"
+        );
+        assert_eq!(claim("a", "f2", t0 + 2).await, Claim::Reused, "{b}");
+        // A failed request gives its claim up; one that never finished is taken over late.
+        assert_eq!(claim("b", "f1", t0).await, Claim::New, "{b}");
+        meta.idempotency_release("k1|key.create", "b")
+            .await
+            .expect("release");
+        assert_eq!(claim("b", "f1", t0 + 3).await, Claim::New, "{b}");
+        assert_eq!(
+            claim("b", "f1", t0 + 3 + ABANDONED_AFTER_MS + 1).await,
+            Claim::New,
+            "{b}: an abandoned claim is taken over"
+        );
+        // Releasing never drops a finished answer; a day later the key is free again.
+        meta.idempotency_release("k1|key.create", "a")
+            .await
+            .expect("release");
+        assert_eq!(claim("a", "f1", t0 + 4).await, Claim::Done(answer), "{b}");
+        assert_eq!(claim("a", "f2", t0 + KEEP_MS + 1).await, Claim::New, "{b}");
     }
 }

@@ -1,0 +1,215 @@
+//! From a parsed command line to the command that runs it.
+
+use super::{
+    Cli, Command, KeysCommand, Output, StoreCommand, accounts, cluster, commands, serve, traffic,
+};
+
+/// Runs a parsed command line.
+pub fn run(cli: Cli) -> anyhow::Result<()> {
+    let output = cli.output;
+    if output == Output::Csv && !matches!(cli.command, Command::Usage { .. }) {
+        anyhow::bail!("--output csv is for kiln usage; use table or json here");
+    }
+    match cli.command {
+        Command::Serve {
+            listen,
+            data_dir,
+            blobs,
+            database,
+            node_id,
+            tls_cert,
+            tls_key,
+            config,
+            insecure,
+        } => serve::run(
+            crate::config::Overrides {
+                listen,
+                data_dir,
+                blobs,
+                database,
+                node_id,
+                tls_cert,
+                tls_key,
+            },
+            config,
+            insecure,
+        ),
+        Command::Build { dir, embed_models } => commands::build(&dir, embed_models, output),
+        Command::Deploy {
+            path,
+            name,
+            sign,
+            server,
+        } => commands::deploy(&server.client()?, &path, name, sign.as_deref(), output),
+        Command::Invoke {
+            name,
+            path,
+            method,
+            headers,
+            data,
+            include,
+            server,
+        } => commands::invoke(
+            &server.client()?,
+            &commands::InvokeArgs {
+                name,
+                path,
+                method,
+                headers,
+                data,
+                include,
+            },
+            output,
+        ),
+        Command::Functions { server } => commands::functions(&server.client()?, output),
+        Command::Nodes { server } => cluster::nodes(&server.client()?, output),
+        Command::Store {
+            command:
+                StoreCommand::Copy {
+                    from,
+                    to,
+                    data_dir,
+                    blobs_from,
+                    blobs_to,
+                },
+        } => cluster::store_copy(
+            &cluster::CopyArgs {
+                from,
+                to,
+                data_dir,
+                blobs_from,
+                blobs_to,
+            },
+            output,
+        ),
+        Command::Versions { name, server } => commands::versions(&server.client()?, &name, output),
+        Command::Delete { name, yes, server } => {
+            commands::delete(&server.client()?, &name, yes, output)
+        }
+        Command::Usage {
+            function,
+            tenant,
+            since,
+            until,
+            group_by,
+            server,
+        } => {
+            let filters = [
+                ("function", function),
+                ("tenant", tenant),
+                ("since", since),
+                ("until", until),
+                ("group_by", group_by),
+            ];
+            accounts::usage(&server.client()?, &filters, output)
+        }
+        Command::Keys { command } => match command {
+            KeysCommand::Create {
+                tenant,
+                scopes,
+                rate,
+                server,
+            } => {
+                accounts::keys_create(&server.client()?, &tenant, &scopes, rate.as_deref(), output)
+            }
+            KeysCommand::List { server } => accounts::keys_list(&server.client()?, output),
+            KeysCommand::Revoke { id, server } => {
+                accounts::keys_revoke(&server.client()?, &id, output)
+            }
+        },
+        Command::Audit {
+            since,
+            until,
+            tenant,
+            action,
+            limit,
+            server,
+        } => {
+            let filters = [
+                ("since", since),
+                ("until", until),
+                ("tenant", tenant),
+                ("action", action),
+                ("limit", limit.map(|l| l.to_string())),
+            ];
+            accounts::audit(&server.client()?, &filters, output)
+        }
+        Command::Keygen { out } => accounts::keygen(&out, output),
+        Command::Completions { shell } => {
+            use clap::CommandFactory;
+            clap_complete::generate(shell, &mut Cli::command(), "kiln", &mut std::io::stdout());
+            Ok(())
+        }
+        Command::Traffic {
+            name,
+            weights,
+            sticky,
+            shadow,
+            alias,
+            server,
+        } => traffic::traffic(
+            &server.client()?,
+            &name,
+            &weights,
+            traffic::Extras {
+                sticky,
+                shadow,
+                alias,
+            },
+            output,
+        ),
+        Command::Promote {
+            name,
+            from,
+            to,
+            reason,
+            server,
+        } => traffic::promote(&server.client()?, &name, &from, &to, reason, output),
+        Command::Rollout {
+            name,
+            to,
+            steps,
+            interval,
+            min_requests,
+            max_error_rate,
+            max_p99_ratio,
+            pause,
+            resume,
+            abort,
+            reason,
+            server,
+        } => {
+            let client = server.client()?;
+            match (to, pause, resume, abort) {
+                (Some(to), ..) => {
+                    let body = serde_json::json!({
+                        "to": to,
+                        "steps": steps,
+                        "interval": interval,
+                        "min_requests": min_requests,
+                        "max_error_rate": max_error_rate,
+                        "max_p99_ratio": max_p99_ratio,
+                    });
+                    traffic::rollout_start(&client, &name, body, output)
+                }
+                (None, true, ..) => {
+                    traffic::rollout_control(&client, &name, "pause", reason, output)
+                }
+                (None, _, true, _) => {
+                    traffic::rollout_control(&client, &name, "resume", reason, output)
+                }
+                (None, _, _, true) => {
+                    traffic::rollout_control(&client, &name, "abort", reason, output)
+                }
+                _ => traffic::rollout_show(&client, &name, output),
+            }
+        }
+        Command::History { name, server } => traffic::history(&server.client()?, &name, output),
+        Command::Rollback {
+            name,
+            reason,
+            alias,
+            server,
+        } => traffic::rollback(&server.client()?, &name, reason, alias, output),
+    }
+}
