@@ -240,3 +240,41 @@ fn component_with_function(locals: u32, code: &[u8]) -> Vec<u8> {
     component.extend(&module);
     component
 }
+
+#[test]
+fn a_version_that_keeps_timing_out_sheds_load_instead_of_queueing() {
+    let server = TestServer::start();
+    server.deploy_example("slow", "hostile", "timeout_ms=300&max_concurrency=1");
+    for _ in 0..3 {
+        let a = server.get("/fn/slow/loop");
+        assert_eq!(
+            (a.status, a.error_code().as_str()),
+            (504, "function.timeout")
+        );
+    }
+    // Its one slot busy with another request that will time out, a newcomer is refused at
+    // once (it would only have waited for a slot to time out in), saying why.
+    let busy = kiln_tests::spawn_get(format!("{}/fn/slow/loop", server.url));
+    std::thread::sleep(std::time::Duration::from_millis(100));
+    let shed = server.get("/fn/slow/sandbox");
+    assert_eq!(
+        (shed.status, shed.error_code().as_str()),
+        (503, "function.overloaded"),
+        "{}",
+        shed.text()
+    );
+    assert!(shed.text().contains("timed out"), "{}", shed.text());
+    assert!(shed.header("retry-after").is_some());
+    assert_eq!(busy.join().unwrap().0, 504);
+    // A request that finds the slot free runs, and its success ends the shedding: the next
+    // newcomer waits its turn behind a busy slot again.
+    assert_eq!(server.get("/fn/slow/sandbox").status, 200);
+    let busy = kiln_tests::spawn_get(format!("{}/fn/slow/sleep?ms=150", server.url));
+    std::thread::sleep(std::time::Duration::from_millis(50));
+    assert_eq!(
+        server.get("/fn/slow/sandbox").status,
+        200,
+        "queued, then served"
+    );
+    assert_eq!(busy.join().unwrap().0, 200);
+}

@@ -137,3 +137,99 @@ fn outbound_http_is_denied_unless_allowed_and_bounded_in_time() {
         "a refused call connected"
     );
 }
+
+/// An upstream answering 503 until `healthy` is set, then 200. Returns its port.
+fn switchable(healthy: std::sync::Arc<std::sync::atomic::AtomicBool>) -> u16 {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(mut conn) = conn else { continue };
+            let healthy = healthy.clone();
+            std::thread::spawn(move || {
+                use std::io::{BufRead, Write};
+                let mut reader = std::io::BufReader::new(conn.try_clone().unwrap());
+                let mut line = String::new();
+                while reader.read_line(&mut line).is_ok_and(|n| n > 2) {
+                    line.clear();
+                }
+                let status = match healthy.load(std::sync::atomic::Ordering::SeqCst) {
+                    true => "200 OK",
+                    false => "503 Service Unavailable",
+                };
+                let _ = write!(
+                    conn,
+                    "HTTP/1.1 {status}\r\ncontent-length: 2\r\nconnection: close\r\n\r\nok"
+                );
+            });
+        }
+    });
+    port
+}
+
+#[test]
+fn a_failing_upstream_opens_the_functions_breaker_which_fails_fast_then_recovers() {
+    let healthy = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let up = switchable(healthy.clone());
+    let server = TestServer::start_with_config(
+        "[runtime]\nallow_private_outbound = true\nbreaker_failures = 3\nbreaker_cooldown_ms = 400\n",
+    );
+    let manifest = |name: &str| {
+        server.deploy_manifest(
+            name,
+            &json!({"component": server.put_blob(&std::fs::read(example("hostile")).unwrap()),
+                    "allowed_outbound_hosts": [format!("http://127.0.0.1:{up}")]}),
+        )
+    };
+    assert_eq!(manifest("caller").status, 201);
+    assert_eq!(manifest("neighbour").status, 201);
+    let call = |f: &str| {
+        server
+            .get(&format!("/fn/{f}/outbound?url=http://127.0.0.1:{up}/"))
+            .text()
+    };
+    let destination = format!("http://127.0.0.1:{up}");
+    let series = |metric: &str, f: &str| {
+        let text = server.get("/metrics").text();
+        kiln_tests::metric_sample(
+            &text,
+            &format!("{metric}{{function=\"{f}\",destination=\"{destination}\"}}"),
+        )
+    };
+    // Three 503s in a row reach the upstream; then the breaker is open and calls fail at
+    // once in the guest, with an error that names it.
+    for _ in 0..3 {
+        assert_eq!(call("caller"), "status 503\n");
+    }
+    let fast = call("caller");
+    assert!(
+        fast.contains("circuit breaker open") && fast.contains(&destination),
+        "{fast}"
+    );
+    assert_eq!(series("kiln_outbound_breaker_state", "caller"), 1.0);
+    assert_eq!(series("kiln_outbound_breaker_opened_total", "caller"), 1.0);
+    // Another function's calls to the same host are its own business.
+    assert_eq!(call("neighbour"), "status 503\n");
+
+    // The upstream recovers; after the cool-down one trial call goes through and closes it.
+    healthy.store(true, std::sync::atomic::Ordering::SeqCst);
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    assert_eq!(call("caller"), "status 200\n");
+    assert_eq!(call("caller"), "status 200\n");
+    assert_eq!(series("kiln_outbound_breaker_state", "caller"), 0.0);
+
+    // Deleted, the function's breaker series go with it.
+    assert_eq!(
+        server
+            .request("DELETE", "/v1/functions/caller", &[], b"")
+            .status,
+        200
+    );
+    assert!(
+        !server
+            .get("/metrics")
+            .text()
+            .contains("function=\"caller\""),
+        "series of a deleted function remain"
+    );
+}

@@ -78,6 +78,23 @@ pub struct App {
     /// every node (read again when other nodes' changes are applied: `kiln store copy`
     /// may replace it).
     sticky: std::sync::RwLock<crate::deploy::StickySecret>,
+    /// Circuit breakers of guests' outbound calls, per (function, destination).
+    pub breakers: Arc<crate::runtime::Breakers>,
+}
+
+/// Breaker changes into `/metrics`.
+struct BreakerMetrics(Arc<Metrics>);
+
+impl crate::runtime::BreakerEvents for BreakerMetrics {
+    fn changed(
+        &self,
+        function: &str,
+        destination: &str,
+        state: crate::runtime::BreakerState,
+        opened: bool,
+    ) {
+        self.0.breaker(function, destination, state as i64, opened);
+    }
 }
 
 /// Who deploys a version, as far as [`App::deploy`] is concerned.
@@ -174,6 +191,11 @@ impl App {
                 .context("opening the blob store")?,
         );
         let metrics = Arc::new(Metrics::new());
+        let breakers = Arc::new(crate::runtime::Breakers::new(
+            config.runtime.breaker_failures,
+            std::time::Duration::from_millis(config.runtime.breaker_cooldown_ms),
+            Box::new(BreakerMetrics(metrics.clone())),
+        ));
         let models = crate::nn::open(&config.nn, metrics.clone(), blobs.clone())?;
         if tokio::runtime::Handle::try_current().is_ok() {
             models.spawn_sweeper();
@@ -231,6 +253,7 @@ impl App {
             runtime,
             registry,
             metrics,
+            breakers,
             responses,
             inference,
             ledger,
@@ -303,7 +326,8 @@ impl App {
                         .min(rec.limits.timeout_ms),
                 ),
                 self.config.runtime.allow_private_outbound,
-            ),
+            )
+            .with_breakers(owner.clone(), self.breakers.clone()),
             Err(e) => {
                 tracing::error!(function = %rec.function, version = rec.version, "{e}");
                 Outbound::deny_all()

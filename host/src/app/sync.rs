@@ -145,6 +145,8 @@ impl App {
             }
             self.metrics.forget(name, f.versions.keys().copied());
         }
+        let destinations = self.breakers.forget(name);
+        self.metrics.forget_breakers(name, &destinations);
     }
 }
 

@@ -66,6 +66,10 @@ pub const DEFAULT_COMMIT_INTERVAL_MS: u64 = 100;
 pub const DEFAULT_SPOOL_MB: u64 = 1024;
 /// Default bound on one outbound HTTP exchange of a guest.
 pub const DEFAULT_OUTBOUND_TIMEOUT_MS: u64 = 10_000;
+/// Default consecutive failed outbound calls that open a function's breaker for a host.
+pub const DEFAULT_BREAKER_FAILURES: u32 = 5;
+/// Default time an open breaker fails calls at once before it lets a trial through.
+pub const DEFAULT_BREAKER_COOLDOWN_MS: u64 = 30_000;
 
 /// The validated server configuration.
 #[derive(Debug, Clone)]
@@ -318,6 +322,12 @@ pub struct RuntimeConfig {
     /// Let guests reach loopback, private and link-local addresses their manifest allows
     /// (off: only public addresses, whatever a manifest says).
     pub allow_private_outbound: bool,
+    /// Consecutive failed outbound calls (no connection, timeout, 5xx) of a function to
+    /// one destination that open its circuit breaker; 0 turns breakers off.
+    pub breaker_failures: u32,
+    /// How long an open breaker fails calls at once before it lets one trial through, in
+    /// milliseconds.
+    pub breaker_cooldown_ms: u64,
     /// Measure the CPU time each guest uses (thread CPU clock around its polls); on with
     /// metering.
     pub meter_guest_time: bool,
@@ -340,6 +350,8 @@ impl Default for RuntimeConfig {
             default_limits: Limits::default(),
             outbound_timeout_ms: DEFAULT_OUTBOUND_TIMEOUT_MS,
             allow_private_outbound: false,
+            breaker_failures: DEFAULT_BREAKER_FAILURES,
+            breaker_cooldown_ms: DEFAULT_BREAKER_COOLDOWN_MS,
             meter_guest_time: true,
         }
     }
@@ -403,6 +415,8 @@ pub struct RuntimeFile {
     pub queue_depth: Option<u32>,
     pub outbound_timeout_ms: Option<u64>,
     pub allow_private_outbound: Option<bool>,
+    pub breaker_failures: Option<u32>,
+    pub breaker_cooldown_ms: Option<u64>,
     pub memory_keep_resident_bytes: Option<u64>,
     pub default_timeout_ms: Option<u64>,
     pub default_memory_mb: Option<u64>,
@@ -507,6 +521,8 @@ impl ServerConfig {
                 allow_private_outbound: r
                     .allow_private_outbound
                     .unwrap_or(base.allow_private_outbound),
+                breaker_failures: r.breaker_failures.unwrap_or(base.breaker_failures),
+                breaker_cooldown_ms: r.breaker_cooldown_ms.unwrap_or(base.breaker_cooldown_ms),
                 meter_guest_time: file.metering.enabled,
             },
             nn,
@@ -536,6 +552,9 @@ impl ServerConfig {
         }
         if r.outbound_timeout_ms == 0 {
             bail!("runtime.outbound_timeout_ms must be at least 1");
+        }
+        if r.breaker_failures > 0 && r.breaker_cooldown_ms == 0 {
+            bail!("runtime.breaker_cooldown_ms must be at least 1 while breakers are on");
         }
         if r.compile_concurrency == 0 {
             bail!("runtime.compile_concurrency must be at least 1");

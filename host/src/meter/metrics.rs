@@ -18,6 +18,8 @@
 //! | `kiln_compile_duration_seconds` | histogram | |
 //! | `kiln_cache_hits_total`, `kiln_cache_misses_total`, `kiln_cache_evictions_total` | counter | cache (`response`, `inference`) |
 //! | `kiln_cache_bytes` | gauge | cache |
+//! | `kiln_outbound_breaker_state` | gauge (0 closed, 1 open, 2 half-open) | function, destination |
+//! | `kiln_outbound_breaker_opened_total` | counter | function, destination |
 //! | `kiln_ledger_records_total` | counter | |
 //! | `kiln_ledger_commit_duration_seconds` | histogram | |
 //! | `kiln_build_info` | gauge (1) | version |
@@ -25,127 +27,19 @@
 use std::sync::atomic::{AtomicI64, AtomicU64};
 use std::time::Duration;
 
-use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
+use super::metric_labels::{
+    BreakerLabels, BuildLabels, CacheLabels, DurationLabels, FunctionLabels, InferenceLabels,
+    InvocationLabels, RefusalLabels, SHADOW_RESULTS, STATUS_CLASSES, ShadowLabels,
+    ShadowSideLabels, status_class,
+};
+pub use super::outcome::Outcome;
 use crate::nn::{BackendKind, Device};
-
-/// How an invocation ended (the `outcome` label).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Outcome {
-    /// The guest answered (any status it chose).
-    Ok,
-    /// The guest answered with an error instead of a response, or with none.
-    GuestError,
-    /// Past `timeout_ms` (504).
-    Timeout,
-    /// Trapped: panic, out of memory, stack overflow (500).
-    Trap,
-    /// Refused before running: concurrency and queue full (503) or body too large (413).
-    Rejected,
-    /// The client went away before the answer was ready.
-    Cancelled,
-}
-
-impl Outcome {
-    const ALL: [Outcome; 6] = [
-        Outcome::Ok,
-        Outcome::GuestError,
-        Outcome::Timeout,
-        Outcome::Trap,
-        Outcome::Rejected,
-        Outcome::Cancelled,
-    ];
-
-    /// The label value (also the ledger's `outcome` column).
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Outcome::Ok => "ok",
-            Outcome::GuestError => "guest_error",
-            Outcome::Timeout => "timeout",
-            Outcome::Trap => "trap",
-            Outcome::Rejected => "rejected",
-            Outcome::Cancelled => "cancelled",
-        }
-    }
-
-    /// The outcome named `s` (as [`Outcome::as_str`] writes it).
-    pub fn parse(s: &str) -> Option<Outcome> {
-        Outcome::ALL.into_iter().find(|o| o.as_str() == s)
-    }
-}
-
-#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct InvocationLabels {
-    function: String,
-    version: String,
-    outcome: &'static str,
-}
-
-#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct DurationLabels {
-    function: String,
-    version: String,
-    status_class: &'static str,
-}
-
-/// The `status_class` label values, by the status's first digit (1 to 5).
-const STATUS_CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
-
-/// Index into [`STATUS_CLASSES`] of `status` (anything out of range counts as 5xx).
-fn status_class(status: u16) -> usize {
-    match status / 100 {
-        1..=5 => usize::from(status / 100 - 1),
-        _ => 4,
-    }
-}
-
-/// The `result` label values of shadow copies.
-const SHADOW_RESULTS: [&str; 3] = ["match", "mismatch", "skipped"];
-
-#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct FunctionLabels {
-    function: String,
-}
-
-#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct InferenceLabels {
-    backend: &'static str,
-    device: &'static str,
-}
-
-#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct CacheLabels {
-    cache: &'static str,
-}
-
-#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct ShadowLabels {
-    function: String,
-    version: String,
-    result: &'static str,
-}
-
-#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct ShadowSideLabels {
-    function: String,
-    version: String,
-    side: &'static str,
-}
-
-#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct BuildLabels {
-    version: &'static str,
-}
-
-#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct RefusalLabels {
-    reason: &'static str,
-}
 
 type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
 
@@ -180,6 +74,8 @@ pub struct Metrics {
     rollout_rollbacks: Family<FunctionLabels, Counter>,
     shadow: Family<ShadowLabels, Counter>,
     shadow_seconds: Family<ShadowSideLabels, Counter<f64, AtomicU64>>,
+    breaker_state: Family<BreakerLabels, Gauge>,
+    breaker_opened: Family<BreakerLabels, Counter>,
     /// Usage records committed to the ledger.
     pub ledger_records: Counter,
     /// Time of one ledger commit (a batch of records).
@@ -302,6 +198,18 @@ impl Metrics {
             "Total latency of compared requests on each side (primary, shadow): their difference over shadow_requests is the mean latency difference",
             shadow_seconds.clone(),
         );
+        let breaker_state = Family::<BreakerLabels, Gauge>::default();
+        registry.register(
+            "outbound_breaker_state",
+            "Circuit breaker of a function's outbound calls to one destination: 0 closed, 1 open (calls fail at once), 2 half-open (one trial call out); only destinations that have failed appear",
+            breaker_state.clone(),
+        );
+        let breaker_opened = Family::<BreakerLabels, Counter>::default();
+        registry.register(
+            "outbound_breaker_opened",
+            "Times a function's circuit breaker for a destination opened",
+            breaker_opened.clone(),
+        );
         let ledger_records = Counter::default();
         registry.register(
             "ledger_records",
@@ -342,6 +250,8 @@ impl Metrics {
             rollout_rollbacks,
             shadow,
             shadow_seconds,
+            breaker_state,
+            breaker_opened,
             ledger_records,
             ledger_commit,
         }
@@ -522,6 +432,31 @@ impl Metrics {
         self.coldstarts.remove(&f);
         self.rollout_steps.remove(&f);
         self.rollout_rollbacks.remove(&f);
+    }
+
+    /// Records that the circuit breaker of `function`'s calls to `destination` is now in
+    /// `state` (0 closed, 1 open, 2 half-open); `opened`: it just opened.
+    pub fn breaker(&self, function: &str, destination: &str, state: i64, opened: bool) {
+        let l = BreakerLabels {
+            function: function.to_string(),
+            destination: destination.to_string(),
+        };
+        self.breaker_state.get_or_create(&l).set(state);
+        if opened {
+            self.breaker_opened.get_or_create(&l).inc();
+        }
+    }
+
+    /// Removes the breaker series of `function` for `destinations` (it was deleted).
+    pub fn forget_breakers(&self, function: &str, destinations: &[String]) {
+        for d in destinations {
+            let l = BreakerLabels {
+                function: function.to_string(),
+                destination: d.clone(),
+            };
+            self.breaker_state.remove(&l);
+            self.breaker_opened.remove(&l);
+        }
     }
 
     /// Records one component compilation.

@@ -3,7 +3,9 @@
 //! totals and exports; [`Metrics`] serves `GET /metrics`.
 
 pub mod ledger;
+mod metric_labels;
 pub mod metrics;
+mod outcome;
 pub mod query;
 pub mod usage;
 pub mod window;

@@ -11,6 +11,7 @@
 //! A version evicted from the LRU (or not loaded since a restart) is mapped back from its
 //! compiled artifact on its next request: the cold start, a file map and no compilation.
 
+mod breaker;
 mod compile;
 mod engine;
 mod guest_log;
@@ -20,6 +21,7 @@ mod loaded;
 mod outbound;
 mod state;
 
+pub use breaker::{BreakerEvents, BreakerState, Breakers};
 pub use compile::CompileError;
 pub use engine::Runtime;
 pub use invoke::{InvokeError, InvokeOutcome, ResponseBody, Timings};

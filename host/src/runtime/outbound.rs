@@ -27,6 +27,8 @@ use http::uri::Scheme;
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::BodyExt;
 use tokio::time::{Instant, Sleep};
+
+use super::breaker::Breakers;
 use wasmtime_wasi_http::{Error, RequestOptions, WasiBody, WasiHttpHooks};
 
 /// One allowed destination.
@@ -167,6 +169,9 @@ pub struct Outbound {
     timeout: Duration,
     /// Private, loopback and link-local destinations are reachable (operator's choice).
     allow_private: bool,
+    /// The function whose guests call out, and the node's breakers they go through.
+    function: Arc<str>,
+    breakers: Arc<Breakers>,
 }
 
 impl Outbound {
@@ -176,6 +181,8 @@ impl Outbound {
             allow: Arc::from([]),
             timeout: Duration::ZERO,
             allow_private: false,
+            function: Arc::from(""),
+            breakers: Breakers::off(),
         }
     }
 
@@ -186,11 +193,21 @@ impl Outbound {
             allow: allow.into(),
             timeout,
             allow_private,
+            function: Arc::from(""),
+            breakers: Breakers::off(),
         }
     }
 
-    /// Checks a request's destination; the refusal names it.
-    fn check(&self, uri: &http::Uri) -> Result<(), String> {
+    /// The same policy, its calls going through `function`'s breakers in `breakers`.
+    pub fn with_breakers(mut self, function: Arc<str>, breakers: Arc<Breakers>) -> Self {
+        self.function = function;
+        self.breakers = breakers;
+        self
+    }
+
+    /// Checks a request's destination; returns it as `scheme://host:port`, or the refusal
+    /// that names it.
+    fn check(&self, uri: &http::Uri) -> Result<String, String> {
         let https = uri.scheme() == Some(&Scheme::HTTPS);
         let scheme = if https { "https" } else { "http" };
         let Some(authority) = uri.authority() else {
@@ -216,7 +233,7 @@ impl Outbound {
                 }
             ));
         }
-        Ok(())
+        Ok(address)
     }
 }
 
@@ -316,10 +333,17 @@ impl WasiHttpHooks for OutboundHooks {
         options: Option<RequestOptions>,
         _fut: IoFuture,
     ) -> Box<dyn Future<Output = SendResult> + Send> {
-        if let Err(why) = self.0.check(request.uri()) {
-            tracing::debug!(uri = %request.uri(), "guest outbound request denied");
-            return Box::new(async move { Err(Error::InternalError(Some(why))) });
-        }
+        let permit = self
+            .0
+            .check(request.uri())
+            .and_then(|destination| self.0.breakers.admit(&self.0.function, &destination));
+        let permit = match permit {
+            Ok(p) => p,
+            Err(why) => {
+                tracing::debug!(uri = %request.uri(), "guest outbound request refused: {why}");
+                return Box::new(async move { Err(Error::InternalError(Some(why))) });
+            }
+        };
         let allow_private = self.0.allow_private;
         let timeout = self.0.timeout;
         let deadline = Instant::now() + timeout;
@@ -337,9 +361,16 @@ impl WasiHttpHooks for OutboundHooks {
                     .map_err(|why| Error::InternalError(Some(why)))?;
                 wasmtime_wasi_http::default_send_request(request, Some(options)).await
             };
-            let (resp, io) = tokio::time::timeout_at(deadline, send)
+            let sent = tokio::time::timeout_at(deadline, send)
                 .await
-                .map_err(|_| Error::HttpResponseTimeout)??;
+                .map_err(|_| Error::HttpResponseTimeout)
+                .and_then(|r| r);
+            // The breaker judges by the answer's head: none, or a 5xx, is a failure.
+            permit.done(
+                sent.as_ref()
+                    .is_ok_and(|(r, _)| !r.status().is_server_error()),
+            );
+            let (resp, io) = sent?;
             let resp = resp.map(|body| {
                 Deadline {
                     inner: body.boxed_unsync(),

@@ -95,6 +95,9 @@ impl Usage {
                 outcome,
                 Outcome::Trap | Outcome::Timeout | Outcome::GuestError
             );
+        if !hit && !self.shadow && !matches!(outcome, Outcome::Rejected | Outcome::Cancelled) {
+            self.entry.admission.observe(outcome == Outcome::Timeout);
+        }
         if !self.shadow {
             let window = match self.routed {
                 true => &self.entry.routed,
