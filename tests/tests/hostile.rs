@@ -278,3 +278,27 @@ fn a_version_that_keeps_timing_out_sheds_load_instead_of_queueing() {
     );
     assert_eq!(busy.join().unwrap().0, 200);
 }
+
+#[test]
+fn guests_in_endless_loops_never_keep_other_functions_waiting() {
+    let server = TestServer::start();
+    server.deploy_example("spinner", "hostile", "timeout_ms=4000&max_concurrency=8");
+    server.deploy_example("hello", "hello", "");
+    // More looping guests than the server has worker threads (one per core)...
+    let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
+    let loops: Vec<_> = (0..cores * 2)
+        .map(|_| kiln_tests::spawn_get(format!("{}/fn/spinner/loop", server.url)))
+        .collect();
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    // ...and another function still answers while every one of them is running.
+    for _ in 0..5 {
+        assert_eq!(server.get("/fn/hello/").status, 200);
+    }
+    assert!(
+        loops.iter().all(|l| !l.is_finished()),
+        "the loops ended before hello was served: they held the workers"
+    );
+    for l in loops {
+        assert_eq!(l.join().unwrap().0, 504);
+    }
+}

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http_body::Body;
-use wasmtime::{Store, Trap};
+use wasmtime::{Store, Trap, UpdateDeadline};
 use wasmtime_wasi_http::WasiHttpView;
 use wasmtime_wasi_http::p2::bindings::http::types::Scheme;
 
@@ -104,8 +104,22 @@ impl Runtime {
         );
         store.limiter(|s| &mut s.limits);
         let cpu = self.config.meter_guest_time.then(|| timings.usage.clone());
-        store.set_epoch_deadline(timeout_ms.div_ceil(EPOCH_TICK.as_millis() as u64) + 1);
-        store.epoch_deadline_trap();
+        // Every epoch tick the guest yields to the executor: a guest in a busy loop holds
+        // its worker thread for one tick at most, never for its whole timeout (on a node
+        // with as many looping guests as cores, nobody else would be served). The
+        // deadline itself is the timer around the call; the tick count is its backstop.
+        let ticks = timeout_ms.div_ceil(EPOCH_TICK.as_millis() as u64) + 1;
+        let mut ticked = 0u64;
+        store.set_epoch_deadline(1);
+        store.epoch_deadline_callback(move |_| {
+            ticked += 1;
+            Ok(match ticked > ticks {
+                true => UpdateDeadline::Interrupt,
+                // tokio's own yield: the task goes behind every other ready one (a plain
+                // wake would put it back in the worker's next-to-run slot).
+                false => UpdateDeadline::YieldCustom(1, Box::pin(tokio::task::yield_now())),
+            })
+        });
 
         let (tx, rx) = tokio::sync::oneshot::channel();
         let (req, out) = {
