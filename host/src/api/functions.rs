@@ -360,14 +360,17 @@ pub(super) async fn create_version(
         .function(name)
         .map_or_else(|| tenant.clone(), |f| f.owner.to_string());
     let trust = app.config.auth.trust(&owner);
-    let upload = match idempotency::key_of(req.headers()).and_then(|_| precheck(name, &req)) {
-        Ok(Upload::Wasm(..)) if req.headers().contains_key(signing::SIGNATURE_HEADER) => {
+    let checked = idempotency::key_of(req.headers()).and_then(|k| Ok((precheck(name, &req)?, k)));
+    let checked = match checked {
+        Ok((Upload::Wasm(..), _)) if req.headers().contains_key(signing::SIGNATURE_HEADER) => {
             Err(SignError::BareUpload.into())
         }
-        Ok(Upload::Wasm(..)) if trust.required() => Err(SignError::Unsigned(owner.clone()).into()),
+        Ok((Upload::Wasm(..), _)) if trust.required() => {
+            Err(SignError::Unsigned(owner.clone()).into())
+        }
         other => other,
     };
-    let upload = match upload {
+    let (upload, idempotency_key) = match checked {
         Ok(u) => u,
         Err(e) => {
             // Read (and drop) the rest of a modest body so the client, still sending, sees
@@ -376,8 +379,6 @@ pub(super) async fn create_version(
             return Err(e);
         }
     };
-    // Checked with the precheck above.
-    let idempotency_key = idempotency::key_of(req.headers())?;
     let query = req.uri().query().unwrap_or("").to_string();
     let mut signer = None;
     let mut signed_at = None;

@@ -308,17 +308,21 @@ pub fn invoke(client: &Client, args: &InvokeArgs, output: Output) -> anyhow::Res
         }
         eprintln!();
     }
-    let bytes = resp
-        .body_mut()
-        .with_config()
-        .limit(u64::MAX)
-        .read_to_vec()
-        .context("reading the response")?;
+    let bytes = read_all(&mut resp)?;
     std::io::stdout().write_all(&bytes)?;
     if !status.is_success() {
         bail!("the function answered HTTP {}", status.as_u16());
     }
     Ok(())
+}
+
+/// A function's whole answer (it may be large: no limit but the client's patience).
+fn read_all(resp: &mut http::Response<ureq::Body>) -> anyhow::Result<Vec<u8>> {
+    resp.body_mut()
+        .with_config()
+        .limit(u64::MAX)
+        .read_to_vec()
+        .context("reading the response")
 }
 
 /// `kiln invoke --output json`: the function's answer as `{"status", "headers", "body"}`
@@ -331,12 +335,7 @@ fn invoke_json(mut resp: http::Response<ureq::Body>) -> anyhow::Result<()> {
     for (k, v) in resp.headers() {
         headers.insert(k.to_string(), v.to_str().unwrap_or("<binary>").into());
     }
-    let bytes = resp
-        .body_mut()
-        .with_config()
-        .limit(u64::MAX)
-        .read_to_vec()
-        .context("reading the response")?;
+    let bytes = read_all(&mut resp)?;
     let mut v = json!({"status": status.as_u16(), "headers": headers});
     match String::from_utf8(bytes) {
         Ok(text) => v["body"] = text.into(),

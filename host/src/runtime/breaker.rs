@@ -192,9 +192,8 @@ impl Breakers {
     /// The state of `function`'s breaker for `destination`.
     pub fn state(&self, function: &str, destination: &str) -> BreakerState {
         self.lock()
-            .iter()
-            .find(|((f, d), _)| &**f == function && d == destination)
-            .map_or(BreakerState::Closed, |(_, b)| b.state)
+            .get(&(Arc::from(function), destination.to_string()))
+            .map_or(BreakerState::Closed, |b| b.state)
     }
 
     /// Drops every breaker of `function` (deleted); returns their destinations.
