@@ -42,10 +42,12 @@ pub const DEFAULT_QUEUE_DEPTH: u32 = 64;
 pub const DEFAULT_HEADER_TIMEOUT_MS: u64 = 10_000;
 /// Default time in-flight requests get to finish on shutdown, in milliseconds.
 pub const DEFAULT_DRAIN_TIMEOUT_MS: u64 = 30_000;
-/// Default bytes of linear memory reset with `memset` instead of `madvise` when an instance
-/// slot is reused. 0: a Rust guest's touched pages sit above its 1 MiB shadow stack, so a
-/// memset large enough to cover them cost more than the page faults it saved (BENCHMARKS.md).
-pub const DEFAULT_MEMORY_KEEP_RESIDENT_BYTES: u64 = 0;
+/// Default bytes of each linear memory slot kept resident between instances: the pages the
+/// last instance touched within it are found with `PAGEMAP_SCAN` and copied back from the
+/// image, instead of `madvise` and a page fault per page on the next request. 2 MiB covers
+/// a Rust guest's 1 MiB shadow stack and its heap; larger measured no better (BENCHMARKS.md).
+/// It bounds what a warm slot keeps: at most this much per unused warm slot.
+pub const DEFAULT_MEMORY_KEEP_RESIDENT_BYTES: u64 = 2 << 20;
 
 /// Default time an unused model stays loaded, in milliseconds (10 minutes).
 pub const DEFAULT_MODEL_IDLE_UNLOAD_MS: u64 = 600_000;
@@ -312,7 +314,8 @@ pub struct RuntimeConfig {
     pub compile_concurrency: usize,
     /// Requests that may queue for a busy function before it answers 503.
     pub queue_depth: u32,
-    /// Bytes of each memory slot reset by memset rather than madvise on reuse.
+    /// Bytes of each memory slot kept resident and reset in place (the touched pages only)
+    /// rather than decommitted on reuse.
     pub memory_keep_resident_bytes: u64,
     /// Limits a version gets when its manifest names none.
     pub default_limits: Limits,
@@ -513,9 +516,11 @@ impl ServerConfig {
                 max_component_bytes: r.max_component_bytes.unwrap_or(base.max_component_bytes),
                 compile_concurrency: r.compile_concurrency.unwrap_or(base.compile_concurrency),
                 queue_depth: r.queue_depth.unwrap_or(base.queue_depth),
-                memory_keep_resident_bytes: r
-                    .memory_keep_resident_bytes
-                    .unwrap_or(base.memory_keep_resident_bytes),
+                // The default never exceeds a small memory ceiling; an explicit value must fit.
+                memory_keep_resident_bytes: r.memory_keep_resident_bytes.unwrap_or(
+                    base.memory_keep_resident_bytes
+                        .min(r.max_memory_mb.unwrap_or(base.max_memory_mb) << 20),
+                ),
                 default_limits,
                 outbound_timeout_ms: r.outbound_timeout_ms.unwrap_or(base.outbound_timeout_ms),
                 allow_private_outbound: r

@@ -133,6 +133,12 @@ fn engine_config(rt: &RuntimeConfig) -> Config {
         .table_elements(super::state::MAX_TABLE_ELEMENTS)
         .linear_memory_keep_resident(rt.memory_keep_resident_bytes as usize)
         .table_keep_resident(64 * 1024);
+    // Reset a slot by scanning which of its pages the last instance touched (Linux 6.7+
+    // PAGEMAP_SCAN) and copying back only those, up to the keep-resident bound; the rest is
+    // decommitted. No page faults on the next request and no madvise for a guest that stays
+    // within the bound (BENCHMARKS.md). Where the ioctl is missing, wasmtime falls back to
+    // madvise.
+    pool.pagemap_scan(wasmtime::Enabled::Auto);
 
     let mut config = Config::new();
     config
