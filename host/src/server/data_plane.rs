@@ -438,7 +438,8 @@ fn server_timing(t: Option<&Timings>, cache: Option<(CacheStatus, Duration)>) ->
         }
         out.push_str(name);
         if let Some(d) = dur {
-            let us = d.as_micros();
+            // Rounded to the microsecond, as `{:.3}` of the milliseconds was.
+            let us = (d.as_nanos() + 500) / 1000;
             let _ = write!(out, ";dur={}.{:03}", us / 1000, us % 1000);
         }
         if let Some(desc) = desc {
