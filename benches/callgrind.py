@@ -44,8 +44,8 @@ STAGES = [
 ]
 # Exclusive costs summed over function families.
 FAMILIES = [
-    ("malloc/free/realloc (libc)", r"^(malloc|free|realloc|calloc|_int_malloc|_int_free|malloc_consolidate|"
-                                   r"_int_realloc|cfree|__libc_malloc|__libc_free|__libc_realloc|"
+    ("malloc/free/realloc (libc)", r"^(malloc|free|realloc|calloc|_int_malloc|_int_free.*|malloc_consolidate|"
+                                   r"_int_realloc|cfree.*|__libc_.*(alloc|free)|"
                                    r"unlink_chunk.*|tcache.*)$"),
     ("memcpy/memmove/memset (libc)", r"^(__)?mem(cpy|move|set).*$"),
     ("JIT-compiled guest code", r"^0x[0-9a-f]+$"),
@@ -91,14 +91,17 @@ def load(n, conc, request):
     errors = []
 
     def worker(k):
-        c = http.client.HTTPConnection("127.0.0.1", PORT, timeout=300)
-        for _ in range(k):
-            c.request(method, path, body=body, headers=headers)
-            r = c.getresponse()
-            r.read()
-            if r.status != 200:
-                errors.append(r.status)
-        c.close()
+        try:
+            c = http.client.HTTPConnection("127.0.0.1", PORT, timeout=300)
+            for _ in range(k):
+                c.request(method, path, body=body, headers=headers)
+                r = c.getresponse()
+                r.read()
+                if r.status != 200:
+                    errors.append(r.status)
+            c.close()
+        except Exception as e:  # a lost request would skew the per-request figures
+            errors.append(repr(e))
 
     threads = [threading.Thread(target=worker, args=(k,)) for k in counts]
     for t in threads:
@@ -106,7 +109,7 @@ def load(n, conc, request):
     for t in threads:
         t.join()
     if errors:
-        raise RuntimeError(f"{len(errors)} requests failed: {sorted(set(errors))}")
+        raise RuntimeError(f"{len(errors)} requests failed: {sorted(set(map(str, errors)))}")
 
 
 def annotate(path):
@@ -121,12 +124,14 @@ def annotate(path):
             # `name'2` is a recursive (or fiber-crossing) activation: counted in the first.
             if m and not re.search(r"'\d+$", m.group(2)):
                 rows.setdefault(m.group(2), int(m.group(1).replace(",", "")))
-            t = re.match(r"^\s*([\d,]+) \(100\.0%\)\s+PROGRAM TOTALS", line)
+            t = re.match(r"^\s*([\d,]+)(?: \([^)]*\))?\s+PROGRAM TOTALS", line)
             if t:
                 total = int(t.group(1).replace(",", ""))
         return total, rows
     total, incl = table(True)
     _, excl = table(False)
+    if not total:
+        sys.exit(f"no PROGRAM TOTALS in callgrind_annotate's output for {path}")
     return total, incl, excl
 
 
@@ -171,7 +176,8 @@ def run(args):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--requests", type=int, default=2000)
+    ap.add_argument("--requests", type=int, help="requests measured (default 2000; with --from, "
+                    "the number the file was recorded with: required)")
     # valgrind refuses the pooling allocator's reservation beyond ~6 instances (4 GiB of address
     # space and a guard per memory), so the server here runs a small pool: few connections.
     ap.add_argument("--conc", type=int, default=4, choices=range(1, 7))
@@ -181,6 +187,10 @@ def main():
     ap.add_argument("--from", dest="source", help="analyse this callgrind file (from --keep) instead")
     ap.add_argument("--top", type=int, default=30, help="also list the N costliest functions")
     args = ap.parse_args()
+    if args.requests is None:
+        if args.source:
+            ap.error("--from needs --requests: the number of requests the file counted")
+        args.requests = 2000
 
     if args.source:
         path, took, tmp = args.source, 0.0, None

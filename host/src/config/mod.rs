@@ -42,13 +42,6 @@ pub const DEFAULT_QUEUE_DEPTH: u32 = 64;
 pub const DEFAULT_HEADER_TIMEOUT_MS: u64 = 10_000;
 /// Default time in-flight requests get to finish on shutdown, in milliseconds.
 pub const DEFAULT_DRAIN_TIMEOUT_MS: u64 = 30_000;
-/// Default bytes of each linear memory slot kept resident between instances: the pages the
-/// last instance touched within it are found with `PAGEMAP_SCAN` and copied back from the
-/// image, instead of `madvise` and a page fault per page on the next request. 2 MiB covers
-/// a Rust guest's 1 MiB shadow stack and its heap; larger measured no better (BENCHMARKS.md).
-/// It bounds what a warm slot keeps: at most this much per unused warm slot.
-pub const DEFAULT_MEMORY_KEEP_RESIDENT_BYTES: u64 = 2 << 20;
-
 /// Default time an unused model stays loaded, in milliseconds (10 minutes).
 pub const DEFAULT_MODEL_IDLE_UNLOAD_MS: u64 = 600_000;
 /// Default bound on the estimated memory of all loaded models, in MiB.
@@ -314,9 +307,10 @@ pub struct RuntimeConfig {
     pub compile_concurrency: usize,
     /// Requests that may queue for a busy function before it answers 503.
     pub queue_depth: u32,
-    /// Bytes of each memory slot kept resident and reset in place (the touched pages only)
-    /// rather than decommitted on reuse.
-    pub memory_keep_resident_bytes: u64,
+    /// Bytes of each memory slot kept resident on reuse rather than decommitted; `None`:
+    /// the runtime decides, from whether a slot can be reset in place on this host
+    /// (`runtime::engine`).
+    pub memory_keep_resident_bytes: Option<u64>,
     /// Limits a version gets when its manifest names none.
     pub default_limits: Limits,
     /// Longest a guest's outbound HTTP exchange may take (connect to last byte), in
@@ -349,7 +343,7 @@ impl Default for RuntimeConfig {
                 .map(|n| n.get())
                 .unwrap_or(1),
             queue_depth: DEFAULT_QUEUE_DEPTH,
-            memory_keep_resident_bytes: DEFAULT_MEMORY_KEEP_RESIDENT_BYTES,
+            memory_keep_resident_bytes: None,
             default_limits: Limits::default(),
             outbound_timeout_ms: DEFAULT_OUTBOUND_TIMEOUT_MS,
             allow_private_outbound: false,
@@ -516,11 +510,9 @@ impl ServerConfig {
                 max_component_bytes: r.max_component_bytes.unwrap_or(base.max_component_bytes),
                 compile_concurrency: r.compile_concurrency.unwrap_or(base.compile_concurrency),
                 queue_depth: r.queue_depth.unwrap_or(base.queue_depth),
-                // The default never exceeds a small memory ceiling; an explicit value must fit.
-                memory_keep_resident_bytes: r.memory_keep_resident_bytes.unwrap_or(
-                    base.memory_keep_resident_bytes
-                        .min(r.max_memory_mb.unwrap_or(base.max_memory_mb) << 20),
-                ),
+                memory_keep_resident_bytes: r
+                    .memory_keep_resident_bytes
+                    .or(base.memory_keep_resident_bytes),
                 default_limits,
                 outbound_timeout_ms: r.outbound_timeout_ms.unwrap_or(base.outbound_timeout_ms),
                 allow_private_outbound: r
@@ -568,7 +560,9 @@ impl ServerConfig {
             bail!("max_body_bytes and max_upload_bytes must be at least 1");
         }
         self.server.validate(self.max_body_bytes)?;
-        if r.memory_keep_resident_bytes > r.max_memory_mb << 20 {
+        if r.memory_keep_resident_bytes
+            .is_some_and(|k| k > r.max_memory_mb << 20)
+        {
             bail!("runtime.memory_keep_resident_bytes exceeds runtime.max_memory_mb");
         }
         let n = &self.nn;
@@ -635,5 +629,23 @@ mod tests {
         )
         .expect_err("must fail");
         assert!(format!("{err:#}").contains("nope"));
+    }
+
+    #[test]
+    fn keep_resident_is_unset_by_default_and_an_explicit_one_must_fit_the_memory_ceiling() {
+        let resolve = |toml: &str| {
+            let file: ConfigFile = toml::from_str(toml).expect("parse");
+            ServerConfig::resolve(file, Overrides::default())
+        };
+        let small =
+            resolve("[runtime]\nmax_memory_mb = 1\ndefault_memory_mb = 1\n").expect("valid");
+        assert_eq!(small.runtime.memory_keep_resident_bytes, None);
+        let err = resolve(
+            "[runtime]\nmax_memory_mb = 1\ndefault_memory_mb = 1\nmemory_keep_resident_bytes = 2097152\n",
+        )
+            .expect_err("larger than the ceiling");
+        assert!(format!("{err:#}").contains("memory_keep_resident_bytes"));
+        let fits = resolve("[runtime]\nmemory_keep_resident_bytes = 0\n").expect("valid");
+        assert_eq!(fits.runtime.memory_keep_resident_bytes, Some(0));
     }
 }

@@ -131,14 +131,13 @@ fn engine_config(rt: &RuntimeConfig) -> Config {
         .total_stacks(n)
         .max_memory_size((rt.max_memory_mb as usize) << 20)
         .table_elements(super::state::MAX_TABLE_ELEMENTS)
-        .linear_memory_keep_resident(rt.memory_keep_resident_bytes as usize)
         .table_keep_resident(64 * 1024);
-    // Reset a slot by scanning which of its pages the last instance touched (Linux 6.7+
-    // PAGEMAP_SCAN) and copying back only those, up to the keep-resident bound; the rest is
-    // decommitted. No page faults on the next request and no madvise for a guest that stays
-    // within the bound (BENCHMARKS.md). Where the ioctl is missing, wasmtime falls back to
-    // madvise.
-    pool.pagemap_scan(wasmtime::Enabled::Auto);
+    let in_place = reset_in_place();
+    pool.linear_memory_keep_resident(keep_resident(rt, in_place))
+        .pagemap_scan(match in_place {
+            true => wasmtime::Enabled::Yes,
+            false => wasmtime::Enabled::No,
+        });
 
     let mut config = Config::new();
     config
@@ -149,6 +148,34 @@ fn engine_config(rt: &RuntimeConfig) -> Config {
         .async_stack_size(ASYNC_STACK)
         .allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
     config
+}
+
+/// Bytes of each memory slot kept resident when slots are reset in place: a Rust guest's
+/// 1 MiB shadow stack and its heap; 16 MiB measured no better (BENCHMARKS.md). Up to this
+/// much stays resident per memory slot ever used (`2 * max_instances` slots).
+const IN_PLACE_KEEP_RESIDENT: usize = 2 << 20;
+
+/// Whether slots can be reset in place here: the pages the last instance touched are found
+/// with `PAGEMAP_SCAN` (Linux 6.7+) and copied back from the image, instead of `madvise` and
+/// a page fault per page on the next request. Only without swap: the scan sees written
+/// pages only while they are present, so one swapped out during a request would survive
+/// into the next instance in the slot (wasmtime issue #14357). Unknown swap counts as swap.
+fn reset_in_place() -> bool {
+    let no_swap = std::fs::read_to_string("/proc/swaps")
+        .is_ok_and(|swaps| swaps.lines().skip(1).all(|l| l.trim().is_empty()));
+    no_swap && PoolingAllocationConfig::is_pagemap_scan_available()
+}
+
+/// Bytes of each memory slot kept resident: the configured value, else
+/// [`IN_PLACE_KEEP_RESIDENT`] (within the memory ceiling) where slots are reset in place.
+fn keep_resident(rt: &RuntimeConfig, in_place: bool) -> usize {
+    match (rt.memory_keep_resident_bytes, in_place) {
+        (Some(bytes), _) => bytes as usize,
+        (None, true) => IN_PLACE_KEEP_RESIDENT.min((rt.max_memory_mb as usize) << 20),
+        // Without the scan, keeping memory resident means a memset of the whole prefix
+        // on every reset, which cost more than the page faults it saved (BENCHMARKS.md).
+        (None, false) => 0,
+    }
 }
 
 fn spawn_epoch_ticker(engine: Engine, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
@@ -162,4 +189,21 @@ fn spawn_epoch_ticker(engine: Engine, stop: Arc<AtomicBool>) -> anyhow::Result<(
         })
         .context("starting the epoch ticker thread")?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn memory_is_kept_resident_only_where_slots_reset_in_place_unless_configured() {
+        let mut rt = RuntimeConfig::default();
+        assert_eq!(keep_resident(&rt, true), 2 << 20);
+        assert_eq!(keep_resident(&rt, false), 0);
+        rt.max_memory_mb = 1;
+        assert_eq!(keep_resident(&rt, true), 1 << 20);
+        rt.memory_keep_resident_bytes = Some(64 << 10);
+        assert_eq!(keep_resident(&rt, true), 64 << 10);
+        assert_eq!(keep_resident(&rt, false), 64 << 10);
+    }
 }

@@ -438,7 +438,8 @@ fn server_timing(t: Option<&Timings>, cache: Option<(CacheStatus, Duration)>) ->
         }
         out.push_str(name);
         if let Some(d) = dur {
-            // Rounded to the microsecond, as `{:.3}` of the milliseconds was.
+            // Rounded half up to the microsecond (`{:.3}` of the milliseconds was the same
+            // but at exact half-microseconds, where it followed the float).
             let us = (d.as_nanos() + 500) / 1000;
             let _ = write!(out, ";dur={}.{:03}", us / 1000, us % 1000);
         }
@@ -518,5 +519,10 @@ mod tests {
              inference;dur=0.007;desc=\"cpu\", inference-cache;desc=\"hit\""
         );
         assert_eq!(server_timing(None, None), "");
+        // Rounded to the microsecond, not truncated.
+        let at = |ns| server_timing(None, Some((CacheStatus::Hit, Duration::from_nanos(ns))));
+        assert_eq!(at(1_499), "cache;dur=0.001;desc=\"hit\"");
+        assert_eq!(at(1_501), "cache;dur=0.002;desc=\"hit\"");
+        assert_eq!(at(999_999), "cache;dur=1.000;desc=\"hit\"");
     }
 }
