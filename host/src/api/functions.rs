@@ -5,7 +5,6 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use http::{Request, Response, StatusCode, header};
-use hyper::body::Incoming;
 use serde::{Deserialize, Serialize};
 
 use super::idempotency::{self, Begun};
@@ -187,7 +186,7 @@ fn function(app: &App, name: &str) -> Result<Arc<FunctionEntry>, ApiError> {
 pub(super) fn list(
     app: &Arc<App>,
     caller: &Caller,
-    req: &Request<Incoming>,
+    req: &Request<Body>,
 ) -> Result<Response<Body>, ApiError> {
     let paging = Paging::parse("functions", MAX_PAGE, req.uri().query().unwrap_or(""))?;
     let base = base_url(app, req);
@@ -250,7 +249,7 @@ pub(super) fn clear_cache(app: &Arc<App>, name: &str) -> Result<Response<Body>, 
 pub(super) fn versions(
     app: &Arc<App>,
     name: &str,
-    req: &Request<Incoming>,
+    req: &Request<Body>,
 ) -> Result<Response<Body>, ApiError> {
     let paging = Paging::parse("versions", MAX_PAGE, req.uri().query().unwrap_or(""))?;
     let f = function(app, name)?;
@@ -270,7 +269,7 @@ pub(super) fn version(
     app: &Arc<App>,
     name: &str,
     v: &str,
-    req: &Request<Incoming>,
+    req: &Request<Body>,
 ) -> Result<Response<Body>, ApiError> {
     let n: u32 = v.parse().map_err(|_| {
         ApiError::InvalidRequest(format!("invalid version {v:?}: expected a number"))
@@ -349,7 +348,7 @@ fn precheck<B>(name: &str, req: &Request<B>) -> Result<Upload, ApiError> {
 pub(super) async fn create_version(
     app: &Arc<App>,
     name: &str,
-    req: Request<Incoming>,
+    req: Request<Body>,
     caller: &Caller,
 ) -> Result<Response<Body>, ApiError> {
     let base = base_url(app, &req);
@@ -395,7 +394,7 @@ pub(super) async fn create_version(
             app.meta.add_blob_owner(&digest, &tenant).await?;
             request = vec![
                 b"wasm".to_vec(),
-                query.into_bytes(),
+                idempotency::canonical_query(&query),
                 digest.to_string().into_bytes(),
             ];
             (digest, spec, NnSpec::default(), cache, public)
@@ -411,7 +410,7 @@ pub(super) async fn create_version(
             };
             request = vec![
                 b"manifest".to_vec(),
-                body.to_vec(),
+                idempotency::canonical_json(&body),
                 signature(signing::SIGNER_HEADER),
                 signature(signing::SIGNATURE_HEADER),
             ];

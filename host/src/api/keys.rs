@@ -4,7 +4,6 @@
 use std::sync::Arc;
 
 use http::{Request, Response, StatusCode};
-use hyper::body::Incoming;
 
 use super::idempotency::{self, Begun};
 use super::page::Paging;
@@ -24,7 +23,7 @@ fn key_json(k: &ApiKey) -> serde_json::Value {
 /// `Idempotency-Key`.
 pub(super) async fn create(
     app: &Arc<App>,
-    req: Request<Incoming>,
+    req: Request<Body>,
     caller: &Caller,
 ) -> Result<Response<Body>, ApiError> {
     let idempotency_key = match idempotency::key_of(req.headers()) {
@@ -36,7 +35,8 @@ pub(super) async fn create(
     };
     let body =
         super::read_small_body(req.into_body(), MAX_KEY_REQUEST_BYTES, "key request").await?;
-    let parts: [&[u8]; 1] = [&body];
+    let canonical = idempotency::canonical_json(&body);
+    let parts: [&[u8]; 1] = [&canonical];
     let claimed =
         match idempotency::begin(app, caller, "key.create", "", idempotency_key, &parts).await? {
             Begun::Replay(resp) => return Ok(resp),

@@ -7,6 +7,11 @@
 //! learns that it is in progress. The winner stores its answer when it succeeds, or gives
 //! the claim up when it fails, so a retry of a failed request runs again. A claim whose
 //! request never finished (its node died) is taken over after [`ABANDONED_AFTER_MS`].
+//!
+//! Each claim carries a random token that its own request presents to finish or give it
+//! up: a request that outlived its claim (taken over as abandoned) can neither write its
+//! answer over the new claim's nor delete it. On PostgreSQL the database's clock dates
+//! claims, so nodes whose clocks disagree still agree on which claims are abandoned.
 
 use rusqlite::{OptionalExtension, params};
 
@@ -56,30 +61,41 @@ fn judge(fingerprint: &str, row: (String, Option<i64>, Option<String>, Option<Ve
 }
 
 impl MetaStore {
-    /// Claims `key` within `scope` for a request whose content hashes to `fingerprint`.
+    /// Claims `key` within `scope` for a request whose content hashes to `fingerprint`,
+    /// under `token` (random, the request's own). `at` dates the claim in unix ms; `None`
+    /// takes the store's clock (the database's, on PostgreSQL).
     pub async fn idempotency_claim(
         &self,
         scope: &str,
         key: &str,
         fingerprint: &str,
-        now_ms: i64,
+        token: &str,
+        at: Option<i64>,
     ) -> anyhow::Result<Claim> {
-        on_backend!(self.idempotency_claim(scope, key, fingerprint, now_ms))
+        on_backend!(self.idempotency_claim(scope, key, fingerprint, token, at))
     }
 
-    /// Stores the answer of the request that claimed `key`.
+    /// Stores the answer of the request that claimed `key` with `token`; `false` when the
+    /// claim is no longer that request's (taken over as abandoned).
     pub async fn idempotency_finish(
         &self,
         scope: &str,
         key: &str,
+        token: &str,
         answer: &StoredAnswer,
-    ) -> anyhow::Result<()> {
-        on_backend!(self.idempotency_finish(scope, key, answer))
+    ) -> anyhow::Result<bool> {
+        on_backend!(self.idempotency_finish(scope, key, token, answer))
     }
 
-    /// Gives up the claim of a request that failed: a retry runs again.
-    pub async fn idempotency_release(&self, scope: &str, key: &str) -> anyhow::Result<()> {
-        on_backend!(self.idempotency_release(scope, key))
+    /// Gives up the claim `token` holds, for a request that failed: a retry runs again.
+    /// `false` when the claim is no longer that request's.
+    pub async fn idempotency_release(
+        &self,
+        scope: &str,
+        key: &str,
+        token: &str,
+    ) -> anyhow::Result<bool> {
+        on_backend!(self.idempotency_release(scope, key, token))
     }
 }
 
@@ -89,8 +105,10 @@ impl SqliteMeta {
         scope: &str,
         key: &str,
         fingerprint: &str,
-        now_ms: i64,
+        token: &str,
+        at: Option<i64>,
     ) -> anyhow::Result<Claim> {
+        let now_ms = at.unwrap_or_else(crate::unix_ms);
         let mut conn = self.conn();
         let tx = conn.transaction()?;
         tx.execute(
@@ -99,9 +117,9 @@ impl SqliteMeta {
             params![now_ms - KEEP_MS, now_ms - ABANDONED_AFTER_MS],
         )?;
         let claimed = tx.execute(
-            "INSERT OR IGNORE INTO idempotency (scope, key, fingerprint, created_ms)
-             VALUES (?1, ?2, ?3, ?4)",
-            params![scope, key, fingerprint, now_ms],
+            "INSERT OR IGNORE INTO idempotency (scope, key, fingerprint, created_ms, token)
+             VALUES (?1, ?2, ?3, ?4, ?5)",
+            params![scope, key, fingerprint, now_ms, token],
         )? == 1;
         let claim = if claimed {
             Claim::New
@@ -124,22 +142,31 @@ impl SqliteMeta {
         &self,
         scope: &str,
         key: &str,
+        token: &str,
         answer: &StoredAnswer,
-    ) -> anyhow::Result<()> {
-        self.conn().execute(
-            "UPDATE idempotency SET status = ?3, location = ?4, body = ?5
-             WHERE scope = ?1 AND key = ?2",
-            params![scope, key, answer.status, answer.location, answer.body],
+    ) -> anyhow::Result<bool> {
+        let changed = self.conn().execute(
+            "UPDATE idempotency SET status = ?4, location = ?5, body = ?6
+             WHERE scope = ?1 AND key = ?2 AND token = ?3 AND status IS NULL",
+            params![
+                scope,
+                key,
+                token,
+                answer.status,
+                answer.location,
+                answer.body
+            ],
         )?;
-        Ok(())
+        Ok(changed == 1)
     }
 
-    pub fn idempotency_release(&self, scope: &str, key: &str) -> anyhow::Result<()> {
-        self.conn().execute(
-            "DELETE FROM idempotency WHERE scope = ?1 AND key = ?2 AND status IS NULL",
-            params![scope, key],
+    pub fn idempotency_release(&self, scope: &str, key: &str, token: &str) -> anyhow::Result<bool> {
+        let changed = self.conn().execute(
+            "DELETE FROM idempotency
+             WHERE scope = ?1 AND key = ?2 AND token = ?3 AND status IS NULL",
+            params![scope, key, token],
         )?;
-        Ok(())
+        Ok(changed == 1)
     }
 }
 
@@ -149,9 +176,21 @@ impl PgMeta {
         scope: &str,
         key: &str,
         fingerprint: &str,
-        now_ms: i64,
+        token: &str,
+        at: Option<i64>,
     ) -> anyhow::Result<Claim> {
         let client = self.client().await?;
+        // One clock for every node: the database's.
+        let now_ms: i64 = match at {
+            Some(at) => at,
+            None => client
+                .query_one(
+                    "SELECT (extract(epoch FROM clock_timestamp()) * 1000)::bigint",
+                    &[],
+                )
+                .await?
+                .get(0),
+        };
         client
             .execute(
                 "DELETE FROM idempotency WHERE created_ms < $1
@@ -161,9 +200,9 @@ impl PgMeta {
             .await?;
         let claimed = client
             .execute(
-                "INSERT INTO idempotency (scope, key, fingerprint, created_ms)
-                 VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING",
-                &[&scope, &key, &fingerprint, &now_ms],
+                "INSERT INTO idempotency (scope, key, fingerprint, created_ms, token)
+                 VALUES ($1, $2, $3, $4, $5) ON CONFLICT DO NOTHING",
+                &[&scope, &key, &fingerprint, &now_ms, &token],
             )
             .await?
             == 1;
@@ -190,33 +229,43 @@ impl PgMeta {
         &self,
         scope: &str,
         key: &str,
+        token: &str,
         answer: &StoredAnswer,
-    ) -> anyhow::Result<()> {
-        self.client()
+    ) -> anyhow::Result<bool> {
+        let changed = self
+            .client()
             .await?
             .execute(
-                "UPDATE idempotency SET status = $3, location = $4, body = $5
-                 WHERE scope = $1 AND key = $2",
+                "UPDATE idempotency SET status = $4, location = $5, body = $6
+                 WHERE scope = $1 AND key = $2 AND token = $3 AND status IS NULL",
                 &[
                     &scope,
                     &key,
+                    &token,
                     &i32::from(answer.status),
                     &answer.location,
                     &answer.body,
                 ],
             )
             .await?;
-        Ok(())
+        Ok(changed == 1)
     }
 
-    pub async fn idempotency_release(&self, scope: &str, key: &str) -> anyhow::Result<()> {
-        self.client()
+    pub async fn idempotency_release(
+        &self,
+        scope: &str,
+        key: &str,
+        token: &str,
+    ) -> anyhow::Result<bool> {
+        let changed = self
+            .client()
             .await?
             .execute(
-                "DELETE FROM idempotency WHERE scope = $1 AND key = $2 AND status IS NULL",
-                &[&scope, &key],
+                "DELETE FROM idempotency
+                 WHERE scope = $1 AND key = $2 AND token = $3 AND status IS NULL",
+                &[&scope, &key, &token],
             )
             .await?;
-        Ok(())
+        Ok(changed == 1)
     }
 }

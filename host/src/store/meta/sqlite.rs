@@ -94,8 +94,8 @@ CREATE TABLE IF NOT EXISTS secrets (
     name        TEXT PRIMARY KEY,
     value       BLOB NOT NULL
 );
--- The first answer to each Idempotency-Key (store/meta/idempotency.rs); NULL status
--- while that request runs.
+-- The first answer to each Idempotency-Key (store/meta/idempotency.rs), sealed; NULL
+-- status while that request runs, whose random token alone may finish or drop the claim.
 CREATE TABLE IF NOT EXISTS idempotency (
     scope       TEXT NOT NULL,
     key         TEXT NOT NULL,
@@ -104,6 +104,7 @@ CREATE TABLE IF NOT EXISTS idempotency (
     status      INTEGER,
     location    TEXT,
     body        BLOB,
+    token       TEXT NOT NULL DEFAULT '',
     PRIMARY KEY (scope, key)
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS idempotency_created ON idempotency (created_ms);
@@ -152,6 +153,7 @@ impl SqliteMeta {
             ("rollouts", "epoch", "INTEGER NOT NULL DEFAULT 0"),
             ("rollouts", "driver", "TEXT"),
             ("rollouts", "lease_until", "INTEGER NOT NULL DEFAULT 0"),
+            ("idempotency", "token", "TEXT NOT NULL DEFAULT ''"),
         ];
         for (table, column, decl) in columns {
             let present: bool = conn
@@ -171,6 +173,13 @@ impl SqliteMeta {
                          WHERE tenant IS NULL",
                     )
                     .context("filling in history.tenant")?;
+                }
+                if (table, column) == ("idempotency", "token") {
+                    // Answers kept by earlier Kiln are in clear and have no token: drop
+                    // them (they only shorten a retry window), as PostgreSQL's
+                    // migration 5 does.
+                    conn.execute_batch("DELETE FROM idempotency")
+                        .context("dropping unsealed idempotency answers")?;
                 }
             }
         }

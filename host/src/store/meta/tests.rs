@@ -393,20 +393,24 @@ async fn an_idempotency_key_runs_once_replays_its_answer_and_expires_on_every_ba
     for (meta, _db, _dir) in backends("idempotency").await {
         let b = meta.describe();
         let t0 = 1_000_000_000_000;
-        let claim = |key: &'static str, fp: &'static str, at: i64| {
+        let claim = |key: &'static str, fp: &'static str, token: &'static str, at: i64| {
             let meta = &meta;
             async move {
-                meta.idempotency_claim("k1|key.create", key, fp, at)
+                meta.idempotency_claim("k1|key.create", key, fp, token, Some(at))
                     .await
                     .expect("claim")
             }
         };
-        assert_eq!(claim("a", "f1", t0).await, Claim::New, "{b}");
-        assert_eq!(claim("a", "f1", t0 + 1).await, Claim::InProgress, "{b}");
-        assert_eq!(claim("a", "f2", t0 + 1).await, Claim::Reused, "{b}");
+        assert_eq!(claim("a", "f1", "t1", t0).await, Claim::New, "{b}");
+        assert_eq!(
+            claim("a", "f1", "t2", t0 + 1).await,
+            Claim::InProgress,
+            "{b}"
+        );
+        assert_eq!(claim("a", "f2", "t2", t0 + 1).await, Claim::Reused, "{b}");
         // Another caller's scope is another key space.
         assert_eq!(
-            meta.idempotency_claim("k2|key.create", "a", "f9", t0)
+            meta.idempotency_claim("k2|key.create", "a", "f9", "t9", Some(t0))
                 .await
                 .expect("k2"),
             Claim::New,
@@ -417,31 +421,77 @@ async fn an_idempotency_key_runs_once_replays_its_answer_and_expires_on_every_ba
             location: Some("/v1/keys/x".into()),
             body: b"{\"id\":\"x\"}".to_vec(),
         };
-        meta.idempotency_finish("k1|key.create", "a", &answer)
-            .await
-            .expect("finish");
+        // Only the claim's own token finishes it.
+        let finish = |key: &'static str, token: &'static str, answer: &StoredAnswer| {
+            let (meta, answer) = (&meta, answer.clone());
+            async move {
+                meta.idempotency_finish("k1|key.create", key, token, &answer)
+                    .await
+                    .expect("finish")
+            }
+        };
+        assert!(!finish("a", "t2", &answer).await, "{b}: another token");
         assert_eq!(
-            claim("a", "f1", t0 + 2).await,
+            claim("a", "f1", "t3", t0 + 2).await,
+            Claim::InProgress,
+            "{b}"
+        );
+        assert!(finish("a", "t1", &answer).await, "{b}");
+        assert!(
+            !finish("a", "t1", &answer).await,
+            "{b}: an answer is written once"
+        );
+        assert_eq!(
+            claim("a", "f1", "t3", t0 + 2).await,
             Claim::Done(answer.clone()),
             "{b}"
         );
-        assert_eq!(claim("a", "f2", t0 + 2).await, Claim::Reused, "{b}");
+        assert_eq!(claim("a", "f2", "t3", t0 + 2).await, Claim::Reused, "{b}");
         // A failed request gives its claim up; one that never finished is taken over late.
-        assert_eq!(claim("b", "f1", t0).await, Claim::New, "{b}");
-        meta.idempotency_release("k1|key.create", "b")
-            .await
-            .expect("release");
-        assert_eq!(claim("b", "f1", t0 + 3).await, Claim::New, "{b}");
+        let release = |key: &'static str, token: &'static str| {
+            let meta = &meta;
+            async move {
+                meta.idempotency_release("k1|key.create", key, token)
+                    .await
+                    .expect("release")
+            }
+        };
+        assert_eq!(claim("b", "f1", "t4", t0).await, Claim::New, "{b}");
+        assert!(!release("b", "t5").await, "{b}: another token");
+        assert!(release("b", "t4").await, "{b}");
+        assert_eq!(claim("b", "f1", "t6", t0 + 3).await, Claim::New, "{b}");
         assert_eq!(
-            claim("b", "f1", t0 + 3 + ABANDONED_AFTER_MS + 1).await,
+            claim("b", "f2", "t7", t0 + 3 + ABANDONED_AFTER_MS + 1).await,
             Claim::New,
             "{b}: an abandoned claim is taken over"
         );
+        // The request that outlived its claim can neither answer for the new one nor drop it.
+        assert!(!finish("b", "t6", &answer).await, "{b}");
+        assert!(!release("b", "t6").await, "{b}");
+        assert_eq!(
+            claim("b", "f2", "t8", t0 + 4 + ABANDONED_AFTER_MS).await,
+            Claim::InProgress,
+            "{b}"
+        );
         // Releasing never drops a finished answer; a day later the key is free again.
-        meta.idempotency_release("k1|key.create", "a")
-            .await
-            .expect("release");
-        assert_eq!(claim("a", "f1", t0 + 4).await, Claim::Done(answer), "{b}");
-        assert_eq!(claim("a", "f2", t0 + KEEP_MS + 1).await, Claim::New, "{b}");
+        assert!(!release("a", "t1").await, "{b}");
+        assert_eq!(
+            claim("a", "f1", "t9", t0 + 4).await,
+            Claim::Done(answer),
+            "{b}"
+        );
+        assert_eq!(
+            claim("a", "f2", "t9", t0 + KEEP_MS + 1).await,
+            Claim::New,
+            "{b}"
+        );
+        // Dated by the store's own clock (the database's, on PostgreSQL).
+        for expected in [Claim::New, Claim::InProgress] {
+            let got = meta
+                .idempotency_claim("k3|key.create", "c", "f1", "tc", None)
+                .await
+                .expect("claim");
+            assert_eq!(got, expected, "{b}");
+        }
     }
 }
