@@ -306,3 +306,199 @@ fn a_cache_hit_without_a_body_needs_no_slot_and_a_slow_response_is_not_idle() {
     let echoed = body.iter().filter(|b| **b == b'e').count();
     assert_eq!(echoed, size, "{head}");
 }
+
+/// Sends `head` (a request head announcing a body), then the body `chunk` bytes at a time
+/// every `every`, `total` bytes in all or until the server answers; returns the status and
+/// the body of its answer.
+fn trickle(addr: &str, head: &str, total: usize, chunk: usize, every: Duration) -> (u16, String) {
+    let mut stream = TcpStream::connect(addr).unwrap();
+    stream.write_all(head.as_bytes()).unwrap();
+    let mut writer = stream.try_clone().unwrap();
+    let sender = std::thread::spawn(move || {
+        let mut sent = 0;
+        while sent < total {
+            let n = chunk.min(total - sent);
+            if writer.write_all(&vec![b'k'; n]).is_err() {
+                return;
+            }
+            sent += n;
+            std::thread::sleep(every);
+        }
+    });
+    stream
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    let (status, body) = read_answer(&mut stream);
+    drop(stream);
+    let _ = sender.join();
+    (status, body)
+}
+
+/// Reads one HTTP/1.1 answer, its body sized by `content-length` or chunked.
+fn read_answer(stream: &mut TcpStream) -> (u16, String) {
+    let mut buf = Vec::new();
+    let mut byte = [0u8; 1];
+    while !buf.ends_with(b"\r\n\r\n") {
+        match stream.read(&mut byte) {
+            Ok(1) => buf.push(byte[0]),
+            _ => break,
+        }
+    }
+    let head = String::from_utf8_lossy(&buf).to_string();
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let len: usize = head
+        .lines()
+        .find_map(|l| {
+            let (k, v) = l.split_once(':')?;
+            k.eq_ignore_ascii_case("content-length")
+                .then(|| v.trim().parse().ok())?
+        })
+        .unwrap_or(0);
+    let chunked = head.lines().any(|l| {
+        l.to_ascii_lowercase()
+            .replace(' ', "")
+            .starts_with("transfer-encoding:chunked")
+    });
+    let mut body = Vec::new();
+    if chunked {
+        let mut reader = std::io::BufReader::new(stream);
+        loop {
+            let mut size = String::new();
+            if std::io::BufRead::read_line(&mut reader, &mut size).unwrap_or(0) == 0 {
+                break;
+            }
+            let n = usize::from_str_radix(size.trim(), 16).unwrap_or(0);
+            let mut chunk = vec![0u8; n + 2];
+            if n == 0 || reader.read_exact(&mut chunk).is_err() {
+                break;
+            }
+            body.extend_from_slice(&chunk[..n]);
+        }
+    } else {
+        body.resize(len, 0);
+        let _ = stream.read_exact(&mut body);
+    }
+    (status, String::from_utf8_lossy(&body).to_string())
+}
+
+#[test]
+fn a_trickled_body_is_cut_off_at_the_floor_and_a_steady_one_is_not() {
+    let server = TestServer::start_with_config(
+        "[server]\nmin_body_bytes_per_s = 1000\nmin_body_rate_grace_ms = 300\n",
+    );
+    server.deploy_example("echo", "echo", "");
+    server.deploy_example("cached", "echo", "cache_ttl=60s");
+    let addr = addr(&server);
+    let auth = format!("authorization: Bearer {}", kiln_tests::ADMIN_KEY);
+    let blob = vec![b'k'; 8000];
+    let digest = kiln_tests::digest(&blob);
+    let head = |path: &str| {
+        format!("POST {path} HTTP/1.1\r\nhost: kiln\r\n{auth}\r\ncontent-length: 8000\r\n\r\n")
+    };
+    let put = format!(
+        "PUT /v1/blobs/{digest} HTTP/1.1\r\nhost: kiln\r\n{auth}\r\ncontent-length: 8000\r\n\r\n"
+    );
+    // 20 bytes every 100 ms is 200 bytes/s: cut off once the wait outgrows the grace
+    // and what arrived (about half a second in), on every path a body takes.
+    for (what, head) in [
+        ("a blob upload", put.clone()),
+        ("a body streamed into a guest", head("/fn/echo/")),
+        (
+            "a body read whole for the response cache",
+            head("/fn/cached/"),
+        ),
+    ] {
+        let started = Instant::now();
+        let (status, body) = trickle(&addr, &head, 8000, 20, Duration::from_millis(100));
+        assert_eq!(status, 408, "{what}: {body}");
+        assert!(body.contains("request.timeout"), "{what}: {body}");
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "{what}: cut off at the floor, not at a timeout"
+        );
+    }
+    // 1000 bytes every 100 ms is ten times the floor: served.
+    let (status, body) = trickle(&addr, &put, 8000, 1000, Duration::from_millis(100));
+    assert_eq!(status, 201, "{body}");
+    let (status, body) = trickle(
+        &addr,
+        &head("/fn/echo/"),
+        8000,
+        1000,
+        Duration::from_millis(100),
+    );
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body.len(), 8000, "the echo came back whole");
+}
+
+#[test]
+fn one_tenants_flood_of_buffered_bodies_leaves_the_rest_of_the_budget_to_others() {
+    // 2 MiB of request bodies held at once, 1 MiB of it at most for one tenant.
+    let server = TestServer::start_with_config(
+        "max_body_bytes = 1048576\n[server]\nbody_buffer_mb = 2\nbody_buffer_tenant_percent = 50\n",
+    );
+    let (a, _) = server.create_key("team-a", &["deploy:a-*", "invoke:a-*"], None);
+    let (b, _) = server.create_key("team-b", &["deploy:b-*", "invoke:b-*"], None);
+    assert_eq!(
+        server
+            .deploy_as(&a, "a-cached", "echo", "cache_ttl=60s")
+            .status,
+        201
+    );
+    assert_eq!(
+        server
+            .deploy_as(&b, "b-cached", "echo", "cache_ttl=60s")
+            .status,
+        201
+    );
+    let addr = addr(&server);
+    // Team A's uploads each send 400 KiB of the 512 KiB they announce, then wait.
+    let head = |key: &str, f: &str, len: usize| {
+        format!(
+            "POST /fn/{f}/ HTTP/1.1\r\nhost: kiln\r\nauthorization: Bearer {key}\r\ncontent-length: {len}\r\n\r\n"
+        )
+    };
+    let mut held = Vec::new();
+    let mut refused = Vec::new();
+    for _ in 0..5 {
+        let mut s = TcpStream::connect(&addr).unwrap();
+        s.write_all(head(&a, "a-cached", 512 << 10).as_bytes())
+            .unwrap();
+        let _ = s.write_all(&vec![b'a'; 400 << 10]);
+        std::thread::sleep(Duration::from_millis(300));
+        s.set_read_timeout(Some(Duration::from_millis(200)))
+            .unwrap();
+        let mut probe = [0u8; 1];
+        match s.peek(&mut probe) {
+            // It answered: refused at the tenant's part.
+            Ok(n) if n > 0 => {
+                s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+                refused.push(read_answer(&mut s));
+            }
+            _ => held.push(s),
+        }
+    }
+    assert_eq!(held.len(), 2, "two uploads fit team A's 1 MiB: {refused:?}");
+    for (status, body) in &refused {
+        assert_eq!(*status, 503, "{body}");
+        assert!(
+            body.contains("server.busy") && body.contains("team-a"),
+            "{body}"
+        );
+    }
+    // Team B's request still finds room: the rest of the budget is not team A's.
+    let (status, body) = trickle(
+        &addr,
+        &head(&b, "b-cached", 400 << 10),
+        400 << 10,
+        400 << 10,
+        Duration::ZERO,
+    );
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body.len(), 400 << 10);
+    drop(held);
+}

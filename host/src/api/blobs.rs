@@ -9,7 +9,6 @@ use std::sync::Arc;
 
 use http::{Request, Response, StatusCode, header};
 use http_body_util::BodyExt;
-use hyper::body::Incoming;
 
 use super::ApiError;
 use crate::app::App;
@@ -55,7 +54,7 @@ pub(super) async fn head(
 pub(super) async fn put(
     app: &Arc<App>,
     digest: &str,
-    req: Request<Incoming>,
+    req: Request<Body>,
     caller: &Caller,
 ) -> Result<Response<Body>, ApiError> {
     let digest = match parse_digest(digest) {
@@ -97,7 +96,7 @@ pub(super) async fn put(
 /// rest of a modest body is drained so the client sees the answer.
 pub(super) async fn receive(
     app: &Arc<App>,
-    mut body: Incoming,
+    mut body: Body,
     expected: Option<Digest>,
     limit: u64,
 ) -> Result<(Digest, u64), ApiError> {
@@ -110,7 +109,7 @@ pub(super) async fn receive(
 
 async fn store(
     app: &Arc<App>,
-    body: &mut Incoming,
+    body: &mut Body,
     expected: Option<Digest>,
     limit: u64,
 ) -> Result<(Digest, u64), ApiError> {
@@ -125,8 +124,7 @@ async fn store(
         .map_err(|e| ApiError::Internal(anyhow::Error::from(e).context("creating blob file")))?;
     let mut size = 0u64;
     while let Some(frame) = body.frame().await {
-        let frame = frame
-            .map_err(|e| ApiError::InvalidRequest(format!("reading the upload failed: {e}")))?;
+        let frame = frame.map_err(|e| super::body_error(&e, "upload"))?;
         if let Some(data) = frame.data_ref() {
             size += data.len() as u64;
             writer.write_chunk(data)?;

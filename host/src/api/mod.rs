@@ -44,7 +44,6 @@ pub mod usage;
 use std::sync::Arc;
 
 use http::{Method, Request, Response, StatusCode};
-use hyper::body::Incoming;
 
 pub use error::ApiError;
 pub use functions::CreateVersion;
@@ -287,7 +286,12 @@ impl<'a> Op<'a> {
 /// Dispatches a `/v1/...` request: authenticates, authorizes, runs it, audits it. The work
 /// runs in a task of its own, so a client that hangs up cannot cut a change (or its audit
 /// entry) short.
-pub async fn handle(app: &Arc<App>, req: Request<Incoming>) -> Result<Response<Body>, ApiError> {
+pub async fn handle(
+    app: &Arc<App>,
+    req: Request<hyper::body::Incoming>,
+) -> Result<Response<Body>, ApiError> {
+    let rate = crate::server::MinRate::of(&app.config.server);
+    let req = req.map(|b| crate::server::paced(b, rate));
     let app = app.clone();
     tokio::spawn(async move { handle_to_end(&app, req).await })
         .await
@@ -298,7 +302,7 @@ pub async fn handle(app: &Arc<App>, req: Request<Incoming>) -> Result<Response<B
         })
 }
 
-async fn handle_to_end(app: &Arc<App>, req: Request<Incoming>) -> Result<Response<Body>, ApiError> {
+async fn handle_to_end(app: &Arc<App>, req: Request<Body>) -> Result<Response<Body>, ApiError> {
     let path = req.uri().path().trim_end_matches('/').to_string();
     let decoded = path
         .split('/')
@@ -367,7 +371,7 @@ async fn dispatch(
     app: &Arc<App>,
     op: Op<'_>,
     caller: &Caller,
-    req: Request<Incoming>,
+    req: Request<Body>,
 ) -> Result<Response<Body>, ApiError> {
     let query = req.uri().query().unwrap_or("").to_string();
     let query = query.as_str();
@@ -451,7 +455,7 @@ pub(crate) fn created_at(resp: &mut Response<Body>, path: &str) {
 /// Reads a small request body (a manifest, a policy) whole, refusing it past `max` bytes;
 /// `what` names it in the error.
 pub(crate) async fn read_small_body(
-    body: Incoming,
+    body: Body,
     max: usize,
     what: &str,
 ) -> Result<bytes::Bytes, ApiError> {
@@ -459,13 +463,27 @@ pub(crate) async fn read_small_body(
     Ok(http_body_util::Limited::new(body, max)
         .collect()
         .await
-        .map_err(|e| ApiError::TooLarge(format!("{what}: {e}")))?
+        .map_err(|e| match e.downcast_ref::<crate::server::BodyError>() {
+            Some(e) => body_error(e, what),
+            None => ApiError::TooLarge(format!("{what}: {e}")),
+        })?
         .to_bytes())
+}
+
+/// What a client hears when its request body failed to arrive: 408 when it came too
+/// slowly (`[server] min_body_bytes_per_s`), else 400.
+pub(crate) fn body_error(e: &crate::server::BodyError, what: &str) -> ApiError {
+    match crate::server::too_slow(e) {
+        true => ApiError::RequestTimeout(format!(
+            "the {what} arrived slower than this server accepts ([server] min_body_bytes_per_s); send it faster"
+        )),
+        false => ApiError::InvalidRequest(format!("reading the {what} failed: {e}")),
+    }
 }
 
 /// Reads a small JSON request body whole and parses it.
 pub(crate) async fn read_json<T: serde::de::DeserializeOwned>(
-    body: Incoming,
+    body: Body,
     max: usize,
     what: &str,
 ) -> Result<T, ApiError> {
@@ -476,7 +494,7 @@ pub(crate) async fn read_json<T: serde::de::DeserializeOwned>(
 
 /// Reads a small optional JSON body (rollbacks, rollout actions); empty: the default.
 pub(crate) async fn read_optional_json<T: serde::de::DeserializeOwned + Default>(
-    body: Incoming,
+    body: Body,
     what: &str,
 ) -> Result<T, ApiError> {
     let bytes = read_small_body(body, 16 << 10, what).await?;

@@ -4,7 +4,6 @@
 use std::sync::Arc;
 
 use http::{Request, Response, StatusCode};
-use hyper::body::Incoming;
 
 use super::{ApiError, AuditDetail};
 use crate::app::{Actor, App, Control, TrafficError};
@@ -43,7 +42,7 @@ fn rollout_json(app: &App, r: &Rollout) -> serde_json::Value {
 pub(super) async fn start(
     app: &Arc<App>,
     name: &str,
-    req: Request<Incoming>,
+    req: Request<Body>,
     caller: &Caller,
 ) -> Result<Response<Body>, ApiError> {
     let request: RolloutRequest =
@@ -87,7 +86,7 @@ pub(super) async fn control(
     app: &Arc<App>,
     name: &str,
     action: &str,
-    req: Request<Incoming>,
+    req: Request<Body>,
     caller: &Caller,
 ) -> Result<Response<Body>, ApiError> {
     let control = match action {

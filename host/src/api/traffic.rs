@@ -5,7 +5,6 @@
 use std::sync::Arc;
 
 use http::{Request, Response, StatusCode};
-use hyper::body::Incoming;
 
 use super::page::Paging;
 use super::{ApiError, AuditDetail};
@@ -110,7 +109,7 @@ pub(super) async fn put(
     app: &Arc<App>,
     name: &str,
     alias: Option<&str>,
-    req: Request<Incoming>,
+    req: Request<Body>,
     caller: &Caller,
 ) -> Result<Response<Body>, ApiError> {
     if req.method() == http::Method::DELETE && alias == Some(DEFAULT_ALIAS) {
@@ -157,7 +156,7 @@ struct RollbackRequest {
 pub(super) async fn rollback(
     app: &Arc<App>,
     name: &str,
-    req: Request<Incoming>,
+    req: Request<Body>,
     caller: &Caller,
 ) -> Result<Response<Body>, ApiError> {
     let body: RollbackRequest =
@@ -191,7 +190,7 @@ struct PromoteRequest {
 pub(super) async fn promote(
     app: &Arc<App>,
     name: &str,
-    req: Request<Incoming>,
+    req: Request<Body>,
     caller: &Caller,
 ) -> Result<Response<Body>, ApiError> {
     let body: PromoteRequest =

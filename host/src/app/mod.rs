@@ -237,7 +237,10 @@ impl App {
         };
         let node_id = ready::node_id(&config.data_dir, config.node_id.as_deref())?;
         let started_at_ms = crate::unix_ms();
-        let body_budget = crate::common::ByteBudget::new(config.server.body_buffer_bytes());
+        let body_budget = crate::common::ByteBudget::new(
+            config.server.body_buffer_bytes(),
+            config.server.body_buffer_tenant_bytes(),
+        );
         let sticky = crate::deploy::StickySecret::new(
             meta.secret("sticky")
                 .await

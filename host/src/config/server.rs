@@ -19,6 +19,12 @@ pub const DEFAULT_H2_KEEPALIVE_MS: u64 = 20_000;
 pub const DEFAULT_H2_WINDOW_KB: u32 = 1024;
 /// Default budget of request body bytes held in memory at once, over all requests.
 pub const DEFAULT_BODY_BUFFER_MB: u64 = 256;
+/// Default part of the body budget one tenant's requests may hold, in percent.
+pub const DEFAULT_BODY_BUFFER_TENANT_PERCENT: u64 = 50;
+/// Default floor under the rate a client sends a request body at, in bytes per second.
+pub const DEFAULT_MIN_BODY_BYTES_PER_S: u64 = 1024;
+/// Default waiting a request body is allowed before that floor applies.
+pub const DEFAULT_MIN_BODY_RATE_GRACE_MS: u64 = 10_000;
 
 /// Front-door limits (`[server]`).
 #[derive(Debug, Clone, Deserialize)]
@@ -43,6 +49,17 @@ pub struct ServerLimits {
     /// over all requests, in MiB; a request that would exceed it is answered 503
     /// `server.busy` at once. Streamed bodies are not buffered and not counted.
     pub body_buffer_mb: u64,
+    /// The part of `body_buffer_mb` one tenant's requests may hold at once, in percent
+    /// (its keys' calls, and anyone's calls to its public functions): a flood aimed at
+    /// one tenant is refused within its part and leaves the rest to the others.
+    pub body_buffer_tenant_percent: u64,
+    /// The slowest a client may send a request body, in bytes per second on average over
+    /// the time the server waited for it (0: no floor); slower is cut off with 408
+    /// `request.timeout` (or a read error in the guest), so a trickled upload cannot hold
+    /// a connection, a slot or buffer space for as long as it likes.
+    pub min_body_bytes_per_s: u64,
+    /// Waiting for a body allowed before `min_body_bytes_per_s` applies, in milliseconds.
+    pub min_body_rate_grace_ms: u64,
     /// PEM certificate chain served over TLS (with `tls_key`; `--tls-cert` and
     /// `KILN_TLS_CERT` override it).
     pub tls_cert: Option<PathBuf>,
@@ -71,6 +88,9 @@ impl Default for ServerLimits {
             h2_keepalive_ms: DEFAULT_H2_KEEPALIVE_MS,
             h2_window_kb: DEFAULT_H2_WINDOW_KB,
             body_buffer_mb: DEFAULT_BODY_BUFFER_MB,
+            body_buffer_tenant_percent: DEFAULT_BODY_BUFFER_TENANT_PERCENT,
+            min_body_bytes_per_s: DEFAULT_MIN_BODY_BYTES_PER_S,
+            min_body_rate_grace_ms: DEFAULT_MIN_BODY_RATE_GRACE_MS,
             tls_cert: None,
             tls_key: None,
             public_url: None,
@@ -109,11 +129,17 @@ impl ServerLimits {
                 );
             }
         }
-        // Every body the server may buffer must fit, or such requests could never run.
-        if self.body_buffer_mb << 20 < max_body_bytes {
+        if !(1..=100).contains(&self.body_buffer_tenant_percent) {
+            anyhow::bail!("server.body_buffer_tenant_percent must be between 1 and 100");
+        }
+        // Every body the server may buffer must fit in a tenant's part, or such requests
+        // could never run.
+        if self.body_buffer_tenant_bytes() < max_body_bytes {
             anyhow::bail!(
-                "server.body_buffer_mb ({} MiB) is smaller than max_body_bytes ({max_body_bytes})",
-                self.body_buffer_mb
+                "a tenant's part of server.body_buffer_mb ({} MiB x {}% = {} bytes) is smaller than max_body_bytes ({max_body_bytes})",
+                self.body_buffer_mb,
+                self.body_buffer_tenant_percent,
+                self.body_buffer_tenant_bytes()
             );
         }
         Ok(())
@@ -142,5 +168,10 @@ impl ServerLimits {
     /// The body budget in bytes.
     pub fn body_buffer_bytes(&self) -> u64 {
         self.body_buffer_mb << 20
+    }
+
+    /// The part of the body budget one tenant may hold, in bytes.
+    pub fn body_buffer_tenant_bytes(&self) -> u64 {
+        self.body_buffer_bytes() * self.body_buffer_tenant_percent / 100
     }
 }

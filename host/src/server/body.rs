@@ -25,11 +25,6 @@ pub fn full(bytes: impl Into<Bytes>) -> Body {
         .boxed_unsync()
 }
 
-/// A request body as every handler takes it.
-pub fn incoming(body: hyper::body::Incoming) -> Body {
-    body.map_err(BodyError::from).boxed_unsync()
-}
-
 /// An empty body.
 pub fn empty() -> Body {
     full(Bytes::new())
@@ -44,11 +39,13 @@ pub struct LimitedBody {
     stats: Arc<BodyStats>,
 }
 
-/// What a [`LimitedBody`] saw: bytes read, and whether the limit tripped.
+/// What a [`LimitedBody`] saw: bytes read, whether the limit tripped, and whether the
+/// client sent it too slowly (`[server] min_body_bytes_per_s`).
 #[derive(Debug, Default)]
 pub struct BodyStats {
     pub read: AtomicU64,
     pub tripped: AtomicBool,
+    pub slow: AtomicBool,
 }
 
 impl LimitedBody {
@@ -87,6 +84,12 @@ impl HttpBody for LimitedBody {
                     this.stats.read.fetch_add(n, Ordering::Relaxed);
                 }
                 Poll::Ready(Some(Ok(frame)))
+            }
+            Poll::Ready(Some(Err(e))) => {
+                if super::too_slow(&e) {
+                    this.stats.slow.store(true, Ordering::Relaxed);
+                }
+                Poll::Ready(Some(Err(e)))
             }
             other => other,
         }

@@ -16,7 +16,8 @@ use http::{HeaderValue, Request, Response, Uri, header};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 
-use super::body::{Body, BodyStats, LimitedBody, Tapped, full, incoming};
+use super::body::{Body, BodyStats, LimitedBody, Tapped, full};
+use super::pace::{MinRate, paced};
 use super::shadow;
 use super::usage::Usage;
 use super::whole::{Input, admit_and_read, cached};
@@ -101,7 +102,7 @@ pub async fn handle(
     let mut usage = Usage::new(app, &entry, tenant, id, placement.is_some(), head);
     usage.routed = routed;
     let rest = rest.to_string();
-    let req = req.map(incoming);
+    let req = req.map(|b| paced(b, MinRate::of(&app.config.server)));
     let cacheable = placement.is_some() && !responses::bypass(req.method(), req.headers());
     // A request copied to a shadow, or looked up in the response cache, is read whole,
     // after admission (a queued request holds no body bytes) and within the server's
@@ -109,7 +110,7 @@ pub async fn handle(
     // the body is in.
     let mut primary_start = usage.started;
     let input = match shadowed.is_some() || cacheable {
-        true => match admit_and_read(app, &entry, req).await {
+        true => match admit_and_read(app, &entry, usage.tenant(), req).await {
             Ok(whole) => {
                 primary_start = Instant::now();
                 Input::Whole(whole)
@@ -401,6 +402,12 @@ where
         return Err(ApiError::TooLarge(format!(
             "request body exceeds the limit of {} bytes",
             app.config.max_body_bytes
+        )));
+    }
+    // So does one the client sent too slowly: the guest never had its whole body.
+    if stats.is_some_and(|s| s.slow.load(Ordering::Relaxed)) {
+        return Err(ApiError::RequestTimeout(super::too_slow_message(
+            MinRate::of(&app.config.server),
         )));
     }
     Ok((outcome?, admitted, timings))

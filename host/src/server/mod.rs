@@ -5,6 +5,7 @@
 mod body;
 mod data_plane;
 mod listener;
+mod pace;
 mod router;
 mod shadow;
 pub mod tls;
@@ -13,4 +14,5 @@ mod whole;
 
 pub use body::{Body, BodyError, DRAIN_CAP, LimitedBody, drain, empty, full};
 pub use listener::serve;
+pub use pace::{MinRate, paced, too_slow, too_slow_message};
 pub use router::{handle, json_response};

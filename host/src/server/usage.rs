@@ -44,6 +44,11 @@ pub(super) struct Usage {
 }
 
 impl Usage {
+    /// The tenant billed for the request.
+    pub(super) fn tenant(&self) -> &Arc<str> {
+        &self.tenant
+    }
+
     pub(super) fn new(
         app: &Arc<App>,
         entry: &Arc<VersionEntry>,

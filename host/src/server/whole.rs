@@ -40,11 +40,13 @@ pub(super) struct Whole {
 }
 
 /// Takes a concurrency slot of `entry`, then reads the body whole (at most
-/// `max_body_bytes`, within the body budget), all within the version's timeout. A request
+/// `max_body_bytes`, within the body budget and `tenant`'s part of it: the tenant billed),
+/// all within the version's timeout. A request
 /// without a body takes no slot here: a cache hit then needs none, a miss takes one to run.
 pub(super) async fn admit_and_read(
     app: &App,
     entry: &VersionEntry,
+    tenant: &Arc<str>,
     req: Request<Body>,
 ) -> Result<Whole, ApiError> {
     let max_body = app.config.max_body_bytes;
@@ -54,7 +56,7 @@ pub(super) async fn admit_and_read(
     let started = Instant::now();
     let timeout = Duration::from_millis(entry.record.limits.timeout_ms);
     let (parts, body) = req.into_parts();
-    let mut share = app.body_budget.share();
+    let mut share = app.body_budget.share(tenant);
     if http_body::Body::size_hint(&body).exact() == Some(0) {
         return Ok(Whole {
             parts,
@@ -65,7 +67,8 @@ pub(super) async fn admit_and_read(
     }
     let slot = Some(entry.admission.admit(timeout).await?);
     let left = timeout.saturating_sub(started.elapsed());
-    let body = tokio::time::timeout(left, read_body(body, max_body, &mut share))
+    let rate = super::MinRate::of(&app.config.server);
+    let body = tokio::time::timeout(left, read_body(body, max_body, rate, &mut share))
         .await
         .map_err(|_| {
             ApiError::RequestTimeout(format!(
@@ -183,6 +186,7 @@ pub(super) async fn cached(
 async fn read_body(
     mut body: Body,
     max: u64,
+    rate: super::MinRate,
     share: &mut BudgetShare,
 ) -> Result<bytes::Bytes, ApiError> {
     let busy = |e: crate::common::OverBudget| {
@@ -197,8 +201,10 @@ async fn read_body(
     share.grow(announced).map_err(busy)?;
     let mut buf = bytes::BytesMut::with_capacity(announced as usize);
     while let Some(frame) = body.frame().await {
-        let frame = frame
-            .map_err(|e| ApiError::InvalidRequest(format!("reading the request body: {e}")))?;
+        let frame = frame.map_err(|e| match super::too_slow(&e) {
+            true => ApiError::RequestTimeout(super::too_slow_message(rate)),
+            false => ApiError::InvalidRequest(format!("reading the request body: {e}")),
+        })?;
         let Ok(data) = frame.into_data() else {
             continue;
         };
