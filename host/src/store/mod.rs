@@ -10,6 +10,7 @@ mod blobs;
 pub mod copy;
 mod meta;
 pub mod pg;
+mod pg_tls;
 
 pub use blobs::{BlobError, BlobStore, BlobWriter, BlobsUrl, DEFAULT_CACHE_MB};
 
@@ -41,8 +42,7 @@ impl std::str::FromStr for DatabaseUrl {
         match s {
             "" | "sqlite" => Ok(DatabaseUrl::Sqlite),
             s if s.starts_with("postgres://") || s.starts_with("postgresql://") => {
-                tokio_postgres::Config::from_str(s)
-                    .map_err(|e| format!("invalid database URL: {e}"))?;
+                pg_tls::parse(s).map_err(|e| format!("{e:#}"))?;
                 Ok(DatabaseUrl::Postgres(s.to_string()))
             }
             _ => Err(

@@ -1,16 +1,14 @@
 //! PostgreSQL access shared by the stores that live there: one connection pool
-//! (`tokio-postgres` under `deadpool`), and versioned schema migrations run once, under an
-//! advisory lock, when a node starts.
+//! (`tokio-postgres` under `deadpool`, TLS as the URL's `sslmode` says: `pg_tls.rs`), and
+//! versioned schema migrations run once, under an advisory lock, when a node starts.
 //!
 //! A node refuses a database whose schema is newer than the migrations it knows (a newer
 //! Kiln migrated it), naming both versions, rather than writing rows it does not understand.
 
-use std::str::FromStr;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Timeouts};
-use tokio_postgres::NoTls;
 
 /// Connections one node keeps to the database at most.
 const POOL_SIZE: usize = 16;
@@ -28,15 +26,16 @@ pub const MIGRATIONS: &[&str] = &[
     include_str!("schema/postgres_2.sql"),
     include_str!("schema/postgres_3.sql"),
     include_str!("schema/postgres_4.sql"),
+    include_str!("schema/postgres_5.sql"),
 ];
 
 /// Opens a pool on `url` (`postgres://user[:password]@host[:port]/dbname`) and brings the
 /// schema up to date. Fails, naming both versions, on a schema newer than this Kiln's.
 pub async fn connect(url: &str) -> anyhow::Result<Pool> {
-    let config = client_config(url)?;
+    let (config, tls) = client_config(url)?;
     let manager = Manager::from_config(
         config,
-        NoTls,
+        tls,
         ManagerConfig {
             recycling_method: RecyclingMethod::Fast,
         },
@@ -80,7 +79,7 @@ pub fn listen_for_changes(
     url: &str,
     wake: std::sync::Arc<tokio::sync::Notify>,
 ) -> anyhow::Result<()> {
-    let config = client_config(url)?;
+    let (config, tls) = client_config(url)?;
     let wake = std::sync::Arc::downgrade(&wake);
     tokio::spawn(async move {
         let mut failing = false;
@@ -88,7 +87,7 @@ pub fn listen_for_changes(
             if wake.strong_count() == 0 {
                 return;
             }
-            match listen_once(&config, &wake, &mut failing).await {
+            match listen_once(&config, &tls, &wake, &mut failing).await {
                 Ok(()) => return,
                 Err(e) => {
                     if !failing {
@@ -109,11 +108,12 @@ pub const RELISTEN_AFTER: Duration = Duration::from_secs(1);
 /// One listening connection, until it fails (an error) or nobody needs it (`Ok`).
 async fn listen_once(
     config: &tokio_postgres::Config,
+    tls: &super::pg_tls::PgTls,
     wake: &std::sync::Weak<tokio::sync::Notify>,
     failing: &mut bool,
 ) -> anyhow::Result<()> {
     use futures::StreamExt;
-    let (client, mut connection) = config.connect(NoTls).await?;
+    let (client, mut connection) = config.connect(tls.clone()).await?;
     // The connection is driven on its own task, which hands every notification on and
     // ends when the connection does.
     let notify = wake.clone();
@@ -163,9 +163,8 @@ async fn listen_once(
 /// The client settings of every Kiln connection: `url`'s, plus a connect timeout, TCP
 /// keepalives and a statement timeout, so a partitioned database fails calls in bounded
 /// time instead of hanging them (and the locks they hold).
-pub fn client_config(url: &str) -> anyhow::Result<tokio_postgres::Config> {
-    let mut config = tokio_postgres::Config::from_str(url)
-        .map_err(|e| anyhow::anyhow!("invalid database URL: {e}"))?;
+pub fn client_config(url: &str) -> anyhow::Result<(tokio_postgres::Config, super::pg_tls::PgTls)> {
+    let (mut config, tls) = super::pg_tls::parse(url)?;
     config
         .connect_timeout(CONNECT_TIMEOUT)
         .keepalives(true)
@@ -181,7 +180,7 @@ pub fn client_config(url: &str) -> anyhow::Result<tokio_postgres::Config> {
             STATEMENT_TIMEOUT.as_millis(),
             STATEMENT_TIMEOUT.as_millis()
         ));
-    Ok(config)
+    Ok((config, tls))
 }
 
 /// Applies the migrations the database lacks, each in its own transaction, while holding
@@ -258,6 +257,21 @@ pub(crate) mod scratch {
             .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into())
     }
 
+    /// Says that `test` skipped, and why: on stderr and in scripts/test's closing line.
+    pub(crate) fn skipped(test: &str, why: &str) {
+        eprintln!("skipped: {test}: {why}");
+        if let Some(path) = std::env::var_os("KILN_TEST_SKIPS") {
+            use std::io::Write;
+            if let Ok(mut f) = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path)
+            {
+                let _ = writeln!(f, "{test}: {why}");
+            }
+        }
+    }
+
     /// A fresh database, or `None` (the test says it skipped) when no PostgreSQL answers;
     /// under `CI=true` a missing PostgreSQL fails the test instead.
     pub(crate) async fn database(test: &str) -> Option<ScratchDb> {
@@ -273,18 +287,8 @@ pub(crate) mod scratch {
                     std::env::var("CI").as_deref() != Ok("true"),
                     "CI=true but no PostgreSQL at {admin}: {e}"
                 );
-                eprintln!("skipped: {test}: no PostgreSQL at {admin} ({e})");
-                // Counted in scripts/test's closing line.
-                if let Some(path) = std::env::var_os("KILN_TEST_SKIPS") {
-                    use std::io::Write;
-                    if let Ok(mut f) = std::fs::OpenOptions::new()
-                        .create(true)
-                        .append(true)
-                        .open(path)
-                    {
-                        let _ = writeln!(f, "{test}: no PostgreSQL at {admin}");
-                    }
-                }
+                eprintln!("({e})");
+                skipped(test, &format!("no PostgreSQL at {admin}"));
                 return None;
             }
         };

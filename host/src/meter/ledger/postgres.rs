@@ -3,7 +3,6 @@
 //! `INSERT ... ON CONFLICT DO NOTHING` statements in one transaction, so a replayed record
 //! (same start, same request id) counts once across every node.
 
-use tokio_postgres::NoTls;
 use tokio_postgres::types::ToSql;
 
 use super::Sink;
@@ -92,7 +91,8 @@ impl Sink for PgSink {
         let PgSink { url, rt, client } = self;
         let result = rt.block_on(async {
             if client.as_ref().is_none_or(|c| c.is_closed()) {
-                let (c, conn) = crate::store::pg::client_config(url)?.connect(NoTls).await?;
+                let (config, tls) = crate::store::pg::client_config(url)?;
+                let (c, conn) = config.connect(tls).await?;
                 tokio::spawn(async move {
                     if let Err(e) = conn.await {
                         tracing::warn!("usage ledger connection closed: {e}");
