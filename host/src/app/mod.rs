@@ -95,6 +95,10 @@ impl crate::runtime::BreakerEvents for BreakerMetrics {
     ) {
         self.0.breaker(function, destination, state as i64, opened);
     }
+
+    fn removed(&self, function: &str, destination: &str) {
+        self.0.forget_breakers(function, &[destination.to_string()]);
+    }
 }
 
 /// Who deploys a version, as far as [`App::deploy`] is concerned.

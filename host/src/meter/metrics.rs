@@ -201,7 +201,7 @@ impl Metrics {
         let breaker_state = Family::<BreakerLabels, Gauge>::default();
         registry.register(
             "outbound_breaker_state",
-            "Circuit breaker of a function's outbound calls to one destination: 0 closed, 1 open (calls fail at once), 2 half-open (one trial call out); only destinations that have failed appear",
+            "Circuit breaker of a function's outbound calls to one destination: 0 closed, 1 open (calls fail at once), 2 half-open (one trial call out); only destinations that have failed appear, at most 64 per function",
             breaker_state.clone(),
         );
         let breaker_opened = Family::<BreakerLabels, Counter>::default();
@@ -447,7 +447,8 @@ impl Metrics {
         }
     }
 
-    /// Removes the breaker series of `function` for `destinations` (it was deleted).
+    /// Removes the breaker series of `function` for `destinations` (it was deleted, or
+    /// the breakers are no longer tracked).
     pub fn forget_breakers(&self, function: &str, destinations: &[String]) {
         for d in destinations {
             let l = BreakerLabels {

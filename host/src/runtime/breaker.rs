@@ -8,7 +8,13 @@
 //!
 //! Breakers are per node (each node learns an upstream's health from its own calls) and
 //! per function (one tenant's broken upstream never fails another's calls to it). Their
-//! state and openings are reported through [`BreakerEvents`] (the metrics, in practice).
+//! state and openings are reported through [`BreakerEvents`] (the metrics, in practice),
+//! in the order they happen (reported under the lock that changes them).
+//!
+//! What a guest can make them hold is bounded: only destinations that failed are tracked,
+//! at most [`MAX_DESTINATIONS`] per function (a closed one makes room for a newcomer; with
+//! every one open, a new destination goes untracked), and a deleted function's breakers go
+//! with it, even while calls it made are still finishing.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -25,11 +31,17 @@ pub enum BreakerState {
     HalfOpen = 2,
 }
 
+/// Destinations tracked per function at most.
+pub const MAX_DESTINATIONS: usize = 64;
+
 /// Where a breaker's changes are reported.
 pub trait BreakerEvents: Send + Sync {
     /// The breaker of `function` → `destination` is now `state` (`opened`: it just
     /// opened, from closed or half-open).
     fn changed(&self, function: &str, destination: &str, state: BreakerState, opened: bool);
+    /// The breaker of `function` → `destination` is no longer tracked (it was closed and
+    /// another destination needed its place).
+    fn removed(&self, function: &str, destination: &str);
 }
 
 /// Reports nothing.
@@ -37,6 +49,7 @@ struct Silent;
 
 impl BreakerEvents for Silent {
     fn changed(&self, _: &str, _: &str, _: BreakerState, _: bool) {}
+    fn removed(&self, _: &str, _: &str) {}
 }
 
 #[derive(Debug)]
@@ -48,14 +61,26 @@ struct Breaker {
     until: Instant,
     /// It has changed state (so it has metric series, kept until [`Breakers::forget`]).
     reported: bool,
+    /// Its last failure or change, to pick which closed breaker makes room.
+    touched: Instant,
 }
+
+/// The breakers of one function, by destination.
+#[derive(Debug, Default)]
+struct Destinations {
+    /// The function was deleted: calls still finishing change nothing.
+    gone: bool,
+    map: HashMap<String, Breaker>,
+}
+
+type Shared = Arc<Mutex<Destinations>>;
 
 /// Every breaker of this node.
 pub struct Breakers {
     /// Consecutive failures that open a breaker (0: breakers off).
     failures: u32,
     cooldown: Duration,
-    all: Mutex<HashMap<(Arc<str>, String), Breaker>>,
+    all: Mutex<HashMap<Arc<str>, Shared>>,
     events: Box<dyn BreakerEvents>,
 }
 
@@ -72,7 +97,10 @@ impl std::fmt::Debug for Breakers {
 /// report (the guest gave up on it), it counts neither way, and a trial slot is freed.
 pub struct Permit {
     breakers: Arc<Breakers>,
-    key: (Arc<str>, String),
+    /// The function's breakers (none while breakers are off).
+    destinations: Option<Shared>,
+    function: Arc<str>,
+    destination: String,
     trial: bool,
     reported: bool,
 }
@@ -93,7 +121,7 @@ impl Breakers {
         Arc::new(Breakers::new(0, Duration::ZERO, Box::new(Silent)))
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<(Arc<str>, String), Breaker>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Arc<str>, Shared>> {
         // Every update leaves the map consistent: a poisoned lock is safe to reuse.
         self.all.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -105,29 +133,33 @@ impl Breakers {
         function: &Arc<str>,
         destination: &str,
     ) -> Result<Permit, String> {
-        let key = (function.clone(), destination.to_string());
-        let permit = |trial| Permit {
+        let mut permit = Permit {
             breakers: self.clone(),
-            key: key.clone(),
-            trial,
+            destinations: None,
+            function: function.clone(),
+            destination: destination.to_string(),
+            trial: false,
             reported: false,
         };
         if self.failures == 0 {
-            return Ok(permit(false));
+            return Ok(permit);
         }
-        let mut all = self.lock();
-        let Some(b) = all.get_mut(&key) else {
-            return Ok(permit(false));
+        let shared = self.lock().entry(function.clone()).or_default().clone();
+        permit.destinations = Some(shared.clone());
+        let mut d = lock(&shared);
+        let Some(b) = d.map.get_mut(destination) else {
+            return Ok(permit);
         };
         let now = Instant::now();
         match b.state {
-            BreakerState::Closed => Ok(permit(false)),
+            BreakerState::Closed => Ok(permit),
             BreakerState::Open if now >= b.until => {
                 b.state = BreakerState::HalfOpen;
-                drop(all);
+                b.touched = now;
                 self.events
                     .changed(function, destination, BreakerState::HalfOpen, false);
-                Ok(permit(true))
+                permit.trial = true;
+                Ok(permit)
             }
             BreakerState::Open => Err(format!(
                 "circuit breaker open for {destination} (function {function}): {} consecutive calls failed; calls fail at once for another {:.1}s",
@@ -140,89 +172,137 @@ impl Breakers {
         }
     }
 
-    fn report(&self, key: &(Arc<str>, String), trial: bool, ok: Option<bool>) {
-        if self.failures == 0 {
+    fn report(&self, p: &Permit, ok: Option<bool>) {
+        let Some(shared) = &p.destinations else {
+            return;
+        };
+        let mut d = lock(shared);
+        if d.gone {
             return;
         }
-        let mut all = self.lock();
-        let b = all.entry(key.clone()).or_insert(Breaker {
-            state: BreakerState::Closed,
-            failures: 0,
-            until: Instant::now(),
-            reported: false,
-        });
+        let now = Instant::now();
+        if !d.map.contains_key(&p.destination) {
+            // Only a failure starts tracking a destination.
+            if ok != Some(false) || !self.make_room(&p.function, &mut d) {
+                return;
+            }
+            d.map.insert(
+                p.destination.clone(),
+                Breaker {
+                    state: BreakerState::Closed,
+                    failures: 0,
+                    until: now,
+                    reported: false,
+                    touched: now,
+                },
+            );
+        }
+        let Some(b) = d.map.get_mut(&p.destination) else {
+            return;
+        };
         let before = b.state;
         match ok {
             // Abandoned: a trial that never finished lets the next call try.
-            None if trial && b.state == BreakerState::HalfOpen => {
+            None if p.trial && b.state == BreakerState::HalfOpen => {
                 b.state = BreakerState::Open;
-                b.until = Instant::now();
+                b.until = now;
             }
             None => {}
             Some(true) => {
                 b.state = BreakerState::Closed;
                 b.failures = 0;
             }
-            Some(false) if trial || b.state == BreakerState::HalfOpen => {
+            Some(false) if p.trial || b.state == BreakerState::HalfOpen => {
                 b.state = BreakerState::Open;
-                b.until = Instant::now() + self.cooldown;
+                b.until = now + self.cooldown;
             }
             Some(false) => {
                 b.failures += 1;
+                b.touched = now;
                 if b.state == BreakerState::Closed && b.failures >= self.failures {
                     b.state = BreakerState::Open;
-                    b.until = Instant::now() + self.cooldown;
+                    b.until = now + self.cooldown;
                 }
             }
         }
         let after = b.state;
         b.reported |= after != before;
+        if after != before {
+            b.touched = now;
+            let opened = after == BreakerState::Open && ok == Some(false);
+            self.events
+                .changed(&p.function, &p.destination, after, opened);
+        }
         // A destination that never troubled the function is not kept: the map holds only
         // those that failed (and whose series the metrics show).
         if after == BreakerState::Closed && b.failures == 0 && !b.reported {
-            all.remove(key);
+            d.map.remove(&p.destination);
         }
-        drop(all);
-        if after != before {
-            let opened = after == BreakerState::Open && ok == Some(false);
-            self.events.changed(&key.0, &key.1, after, opened);
+    }
+
+    /// Makes room for one more destination of `function`: at the cap, the closed breaker
+    /// least recently troubled goes. `false` when every tracked breaker is open.
+    fn make_room(&self, function: &str, d: &mut Destinations) -> bool {
+        if d.map.len() < MAX_DESTINATIONS {
+            return true;
         }
+        let Some(victim) = d
+            .map
+            .iter()
+            .filter(|(_, b)| b.state == BreakerState::Closed)
+            .min_by_key(|(_, b)| b.touched)
+            .map(|(dest, _)| dest.clone())
+        else {
+            return false;
+        };
+        if let Some(b) = d.map.remove(&victim)
+            && b.reported
+        {
+            self.events.removed(function, &victim);
+        }
+        true
     }
 
     /// The state of `function`'s breaker for `destination`.
     pub fn state(&self, function: &str, destination: &str) -> BreakerState {
-        self.lock()
-            .get(&(Arc::from(function), destination.to_string()))
+        let Some(shared) = self.lock().get(function).cloned() else {
+            return BreakerState::Closed;
+        };
+        lock(&shared)
+            .map
+            .get(destination)
             .map_or(BreakerState::Closed, |b| b.state)
     }
 
-    /// Drops every breaker of `function` (deleted); returns their destinations.
+    /// Drops every breaker of `function` (deleted); returns their destinations. Calls it
+    /// made that finish later change nothing.
     pub fn forget(&self, function: &str) -> Vec<String> {
-        let mut all = self.lock();
-        let gone: Vec<_> = all
-            .keys()
-            .filter(|(f, _)| &**f == function)
-            .cloned()
-            .collect();
-        for k in &gone {
-            all.remove(k);
-        }
-        gone.into_iter().map(|(_, d)| d).collect()
+        let Some(shared) = self.lock().remove(function) else {
+            return Vec::new();
+        };
+        let mut d = lock(&shared);
+        d.gone = true;
+        d.map.drain().map(|(dest, _)| dest).collect()
     }
+}
+
+fn lock(d: &Shared) -> std::sync::MutexGuard<'_, Destinations> {
+    // As above: every update leaves the map consistent.
+    d.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 impl Permit {
     /// Reports the call: `ok` when an answer came that was not a 5xx.
     pub fn done(mut self, ok: bool) {
         self.reported = true;
-        self.breakers.report(&self.key, self.trial, Some(ok));
+        self.breakers.report(&self, Some(ok));
     }
 }
 
 impl Drop for Permit {
     fn drop(&mut self) {
         if !self.reported {
-            self.breakers.report(&self.key, self.trial, None);
+            self.breakers.report(self, None);
         }
     }
 }
@@ -241,6 +321,7 @@ mod tests {
                 .unwrap_or_else(|p| p.into_inner())
                 .push((state, opened));
         }
+        fn removed(&self, _: &str, _: &str) {}
     }
 
     #[test]
@@ -314,5 +395,83 @@ mod tests {
             off.admit(&f, "up:80").expect("off").done(false);
         }
         assert!(off.admit(&f, "up:80").is_ok());
+    }
+
+    #[derive(Default)]
+    struct Removed(Mutex<Vec<String>>);
+
+    impl BreakerEvents for Arc<Removed> {
+        fn changed(&self, _: &str, _: &str, _: BreakerState, _: bool) {}
+        fn removed(&self, _: &str, destination: &str) {
+            self.0
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .push(destination.to_string());
+        }
+    }
+
+    #[test]
+    fn a_guest_calling_endless_new_destinations_holds_a_bounded_number_of_breakers() {
+        let removed = Arc::new(Removed::default());
+        let b = Arc::new(Breakers::new(
+            1,
+            Duration::from_secs(60),
+            Box::new(removed.clone()),
+        ));
+        let f: Arc<str> = "f".into();
+        let tracked = |b: &Breakers| lock(&b.lock()[&f]).map.len();
+        // Every one opens at its first failure: the cap is reached with all of them open.
+        for i in 0..MAX_DESTINATIONS {
+            b.admit(&f, &format!("h{i}:80")).expect("new").done(false);
+        }
+        assert_eq!(tracked(&b), MAX_DESTINATIONS);
+        b.admit(&f, "extra:80").expect("new").done(false);
+        assert_eq!(
+            tracked(&b),
+            MAX_DESTINATIONS,
+            "all open: the newcomer goes untracked"
+        );
+        assert_eq!(b.state("f", "extra:80"), BreakerState::Closed);
+        assert_eq!(
+            b.state("f", "h0:80"),
+            BreakerState::Open,
+            "open ones are kept"
+        );
+        // A closed one makes room, the least recently troubled first; one that had
+        // changed state (it has series) is reported gone.
+        let b2 = Arc::new(Breakers::new(2, Duration::ZERO, Box::new(removed.clone())));
+        b2.admit(&f, "r:80").expect("closed").done(false);
+        b2.admit(&f, "r:80").expect("closed").done(false);
+        b2.admit(&f, "r:80").expect("trial").done(true);
+        assert_eq!(b2.state("f", "r:80"), BreakerState::Closed);
+        for i in 0..MAX_DESTINATIONS + 100 {
+            b2.admit(&f, &format!("n{i}:80"))
+                .expect("closed")
+                .done(false);
+        }
+        let held = lock(&b2.lock()[&f]).map.keys().cloned().collect::<Vec<_>>();
+        assert_eq!(held.len(), MAX_DESTINATIONS);
+        assert!(
+            held.contains(&format!("n{}:80", MAX_DESTINATIONS + 99)),
+            "{held:?}"
+        );
+        assert!(!held.contains(&"n0:80".to_string()) && !held.contains(&"r:80".to_string()));
+        assert_eq!(
+            *removed.0.lock().unwrap_or_else(|p| p.into_inner()),
+            ["r:80"],
+            "only the breaker with series is reported gone"
+        );
+    }
+
+    #[test]
+    fn calls_finishing_after_their_function_was_deleted_change_nothing() {
+        let b = Arc::new(Breakers::new(1, Duration::from_secs(60), Box::new(Silent)));
+        let f: Arc<str> = "f".into();
+        b.admit(&f, "up:80").expect("closed").done(false);
+        let late = b.admit(&f, "other:80").expect("closed");
+        assert_eq!(b.forget("f"), ["up:80"]);
+        late.done(false);
+        assert!(b.forget("f").is_empty(), "nothing was made again");
+        assert_eq!(b.state("f", "other:80"), BreakerState::Closed);
     }
 }
