@@ -89,6 +89,26 @@ fn every_list_pages_by_cursor_without_repeats_or_gaps() {
     assert_eq!(seqs.len(), 4, "no entry twice: {audit:?}");
     let (history, _) = walk(&server, "/v1/functions/pa/history", "history", "seq", 1);
     assert!(history.is_empty(), "no traffic changes yet: {history:?}");
+    for weights in [
+        json!({"1": 100}),
+        json!({"2": 100}),
+        json!({"1": 50, "2": 50}),
+    ] {
+        let put = server.request(
+            "PUT",
+            "/v1/functions/pa/traffic",
+            &[("content-type", "application/json")],
+            json!({ "weights": weights }).to_string().as_bytes(),
+        );
+        assert_eq!(put.status, 200, "{}", put.text());
+    }
+    let (history, pages) = walk(&server, "/v1/functions/pa/history", "history", "seq", 1);
+    let distinct: BTreeSet<&String> = history.iter().collect();
+    assert_eq!(
+        (history.len(), distinct.len(), pages),
+        (3, 3, 3),
+        "{history:?}"
+    );
 
     // A page that ends the list says so; a cursor of another list or a bad limit is a 400.
     let last = server.get("/v1/functions?limit=5").json();
@@ -211,6 +231,131 @@ fn an_idempotency_key_makes_one_key_and_one_version_however_often_it_is_retried(
 }
 
 #[test]
+fn racing_retries_with_one_key_make_one_version_and_the_others_are_told_to_wait() {
+    let server = TestServer::start();
+    // A component this server never compiled: the first request holds its claim while
+    // the compile runs (tens of milliseconds), and the others arrive meanwhile.
+    let wasm = std::fs::read(example("echo")).unwrap();
+    let answers: Vec<_> = std::thread::scope(|s| {
+        let racers: Vec<_> = (0..5)
+            .map(|_| {
+                s.spawn(|| {
+                    server.request(
+                        "POST",
+                        "/v1/functions/race/versions",
+                        &[
+                            ("content-type", "application/wasm"),
+                            ("idempotency-key", "race-1"),
+                        ],
+                        &wasm,
+                    )
+                })
+            })
+            .collect();
+        racers.into_iter().map(|r| r.join().unwrap()).collect()
+    });
+    let made = answers
+        .iter()
+        .filter(|a| a.status == 201 && a.header("idempotent-replayed").is_none())
+        .count();
+    let waiting = answers.iter().filter(|a| a.status == 409).count();
+    assert_eq!(made, 1, "exactly one request made the version");
+    assert!(
+        waiting >= 1,
+        "a retry that raced the first was told to wait"
+    );
+    for a in answers.iter().filter(|a| a.status == 409) {
+        assert_eq!(a.error_code(), "idempotency.in_progress", "{}", a.text());
+    }
+    for a in &answers {
+        assert!(matches!(a.status, 201 | 409), "{}: {}", a.status, a.text());
+    }
+    let versions = server.get("/v1/functions/race/versions").json();
+    assert_eq!(
+        versions["versions"].as_array().unwrap().len(),
+        1,
+        "{versions}"
+    );
+}
+
+#[test]
+fn a_kept_answer_holds_no_secret_in_the_database() {
+    let server = TestServer::start();
+    let body = json!({"tenant": "acme", "scopes": ["invoke:*"]}).to_string();
+    let made = server.request(
+        "POST",
+        "/v1/keys",
+        &[("idempotency-key", "sealed-1")],
+        body.as_bytes(),
+    );
+    assert_eq!(made.status, 201, "{}", made.text());
+    let secret = made.json()["key"].as_str().unwrap().to_string();
+    let replay = server.request(
+        "POST",
+        "/v1/keys",
+        &[("idempotency-key", "sealed-1")],
+        body.as_bytes(),
+    );
+    assert_eq!(
+        replay.json()["key"],
+        secret.as_str(),
+        "the replay still carries it"
+    );
+    // The SQLite files (on PostgreSQL the unit tests of the sealing hold for the row).
+    let db = server.data_dir.join("kiln.db");
+    if db.exists() {
+        let mut bytes = Vec::new();
+        for file in ["kiln.db", "kiln.db-wal"] {
+            bytes.extend(std::fs::read(server.data_dir.join(file)).unwrap_or_default());
+        }
+        assert!(
+            bytes.windows(8).any(|w| w == b"sealed-1"),
+            "the claim is in these files"
+        );
+        assert!(
+            !bytes.windows(secret.len()).any(|w| w == secret.as_bytes()),
+            "the new key's secret is stored in clear"
+        );
+    }
+}
+
+#[test]
+fn anonymous_callers_and_encoded_slashes_reach_nothing_they_should_not() {
+    let server = TestServer::start();
+    server.deploy_example("hello", "hello", "");
+    for method in ["GET", "HEAD"] {
+        let a = server.request(method, "/v1/keys", &[("authorization", "")], b"");
+        assert_eq!(a.status, 401, "{method} /v1/keys without a key");
+    }
+    let (invoker, _) = server.create_key("default", &["invoke:*"], None);
+    let bearer = format!("Bearer {invoker}");
+    let a = server.request("HEAD", "/v1/keys", &[("authorization", &bearer)], b"");
+    assert_eq!(a.status, 403, "HEAD /v1/keys with an invoke key");
+    // An encoded slash stays inside its segment: never another route or function.
+    for path in [
+        "/v1/functions/hello%2Fversions",
+        "/v1/functions/a%2Fb",
+        "/v1/functions/hello%2F..%2F..%2Fkeys",
+    ] {
+        let a = server.get(path);
+        assert!(
+            matches!(a.status, 400 | 404),
+            "{path}: {} {}",
+            a.status,
+            a.text()
+        );
+        assert!(
+            matches!(
+                a.error_code().as_str(),
+                "request.invalid" | "function.not_found"
+            ),
+            "{path}: {}",
+            a.text()
+        );
+    }
+}
+
+#[test]
 fn head_answers_every_get_and_405_names_the_methods() {
     let server = TestServer::start();
     server.deploy_example("hello", "hello", "");
@@ -271,6 +416,35 @@ fn times_are_rfc3339_out_and_any_offset_or_span_in() {
             a.json()["entries"].as_array().unwrap().is_empty(),
             "until={until} ({now_utc})"
         );
+    }
+    // Bounds after the deploy find nothing, however their offset is written: an offset
+    // read with the wrong sign, or a `since` ignored, would find the deploy.
+    let at = now_utc.parse::<jiff::Timestamp>().expect("RFC 3339");
+    let later = |secs: i64, offset_h: i8| {
+        let zone = jiff::tz::TimeZone::fixed(jiff::tz::offset(offset_h));
+        let t = at
+            .checked_add(jiff::SignedDuration::from_secs(secs))
+            .unwrap();
+        t.to_zoned(zone)
+            .strftime("%Y-%m-%dT%H:%M:%S%:z")
+            .to_string()
+    };
+    for (since, found) in [
+        (later(2, 0), 0),
+        (later(3600, 1), 0),
+        (later(3600, -5), 0),
+        (later(-2, 2), 1),
+        (later(-2, -7), 1),
+    ] {
+        for written in [since.replace('+', "%2B"), since.clone()] {
+            let a = server.get(&format!("/v1/audit?action=version.create&since={written}"));
+            assert_eq!(a.status, 200, "{written}: {}", a.text());
+            assert_eq!(
+                a.json()["entries"].as_array().unwrap().len(),
+                found,
+                "since={written} (deployed at {now_utc})"
+            );
+        }
     }
     let usage = server.get("/v1/usage?since=7d&until=2099-01-01T00:00:00%2B09:00");
     assert_eq!(usage.status, 200, "{}", usage.text());

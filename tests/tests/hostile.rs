@@ -282,10 +282,15 @@ fn a_version_that_keeps_timing_out_sheds_load_instead_of_queueing() {
 #[test]
 fn guests_in_endless_loops_never_keep_other_functions_waiting() {
     let server = TestServer::start();
-    server.deploy_example("spinner", "hostile", "timeout_ms=4000&max_concurrency=8");
-    server.deploy_example("hello", "hello", "");
-    // More looping guests than the server has worker threads (one per core)...
+    // More looping guests than the server has worker threads (one per core), all running
+    // at once (none queued behind the function's concurrency)...
     let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
+    server.deploy_example(
+        "spinner",
+        "hostile",
+        &format!("timeout_ms=4000&max_concurrency={}", cores * 2),
+    );
+    server.deploy_example("hello", "hello", "");
     let loops: Vec<_> = (0..cores * 2)
         .map(|_| kiln_tests::spawn_get(format!("{}/fn/spinner/loop", server.url)))
         .collect();

@@ -1,7 +1,9 @@
 //! Times as the API reads and writes them. Answers carry RFC 3339 in UTC
 //! (`2026-12-03T08:00:00.000Z`); parameters take RFC 3339 with any offset
-//! (`2026-12-03T09:00:00+01:00`), a bare date (midnight UTC), unix milliseconds, or a span
-//! back from now (`90s`, `30m`, `1h`, `7d`, `1h30m`, optionally followed by `ago`).
+//! (`2026-12-03T09:00:00+01:00`), a date and time without an offset (read as UTC), a bare
+//! date (midnight UTC), unix milliseconds, or a span back from now (`90s`, `30m`, `1h`,
+//! `7d`, `1h30m`, optionally followed by `ago`). A `+` offset that reached us as a space
+//! (an unencoded `+` in a query string decodes to one) is read as the `+` it was.
 //! Parsed by jiff, so offsets, leap years and the edges of the calendar are someone's
 //! well-tested code rather than ours.
 
@@ -13,7 +15,7 @@ pub fn parse_time_at(s: &str, now_ms: i64) -> Result<i64, String> {
     if let Ok(ms) = s.parse::<i64>() {
         return Ok(ms);
     }
-    if let Ok(t) = s.parse::<jiff::Timestamp>() {
+    if let Some(t) = instant(s).or_else(|| instant(&plus_from_space(s)?)) {
         return Ok(t.as_millisecond());
     }
     if let Ok(d) = s.parse::<jiff::civil::Date>() {
@@ -32,6 +34,25 @@ pub fn parse_time_at(s: &str, now_ms: i64) -> Result<i64, String> {
         "{s:?} is not a time: use RFC 3339 (2026-12-03T10:00:00Z, 2026-12-03T11:00:00+01:00), \
          a date (2026-12-03), unix milliseconds, or a span back from now (30m, 1h, 7d)"
     ))
+}
+
+/// RFC 3339 with an offset, or a date and time without one (UTC).
+fn instant(s: &str) -> Option<jiff::Timestamp> {
+    s.parse::<jiff::Timestamp>().ok().or_else(|| {
+        let civil = s.parse::<jiff::civil::DateTime>().ok()?;
+        civil
+            .to_zoned(jiff::tz::TimeZone::UTC)
+            .ok()
+            .map(|z| z.timestamp())
+    })
+}
+
+/// `2026-12-03T09:00:00 01:00` (a `+` decoded as a space) back to `...+01:00`.
+fn plus_from_space(s: &str) -> Option<String> {
+    let (time, offset) = s.rsplit_once(' ')?;
+    let (h, m) = offset.split_once(':')?;
+    let digits = |p: &str| p.len() == 2 && p.bytes().all(|b| b.is_ascii_digit());
+    (time.contains(':') && digits(h) && digits(m)).then(|| format!("{time}+{offset}"))
 }
 
 /// Parses a time parameter against the clock (see [`parse_time_at`]).
@@ -82,6 +103,14 @@ mod tests {
         assert_eq!(parse_time_at("1h30m", NOW).unwrap(), NOW - 5_400_000);
         assert_eq!(parse_time_at("7d ago", NOW).unwrap(), NOW - 7 * 86_400_000);
         assert_eq!(parse_time_at(" 90s ", NOW).unwrap(), NOW - 90_000);
+        // No offset: UTC, as earlier Kiln read it; a `+` that arrived as a space.
+        assert_eq!(parse_time_at("2025-12-03T08:00:00", 0).unwrap(), NOW);
+        assert_eq!(parse_time_at("2025-12-03 08:00:00", 0).unwrap(), NOW);
+        assert_eq!(parse_time_at("2025-12-03T09:00:00 01:00", 0).unwrap(), NOW);
+        assert_eq!(
+            parse_time_at("2025-12-03T09:00:00.250 01:00", 0).unwrap(),
+            NOW + 250
+        );
     }
 
     #[test]
