@@ -1,7 +1,5 @@
 //! Glue between `wasi:http` resources and `http` types; used by [`export!`](crate::export).
 
-use std::io::Write as _;
-
 pub use wasip2;
 use wasip2::http::types::{
     ErrorCode, Fields, IncomingRequest, Method, OutgoingBody, OutgoingResponse, ResponseOutparam,
@@ -80,13 +78,25 @@ fn read_body(incoming: &IncomingRequest) -> Result<Vec<u8>, Response> {
     Ok(buf)
 }
 
+/// Most a `blocking-write-and-flush` call may carry (`wasi:io/streams`).
+const WRITE_CHUNK: usize = 4096;
+
 fn write_response(out: ResponseOutparam, response: Response) {
     let (parts, body) = response.into_parts();
-    let headers = Fields::new();
-    for (name, value) in &parts.headers {
-        // Headers the host forbids (hop-by-hop ones) are dropped rather than failing the call.
-        let _ = headers.append(name.as_str(), value.as_bytes());
-    }
+    // One host call for all the headers; if the host refuses one (a hop-by-hop header),
+    // they go one by one and the refused ones are dropped rather than failing the call.
+    let entries: Vec<(String, Vec<u8>)> = parts
+        .headers
+        .iter()
+        .map(|(name, value)| (name.as_str().to_string(), value.as_bytes().to_vec()))
+        .collect();
+    let headers = Fields::from_list(&entries).unwrap_or_else(|_| {
+        let headers = Fields::new();
+        for (name, value) in &entries {
+            let _ = headers.append(name, value);
+        }
+        headers
+    });
     let resp = OutgoingResponse::new(headers);
     let _ = resp.set_status_code(parts.status.as_u16());
     let Ok(outgoing) = resp.body() else {
@@ -97,9 +107,14 @@ fn write_response(out: ResponseOutparam, response: Response) {
         return;
     };
     ResponseOutparam::set(out, Ok(resp));
-    if let Ok(mut stream) = outgoing.write() {
-        let _ = stream.write_all(&body);
-        let _ = stream.flush();
+    // The body is whole already: each chunk goes in one call that also waits for room,
+    // instead of asking for room, writing and flushing in turn.
+    if let Ok(stream) = outgoing.write() {
+        for chunk in body.chunks(WRITE_CHUNK) {
+            if stream.blocking_write_and_flush(chunk).is_err() {
+                break;
+            }
+        }
     }
     let _ = OutgoingBody::finish(outgoing, None);
 }

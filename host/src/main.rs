@@ -2,6 +2,11 @@
 
 use clap::Parser;
 
+/// mimalloc rather than glibc's malloc: the request path allocates and frees a few hundred
+/// small objects per request (BENCHMARKS.md, "Instructions per request").
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> std::process::ExitCode {
     quiet_library_backtraces();
     tracing_subscriber::fmt()
