@@ -88,6 +88,10 @@ pub struct ModelSpec {
     pub target: Target,
     #[serde(default)]
     pub backend: Option<BackendKind>,
+    /// `"off"` (default), `"auto"` (measured per model), or `{ max_rows, max_wait_us }`:
+    /// whether concurrent computes on the model merge into one run.
+    #[serde(default)]
+    pub batch: crate::nn::BatchSpec,
 }
 
 /// The `[build]` table.

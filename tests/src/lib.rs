@@ -15,6 +15,7 @@ pub use serde_json::{Value, json};
 mod fixtures;
 pub use fixtures::{digest, example, kiln_bin, onnxruntime_library, root, skip, temp_dir};
 pub mod cluster;
+pub mod onnx;
 pub mod pg;
 pub mod proxy;
 pub mod s3;
@@ -33,6 +34,8 @@ pub struct Launch {
     pub admin_key: Option<String>,
     /// Extra `kiln serve` arguments (`--listen` is `127.0.0.1:0` unless given here).
     pub args: Vec<String>,
+    /// Extra environment variables (`TOKIO_WORKER_THREADS`, say).
+    pub env: Vec<(String, String)>,
 }
 
 impl Default for Launch {
@@ -40,6 +43,7 @@ impl Default for Launch {
         Launch {
             admin_key: Some(ADMIN_KEY.into()),
             args: Vec::new(),
+            env: Vec::new(),
         }
     }
 }
@@ -78,6 +82,7 @@ fn try_spawn(
             cmd.env(k, v);
         }
     }
+    cmd.envs(launch.env.iter().map(|(k, v)| (k, v)));
     cmd.args(&launch.args)
         .arg("--data-dir")
         .arg(data_dir)

@@ -5,7 +5,7 @@ use serde_json::Value;
 use crate::TestServer;
 
 /// The columns of the usage CSV export, in order.
-pub const USAGE_COLUMNS: [&str; 19] = [
+pub const USAGE_COLUMNS: [&str; 20] = [
     "request_id",
     "tenant",
     "function",
@@ -25,6 +25,7 @@ pub const USAGE_COLUMNS: [&str; 19] = [
     "outcome",
     "status",
     "cost",
+    "batch_rows",
 ];
 
 /// One usage record (a CSV line) by column.

@@ -452,7 +452,7 @@ fn first_start_on_loopback_prints_an_admin_key_once() {
     let dir = temp_dir("bootstrap");
     let launch = Launch {
         admin_key: None,
-        args: Vec::new(),
+        ..Launch::default()
     };
     let mut server = TestServer::launch(dir, None, launch).expect("serves");
     let key = server
@@ -485,6 +485,7 @@ fn beyond_loopback_without_keys_refuses_to_start_unless_insecure() {
             .chain(extra)
             .map(|s| s.to_string())
             .collect(),
+        env: Vec::new(),
     };
     let log = TestServer::launch(temp_dir("refuse"), None, beyond(&[]))
         .err()
@@ -514,6 +515,7 @@ fn beyond_loopback_without_keys_refuses_to_start_unless_insecure() {
     let launch = Launch {
         admin_key: Some(kiln_tests::ADMIN_KEY.into()),
         args: beyond(&[]).args,
+        ..Launch::default()
     };
     let server = TestServer::launch(temp_dir("beyond-key"), None, launch).expect("serves");
     let url = server.url.replace("0.0.0.0", "127.0.0.1");
@@ -529,7 +531,7 @@ fn beyond_loopback_without_keys_refuses_to_start_unless_insecure() {
     // A short KILN_ADMIN_KEY is refused.
     let launch = Launch {
         admin_key: Some("short".into()),
-        args: Vec::new(),
+        ..Launch::default()
     };
     let log = TestServer::launch(temp_dir("short"), None, launch)
         .err()

@@ -26,6 +26,7 @@ fn record(i: u64) -> UsageRecord {
         memory_peak_bytes: 1_179_648,
         inference_cpu_us: 0,
         inference_gpu_us: 0,
+        batch_rows: 0,
         bytes_in: 0,
         bytes_out: 6,
         cold: false,

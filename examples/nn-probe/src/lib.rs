@@ -3,6 +3,11 @@
 //! sees it (tensor in, compute, every output read back), to compare with the same run called
 //! natively. `GET /?model=digits&input=input&dims=1,64&iters=200` ->
 //! `{"runs": 200, "mean_us": 9.1}`.
+//!
+//! `POST /run` runs one compute described in JSON, for tests of any model:
+//! `{"model": "m", "inputs": {"x": {"type": "f32", "dims": [2, 3], "values": [...]}}}` ->
+//! `{"outputs": {"y": {"type": "f32", "dims": [...], "values": [...]}}}`, or a 400/500 with
+//! the `wasi:nn` error code and message.
 
 use std::time::Instant;
 
@@ -16,7 +21,78 @@ fn param<'a>(req: &'a Request, key: &str) -> Option<&'a str> {
         .find_map(|kv| kv.strip_prefix(key)?.strip_prefix('='))
 }
 
+/// `POST /run`: one compute from JSON.
+fn run_json(req: &Request) -> Response {
+    let fail = |status: StatusCode, code: &str, message: String| {
+        let body = serde_json::json!({"error": {"code": code, "message": message}});
+        json(status, body.to_string())
+    };
+    let spec: serde_json::Value = match serde_json::from_slice(req.body()) {
+        Ok(v) => v,
+        Err(e) => return fail(StatusCode::BAD_REQUEST, "json", e.to_string()),
+    };
+    let model = spec["model"].as_str().unwrap_or("model");
+    let mut inputs = Vec::new();
+    for (name, t) in spec["inputs"].as_object().into_iter().flatten() {
+        let dims: Vec<u32> = t["dims"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|d| d.as_u64().map(|d| d as u32))
+            .collect();
+        let values = t["values"].as_array().cloned().unwrap_or_default();
+        let tensor = match t["type"].as_str() {
+            Some("i64") => Tensor::i64(
+                &dims,
+                &values.iter().filter_map(|v| v.as_i64()).collect::<Vec<_>>(),
+            ),
+            _ => Tensor::f32(
+                &dims,
+                &values
+                    .iter()
+                    .filter_map(|v| v.as_f64().map(|v| v as f32))
+                    .collect::<Vec<_>>(),
+            ),
+        };
+        inputs.push((name.as_str(), tensor));
+    }
+    let out = Model::load(model).and_then(|m| m.run(&inputs));
+    match out {
+        Ok(out) => {
+            let mut outputs = serde_json::Map::new();
+            for (name, t) in out.iter() {
+                let (ty, values) = match (t.f32s(), t.i64s()) {
+                    (Ok(v), _) => ("f32", serde_json::json!(v)),
+                    (_, Ok(v)) => ("i64", serde_json::json!(v)),
+                    _ => ("other", serde_json::json!([])),
+                };
+                outputs.insert(
+                    name.to_string(),
+                    serde_json::json!({"type": ty, "dims": t.dims, "values": values}),
+                );
+            }
+            json(
+                StatusCode::OK,
+                serde_json::json!({ "outputs": outputs }).to_string(),
+            )
+        }
+        Err(e) => {
+            let status = match e.code {
+                kiln_guest::nn::ErrorCode::InvalidArgument => StatusCode::BAD_REQUEST,
+                _ => StatusCode::INTERNAL_SERVER_ERROR,
+            };
+            // `runtime-error: ...`: the WIT name of the code comes first.
+            let text = e.to_string();
+            let code = text.split(':').next().unwrap_or_default().to_string();
+            fail(status, &code, text)
+        }
+    }
+}
+
 fn probe(req: Request) -> Response {
+    if req.uri().path() == "/run" {
+        return run_json(&req);
+    }
     let model = param(&req, "model").unwrap_or("model");
     let input = param(&req, "input").unwrap_or("input");
     let dims: Vec<u32> = param(&req, "dims")

@@ -70,6 +70,9 @@ pub struct ModelDecl {
     /// `tract` or `onnxruntime`; unset takes the server's default.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub backend: Option<BackendKind>,
+    /// `"off"` (default), `"auto"`, or `{"max_rows", "max_wait_us"}`.
+    #[serde(default, skip_serializing_if = "crate::nn::BatchSpec::is_off")]
+    pub batch: crate::nn::BatchSpec,
 }
 
 /// The `[nn]` options of a version.
@@ -95,6 +98,7 @@ impl CreateVersion {
                     encoding: m.encoding,
                     target: m.target,
                     backend: m.backend,
+                    batch: m.batch,
                 })
                 .collect(),
             guest_load_max_bytes: self

@@ -416,6 +416,7 @@ impl App {
                 encoding: meta.encoding,
                 target: meta.target,
                 backend: meta.backend,
+                batch: meta.batch,
             });
         }
         Ok(out)

@@ -69,6 +69,7 @@ fn embed_models_into(m: &Manifest, component: &Path) -> anyhow::Result<()> {
                 encoding: spec.encoding,
                 target: spec.target,
                 backend: spec.backend,
+                batch: spec.batch,
             },
             bytes,
         ));
@@ -210,6 +211,7 @@ fn model_decls(client: &Client, m: &Manifest, component: &Path) -> anyhow::Resul
                 encoding: spec.encoding,
                 target: spec.target,
                 backend: spec.backend,
+                batch: spec.batch,
             })?,
         );
     }

@@ -148,6 +148,7 @@ CREATE TABLE IF NOT EXISTS usage (
     outcome           TEXT NOT NULL,
     status            INTEGER NOT NULL,
     cost              INTEGER NOT NULL,
+    batch_rows        INTEGER NOT NULL DEFAULT 0,
     -- Clustered by time (usage queries are time windows); a replayed record (same request,
     -- same start) is ignored.
     PRIMARY KEY (start_ms, request_id)
@@ -156,6 +157,25 @@ CREATE TABLE IF NOT EXISTS usage (
 
 fn open(path: &std::path::Path) -> anyhow::Result<Connection> {
     crate::store::open_sqlite(path, crate::store::Sync::Full, "usage ledger")
+}
+
+/// Creates the usage table, or gives one made by an earlier Kiln its newer columns.
+fn upgrade(conn: &Connection) -> anyhow::Result<()> {
+    conn.execute_batch(SCHEMA)
+        .context("creating the usage schema")?;
+    let has_batch_rows = conn
+        .prepare("SELECT 1 FROM pragma_table_info('usage') WHERE name = 'batch_rows'")?
+        .exists([])?;
+    if !has_batch_rows {
+        conn.execute_batch("ALTER TABLE usage ADD COLUMN batch_rows INTEGER NOT NULL DEFAULT 0")
+            .context("adding the usage.batch_rows column")?;
+    }
+    Ok(())
+}
+
+/// Brings the usage ledger at `path` (an earlier Kiln's, say) up to this one's schema.
+pub fn upgrade_sqlite(path: &std::path::Path) -> anyhow::Result<()> {
+    upgrade(&open(path)?)
 }
 
 impl Ledger {
@@ -169,8 +189,7 @@ impl Ledger {
         let (sink, reader): (Box<dyn Sink>, Reader) = match store {
             LedgerStore::Sqlite(path) => {
                 let conn = open(path)?;
-                conn.execute_batch(SCHEMA)
-                    .context("creating the usage schema")?;
+                upgrade(&conn)?;
                 (
                     Box::new(SqliteSink(conn)),
                     Reader::Sqlite(Arc::new(Mutex::new(open(path)?))),
@@ -419,16 +438,19 @@ fn write_loop(mut sink: Box<dyn Sink>, rx: Receiver<Msg>, interval: Duration, me
     }
 }
 
-/// Rows per multi-row INSERT (18 parameters each; SQLite allows 32766).
+/// Columns of a usage row.
+const COLUMNS: usize = 19;
+/// Rows per multi-row INSERT (19 parameters each; SQLite allows 32766).
 const ROWS_PER_INSERT: usize = 32;
 
 fn insert_sql(rows: usize) -> String {
     let mut sql = String::from(
         "INSERT OR IGNORE INTO usage (request_id, tenant, function, version, start_ms,
             wall_us, cpu_us, memory_peak_bytes, mem_mib_ms, inference_cpu_us,
-            inference_gpu_us, bytes_in, bytes_out, cold, cache, outcome, status, cost) VALUES ",
+            inference_gpu_us, bytes_in, bytes_out, cold, cache, outcome, status, cost,
+            batch_rows) VALUES ",
     );
-    let row = format!("({})", vec!["?"; 18].join(","));
+    let row = format!("({})", vec!["?"; COLUMNS].join(","));
     sql.push_str(&vec![row; rows].join(","));
     sql
 }
@@ -436,9 +458,9 @@ fn insert_sql(rows: usize) -> String {
 fn bind(stmt: &mut rusqlite::Statement<'_>, rows: &[UsageRecord]) -> rusqlite::Result<()> {
     let int = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
     for (n, r) in rows.iter().enumerate() {
-        let at = n * 18;
+        let at = n * COLUMNS;
         let (tenant, function): (&str, &str) = (&r.tenant, &r.function);
-        let values: [&dyn rusqlite::ToSql; 18] = [
+        let values: [&dyn rusqlite::ToSql; COLUMNS] = [
             &r.request_id,
             &tenant,
             &function,
@@ -457,6 +479,7 @@ fn bind(stmt: &mut rusqlite::Statement<'_>, rows: &[UsageRecord]) -> rusqlite::R
             &r.outcome.as_str(),
             &r.status,
             &int(r.cost),
+            &r.batch_rows,
         ];
         for (i, v) in values.iter().enumerate() {
             stmt.raw_bind_parameter(at + i + 1, v)?;

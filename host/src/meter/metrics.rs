@@ -15,6 +15,8 @@
 //! | `kiln_connections_open` | gauge | |
 //! | `kiln_connections_refused_total` | counter | |
 //! | `kiln_nn_inference_duration_seconds` | histogram | backend, device |
+//! | `kiln_nn_batch_rows` | histogram (rows per backend run, batching on) | backend, device |
+//! | `kiln_nn_batch_wait_seconds` | histogram (a compute's wait in a batching queue) | backend, device |
 //! | `kiln_compile_duration_seconds` | histogram | |
 //! | `kiln_cache_hits_total`, `kiln_cache_misses_total`, `kiln_cache_evictions_total` | counter | cache (`response`, `inference`) |
 //! | `kiln_cache_bytes` | gauge | cache |
@@ -53,6 +55,16 @@ fn inference_histogram() -> Histogram {
     Histogram::new(exponential_buckets(0.000005, 4.0, 13))
 }
 
+/// 1 .. 1024 rows, doubling.
+fn rows_histogram() -> Histogram {
+    Histogram::new(exponential_buckets(1.0, 2.0, 11))
+}
+
+/// 10 µs .. ~41 s, quadrupling.
+fn wait_histogram() -> Histogram {
+    Histogram::new(exponential_buckets(0.00001, 4.0, 12))
+}
+
 /// The server's metrics.
 pub struct Metrics {
     registry: Registry,
@@ -64,6 +76,8 @@ pub struct Metrics {
     connections: Gauge<i64, AtomicI64>,
     connections_refused: Counter,
     inference: HistogramFamily<InferenceLabels>,
+    batch_rows: HistogramFamily<InferenceLabels>,
+    batch_wait: HistogramFamily<InferenceLabels>,
     compile: Histogram,
     cache_hits: Family<CacheLabels, Counter>,
     cache_misses: Family<CacheLabels, Counter>,
@@ -141,6 +155,20 @@ impl Metrics {
             "nn_inference_duration_seconds",
             "Native inference time of one wasi-nn compute",
             inference.clone(),
+        );
+        let batch_rows: HistogramFamily<InferenceLabels> =
+            Family::new_with_constructor(rows_histogram);
+        registry.register(
+            "nn_batch_rows",
+            "Rows in one backend run of a model with batching on (1: it ran alone)",
+            batch_rows.clone(),
+        );
+        let batch_wait: HistogramFamily<InferenceLabels> =
+            Family::new_with_constructor(wait_histogram);
+        registry.register(
+            "nn_batch_wait_seconds",
+            "Time a compute waited in a model's batching queue before its run began",
+            batch_wait.clone(),
         );
         let compile = request_histogram();
         registry.register(
@@ -240,6 +268,8 @@ impl Metrics {
             connections,
             connections_refused,
             inference,
+            batch_rows,
+            batch_wait,
             compile,
             cache_hits,
             cache_misses,
@@ -324,6 +354,28 @@ impl Metrics {
                 device: device.as_str(),
             })
             .observe(took.as_secs_f64());
+    }
+
+    /// Records one backend run of `rows` rows through a batching queue, and how long each
+    /// of its computes waited for it.
+    pub fn batch(
+        &self,
+        backend: BackendKind,
+        device: Device,
+        rows: u32,
+        waits: impl Iterator<Item = Duration>,
+    ) {
+        let labels = InferenceLabels {
+            backend: backend.as_str(),
+            device: device.as_str(),
+        };
+        self.batch_rows
+            .get_or_create(&labels)
+            .observe(f64::from(rows));
+        let wait = self.batch_wait.get_or_create(&labels);
+        for w in waits {
+            wait.observe(w.as_secs_f64());
+        }
     }
 
     /// The series of cache `name` (`response`, `inference`).

@@ -41,6 +41,9 @@ pub struct UsageRecord {
     pub memory_peak_bytes: u64,
     pub inference_cpu_us: u64,
     pub inference_gpu_us: u64,
+    /// Most rows in a backend run the request's computes shared (more than its own when
+    /// batching merged it with others; 0 without inference).
+    pub batch_rows: u32,
     /// Request body bytes read.
     pub bytes_in: u64,
     /// Response body bytes sent.
@@ -146,6 +149,7 @@ mod tests {
             memory_peak_bytes: (3 << 20) + 1,
             inference_cpu_us: 10_000,
             inference_gpu_us: 500,
+            batch_rows: 0,
             bytes_in: 0,
             bytes_out: 0,
             cold: false,
@@ -178,6 +182,7 @@ mod tests {
             cpu_us: 0,
             inference_cpu_us: 0,
             inference_gpu_us: 0,
+            batch_rows: 0,
             ..record()
         };
         assert_eq!(p.cost(&hit), 20);

@@ -42,6 +42,11 @@ pub trait BackendGraph: Send + Sync {
     fn run(&self, inputs: Vec<Tensor>, cancel: &Cancel) -> Result<Vec<Tensor>, NnError>;
     /// Approximate host memory the loaded graph holds, in bytes (for the model budget).
     fn memory_bytes(&self) -> u64;
+    /// Runs that can make progress at once (ONNX Runtime: its sessions; the default: one
+    /// per core). The batching queue keeps at most this many in flight and merges the rest.
+    fn concurrency(&self) -> usize {
+        std::thread::available_parallelism().map_or(1, |n| n.get())
+    }
 }
 
 /// A cancellation signal for one inference: set when the request gave up (timeout, client

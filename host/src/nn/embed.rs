@@ -6,7 +6,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::{BackendKind, Encoding, Target};
+use super::{BackendKind, BatchSpec, Encoding, Target};
 
 /// Name of the custom section holding one embedded model.
 pub const SECTION: &str = "kiln:model";
@@ -22,6 +22,8 @@ pub struct EmbeddedModel {
     pub target: Target,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub backend: Option<BackendKind>,
+    #[serde(default, skip_serializing_if = "BatchSpec::is_off")]
+    pub batch: BatchSpec,
 }
 
 /// Why embedded models could not be read.
@@ -179,6 +181,7 @@ mod tests {
             encoding: Encoding::Onnx,
             target: Target::Auto,
             backend: None,
+            batch: BatchSpec::Off,
         }
     }
 

@@ -5,20 +5,24 @@
 //! - `graph.load` (guest-supplied bytes) is refused unless the version enabled it, and then
 //!   capped in size; such a graph lives only as long as the request.
 //! - `compute` checks every input against the model first, then runs: inline when the
-//!   model is known to be quick, otherwise on the blocking pool so that the request's
-//!   timeout still fires (and cancels the run where the backend allows).
+//!   run is known to be quick *for its rows*, otherwise on the blocking pool so that the
+//!   request's timeout still fires (and cancels the run where the backend allows). With
+//!   batching on for the model (`[models.<name>] batch`), it goes through the graph's
+//!   batching queue instead and is billed its share of the merged run.
 //! - Identical inputs on the same graph come from the version's inference cache (blake3
 //!   key over graph identity and every input), concurrent identical computes run once.
 //! - Inference wall time is added up per device for metering and `server-timing`.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use wasmtime::component::{HasData, Linker, Resource, ResourceTable};
 
-use super::backend::{Cancel, check_inputs};
-use super::models::{LoadedGraph, ModelManager, ModelSlot, VersionModels};
+use super::backend::check_inputs;
+use super::batch::{self, BatchSpec, Served};
+use super::graph::LoadedGraph;
+use super::models::{ModelManager, ModelSlot, VersionModels};
 use super::{Device, ElementType, ErrorCode, NnError, Target, Tensor};
 use crate::cache::Lookup;
 use crate::cache::inference as inference_cache;
@@ -44,11 +48,13 @@ mod generated {
 
 use generated::wasi::nn::{errors, graph, inference, tensor};
 
-/// A graph as a guest holds it: the shared loaded graph and the cache slot it came from.
+/// A graph as a guest holds it: the shared loaded graph, the cache slot it came from, and
+/// how the guest's version batches it.
 #[derive(Clone)]
 pub struct GraphHandle {
     graph: Arc<LoadedGraph>,
     slot: Option<Arc<ModelSlot>>,
+    batch: BatchSpec,
 }
 
 /// An execution context: which graph it runs.
@@ -66,6 +72,10 @@ pub struct InferenceTime {
     cache_misses: AtomicU64,
     /// Part of the above that ran on the guest's own thread (inside its CPU time).
     inline_ns: AtomicU64,
+    /// Most rows in a run one of its computes shared (0: no compute ran).
+    batch_rows: AtomicU32,
+    /// A compute went through a batching queue.
+    batched: AtomicBool,
 }
 
 impl InferenceTime {
@@ -81,6 +91,15 @@ impl InferenceTime {
     /// metering takes it out of the guest's CPU time).
     pub fn inline(&self) -> Duration {
         Duration::from_nanos(self.inline_ns.load(Ordering::Relaxed))
+    }
+
+    /// Most rows in a backend run one of this request's computes shared (0 without a
+    /// run), and whether any went through a batching queue.
+    pub fn batch(&self) -> (u32, bool) {
+        (
+            self.batch_rows.load(Ordering::Relaxed),
+            self.batched.load(Ordering::Relaxed),
+        )
     }
 
     /// Inference cache hits and misses of this request so far.
@@ -233,7 +252,11 @@ impl graph::Host for NnView<'_> {
                 ));
             }
             let graph = self.ctx.manager.load_guest_model(model, target).await?;
-            Ok(GraphHandle { graph, slot: None })
+            Ok(GraphHandle {
+                graph,
+                slot: None,
+                batch: BatchSpec::Off,
+            })
         }
         .await;
         self.give(r)
@@ -248,15 +271,22 @@ impl graph::Host for NnView<'_> {
                     self.ctx.models.names().join(", ")
                 ),
             )),
-            Some(slot) => self
-                .ctx
-                .manager
-                .graph(&slot)
-                .await
-                .map(|graph| GraphHandle {
-                    graph,
-                    slot: Some(slot),
-                }),
+            Some(slot) => {
+                let batch = self.ctx.models.batch(&name);
+                match self.ctx.manager.graph(&slot).await {
+                    Ok(graph) => {
+                        self.ctx
+                            .manager
+                            .prepare_batching(&graph, batch)
+                            .map(|()| GraphHandle {
+                                graph,
+                                slot: Some(slot),
+                                batch,
+                            })
+                    }
+                    Err(e) => Err(e),
+                }
+            }
         };
         self.give(r)
     }
@@ -271,17 +301,6 @@ impl graph::HostGraph for NnView<'_> {
     fn drop(&mut self, graph: Resource<GraphHandle>) -> wasmtime::Result<()> {
         self.table.delete(graph)?;
         Ok(())
-    }
-}
-
-/// Cancels an inference if the request stops waiting for it.
-struct CancelOnDrop(Option<Cancel>);
-
-impl Drop for CancelOnDrop {
-    fn drop(&mut self) {
-        if let Some(c) = self.0.take() {
-            c.cancel();
-        }
     }
 }
 
@@ -335,34 +354,40 @@ impl inference::HostGraphExecutionContext for NnView<'_> {
                 if let Some(slot) = &handle.slot {
                     slot.count_run();
                 }
-                let started = Instant::now();
-                let inline = graph.runs_inline();
-                let out = if inline {
-                    graph.graph.run(inputs, &Cancel::default())
-                } else {
-                    let cancel = Cancel::default();
-                    let mut guard = CancelOnDrop(Some(cancel.clone()));
-                    let g = graph.clone();
-                    let out = tokio::task::spawn_blocking(move || g.graph.run(inputs, &cancel))
-                        .await
-                        .map_err(|e| NnError::runtime("inference task", e))
-                        .and_then(|r| r);
-                    guard.0 = None;
-                    out
+                let served = match graph.limits(handle.batch) {
+                    Some(limits) => {
+                        self.ctx.time.batched.store(true, Ordering::Relaxed);
+                        batch::submit(&graph, inputs, limits, self.ctx.deadline).await
+                    }
+                    None => {
+                        let rows = batch::rows_of(&inputs);
+                        let ran = batch::execute(&graph, inputs, rows, true).await;
+                        Served {
+                            share_ns: ran.took.as_nanos() as u64,
+                            outputs: ran.outputs,
+                            batch_rows: rows,
+                            waited: Duration::ZERO,
+                            inline: ran.inline,
+                        }
+                    }
                 };
-                let took = started.elapsed();
-                graph.record_run(took);
+                let took = Duration::from_nanos(served.share_ns);
                 self.ctx.time.add(graph.device, took);
-                if inline {
+                self.ctx
+                    .time
+                    .batch_rows
+                    .fetch_max(served.batch_rows, Ordering::Relaxed);
+                if served.inline {
                     self.ctx
                         .time
                         .inline_ns
-                        .fetch_add(took.as_nanos() as u64, Ordering::Relaxed);
+                        .fetch_add(served.share_ns, Ordering::Relaxed);
                 }
                 self.ctx
                     .manager
                     .metrics()
                     .inference(graph.backend, graph.device, took);
+                let out = served.outputs;
                 if let (Ok(outputs), Some((mut f, c))) = (&out, fill) {
                     let size = inference_cache::size(outputs);
                     // Too large for the cache: skip the copy `store` would refuse anyway.

@@ -6,6 +6,9 @@
 //! - [`models`]: the graph cache. A graph is loaded once per (model digest, backend, target),
 //!   at deploy or first use, and shared by every instance and request; idle graphs unload
 //!   and the total is bounded.
+//! - [`graph`]: a loaded graph: what its runs cost ([`cost`]: fitted per model, deciding
+//!   where a run goes and whether batching pays) and its batching queue ([`batch`]: computes
+//!   from many instances merged into one run, outputs split back, time shared by rows).
 //! - [`host`]: the `wasi:nn@0.2.0-rc-2024-10-28` imports (WIT in `wit/wasi-nn.wit`). Names
 //!   resolve only within the calling version; compute runs under the request's deadline and
 //!   its time is counted per device for metering.
@@ -16,7 +19,10 @@
 //! cause lost, and its ONNX backend handles f32 only.
 
 pub mod backend;
+pub mod batch;
+pub mod cost;
 pub mod embed;
+pub mod graph;
 pub mod host;
 pub mod models;
 #[cfg(feature = "onnxruntime")]
@@ -36,6 +42,7 @@ use crate::config::{DefaultBackend, NnConfig};
 use crate::meter::Metrics;
 
 pub use backend::{Backend, BackendGraph, TensorInfo};
+pub use batch::BatchSpec;
 pub use host::{InferenceTime, NnCtx};
 pub use models::{ModelInfo, ModelManager, ModelRef, ModelsConfig, NnSpec, VersionModels};
 

@@ -14,7 +14,9 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
-use super::backend::{Backend, BackendGraph};
+use super::backend::Backend;
+use super::batch::BatchSpec;
+use super::graph::{BatchingInfo, LoadedGraph};
 use super::{BackendKind, Device, Encoding, ErrorCode, NnError, Target};
 use crate::common::{BlobSource, Digest};
 use crate::meter::Metrics;
@@ -36,6 +38,9 @@ pub struct ModelRef {
     /// Backend asked for; `None` takes the server's default.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub backend: Option<BackendKind>,
+    /// Whether concurrent computes on it merge into batches.
+    #[serde(default, skip_serializing_if = "BatchSpec::is_off")]
+    pub batch: BatchSpec,
 }
 
 /// What a version records about inference.
@@ -65,48 +70,6 @@ struct SlotKey {
     digest: Digest,
     backend: BackendKind,
     target: Target,
-}
-
-/// A loaded graph and where it runs.
-pub struct LoadedGraph {
-    pub graph: Box<dyn BackendGraph>,
-    pub backend: BackendKind,
-    pub device: Device,
-    /// Moving average of one run, in nanoseconds (`u64::MAX` until the first run).
-    run_ns: AtomicU64,
-}
-
-/// Runs shorter than this on average stay on the server thread that asked; longer ones move
-/// to the blocking pool so they can be abandoned at the request's deadline.
-const INLINE_RUN: Duration = Duration::from_micros(250);
-
-impl LoadedGraph {
-    /// Wraps a backend graph.
-    pub fn new(graph: Box<dyn BackendGraph>, backend: BackendKind, device: Device) -> Self {
-        LoadedGraph {
-            graph,
-            backend,
-            device,
-            run_ns: AtomicU64::new(u64::MAX),
-        }
-    }
-
-    /// Whether a run is short enough to do inline (known, and under [`INLINE_RUN`]).
-    pub fn runs_inline(&self) -> bool {
-        self.run_ns.load(Ordering::Relaxed) < INLINE_RUN.as_nanos() as u64
-    }
-
-    /// Records the duration of one run.
-    pub fn record_run(&self, took: Duration) {
-        let ns = took.as_nanos().min(u128::from(u64::MAX / 2)) as u64;
-        let old = self.run_ns.load(Ordering::Relaxed);
-        let new = if old == u64::MAX {
-            ns
-        } else {
-            (old * 7 + ns) / 8
-        };
-        self.run_ns.store(new, Ordering::Relaxed);
-    }
 }
 
 #[derive(Default)]
@@ -167,6 +130,13 @@ impl VersionModels {
         self.models.get(name).map(|(_, s)| s)
     }
 
+    /// How model `name`'s computes batch in this version.
+    pub fn batch(&self, name: &str) -> BatchSpec {
+        self.models
+            .get(name)
+            .map_or(BatchSpec::Off, |(r, _)| r.batch)
+    }
+
     /// Names of this version's models.
     pub fn names(&self) -> Vec<&str> {
         self.models.keys().map(String::as_str).collect()
@@ -201,6 +171,9 @@ pub struct ModelInfo {
     pub inputs: Option<Vec<super::TensorInfo>>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub outputs: Option<Vec<super::TensorInfo>>,
+    /// Whether this version's computes on the model merge, and why (once loaded).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub batching: Option<BatchingInfo>,
 }
 
 /// The backends this server has and the cache of loaded graphs.
@@ -300,10 +273,35 @@ impl ModelManager {
         }
     }
 
-    /// Loads every model of a version now (deploy), failing with the first model's error.
+    /// Loads every model of a version now (deploy), failing with the first model's error
+    /// (explicit batch limits on a model that cannot batch included); starts the
+    /// calibration of models with `batch = "auto"`.
     pub async fn load_all(&self, models: &VersionModels) -> Result<(), (String, NnError)> {
-        for (name, (_, slot)) in &models.models {
-            self.graph(slot).await.map_err(|e| (name.clone(), e))?;
+        for (name, (r, slot)) in &models.models {
+            let graph = self.graph(slot).await.map_err(|e| (name.clone(), e))?;
+            self.prepare_batching(&graph, r.batch)
+                .map_err(|e| (name.clone(), e))?;
+        }
+        Ok(())
+    }
+
+    /// Gets `graph` ready for a version asking for `spec`: calibrates for `"auto"`;
+    /// refuses explicit limits on a model whose computes cannot merge.
+    pub fn prepare_batching(
+        &self,
+        graph: &Arc<LoadedGraph>,
+        spec: BatchSpec,
+    ) -> Result<(), NnError> {
+        match spec {
+            BatchSpec::Auto => graph.calibrate_once(),
+            BatchSpec::Fixed(_) => {
+                if let Some(why) = graph.unbatchable() {
+                    return Err(NnError::invalid(format!(
+                        "batch limits are set, but this model's computes cannot merge: {why}"
+                    )));
+                }
+            }
+            BatchSpec::Off => {}
         }
         Ok(())
     }
@@ -385,7 +383,10 @@ impl ModelManager {
             tracing::warn!(digest = %slot.key.digest, "model target auto: {n}");
         }
         tracing::info!(digest = %slot.key.digest, backend = %kind, %device, "model loaded");
-        Ok((LoadedGraph::new(graph, kind, device), note))
+        Ok((
+            LoadedGraph::new(graph, kind, device, self.metrics.clone()),
+            note,
+        ))
     }
 
     /// Live slots, without holding the lock while looking at them.
@@ -500,6 +501,7 @@ impl ModelManager {
                     error: state.error.clone(),
                     inputs: graph.map(|g| g.graph.inputs().to_vec()),
                     outputs: graph.map(|g| g.graph.outputs().to_vec()),
+                    batching: graph.map(|g| g.batching(r.batch)),
                 }
             })
             .collect()
@@ -517,7 +519,12 @@ impl ModelManager {
         let graph = tokio::task::spawn_blocking(move || backend.load(&bytes, device))
             .await
             .map_err(|e| NnError::runtime("model load task", e))??;
-        Ok(Arc::new(LoadedGraph::new(graph, kind, device)))
+        Ok(Arc::new(LoadedGraph::new(
+            graph,
+            kind,
+            device,
+            self.metrics.clone(),
+        )))
     }
 }
 

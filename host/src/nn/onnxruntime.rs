@@ -149,6 +149,7 @@ impl Backend for OrtBackend {
         }
         let memory = model.len() as u64 * 2 * pool.len() as u64;
         Ok(Box::new(OrtGraph {
+            sessions: pool.len(),
             pool: Mutex::new(pool),
             returned: Condvar::new(),
             inputs,
@@ -159,6 +160,8 @@ impl Backend for OrtBackend {
 }
 
 struct OrtGraph {
+    /// Sessions in the pool: runs that proceed at once.
+    sessions: usize,
     pool: Mutex<Vec<Session>>,
     returned: Condvar,
     inputs: Vec<TensorInfo>,
@@ -248,6 +251,10 @@ impl BackendGraph for OrtGraph {
 
     fn memory_bytes(&self) -> u64 {
         self.memory
+    }
+
+    fn concurrency(&self) -> usize {
+        self.sessions
     }
 }
 

@@ -38,6 +38,9 @@ pub struct Timings {
     pub inference_gpu: Duration,
     /// Inference cache hits and misses inside the handler.
     pub inference_cache: (u64, u64),
+    /// Most rows in a backend run the handler's computes shared, and whether any went
+    /// through a batching queue (`server-timing` says `batch=N` then).
+    pub batch: (u32, bool),
     /// Guest time and memory, final once the guest has finished (read them then).
     pub usage: Arc<GuestUsage>,
     /// Inference per device, final once the guest has finished.
@@ -173,6 +176,7 @@ impl Runtime {
         timings.inference_cpu = inference.on(Device::Cpu);
         timings.inference_gpu = inference.on(Device::Gpu);
         timings.inference_cache = inference.cache();
+        timings.batch = inference.batch();
         match head {
             Ok(Ok(response)) => {
                 if finished.is_none() {

@@ -470,7 +470,13 @@ fn server_timing(t: Option<&Timings>, cache: Option<(CacheStatus, Duration)>) ->
             } else {
                 "gpu"
             };
-            entry("inference", Some(inference), Some(device));
+            match t.batch {
+                (rows, true) => {
+                    let desc = format!("{device} batch={rows}");
+                    entry("inference", Some(inference), Some(&desc));
+                }
+                _ => entry("inference", Some(inference), Some(device)),
+            }
         }
         let (hits, misses) = t.inference_cache;
         if hits + misses > 0 {
@@ -526,6 +532,17 @@ mod tests {
              inference;dur=0.007;desc=\"cpu\", inference-cache;desc=\"hit\""
         );
         assert_eq!(server_timing(None, None), "");
+        let batched = Timings {
+            inference_cpu: Duration::from_micros(7),
+            batch: (8, true),
+            ..Timings::default()
+        };
+        assert!(
+            server_timing(Some(&batched), None)
+                .ends_with("inference;dur=0.007;desc=\"cpu batch=8\""),
+            "{}",
+            server_timing(Some(&batched), None)
+        );
         // Rounded to the microsecond, not truncated.
         let at = |ns| server_timing(None, Some((CacheStatus::Hit, Duration::from_nanos(ns))));
         assert_eq!(at(1_499), "cache;dur=0.001;desc=\"hit\"");

@@ -116,14 +116,15 @@ impl Usage {
             .body_stats
             .as_ref()
             .map_or(self.bytes_in, |s| s.read.load(Ordering::Relaxed));
-        let (cpu, memory, inf_cpu, inf_gpu) = match &self.guest {
+        let (cpu, memory, inf_cpu, inf_gpu, batch_rows) = match &self.guest {
             Some((g, nn)) => (
                 us(g.cpu().saturating_sub(nn.inline())),
                 g.memory_peak(),
                 us(nn.on(Device::Cpu)),
                 us(nn.on(Device::Gpu)),
+                nn.batch().0,
             ),
-            None => (0, 0, 0, 0),
+            None => (0, 0, 0, 0, 0),
         };
         let mut r = UsageRecord {
             request_id: std::mem::take(&mut self.request_id),
@@ -136,6 +137,7 @@ impl Usage {
             memory_peak_bytes: memory,
             inference_cpu_us: inf_cpu,
             inference_gpu_us: inf_gpu,
+            batch_rows,
             bytes_in,
             bytes_out,
             cold: self.cold,

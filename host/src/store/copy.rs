@@ -214,6 +214,7 @@ const TABLES: &[Table] = &[
             ("outcome", Text),
             ("status", Int),
             ("cost", Int),
+            ("batch_rows", Int),
         ],
         serial: None,
         replace_on: None,
@@ -294,6 +295,10 @@ pub async fn copy_database(
     super::SqliteMeta::open(&kiln_db)?;
     crate::auth::KeyStore::sqlite(&kiln_db)?;
     crate::auth::AuditLog::sqlite(&data_dir.join("audit.db"))?;
+    let usage_db = data_dir.join("usage.db");
+    if usage_db.exists() {
+        crate::meter::ledger::upgrade_sqlite(&usage_db)?;
+    }
     let pool = super::pg::connect(to).await?;
     let mut client = pool
         .get()

@@ -8,7 +8,9 @@ use tokio_postgres::types::ToSql;
 use super::Sink;
 use crate::meter::usage::UsageRecord;
 
-/// Rows per INSERT (18 parameters each; PostgreSQL allows 65535).
+/// Columns of a usage row.
+const COLUMNS: usize = 19;
+/// Rows per INSERT (19 parameters each; PostgreSQL allows 65535).
 const ROWS_PER_INSERT: usize = 256;
 
 /// The writer's connection to the cluster's database.
@@ -35,7 +37,7 @@ impl PgSink {
 /// One record's columns, owned: its text columns and its integer ones.
 struct Row {
     text: [String; 5],
-    ints: [i64; 13],
+    ints: [i64; 14],
 }
 
 fn row(r: &UsageRecord) -> Row {
@@ -62,6 +64,7 @@ fn row(r: &UsageRecord) -> Row {
             i64::from(r.cold),
             i64::from(r.status),
             int(r.cost),
+            i64::from(r.batch_rows),
         ],
     }
 }
@@ -70,14 +73,14 @@ fn insert_sql(rows: usize) -> String {
     let mut sql = String::from(
         "INSERT INTO usage (request_id, tenant, function, version, start_ms, wall_us, cpu_us,
             memory_peak_bytes, mem_mib_ms, inference_cpu_us, inference_gpu_us, bytes_in,
-            bytes_out, cold, cache, outcome, status, cost) VALUES ",
+            bytes_out, cold, cache, outcome, status, cost, batch_rows) VALUES ",
     );
     for r in 0..rows {
         if r > 0 {
             sql.push(',');
         }
-        let at = r * 18;
-        let cols: Vec<String> = (1..=18).map(|i| format!("${}", at + i)).collect();
+        let at = r * COLUMNS;
+        let cols: Vec<String> = (1..=COLUMNS).map(|i| format!("${}", at + i)).collect();
         sql.push('(');
         sql.push_str(&cols.join(","));
         sql.push(')');
@@ -107,7 +110,8 @@ impl Sink for PgSink {
             let tx = c.transaction().await?;
             let full = tx.prepare(&insert_sql(ROWS_PER_INSERT)).await?;
             for chunk in rows.chunks(ROWS_PER_INSERT) {
-                let mut params: Vec<&(dyn ToSql + Sync)> = Vec::with_capacity(chunk.len() * 18);
+                let mut params: Vec<&(dyn ToSql + Sync)> =
+                    Vec::with_capacity(chunk.len() * COLUMNS);
                 for r in chunk {
                     let [request_id, tenant, function, cache, outcome] = &r.text;
                     let [
@@ -124,10 +128,12 @@ impl Sink for PgSink {
                         cold,
                         status,
                         cost,
+                        batch_rows,
                     ] = &r.ints;
                     params.extend_from_slice(&[
                         request_id, tenant, function, version, start, wall, cpu, peak, mem,
                         inf_cpu, inf_gpu, bytes_in, bytes_out, cold, cache, outcome, status, cost,
+                        batch_rows,
                     ]);
                 }
                 if chunk.len() == ROWS_PER_INSERT {

@@ -48,6 +48,9 @@ struct Line {
     memory_peak_bytes: u64,
     inference_cpu_us: u64,
     inference_gpu_us: u64,
+    /// Absent from files spooled by an earlier Kiln.
+    #[serde(default)]
+    batch_rows: u32,
     bytes_in: u64,
     bytes_out: u64,
     cold: bool,
@@ -70,6 +73,7 @@ impl Line {
             memory_peak_bytes: r.memory_peak_bytes,
             inference_cpu_us: r.inference_cpu_us,
             inference_gpu_us: r.inference_gpu_us,
+            batch_rows: r.batch_rows,
             bytes_in: r.bytes_in,
             bytes_out: r.bytes_out,
             cold: r.cold,
@@ -98,6 +102,7 @@ impl Line {
             memory_peak_bytes: self.memory_peak_bytes,
             inference_cpu_us: self.inference_cpu_us,
             inference_gpu_us: self.inference_gpu_us,
+            batch_rows: self.batch_rows,
             bytes_in: self.bytes_in,
             bytes_out: self.bytes_out,
             cold: self.cold,
