@@ -315,6 +315,10 @@ fn finish_run(graph: &Arc<LoadedGraph>) {
         q.looking += 1;
         tokio::spawn(drive(graph.clone()));
     }
+    drop(q);
+    // A driver waiting for its batch to fill waits only while other runs are in flight:
+    // this one just ended.
+    graph.batcher.arrived.notify_waiters();
 }
 
 /// Runs batches from the queue until it is empty, on one session of the graph. It starts
@@ -336,6 +340,7 @@ async fn drive(graph: Arc<LoadedGraph>) {
             Next::Run(batch) => {
                 run_batch(&graph, batch).await;
                 batcher.queue().looking += 1;
+                batcher.arrived.notify_waiters();
             }
         }
     }
@@ -757,6 +762,7 @@ mod tests {
     /// A backend that echoes its input after sleeping, and notes the rows of each run.
     struct Sleepy {
         delay: Duration,
+        sessions: usize,
         runs: Arc<Mutex<Vec<u32>>>,
         io: Vec<crate::nn::TensorInfo>,
     }
@@ -777,14 +783,19 @@ mod tests {
             0
         }
         fn concurrency(&self) -> usize {
-            1
+            self.sessions
         }
     }
 
     fn sleepy(delay: Duration) -> (Arc<LoadedGraph>, Arc<Mutex<Vec<u32>>>) {
+        sleepy_with(delay, 1)
+    }
+
+    fn sleepy_with(delay: Duration, sessions: usize) -> (Arc<LoadedGraph>, Arc<Mutex<Vec<u32>>>) {
         let runs = Arc::new(Mutex::new(Vec::new()));
         let graph = Sleepy {
             delay,
+            sessions,
             runs: runs.clone(),
             io: vec![crate::nn::TensorInfo {
                 name: "x".into(),
@@ -908,5 +919,30 @@ mod tests {
             (0, 0, 0),
             "sessions given back"
         );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_batch_filling_behind_a_run_goes_as_soon_as_that_run_ends() {
+        let (graph, runs) = sleepy_with(Duration::from_millis(50), 2);
+        let patient = Limits {
+            max_rows: 16,
+            max_wait_us: 5_000_000,
+        };
+        let far = Instant::now() + Duration::from_secs(30);
+        let started = Instant::now();
+        let first = tokio::spawn({
+            let g = graph.clone();
+            async move { submit(&g, vec![t(1, 3, 0)], patient, far).await }
+        });
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        let second = submit(&graph, vec![t(1, 3, 1)], patient, far).await;
+        assert!(second.outputs.is_ok());
+        assert!(
+            started.elapsed() < Duration::from_secs(1),
+            "waited to fill after the run in flight had ended: {:?}",
+            started.elapsed()
+        );
+        assert!(first.await.unwrap().outputs.is_ok());
+        assert_eq!(*runs.lock().unwrap(), vec![1, 1]);
     }
 }
