@@ -44,30 +44,56 @@ impl Moto {
             );
             return None;
         }
-        let port = TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .map(|a| a.port())
-            .expect("a free port");
-        let mut moto = Moto { child: None, port };
-        moto.run();
-        Some(moto)
+        // A port found free may be taken by another test's server before moto binds it
+        // (moto then exits and the other server answers): try another port.
+        for _ in 0..5 {
+            let port = TcpListener::bind("127.0.0.1:0")
+                .and_then(|l| l.local_addr())
+                .map(|a| a.port())
+                .expect("a free port");
+            let mut moto = Moto { child: None, port };
+            if moto.run() {
+                return Some(moto);
+            }
+        }
+        panic!("moto_server did not start on any of five free ports");
     }
 
-    fn run(&mut self) {
-        let child = Command::new("moto_server")
+    /// Starts moto on `self.port` and waits until it answers as moto (its bucket list),
+    /// not some other server that holds the port; false when moto exited instead.
+    fn run(&mut self) -> bool {
+        let mut child = Command::new("moto_server")
             .args(["-H", "127.0.0.1", "-p", &self.port.to_string()])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
             .expect("starting moto_server");
-        self.child = Some(child);
         let deadline = Instant::now() + Duration::from_secs(30);
-        while crate::agent()
-            .get(format!("{}/", self.endpoint()))
-            .call()
-            .is_err()
-        {
-            assert!(Instant::now() < deadline, "moto_server did not start");
+        loop {
+            if child.try_wait().ok().flatten().is_some() {
+                return false;
+            }
+            let answer = crate::agent()
+                .get(format!("{}/", self.endpoint()))
+                .header("authorization", AUTHORIZATION)
+                .call()
+                .ok()
+                .and_then(|mut r| r.body_mut().read_to_string().ok());
+            if answer.is_some_and(|body| body.contains("ListAllMyBucketsResult")) {
+                // Another test's moto may hold the port and have answered: ours, failing
+                // to bind, exits within moments.
+                std::thread::sleep(Duration::from_millis(300));
+                if child.try_wait().ok().flatten().is_some() {
+                    return false;
+                }
+                self.child = Some(child);
+                return true;
+            }
+            if Instant::now() >= deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("moto_server did not start on port {}", self.port);
+            }
             std::thread::sleep(Duration::from_millis(100));
         }
     }
@@ -153,7 +179,15 @@ impl Moto {
     /// Starts moto again on the same port.
     pub fn restart(&mut self) {
         self.stop();
-        self.run();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !self.run() {
+            assert!(
+                Instant::now() < deadline,
+                "moto_server could not bind port {} again",
+                self.port
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
     }
 }
 

@@ -390,7 +390,7 @@ fn read_answer(stream: &mut TcpStream) -> (u16, String) {
 #[test]
 fn a_trickled_body_is_cut_off_at_the_floor_and_a_steady_one_is_not() {
     let server = TestServer::start_with_config(
-        "[server]\nmin_body_bytes_per_s = 1000\nmin_body_rate_grace_ms = 300\n",
+        "[server]\nmin_body_bytes_per_s = 1000\nmin_body_rate_grace_ms = 1000\n",
     );
     server.deploy_example("echo", "echo", "");
     server.deploy_example("cached", "echo", "cache_ttl=60s");
@@ -405,7 +405,7 @@ fn a_trickled_body_is_cut_off_at_the_floor_and_a_steady_one_is_not() {
         "PUT /v1/blobs/{digest} HTTP/1.1\r\nhost: kiln\r\n{auth}\r\ncontent-length: 8000\r\n\r\n"
     );
     // 20 bytes every 100 ms is 200 bytes/s: cut off once the wait outgrows the grace
-    // and what arrived (about half a second in), on every path a body takes.
+    // and what arrived (a second or two in), on every path a body takes.
     for (what, head) in [
         ("a blob upload", put.clone()),
         ("a body streamed into a guest", head("/fn/echo/")),
@@ -423,14 +423,15 @@ fn a_trickled_body_is_cut_off_at_the_floor_and_a_steady_one_is_not() {
             "{what}: cut off at the floor, not at a timeout"
         );
     }
-    // 1000 bytes every 100 ms is ten times the floor: served.
-    let (status, body) = trickle(&addr, &put, 8000, 1000, Duration::from_millis(100));
+    // 400 bytes every 100 ms is four times the floor, and takes two seconds: well past
+    // the grace, so the floor is in force for the second half, yet served.
+    let (status, body) = trickle(&addr, &put, 8000, 400, Duration::from_millis(100));
     assert_eq!(status, 201, "{body}");
     let (status, body) = trickle(
         &addr,
         &head("/fn/echo/"),
         8000,
-        1000,
+        400,
         Duration::from_millis(100),
     );
     assert_eq!(status, 200, "{body}");
@@ -439,9 +440,10 @@ fn a_trickled_body_is_cut_off_at_the_floor_and_a_steady_one_is_not() {
 
 #[test]
 fn one_tenants_flood_of_buffered_bodies_leaves_the_rest_of_the_budget_to_others() {
-    // 2 MiB of request bodies held at once, 1 MiB of it at most for one tenant.
+    // 2 MiB of request bodies held at once, 1 MiB of it at most for one tenant (and no
+    // floor under upload speed: the held uploads stall on purpose).
     let server = TestServer::start_with_config(
-        "max_body_bytes = 1048576\n[server]\nbody_buffer_mb = 2\nbody_buffer_tenant_percent = 50\n",
+        "max_body_bytes = 1048576\n[server]\nbody_buffer_mb = 2\nbody_buffer_tenant_percent = 50\nmin_body_bytes_per_s = 0\n",
     );
     let (a, _) = server.create_key("team-a", &["deploy:a-*", "invoke:a-*"], None);
     let (b, _) = server.create_key("team-b", &["deploy:b-*", "invoke:b-*"], None);
@@ -464,15 +466,20 @@ fn one_tenants_flood_of_buffered_bodies_leaves_the_rest_of_the_budget_to_others(
             "POST /fn/{f}/ HTTP/1.1\r\nhost: kiln\r\nauthorization: Bearer {key}\r\ncontent-length: {len}\r\n\r\n"
         )
     };
-    let mut held = Vec::new();
-    let mut refused = Vec::new();
+    let mut sent = Vec::new();
     for _ in 0..5 {
         let mut s = TcpStream::connect(&addr).unwrap();
         s.write_all(head(&a, "a-cached", 512 << 10).as_bytes())
             .unwrap();
         let _ = s.write_all(&vec![b'a'; 400 << 10]);
-        std::thread::sleep(Duration::from_millis(300));
-        s.set_read_timeout(Some(Duration::from_millis(200)))
+        sent.push(s);
+    }
+    // Whatever is refused is answered at once; a second is ample on a busy machine.
+    std::thread::sleep(Duration::from_secs(1));
+    let mut held = Vec::new();
+    let mut refused = Vec::new();
+    for mut s in sent {
+        s.set_read_timeout(Some(Duration::from_millis(500)))
             .unwrap();
         let mut probe = [0u8; 1];
         match s.peek(&mut probe) {
