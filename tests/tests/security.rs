@@ -503,14 +503,28 @@ fn beyond_loopback_without_keys_refuses_to_start_unless_insecure() {
     assert_eq!(r.status().as_u16(), 200);
     assert!(server.log().contains("authentication is OFF"));
     // The first key created turns authentication on, at once.
-    let r = agent
+    // With an Idempotency-Key but no bearer key to seal under, the answer (the new
+    // key's secret) is not kept in the database.
+    let mut r = agent
         .post(format!("{url}/v1/keys"))
         .header("content-type", "application/json")
+        .header("idempotency-key", "first-key")
         .send(r#"{"tenant":"ops","scopes":["admin"]}"#)
         .unwrap();
     assert_eq!(r.status().as_u16(), 201);
+    let made: Value = serde_json::from_str(&r.body_mut().read_to_string().unwrap()).unwrap();
+    let secret = made["key"].as_str().expect("the new key").to_string();
     let r = agent.get(format!("{url}/v1/functions")).call().unwrap();
     assert_eq!(r.status().as_u16(), 401, "no longer open once a key exists");
+    let mut stored = Vec::new();
+    for file in ["kiln.db", "kiln.db-wal"] {
+        stored.extend(std::fs::read(server.data_dir.join(file)).unwrap_or_default());
+    }
+    assert!(!stored.is_empty(), "the SQLite files are there");
+    assert!(
+        !stored.windows(secret.len()).any(|w| w == secret.as_bytes()),
+        "the new key's secret is in the database"
+    );
     // With KILN_ADMIN_KEY it starts and enforces keys.
     let launch = Launch {
         admin_key: Some(kiln_tests::ADMIN_KEY.into()),

@@ -14,7 +14,10 @@
 //! keys sorted and query strings with their pairs sorted. The kept answer is sealed
 //! under a key derived from the caller's bearer key and the `Idempotency-Key` (a created
 //! API key's secret is in it): the store holds nothing a reader of the database could use,
-//! and only the caller that made the first request can have its answer replayed.
+//! and only the caller that made the first request can have its answer replayed. A
+//! request without a bearer key (`--insecure` before the first key) has nothing to seal
+//! under but the `Idempotency-Key`, which the store holds: a new key's answer is then not
+//! kept (a retry is refused anyway: that key turned authentication on).
 
 use http::{HeaderMap, HeaderValue, Response, header};
 use http_body_util::BodyExt;
@@ -38,10 +41,24 @@ const MAX_ANSWER_BYTES: usize = 1 << 20;
 /// Context of the keys answers are sealed under (fixed: changing it strands kept answers).
 const SEAL_CONTEXT: &str = "kiln 2026-12-06 idempotency answer";
 
+/// Operations whose answer carries a secret (a new API key's).
+const SECRET_OPS: &[&str] = &["key.create"];
+
 /// A request's `Idempotency-Key`, with the key its answer is sealed under.
 pub(super) struct IdempotencyKey {
     key: String,
     seal: [u8; seal::KEY_LEN],
+    /// The request carried no bearer key (`--insecure` with none yet): its seal comes
+    /// from the `Idempotency-Key` alone, which the store holds.
+    bearer_less: bool,
+}
+
+impl IdempotencyKey {
+    /// Whether the answer to `op` may be kept for replay: not one carrying a secret when
+    /// there was no bearer key to seal it under.
+    fn may_keep(&self, op: &str) -> bool {
+        !(self.bearer_less && SECRET_OPS.contains(&op))
+    }
 }
 
 /// The request's key, checked before its body is read; `None` without the header.
@@ -69,6 +86,7 @@ pub(super) fn key_of(headers: &HeaderMap) -> Result<Option<IdempotencyKey>, ApiE
     Ok(Some(IdempotencyKey {
         seal: seal::derive_key(SEAL_CONTEXT, &[bearer.as_bytes(), key.as_bytes()]),
         key: key.to_string(),
+        bearer_less: bearer.is_empty(),
     }))
 }
 
@@ -94,6 +112,10 @@ pub(super) struct Claimed {
     scope: String,
     key: IdempotencyKey,
     token: String,
+    /// Whether the answer may be kept: not one carrying a secret that only the
+    /// `Idempotency-Key` (held by the store) would seal. Such a request still holds the
+    /// claim while it runs, so racing retries are told to wait.
+    keep: bool,
 }
 
 /// What to do with a request that carries a key.
@@ -135,7 +157,15 @@ pub(super) async fn begin(
         .idempotency_claim(&scope, name, &fingerprint, &token, None)
         .await?
     {
-        Claim::New => Ok(Begun::Run(Some(Claimed { scope, key, token }))),
+        Claim::New => {
+            let keep = key.may_keep(op);
+            Ok(Begun::Run(Some(Claimed {
+                scope,
+                key,
+                token,
+                keep,
+            })))
+        }
         Claim::InProgress => Err(ApiError::Conflict(
             format!(
                 "a request with Idempotency-Key {name:?} is still running; retry once it has answered"
@@ -191,7 +221,7 @@ pub(super) async fn settle(
         return result;
     };
     let resp = match result {
-        Ok(r) if r.status().is_success() => r,
+        Ok(r) if r.status().is_success() && c.keep => r,
         other => {
             release(app, &c).await;
             return other;
@@ -293,6 +323,26 @@ mod tests {
             canonical_query("memory_mb=64&timeout_ms=5&")
         );
         assert_ne!(canonical_query("a=1&b=2"), canonical_query("a=2&b=1"));
+    }
+
+    #[test]
+    fn a_new_keys_answer_is_kept_only_when_a_bearer_key_seals_it() {
+        let mut h = HeaderMap::new();
+        h.insert(HEADER, HeaderValue::from_static("first-key"));
+        let open = key_of(&h).unwrap().unwrap();
+        assert!(
+            !open.may_keep("key.create"),
+            "the secret would be sealed by the key alone"
+        );
+        assert!(
+            open.may_keep("version.create"),
+            "a version's answer holds no secret"
+        );
+        h.insert(
+            header::AUTHORIZATION,
+            HeaderValue::from_static("Bearer kiln_secret"),
+        );
+        assert!(key_of(&h).unwrap().unwrap().may_keep("key.create"));
     }
 
     #[test]

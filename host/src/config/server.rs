@@ -129,6 +129,13 @@ impl ServerLimits {
                 );
             }
         }
+        // A grace under a second would cut off clients whose first bytes are merely slow
+        // (a TLS handshake, a stalled TCP window) before the rate means anything.
+        if self.min_body_bytes_per_s > 0 && self.min_body_rate_grace_ms < 1000 {
+            anyhow::bail!(
+                "server.min_body_rate_grace_ms must be at least 1000 while server.min_body_bytes_per_s is on (0 turns the floor off)"
+            );
+        }
         if !(1..=100).contains(&self.body_buffer_tenant_percent) {
             anyhow::bail!("server.body_buffer_tenant_percent must be between 1 and 100");
         }
@@ -173,5 +180,31 @@ impl ServerLimits {
     /// The part of the body budget one tenant may hold, in bytes.
     pub fn body_buffer_tenant_bytes(&self) -> u64 {
         self.body_buffer_bytes() * self.body_buffer_tenant_percent / 100
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bad_limits_are_refused_naming_the_setting() {
+        let max_body = 16 << 20;
+        assert!(ServerLimits::default().validate(max_body).is_ok());
+        let refused = |change: fn(&mut ServerLimits)| {
+            let mut c = ServerLimits::default();
+            change(&mut c);
+            c.validate(max_body).map_err(|e| e.to_string()).unwrap_err()
+        };
+        assert!(
+            refused(|c| c.min_body_rate_grace_ms = 300).contains("min_body_rate_grace_ms"),
+            "a grace too short to judge a rate"
+        );
+        assert!(refused(|c| c.body_buffer_tenant_percent = 0).contains("tenant_percent"));
+        assert!(refused(|c| c.max_connections = 0).contains("max_connections"));
+        // With the floor off, the grace means nothing and any value is fine.
+        let mut off = ServerLimits::default();
+        (off.min_body_bytes_per_s, off.min_body_rate_grace_ms) = (0, 0);
+        assert!(off.validate(max_body).is_ok());
     }
 }

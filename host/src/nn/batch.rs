@@ -184,6 +184,14 @@ pub fn rows_of(inputs: &[Tensor]) -> u32 {
         .unwrap_or(1)
 }
 
+/// Whether a compute's inputs can be merged with others' row by row: every input has a
+/// leading axis of `rows`, at least one. One whose inputs disagree (a first input of 1
+/// row and a second of 8, say) would hand rows of one request to another if merged; empty
+/// ones would make runs whose outputs cannot be split (and so turn batching off).
+fn mergeable(inputs: &[Tensor], rows: u32) -> bool {
+    rows > 0 && inputs.iter().all(|t| t.dims.first() == Some(&rows))
+}
+
 impl Batcher {
     fn queue(&self) -> std::sync::MutexGuard<'_, Queue> {
         // Every update is a few field writes and a queue operation: safe to reuse.
@@ -247,7 +255,10 @@ fn enter(
 ) -> Enter {
     let sessions = graph.graph.concurrency().max(1);
     let mut q = graph.batcher.queue();
-    if rows >= limits.max_rows || (q.running == 0 && q.waiting.is_empty()) {
+    if rows >= limits.max_rows
+        || !mergeable(&inputs, rows)
+        || (q.running == 0 && q.waiting.is_empty())
+    {
         q.running += 1;
         return Enter::Now(inputs);
     }
@@ -328,7 +339,11 @@ async fn drive(graph: Arc<LoadedGraph>) {
     loop {
         // Armed before the queue is looked at, so no arrival after the look is missed.
         let arrived = batcher.arrived.notified();
-        let step = next(&mut batcher.queue());
+        let step = next(
+            &mut batcher.queue(),
+            graph.unbatchable().is_some(),
+            |rows| graph.cost.estimate(rows).unwrap_or_default(),
+        );
         match step {
             Next::Done => return,
             Next::Fill(until) => {
@@ -356,8 +371,10 @@ enum Next {
     Run(Vec<Entry>),
 }
 
-/// Chooses a driver's next step, with the queue locked.
-fn next(q: &mut Queue) -> Next {
+/// Chooses a driver's next step, with the queue locked; `estimate` is how long a run of
+/// so many rows is expected to take. Once the graph turned out `unbatchable`, what is
+/// still queued runs one compute at a time.
+fn next(q: &mut Queue, unbatchable: bool, estimate: impl Fn(u32) -> Duration) -> Next {
     let now = Instant::now();
     // Deadlines that passed while queued.
     let mut kept = VecDeque::with_capacity(q.waiting.len());
@@ -375,6 +392,10 @@ fn next(q: &mut Queue) -> Next {
         q.running -= 1;
         return Next::Done;
     };
+    if unbatchable {
+        q.looking -= 1;
+        return Next::Run(q.waiting.pop_front().into_iter().collect());
+    }
     let limits = head.limits;
     let (mut rows, mut earliest) = (0u32, head.deadline);
     for e in q.waiting.iter().filter(|e| head.fits(e)) {
@@ -384,10 +405,16 @@ fn next(q: &mut Queue) -> Next {
         rows += e.rows;
         earliest = earliest.min(e.deadline);
     }
-    // Wait to fill only while other runs are in flight: a batch that waits with the graph
-    // idle only adds latency.
-    let fill_until = (head.queued + Duration::from_micros(limits.max_wait_us)).min(earliest);
-    if rows < limits.max_rows && q.running > 1 && now < fill_until {
+    // Wait to fill only while other runs are in flight (drivers looking for a batch run
+    // nothing): a batch that waits with the graph idle only adds latency. Stop waiting in
+    // time for a full batch to finish before the earliest deadline among its computes.
+    let in_flight = q.running - q.looking;
+    let fill_until = (head.queued + Duration::from_micros(limits.max_wait_us)).min(
+        earliest
+            .checked_sub(estimate(limits.max_rows))
+            .unwrap_or(now),
+    );
+    if rows < limits.max_rows && in_flight > 0 && now < fill_until {
         return Next::Fill(fill_until);
     }
     q.looking -= 1;
@@ -426,7 +453,13 @@ async fn run_batch(graph: &Arc<LoadedGraph>, batch: Vec<Entry>) {
     let total: u32 = rows.iter().sum();
     let merged = merge(batch.iter().map(|e| &e.inputs));
     let ran = execute(graph, merged, total, false).await;
-    match ran.outputs.and_then(|outputs| split(outputs, &rows)) {
+    let parts = ran.outputs.and_then(|outputs| {
+        split(outputs, &rows).inspect_err(|e| {
+            // The model's outputs carry no batch axis: no later compute merges either.
+            graph.refuse_batching(&e.message);
+        })
+    });
+    match parts {
         Ok(parts) => {
             let shares = shares(ran.took.as_nanos() as u64, &rows);
             graph.metrics_batch(total, batch.iter().map(|e| started - e.queued));
@@ -636,313 +669,4 @@ pub fn shares(total_ns: u64, rows: &[u32]) -> Vec<u64> {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::nn::ElementType;
-
-    fn t(rows: u32, cols: u32, fill: u8) -> Tensor {
-        Tensor {
-            dims: vec![rows, cols],
-            ty: ElementType::U8,
-            data: vec![fill; (rows * cols) as usize],
-        }
-    }
-
-    #[test]
-    fn shares_sum_to_the_run_exactly_and_follow_the_rows() {
-        for (total, rows) in [
-            (1_000_003u64, vec![1, 1, 1]),
-            (10, vec![3, 1, 2, 4]),
-            (7, vec![5]),
-            (0, vec![1, 2]),
-            (u64::MAX / 2, vec![1, 1000, 7]),
-        ] {
-            let s = shares(total, &rows);
-            assert_eq!(s.iter().sum::<u64>(), total, "{total} {rows:?}");
-            let all: u64 = rows.iter().map(|&r| u64::from(r)).sum();
-            for (share, r) in s.iter().zip(&rows) {
-                let exact = total as f64 * f64::from(*r) / all as f64;
-                assert!(
-                    (*share as f64 - exact).abs() <= 1.0 + exact * 1e-12,
-                    "{s:?}"
-                );
-            }
-        }
-        assert_eq!(shares(10, &[3, 1, 2, 4]), vec![3, 1, 2, 4]);
-    }
-
-    #[test]
-    fn merged_rows_split_back_to_their_owners() {
-        let merged = merge([vec![t(2, 3, 1)], vec![t(1, 3, 2)], vec![t(3, 3, 3)]].iter());
-        assert_eq!(merged[0].dims, vec![6, 3]);
-        let parts = split(merged, &[2, 1, 3]).unwrap();
-        assert_eq!(parts[0][0], t(2, 3, 1));
-        assert_eq!(parts[1][0], t(1, 3, 2));
-        assert_eq!(parts[2][0], t(3, 3, 3));
-        // An output without the batch axis cannot be split.
-        let e = split(vec![t(1, 3, 0)], &[2, 1]).unwrap_err();
-        assert!(e.message.contains("cannot be split back by rows"), "{e}");
-    }
-
-    #[test]
-    fn only_equal_shapes_but_the_rows_share_a_run() {
-        let entry = |inputs: Vec<Tensor>| Entry {
-            id: 0,
-            rows: rows_of(&inputs),
-            inputs,
-            deadline: Instant::now(),
-            queued: Instant::now(),
-            limits: Limits {
-                max_rows: 8,
-                max_wait_us: 0,
-            },
-            reply: tokio::sync::oneshot::channel().0,
-        };
-        let a = entry(vec![t(1, 3, 0)]);
-        assert!(a.fits(&entry(vec![t(5, 3, 0)])));
-        assert!(!a.fits(&entry(vec![t(1, 4, 0)])), "another width");
-        let mut q: VecDeque<Entry> = [
-            entry(vec![t(3, 3, 0)]),
-            entry(vec![t(1, 4, 0)]),
-            entry(vec![t(4, 3, 0)]),
-            entry(vec![t(2, 3, 0)]),
-        ]
-        .into_iter()
-        .collect();
-        let batch = take(&mut q, 8);
-        assert_eq!(batch.iter().map(|e| e.rows).collect::<Vec<_>>(), [3, 4]);
-        assert_eq!(q.iter().map(|e| e.rows).collect::<Vec<_>>(), [1, 2]);
-    }
-
-    #[test]
-    fn the_manifest_forms_read_and_bad_ones_say_what_works() {
-        let read = |toml_value: &str| -> Result<BatchSpec, String> {
-            #[derive(Deserialize)]
-            struct W {
-                batch: BatchSpec,
-            }
-            toml::from_str::<W>(&format!("batch = {toml_value}"))
-                .map(|w| w.batch)
-                .map_err(|e| e.to_string())
-        };
-        assert_eq!(read("\"off\""), Ok(BatchSpec::Off));
-        assert_eq!(read("\"auto\""), Ok(BatchSpec::Auto));
-        assert_eq!(
-            read("{ max_rows = 32, max_wait_us = 2000 }"),
-            Ok(BatchSpec::Fixed(Limits {
-                max_rows: 32,
-                max_wait_us: 2000
-            }))
-        );
-        for (bad, says) in [
-            ("\"on\"", "use \"off\", \"auto\""),
-            ("{ max_rows = 0 }", "between 1 and 1024"),
-            ("{ max_rows = 8, max_wait_us = 5000000 }", "at most 1000000"),
-            ("{ max_rows = 8, wait = 1 }", "unknown field"),
-        ] {
-            let e = read(bad).unwrap_err();
-            assert!(e.contains(says), "{bad}: {e}");
-        }
-        let json = serde_json::to_string(&BatchSpec::Fixed(Limits {
-            max_rows: 4,
-            max_wait_us: 10,
-        }))
-        .unwrap();
-        assert_eq!(json, r#"{"max_rows":4,"max_wait_us":10}"#);
-        assert_eq!(
-            serde_json::from_str::<BatchSpec>(&json).unwrap().mode(),
-            "fixed"
-        );
-        assert_eq!(
-            serde_json::to_string(&BatchSpec::Auto).unwrap(),
-            r#""auto""#
-        );
-    }
-
-    /// A backend that echoes its input after sleeping, and notes the rows of each run.
-    struct Sleepy {
-        delay: Duration,
-        sessions: usize,
-        runs: Arc<Mutex<Vec<u32>>>,
-        io: Vec<crate::nn::TensorInfo>,
-    }
-
-    impl crate::nn::BackendGraph for Sleepy {
-        fn inputs(&self) -> &[crate::nn::TensorInfo] {
-            &self.io
-        }
-        fn outputs(&self) -> &[crate::nn::TensorInfo] {
-            &self.io
-        }
-        fn run(&self, inputs: Vec<Tensor>, _: &Cancel) -> Result<Vec<Tensor>, NnError> {
-            self.runs.lock().unwrap().push(rows_of(&inputs));
-            std::thread::sleep(self.delay);
-            Ok(inputs)
-        }
-        fn memory_bytes(&self) -> u64 {
-            0
-        }
-        fn concurrency(&self) -> usize {
-            self.sessions
-        }
-    }
-
-    fn sleepy(delay: Duration) -> (Arc<LoadedGraph>, Arc<Mutex<Vec<u32>>>) {
-        sleepy_with(delay, 1)
-    }
-
-    fn sleepy_with(delay: Duration, sessions: usize) -> (Arc<LoadedGraph>, Arc<Mutex<Vec<u32>>>) {
-        let runs = Arc::new(Mutex::new(Vec::new()));
-        let graph = Sleepy {
-            delay,
-            sessions,
-            runs: runs.clone(),
-            io: vec![crate::nn::TensorInfo {
-                name: "x".into(),
-                ty: Some(ElementType::U8),
-                dims: vec![None, Some(3)],
-            }],
-        };
-        let loaded = LoadedGraph::new(
-            Box::new(graph),
-            crate::nn::BackendKind::Tract,
-            crate::nn::Device::Cpu,
-            Arc::new(crate::meter::Metrics::new()),
-        );
-        (Arc::new(loaded), runs)
-    }
-
-    const WIDE: Limits = Limits {
-        max_rows: 16,
-        max_wait_us: 0,
-    };
-
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn computes_queued_behind_a_run_share_the_next_one_and_each_gets_its_rows() {
-        let (graph, runs) = sleepy(Duration::from_millis(100));
-        let far = Instant::now() + Duration::from_secs(10);
-        let first = tokio::spawn({
-            let g = graph.clone();
-            async move { submit(&g, vec![t(1, 3, 9)], WIDE, far).await }
-        });
-        tokio::time::sleep(Duration::from_millis(20)).await;
-        let queued: Vec<_> = (1..=4u8)
-            .map(|i| {
-                let g = graph.clone();
-                tokio::spawn(
-                    async move { submit(&g, vec![t(u32::from(i), 3, i)], WIDE, far).await },
-                )
-            })
-            .collect();
-        let first = first.await.unwrap();
-        assert_eq!((first.batch_rows, first.waited), (1, Duration::ZERO));
-        let mut shares = 0;
-        for (i, q) in queued.into_iter().enumerate() {
-            let served = q.await.unwrap();
-            let rows = i as u32 + 1;
-            assert_eq!(
-                served.outputs.unwrap(),
-                vec![t(rows, 3, rows as u8)],
-                "its own rows"
-            );
-            assert_eq!(served.batch_rows, 10, "one run of 1+2+3+4 rows");
-            assert!(
-                served.waited >= Duration::from_millis(50),
-                "{:?}",
-                served.waited
-            );
-            shares += served.share_ns;
-        }
-        assert_eq!(*runs.lock().unwrap(), vec![1, 10]);
-        // The shares of the merged run add up to its whole time (at least the sleep).
-        assert!(shares >= 100_000_000, "{shares}");
-    }
-
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn a_deadline_passing_in_the_queue_answers_at_once_and_the_rest_run() {
-        let (graph, runs) = sleepy(Duration::from_millis(150));
-        let far = Instant::now() + Duration::from_secs(10);
-        let first = tokio::spawn({
-            let g = graph.clone();
-            async move { submit(&g, vec![t(1, 3, 0)], WIDE, far).await }
-        });
-        tokio::time::sleep(Duration::from_millis(20)).await;
-        let started = Instant::now();
-        let soon = started + Duration::from_millis(30);
-        let short = tokio::spawn({
-            let g = graph.clone();
-            async move { submit(&g, vec![t(1, 3, 1)], WIDE, soon).await }
-        });
-        let patient = tokio::spawn({
-            let g = graph.clone();
-            async move { submit(&g, vec![t(2, 3, 2)], WIDE, far).await }
-        });
-        let short = short.await.unwrap();
-        let e = short.outputs.unwrap_err();
-        assert_eq!(e.code, ErrorCode::Timeout, "{e}");
-        assert!(
-            started.elapsed() < Duration::from_millis(120),
-            "left the queue at its deadline, not after the run in flight: {:?}",
-            started.elapsed()
-        );
-        assert!(first.await.unwrap().outputs.is_ok());
-        assert_eq!(patient.await.unwrap().outputs.unwrap(), vec![t(2, 3, 2)]);
-        assert_eq!(
-            *runs.lock().unwrap(),
-            vec![1, 2],
-            "the timed-out compute never ran"
-        );
-    }
-
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn a_lone_compute_runs_at_once_and_a_fill_wait_needs_company_in_flight() {
-        let (graph, runs) = sleepy(Duration::from_millis(1));
-        let long_wait = Limits {
-            max_rows: 16,
-            max_wait_us: 5_000_000,
-        };
-        let far = Instant::now() + Duration::from_secs(30);
-        for _ in 0..3 {
-            let started = Instant::now();
-            let served = submit(&graph, vec![t(1, 3, 0)], long_wait, far).await;
-            assert!(served.outputs.is_ok());
-            assert_eq!(served.batch_rows, 1);
-            assert!(
-                started.elapsed() < Duration::from_secs(2),
-                "it never waited to fill"
-            );
-        }
-        assert_eq!(*runs.lock().unwrap(), vec![1, 1, 1]);
-        let q = graph.batcher.queue();
-        assert_eq!(
-            (q.running, q.looking, q.waiting.len()),
-            (0, 0, 0),
-            "sessions given back"
-        );
-    }
-
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn a_batch_filling_behind_a_run_goes_as_soon_as_that_run_ends() {
-        let (graph, runs) = sleepy_with(Duration::from_millis(50), 2);
-        let patient = Limits {
-            max_rows: 16,
-            max_wait_us: 5_000_000,
-        };
-        let far = Instant::now() + Duration::from_secs(30);
-        let started = Instant::now();
-        let first = tokio::spawn({
-            let g = graph.clone();
-            async move { submit(&g, vec![t(1, 3, 0)], patient, far).await }
-        });
-        tokio::time::sleep(Duration::from_millis(10)).await;
-        let second = submit(&graph, vec![t(1, 3, 1)], patient, far).await;
-        assert!(second.outputs.is_ok());
-        assert!(
-            started.elapsed() < Duration::from_secs(1),
-            "waited to fill after the run in flight had ended: {:?}",
-            started.elapsed()
-        );
-        assert!(first.await.unwrap().outputs.is_ok());
-        assert_eq!(*runs.lock().unwrap(), vec![1, 1]);
-    }
-}
+mod tests;

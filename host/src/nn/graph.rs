@@ -3,7 +3,7 @@
 //! decides per compute where a run goes, holds the graph's batching queue, and, when a
 //! version asks for `batch = "auto"`, calibrates once and decides whether batching pays.
 
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use serde::Serialize;
@@ -26,8 +26,9 @@ pub struct LoadedGraph {
     pub cost: CostModel,
     /// Its batching queue (used by versions that batch).
     pub batcher: Batcher,
-    /// Why computes on it cannot merge (`None`: they can).
-    unbatchable: Option<String>,
+    /// Why computes on it cannot merge (unset: they can). Found on load from the model's
+    /// declared shapes, or on the first merged run whose outputs could not be split.
+    unbatchable: OnceLock<String>,
     auto: Mutex<Auto>,
     metrics: Arc<Metrics>,
 }
@@ -71,7 +72,10 @@ impl LoadedGraph {
         device: Device,
         metrics: Arc<Metrics>,
     ) -> Self {
-        let unbatchable = cost::sample_inputs(graph.as_ref(), 1).err();
+        let unbatchable = OnceLock::new();
+        if let Err(why) = cost::sample_inputs(graph.as_ref(), 1) {
+            let _ = unbatchable.set(why);
+        }
         LoadedGraph {
             graph,
             backend,
@@ -91,7 +95,15 @@ impl LoadedGraph {
 
     /// Why computes on this graph cannot merge; `None` when they can.
     pub fn unbatchable(&self) -> Option<&str> {
-        self.unbatchable.as_deref()
+        self.unbatchable.get().map(String::as_str)
+    }
+
+    /// Turns batching off on this graph for good: a merged run showed its computes cannot
+    /// share runs (`why`). Later computes run by themselves, as without batching.
+    pub fn refuse_batching(&self, why: &str) {
+        if self.unbatchable.set(why.to_string()).is_ok() {
+            tracing::warn!(backend = %self.backend, "batching turned off: {why}");
+        }
     }
 
     /// Records a successful run of `rows` rows; now and then refits `"auto"`'s decision.
@@ -115,7 +127,7 @@ impl LoadedGraph {
     /// The limits a compute of a version asking for `spec` runs under; `None`: it runs
     /// by itself, as without batching.
     pub fn limits(&self, spec: BatchSpec) -> Option<Limits> {
-        if self.unbatchable.is_some() {
+        if self.unbatchable.get().is_some() {
             return None;
         }
         match spec {
@@ -138,7 +150,7 @@ impl LoadedGraph {
             if !matches!(*auto, Auto::Idle) {
                 return;
             }
-            if let Some(why) = &self.unbatchable {
+            if let Some(why) = self.unbatchable.get() {
                 *auto = Auto::Failed(why.clone());
                 return;
             }
@@ -178,7 +190,7 @@ impl LoadedGraph {
             max_wait_us: None,
             reason: String::new(),
         };
-        if let Some(why) = &self.unbatchable
+        if let Some(why) = self.unbatchable.get()
             && !spec.is_off()
         {
             info.reason = format!("cannot batch: {why}");

@@ -144,7 +144,11 @@ impl Breakers {
         if self.failures == 0 {
             return Ok(permit);
         }
-        let shared = self.lock().entry(function.clone()).or_default().clone();
+        // A function's breakers are made by its first failure (in `report`), so calls of
+        // a function that never fails, or that was deleted, add nothing here.
+        let Some(shared) = self.lock().get(function).cloned() else {
+            return Ok(permit);
+        };
         permit.destinations = Some(shared.clone());
         let mut d = lock(&shared);
         let Some(b) = d.map.get_mut(destination) else {
@@ -173,10 +177,14 @@ impl Breakers {
     }
 
     fn report(&self, p: &Permit, ok: Option<bool>) {
-        let Some(shared) = &p.destinations else {
-            return;
+        let shared = match &p.destinations {
+            Some(shared) => shared.clone(),
+            None if ok == Some(false) && self.failures > 0 => {
+                self.lock().entry(p.function.clone()).or_default().clone()
+            }
+            None => return,
         };
-        let mut d = lock(shared);
+        let mut d = lock(&shared);
         if d.gone {
             return;
         }
@@ -473,5 +481,14 @@ mod tests {
         late.done(false);
         assert!(b.forget("f").is_empty(), "nothing was made again");
         assert_eq!(b.state("f", "other:80"), BreakerState::Closed);
+        // Calls that succeed keep nothing: a deleted (or healthy) function has no entry.
+        b.admit(&f, "up:80").expect("closed").done(true);
+        assert!(
+            b.lock().get("f").is_none(),
+            "an entry for a deleted function"
+        );
+        // A failure still starts tracking (the name may be deployed again).
+        b.admit(&f, "up:80").expect("closed").done(false);
+        assert_eq!(b.state("f", "up:80"), BreakerState::Open);
     }
 }

@@ -5,13 +5,14 @@
 //! |---|---|---|
 //! | `disable` | never | - |
 //! | `prefer` (default) | when the server offers it | no |
-//! | `require` | always | no (as `verify-ca` when `sslrootcert` is given, like libpq) |
+//! | `require` | always | no (as `verify-ca` when a root file is given, like libpq) |
 //! | `verify-ca` | always | chain to `sslrootcert` |
 //! | `verify-full` | always | chain to `sslrootcert` and the host name |
 //!
 //! `sslrootcert=FILE` names PEM certificates to trust, `sslrootcert=system` the bundled
 //! Mozilla roots (webpki-roots): managed databases (RDS, Cloud SQL, Azure) sign with
-//! public or published CAs. tokio-postgres knows only `disable|prefer|require`, so
+//! public or published CAs. As in libpq, `system` means `verify-full` and refuses weaker
+//! modes, and a root given with `prefer` (or no mode) is refused, not silently unused. tokio-postgres knows only `disable|prefer|require`, so
 //! [`parse`] takes the rest out of the URL before it reads it.
 
 use std::future::Future;
@@ -66,8 +67,20 @@ pub fn parse(url: &str) -> anyhow::Result<(tokio_postgres::Config, PgTls)> {
             _ => kept.push(pair),
         }
     }
+    // Like libpq: the public roots vouch for any public name, so only verify-full (the
+    // host name checked too) ties the certificate to this database; it is their default.
+    let system = root.as_deref() == Some("system");
+    if system && mode.is_none() {
+        mode = Some("verify-full".into());
+    }
     let (libpq_mode, check) = match (mode.as_deref(), root.is_some()) {
-        (None | Some("prefer"), _) => ("prefer", Check::Nothing),
+        (Some(m), true) if system && m != "verify-full" => bail!(
+            "invalid database URL: sslrootcert=system needs sslmode=verify-full (any public certificate chains to the public roots: only the host name check ties one to your database)"
+        ),
+        (None | Some("prefer" | "disable"), true) => bail!(
+            "invalid database URL: sslrootcert is used only with sslmode=require, verify-ca or verify-full; name one (verify-full also checks the host name)"
+        ),
+        (None | Some("prefer"), false) => ("prefer", Check::Nothing),
         (Some("disable"), _) => ("disable", Check::Nothing),
         (Some("require"), false) => ("require", Check::Nothing),
         (Some("require" | "verify-ca"), true) => ("require", Check::Chain),
@@ -219,12 +232,14 @@ where
 {
     type Stream = PgTlsStream<S>;
     type TlsConnect = PgTlsConnect;
-    type Error = rustls::pki_types::InvalidDnsNameError;
+    type Error = std::convert::Infallible;
 
+    /// A host that is no DNS name or IP address (a unix socket's directory, a `hostaddr`
+    /// without a host) fails only if TLS is actually attempted on it.
     fn make_tls_connect(&mut self, domain: &str) -> Result<PgTlsConnect, Self::Error> {
         Ok(PgTlsConnect {
             config: self.config.clone(),
-            name: ServerName::try_from(domain.to_string())?,
+            name: ServerName::try_from(domain.to_string()).map_err(|_| domain.to_string()),
         })
     }
 }
@@ -232,7 +247,8 @@ where
 /// One connection's TLS handshake.
 pub struct PgTlsConnect {
     config: Arc<rustls::ClientConfig>,
-    name: ServerName<'static>,
+    /// The name to check the certificate against, or the host that is not a name.
+    name: Result<ServerName<'static>, String>,
 }
 
 impl<S> TlsConnect<S> for PgTlsConnect
@@ -246,8 +262,16 @@ where
     fn connect(self, stream: S) -> Self::Future {
         let connector = tokio_rustls::TlsConnector::from(self.config);
         Box::pin(async move {
+            let name = self.name.map_err(|host| {
+                std::io::Error::new(
+                    std::io::ErrorKind::InvalidInput,
+                    format!(
+                        "TLS to the database needs a host name or IP address, not {host:?} (sslmode=disable for a unix socket)"
+                    ),
+                )
+            })?;
             connector
-                .connect(self.name, stream)
+                .connect(name, stream)
                 .await
                 .map(|s| PgTlsStream(Box::new(s)))
         })
@@ -331,6 +355,22 @@ mod tests {
                 "reading sslrootcert /no/such.pem",
             ),
             ("postgres://u@h/db?sslrootcert=%zz", "bad escape"),
+            (
+                "postgres://u@h/db?sslmode=require&sslrootcert=system",
+                "needs sslmode=verify-full",
+            ),
+            (
+                "postgres://u@h/db?sslmode=verify-ca&sslrootcert=system",
+                "needs sslmode=verify-full",
+            ),
+            (
+                "postgres://u@h/db?sslrootcert=%2Fetc%2Froot.pem",
+                "used only with sslmode=require",
+            ),
+            (
+                "postgres://u@h/db?sslmode=prefer&sslrootcert=%2Fetc%2Froot.pem",
+                "used only with sslmode=require",
+            ),
         ] {
             let e = format!("{:#}", parse(url).unwrap_err());
             assert!(e.contains(says), "{url}: {e}");
@@ -406,7 +446,7 @@ mod tests {
                 .await
                 .expect("its own certificate as the root")
         );
-        let e = encrypted(&url("sslmode=verify-ca&sslrootcert=system"))
+        let e = encrypted(&url("sslrootcert=system"))
             .await
             .expect_err("public roots did not sign it");
         assert!(format!("{e:#}").contains("certificate"), "{e:#}");
