@@ -7,10 +7,13 @@ interleaved (A B C A B C ...) for every concurrency, and each cell reports the m
 the spread of the rounds. Server CPU per request comes from /proc/<pid>/stat (user+sys of
 the whole process over the measured window) and is the steadier figure on a shared machine.
 
-Also measured: cold start of an evicted version over HTTP (from Kiln's `server-timing`),
-and process start to first response for each server.
+Also measured: Kiln serving the digits classifier (POST, tract, inference cache off) and a
+response-cache hit at c=16 beside native hyper (CPU per request); cold start of an evicted
+version over HTTP (from Kiln's `server-timing`); and process start to first response for
+each server. `--baseline BIN` adds another kiln binary (an earlier build) to every Kiln row,
+interleaved, for before/after ratios in the same run.
 
-Usage: python3 benches/http_load.py [--rounds 3] [--duration 5] [--conc 1,16,64]
+Usage: python3 benches/http_load.py [--rounds 3] [--duration 5] [--conc 1,16,64] [--baseline BIN]
 Needs: wrk (apt-get install wrk), the release build (cargo build --release --workspace),
 the examples built for wasm32-wasip2. `wasmtime` 48.0.8 is installed with
 `cargo install wasmtime-cli --version 48.0.8 --locked` when missing (slow: ~20 min here).
@@ -30,8 +33,11 @@ _opener.addheaders = [("authorization", f"Bearer {BENCH_KEY}")]
 urllib.request.install_opener(_opener)
 
 REL = os.path.join(ROOT, "target", "release")
-HELLO = os.path.join(ROOT, "examples", "target", "wasm32-wasip2", "release", "hello.wasm")
-ECHO = os.path.join(ROOT, "examples", "target", "wasm32-wasip2", "release", "echo.wasm")
+WASM = os.path.join(ROOT, "examples", "target", "wasm32-wasip2", "release")
+HELLO = os.path.join(WASM, "hello.wasm")
+ECHO = os.path.join(WASM, "echo.wasm")
+DIGITS = os.path.join(WASM, "digits.wasm")
+DIGITS_MODEL = os.path.join(ROOT, "examples", "digits", "model", "digits.onnx")
 SERVER_CORE, LOAD_CORE = "0", "1"
 TICKS = os.sysconf("SC_CLK_TCK")
 
@@ -87,9 +93,18 @@ class Server:
             self.proc = None
 
 
-def wrk(url, conc, duration, auth=True):
+def post_script(body, ctype="application/json"):
+    """A wrk script that POSTs `body`; the caller deletes the file."""
+    f = tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False)
+    f.write(f'wrk.method = "POST"\nwrk.body = {json.dumps(body)}\nwrk.headers["content-type"] = "{ctype}"\n')
+    f.close()
+    return f.name
+
+
+def wrk(url, conc, duration, auth=True, script=None):
     key = ["-H", f"authorization: Bearer {BENCH_KEY}"] if auth else []
-    out = subprocess.run(["taskset", "-c", LOAD_CORE, "wrk"] + key + ["-t1", f"-c{conc}", f"-d{duration}s",
+    extra = ["-s", script] if script else []
+    out = subprocess.run(["taskset", "-c", LOAD_CORE, "wrk"] + key + extra + ["-t1", f"-c{conc}", f"-d{duration}s",
                           "--latency", url], capture_output=True, text=True, check=True).stdout
     def lat(p):
         m = re.search(rf"^\s+{p}%\s+([\d.]+)(us|ms|s)\s*$", out, re.M)
@@ -103,18 +118,38 @@ def wrk(url, conc, duration, auth=True):
             "p50": lat(50), "p99": lat(99), "reqs": reqs}
 
 
-def measure(server, conc, duration, url=None, auth=True):
+def measure(server, conc, duration, url=None, auth=True, script=None):
     url = url or server.url
-    wrk(url, conc, 1, auth)  # warm up
+    wrk(url, conc, 1, auth, script)  # warm up
     t0 = cpu_ticks(server.proc.pid)
-    r = wrk(url, conc, duration, auth)
+    r = wrk(url, conc, duration, auth, script)
     t1 = cpu_ticks(server.proc.pid)
     r["cpu_us"] = (t1 - t0) / TICKS * 1e6 / r["reqs"]
     return r
 
 
-def kiln_server(port, data_dir, config=None):
-    argv = [os.path.join(REL, "kiln"), "serve", "--listen", f"127.0.0.1:{port}", "--data-dir", data_dir]
+def deploy_digits(base):
+    """digits with its model (tract, inference cache off: every request runs the model) and
+    a hello with a response cache (`cached`)."""
+    def put(path):
+        data = open(path, "rb").read()
+        digest = "sha256:" + __import__("hashlib").sha256(data).hexdigest()
+        urllib.request.urlopen(urllib.request.Request(f"{base}/v1/blobs/{digest}", data=data, method="PUT")).read()
+        return digest
+    manifest = {"component": put(DIGITS), "cache": {"inference": False},
+                "limits": {"max_concurrency": 1000},
+                "models": {"digits": {"digest": put(DIGITS_MODEL), "backend": "tract"}}}
+    urllib.request.urlopen(urllib.request.Request(
+        f"{base}/v1/functions/digits/versions", data=json.dumps(manifest).encode(),
+        headers={"content-type": "application/json"})).read()
+    with open(HELLO, "rb") as f:
+        urllib.request.urlopen(urllib.request.Request(
+            f"{base}/v1/functions/cached/versions?max_concurrency=1000&cache_ttl=3600s",
+            data=f.read(), headers={"content-type": "application/wasm"})).read()
+
+
+def kiln_server(port, data_dir, config=None, binary=None, name="kiln"):
+    argv = [binary or os.path.join(REL, "kiln"), "serve", "--listen", f"127.0.0.1:{port}", "--data-dir", data_dir]
     if config:
         argv += ["--config", config]
     base = f"http://127.0.0.1:{port}"
@@ -129,7 +164,8 @@ def kiln_server(port, data_dir, config=None):
                 urllib.request.urlopen(req).read()
             except urllib.error.HTTPError as e:
                 raise RuntimeError(e.read())
-    return Server("kiln", argv, f"{base}/fn/hello/", setup)
+        deploy_digits(base)
+    return Server(name, argv, f"{base}/fn/hello/", setup)
 
 
 def cold_starts(port, data_dir, n=200):
@@ -166,6 +202,7 @@ def main():
     ap.add_argument("--duration", type=int, default=5)
     ap.add_argument("--conc", default="1,16,64")
     ap.add_argument("--json", help="write raw results here")
+    ap.add_argument("--baseline", help="another kiln binary to measure beside this one")
     args = ap.parse_args()
     try:
         with open("/proc/self/autogroup", "w") as f:
@@ -187,6 +224,10 @@ def main():
         Server("native hyper", [os.path.join(REL, "hyper-hello"), "127.0.0.1:18184"],
                "http://127.0.0.1:18184/"),
     ]
+    if args.baseline:
+        servers.insert(1, kiln_server(18187, os.path.join(tmp, "baseline"), binary=args.baseline,
+                                      name="kiln (baseline)"))
+    kilns = [s for s in servers if s.name.startswith("kiln")]
     results = {}
     for conc in [int(c) for c in args.conc.split(",")]:
         for rnd in range(args.rounds):
@@ -214,6 +255,46 @@ def main():
         wc = statistics.median(r["cpu_us"] for r in results[("wasmtime serve", conc)])
         print(f"\nc={conc}: Kiln/wasmtime serve throughput {k / w:.2f}x, CPU per request {kc / wc:.2f}x")
 
+    # digits (POST, tract) and a response-cache hit, c=16, beside native hyper.
+    pixels = json.load(open(os.path.join(ROOT, "examples", "digits", "model", "heldout.json")))["inputs"][0]
+    script = post_script(json.dumps({"pixels": pixels}))
+    extra = {}
+    for rnd in range(args.rounds):
+        for s in kilns + [servers[-1]]:
+            s.start()
+            try:
+                if s.name.startswith("kiln"):
+                    base = s.url.rsplit("/fn/", 1)[0]
+                    extra.setdefault((s.name, "digits"), []).append(
+                        measure(s, 16, args.duration, f"{base}/fn/digits/", script=script))
+                    extra.setdefault((s.name, "cache hit"), []).append(
+                        measure(s, 16, args.duration, f"{base}/fn/cached/"))
+                else:
+                    extra.setdefault((s.name, "hello"), []).append(measure(s, 16, args.duration))
+            finally:
+                s.stop()
+    os.unlink(script)
+    print("\n| server | c=16 | req/s median (min-max) | p50 µs | p99 µs | server CPU µs/req |")
+    print("|---|---|---:|---:|---:|---:|")
+    for (name, what), rs in extra.items():
+        rps = [r["rps"] for r in rs]
+        med = lambda k: statistics.median(r[k] for r in rs)
+        print(f"| {name} | {what} | {statistics.median(rps):,.0f} ({min(rps):,.0f}-{max(rps):,.0f}) "
+              f"| {med('p50'):,.0f} | {med('p99'):,.0f} | {med('cpu_us'):.1f} |")
+    hyper_cpu = statistics.median(r["cpu_us"] for r in extra[("native hyper", "hello")])
+    for s in kilns:
+        hit = statistics.median(r["cpu_us"] for r in extra[(s.name, "cache hit")])
+        print(f"\n{s.name}: a cache hit costs {hit / hyper_cpu:.2f}x native hyper's CPU per request")
+    if args.baseline:
+        for what in ("digits", "cache hit"):
+            new = statistics.median(r["rps"] for r in extra[("kiln", what)])
+            old = statistics.median(r["rps"] for r in extra[("kiln (baseline)", what)])
+            print(f"{what}: kiln / baseline throughput {new / old:.2f}x")
+        for conc in sorted({c for _, c in results}):
+            new = statistics.median(r["rps"] for r in results[("kiln", conc)])
+            old = statistics.median(r["rps"] for r in results[("kiln (baseline)", conc)])
+            print(f"hello c={conc}: kiln / baseline throughput {new / old:.2f}x")
+
     colds = sorted(cold_starts(18185, os.path.join(tmp, "cold")))
     print(f"\ncold start of an evicted version (server-timing, {len(colds)} samples): "
           f"p50 {statistics.median(colds):.3f} ms, p99 {colds[int(len(colds) * 0.99) - 1]:.3f} ms")
@@ -223,12 +304,12 @@ def main():
             first_response(10, "http://127.0.0.1:18181/fn/hello/",
                            ["taskset", "-c", SERVER_CORE] + servers[0].argv),
         "wasmtime serve (compile cache warm)": first_response(10, "http://127.0.0.1:18182/",
-                                                              ["taskset", "-c", SERVER_CORE] + servers[1].argv),
+                                                              ["taskset", "-c", SERVER_CORE] + next(x for x in servers if x.name == "wasmtime serve").argv),
         "wasmtime serve (.cwasm)": first_response(
             10, "http://127.0.0.1:18186/",
             ["taskset", "-c", SERVER_CORE, wasmtime, "serve", "-S", "cli=y", "--allow-precompiled",
              "--addr", "127.0.0.1:18186", cwasm]),
-        "native hyper": first_response(10, "http://127.0.0.1:18184/", ["taskset", "-c", SERVER_CORE] + servers[3].argv),
+        "native hyper": first_response(10, "http://127.0.0.1:18184/", ["taskset", "-c", SERVER_CORE] + servers[-1].argv),
     }
     print("\n| server | start to first response, median ms (min-max) |\n|---|---:|")
     for name, ts in starts.items():
