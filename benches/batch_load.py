@@ -52,15 +52,34 @@ def batch_counts(backend):
     return metric(text, f"kiln_nn_batch_rows_sum{labels}"), metric(text, f"kiln_nn_batch_rows_count{labels}")
 
 
+def lua_string(data):
+    """`data` (any bytes: an OCR request is a PNG) as a Lua string literal."""
+    return '"' + "".join(chr(b) if 32 <= b < 127 and b not in (34, 92) else f"\\{b:03d}"
+                         for b in data) + '"'
+
+
+def settle(backend):
+    """Waits until the requests wrk left in flight have finished (the batch counters hold
+    still), so one cell's tail is not counted in the next."""
+    last = batch_counts(backend)
+    for _ in range(60):
+        time.sleep(0.5)
+        now = batch_counts(backend)
+        if now == last:
+            return
+        last = now
+
+
 def wrk(path, body_file, ctype, conc, duration):
     script = tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False)
-    body = open(body_file, "rb").read().decode()
-    script.write(f'wrk.method = "POST"\nwrk.body = {json.dumps(body)}\n'
+    body = open(body_file, "rb").read()
+    script.write(f'wrk.method = "POST"\nwrk.body = {lua_string(body)}\n'
                  f'wrk.headers["content-type"] = "{ctype}"\n'
                  f'wrk.headers["authorization"] = "Bearer {BENCH_KEY}"\n')
     script.close()
+    # A long timeout: a request slower than wrk's default 2 s is still counted.
     out = subprocess.run(["taskset", "-c", LOAD_CORE, "wrk", "-t1", f"-c{conc}", f"-d{duration}s",
-                          "--latency", "-s", script.name, BASE + path],
+                          "--timeout", "30s", "--latency", "-s", script.name, BASE + path],
                          capture_output=True, text=True, check=True).stdout
     os.unlink(script.name)
 
@@ -148,8 +167,10 @@ def main():
             for rnd in range(args.rounds):
                 for key, variant, name, body_file, ctype in plan:
                     wrk(f"/fn/{name}/", body_file, ctype, conc, 1)  # warm up
+                    settle(args.backend)
                     before = batch_counts(args.backend)
                     r = wrk(f"/fn/{name}/", body_file, ctype, conc, args.duration)
+                    settle(args.backend)
                     after = batch_counts(args.backend)
                     runs = after[1] - before[1]
                     r["rows"] = (after[0] - before[0]) / runs if runs else None
@@ -157,6 +178,11 @@ def main():
                     print(f"{key} {variant} c={conc} round {rnd}: {r['rps']:.0f} req/s p50 "
                           f"{r['p50']:.2f} ms p99 {r['p99']:.2f} ms rows/run {r['rows']} "
                           f"errors {r['errors']}", file=sys.stderr)
+        # "auto" refits from real runs: what it decided by the end.
+        for key, variant, name, _, _ in plan:
+            if variant == "auto":
+                info = json.loads(http("GET", f"/v1/functions/{name}/versions/1"))["models"][0]
+                decisions[(key, "auto, at the end")] = info.get("batching")
     finally:
         server.terminate()
         server.wait(20)

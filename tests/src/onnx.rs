@@ -163,11 +163,20 @@ pub fn gather() -> Vec<u8> {
 
 /// `y = sigmoid(exp(x))` over rows of `width` values: all of its cost grows with the rows.
 pub fn per_row(width: i64) -> Vec<u8> {
+    per_row_of(Dim::Fixed(width))
+}
+
+/// [`per_row`] with rows of any width (a second free dimension, as a text line's width).
+pub fn per_row_any_width() -> Vec<u8> {
+    per_row_of(Dim::Free("W"))
+}
+
+fn per_row_of(width: Dim) -> Vec<u8> {
     model(
         &[Value {
             name: "x",
             elem: Elem::F32,
-            dims: vec![Dim::Free("N"), Dim::Fixed(width)],
+            dims: vec![Dim::Free("N"), width.clone()],
         }],
         &[],
         &[
@@ -185,7 +194,7 @@ pub fn per_row(width: i64) -> Vec<u8> {
         &[Value {
             name: "y",
             elem: Elem::F32,
-            dims: vec![Dim::Free("N"), Dim::Fixed(width)],
+            dims: vec![Dim::Free("N"), width],
         }],
     )
 }

@@ -78,6 +78,27 @@ fn auto_batches_a_model_with_a_large_fixed_cost_and_not_one_whose_rows_dominate(
             rows["per_row_us"].as_f64().unwrap() > 0.0,
             "{backend}: {rows}"
         );
+        // A model with a free width waits for a real input before it is timed: zeros of a
+        // guessed width (16) would make this one look batch-friendly, since at that width
+        // its fixed cost dominates; at the width requests send, its rows dominate.
+        deploy(&server, "wide", &onnx::per_row_any_width(), backend);
+        std::thread::sleep(Duration::from_millis(300));
+        let waiting = batching_of(&server, "wide");
+        assert_eq!(
+            waiting["reason"], "not calibrated yet (on the first compute)",
+            "{backend}: {waiting}"
+        );
+        let r = server.get("/fn/wide/?model=model&input=x&dims=1,262144&iters=1");
+        assert_eq!(r.status, 200, "{backend}: {}", r.text());
+        let wide = decided("wide");
+        assert_eq!(wide["on"], false, "{backend}: {wide}");
+        assert!(
+            wide["reason"]
+                .as_str()
+                .unwrap()
+                .starts_with("no gain: per-row cost dominates"),
+            "{backend}: {wide}"
+        );
         // Explicit limits on a model that cannot batch are refused at deploy.
         let fixed_batch = onnx::model(
             &[onnx::Value {

@@ -188,7 +188,8 @@ pub fn rows_of(inputs: &[Tensor]) -> u32 {
 /// leading axis of `rows`, at least one. One whose inputs disagree (a first input of 1
 /// row and a second of 8, say) would hand rows of one request to another if merged; empty
 /// ones would make runs whose outputs cannot be split (and so turn batching off).
-fn mergeable(inputs: &[Tensor], rows: u32) -> bool {
+pub fn mergeable(inputs: &[Tensor]) -> bool {
+    let rows = rows_of(inputs);
     rows > 0 && inputs.iter().all(|t| t.dims.first() == Some(&rows))
 }
 
@@ -255,10 +256,7 @@ fn enter(
 ) -> Enter {
     let sessions = graph.graph.concurrency().max(1);
     let mut q = graph.batcher.queue();
-    if rows >= limits.max_rows
-        || !mergeable(&inputs, rows)
-        || (q.running == 0 && q.waiting.is_empty())
-    {
+    if rows >= limits.max_rows || !mergeable(&inputs) || (q.running == 0 && q.waiting.is_empty()) {
         q.running += 1;
         return Enter::Now(inputs);
     }

@@ -260,26 +260,72 @@ pub fn sample_inputs(graph: &dyn BackendGraph, rows: u32) -> Result<Vec<Tensor>,
         .collect()
 }
 
+/// Whether timing `graph` needs a real input: it has a free dimension besides the batch
+/// axis, whose size changes what a row costs.
+pub fn needs_real_input(graph: &dyn BackendGraph) -> bool {
+    graph
+        .inputs()
+        .iter()
+        .any(|info| info.dims.iter().skip(1).any(Option::is_none))
+}
+
+/// Largest calibration input made from a real one (all inputs, at the most rows timed).
+const MAX_CALIBRATION_BYTES: usize = 256 << 20;
+
+/// Whether `sample` (a compute's inputs) is small enough to time tiled to the most rows.
+pub fn sample_fits(sample: &[Tensor]) -> bool {
+    let most = CALIBRATION_ROWS.iter().copied().max().unwrap_or(1) as usize;
+    let row_bytes: usize = sample
+        .iter()
+        .map(|t| t.data.len() / t.dims.first().map_or(1, |&n| n.max(1) as usize))
+        .sum();
+    row_bytes.saturating_mul(most) <= MAX_CALIBRATION_BYTES
+}
+
+/// `sample`'s first row of each input, repeated `rows` times.
+fn tiled(sample: &[Tensor], rows: u32) -> Vec<Tensor> {
+    sample
+        .iter()
+        .map(|t| {
+            let row = t.data.len() / t.dims.first().map_or(1, |&n| n.max(1) as usize);
+            let mut dims = t.dims.clone();
+            if let Some(n) = dims.first_mut() {
+                *n = rows;
+            }
+            Tensor {
+                dims,
+                ty: t.ty,
+                data: t.data[..row].repeat(rows as usize),
+            }
+        })
+        .collect()
+}
+
 /// Calibrations run one at a time: two at once would time each other's contention.
 static CALIBRATING: Mutex<()> = Mutex::new(());
 
-/// Times `graph` at [`CALIBRATION_ROWS`] on zero inputs and fits the cost; fails (batching
+/// Times `graph` at [`CALIBRATION_ROWS`] on `sample`'s first row repeated (zeros without
+/// one) and fits the cost; fails (batching
 /// stays off, with the reason) when the model cannot batch or its outputs do not carry the
 /// batch axis. Each row count counts its fastest of a few runs: interference only ever
 /// adds time.
-pub fn calibrate(graph: &dyn BackendGraph) -> Result<Fit, String> {
+pub fn calibrate(graph: &dyn BackendGraph, sample: Option<&[Tensor]>) -> Result<Fit, String> {
     let _one_at_a_time = CALIBRATING.lock().unwrap_or_else(|p| p.into_inner());
     let cancel = Cancel::default();
+    let inputs = |rows: u32| match sample {
+        Some(sample) => Ok(tiled(sample, rows)),
+        None => sample_inputs(graph, rows),
+    };
     // One untimed run first: the first run of a graph pays for lazy initialisation.
     graph
-        .run(sample_inputs(graph, 1)?, &cancel)
+        .run(inputs(1)?, &cancel)
         .map_err(|e| format!("the model failed on a sample input: {}", e.message))?;
     // Rounds over every row count, so that a slow spell on a shared machine slows all of
     // them alike rather than one.
     let mut fastest = [f64::INFINITY; CALIBRATION_ROWS.len()];
     for _ in 0..CALIBRATION_REPEATS {
         for (i, rows) in CALIBRATION_ROWS.into_iter().enumerate() {
-            let inputs = sample_inputs(graph, rows)?;
+            let inputs = inputs(rows)?;
             let started = Instant::now();
             let outputs = graph
                 .run(inputs, &cancel)
@@ -362,5 +408,24 @@ mod tests {
             per_row_us: 5.0,
         };
         assert!((f.gain(8.0) - 1.0).abs() < 1e-9);
+    }
+
+    #[test]
+    fn a_real_input_is_timed_as_its_first_row_repeated_within_a_size_bound() {
+        let t = |dims: Vec<u32>, data: Vec<u8>| Tensor {
+            dims,
+            ty: crate::nn::ElementType::U8,
+            data,
+        };
+        let sample = [
+            t(vec![2, 3], vec![1, 2, 3, 4, 5, 6]),
+            t(vec![2, 1], vec![7, 8]),
+        ];
+        let four = tiled(&sample, 4);
+        assert_eq!(four[0], t(vec![4, 3], [1, 2, 3].repeat(4)));
+        assert_eq!(four[1], t(vec![4, 1], vec![7; 4]));
+        assert!(sample_fits(&sample));
+        let huge = t(vec![1, 32 << 20], vec![0; 32 << 20]);
+        assert!(!sample_fits(&[huge]), "16 rows of 32 MiB is over the bound");
     }
 }

@@ -11,7 +11,7 @@ use serde::Serialize;
 use super::backend::BackendGraph;
 use super::batch::{BatchSpec, Batcher, Limits};
 use super::cost::{self, CostModel, Decision, Fit};
-use super::{BackendKind, Device};
+use super::{BackendKind, Device, Tensor};
 use crate::meter::Metrics;
 
 /// Runs between two refits of an `"auto"` decision from the graph's own runs.
@@ -143,12 +143,21 @@ impl LoadedGraph {
         }
     }
 
-    /// Starts the calibration `"auto"` needs, once, on the blocking pool.
-    pub fn calibrate_once(self: &Arc<Self>) {
+    /// Starts the calibration `"auto"` needs, once, on the blocking pool, timing `sample`
+    /// (a real compute's inputs) tiled to each row count, or zeros without one. A model
+    /// with free dimensions besides the batch axis (a text line's width, a sentence's
+    /// length) waits for a real input: zeros of a guessed size would time another model.
+    pub fn calibrate_once(self: &Arc<Self>, sample: Option<&[Tensor]>) {
         {
             let mut auto = self.auto();
             if !matches!(*auto, Auto::Idle) {
                 return;
+            }
+            match sample {
+                None if cost::needs_real_input(self.graph.as_ref()) => return,
+                // Too large to time at 16 rows: a later, smaller compute will do.
+                Some(sample) if !cost::sample_fits(sample) => return,
+                _ => {}
             }
             if let Some(why) = self.unbatchable.get() {
                 *auto = Auto::Failed(why.clone());
@@ -157,8 +166,9 @@ impl LoadedGraph {
             *auto = Auto::Calibrating;
         }
         let graph = self.clone();
+        let sample = sample.map(<[Tensor]>::to_vec);
         tokio::task::spawn_blocking(move || {
-            let outcome = match cost::calibrate(graph.graph.as_ref()) {
+            let outcome = match cost::calibrate(graph.graph.as_ref(), sample.as_deref()) {
                 Ok(fit) => {
                     let decision = cost::decide(&fit);
                     tracing::info!(
@@ -204,7 +214,7 @@ impl LoadedGraph {
                 "limits from the manifest".into()
             }
             BatchSpec::Auto => match &*self.auto() {
-                Auto::Idle => "not calibrated yet (on first use)".into(),
+                Auto::Idle => "not calibrated yet (on the first compute)".into(),
                 Auto::Calibrating => "calibrating".into(),
                 Auto::Failed(why) => format!("cannot batch: {why}"),
                 Auto::Decided(fit, d) => {

@@ -354,6 +354,9 @@ impl inference::HostGraphExecutionContext for NnView<'_> {
                 if let Some(slot) = &handle.slot {
                     slot.count_run();
                 }
+                if handle.batch == BatchSpec::Auto && batch::mergeable(&inputs) {
+                    graph.calibrate_once(Some(&inputs));
+                }
                 let served = match graph.limits(handle.batch) {
                     Some(limits) => {
                         self.ctx.time.batched.store(true, Ordering::Relaxed);

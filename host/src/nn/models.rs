@@ -293,7 +293,7 @@ impl ModelManager {
         spec: BatchSpec,
     ) -> Result<(), NnError> {
         match spec {
-            BatchSpec::Auto => graph.calibrate_once(),
+            BatchSpec::Auto => graph.calibrate_once(None),
             BatchSpec::Fixed(_) => {
                 if let Some(why) = graph.unbatchable() {
                     return Err(NnError::invalid(format!(

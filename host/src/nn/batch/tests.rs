@@ -148,15 +148,15 @@ fn a_batch_waits_to_fill_only_behind_real_runs_and_never_into_its_deadline() {
 
 #[test]
 fn empty_or_disagreeing_inputs_never_merge() {
-    assert!(mergeable(&[t(2, 3, 0), t(2, 5, 0)], 2));
-    assert!(!mergeable(&[t(0, 3, 0)], 0), "no rows");
-    assert!(!mergeable(&[t(1, 3, 0), t(2, 3, 0)], 1), "rows disagree");
+    assert!(mergeable(&[t(2, 3, 0), t(2, 5, 0)]));
+    assert!(!mergeable(&[t(0, 3, 0)]), "no rows");
+    assert!(!mergeable(&[t(1, 3, 0), t(2, 3, 0)]), "rows disagree");
     let scalar = Tensor {
         dims: vec![],
         ty: ElementType::U8,
         data: vec![0],
     };
-    assert!(!mergeable(&[scalar], 1), "no leading axis");
+    assert!(!mergeable(&[scalar]), "no leading axis");
 }
 
 #[test]
