@@ -524,7 +524,7 @@ pub async fn execute(
 ) -> Ran {
     let started = Instant::now();
     let inline = graph.cost.runs_inline(rows);
-    let outputs = if inline {
+    let (outputs, busy) = if inline {
         run_guarded(graph, inputs, &Cancel::default())
     } else {
         let cancel = Cancel::default();
@@ -532,14 +532,13 @@ pub async fn execute(
         let g = graph.clone();
         let out = tokio::task::spawn_blocking(move || run_guarded(&g, inputs, &cancel))
             .await
-            .map_err(|e| NnError::runtime("inference task", e))
-            .and_then(|r| r);
+            .unwrap_or_else(|e| (Err(NnError::runtime("inference task", e)), Duration::ZERO));
         guard.0 = None;
         out
     };
     let took = started.elapsed();
     if outputs.is_ok() {
-        graph.ran(rows, took);
+        graph.ran(rows, took, busy);
     }
     Ran {
         outputs,
@@ -550,16 +549,25 @@ pub async fn execute(
 
 /// Runs the backend, turning a panic inside it (an engine that indexes out of bounds on
 /// a hostile input, say) into an error for this compute alone: the thread, and every
-/// other request, carry on.
+/// other request, carry on. Also says how long the run kept the backend busy, for the
+/// cost model: on the CPU, the running thread's CPU time (ONNX Runtime, with its default
+/// one intra-op thread, and tract compute on the calling thread), so a run sharing a core
+/// with others does not look costlier than it is; elsewhere, its wall time.
 fn run_guarded(
     graph: &LoadedGraph,
     inputs: Vec<Tensor>,
     cancel: &Cancel,
-) -> Result<Vec<Tensor>, NnError> {
-    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+) -> (Result<Vec<Tensor>, NnError>, Duration) {
+    let on_cpu = graph.device == super::Device::Cpu;
+    let (wall, cpu) = (Instant::now(), thread_cpu());
+    let outputs = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
         graph.graph.run(inputs, cancel)
-    }))
-    .unwrap_or_else(|panic| {
+    }));
+    let busy = match on_cpu {
+        true => thread_cpu().saturating_sub(cpu),
+        false => wall.elapsed(),
+    };
+    let outputs = outputs.unwrap_or_else(|panic| {
         let why = panic
             .downcast_ref::<&str>()
             .map(|s| s.to_string())
@@ -569,7 +577,24 @@ fn run_guarded(
             &format!("the {} backend failed on this input", graph.backend),
             why,
         ))
-    })
+    });
+    (outputs, busy)
+}
+
+/// CPU time the calling thread has used.
+fn thread_cpu() -> Duration {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid timespec for the call to fill; the clock id is a constant
+    // every Linux supports.
+    #[allow(unsafe_code)]
+    let rc = unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+    match rc {
+        0 => Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32),
+        _ => Duration::ZERO,
+    }
 }
 
 /// Cancels an inference if the request stops waiting for it.

@@ -90,22 +90,20 @@ struct Sums {
     runs: u64,
 }
 
-/// The cost of one graph's runs, learnt from the runs themselves.
+/// The cost of one graph's runs, learnt from the runs themselves: their wall time, for
+/// estimates of how long a run will take (where it runs, how long a batch may wait), and
+/// the time they kept the backend busy, for the fit `"auto"` decides by (wall time on a
+/// shared core grows with whatever else runs, not with the rows).
 #[derive(Debug, Default)]
 pub struct CostModel {
-    sums: Mutex<Sums>,
+    wall: Mutex<Sums>,
+    busy: Mutex<Sums>,
 }
 
-impl CostModel {
-    fn sums(&self) -> std::sync::MutexGuard<'_, Sums> {
-        // A few float updates: a poisoned lock holds consistent enough numbers.
-        self.sums.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    /// Records a run of `rows` that took `took`.
-    pub fn record(&self, rows: u32, took: Duration) {
+impl Sums {
+    fn add(&mut self, rows: u32, took: Duration) {
         let (x, y) = (f64::from(rows.max(1)), took.as_secs_f64() * 1e6);
-        let mut s = self.sums();
+        let s = self;
         s.w = s.w * DECAY + 1.0;
         s.sx = s.sx * DECAY + x;
         s.sy = s.sy * DECAY + y;
@@ -119,15 +117,32 @@ impl CostModel {
         s.max_rows = s.max_rows.max(rows);
         s.runs += 1;
     }
+}
+
+impl CostModel {
+    fn sums(&self) -> std::sync::MutexGuard<'_, Sums> {
+        // A few float updates: a poisoned lock holds consistent enough numbers.
+        self.wall.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn busy(&self) -> std::sync::MutexGuard<'_, Sums> {
+        self.busy.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Records a run of `rows` that took `took` and kept the backend busy for `busy`.
+    pub fn record(&self, rows: u32, took: Duration, busy: Duration) {
+        self.sums().add(rows, took);
+        self.busy().add(rows, busy);
+    }
 
     /// Runs recorded so far.
     pub fn runs(&self) -> u64 {
         self.sums().runs
     }
 
-    /// The fit of the runs so far, once they span two row counts.
+    /// The fit of the runs' busy time so far, once they span two row counts.
     pub fn fit(&self) -> Option<Fit> {
-        let s = *self.sums();
+        let s = *self.busy();
         if s.runs == 0 || s.min_rows == s.max_rows {
             return None;
         }
@@ -388,17 +403,36 @@ mod tests {
             !m.runs_inline(1),
             "unknown models run off the async workers"
         );
-        m.record(1, Duration::from_micros(10));
+        m.record(1, Duration::from_micros(10), Duration::from_micros(10));
         assert!(m.runs_inline(1));
         // One row count only: a large input is priced per row, and goes to the pool.
         assert!(!m.runs_inline(100), "{:?}", m.estimate(100));
         for rows in [1, 2, 4, 8] {
-            m.record(rows, Duration::from_micros(8 + 2 * u64::from(rows)));
+            let took = Duration::from_micros(8 + 2 * u64::from(rows));
+            m.record(rows, took, took);
         }
         let fit = m.fit().expect("several row counts");
         assert!(fit.per_row_us > 1.0 && fit.per_row_us < 3.0, "{fit:?}");
         assert!(m.runs_inline(16));
         assert!(!m.runs_inline(10_000), "a huge input to a quick model");
+
+        // Runs on a shared core: wall time that grows with the contention (a lone row
+        // waited as long as eight), busy time that grows with the rows. The fit, and so
+        // "auto", follows the busy time; estimates of where a run goes, the wall time.
+        let shared = CostModel::default();
+        for _ in 0..10 {
+            for rows in [1u32, 8] {
+                let busy = Duration::from_micros(1000 * u64::from(rows));
+                shared.record(rows, Duration::from_millis(40), busy);
+            }
+        }
+        let fit = shared.fit().unwrap();
+        assert!(
+            fit.fixed_us < 100.0 && (fit.per_row_us - 1000.0).abs() < 50.0,
+            "{fit:?}"
+        );
+        assert!(!decide(&fit).on, "no gain when the rows are the cost");
+        assert!(shared.estimate(1).unwrap() > Duration::from_millis(30));
     }
 
     #[test]

@@ -106,9 +106,10 @@ impl LoadedGraph {
         }
     }
 
-    /// Records a successful run of `rows` rows; now and then refits `"auto"`'s decision.
-    pub fn ran(&self, rows: u32, took: Duration) {
-        self.cost.record(rows, took);
+    /// Records a successful run of `rows` rows (`took` from the caller's side, `busy` the
+    /// backend's busy time); now and then refits `"auto"`'s decision.
+    pub fn ran(&self, rows: u32, took: Duration, busy: Duration) {
+        self.cost.record(rows, took, busy);
         if self.cost.runs().is_multiple_of(REFIT_EVERY)
             && let Some(fit) = self.cost.fit()
         {
