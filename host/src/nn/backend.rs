@@ -47,6 +47,11 @@ pub trait BackendGraph: Send + Sync {
     fn concurrency(&self) -> usize {
         std::thread::available_parallelism().map_or(1, |n| n.get())
     }
+    /// Whether a run computes on the thread that calls [`run`](Self::run) alone (tract;
+    /// ONNX Runtime with one intra-op thread), so that thread's CPU time is the run's cost.
+    fn computes_on_caller(&self) -> bool {
+        true
+    }
 }
 
 /// A cancellation signal for one inference: set when the request gave up (timeout, client

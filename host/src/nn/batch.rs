@@ -550,23 +550,22 @@ pub async fn execute(
 /// Runs the backend, turning a panic inside it (an engine that indexes out of bounds on
 /// a hostile input, say) into an error for this compute alone: the thread, and every
 /// other request, carry on. Also says how long the run kept the backend busy, for the
-/// cost model: on the CPU, the running thread's CPU time (ONNX Runtime, with its default
-/// one intra-op thread, and tract compute on the calling thread), so a run sharing a core
-/// with others does not look costlier than it is; elsewhere, its wall time.
+/// cost model: on the CPU, the running thread's CPU time when the backend computes on it
+/// alone (tract; ONNX Runtime with its default one intra-op thread), so a run sharing a
+/// core with others does not look costlier than it is; elsewhere, its wall time.
 fn run_guarded(
     graph: &LoadedGraph,
     inputs: Vec<Tensor>,
     cancel: &Cancel,
 ) -> (Result<Vec<Tensor>, NnError>, Duration) {
-    let on_cpu = graph.device == super::Device::Cpu;
-    let (wall, cpu) = (Instant::now(), thread_cpu());
+    let measure = super::cost::Busy::new(
+        graph.device == super::Device::Cpu && graph.graph.computes_on_caller(),
+    );
+    let started = measure.start();
     let outputs = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
         graph.graph.run(inputs, cancel)
     }));
-    let busy = match on_cpu {
-        true => thread_cpu().saturating_sub(cpu),
-        false => wall.elapsed(),
-    };
+    let busy = measure.since(started);
     let outputs = outputs.unwrap_or_else(|panic| {
         let why = panic
             .downcast_ref::<&str>()
@@ -579,22 +578,6 @@ fn run_guarded(
         ))
     });
     (outputs, busy)
-}
-
-/// CPU time the calling thread has used.
-fn thread_cpu() -> Duration {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: `ts` is a valid timespec for the call to fill; the clock id is a constant
-    // every Linux supports.
-    #[allow(unsafe_code)]
-    let rc = unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
-    match rc {
-        0 => Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32),
-        _ => Duration::ZERO,
-    }
 }
 
 /// Cancels an inference if the request stops waiting for it.

@@ -298,7 +298,7 @@ pub fn sample_fits(sample: &[Tensor]) -> bool {
 }
 
 /// `sample`'s first row of each input, repeated `rows` times.
-fn tiled(sample: &[Tensor], rows: u32) -> Vec<Tensor> {
+pub fn tiled(sample: &[Tensor], rows: u32) -> Vec<Tensor> {
     sample
         .iter()
         .map(|t| {
@@ -316,6 +316,65 @@ fn tiled(sample: &[Tensor], rows: u32) -> Vec<Tensor> {
         .collect()
 }
 
+/// Longest a calibration may take (estimated from its first run): a model too slow to time
+/// in this keeps batching off.
+const CALIBRATION_BUDGET: Duration = Duration::from_secs(30);
+
+/// Measures how long a run keeps the backend busy: the calling thread's CPU time when the
+/// backend computes on it alone, else wall time.
+#[derive(Debug, Clone, Copy)]
+pub struct Busy {
+    cpu: bool,
+}
+
+/// Where a [`Busy`] measurement started.
+#[derive(Debug, Clone, Copy)]
+pub struct BusyStart {
+    wall: Instant,
+    cpu: Duration,
+}
+
+impl Busy {
+    /// Thread CPU time when `cpu`, else wall time.
+    pub fn new(cpu: bool) -> Self {
+        Busy { cpu }
+    }
+
+    pub fn start(&self) -> BusyStart {
+        BusyStart {
+            wall: Instant::now(),
+            cpu: if self.cpu {
+                thread_cpu()
+            } else {
+                Duration::ZERO
+            },
+        }
+    }
+
+    pub fn since(&self, start: BusyStart) -> Duration {
+        match self.cpu {
+            true => thread_cpu().saturating_sub(start.cpu),
+            false => start.wall.elapsed(),
+        }
+    }
+}
+
+/// CPU time the calling thread has used.
+fn thread_cpu() -> Duration {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid timespec for the call to fill; the clock id is a constant
+    // every Linux supports.
+    #[allow(unsafe_code)]
+    let rc = unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+    match rc {
+        0 => Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32),
+        _ => Duration::ZERO,
+    }
+}
+
 /// Calibrations run one at a time: two at once would time each other's contention.
 static CALIBRATING: Mutex<()> = Mutex::new(());
 
@@ -324,28 +383,45 @@ static CALIBRATING: Mutex<()> = Mutex::new(());
 /// stays off, with the reason) when the model cannot batch or its outputs do not carry the
 /// batch axis. Each row count counts its fastest of a few runs: interference only ever
 /// adds time.
-pub fn calibrate(graph: &dyn BackendGraph, sample: Option<&[Tensor]>) -> Result<Fit, String> {
+pub fn calibrate(
+    graph: &dyn BackendGraph,
+    sample: Option<&[Tensor]>,
+    on_cpu: bool,
+) -> Result<Fit, String> {
     let _one_at_a_time = CALIBRATING.lock().unwrap_or_else(|p| p.into_inner());
     let cancel = Cancel::default();
     let inputs = |rows: u32| match sample {
         Some(sample) => Ok(tiled(sample, rows)),
         None => sample_inputs(graph, rows),
     };
-    // One untimed run first: the first run of a graph pays for lazy initialisation.
+    // Busy time, as the online refit counts it: on the CPU, the thread's CPU time (another
+    // run sharing the core, or a wait for a session, does not count); else wall time.
+    let measure = Busy::new(on_cpu && graph.computes_on_caller());
+    // One untimed run first: the first run of a graph pays for lazy initialisation. It
+    // also tells whether timing the model fits in the budget.
+    let warm = Instant::now();
     graph
         .run(inputs(1)?, &cancel)
         .map_err(|e| format!("the model failed on a sample input: {}", e.message))?;
+    let runs: u32 = CALIBRATION_ROWS.iter().sum::<u32>() * CALIBRATION_REPEATS as u32;
+    if warm.elapsed() * runs > CALIBRATION_BUDGET {
+        return Err(format!(
+            "too slow to time: one row took {:.1} ms, and timing takes {runs} times that (more than {} s)",
+            warm.elapsed().as_secs_f64() * 1e3,
+            CALIBRATION_BUDGET.as_secs()
+        ));
+    }
     // Rounds over every row count, so that a slow spell on a shared machine slows all of
     // them alike rather than one.
     let mut fastest = [f64::INFINITY; CALIBRATION_ROWS.len()];
     for _ in 0..CALIBRATION_REPEATS {
         for (i, rows) in CALIBRATION_ROWS.into_iter().enumerate() {
             let inputs = inputs(rows)?;
-            let started = Instant::now();
+            let started = measure.start();
             let outputs = graph
                 .run(inputs, &cancel)
                 .map_err(|e| format!("the model failed on a sample input: {}", e.message))?;
-            fastest[i] = fastest[i].min(started.elapsed().as_secs_f64() * 1e6);
+            fastest[i] = fastest[i].min(measure.since(started).as_secs_f64() * 1e6);
             if let Some((info, t)) = graph
                 .outputs()
                 .iter()

@@ -3,6 +3,7 @@
 //! decides per compute where a run goes, holds the graph's batching queue, and, when a
 //! version asks for `batch = "auto"`, calibrates once and decides whether batching pays.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
@@ -30,6 +31,11 @@ pub struct LoadedGraph {
     /// declared shapes, or on the first merged run whose outputs could not be split.
     unbatchable: OnceLock<String>,
     auto: Mutex<Auto>,
+    /// `"auto"` is timing the model or has (its state left `Idle`): read without the lock
+    /// on every compute.
+    timing_started: AtomicBool,
+    /// Timing the model needs a real input (a free dimension besides the batch axis).
+    needs_sample: bool,
     metrics: Arc<Metrics>,
 }
 
@@ -76,6 +82,7 @@ impl LoadedGraph {
         if let Err(why) = cost::sample_inputs(graph.as_ref(), 1) {
             let _ = unbatchable.set(why);
         }
+        let needs_sample = cost::needs_real_input(graph.as_ref());
         LoadedGraph {
             graph,
             backend,
@@ -84,8 +91,18 @@ impl LoadedGraph {
             batcher: Batcher::default(),
             unbatchable,
             auto: Mutex::new(Auto::Idle),
+            timing_started: AtomicBool::new(false),
+            needs_sample,
             metrics,
         }
+    }
+
+    /// Whether `"auto"` waits for a real input to time this graph: a compute's first row
+    /// is then kept, and handed to [`calibrate_once`](Self::calibrate_once) once that
+    /// compute has succeeded (an input the model refuses, or that makes it fail, never
+    /// decides for every version sharing the graph).
+    pub fn wants_sample(&self) -> bool {
+        self.needs_sample && !self.timing_started.load(Ordering::Relaxed)
     }
 
     fn auto(&self) -> std::sync::MutexGuard<'_, Auto> {
@@ -160,6 +177,7 @@ impl LoadedGraph {
                 Some(sample) if !cost::sample_fits(sample) => return,
                 _ => {}
             }
+            self.timing_started.store(true, Ordering::Relaxed);
             if let Some(why) = self.unbatchable.get() {
                 *auto = Auto::Failed(why.clone());
                 return;
@@ -167,9 +185,14 @@ impl LoadedGraph {
             *auto = Auto::Calibrating;
         }
         let graph = self.clone();
-        let sample = sample.map(<[Tensor]>::to_vec);
+        let sample = sample.map(|s| cost::tiled(s, 1));
         tokio::task::spawn_blocking(move || {
-            let outcome = match cost::calibrate(graph.graph.as_ref(), sample.as_deref()) {
+            let on_cpu = graph.device == Device::Cpu;
+            let timed = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                cost::calibrate(graph.graph.as_ref(), sample.as_deref(), on_cpu)
+            }))
+            .unwrap_or_else(|_| Err("the backend panicked while timing the model".into()));
+            let outcome = match timed {
                 Ok(fit) => {
                     let decision = cost::decide(&fit);
                     tracing::info!(

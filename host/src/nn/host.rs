@@ -354,9 +354,12 @@ impl inference::HostGraphExecutionContext for NnView<'_> {
                 if let Some(slot) = &handle.slot {
                     slot.count_run();
                 }
-                if handle.batch == BatchSpec::Auto && batch::mergeable(&inputs) {
-                    graph.calibrate_once(Some(&inputs));
-                }
+                // A model "auto" times on a real input: this compute's first row, kept
+                // until the compute has succeeded.
+                let sample = (handle.batch == BatchSpec::Auto
+                    && graph.wants_sample()
+                    && batch::mergeable(&inputs))
+                .then(|| super::cost::tiled(&inputs, 1));
                 let served = match graph.limits(handle.batch) {
                     Some(limits) => {
                         self.ctx.time.batched.store(true, Ordering::Relaxed);
@@ -374,6 +377,11 @@ impl inference::HostGraphExecutionContext for NnView<'_> {
                         }
                     }
                 };
+                if let Some(sample) = sample
+                    && served.outputs.is_ok()
+                {
+                    graph.calibrate_once(Some(&sample));
+                }
                 let took = Duration::from_nanos(served.share_ns);
                 self.ctx.time.add(graph.device, took);
                 self.ctx

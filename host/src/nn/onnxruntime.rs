@@ -149,6 +149,7 @@ impl Backend for OrtBackend {
         }
         let memory = model.len() as u64 * 2 * pool.len() as u64;
         Ok(Box::new(OrtGraph {
+            intra_threads: self.intra_threads,
             sessions: pool.len(),
             pool: Mutex::new(pool),
             returned: Condvar::new(),
@@ -160,6 +161,8 @@ impl Backend for OrtBackend {
 }
 
 struct OrtGraph {
+    /// Threads each run computes on (the caller's and ONNX Runtime's pool).
+    intra_threads: usize,
     /// Sessions in the pool: runs that proceed at once.
     sessions: usize,
     pool: Mutex<Vec<Session>>,
@@ -255,6 +258,10 @@ impl BackendGraph for OrtGraph {
 
     fn concurrency(&self) -> usize {
         self.sessions
+    }
+
+    fn computes_on_caller(&self) -> bool {
+        self.intra_threads == 1
     }
 }
 

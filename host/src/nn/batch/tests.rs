@@ -524,3 +524,16 @@ async fn a_batch_filling_behind_a_run_goes_as_soon_as_that_run_ends() {
     );
     assert_eq!(*runs.lock().unwrap(), vec![1, 1]);
 }
+
+#[test]
+fn a_run_waiting_without_computing_keeps_the_cpu_backend_barely_busy() {
+    // Sleepy sleeps in `run`: 50 ms of wall time, next to no CPU time. The cost model's
+    // fit must see the latter (a run sharing a core waits the same way).
+    let Test { graph, gate, .. } = sleepy_with(Duration::from_millis(50), 1, false);
+    gate.open();
+    let started = Instant::now();
+    let (outputs, busy) = run_guarded(&graph, vec![t(1, 3, 0)], &Cancel::default());
+    assert!(outputs.is_ok());
+    assert!(started.elapsed() >= Duration::from_millis(50));
+    assert!(busy < Duration::from_millis(20), "{busy:?}");
+}
