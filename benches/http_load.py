@@ -196,6 +196,14 @@ def first_response(runs, url, argv):
     return [float(x) for x in re.findall(r"run \d+: ([\d.]+) ms", out)]
 
 
+def table_row(name, column, rs):
+    """A table row of the rounds `rs`: req/s median (min-max), median p50, p99 and CPU."""
+    rps = [r["rps"] for r in rs]
+    med = lambda k: statistics.median(r[k] for r in rs)
+    return (f"| {name} | {column} | {statistics.median(rps):,.0f} ({min(rps):,.0f}-{max(rps):,.0f}) "
+            f"| {med('p50'):,.0f} | {med('p99'):,.0f} | {med('cpu_us'):.1f} |")
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--rounds", type=int, default=3)
@@ -244,10 +252,7 @@ def main():
     print("| server | c | req/s median (min-max) | p50 µs | p99 µs | server CPU µs/req |")
     print("|---|---:|---:|---:|---:|---:|")
     for (name, conc), rs in results.items():
-        rps = [r["rps"] for r in rs]
-        med = lambda k: statistics.median(r[k] for r in rs)
-        print(f"| {name} | {conc} | {statistics.median(rps):,.0f} ({min(rps):,.0f}-{max(rps):,.0f}) "
-              f"| {med('p50'):,.0f} | {med('p99'):,.0f} | {med('cpu_us'):.1f} |")
+        print(table_row(name, conc, rs))
     for conc in sorted({c for _, c in results}):
         k = statistics.median(r["rps"] for r in results[("kiln", conc)])
         w = statistics.median(r["rps"] for r in results[("wasmtime serve", conc)])
@@ -277,10 +282,7 @@ def main():
     print("\n| server | c=16 | req/s median (min-max) | p50 µs | p99 µs | server CPU µs/req |")
     print("|---|---|---:|---:|---:|---:|")
     for (name, what), rs in extra.items():
-        rps = [r["rps"] for r in rs]
-        med = lambda k: statistics.median(r[k] for r in rs)
-        print(f"| {name} | {what} | {statistics.median(rps):,.0f} ({min(rps):,.0f}-{max(rps):,.0f}) "
-              f"| {med('p50'):,.0f} | {med('p99'):,.0f} | {med('cpu_us'):.1f} |")
+        print(table_row(name, what, rs))
     hyper_cpu = statistics.median(r["cpu_us"] for r in extra[("native hyper", "hello")])
     for s in kilns:
         hit = statistics.median(r["cpu_us"] for r in extra[(s.name, "cache hit")])

@@ -558,9 +558,7 @@ fn run_guarded(
     inputs: Vec<Tensor>,
     cancel: &Cancel,
 ) -> (Result<Vec<Tensor>, NnError>, Duration) {
-    let measure = super::cost::Busy::new(
-        graph.device == super::Device::Cpu && graph.graph.computes_on_caller(),
-    );
+    let measure = super::cost::Busy::of(graph.graph.as_ref(), graph.device);
     let started = measure.start();
     let outputs = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
         graph.graph.run(inputs, cancel)

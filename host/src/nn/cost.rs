@@ -121,30 +121,27 @@ impl Sums {
     }
 }
 
+/// Locks a set of sums: a few float updates, so a poisoned lock holds consistent enough
+/// numbers.
+fn lock(sums: &Mutex<Sums>) -> std::sync::MutexGuard<'_, Sums> {
+    sums.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 impl CostModel {
-    fn sums(&self) -> std::sync::MutexGuard<'_, Sums> {
-        // A few float updates: a poisoned lock holds consistent enough numbers.
-        self.wall.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    fn busy(&self) -> std::sync::MutexGuard<'_, Sums> {
-        self.busy.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
     /// Records a run of `rows` that took `took` and kept the backend busy for `busy`.
     pub fn record(&self, rows: u32, took: Duration, busy: Duration) {
-        self.sums().add(rows, took);
-        self.busy().add(rows, busy);
+        lock(&self.wall).add(rows, took);
+        lock(&self.busy).add(rows, busy);
     }
 
     /// Runs recorded so far.
     pub fn runs(&self) -> u64 {
-        self.sums().runs
+        lock(&self.wall).runs
     }
 
     /// The fit of the runs' busy time so far, once they span two row counts.
     pub fn fit(&self) -> Option<Fit> {
-        let s = *self.busy();
+        let s = *lock(&self.busy);
         if s.runs == 0 || s.min_rows == s.max_rows {
             return None;
         }
@@ -155,7 +152,7 @@ impl CostModel {
     /// runs so far (which over-estimates a large input to a model whose fixed cost
     /// dominates, the safe side); `None` before any run.
     pub fn estimate(&self, rows: u32) -> Option<Duration> {
-        let s = *self.sums();
+        let s = *lock(&self.wall);
         if s.runs == 0 {
             return None;
         }
@@ -290,14 +287,16 @@ pub fn needs_real_input(graph: &dyn BackendGraph) -> bool {
 /// Largest calibration input made from a real one (all inputs, at the most rows timed).
 const MAX_CALIBRATION_BYTES: usize = 256 << 20;
 
+/// Bytes of one row of `t` (its leading axis counting at least one).
+fn row_bytes(t: &Tensor) -> usize {
+    t.data.len() / t.dims.first().map_or(1, |&n| n.max(1) as usize)
+}
+
 /// Whether `sample` (a compute's inputs) is small enough to time tiled to the most rows.
 pub fn sample_fits(sample: &[Tensor]) -> bool {
     let most = CALIBRATION_ROWS.iter().copied().max().unwrap_or(1) as usize;
-    let row_bytes: usize = sample
-        .iter()
-        .map(|t| t.data.len() / t.dims.first().map_or(1, |&n| n.max(1) as usize))
-        .sum();
-    row_bytes.saturating_mul(most) <= MAX_CALIBRATION_BYTES
+    let row: usize = sample.iter().map(row_bytes).sum();
+    row.saturating_mul(most) <= MAX_CALIBRATION_BYTES
 }
 
 /// `sample`'s first row of each input, repeated `rows` times.
@@ -305,7 +304,7 @@ pub fn tiled(sample: &[Tensor], rows: u32) -> Vec<Tensor> {
     sample
         .iter()
         .map(|t| {
-            let row = t.data.len() / t.dims.first().map_or(1, |&n| n.max(1) as usize);
+            let row = row_bytes(t);
             let mut dims = t.dims.clone();
             if let Some(n) = dims.first_mut() {
                 *n = rows;
@@ -338,9 +337,12 @@ pub struct BusyStart {
 }
 
 impl Busy {
-    /// Thread CPU time when `cpu`, else wall time.
-    pub fn new(cpu: bool) -> Self {
-        Busy { cpu }
+    /// The measure for `graph` running on `device`: thread CPU time on the CPU when the
+    /// backend computes on the calling thread alone, else wall time.
+    pub fn of(graph: &dyn BackendGraph, device: super::Device) -> Self {
+        Busy {
+            cpu: device == super::Device::Cpu && graph.computes_on_caller(),
+        }
     }
 
     pub fn start(&self) -> BusyStart {
@@ -389,7 +391,7 @@ static CALIBRATING: Mutex<()> = Mutex::new(());
 pub fn calibrate(
     graph: &dyn BackendGraph,
     sample: Option<&[Tensor]>,
-    on_cpu: bool,
+    device: super::Device,
 ) -> Result<Fit, String> {
     let _one_at_a_time = CALIBRATING.lock().unwrap_or_else(|p| p.into_inner());
     let cancel = Cancel::default();
@@ -399,7 +401,7 @@ pub fn calibrate(
     };
     // Busy time, as the online refit counts it: on the CPU, the thread's CPU time (another
     // run sharing the core, or a wait for a session, does not count); else wall time.
-    let measure = Busy::new(on_cpu && graph.computes_on_caller());
+    let measure = Busy::of(graph, device);
     // One untimed run first: the first run of a graph pays for lazy initialisation. It
     // also tells whether timing the model fits in the budget.
     let warm = Instant::now();

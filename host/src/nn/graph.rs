@@ -162,7 +162,7 @@ impl LoadedGraph {
     }
 
     /// Starts the calibration `"auto"` needs, once, on the blocking pool, timing `sample`
-    /// (a real compute's inputs) tiled to each row count, or zeros without one. A model
+    /// (one row of a real compute's inputs) tiled to each row count, or zeros without one. A model
     /// with free dimensions besides the batch axis (a text line's width, a sentence's
     /// length) waits for a real input: zeros of a guessed size would time another model.
     pub fn calibrate_once(self: &Arc<Self>, sample: Option<&[Tensor]>) {
@@ -172,7 +172,7 @@ impl LoadedGraph {
                 return;
             }
             match sample {
-                None if cost::needs_real_input(self.graph.as_ref()) => return,
+                None if self.needs_sample => return,
                 // Too large to time at 16 rows: a later, smaller compute will do.
                 Some(sample) if !cost::sample_fits(sample) => return,
                 _ => {}
@@ -185,11 +185,10 @@ impl LoadedGraph {
             *auto = Auto::Calibrating;
         }
         let graph = self.clone();
-        let sample = sample.map(|s| cost::tiled(s, 1));
+        let sample = sample.map(<[Tensor]>::to_vec);
         tokio::task::spawn_blocking(move || {
-            let on_cpu = graph.device == Device::Cpu;
             let timed = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                cost::calibrate(graph.graph.as_ref(), sample.as_deref(), on_cpu)
+                cost::calibrate(graph.graph.as_ref(), sample.as_deref(), graph.device)
             }))
             .unwrap_or_else(|_| Err("the backend panicked while timing the model".into()));
             let outcome = match timed {

@@ -323,22 +323,27 @@ const WIDE: Limits = Limits {
     max_wait_us: 0,
 };
 
+/// Submits `inputs` to `graph` on a task of its own.
+fn spawn_submit(
+    graph: &Arc<LoadedGraph>,
+    inputs: Vec<Tensor>,
+    limits: Limits,
+    deadline: Instant,
+) -> tokio::task::JoinHandle<Served> {
+    let g = graph.clone();
+    tokio::spawn(async move { submit(&g, inputs, limits, deadline).await })
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn computes_queued_behind_a_run_share_the_next_one_and_each_gets_its_rows() {
     let Test {
         graph, runs, gate, ..
     } = sleepy_with(Duration::ZERO, 1, false);
     let far = Instant::now() + Duration::from_secs(30);
-    let first = tokio::spawn({
-        let g = graph.clone();
-        async move { submit(&g, vec![t(1, 3, 9)], WIDE, far).await }
-    });
+    let first = spawn_submit(&graph, vec![t(1, 3, 9)], WIDE, far);
     until(&graph, |q| q.running == 1).await;
     let queued: Vec<_> = (1..=4u8)
-        .map(|i| {
-            let g = graph.clone();
-            tokio::spawn(async move { submit(&g, vec![t(u32::from(i), 3, i)], WIDE, far).await })
-        })
+        .map(|i| spawn_submit(&graph, vec![t(u32::from(i), 3, i)], WIDE, far))
         .collect();
     until(&graph, |q| q.waiting.len() == 4).await;
     gate.open();
@@ -367,10 +372,7 @@ async fn a_compute_whose_inputs_disagree_on_their_rows_never_shares_a_run() {
         ..
     } = sleepy_with(Duration::ZERO, 1, false);
     let far = Instant::now() + Duration::from_secs(30);
-    let go = |inputs: Vec<Tensor>| {
-        let g = graph.clone();
-        tokio::spawn(async move { submit(&g, inputs, WIDE, far).await })
-    };
+    let go = |inputs: Vec<Tensor>| spawn_submit(&graph, inputs, WIDE, far);
     let first = go(vec![t(1, 3, 0), t(1, 3, 0)]);
     until(&graph, |q| q.running == 1).await;
     // One row in its first input, two in its second: merged, its second input's rows
@@ -402,10 +404,7 @@ async fn outputs_without_the_batch_axis_turn_batching_off_for_the_graph() {
     } = sleepy_with(Duration::ZERO, 1, true);
     assert!(graph.limits(BatchSpec::Fixed(WIDE)).is_some());
     let far = Instant::now() + Duration::from_secs(30);
-    let go = |i: u8| {
-        let g = graph.clone();
-        tokio::spawn(async move { submit(&g, vec![t(1, 3, i)], WIDE, far).await })
-    };
+    let go = |i: u8| spawn_submit(&graph, vec![t(1, 3, i)], WIDE, far);
     let first = go(0);
     until(&graph, |q| q.running == 1).await;
     let queued = [go(1), go(2)];
@@ -433,20 +432,11 @@ async fn a_deadline_passing_in_the_queue_answers_at_once_and_the_rest_run() {
         graph, runs, gate, ..
     } = sleepy_with(Duration::ZERO, 1, false);
     let far = Instant::now() + Duration::from_secs(30);
-    let first = tokio::spawn({
-        let g = graph.clone();
-        async move { submit(&g, vec![t(1, 3, 0)], WIDE, far).await }
-    });
+    let first = spawn_submit(&graph, vec![t(1, 3, 0)], WIDE, far);
     until(&graph, |q| q.running == 1).await;
     let soon = Instant::now() + Duration::from_millis(30);
-    let short = tokio::spawn({
-        let g = graph.clone();
-        async move { submit(&g, vec![t(1, 3, 1)], WIDE, soon).await }
-    });
-    let patient = tokio::spawn({
-        let g = graph.clone();
-        async move { submit(&g, vec![t(2, 3, 2)], WIDE, far).await }
-    });
+    let short = spawn_submit(&graph, vec![t(1, 3, 1)], WIDE, soon);
+    let patient = spawn_submit(&graph, vec![t(2, 3, 2)], WIDE, far);
     // The run in flight is held at the gate: the short compute's answer comes while
     // it is still running.
     let short = short.await.unwrap();
@@ -499,15 +489,9 @@ async fn a_batch_filling_behind_a_run_goes_as_soon_as_that_run_ends() {
         max_wait_us: 5_000_000,
     };
     let far = Instant::now() + Duration::from_secs(30);
-    let first = tokio::spawn({
-        let g = graph.clone();
-        async move { submit(&g, vec![t(1, 3, 0)], patient, far).await }
-    });
+    let first = spawn_submit(&graph, vec![t(1, 3, 0)], patient, far);
     until(&graph, |q| q.running == 1).await;
-    let second = tokio::spawn({
-        let g = graph.clone();
-        async move { submit(&g, vec![t(1, 3, 1)], patient, far).await }
-    });
+    let second = spawn_submit(&graph, vec![t(1, 3, 1)], patient, far);
     // The second waits to fill (a run is in flight and a session is free)...
     until(&graph, |q| q.waiting.len() == 1 && q.looking == 1).await;
     tokio::time::sleep(Duration::from_millis(50)).await;
