@@ -24,6 +24,7 @@ pub mod config;
 pub mod deploy;
 pub mod manifest;
 pub mod meter;
+pub mod monitor;
 pub mod nn;
 pub mod runtime;
 pub mod server;

@@ -18,6 +18,8 @@
 //! encoding = "onnx"
 //! target = "cpu"               # or "gpu" (fail without one), "auto" (GPU if present)
 //! backend = "tract"            # optional: "tract" or "onnxruntime"; default: the server's
+//! [models.digits.monitor]      # optional: drift against a reference sample
+//! reference = "model/reference.npy"
 //! [nn]
 //! guest_load_max_mb = 16       # optional: let guests pass model bytes to graph::load
 //! [cache]
@@ -92,6 +94,40 @@ pub struct ModelSpec {
     /// whether concurrent computes on the model merge into one run.
     #[serde(default)]
     pub batch: crate::nn::BatchSpec,
+    /// `[models.<name>.monitor]`: drift monitoring against a reference sample.
+    #[serde(default)]
+    pub monitor: Option<MonitorTable>,
+}
+
+/// One `[models.<name>.monitor]` table: the reference file and how to watch the model.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MonitorTable {
+    /// Reference rows in the model's input layout (`.npy`, or `.npz` with one array per
+    /// input name), relative to the manifest.
+    pub reference: PathBuf,
+    /// Share of requests whose tensors are summarised (default 100).
+    #[serde(default)]
+    pub sample_percent: Option<u8>,
+    /// Per input: rows of up to this many values get a feature per value (default 64).
+    #[serde(default)]
+    pub max_features: Option<u32>,
+    /// Per-feature score above which a feature counts as drifted (default 0.2).
+    #[serde(default)]
+    pub drift_threshold: Option<f64>,
+}
+
+impl MonitorTable {
+    /// The version's monitor settings, with the reference uploaded as `reference`.
+    pub fn spec(&self, reference: crate::common::Digest) -> crate::monitor::MonitorSpec {
+        let defaults = crate::monitor::MonitorSpec::new(reference);
+        crate::monitor::MonitorSpec {
+            reference,
+            sample_percent: self.sample_percent.unwrap_or(defaults.sample_percent),
+            max_features: self.max_features.unwrap_or(defaults.max_features),
+            drift_threshold: self.drift_threshold.unwrap_or(defaults.drift_threshold),
+        }
+    }
 }
 
 /// The `[build]` table.
@@ -127,6 +163,13 @@ impl Manifest {
             bail!("name: {e}");
         }
         m.cache = m.cache.validate().map_err(anyhow::Error::msg)?;
+        for (name, model) in &m.models {
+            if let Some(t) = &model.monitor {
+                t.spec(crate::common::Digest::of(b""))
+                    .check()
+                    .map_err(|e| anyhow::anyhow!("models.{name}.{e}"))?;
+            }
+        }
         crate::runtime::parse_patterns(&m.allowed_outbound_hosts).map_err(anyhow::Error::msg)?;
         Ok(m)
     }

@@ -6,6 +6,8 @@
   `probabilities` f32 [N,10]; input `input` f32 [N,64]).
 - heldout.json: the held-out split (inputs and true labels) with onnxruntime's predictions
   on it: the reference the end-to-end tests compare Kiln's answers with.
+- reference.npy: the training split's images (uint8 [1347, 64]): the drift monitor's
+  reference (`[models.digits.monitor]` in kiln.toml).
 
 Deterministic (fixed seeds). Requires: scikit-learn skl2onnx onnx onnxruntime.
 Run: python3 examples/digits/model/train.py
@@ -28,6 +30,9 @@ y = digits.target.astype(np.int64)
 X_train, X_test, y_train, y_test = train_test_split(
     X, y, test_size=0.25, random_state=0, stratify=y
 )
+
+# The drift monitor's reference: what the model was trained on.
+np.save(os.path.join(HERE, "reference.npy"), X_train.astype(np.uint8))
 
 clf = MLPClassifier(hidden_layer_sizes=(64,), max_iter=1000, random_state=0)
 clf.fit(X_train / 16.0, y_train)

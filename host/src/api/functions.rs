@@ -73,6 +73,10 @@ pub struct ModelDecl {
     /// `"off"` (default), `"auto"`, or `{"max_rows", "max_wait_us"}`.
     #[serde(default, skip_serializing_if = "crate::nn::BatchSpec::is_off")]
     pub batch: crate::nn::BatchSpec,
+    /// Drift monitoring: `{"reference": digest, "sample_percent", "max_features",
+    /// "drift_threshold"}`; the reference blob is uploaded beforehand.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub monitor: Option<crate::monitor::MonitorSpec>,
 }
 
 /// The `[nn]` options of a version.
@@ -99,6 +103,7 @@ impl CreateVersion {
                     target: m.target,
                     backend: m.backend,
                     batch: m.batch,
+                    monitor: m.monitor.clone(),
                 })
                 .collect(),
             guest_load_max_bytes: self

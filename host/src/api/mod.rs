@@ -16,6 +16,7 @@
 //! | `POST` | `/v1/functions/{name}/versions` | deploy: `application/wasm` body or JSON manifest | deploy |
 //! | `GET` | `/v1/functions/{name}/versions/{v}` | show one version | owner |
 //! | `GET` | `/v1/functions/{name}/versions/{v}/stats` | recent requests, errors, latency, cold starts, cache hits | owner |
+//! | `GET` | `/v1/functions/{name}/versions/{v}/drift` | input and prediction drift of its monitored models | owner |
 //! | `DELETE` | `/v1/functions/{name}/cache` | drop the function's cached responses and inference results | deploy |
 //! | `GET`, `PUT` | `/v1/functions/{name}/traffic` | read / replace the traffic policy | owner / deploy |
 //! | `GET`, `PUT`, `DELETE` | `/v1/functions/{name}/aliases/{alias}` | a named policy (`/fn/{name}:{alias}/`) | owner / deploy |
@@ -36,6 +37,7 @@ mod error;
 pub mod functions;
 mod idempotency;
 mod keys;
+mod monitor;
 mod page;
 mod rollout;
 mod traffic;
@@ -73,6 +75,7 @@ enum Op<'a> {
     CreateVersion(&'a str),
     ShowVersion(&'a str, &'a str),
     VersionStats(&'a str, &'a str),
+    VersionDrift(&'a str, &'a str),
     ClearCache(&'a str),
     GetTraffic(&'a str),
     PutTraffic(&'a str),
@@ -103,6 +106,7 @@ pub(crate) const ROUTES: &[(&str, &str)] = &[
     ("/v1/functions/{name}/versions", "GET, HEAD, POST"),
     ("/v1/functions/{name}/versions/{version}", "GET, HEAD"),
     ("/v1/functions/{name}/versions/{version}/stats", "GET, HEAD"),
+    ("/v1/functions/{name}/versions/{version}/drift", "GET, HEAD"),
     ("/v1/functions/{name}/cache", "DELETE"),
     ("/v1/functions/{name}/traffic", "GET, HEAD, PUT"),
     (
@@ -158,6 +162,7 @@ impl<'a> Op<'a> {
             (["functions", n, "versions"], &Method::POST) => Op::CreateVersion(n),
             (["functions", n, "versions", v], &Method::GET) => Op::ShowVersion(n, v),
             (["functions", n, "versions", v, "stats"], &Method::GET) => Op::VersionStats(n, v),
+            (["functions", n, "versions", v, "drift"], &Method::GET) => Op::VersionDrift(n, v),
             (["functions", n, "cache"], &Method::DELETE) => Op::ClearCache(n),
             (["functions", n, "traffic"], &Method::GET) => Op::GetTraffic(n),
             (["functions", n, "traffic"], &Method::PUT) => Op::PutTraffic(n),
@@ -193,6 +198,7 @@ impl<'a> Op<'a> {
             Op::CreateVersion(n) => ("version.create", n),
             Op::ShowVersion(n, _) => ("version.show", n),
             Op::VersionStats(n, _) => ("version.stats", n),
+            Op::VersionDrift(n, _) => ("version.drift", n),
             Op::ClearCache(n) => ("cache.clear", n),
             Op::GetTraffic(n) => ("traffic.show", n),
             Op::PutTraffic(n) => ("traffic.set", n),
@@ -223,6 +229,7 @@ impl<'a> Op<'a> {
             | Op::CreateVersion(n)
             | Op::ShowVersion(n, _)
             | Op::VersionStats(n, _)
+            | Op::VersionDrift(n, _)
             | Op::ClearCache(n)
             | Op::GetTraffic(n)
             | Op::PutTraffic(n)
@@ -253,6 +260,7 @@ impl<'a> Op<'a> {
             | Op::ListVersions(n)
             | Op::ShowVersion(n, _)
             | Op::VersionStats(n, _)
+            | Op::VersionDrift(n, _)
             | Op::GetTraffic(n)
             | Op::GetAlias(n, _)
             | Op::History(n)
@@ -386,6 +394,7 @@ async fn dispatch(
         Op::CreateVersion(n) => functions::create_version(app, n, req, caller).await,
         Op::ShowVersion(n, v) => functions::version(app, n, v, &req),
         Op::VersionStats(n, v) => traffic::stats(app, n, v, query),
+        Op::VersionDrift(n, v) => monitor::drift(app, n, v, query),
         Op::ClearCache(n) => functions::clear_cache(app, n),
         Op::GetTraffic(n) => traffic::get(app, n, None),
         Op::PutTraffic(n) => traffic::put(app, n, None, req, caller).await,

@@ -4,6 +4,7 @@
 //! changes and rollouts are in [`traffic`]).
 
 mod cluster;
+mod monitor;
 mod ready;
 mod rollout;
 mod sync;
@@ -284,6 +285,7 @@ impl App {
             }
             cluster::spawn_heartbeat(&app);
             rollout::spawn_rollout_driver(&app);
+            monitor::spawn_drift_gauges(&app);
             ready::start_blob_prober(&app).await;
             if let DatabaseUrl::Postgres(url) = &app.config.store.database {
                 sync::spawn_store_sync(&app, url)?;
@@ -417,6 +419,7 @@ impl App {
                 target: meta.target,
                 backend: meta.backend,
                 batch: meta.batch,
+                monitor: None,
             });
         }
         Ok(out)
@@ -470,6 +473,19 @@ impl App {
             self.check_blob(&m.digest, by).await?;
             if by.signer.is_some() {
                 self.verify_blob(&m.digest).await?;
+            }
+            if let Some(monitor) = &m.monitor {
+                monitor
+                    .check()
+                    .map_err(|e| DeployError::Models(format!("model {:?}: {e}", m.name)))?;
+                let reference = monitor.reference;
+                if self.blobs.size(&reference).await?.is_none() {
+                    return Err(DeployError::MissingBlob(reference));
+                }
+                self.check_blob(&reference, by).await?;
+                if by.signer.is_some() {
+                    self.verify_blob(&reference).await?;
+                }
             }
         }
         Ok(nn)

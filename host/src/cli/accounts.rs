@@ -87,7 +87,7 @@ pub fn usage(
 }
 
 /// Escapes a query parameter value (times carry `:` and `+`).
-fn percent_encode(s: &str) -> String {
+pub(super) fn percent_encode(s: &str) -> String {
     s.bytes()
         .map(|b| match b {
             b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {

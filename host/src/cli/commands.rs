@@ -200,10 +200,20 @@ fn model_decls(client: &Client, m: &Manifest, component: &Path) -> anyhow::Resul
         let bytes = std::fs::read(&path)
             .with_context(|| format!("reading model {name:?} at {}", path.display()))?;
         let digest = Digest::of(&bytes);
-        if embedded.contains(&(name.clone(), digest)) {
+        // A monitored model is declared even when embedded: its monitor travels here.
+        if embedded.contains(&(name.clone(), digest)) && spec.monitor.is_none() {
             continue;
         }
         upload_bytes(client, bytes, digest)?;
+        let monitor = match &spec.monitor {
+            Some(t) => {
+                let path = m.dir.join(&t.reference);
+                let reference = upload(client, &path)
+                    .with_context(|| format!("the monitor reference of model {name:?}"))?;
+                Some(t.spec(reference))
+            }
+            None => None,
+        };
         decls.insert(
             name.clone(),
             serde_json::to_value(ModelDecl {
@@ -212,6 +222,7 @@ fn model_decls(client: &Client, m: &Manifest, component: &Path) -> anyhow::Resul
                 target: spec.target,
                 backend: spec.backend,
                 batch: spec.batch,
+                monitor,
             })?,
         );
     }

@@ -1,7 +1,8 @@
 //! From a parsed command line to the command that runs it.
 
 use super::{
-    Cli, Command, KeysCommand, Output, StoreCommand, accounts, cluster, commands, serve, traffic,
+    Cli, Command, KeysCommand, Output, StoreCommand, accounts, cluster, commands, monitor, serve,
+    traffic,
 };
 
 /// Runs a parsed command line.
@@ -204,6 +205,12 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                 _ => traffic::rollout_show(&client, &name, output),
             }
         }
+        Command::Drift {
+            name,
+            version,
+            window,
+            server,
+        } => monitor::drift(&server.client()?, &name, version, window.as_deref(), output),
         Command::History { name, server } => traffic::history(&server.client()?, &name, output),
         Command::Rollback {
             name,

@@ -6,6 +6,7 @@ mod client;
 mod cluster;
 mod commands;
 mod dispatch;
+mod monitor;
 mod serve;
 mod traffic;
 
@@ -353,6 +354,18 @@ pub enum Command {
         /// Why (kept in the history) for --pause, --resume, --abort.
         #[arg(long)]
         reason: Option<String>,
+        #[command(flatten)]
+        server: ServerArg,
+    },
+    /// Input and prediction drift of a version's monitored models against their references.
+    Drift {
+        name: String,
+        /// The version (default: the function's latest).
+        #[arg(long)]
+        version: Option<u32>,
+        /// How far back: 1m to 48h (default 15m).
+        #[arg(long)]
+        window: Option<String>,
         #[command(flatten)]
         server: ServerArg,
     },

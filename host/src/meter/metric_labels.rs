@@ -76,3 +76,11 @@ pub(super) struct BreakerLabels {
 pub(super) struct RefusalLabels {
     pub(super) reason: &'static str,
 }
+
+/// One model of one version (drift gauges).
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ModelLabels {
+    pub function: String,
+    pub version: String,
+    pub model: String,
+}

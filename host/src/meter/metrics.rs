@@ -37,7 +37,7 @@ use prometheus_client::registry::Registry;
 
 use super::metric_labels::{
     BreakerLabels, BuildLabels, CacheLabels, DurationLabels, FunctionLabels, InferenceLabels,
-    InvocationLabels, RefusalLabels, SHADOW_RESULTS, STATUS_CLASSES, ShadowLabels,
+    InvocationLabels, ModelLabels, RefusalLabels, SHADOW_RESULTS, STATUS_CLASSES, ShadowLabels,
     ShadowSideLabels, status_class,
 };
 pub use super::outcome::Outcome;
@@ -90,6 +90,7 @@ pub struct Metrics {
     shadow_seconds: Family<ShadowSideLabels, Counter<f64, AtomicU64>>,
     breaker_state: Family<BreakerLabels, Gauge>,
     breaker_opened: Family<BreakerLabels, Counter>,
+    model_drift: Family<ModelLabels, Gauge<f64, AtomicU64>>,
     /// Usage records committed to the ledger.
     pub ledger_records: Counter,
     /// Time of one ledger commit (a batch of records).
@@ -226,6 +227,12 @@ impl Metrics {
             "Total latency of compared requests on each side (primary, shadow): their difference over shadow_requests is the mean latency difference",
             shadow_seconds.clone(),
         );
+        let model_drift = Family::<ModelLabels, Gauge<f64, AtomicU64>>::default();
+        registry.register(
+            "model_drift_score",
+            "Largest input feature drift score (PSI against the reference) of a monitored model over the last 15 minutes",
+            model_drift.clone(),
+        );
         let breaker_state = Family::<BreakerLabels, Gauge>::default();
         registry.register(
             "outbound_breaker_state",
@@ -282,6 +289,7 @@ impl Metrics {
             shadow_seconds,
             breaker_state,
             breaker_opened,
+            model_drift,
             ledger_records,
             ledger_commit,
         }
@@ -509,6 +517,18 @@ impl Metrics {
             };
             self.breaker_state.remove(&l);
             self.breaker_opened.remove(&l);
+        }
+    }
+
+    /// Sets the drift gauge of one monitored model (`None`: removes its series).
+    pub fn model_drift(&self, labels: &ModelLabels, score: Option<f64>) {
+        match score {
+            Some(s) => {
+                self.model_drift.get_or_create(labels).set(s);
+            }
+            None => {
+                self.model_drift.remove(labels);
+            }
         }
     }
 

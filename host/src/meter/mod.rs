@@ -11,6 +11,7 @@ pub mod usage;
 pub mod window;
 
 pub use ledger::{Durability, Ledger, LedgerStore};
+pub use metric_labels::ModelLabels;
 pub use metrics::{CacheMetrics, Metrics, Outcome, VersionMetrics};
 pub use usage::{Pricing, UsageRecord};
 pub use window::{Aggregate, ShadowStats, ShadowWindow, Stats, Window, ended_seconds};

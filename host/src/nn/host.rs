@@ -26,6 +26,7 @@ use super::models::{ModelManager, ModelSlot, VersionModels};
 use super::{Device, ElementType, ErrorCode, NnError, Target, Tensor};
 use crate::cache::Lookup;
 use crate::cache::inference as inference_cache;
+use crate::monitor::ModelMonitor;
 
 mod generated {
     wasmtime::component::bindgen!({
@@ -55,6 +56,8 @@ pub struct GraphHandle {
     graph: Arc<LoadedGraph>,
     slot: Option<Arc<ModelSlot>>,
     batch: BatchSpec,
+    /// The version's drift monitor of this model, if it has one.
+    monitor: Option<Arc<ModelMonitor>>,
 }
 
 /// An execution context: which graph it runs.
@@ -256,6 +259,7 @@ impl graph::Host for NnView<'_> {
                 graph,
                 slot: None,
                 batch: BatchSpec::Off,
+                monitor: None,
             })
         }
         .await;
@@ -273,6 +277,7 @@ impl graph::Host for NnView<'_> {
             )),
             Some(slot) => {
                 let batch = self.ctx.models.batch(&name);
+                let monitor = self.ctx.models.monitor(&name).cloned();
                 match self.ctx.manager.graph(&slot).await {
                     Ok(graph) => {
                         self.ctx
@@ -282,6 +287,7 @@ impl graph::Host for NnView<'_> {
                                 graph,
                                 slot: Some(slot),
                                 batch,
+                                monitor,
                             })
                     }
                     Err(e) => Err(e),
@@ -324,6 +330,15 @@ impl inference::HostGraphExecutionContext for NnView<'_> {
                 "the request's time ran out before inference",
             )),
             Ok(inputs) => {
+                // Drift monitoring sees every sampled compute, cache hits included: it
+                // watches the traffic, not the backend.
+                let watch = handle
+                    .monitor
+                    .as_ref()
+                    .filter(|m| m.sample(&graph, self.ctx.manager.blobs()));
+                if let Some(m) = watch {
+                    m.observe_inputs(&inputs);
+                }
                 // Only the version's own models are cached: a guest-loaded graph lives for
                 // one request.
                 let cache = match (&handle.slot, &self.ctx.models.cache) {
@@ -343,6 +358,9 @@ impl inference::HostGraphExecutionContext for NnView<'_> {
                         Lookup::Hit(outputs, _) => {
                             slot.count_cache_hit();
                             self.ctx.time.cache_hits.fetch_add(1, Ordering::Relaxed);
+                            if let Some(m) = watch {
+                                m.observe_outputs(&outputs);
+                            }
                             return self.hand_out(&graph, Ok(outputs.as_ref().clone()));
                         }
                         Lookup::Miss(f) => {
@@ -399,6 +417,9 @@ impl inference::HostGraphExecutionContext for NnView<'_> {
                     .metrics()
                     .inference(graph.backend, graph.device, took);
                 let out = served.outputs;
+                if let (Ok(outputs), Some(m)) = (&out, watch) {
+                    m.observe_outputs(outputs);
+                }
                 if let (Ok(outputs), Some((mut f, c))) = (&out, fill) {
                     let size = inference_cache::size(outputs);
                     // Too large for the cache: skip the copy `store` would refuse anyway.

@@ -20,6 +20,7 @@ use super::graph::{BatchingInfo, LoadedGraph};
 use super::{BackendKind, Device, Encoding, ErrorCode, NnError, Target};
 use crate::common::{BlobSource, Digest};
 use crate::meter::Metrics;
+use crate::monitor::{ModelMonitor, MonitorSpec};
 
 /// A model as a version records it (persisted with the version).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -41,6 +42,9 @@ pub struct ModelRef {
     /// Whether concurrent computes on it merge into batches.
     #[serde(default, skip_serializing_if = "BatchSpec::is_off")]
     pub batch: BatchSpec,
+    /// Drift monitoring against a reference sample; `None`: not monitored.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub monitor: Option<MonitorSpec>,
 }
 
 /// What a version records about inference.
@@ -122,6 +126,8 @@ pub struct VersionModels {
     pub guest_load_max_bytes: Option<u64>,
     /// Where this version's compute results are cached; `None`: not cached.
     pub cache: Option<crate::cache::inference::InferenceScope>,
+    /// Monitors of the models deployed with a reference, by model name.
+    monitors: BTreeMap<String, Arc<ModelMonitor>>,
 }
 
 impl VersionModels {
@@ -135,6 +141,16 @@ impl VersionModels {
         self.models
             .get(name)
             .map_or(BatchSpec::Off, |(r, _)| r.batch)
+    }
+
+    /// The drift monitor of model `name`, if it has one.
+    pub fn monitor(&self, name: &str) -> Option<&Arc<ModelMonitor>> {
+        self.monitors.get(name)
+    }
+
+    /// Every monitored model of the version, by name.
+    pub fn monitors(&self) -> impl Iterator<Item = (&str, &Arc<ModelMonitor>)> {
+        self.monitors.iter().map(|(n, m)| (n.as_str(), m))
     }
 
     /// Names of this version's models.
@@ -174,6 +190,9 @@ pub struct ModelInfo {
     /// Whether this version's computes on the model merge, and why (once loaded).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub batching: Option<BatchingInfo>,
+    /// Its drift monitor's settings, when it has one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub monitor: Option<MonitorSpec>,
 }
 
 /// The backends this server has and the cache of loaded graphs.
@@ -266,23 +285,46 @@ impl ModelManager {
             models.insert(m.name.clone(), (m.clone(), slot));
         }
         slots.retain(|_, w| w.strong_count() > 0);
+        let monitors = spec
+            .models
+            .iter()
+            .filter_map(|m| {
+                let spec = m.monitor.clone()?;
+                Some((m.name.clone(), Arc::new(ModelMonitor::new(&m.name, spec))))
+            })
+            .collect();
         VersionModels {
             models,
             guest_load_max_bytes: spec.guest_load_max_bytes,
             cache: None,
+            monitors,
         }
     }
 
     /// Loads every model of a version now (deploy), failing with the first model's error
-    /// (explicit batch limits on a model that cannot batch included); starts the
-    /// calibration of models with `batch = "auto"`.
+    /// (explicit batch limits on a model that cannot batch included, and a monitor
+    /// reference that does not fit the model); starts the calibration of models with
+    /// `batch = "auto"`.
     pub async fn load_all(&self, models: &VersionModels) -> Result<(), (String, NnError)> {
         for (name, (r, slot)) in &models.models {
             let graph = self.graph(slot).await.map_err(|e| (name.clone(), e))?;
             self.prepare_batching(&graph, r.batch)
                 .map_err(|e| (name.clone(), e))?;
+            if let Some(m) = models.monitor(name) {
+                m.prepare(&graph, self.blobs.as_ref()).await.map_err(|e| {
+                    (
+                        name.clone(),
+                        NnError::invalid(format!("monitor reference: {e}")),
+                    )
+                })?;
+            }
         }
         Ok(())
+    }
+
+    /// Where model and reference bytes come from.
+    pub fn blobs(&self) -> &Arc<dyn BlobSource> {
+        &self.blobs
     }
 
     /// Gets `graph` ready for a version asking for `spec`: calibrates for `"auto"`;
@@ -502,6 +544,7 @@ impl ModelManager {
                     inputs: graph.map(|g| g.graph.inputs().to_vec()),
                     outputs: graph.map(|g| g.graph.outputs().to_vec()),
                     batching: graph.map(|g| g.batching(r.batch)),
+                    monitor: r.monitor.clone(),
                 }
             })
             .collect()

@@ -78,6 +78,7 @@ async fn versions_count_up_and_are_never_reused_on_every_backend() {
             target: crate::nn::Target::Auto,
             backend: Some(crate::nn::BackendKind::Tract),
             batch: crate::nn::BatchSpec::Auto,
+            monitor: None,
         });
         with_model.nn.guest_load_max_bytes = Some(1024);
         with_model.limits.rate = Some("5/s".parse().expect("rate"));

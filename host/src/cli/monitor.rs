@@ -1,0 +1,122 @@
+//! `kiln drift`: what a version's monitored models saw against their references.
+
+use anyhow::Context;
+use serde_json::Value;
+
+use super::Output;
+use super::client::Client;
+
+/// Features a table shows per model (the highest scores); `--output json` has all.
+const TOP_FEATURES: usize = 10;
+
+/// `kiln drift NAME [--version V] [--window W]`: the version's drift report (default: the
+/// function's latest version, the last 15 minutes).
+pub fn drift(
+    client: &Client,
+    name: &str,
+    version: Option<u32>,
+    window: Option<&str>,
+    output: Output,
+) -> anyhow::Result<()> {
+    let version = match version {
+        Some(v) => v,
+        None => client.get_json(&format!("/v1/functions/{name}"))?["latest_version"]
+            .as_u64()
+            .map(|v| v as u32)
+            .with_context(|| format!("function {name} has no versions"))?,
+    };
+    let mut path = format!("/v1/functions/{name}/versions/{version}/drift");
+    if let Some(w) = window {
+        path.push_str(&format!("?window={}", super::accounts::percent_encode(w)));
+    }
+    let report = client.get_json(&path)?;
+    output.show(&report, || {
+        print_report(&report);
+        Ok(())
+    })
+}
+
+fn print_report(r: &Value) {
+    println!(
+        "{} version {}, last {}: {} rows summarised (drift needs {} per model){}",
+        r["function"].as_str().unwrap_or_default(),
+        r["version"],
+        r["window"].as_str().unwrap_or_default(),
+        r["samples"],
+        r["min_samples"],
+        if r["drifted"] == true {
+            " - DRIFTED"
+        } else {
+            ""
+        }
+    );
+    for m in r["models"]
+        .as_array()
+        .map(Vec::as_slice)
+        .unwrap_or_default()
+    {
+        let model = m["model"].as_str().unwrap_or_default();
+        if let Some(state) = m["state"].as_str() {
+            println!(
+                "\nmodel {model}: {state} {}",
+                m["error"].as_str().unwrap_or("")
+            );
+            continue;
+        }
+        println!(
+            "\nmodel {model}: {} rows (reference {}), largest feature score {:.3}{}",
+            m["samples"],
+            m["reference_rows"],
+            m["max_score"].as_f64().unwrap_or(0.0),
+            if m["drifted"] == true {
+                ", drifted"
+            } else {
+                ""
+            }
+        );
+        if let Some(p) = m["predictions"].as_object() {
+            println!(
+                "  predictions ({}): L-inf {:.3} over {} rows{}",
+                p["output"].as_str().unwrap_or_default(),
+                p["score"].as_f64().unwrap_or(0.0),
+                p["samples"],
+                if p["drifted"] == true {
+                    ", drifted"
+                } else {
+                    ""
+                }
+            );
+        }
+        let mut features: Vec<&Value> = m["inputs"]
+            .as_array()
+            .map(Vec::as_slice)
+            .unwrap_or_default()
+            .iter()
+            .flat_map(|i| {
+                i["features"]
+                    .as_array()
+                    .map(Vec::as_slice)
+                    .unwrap_or_default()
+            })
+            .collect();
+        features.sort_by(|a, b| {
+            let s = |v: &Value| v["score"].as_f64().unwrap_or(0.0);
+            s(b).total_cmp(&s(a))
+        });
+        println!(
+            "  {:<16} {:>6} {:>6} {:>9} {:>6}  DRIFTED",
+            "INPUT", "INDEX", "NAME", "PSI", "JS"
+        );
+        for f in features.iter().take(TOP_FEATURES) {
+            println!(
+                "  {:<16} {:>6} {:>6} {:>9.3} {:>6.3}  {}",
+                f["input"].as_str().unwrap_or_default(),
+                f["index"].as_u64().unwrap_or_default(),
+                f["name"].as_str().unwrap_or("-"),
+                f["score"].as_f64().unwrap_or(0.0),
+                f["js"].as_f64().unwrap_or(0.0),
+                if f["drifted"] == true { "yes" } else { "no" }
+            );
+        }
+    }
+}
