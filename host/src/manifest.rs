@@ -22,6 +22,9 @@
 //! reference = "model/reference.npy"
 //! [nn]
 //! guest_load_max_mb = 16       # optional: let guests pass model bytes to graph::load
+//! [validate]                   # optional: cases every version must pass before it is published
+//! cases = "validation.jsonl"   # {"body": ..., "status": 200, "label": 3} per line
+//! min_accuracy = 0.95
 //! [cache]
 //! inference = true             # default: identical wasi:nn inputs reuse stored outputs
 //! responses = { ttl = "60s", max_entries = 1000, vary = ["accept"] }   # opt-in
@@ -73,6 +76,9 @@ pub struct Manifest {
     /// Where the guest may send HTTP requests (default: nowhere).
     #[serde(default)]
     pub allowed_outbound_hosts: Vec<String>,
+    /// Cases every version must pass before it takes traffic.
+    #[serde(default)]
+    pub validate: Option<ValidateTable>,
     /// The directory holding the manifest (not part of the file).
     #[serde(skip)]
     pub dir: PathBuf,
@@ -130,6 +136,32 @@ impl MonitorTable {
     }
 }
 
+/// The `[validate]` table: a cases file and what a version must score on it.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ValidateTable {
+    /// One request per line (JSON): `body` (or `body_base64`), optional `method`, `path`,
+    /// `headers`, expected `status` and `label`; relative to the manifest.
+    pub cases: PathBuf,
+    /// Share of the labelled cases that must be predicted right (default 1).
+    #[serde(default)]
+    pub min_accuracy: Option<f64>,
+    /// Highest p99 latency of the cases in milliseconds (default: not judged).
+    #[serde(default)]
+    pub max_p99_ms: Option<u64>,
+}
+
+impl ValidateTable {
+    /// The version's validation settings, with the cases uploaded as `cases`.
+    pub fn spec(&self, cases: crate::common::Digest) -> crate::monitor::validate::ValidateSpec {
+        crate::monitor::validate::ValidateSpec {
+            cases,
+            min_accuracy: self.min_accuracy.unwrap_or(1.0),
+            max_p99_ms: self.max_p99_ms,
+        }
+    }
+}
+
 /// The `[build]` table.
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -163,6 +195,11 @@ impl Manifest {
             bail!("name: {e}");
         }
         m.cache = m.cache.validate().map_err(anyhow::Error::msg)?;
+        if let Some(v) = &m.validate {
+            v.spec(crate::common::Digest::of(b""))
+                .check()
+                .map_err(anyhow::Error::msg)?;
+        }
         for (name, model) in &m.models {
             if let Some(t) = &model.monitor {
                 t.spec(crate::common::Digest::of(b""))

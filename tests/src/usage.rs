@@ -5,7 +5,7 @@ use serde_json::Value;
 use crate::TestServer;
 
 /// The columns of the usage CSV export, in order.
-pub const USAGE_COLUMNS: [&str; 20] = [
+pub const USAGE_COLUMNS: [&str; 21] = [
     "request_id",
     "tenant",
     "function",
@@ -26,6 +26,7 @@ pub const USAGE_COLUMNS: [&str; 20] = [
     "status",
     "cost",
     "batch_rows",
+    "prediction",
 ];
 
 /// One usage record (a CSV line) by column.

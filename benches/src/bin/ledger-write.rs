@@ -34,6 +34,7 @@ fn record(i: u64) -> UsageRecord {
         outcome: Outcome::Ok,
         status: 200,
         cost: 2,
+        prediction: None,
     }
 }
 

@@ -1,5 +1,6 @@
 //! Echoes the request: the body back as the body, and the method, the path (with query)
-//! and the `x-test` header as response headers.
+//! and the `x-test` header as response headers; an `x-echo-prediction` header comes back
+//! as the guest's `x-kiln-prediction` (what Kiln records as the request's prediction).
 use kiln_guest::{Request, Response};
 
 fn echo(req: Request) -> Response {
@@ -24,6 +25,9 @@ fn echo(req: Request) -> Response {
     );
     if let Some(v) = parts.headers.get("x-test") {
         h.insert("x-test", v.clone());
+    }
+    if let Some(v) = parts.headers.get("x-echo-prediction") {
+        h.insert("x-kiln-prediction", v.clone());
     }
     resp
 }

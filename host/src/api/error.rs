@@ -67,6 +67,10 @@ pub enum ApiError {
     Overloaded(#[from] Rejected),
     #[error(transparent)]
     Invoke(#[from] InvokeError),
+    /// The version missed its `[validate]` cases (400 `version.validation_failed`, with
+    /// every case's result).
+    #[error("{}", validation_message(.0))]
+    ValidationFailed(Box<crate::monitor::validate::ValidationResult>),
     /// A store this node needs (the database, the blob store) cannot be reached.
     #[error("{0}")]
     Unavailable(String),
@@ -95,7 +99,7 @@ impl ApiError {
             Compile(CompileError::TooLarge { .. }) => StatusCode::PAYLOAD_TOO_LARGE,
             Compile(CompileError::Internal(_)) => StatusCode::INTERNAL_SERVER_ERROR,
             Compile(_) => StatusCode::BAD_REQUEST,
-            Model(..) => StatusCode::BAD_REQUEST,
+            Model(..) | ValidationFailed(_) => StatusCode::BAD_REQUEST,
             Blob(BlobError::TooLarge { .. }) => StatusCode::PAYLOAD_TOO_LARGE,
             Blob(BlobError::DigestMismatch { .. }) => StatusCode::BAD_REQUEST,
             Blob(BlobError::NotFound(_)) => StatusCode::NOT_FOUND,
@@ -143,6 +147,7 @@ impl ApiError {
             Compile(CompileError::Instantiate(_)) => "component.instantiate_failed",
             Compile(CompileError::Internal(_)) => "internal",
             Model(_, code) => code,
+            ValidationFailed(_) => "version.validation_failed",
             Blob(BlobError::DigestMismatch { .. }) => "blob.digest_mismatch",
             Blob(BlobError::Io(_)) => "internal",
             Blob(BlobError::Corrupt { .. }) => "blob.corrupt",
@@ -173,10 +178,25 @@ impl ApiError {
         }
     }
 
-    /// The JSON body `{"error":{"code","message"}}`.
+    /// The JSON body `{"error":{"code","message"}}` (a failed validation adds
+    /// `"validation"`: the verdict and every case).
     pub fn to_json(&self) -> serde_json::Value {
-        serde_json::json!({"error": {"code": self.code(), "message": format!("{self:#}")}})
+        let mut json =
+            serde_json::json!({"error": {"code": self.code(), "message": format!("{self:#}")}});
+        if let ApiError::ValidationFailed(v) = self {
+            json["error"]["validation"] = serde_json::to_value(v).unwrap_or_default();
+        }
+        json
     }
+}
+
+fn validation_message(v: &crate::monitor::validate::ValidationResult) -> String {
+    format!(
+        "the version failed validation ({} of {} cases failed): {}",
+        v.failed,
+        v.cases,
+        v.reasons.join("; ")
+    )
 }
 
 impl From<crate::app::TrafficError> for ApiError {
@@ -235,6 +255,8 @@ impl From<DeployError> for ApiError {
             DeployError::Models(_) | DeployError::Embedded(_) => {
                 ApiError::Model(e.to_string(), "model.invalid")
             }
+            DeployError::Validation(_) => ApiError::InvalidRequest(e.to_string()),
+            DeployError::ValidationFailed(v) => ApiError::ValidationFailed(v),
             DeployError::Blob(b) => ApiError::Blob(b),
             DeployError::Internal(e) => ApiError::Internal(e),
         }

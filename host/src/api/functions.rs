@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 use super::idempotency::{self, Begun};
 use super::page::Paging;
 use super::{ApiError, AuditDetail, blobs};
-use crate::app::{App, Deployer};
+use crate::app::{App, Deployed, Deployer};
 use crate::auth::Caller;
 use crate::auth::signing::{self, SignError};
 use crate::cache::CacheSpec;
@@ -56,6 +56,10 @@ pub struct CreateVersion {
     /// function must be newer than the last, so an old signed manifest cannot be replayed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub signed_at: Option<i64>,
+    /// Cases the version must pass before it takes traffic: `{"cases": digest,
+    /// "min_accuracy", "max_p99_ms"}`, the cases blob uploaded beforehand.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub validate: Option<crate::monitor::validate::ValidateSpec>,
 }
 
 /// One model in a version manifest.
@@ -160,6 +164,9 @@ fn version_json(rec: &VersionRecord, base: &str) -> serde_json::Value {
     }
     if !rec.outbound.is_empty() {
         json["allowed_outbound_hosts"] = serde_json::json!(rec.outbound);
+    }
+    if let Some(v) = &rec.validation {
+        json["validation"] = serde_json::to_value(v).unwrap_or_default();
     }
     json
 }
@@ -295,8 +302,8 @@ pub(super) fn version(
 enum Upload {
     /// A bare component in the body; limits, caching and visibility from the query string.
     Wasm(LimitsSpec, CacheSpec, Option<bool>),
-    /// A JSON manifest naming blobs.
-    Manifest,
+    /// A JSON manifest naming blobs; `true`: a dry run (`?dry_run=true`).
+    Manifest(bool),
 }
 
 /// The query string of a bare `application/wasm` upload: limits, caching parameters and
@@ -342,10 +349,13 @@ fn precheck<B>(name: &str, req: &Request<B>) -> Result<Upload, ApiError> {
                 bare_upload_params(query).map_err(ApiError::InvalidRequest)?;
             Ok(Upload::Wasm(limits, cache, public))
         }
-        "application/json" if query.is_empty() => Ok(Upload::Manifest),
-        "application/json" => Err(ApiError::InvalidRequest(
-            "with a JSON manifest, limits go in its \"limits\" object, not the query string".into(),
-        )),
+        "application/json" => match query {
+            "" | "dry_run=false" => Ok(Upload::Manifest(false)),
+            "dry_run=true" => Ok(Upload::Manifest(true)),
+            _ => Err(ApiError::InvalidRequest(
+                "with a JSON manifest, the query string takes only dry_run=true; limits go in its \"limits\" object".into(),
+            )),
+        },
         other => Err(ApiError::UnsupportedMediaType(format!(
             "content-type {other:?} is not accepted: send application/wasm (a component) or application/json (a manifest naming blobs)"
         ))),
@@ -393,6 +403,8 @@ pub(super) async fn create_version(
     let mut outbound = Vec::new();
     // What the request asked for, for the idempotency key's fingerprint.
     let request: Vec<Vec<u8>>;
+    let mut validate = None;
+    let mut dry_run = false;
     let (component, limits, nn, cache, public) = match upload {
         Upload::Wasm(spec, cache, public) => {
             let limit = app
@@ -408,7 +420,8 @@ pub(super) async fn create_version(
             ];
             (digest, spec, NnSpec::default(), cache, public)
         }
-        Upload::Manifest => {
+        Upload::Manifest(dry) => {
+            dry_run = dry;
             let (parts, body) = req.into_parts();
             let body = super::read_small_body(body, MAX_MANIFEST_BYTES, "manifest").await?;
             let signature = |h: &str| {
@@ -419,6 +432,7 @@ pub(super) async fn create_version(
             };
             request = vec![
                 b"manifest".to_vec(),
+                idempotency::canonical_query(&query),
                 idempotency::canonical_json(&body),
                 signature(signing::SIGNER_HEADER),
                 signature(signing::SIGNATURE_HEADER),
@@ -437,6 +451,7 @@ pub(super) async fn create_version(
             crate::runtime::parse_patterns(&manifest.allowed_outbound_hosts)
                 .map_err(ApiError::InvalidRequest)?;
             outbound = manifest.allowed_outbound_hosts;
+            validate = manifest.validate;
             (
                 manifest.component,
                 manifest.limits,
@@ -455,6 +470,8 @@ pub(super) async fn create_version(
         signer: signer.map(|s| s.to_string()),
         signed_at,
         outbound,
+        validate,
+        dry_run,
     };
     // Claimed once the request is known to be well-formed, just before anything is made.
     let request: Vec<&[u8]> = request.iter().map(Vec::as_slice).collect();
@@ -472,8 +489,24 @@ pub(super) async fn create_version(
         Begun::Run(c) => c,
     };
     let made = async {
-        let rec = app.deploy(name, component, limits, nn, cache, &by).await?;
-        answer_created(app, name, &rec, &base)
+        match app.deploy(name, component, limits, nn, cache, &by).await? {
+            Deployed::Version(rec) => answer_created(app, name, &rec, &base),
+            Deployed::DryRun(validation) => {
+                let mut resp = json_response(
+                    StatusCode::OK,
+                    &serde_json::json!({
+                        "function": name,
+                        "dry_run": true,
+                        "validation": validation,
+                    }),
+                );
+                resp.extensions_mut().insert(AuditDetail {
+                    detail: "dry run: nothing deployed".into(),
+                    subject: None,
+                });
+                Ok(resp)
+            }
+        }
     };
     let result = made.await;
     idempotency::settle(app, claimed, result).await

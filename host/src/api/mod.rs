@@ -17,6 +17,8 @@
 //! | `GET` | `/v1/functions/{name}/versions/{v}` | show one version | owner |
 //! | `GET` | `/v1/functions/{name}/versions/{v}/stats` | recent requests, errors, latency, cold starts, cache hits | owner |
 //! | `GET` | `/v1/functions/{name}/versions/{v}/drift` | input and prediction drift of its monitored models | owner |
+//! | `GET` | `/v1/functions/{name}/versions/{v}/quality` | predictions, labelled ones, accuracy (mae, rmse) | owner |
+//! | `POST` | `/v1/feedback` | ground truth for requests by id (JSON or NDJSON) | the request's tenant |
 //! | `DELETE` | `/v1/functions/{name}/cache` | drop the function's cached responses and inference results | deploy |
 //! | `GET`, `PUT` | `/v1/functions/{name}/traffic` | read / replace the traffic policy | owner / deploy |
 //! | `GET`, `PUT`, `DELETE` | `/v1/functions/{name}/aliases/{alias}` | a named policy (`/fn/{name}:{alias}/`) | owner / deploy |
@@ -76,6 +78,8 @@ enum Op<'a> {
     ShowVersion(&'a str, &'a str),
     VersionStats(&'a str, &'a str),
     VersionDrift(&'a str, &'a str),
+    VersionQuality(&'a str, &'a str),
+    Feedback,
     ClearCache(&'a str),
     GetTraffic(&'a str),
     PutTraffic(&'a str),
@@ -107,6 +111,11 @@ pub(crate) const ROUTES: &[(&str, &str)] = &[
     ("/v1/functions/{name}/versions/{version}", "GET, HEAD"),
     ("/v1/functions/{name}/versions/{version}/stats", "GET, HEAD"),
     ("/v1/functions/{name}/versions/{version}/drift", "GET, HEAD"),
+    (
+        "/v1/functions/{name}/versions/{version}/quality",
+        "GET, HEAD",
+    ),
+    ("/v1/feedback", "POST"),
     ("/v1/functions/{name}/cache", "DELETE"),
     ("/v1/functions/{name}/traffic", "GET, HEAD, PUT"),
     (
@@ -163,6 +172,8 @@ impl<'a> Op<'a> {
             (["functions", n, "versions", v], &Method::GET) => Op::ShowVersion(n, v),
             (["functions", n, "versions", v, "stats"], &Method::GET) => Op::VersionStats(n, v),
             (["functions", n, "versions", v, "drift"], &Method::GET) => Op::VersionDrift(n, v),
+            (["functions", n, "versions", v, "quality"], &Method::GET) => Op::VersionQuality(n, v),
+            (["feedback"], &Method::POST) => Op::Feedback,
             (["functions", n, "cache"], &Method::DELETE) => Op::ClearCache(n),
             (["functions", n, "traffic"], &Method::GET) => Op::GetTraffic(n),
             (["functions", n, "traffic"], &Method::PUT) => Op::PutTraffic(n),
@@ -199,6 +210,8 @@ impl<'a> Op<'a> {
             Op::ShowVersion(n, _) => ("version.show", n),
             Op::VersionStats(n, _) => ("version.stats", n),
             Op::VersionDrift(n, _) => ("version.drift", n),
+            Op::VersionQuality(n, _) => ("version.quality", n),
+            Op::Feedback => ("feedback.post", ""),
             Op::ClearCache(n) => ("cache.clear", n),
             Op::GetTraffic(n) => ("traffic.show", n),
             Op::PutTraffic(n) => ("traffic.set", n),
@@ -230,6 +243,7 @@ impl<'a> Op<'a> {
             | Op::ShowVersion(n, _)
             | Op::VersionStats(n, _)
             | Op::VersionDrift(n, _)
+            | Op::VersionQuality(n, _)
             | Op::ClearCache(n)
             | Op::GetTraffic(n)
             | Op::PutTraffic(n)
@@ -255,12 +269,13 @@ impl<'a> Op<'a> {
         match self {
             Op::OpenApi => {}
             Op::PutBlob(_) | Op::HeadBlob(_) => caller.may_upload()?,
-            Op::ListFunctions => {}
+            Op::ListFunctions | Op::Feedback => {}
             Op::ShowFunction(n)
             | Op::ListVersions(n)
             | Op::ShowVersion(n, _)
             | Op::VersionStats(n, _)
             | Op::VersionDrift(n, _)
+            | Op::VersionQuality(n, _)
             | Op::GetTraffic(n)
             | Op::GetAlias(n, _)
             | Op::History(n)
@@ -395,6 +410,8 @@ async fn dispatch(
         Op::ShowVersion(n, v) => functions::version(app, n, v, &req),
         Op::VersionStats(n, v) => traffic::stats(app, n, v, query),
         Op::VersionDrift(n, v) => monitor::drift(app, n, v, query),
+        Op::VersionQuality(n, v) => monitor::quality(app, n, v, query).await,
+        Op::Feedback => monitor::feedback(app, req, caller).await,
         Op::ClearCache(n) => functions::clear_cache(app, n),
         Op::GetTraffic(n) => traffic::get(app, n, None),
         Op::PutTraffic(n) => traffic::put(app, n, None, req, caller).await,

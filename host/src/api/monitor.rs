@@ -1,5 +1,7 @@
 //! Model monitoring over the API: `GET /v1/functions/{name}/versions/{v}/drift` scores
-//! what a version's monitored models saw in a window against their references.
+//! what a version's monitored models saw in a window against their references;
+//! `POST /v1/feedback` takes ground truth for requests and
+//! `GET /v1/functions/{name}/versions/{v}/quality` scores predictions against it.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -8,6 +10,8 @@ use http::{Response, StatusCode};
 
 use super::ApiError;
 use crate::app::App;
+use crate::auth::Caller;
+use crate::monitor::feedback::{self, Feedback, MAX_LABEL_BYTES, Truth};
 use crate::monitor::{DriftState, MIN_SAMPLES, live};
 use crate::server::{Body, json_response};
 
@@ -82,4 +86,173 @@ pub(super) fn drift(
             "models": models,
         }),
     ))
+}
+
+/// Most items one `POST /v1/feedback` takes.
+const MAX_FEEDBACK_ITEMS: usize = 10_000;
+/// Largest feedback body, in bytes.
+const MAX_FEEDBACK_BYTES: usize = 4 << 20;
+
+/// The usage ledger, which feedback and quality need (metering must be on).
+fn ledger(app: &App) -> Result<&crate::meter::Ledger, ApiError> {
+    app.ledger.as_ref().ok_or_else(|| {
+        ApiError::Conflict(
+            "metering is off on this server ([metering] enabled = false): predictions and feedback live in its usage ledger".into(),
+            "metering.off",
+        )
+    })
+}
+
+/// One feedback object: `{"request_id", "label"}` or `{"request_id", "value"}`.
+fn feedback_item(v: serde_json::Value, line: usize) -> Result<Feedback, ApiError> {
+    let bad = |why: &str| ApiError::InvalidRequest(format!("feedback item {line}: {why}"));
+    let serde_json::Value::Object(mut o) = v else {
+        return Err(bad("expected an object"));
+    };
+    let request_id = match o.remove("request_id") {
+        Some(serde_json::Value::String(s)) if !s.is_empty() && s.len() <= 128 => s,
+        _ => {
+            return Err(bad(
+                "\"request_id\" must be the x-kiln-request-id of a request",
+            ));
+        }
+    };
+    let truth = match (o.remove("label"), o.remove("value")) {
+        (Some(serde_json::Value::String(l)), None) if !l.is_empty() => Truth::Label(l),
+        (Some(serde_json::Value::Number(n)), None) if n.is_i64() || n.is_u64() => {
+            Truth::Label(n.to_string())
+        }
+        (None, Some(serde_json::Value::Number(n))) => match n.as_f64() {
+            Some(v) if v.is_finite() => Truth::Value(v),
+            _ => return Err(bad("\"value\" must be a finite number")),
+        },
+        (Some(_), Some(_)) => return Err(bad("give a \"label\" or a \"value\", not both")),
+        _ => {
+            return Err(bad(
+                "give a \"label\" (a class: integer or string) or a \"value\" (a number)",
+            ));
+        }
+    };
+    if let Truth::Label(l) = &truth
+        && l.len() > MAX_LABEL_BYTES
+    {
+        return Err(bad("the label is too long"));
+    }
+    if let Some(k) = o.keys().next() {
+        return Err(bad(&format!(
+            "unknown field {k:?} (known: request_id, label, value)"
+        )));
+    }
+    Ok(Feedback { request_id, truth })
+}
+
+/// `POST /v1/feedback`: one JSON object, or NDJSON (one object per line). Answers 202 with
+/// how many were `accepted`, `duplicates` (that request's feedback was in already) and
+/// `unknown` (no such request, or another tenant's).
+pub(super) async fn feedback(
+    app: &Arc<App>,
+    req: http::Request<Body>,
+    caller: &Caller,
+) -> Result<Response<Body>, ApiError> {
+    let ledger = ledger(app)?;
+    let bytes = super::read_small_body(req.into_body(), MAX_FEEDBACK_BYTES, "feedback").await?;
+    let text = std::str::from_utf8(&bytes)
+        .map_err(|_| ApiError::InvalidRequest("feedback is not UTF-8 text".into()))?;
+    let mut items = Vec::new();
+    match serde_json::from_str::<serde_json::Value>(text) {
+        Ok(v) => items.push(feedback_item(v, 1)?),
+        Err(_) => {
+            for (i, line) in text.lines().enumerate() {
+                if line.trim().is_empty() {
+                    continue;
+                }
+                let v = serde_json::from_str(line).map_err(|e| {
+                    ApiError::InvalidRequest(format!("feedback line {}: invalid JSON: {e}", i + 1))
+                })?;
+                items.push(feedback_item(v, i + 1)?);
+            }
+        }
+    }
+    if items.is_empty() {
+        return Err(ApiError::InvalidRequest(
+            "no feedback: send {\"request_id\": ..., \"label\": ...} or one such object per line"
+                .into(),
+        ));
+    }
+    if items.len() > MAX_FEEDBACK_ITEMS {
+        return Err(ApiError::TooLarge(format!(
+            "{} feedback items; at most {MAX_FEEDBACK_ITEMS} per request",
+            items.len()
+        )));
+    }
+    let tenant = match caller.is_admin() {
+        true => None,
+        false => caller.tenant(),
+    };
+    let settle = Duration::from_millis(app.config.metering.commit_interval_ms + 50);
+    let counts = feedback::record(ledger, &items, tenant, settle).await?;
+    if counts.accepted > 0 {
+        app.accuracy_changed();
+    }
+    let m = &app.metrics.models;
+    m.feedback("accepted", counts.accepted);
+    m.feedback("duplicate", counts.duplicates);
+    m.feedback("unknown", counts.unknown);
+    let mut resp = json_response(
+        StatusCode::ACCEPTED,
+        &serde_json::to_value(counts).unwrap_or_default(),
+    );
+    resp.extensions_mut().insert(super::AuditDetail {
+        detail: format!(
+            "{} accepted, {} duplicates, {} unknown",
+            counts.accepted, counts.duplicates, counts.unknown
+        ),
+        subject: None,
+    });
+    Ok(resp)
+}
+
+/// The longest quality window: as far back as a usage query would reasonably look.
+const MAX_QUALITY_WINDOW: Duration = Duration::from_secs(90 * 24 * 3600);
+
+/// `GET /v1/functions/{name}/versions/{v}/quality[?window=24h]`: the version's predictions
+/// in the window and how the labelled ones fared (`accuracy`; `mae`, `rmse` for values).
+pub(super) async fn quality(
+    app: &Arc<App>,
+    name: &str,
+    version: &str,
+    query: &str,
+) -> Result<Response<Body>, ApiError> {
+    let n: u32 = version.parse().map_err(|_| {
+        ApiError::InvalidRequest(format!("invalid version {version:?}: expected a number"))
+    })?;
+    let mut window = Duration::from_secs(24 * 3600);
+    for pair in query.split('&').filter(|p| !p.is_empty()) {
+        match pair.split_once('=') {
+            Some(("window", w)) => {
+                let w = super::percent_decode(w).map_err(ApiError::InvalidRequest)?;
+                window = humantime::parse_duration(&w)
+                    .ok()
+                    .filter(|d| d.as_secs() >= 60 && *d <= MAX_QUALITY_WINDOW)
+                    .ok_or_else(|| {
+                        ApiError::InvalidRequest(format!(
+                            "window={w:?}: a duration from 1m to 90d, e.g. 1h or 24h"
+                        ))
+                    })?;
+            }
+            _ => {
+                return Err(ApiError::InvalidRequest(format!(
+                    "unknown parameter {pair:?} (known: window)"
+                )));
+            }
+        }
+    }
+    app.registry.route(name, Some(n))?;
+    let since = crate::unix_ms() - window.as_millis() as i64;
+    let q = feedback::quality(ledger(app)?, name, n, since).await?;
+    let mut json = serde_json::to_value(q).unwrap_or_default();
+    json["function"] = name.into();
+    json["version"] = n.into();
+    json["window"] = humantime::format_duration(window).to_string().into();
+    Ok(json_response(StatusCode::OK, &json))
 }

@@ -9,6 +9,7 @@ mod ready;
 mod rollout;
 mod sync;
 mod traffic;
+mod validate;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -81,6 +82,8 @@ pub struct App {
     sticky: std::sync::RwLock<crate::deploy::StickySecret>,
     /// Circuit breakers of guests' outbound calls, per (function, destination).
     pub breakers: Arc<crate::runtime::Breakers>,
+    /// Wakes the model gauges' task to refresh the accuracy gauges now (feedback came).
+    accuracy_stale: Arc<tokio::sync::Notify>,
 }
 
 /// Breaker changes into `/metrics`.
@@ -117,6 +120,19 @@ pub struct Deployer {
     pub signed_at: Option<i64>,
     /// `allowed_outbound_hosts` of the version (checked by the caller).
     pub outbound: Vec<String>,
+    /// Cases the version must pass before it is published (`[validate]`).
+    pub validate: Option<crate::monitor::validate::ValidateSpec>,
+    /// Validate only: compile, load the models and run the cases, then make nothing.
+    pub dry_run: bool,
+}
+
+/// What a deploy made.
+#[derive(Debug)]
+pub enum Deployed {
+    /// The new version, published.
+    Version(Box<VersionRecord>),
+    /// A dry run: the version would be published, and its validation (if it has one).
+    DryRun(Option<Box<crate::monitor::validate::ValidationResult>>),
 }
 
 /// Why a deploy failed.
@@ -147,6 +163,12 @@ pub enum DeployError {
     /// The component's embedded models could not be read.
     #[error("embedded models: {0}")]
     Embedded(#[from] EmbedError),
+    /// `[validate]` could not run: its cases file or settings are wrong.
+    #[error("validate: {0}")]
+    Validation(String),
+    /// The version missed its `[validate]` cases; the result says how.
+    #[error("the version failed validation: {}", .0.reasons.join("; "))]
+    ValidationFailed(Box<crate::monitor::validate::ValidationResult>),
     #[error(transparent)]
     Internal(#[from] anyhow::Error),
 }
@@ -274,6 +296,7 @@ impl App {
             blob_health: Default::default(),
             body_budget,
             sticky: std::sync::RwLock::new(sticky),
+            accuracy_stale: Default::default(),
         };
         // The registry is built from the database as changes from other nodes are applied.
         app.apply_stored(false).await?;
@@ -514,8 +537,9 @@ impl App {
         Ok(())
     }
 
-    /// Creates a version of `function` from a stored component blob: compile, persist,
-    /// pre-instantiate, record. Returns only once the version can serve.
+    /// Creates a version of `function` from a stored component blob: compile, load its
+    /// models, run its `[validate]` cases, persist, record. Returns only once the version
+    /// can serve (or, for a dry run, once it is known that it would).
     pub async fn deploy(
         &self,
         function: &str,
@@ -524,7 +548,7 @@ impl App {
         nn: NnSpec,
         cache: CacheSpec,
         by: &Deployer,
-    ) -> Result<VersionRecord, DeployError> {
+    ) -> Result<Deployed, DeployError> {
         limits.check(&self.config.runtime)?;
         if let Some(f) = self.registry.function(function)
             && !by.admin
@@ -568,6 +592,29 @@ impl App {
             .load_all(&models)
             .await
             .map_err(|(name, error)| DeployError::Model { name, error })?;
+        let validation = match &by.validate {
+            Some(spec) => {
+                let result = self
+                    .validate_version(&loaded, &nn, limits.timeout_ms, spec, by)
+                    .await?;
+                if !result.passed {
+                    tracing::info!(function, reasons = ?result.reasons, "version refused by its validation");
+                    return Err(DeployError::ValidationFailed(Box::new(result)));
+                }
+                Some(crate::monitor::validate::Validation {
+                    spec: spec.clone(),
+                    result,
+                })
+            }
+            None => None,
+        };
+        if by.dry_run {
+            return Ok(Deployed::DryRun(validation.map(|v| Box::new(v.result))));
+        }
+        let validation = validation.map(|v| crate::monitor::validate::Validation {
+            result: v.result.kept(),
+            spec: v.spec,
+        });
         let publishing = self.publishing().await;
         let (record, info) = self
             .meta
@@ -584,6 +631,7 @@ impl App {
                 tenant: by.tenant.clone(),
                 enforce_owner: !by.admin,
                 public: by.public,
+                validation,
             })
             .await
             .map_err(|e| match e.downcast::<crate::store::NotOwner>() {
@@ -597,7 +645,7 @@ impl App {
         self.register(record.clone(), &info, models);
         drop(publishing);
         tracing::info!(function, version = record.version, %component, models = record.nn.models.len(), "deployed");
-        Ok(record)
+        Ok(Deployed::Version(Box::new(record)))
     }
 
     /// The secret sticky keys are hashed under.

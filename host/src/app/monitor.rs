@@ -1,36 +1,63 @@
-//! Keeps `kiln_model_drift_score` current: every [`EVERY`], each monitored model of each
-//! version gets its largest feature score over the last [`WINDOW`]; the series of versions
-//! that are gone (or whose monitor is not ready) are removed.
+//! Keeps the model gauges current: every [`EVERY`], `kiln_model_drift_score` of each
+//! monitored model of each version (its largest feature score over the last [`WINDOW`]);
+//! every [`ACCURACY_EVERY`] ticks (and soon after feedback is accepted),
+//! `kiln_model_accuracy` of each version with labelled predictions in the last
+//! [`ACCURACY_WINDOW`] (one grouped query on the ledger). Series of versions that are gone
+//! are removed.
 
 use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 
 use super::App;
-use crate::meter::ModelLabels;
+use crate::meter::{ModelLabels, VersionLabels};
 use crate::monitor::DriftState;
 
 /// How often the gauges are refreshed.
 const EVERY: Duration = Duration::from_secs(15);
 /// The window the gauges score.
 const WINDOW: Duration = Duration::from_secs(15 * 60);
+/// How often the accuracy gauges are refreshed (a ledger query).
+const ACCURACY_EVERY: u32 = 4;
+/// The window of the accuracy gauges.
+const ACCURACY_WINDOW: Duration = Duration::from_secs(3600);
 
 /// Refreshes the drift gauges every [`EVERY`] while the app lives.
 pub(super) fn spawn_drift_gauges(app: &Arc<App>) {
     let weak = Arc::downgrade(app);
+    let stale = app.accuracy_stale.clone();
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(EVERY);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut shown: HashSet<ModelLabels> = HashSet::new();
+        let mut accuracies: HashSet<VersionLabels> = HashSet::new();
+        let mut n = 0u32;
         loop {
-            tick.tick().await;
+            let woken = tokio::select! {
+                _ = tick.tick() => false,
+                () = stale.notified() => true,
+            };
             let Some(app) = weak.upgrade() else { return };
-            shown = app.refresh_drift_gauges(&shown);
+            if !woken {
+                shown = app.refresh_drift_gauges(&shown);
+                n = n.wrapping_add(1);
+            }
+            if woken || n % ACCURACY_EVERY == 1 {
+                match app.refresh_accuracy_gauges(&accuracies).await {
+                    Ok(now) => accuracies = now,
+                    Err(e) => tracing::warn!("accuracy gauges: {e:#}"),
+                }
+            }
         }
     });
 }
 
 impl App {
+    /// Asks for the accuracy gauges to be refreshed now (feedback was accepted).
+    pub(crate) fn accuracy_changed(&self) {
+        self.accuracy_stale.notify_one();
+    }
+
     /// Sets the gauge of every ready monitor, removes those in `before` not set now, and
     /// returns the ones set.
     fn refresh_drift_gauges(&self, before: &HashSet<ModelLabels>) -> HashSet<ModelLabels> {
@@ -44,15 +71,53 @@ impl App {
                             version: version.to_string(),
                             model: model.to_string(),
                         };
-                        self.metrics.model_drift(&labels, Some(d.max_score));
+                        self.metrics.models.drift(&labels, Some(d.max_score));
                         now.insert(labels);
                     }
                 }
             }
         }
         for gone in before.difference(&now) {
-            self.metrics.model_drift(gone, None);
+            self.metrics.models.drift(gone, None);
         }
         now
+    }
+
+    /// Sets the accuracy gauge of every version with labelled predictions in the last
+    /// [`ACCURACY_WINDOW`], removes those in `before` not set now, returns the ones set.
+    async fn refresh_accuracy_gauges(
+        &self,
+        before: &HashSet<VersionLabels>,
+    ) -> anyhow::Result<HashSet<VersionLabels>> {
+        let Some(ledger) = &self.ledger else {
+            return Ok(HashSet::new());
+        };
+        let since = crate::unix_ms() - ACCURACY_WINDOW.as_millis() as i64;
+        let mut now = HashSet::new();
+        for (function, version, labelled, correct) in
+            crate::monitor::feedback::accuracy_by_version(ledger, since).await?
+        {
+            // Only versions this node serves: the series of deleted ones go away.
+            if labelled == 0
+                || self
+                    .registry
+                    .function(&function)
+                    .is_none_or(|f| !f.versions.contains_key(&version))
+            {
+                continue;
+            }
+            let labels = VersionLabels {
+                function,
+                version: version.to_string(),
+            };
+            self.metrics
+                .models
+                .accuracy(&labels, Some(correct as f64 / labelled as f64));
+            now.insert(labels);
+        }
+        for gone in before.difference(&now) {
+            self.metrics.models.accuracy(gone, None);
+        }
+        Ok(now)
     }
 }

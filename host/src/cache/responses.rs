@@ -22,6 +22,8 @@ pub struct CachedResponse {
     pub status: StatusCode,
     pub headers: HeaderMap,
     pub body: Bytes,
+    /// What the answer predicted (recorded again with every hit's usage).
+    pub prediction: Option<String>,
 }
 
 impl CachedResponse {

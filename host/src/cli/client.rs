@@ -303,6 +303,44 @@ impl ApiFailure {
 }
 
 /// The JSON body of a 2xx answer, or the server's error (an [`ApiFailure`]).
+/// The failing cases of a refused validation, one line each (the first ten).
+fn failed_cases(validation: &Value) -> String {
+    let failed: Vec<&Value> = validation["results"]
+        .as_array()
+        .map(Vec::as_slice)
+        .unwrap_or_default()
+        .iter()
+        .filter(|r| r["passed"] == false)
+        .collect();
+    let mut out = String::new();
+    for r in failed.iter().take(10) {
+        let text = |k: &str| match &r[k] {
+            Value::Null => "-".to_string(),
+            Value::String(s) => s.clone(),
+            v => v.to_string(),
+        };
+        out.push_str(&format!(
+            "\n  line {}: status {} (expected {}), predicted {} (expected {}){}",
+            r["line"],
+            text("status"),
+            match &r["expected_status"] {
+                Value::Null => "2xx".to_string(),
+                v => v.to_string(),
+            },
+            text("prediction"),
+            text("label"),
+            r["error"]
+                .as_str()
+                .map(|e| format!(": {e}"))
+                .unwrap_or_default()
+        ));
+    }
+    if failed.len() > 10 {
+        out.push_str(&format!("\n  ... and {} more", failed.len() - 10));
+    }
+    out
+}
+
 pub fn json_or_error(mut resp: http::Response<ureq::Body>) -> anyhow::Result<Value> {
     let status = resp.status();
     let text = resp
@@ -321,10 +359,11 @@ pub fn json_or_error(mut resp: http::Response<ureq::Body>) -> anyhow::Result<Val
     let (code, message) = match serde_json::from_str::<Value>(&text) {
         Ok(v) if v["error"]["message"].is_string() => (
             v["error"]["code"].as_str().map(str::to_string),
-            v["error"]["message"]
-                .as_str()
-                .unwrap_or_default()
-                .to_string(),
+            format!(
+                "{}{}",
+                v["error"]["message"].as_str().unwrap_or_default(),
+                failed_cases(&v["error"]["validation"])
+            ),
         ),
         _ => (None, text),
     };

@@ -89,14 +89,25 @@ fn embed_models_into(m: &Manifest, component: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// `kiln deploy [DIR | FILE.wasm] [--sign KEYFILE]`.
+/// The options of `kiln deploy`.
+pub struct DeployArgs<'a> {
+    pub name: Option<String>,
+    pub sign: Option<&'a Path>,
+    pub dry_run: bool,
+}
+
+/// `kiln deploy [DIR | FILE.wasm] [--sign KEYFILE] [--dry-run]`.
 pub fn deploy(
     client: &Client,
     path: &Path,
-    name: Option<String>,
-    sign: Option<&Path>,
+    args: DeployArgs<'_>,
     output: Output,
 ) -> anyhow::Result<()> {
+    let DeployArgs {
+        name,
+        sign,
+        dry_run,
+    } = args;
     // Read the key first: a bad key file fails before anything is uploaded.
     let secret = sign
         .map(|p| {
@@ -144,6 +155,16 @@ pub fn deploy(
         if !m.allowed_outbound_hosts.is_empty() {
             body["allowed_outbound_hosts"] = json!(m.allowed_outbound_hosts);
         }
+        if let Some(v) = &m.validate {
+            let path = m.dir.join(&v.cases);
+            let cases = upload(client, &path).context("the [validate] cases file")?;
+            body["validate"] = serde_json::to_value(v.spec(cases))?;
+        }
+    }
+    if dry_run && manifest.is_none() {
+        bail!(
+            "--dry-run needs a function directory with a kiln.toml (a bare component has nothing to validate)"
+        );
     }
     // The manifest names every blob by digest; signing its bytes signs the whole bundle,
     // and `signed_at` makes each signature usable once (the server keeps the newest).
@@ -164,11 +185,26 @@ pub fn deploy(
         None => Vec::new(),
     };
     let headers: Vec<(&str, &str)> = headers.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let query = if dry_run { "?dry_run=true" } else { "" };
     let answer = client.post_waiting(
-        &format!("/v1/functions/{name}/versions"),
+        &format!("/v1/functions/{name}/versions{query}"),
         manifest.as_bytes(),
         &headers,
     )?;
+    if dry_run {
+        return output.show(&answer, || {
+            match answer["validation"].as_object() {
+                Some(v) => println!(
+                    "dry run: {name} would deploy; validation passed ({} cases, accuracy {}, p99 {:.1} ms)",
+                    v["cases"],
+                    v.get("accuracy").and_then(Value::as_f64).map_or("-".into(), |a| format!("{a:.4}")),
+                    v["p99_ms"].as_f64().unwrap_or(0.0)
+                ),
+                None => println!("dry run: {name} would deploy (no [validate] cases)"),
+            }
+            Ok(())
+        });
+    }
     output.show(&answer, || {
         println!(
             "deployed {} version {} ({})",

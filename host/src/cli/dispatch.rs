@@ -40,8 +40,18 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             path,
             name,
             sign,
+            dry_run,
             server,
-        } => commands::deploy(&server.client()?, &path, name, sign.as_deref(), output),
+        } => commands::deploy(
+            &server.client()?,
+            &path,
+            commands::DeployArgs {
+                name,
+                sign: sign.as_deref(),
+                dry_run,
+            },
+            output,
+        ),
         Command::Invoke {
             name,
             path,
@@ -211,6 +221,12 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             window,
             server,
         } => monitor::drift(&server.client()?, &name, version, window.as_deref(), output),
+        Command::Quality {
+            name,
+            version,
+            window,
+            server,
+        } => monitor::quality(&server.client()?, &name, version, window.as_deref(), output),
         Command::History { name, server } => traffic::history(&server.client()?, &name, output),
         Command::Rollback {
             name,

@@ -221,6 +221,9 @@ pub enum Command {
         /// Sign the version manifest with this secret key file (from `kiln keygen`).
         #[arg(long, value_name = "KEYFILE")]
         sign: Option<PathBuf>,
+        /// Compile, load the models and run the `[validate]` cases, but deploy nothing.
+        #[arg(long)]
+        dry_run: bool,
         #[command(flatten)]
         server: ServerArg,
     },
@@ -364,6 +367,18 @@ pub enum Command {
         #[arg(long)]
         version: Option<u32>,
         /// How far back: 1m to 48h (default 15m).
+        #[arg(long)]
+        window: Option<String>,
+        #[command(flatten)]
+        server: ServerArg,
+    },
+    /// A version's predictions and their accuracy (mae, rmse) against posted feedback.
+    Quality {
+        name: String,
+        /// The version (default: the function's latest).
+        #[arg(long)]
+        version: Option<u32>,
+        /// How far back: 1m to 90d (default 24h).
         #[arg(long)]
         window: Option<String>,
         #[command(flatten)]

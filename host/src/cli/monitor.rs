@@ -1,4 +1,5 @@
-//! `kiln drift`: what a version's monitored models saw against their references.
+//! `kiln drift` and `kiln quality`: what a version's monitored models saw against their
+//! references, and how its predictions fared against posted feedback.
 
 use anyhow::Context;
 use serde_json::Value;
@@ -18,13 +19,7 @@ pub fn drift(
     window: Option<&str>,
     output: Output,
 ) -> anyhow::Result<()> {
-    let version = match version {
-        Some(v) => v,
-        None => client.get_json(&format!("/v1/functions/{name}"))?["latest_version"]
-            .as_u64()
-            .map(|v| v as u32)
-            .with_context(|| format!("function {name} has no versions"))?,
-    };
+    let version = version_or_latest(client, name, version)?;
     let mut path = format!("/v1/functions/{name}/versions/{version}/drift");
     if let Some(w) = window {
         path.push_str(&format!("?window={}", super::accounts::percent_encode(w)));
@@ -118,5 +113,51 @@ fn print_report(r: &Value) {
                 if f["drifted"] == true { "yes" } else { "no" }
             );
         }
+    }
+}
+
+/// `kiln quality NAME [--version V] [--window W]`: the version's predictions and their
+/// accuracy against posted feedback (default: the latest version, the last 24 hours).
+pub fn quality(
+    client: &Client,
+    name: &str,
+    version: Option<u32>,
+    window: Option<&str>,
+    output: Output,
+) -> anyhow::Result<()> {
+    let version = version_or_latest(client, name, version)?;
+    let mut path = format!("/v1/functions/{name}/versions/{version}/quality");
+    if let Some(w) = window {
+        path.push_str(&format!("?window={}", super::accounts::percent_encode(w)));
+    }
+    let q = client.get_json(&path)?;
+    output.show(&q, || {
+        let share = |v: &Value| {
+            v.as_f64()
+                .map_or("-".to_string(), |a| format!("{:.2}%", a * 100.0))
+        };
+        let number = |v: &Value| v.as_f64().map_or("-".to_string(), |x| format!("{x:.4}"));
+        println!(
+            "{name} version {version}, last {}: {} predictions, {} labelled, accuracy {} ({} right), mae {}, rmse {}",
+            q["window"].as_str().unwrap_or_default(),
+            q["predictions"],
+            q["labelled"],
+            share(&q["accuracy"]),
+            q["correct"],
+            number(&q["mae"]),
+            number(&q["rmse"]),
+        );
+        Ok(())
+    })
+}
+
+/// `version`, or the function's latest.
+fn version_or_latest(client: &Client, name: &str, version: Option<u32>) -> anyhow::Result<u32> {
+    match version {
+        Some(v) => Ok(v),
+        None => client.get_json(&format!("/v1/functions/{name}"))?["latest_version"]
+            .as_u64()
+            .map(|v| v as u32)
+            .with_context(|| format!("function {name} has no versions")),
     }
 }

@@ -300,6 +300,7 @@ mod tests {
             signer: None,
             outbound: Vec::new(),
             created_at: 0,
+            validation: None,
         }
     }
 

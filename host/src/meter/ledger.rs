@@ -83,6 +83,8 @@ enum Reader {
 pub enum Arg {
     Int(i64),
     Text(String),
+    /// A NULL (of a text column).
+    Null,
 }
 
 /// A value of a query's answer.
@@ -149,10 +151,29 @@ CREATE TABLE IF NOT EXISTS usage (
     status            INTEGER NOT NULL,
     cost              INTEGER NOT NULL,
     batch_rows        INTEGER NOT NULL DEFAULT 0,
+    prediction        TEXT,
     -- Clustered by time (usage queries are time windows); a replayed record (same request,
     -- same start) is ignored.
     PRIMARY KEY (start_ms, request_id)
 ) WITHOUT ROWID;
+";
+
+/// What [`SCHEMA`] adds once the usage table has its newest columns: the request-id index
+/// (feedback finds its request by it) and the ground truth posted for requests.
+const FEEDBACK_SCHEMA: &str = "
+CREATE INDEX IF NOT EXISTS usage_request_id ON usage (request_id);
+CREATE TABLE IF NOT EXISTS feedback (
+    request_id  TEXT PRIMARY KEY,
+    tenant      TEXT NOT NULL,
+    function    TEXT NOT NULL,
+    version     INTEGER NOT NULL,
+    -- The request's start: with request_id, its usage row's primary key.
+    start_ms    INTEGER NOT NULL,
+    label       TEXT,
+    value       TEXT,
+    received_ms INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS feedback_version ON feedback (function, version, start_ms);
 ";
 
 fn open(path: &std::path::Path) -> anyhow::Result<Connection> {
@@ -170,6 +191,15 @@ fn upgrade(conn: &Connection) -> anyhow::Result<()> {
         conn.execute_batch("ALTER TABLE usage ADD COLUMN batch_rows INTEGER NOT NULL DEFAULT 0")
             .context("adding the usage.batch_rows column")?;
     }
+    let has_prediction = conn
+        .prepare("SELECT 1 FROM pragma_table_info('usage') WHERE name = 'prediction'")?
+        .exists([])?;
+    if !has_prediction {
+        conn.execute_batch("ALTER TABLE usage ADD COLUMN prediction TEXT")
+            .context("adding the usage.prediction column")?;
+    }
+    conn.execute_batch(FEEDBACK_SCHEMA)
+        .context("creating the feedback schema")?;
     Ok(())
 }
 
@@ -288,6 +318,29 @@ impl Ledger {
         }
     }
 
+    /// Runs a statement that writes (feedback) and returns the rows it changed; SQLite's
+    /// off the async workers, on the query connection (the writer thread keeps its own).
+    pub async fn execute(&self, sql: String, args: Vec<Arg>) -> anyhow::Result<u64> {
+        match &self.reader {
+            Reader::Sqlite(conn) => {
+                let conn = conn.clone();
+                tokio::task::spawn_blocking(move || {
+                    let conn = conn.lock().unwrap_or_else(|p| p.into_inner());
+                    let values: Vec<rusqlite::types::Value> =
+                        args.iter().map(sqlite_value).collect();
+                    Ok(conn.execute(&sql, rusqlite::params_from_iter(values.iter()))? as u64)
+                })
+                .await
+                .context("ledger write task")?
+            }
+            Reader::Postgres(pool) => {
+                use tokio_postgres::types::ToSql;
+                let params: Vec<&(dyn ToSql + Sync)> = args.iter().map(pg_param).collect();
+                Ok(pool.get().await?.execute(&sql, &params).await?)
+            }
+        }
+    }
+
     /// Runs a read query (it sees every committed record); SQLite's off the async workers.
     pub async fn rows(&self, sql: String, args: Vec<Arg>) -> anyhow::Result<Vec<Vec<Cell>>> {
         match &self.reader {
@@ -299,13 +352,7 @@ impl Ledger {
             }
             Reader::Postgres(pool) => {
                 use tokio_postgres::types::{ToSql, Type};
-                let params: Vec<&(dyn ToSql + Sync)> = args
-                    .iter()
-                    .map(|a| match a {
-                        Arg::Int(n) => n as &(dyn ToSql + Sync),
-                        Arg::Text(t) => t as &(dyn ToSql + Sync),
-                    })
-                    .collect();
+                let params: Vec<&(dyn ToSql + Sync)> = args.iter().map(pg_param).collect();
                 let rows = pool.get().await?.query(&sql, &params).await?;
                 rows.iter()
                     .map(|r| {
@@ -331,6 +378,24 @@ impl Ledger {
     }
 }
 
+fn pg_param(a: &Arg) -> &(dyn tokio_postgres::types::ToSql + Sync) {
+    const NULL: Option<String> = None;
+    match a {
+        Arg::Int(n) => n,
+        Arg::Text(t) => t,
+        Arg::Null => &NULL,
+    }
+}
+
+fn sqlite_value(a: &Arg) -> rusqlite::types::Value {
+    use rusqlite::types::Value;
+    match a {
+        Arg::Int(n) => Value::Integer(*n),
+        Arg::Text(t) => Value::Text(t.clone()),
+        Arg::Null => Value::Null,
+    }
+}
+
 fn sqlite_rows(
     conn: &Mutex<Connection>,
     sql: &str,
@@ -339,13 +404,7 @@ fn sqlite_rows(
     use rusqlite::types::Value;
     let conn = conn.lock().unwrap_or_else(|p| p.into_inner());
     let mut stmt = conn.prepare(sql)?;
-    let values: Vec<Value> = args
-        .iter()
-        .map(|a| match a {
-            Arg::Int(n) => Value::Integer(*n),
-            Arg::Text(t) => Value::Text(t.clone()),
-        })
-        .collect();
+    let values: Vec<Value> = args.iter().map(sqlite_value).collect();
     let n = stmt.column_count();
     let rows = stmt.query_map(rusqlite::params_from_iter(values.iter()), |r| {
         (0..n)
@@ -439,8 +498,8 @@ fn write_loop(mut sink: Box<dyn Sink>, rx: Receiver<Msg>, interval: Duration, me
 }
 
 /// Columns of a usage row.
-const COLUMNS: usize = 19;
-/// Rows per multi-row INSERT (19 parameters each; SQLite allows 32766).
+const COLUMNS: usize = 20;
+/// Rows per multi-row INSERT (20 parameters each; SQLite allows 32766).
 const ROWS_PER_INSERT: usize = 32;
 
 fn insert_sql(rows: usize) -> String {
@@ -448,7 +507,7 @@ fn insert_sql(rows: usize) -> String {
         "INSERT OR IGNORE INTO usage (request_id, tenant, function, version, start_ms,
             wall_us, cpu_us, memory_peak_bytes, mem_mib_ms, inference_cpu_us,
             inference_gpu_us, bytes_in, bytes_out, cold, cache, outcome, status, cost,
-            batch_rows) VALUES ",
+            batch_rows, prediction) VALUES ",
     );
     let row = format!("({})", vec!["?"; COLUMNS].join(","));
     sql.push_str(&vec![row; rows].join(","));
@@ -480,6 +539,7 @@ fn bind(stmt: &mut rusqlite::Statement<'_>, rows: &[UsageRecord]) -> rusqlite::R
             &r.status,
             &int(r.cost),
             &r.batch_rows,
+            &r.prediction,
         ];
         for (i, v) in values.iter().enumerate() {
             stmt.raw_bind_parameter(at + i + 1, v)?;

@@ -84,3 +84,16 @@ pub struct ModelLabels {
     pub version: String,
     pub model: String,
 }
+
+/// One version of one function (accuracy gauges).
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct VersionLabels {
+    pub function: String,
+    pub version: String,
+}
+
+/// What became of something (feedback items).
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub(super) struct OutcomeLabels {
+    pub(super) outcome: &'static str,
+}

@@ -25,6 +25,7 @@
 //! | `kiln_ledger_records_total` | counter | |
 //! | `kiln_ledger_commit_duration_seconds` | histogram | |
 //! | `kiln_build_info` | gauge (1) | version |
+//! | `kiln_model_drift_score`, `kiln_model_accuracy`, `kiln_feedback_total` | see [`ModelMetrics`] | |
 
 use std::sync::atomic::{AtomicI64, AtomicU64};
 use std::time::Duration;
@@ -37,9 +38,10 @@ use prometheus_client::registry::Registry;
 
 use super::metric_labels::{
     BreakerLabels, BuildLabels, CacheLabels, DurationLabels, FunctionLabels, InferenceLabels,
-    InvocationLabels, ModelLabels, RefusalLabels, SHADOW_RESULTS, STATUS_CLASSES, ShadowLabels,
+    InvocationLabels, RefusalLabels, SHADOW_RESULTS, STATUS_CLASSES, ShadowLabels,
     ShadowSideLabels, status_class,
 };
+pub use super::model_metrics::ModelMetrics;
 pub use super::outcome::Outcome;
 use crate::nn::{BackendKind, Device};
 
@@ -90,7 +92,8 @@ pub struct Metrics {
     shadow_seconds: Family<ShadowSideLabels, Counter<f64, AtomicU64>>,
     breaker_state: Family<BreakerLabels, Gauge>,
     breaker_opened: Family<BreakerLabels, Counter>,
-    model_drift: Family<ModelLabels, Gauge<f64, AtomicU64>>,
+    /// Drift, accuracy and feedback of monitored models.
+    pub models: ModelMetrics,
     /// Usage records committed to the ledger.
     pub ledger_records: Counter,
     /// Time of one ledger commit (a batch of records).
@@ -227,12 +230,7 @@ impl Metrics {
             "Total latency of compared requests on each side (primary, shadow): their difference over shadow_requests is the mean latency difference",
             shadow_seconds.clone(),
         );
-        let model_drift = Family::<ModelLabels, Gauge<f64, AtomicU64>>::default();
-        registry.register(
-            "model_drift_score",
-            "Largest input feature drift score (PSI against the reference) of a monitored model over the last 15 minutes",
-            model_drift.clone(),
-        );
+        let models = ModelMetrics::register(&mut registry);
         let breaker_state = Family::<BreakerLabels, Gauge>::default();
         registry.register(
             "outbound_breaker_state",
@@ -289,7 +287,7 @@ impl Metrics {
             shadow_seconds,
             breaker_state,
             breaker_opened,
-            model_drift,
+            models,
             ledger_records,
             ledger_commit,
         }
@@ -517,18 +515,6 @@ impl Metrics {
             };
             self.breaker_state.remove(&l);
             self.breaker_opened.remove(&l);
-        }
-    }
-
-    /// Sets the drift gauge of one monitored model (`None`: removes its series).
-    pub fn model_drift(&self, labels: &ModelLabels, score: Option<f64>) {
-        match score {
-            Some(s) => {
-                self.model_drift.get_or_create(labels).set(s);
-            }
-            None => {
-                self.model_drift.remove(labels);
-            }
         }
     }
 

@@ -168,7 +168,7 @@ pub async fn report(
     Ok(out)
 }
 
-pub const CSV_COLUMNS: &str = "request_id,tenant,function,version,start,start_ms,wall_us,cpu_us,memory_peak_bytes,mem_mib_ms,inference_cpu_us,inference_gpu_us,bytes_in,bytes_out,cold,cache,outcome,status,cost,batch_rows";
+pub const CSV_COLUMNS: &str = "request_id,tenant,function,version,start,start_ms,wall_us,cpu_us,memory_peak_bytes,mem_mib_ms,inference_cpu_us,inference_gpu_us,bytes_in,bytes_out,cold,cache,outcome,status,cost,batch_rows,prediction";
 
 /// Quotes a CSV field when it needs it (RFC 4180).
 fn csv_field(out: &mut String, s: &str) {
@@ -190,7 +190,8 @@ pub async fn export_csv(ledger: &Ledger, q: &UsageQuery) -> anyhow::Result<Strin
             format!(
                 "SELECT request_id, tenant, function, version, start_ms, wall_us, cpu_us,
                         memory_peak_bytes, mem_mib_ms, inference_cpu_us, inference_gpu_us,
-                        bytes_in, bytes_out, cold, cache, outcome, status, cost, batch_rows
+                        bytes_in, bytes_out, cold, cache, outcome, status, cost, batch_rows,
+                        prediction
                  FROM usage{filter} ORDER BY start_ms, {}",
                 ledger.binary_order("request_id")
             ),
@@ -212,15 +213,17 @@ pub async fn export_csv(ledger: &Ledger, q: &UsageQuery) -> anyhow::Result<Strin
             let _ = write!(out, ",{}", n(i));
         }
         let cold = n(13) != 0;
-        let _ = writeln!(
+        let _ = write!(
             out,
-            ",{cold},{},{},{},{},{}",
+            ",{cold},{},{},{},{},{},",
             text(14),
             text(15),
             n(16),
             n(17),
             n(18)
         );
+        csv_field(&mut out, text(19));
+        out.push('\n');
     }
     Ok(out)
 }

@@ -57,6 +57,9 @@ pub struct UsageRecord {
     pub status: u16,
     /// Computed by [`Pricing::cost`] when the record is made.
     pub cost: u64,
+    /// What the request predicted: the guest's `x-kiln-prediction`, or the class its
+    /// model's output named (label, or argmax of class scores); `None` otherwise.
+    pub prediction: Option<String>,
 }
 
 impl UsageRecord {
@@ -157,6 +160,7 @@ mod tests {
             outcome: Outcome::Ok,
             status: 200,
             cost: 0,
+            prediction: None,
         }
     }
 

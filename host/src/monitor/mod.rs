@@ -13,9 +13,11 @@
 //! background).
 
 pub mod drift;
+pub mod feedback;
 pub mod live;
 pub mod npy;
 pub mod profile;
+pub mod validate;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};

@@ -133,11 +133,37 @@ pub fn prediction_source(outputs: &[TensorInfo]) -> Option<PredictionSource> {
 }
 
 impl PredictionSource {
-    /// Calls `f` with each row's class from the model's `outputs`.
-    pub fn classes(&self, outputs: &[Tensor], mut f: impl FnMut(i64)) {
+    /// Calls `f` once with the first row's class, if the outputs have a row.
+    pub fn first_class(&self, outputs: &[Tensor], f: impl FnOnce(i64)) {
         let Some(t) = outputs.get(self.position) else {
             return;
         };
+        let row = match self.kind {
+            PredictionKind::Label => 1,
+            PredictionKind::Argmax => t.dims.get(1).copied().unwrap_or(0) as usize,
+        };
+        let first = Tensor {
+            dims: vec![1, row as u32],
+            ty: t.ty,
+            data: t.data.get(..row * t.ty.size()).unwrap_or_default().to_vec(),
+        };
+        let mut f = Some(f);
+        self.classes_in(&first, |c| {
+            if let Some(f) = f.take() {
+                f(c)
+            }
+        });
+    }
+
+    /// Calls `f` with each row's class from the model's `outputs`.
+    pub fn classes(&self, outputs: &[Tensor], f: impl FnMut(i64)) {
+        if let Some(t) = outputs.get(self.position) {
+            self.classes_in(t, f);
+        }
+    }
+
+    /// Calls `f` with each row's class in `t`, the prediction output.
+    fn classes_in(&self, t: &Tensor, mut f: impl FnMut(i64)) {
         match self.kind {
             PredictionKind::Label => for_each_value(t, |_, v| f(v as i64)),
             PredictionKind::Argmax => {
@@ -483,8 +509,18 @@ mod tests {
                 .collect(),
         };
         let mut got = Vec::new();
-        src.classes(&[t], |c| got.push(c));
+        src.classes(std::slice::from_ref(&t), |c| got.push(c));
         assert_eq!(got, [1, 0]);
+        // The first row's class, with the scores as the second output.
+        let two = [
+            info("e", ElementType::F32, &[None, Some(4)]),
+            probs[0].clone(),
+        ];
+        let src = prediction_source(&two[1..]).expect("argmax");
+        let at_1 = PredictionSource { position: 1, ..src };
+        let mut first = None;
+        at_1.first_class(&[t.clone(), t], |c| first = Some(c));
+        assert_eq!(first, Some(1));
         assert!(prediction_source(&[info("e", ElementType::F32, &[None, Some(384)])]).is_some());
         assert!(
             prediction_source(&[info("e", ElementType::F32, &[None, None, Some(3)])]).is_none()

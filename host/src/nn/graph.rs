@@ -27,6 +27,8 @@ pub struct LoadedGraph {
     pub cost: CostModel,
     /// Its batching queue (used by versions that batch).
     pub batcher: Batcher,
+    /// The output that names the predicted class, if one does (recorded per request).
+    pub prediction: Option<crate::monitor::profile::PredictionSource>,
     /// Why computes on it cannot merge (unset: they can). Found on load from the model's
     /// declared shapes, or on the first merged run whose outputs could not be split.
     unbatchable: OnceLock<String>,
@@ -83,7 +85,9 @@ impl LoadedGraph {
             let _ = unbatchable.set(why);
         }
         let needs_sample = cost::needs_real_input(graph.as_ref());
+        let prediction = crate::monitor::profile::prediction_source(graph.outputs());
         LoadedGraph {
+            prediction,
             graph,
             backend,
             device,

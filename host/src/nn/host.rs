@@ -79,6 +79,8 @@ pub struct InferenceTime {
     batch_rows: AtomicU32,
     /// A compute went through a batching queue.
     batched: AtomicBool,
+    /// The class the request's first classifying compute predicted for its first row.
+    prediction: std::sync::OnceLock<i64>,
 }
 
 impl InferenceTime {
@@ -103,6 +105,12 @@ impl InferenceTime {
             self.batch_rows.load(Ordering::Relaxed),
             self.batched.load(Ordering::Relaxed),
         )
+    }
+
+    /// The class this request's model predicted (the first compute with a class output,
+    /// its first row), if any.
+    pub fn prediction(&self) -> Option<i64> {
+        self.prediction.get().copied()
     }
 
     /// Inference cache hits and misses of this request so far.
@@ -448,6 +456,13 @@ impl NnView<'_> {
     ) -> wasmtime::Result<Result<Vec<inference::NamedTensor>, Resource<NnError>>> {
         match ran {
             Ok(outputs) => {
+                if let Some(source) = &graph.prediction
+                    && self.ctx.time.prediction.get().is_none()
+                {
+                    source.first_class(&outputs, |c| {
+                        let _ = self.ctx.time.prediction.set(c);
+                    });
+                }
                 let mut named = Vec::with_capacity(outputs.len());
                 for (info, t) in graph.graph.outputs().iter().zip(outputs) {
                     named.push((info.name.clone(), self.table.push(t)?));

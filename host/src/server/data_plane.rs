@@ -79,6 +79,12 @@ pub fn parse_fn_path(path: &str) -> Result<(FnTarget<'_>, &str), ApiError> {
 
 /// Request header forcing a version (and response header naming the one that answered).
 pub const VERSION_HEADER: &str = "x-kiln-version";
+/// A guest's statement of what the request predicted (a class label or a value): recorded
+/// with the request's usage, for accuracy against posted feedback, and removed from the
+/// response.
+pub const PREDICTION_HEADER: &str = "x-kiln-prediction";
+/// Longest prediction kept (a longer header is dropped, not cut).
+const MAX_PREDICTION_BYTES: usize = 256;
 
 /// A response and the concurrency permit its body holds (none for a cache hit).
 pub(super) type Served = (Response<Body>, Option<Admitted>);
@@ -410,7 +416,17 @@ where
             MinRate::of(&app.config.server),
         )));
     }
-    Ok((outcome?, admitted, timings))
+    let mut resp = outcome?;
+    // The guest's own statement of what it predicted is the platform's, not the client's.
+    if let Some(p) = resp.headers_mut().remove(PREDICTION_HEADER) {
+        usage.prediction = p
+            .to_str()
+            .ok()
+            .map(str::trim)
+            .filter(|p| !p.is_empty() && p.len() <= MAX_PREDICTION_BYTES)
+            .map(str::to_string);
+    }
+    Ok((resp, admitted, timings))
 }
 
 pub(super) fn content_length<B>(req: &Request<B>) -> Option<u64> {

@@ -41,6 +41,9 @@ pub(super) struct Usage {
     pub(super) bytes_in: u64,
     pub(super) body_stats: Option<Arc<BodyStats>>,
     pub(super) guest: Option<(Arc<GuestUsage>, Arc<InferenceTime>)>,
+    /// What the request predicted, when its guest said (`x-kiln-prediction`) or a cached
+    /// answer carried it; otherwise its model's class, if any.
+    pub(super) prediction: Option<String>,
 }
 
 impl Usage {
@@ -73,6 +76,7 @@ impl Usage {
             bytes_in: 0,
             body_stats: None,
             guest: None,
+            prediction: None,
         }
     }
 
@@ -145,6 +149,10 @@ impl Usage {
             outcome,
             status,
             cost: 0,
+            prediction: self.prediction.take().or_else(|| {
+                let (_, nn) = self.guest.as_ref()?;
+                nn.prediction().map(|c| c.to_string())
+            }),
         };
         r.cost = self.app.config.pricing.cost(&r);
         ledger.submit(r)

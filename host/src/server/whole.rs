@@ -126,6 +126,7 @@ pub(super) async fn cached(
     match app.responses.lookup(at, key, wait).await {
         Lookup::Hit(stored, age) => {
             usage.cache = CacheStatus::Hit.as_str();
+            usage.prediction = stored.prediction.clone();
             let mut resp = Response::new(full(stored.body.clone()));
             *resp.status_mut() = stored.status;
             *resp.headers_mut() = stored.headers.clone();
@@ -154,6 +155,10 @@ pub(super) async fn cached(
                             status: head.status,
                             headers: head.headers.clone(),
                             body: bytes.clone(),
+                            prediction: usage
+                                .prediction
+                                .clone()
+                                .or_else(|| timings.inference.prediction().map(|c| c.to_string())),
                         };
                         let size = stored.size();
                         fill.store(at, Arc::new(stored), size);

@@ -9,8 +9,8 @@ use super::Sink;
 use crate::meter::usage::UsageRecord;
 
 /// Columns of a usage row.
-const COLUMNS: usize = 19;
-/// Rows per INSERT (19 parameters each; PostgreSQL allows 65535).
+const COLUMNS: usize = 20;
+/// Rows per INSERT (20 parameters each; PostgreSQL allows 65535).
 const ROWS_PER_INSERT: usize = 256;
 
 /// The writer's connection to the cluster's database.
@@ -38,6 +38,7 @@ impl PgSink {
 struct Row {
     text: [String; 5],
     ints: [i64; 14],
+    prediction: Option<String>,
 }
 
 fn row(r: &UsageRecord) -> Row {
@@ -66,6 +67,7 @@ fn row(r: &UsageRecord) -> Row {
             int(r.cost),
             i64::from(r.batch_rows),
         ],
+        prediction: r.prediction.clone(),
     }
 }
 
@@ -73,7 +75,7 @@ fn insert_sql(rows: usize) -> String {
     let mut sql = String::from(
         "INSERT INTO usage (request_id, tenant, function, version, start_ms, wall_us, cpu_us,
             memory_peak_bytes, mem_mib_ms, inference_cpu_us, inference_gpu_us, bytes_in,
-            bytes_out, cold, cache, outcome, status, cost, batch_rows) VALUES ",
+            bytes_out, cold, cache, outcome, status, cost, batch_rows, prediction) VALUES ",
     );
     for r in 0..rows {
         if r > 0 {
@@ -131,9 +133,26 @@ impl Sink for PgSink {
                         batch_rows,
                     ] = &r.ints;
                     params.extend_from_slice(&[
-                        request_id, tenant, function, version, start, wall, cpu, peak, mem,
-                        inf_cpu, inf_gpu, bytes_in, bytes_out, cold, cache, outcome, status, cost,
+                        request_id,
+                        tenant,
+                        function,
+                        version,
+                        start,
+                        wall,
+                        cpu,
+                        peak,
+                        mem,
+                        inf_cpu,
+                        inf_gpu,
+                        bytes_in,
+                        bytes_out,
+                        cold,
+                        cache,
+                        outcome,
+                        status,
+                        cost,
                         batch_rows,
+                        &r.prediction,
                     ]);
                 }
                 if chunk.len() == ROWS_PER_INSERT {

@@ -51,6 +51,9 @@ struct Line {
     /// Absent from files spooled by an earlier Kiln.
     #[serde(default)]
     batch_rows: u32,
+    /// Absent from files spooled by an earlier Kiln.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    prediction: Option<String>,
     bytes_in: u64,
     bytes_out: u64,
     cold: bool,
@@ -74,6 +77,7 @@ impl Line {
             inference_cpu_us: r.inference_cpu_us,
             inference_gpu_us: r.inference_gpu_us,
             batch_rows: r.batch_rows,
+            prediction: r.prediction.clone(),
             bytes_in: r.bytes_in,
             bytes_out: r.bytes_out,
             cold: r.cold,
@@ -103,6 +107,7 @@ impl Line {
             inference_cpu_us: self.inference_cpu_us,
             inference_gpu_us: self.inference_gpu_us,
             batch_rows: self.batch_rows,
+            prediction: self.prediction,
             bytes_in: self.bytes_in,
             bytes_out: self.bytes_out,
             cold: self.cold,

@@ -71,6 +71,9 @@ pub struct VersionRecord {
     pub outbound: Vec<String>,
     /// Unix seconds.
     pub created_at: i64,
+    /// Its `[validate]` settings and what the cases got at deploy.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub validation: Option<crate::monitor::validate::Validation>,
 }
 
 /// Who owns a function and who may call it.
@@ -122,6 +125,8 @@ pub struct NewVersion {
     pub enforce_owner: bool,
     /// Sets whether the function is public; `None` keeps what it was (private when new).
     pub public: Option<bool>,
+    /// The validation it passed at deploy.
+    pub validation: Option<crate::monitor::validate::Validation>,
 }
 
 impl NewVersion {
@@ -139,6 +144,7 @@ impl NewVersion {
             signer: self.signer.clone(),
             outbound: self.outbound.clone(),
             created_at,
+            validation: self.validation.clone(),
         }
     }
 }
@@ -372,6 +378,7 @@ struct RawVersion {
     rate: Option<String>,
     signer: Option<String>,
     outbound: String,
+    validation: Option<String>,
 }
 
 impl RawVersion {
@@ -400,6 +407,11 @@ impl RawVersion {
             signer: self.signer,
             outbound: serde_json::from_str(&self.outbound).with_context(|| corrupt("outbound"))?,
             created_at: self.created_at,
+            validation: self
+                .validation
+                .map(|v| serde_json::from_str(&v))
+                .transpose()
+                .with_context(|| corrupt("validation"))?,
         })
     }
 }
@@ -411,6 +423,7 @@ struct VersionFields {
     cache: String,
     rate: Option<String>,
     outbound: String,
+    validation: Option<String>,
 }
 
 impl VersionFields {
@@ -421,6 +434,11 @@ impl VersionFields {
             cache: serde_json::to_string(&new.cache)?,
             rate: new.limits.rate.map(|r| r.to_string()),
             outbound: serde_json::to_string(&new.outbound)?,
+            validation: new
+                .validation
+                .as_ref()
+                .map(serde_json::to_string)
+                .transpose()?,
         })
     }
 }

@@ -19,7 +19,7 @@ pub struct PgMeta {
 }
 
 const VERSION_COLUMNS: &str = "id, function, version, digest, size, timeout_ms, memory_mb,
-    max_concurrency, created_at, nn, cache, rate, signer, outbound";
+    max_concurrency, created_at, nn, cache, rate, signer, outbound, validation";
 
 fn raw_version(r: &tokio_postgres::Row) -> RawVersion {
     RawVersion {
@@ -37,6 +37,7 @@ fn raw_version(r: &tokio_postgres::Row) -> RawVersion {
         rate: r.get(11),
         signer: r.get(12),
         outbound: r.get(13),
+        validation: r.get(14),
     }
 }
 
@@ -134,8 +135,8 @@ impl PgMeta {
             .query_one(
                 "INSERT INTO versions (function, version, digest, size, timeout_ms, memory_mb,
                                        max_concurrency, created_at, nn, cache, rate, signer,
-                                       outbound)
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)
+                                       outbound, validation)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)
                  RETURNING id",
                 &[
                     &new.function,
@@ -151,6 +152,7 @@ impl PgMeta {
                     &fields.rate,
                     &new.signer,
                     &fields.outbound,
+                    &fields.validation,
                 ],
             )
             .await?

@@ -129,6 +129,7 @@ CREATE TABLE IF NOT EXISTS versions (
     rate            TEXT,                        -- function rate limit, N/s
     signer          TEXT,                        -- publisher key of a signed bundle
     outbound        TEXT NOT NULL DEFAULT '[]',  -- JSON allowed_outbound_hosts
+    validation      TEXT,                        -- JSON Validation: [validate] and its result
     UNIQUE (function, version)
 );
 ";
@@ -146,6 +147,7 @@ impl SqliteMeta {
             ("versions", "rate", "TEXT"),
             ("versions", "signer", "TEXT"),
             ("versions", "outbound", "TEXT NOT NULL DEFAULT '[]'"),
+            ("versions", "validation", "TEXT"),
             ("version_seq", "last_signed_at", "INTEGER"),
             ("functions", "tenant", "TEXT NOT NULL DEFAULT 'default'"),
             ("functions", "public", "INTEGER NOT NULL DEFAULT 0"),
@@ -257,8 +259,8 @@ impl SqliteMeta {
         tx.execute(
             "INSERT INTO versions (function, version, digest, size, timeout_ms, memory_mb,
                                    max_concurrency, created_at, nn, cache, rate, signer,
-                                   outbound)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)",
+                                   outbound, validation)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)",
             params![
                 new.function,
                 version,
@@ -272,7 +274,8 @@ impl SqliteMeta {
                 fields.cache,
                 fields.rate,
                 new.signer,
-                fields.outbound
+                fields.outbound,
+                fields.validation
             ],
         )?;
         let id = tx.last_insert_rowid();
@@ -289,7 +292,8 @@ impl SqliteMeta {
         let conn = self.conn();
         let mut stmt = conn.prepare(
             "SELECT id, function, version, digest, size, timeout_ms, memory_mb,
-                    max_concurrency, created_at, nn, cache, rate, signer, outbound
+                    max_concurrency, created_at, nn, cache, rate, signer, outbound,
+                    validation
              FROM versions ORDER BY id",
         )?;
         let rows = stmt.query_map([], |r| {
@@ -308,6 +312,7 @@ impl SqliteMeta {
                 rate: r.get(11)?,
                 signer: r.get(12)?,
                 outbound: r.get(13)?,
+                validation: r.get(14)?,
             })
         })?;
         let mut out = Vec::new();

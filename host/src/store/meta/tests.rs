@@ -33,6 +33,7 @@ fn new(function: &str) -> NewVersion {
         tenant: "t".into(),
         enforce_owner: true,
         public: None,
+        validation: None,
     }
 }
 
