@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use super::App;
 use super::traffic::{Actor, Change, TrafficError};
-use crate::deploy::rollout::{Check, Verdict};
+use crate::deploy::rollout::{Check, DEFAULT_MIN_LABELS, ModelCheck, Verdict};
 use crate::deploy::{Phase, Rollout, RolloutRequest, Routing, VersionEntry};
 use crate::meter::{Aggregate, Stats};
 use crate::store::{Expect, RolloutMoved};
@@ -452,13 +452,20 @@ impl App {
         let (cs, ss) = self
             .cluster_stats(&r, (candidate, stable), &seconds)
             .await?;
-        let (verdict, why) = r.judge(&cs, &ss);
+        let (mut verdict, mut why) = r.judge(&cs, &ss);
+        let models = self.model_check(&r, (candidate, stable), now).await;
+        if verdict != Verdict::Fail
+            && let Some(failed) = models.as_ref().and_then(|m| r.judge_models(m))
+        {
+            (verdict, why) = (Verdict::Fail, failed);
+        }
         let check = Check {
             at_ms: now,
             verdict,
             reason: why.clone(),
             candidate: cs,
             stable: ss,
+            models,
         };
         let (step, steps, percent) = (r.step + 1, r.steps.len(), r.percent());
         match verdict {
@@ -561,6 +568,71 @@ impl App {
         }
         let window_s = seconds.end.saturating_sub(seconds.start);
         Ok((cs.stats(window_s), ss.stats(window_s)))
+    }
+
+    /// The model gates' numbers, for the gates the rollout has: the candidate's drift from
+    /// the stable version over the step (on this node's summaries), and both versions'
+    /// accuracy on the feedback since the rollout started (from the ledger: every node's
+    /// requests). `None` when it has no model gate.
+    async fn model_check(
+        &self,
+        r: &Rollout,
+        (candidate, stable): (&VersionEntry, &VersionEntry),
+        now: i64,
+    ) -> Option<ModelCheck> {
+        let g = &r.gates;
+        if g.max_drift.is_none() && g.max_accuracy_drop.is_none() {
+            return None;
+        }
+        let mut m = ModelCheck::default();
+        if g.max_drift.is_some() {
+            let window_ms = r.elapsed(now).as_millis() as u64;
+            for (name, cm) in candidate.models.monitors() {
+                let Some(sm) = stable.models.monitor(name) else {
+                    continue;
+                };
+                let Some(d) = crate::monitor::compare(cm, sm, window_ms) else {
+                    continue;
+                };
+                let mut worst = (0.0f64, String::new());
+                for input in &d.inputs {
+                    for f in &input.features {
+                        if f.score > worst.0 {
+                            worst = (f.score, format!("{name} {}[{}]", f.input, f.index));
+                        }
+                    }
+                }
+                if let Some(p) = &d.predictions
+                    && p.score > worst.0
+                {
+                    worst = (p.score, format!("{name} predictions"));
+                }
+                if m.drift.is_none_or(|d| worst.0 > d) {
+                    m.drift = Some(worst.0);
+                    m.drift_on = Some(worst.1);
+                }
+            }
+        }
+        if g.max_accuracy_drop.is_some()
+            && let Some(ledger) = &self.ledger
+        {
+            let min = g.min_labels.unwrap_or(DEFAULT_MIN_LABELS);
+            let quality =
+                |v: u32| crate::monitor::feedback::quality(ledger, &r.function, v, r.started_at_ms);
+            match (quality(r.candidate).await, quality(r.stable).await) {
+                (Ok(c), Ok(s)) if c.labelled >= min && s.labelled >= min => {
+                    m.candidate_accuracy = c.accuracy;
+                    m.candidate_labelled = Some(c.labelled);
+                    m.stable_accuracy = s.accuracy;
+                    m.stable_labelled = Some(s.labelled);
+                }
+                (Ok(_), Ok(_)) => {}
+                (Err(e), _) | (_, Err(e)) => {
+                    tracing::warn!(function = r.function, "accuracy gate: {e:#}");
+                }
+            }
+        }
+        Some(m)
     }
 
     /// Drops `name`'s rollout from memory (the function was deleted).

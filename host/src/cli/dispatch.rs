@@ -184,6 +184,9 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             min_requests,
             max_error_rate,
             max_p99_ratio,
+            max_drift,
+            min_labels,
+            max_accuracy_drop,
             pause,
             resume,
             abort,
@@ -200,6 +203,9 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                         "min_requests": min_requests,
                         "max_error_rate": max_error_rate,
                         "max_p99_ratio": max_p99_ratio,
+                        "max_drift": max_drift,
+                        "min_labels": min_labels,
+                        "max_accuracy_drop": max_accuracy_drop,
                     });
                     traffic::rollout_start(&client, &name, body, output)
                 }

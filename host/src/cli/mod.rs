@@ -345,6 +345,16 @@ pub enum Command {
         /// Highest candidate p99 / stable p99.
         #[arg(long, requires = "to")]
         max_p99_ratio: Option<f64>,
+        /// Highest drift of the candidate's model inputs and predictions from the stable
+        /// version's over a step (PSI per feature; label-free, can only abort).
+        #[arg(long, requires = "to")]
+        max_drift: Option<f64>,
+        /// Labelled requests (feedback) each version needs before accuracies are compared.
+        #[arg(long, requires = "to")]
+        min_labels: Option<u64>,
+        /// Largest accuracy drop of the candidate against the stable version (0.05: five points).
+        #[arg(long, requires = "to")]
+        max_accuracy_drop: Option<f64>,
         /// Hold the current weights.
         #[arg(long, conflicts_with_all = ["resume", "abort"])]
         pause: bool,

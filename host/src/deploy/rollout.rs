@@ -34,6 +34,19 @@ pub struct Gates {
     pub max_error_rate: f64,
     /// Highest ratio of candidate p99 to stable p99 (both from a 1 ms floor).
     pub max_p99_ratio: f64,
+    /// Highest drift of the candidate's model inputs and predictions from the stable
+    /// version's over the step (PSI per feature, L-infinity on class shares); label-free,
+    /// judged once both have enough rows, and it can only fail a step. Unset: not judged.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_drift: Option<f64>,
+    /// Labelled requests (feedback) each version needs since the rollout started before
+    /// their accuracies are compared (default 50 when `max_accuracy_drop` is set).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub min_labels: Option<u64>,
+    /// Largest accuracy the candidate may lose against the stable version (0.05: five
+    /// points). Unset: not judged.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_accuracy_drop: Option<f64>,
 }
 
 impl Default for Gates {
@@ -42,9 +55,16 @@ impl Default for Gates {
             min_requests: 20,
             max_error_rate: 0.05,
             max_p99_ratio: 2.0,
+            max_drift: None,
+            min_labels: None,
+            max_accuracy_drop: None,
         }
     }
 }
+
+/// Labelled requests per version before accuracies are compared, when a rollout names no
+/// `min_labels`.
+pub const DEFAULT_MIN_LABELS: u64 = 50;
 
 impl Gates {
     /// Checks the thresholds' ranges.
@@ -57,6 +77,23 @@ impl Gates {
                 "max_error_rate {} is not a fraction from 0 to 1 (0.05 is 5%)",
                 self.max_error_rate
             ));
+        }
+        if let Some(d) = self.max_drift
+            && !(d.is_finite() && d > 0.0)
+        {
+            return Err(format!(
+                "max_drift {d} must be a positive number (0.2 is a usual PSI threshold)"
+            ));
+        }
+        if let Some(d) = self.max_accuracy_drop
+            && !(0.0..=1.0).contains(&d)
+        {
+            return Err(format!(
+                "max_accuracy_drop {d} is not a fraction from 0 to 1 (0.05 is five points)"
+            ));
+        }
+        if self.min_labels == Some(0) {
+            return Err("min_labels must be at least 1".into());
         }
         if !(self.max_p99_ratio >= 1.0 && self.max_p99_ratio.is_finite()) {
             return Err(format!(
@@ -86,6 +123,12 @@ pub struct RolloutRequest {
     pub max_error_rate: Option<f64>,
     #[serde(default)]
     pub max_p99_ratio: Option<f64>,
+    #[serde(default)]
+    pub max_drift: Option<f64>,
+    #[serde(default)]
+    pub min_labels: Option<u64>,
+    #[serde(default)]
+    pub max_accuracy_drop: Option<f64>,
 }
 
 impl RolloutRequest {
@@ -116,6 +159,9 @@ impl RolloutRequest {
             min_requests: self.min_requests.unwrap_or(defaults.min_requests),
             max_error_rate: self.max_error_rate.unwrap_or(defaults.max_error_rate),
             max_p99_ratio: self.max_p99_ratio.unwrap_or(defaults.max_p99_ratio),
+            max_drift: self.max_drift.or(defaults.max_drift),
+            min_labels: self.min_labels.or(defaults.min_labels),
+            max_accuracy_drop: self.max_accuracy_drop.or(defaults.max_accuracy_drop),
         };
         gates.validate()?;
         Ok((steps, interval, gates))
@@ -174,6 +220,61 @@ pub struct Check {
     pub reason: String,
     pub candidate: Stats,
     pub stable: Stats,
+    /// The model gates' numbers, when judged.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub models: Option<ModelCheck>,
+}
+
+/// What the model gates measured: the candidate's drift from the stable version over the
+/// step, and both versions' accuracy on feedback since the rollout started.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct ModelCheck {
+    /// Largest drift score (feature PSI, or prediction L-infinity) of the candidate
+    /// against the stable version.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub drift: Option<f64>,
+    /// What it was measured on (`model input[index]`, or `model predictions`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub drift_on: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub candidate_accuracy: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub candidate_labelled: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stable_accuracy: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stable_labelled: Option<u64>,
+}
+
+impl Rollout {
+    /// Judges the model gates on `m`: the failure, if one fails.
+    pub fn judge_models(&self, m: &ModelCheck) -> Option<String> {
+        let g = &self.gates;
+        if let (Some(max), Some(d)) = (g.max_drift, m.drift)
+            && d > max
+        {
+            return Some(format!(
+                "candidate v{} drifted from stable v{}: score {d:.3} on {} (max {max})",
+                self.candidate,
+                self.stable,
+                m.drift_on.as_deref().unwrap_or("its inputs")
+            ));
+        }
+        if let (Some(max), Some(c), Some(s)) =
+            (g.max_accuracy_drop, m.candidate_accuracy, m.stable_accuracy)
+            && s - c > max
+        {
+            return Some(format!(
+                "candidate v{} accuracy {c:.3} on {} labelled requests is {:.3} below stable v{}'s {s:.3} on {} (max drop {max})",
+                self.candidate,
+                m.candidate_labelled.unwrap_or(0),
+                s - c,
+                self.stable,
+                m.stable_labelled.unwrap_or(0)
+            ));
+        }
+        None
+    }
 }
 
 /// A rollout as stored (one per function: the latest) and shown.

@@ -335,6 +335,44 @@ impl ModelMonitor {
     }
 }
 
+/// The candidate's drift from the stable version over the same `window_ms`: what `stable`
+/// saw stands in for the reference. `None` unless both are ready, watch the same
+/// reference the same way (their bins line up), and each saw [`MIN_SAMPLES`] rows.
+pub fn compare(
+    candidate: &ModelMonitor,
+    stable: &ModelMonitor,
+    window_ms: u64,
+) -> Option<ModelDrift> {
+    let (c, s) = (candidate.ready()?, stable.ready()?);
+    if candidate.spec.reference != stable.spec.reference
+        || candidate.spec.max_features != stable.spec.max_features
+        || c.profile.total_bins != s.profile.total_bins
+    {
+        return None;
+    }
+    let now = now_ms();
+    let cw = lock(&c.live).window(now, window_ms);
+    let sw = lock(&s.live).window(now, window_ms);
+    let enough = |w: &live::Counts| w.rows.iter().copied().max().unwrap_or(0) >= MIN_SAMPLES;
+    if !enough(&cw) || !enough(&sw) {
+        return None;
+    }
+    let mut base = (*s.profile).clone();
+    for input in &mut base.inputs {
+        for f in &mut input.features {
+            let n = f.reference.len();
+            f.reference.copy_from_slice(&sw.bins[f.start..f.start + n]);
+        }
+    }
+    base.reference_classes = sw.classes.clone();
+    Some(drift::score(
+        &candidate.name,
+        &base,
+        &cw,
+        candidate.spec.drift_threshold,
+    ))
+}
+
 fn now_ms() -> u64 {
     crate::unix_ms().max(0) as u64
 }
