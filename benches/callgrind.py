@@ -7,7 +7,8 @@ timings do not, so this is the tool for before/after comparisons of the request 
 The kernel's share (syscalls, page faults, wake-ups) is invisible to callgrind: the
 `http_load.py` bench reports it as the server's system CPU time per request.
 
-Usage: python3 benches/callgrind.py [--requests 2000] [--conc 4] [--target hello|digits|cached]
+Usage: python3 benches/callgrind.py [--requests 2000] [--conc 4]
+                                    [--target hello|digits|monitored|cached]
                                     [--bin target/release/kiln] [--keep DIR] [--top 40]
 Needs: valgrind, the release build, the examples built for wasm32-wasip2.
 """
@@ -19,6 +20,7 @@ from http_load import BENCH_KEY, REL, ROOT, wait_http
 
 WASM = os.path.join(ROOT, "examples", "target", "wasm32-wasip2", "release")
 DIGITS_MODEL = os.path.join(ROOT, "examples", "digits", "model", "digits.onnx")
+DIGITS_REFERENCE = os.path.join(ROOT, "examples", "digits", "model", "reference.npy")
 PORT = 18401
 BASE = f"http://127.0.0.1:{PORT}"
 
@@ -72,10 +74,16 @@ def deploy(target):
     wasm = open(os.path.join(WASM, "digits.wasm"), "rb").read()
     wasm_digest = "sha256:" + hashlib.sha256(wasm).hexdigest()
     call("PUT", f"/v1/blobs/{wasm_digest}", wasm)
-    manifest = {"component": wasm_digest, 
+    manifest = {"component": wasm_digest,
                 "models": {"digits": {"digest": digest, "backend": "tract"}}}
     if target == "cached":
         manifest["cache"] = {"responses": {"ttl": "1h"}}
+    if target == "monitored":
+        # Drift monitoring of every compute (sample_percent 100) against the reference.
+        reference = open(DIGITS_REFERENCE, "rb").read()
+        ref_digest = "sha256:" + hashlib.sha256(reference).hexdigest()
+        call("PUT", f"/v1/blobs/{ref_digest}", reference)
+        manifest["models"]["digits"]["monitor"] = {"reference": ref_digest, "sample_percent": 100}
     call("POST", f"/v1/functions/{target}/versions", json.dumps(manifest).encode(),
          {"content-type": "application/json"})
     heldout = json.load(open(os.path.join(ROOT, "examples", "digits", "model", "heldout.json")))
@@ -181,7 +189,7 @@ def main():
     # valgrind refuses the pooling allocator's reservation beyond ~6 instances (4 GiB of address
     # space and a guard per memory), so the server here runs a small pool: few connections.
     ap.add_argument("--conc", type=int, default=4, choices=range(1, 7))
-    ap.add_argument("--target", default="hello", choices=["hello", "digits", "cached"])
+    ap.add_argument("--target", default="hello", choices=["hello", "digits", "monitored", "cached"])
     ap.add_argument("--bin", default=os.path.join(REL, "kiln"))
     ap.add_argument("--keep", help="copy the callgrind file here")
     ap.add_argument("--from", dest="source", help="analyse this callgrind file (from --keep) instead")

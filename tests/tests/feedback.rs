@@ -216,8 +216,12 @@ fn a_guests_prediction_header_is_recorded_not_sent_and_values_give_errors() {
     assert_eq!(a.json()["accepted"], 3, "{}", a.text());
     let q = server.get("/v1/functions/echoes/versions/1/quality").json();
     assert_eq!(
-        (q["predictions"].as_u64(), q["labelled"].as_u64()),
-        (Some(3), Some(3)),
+        (
+            q["predictions"].as_u64(),
+            q["valued"].as_u64(),
+            q["labelled"].as_u64()
+        ),
+        (Some(3), Some(3), Some(0)),
         "{q}"
     );
     assert!(

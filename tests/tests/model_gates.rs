@@ -160,4 +160,12 @@ fn a_faithful_candidate_passes_the_model_gates() {
     );
     let r = drive(&server, true);
     assert_eq!(r["state"], "completed", "{r}");
+    // Both gates judged the step, and found nothing.
+    let m = &r["last_check"]["models"];
+    assert!(m["drift"].as_f64().unwrap() < 0.5, "{m}");
+    let (c, s) = (
+        m["candidate_accuracy"].as_f64().unwrap(),
+        m["stable_accuracy"].as_f64().unwrap(),
+    );
+    assert!((c - s).abs() < 0.1 && c > 0.9, "{m}");
 }

@@ -78,9 +78,26 @@ fn a_version_is_published_only_after_its_cases_pass() {
     assert_eq!(result["correct"], right, "{result}");
     assert_eq!(result["wrong_status"], 0, "{result}");
     assert_eq!(v["validation"]["spec"]["min_accuracy"], 0.9);
-    // Validation runs are not billed: no request of the function is in the ledger.
-    let usage = server.get("/v1/usage?function=checked").json();
-    assert_eq!(usage["totals"]["requests"], 0, "{usage}");
+    // Validation runs are not billed: after one real request, the ledger holds exactly one
+    // request of the function (the 101 cases would be there too).
+    let pixels = json!({"pixels": data["inputs"][0]}).to_string();
+    assert_eq!(
+        server
+            .request("POST", "/fn/checked/", &[], pixels.as_bytes())
+            .status,
+        200
+    );
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let usage = server.get("/v1/usage?function=checked").json();
+        let n = usage["totals"]["requests"].as_u64().unwrap_or(0);
+        if n > 0 {
+            assert_eq!(n, 1, "{usage}");
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "{usage}");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
 
     // A model that answers 0 for everything is refused, with every case's result.
     let bad = function_dir("always_zero.onnx", 0.9);

@@ -11,7 +11,7 @@ use http::{Response, StatusCode};
 use super::ApiError;
 use crate::app::App;
 use crate::auth::Caller;
-use crate::monitor::feedback::{self, Feedback, MAX_LABEL_BYTES, Truth};
+use crate::monitor::feedback::{self, Feedback, MAX_LABEL_BYTES, Poster, Truth};
 use crate::monitor::{DriftState, MIN_SAMPLES, live};
 use crate::server::{Body, json_response};
 
@@ -185,12 +185,16 @@ pub(super) async fn feedback(
             items.len()
         )));
     }
-    let tenant = match caller.is_admin() {
-        true => None,
-        false => caller.tenant(),
+    let owner_of = |function: &str| app.registry.function(function).map(|f| f.owner.to_string());
+    let poster = match (caller.is_admin(), caller.tenant()) {
+        (true, _) => Poster::Admin,
+        (false, Some(tenant)) => Poster::Tenant {
+            tenant,
+            owner_of: &owner_of,
+        },
+        (false, None) => return Err(crate::auth::AuthError::Missing.into()),
     };
-    let settle = Duration::from_millis(app.config.metering.commit_interval_ms + 50);
-    let counts = feedback::record(ledger, &items, tenant, settle).await?;
+    let counts = feedback::record(ledger, &items, &poster).await?;
     if counts.accepted > 0 {
         app.accuracy_changed();
     }

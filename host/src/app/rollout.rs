@@ -459,6 +459,12 @@ impl App {
         {
             (verdict, why) = (Verdict::Fail, failed);
         }
+        // The accuracy gate holds a step until both versions have their labels.
+        if verdict == Verdict::Pass
+            && let Some(waiting) = models.as_ref().and_then(|m| m.waiting.clone())
+        {
+            (verdict, why) = (Verdict::Wait, waiting);
+        }
         let check = Check {
             at_ms: now,
             verdict,
@@ -620,15 +626,21 @@ impl App {
             let quality =
                 |v: u32| crate::monitor::feedback::quality(ledger, &r.function, v, r.started_at_ms);
             match (quality(r.candidate).await, quality(r.stable).await) {
-                (Ok(c), Ok(s)) if c.labelled >= min && s.labelled >= min => {
-                    m.candidate_accuracy = c.accuracy;
+                (Ok(c), Ok(s)) => {
                     m.candidate_labelled = Some(c.labelled);
-                    m.stable_accuracy = s.accuracy;
                     m.stable_labelled = Some(s.labelled);
+                    if c.labelled >= min && s.labelled >= min {
+                        m.candidate_accuracy = c.accuracy;
+                        m.stable_accuracy = s.accuracy;
+                    } else {
+                        m.waiting = Some(format!(
+                            "waiting for {min} labelled requests per version since the rollout started (candidate v{} has {}, stable v{} has {})",
+                            r.candidate, c.labelled, r.stable, s.labelled
+                        ));
+                    }
                 }
-                (Ok(_), Ok(_)) => {}
                 (Err(e), _) | (_, Err(e)) => {
-                    tracing::warn!(function = r.function, "accuracy gate: {e:#}");
+                    m.waiting = Some(format!("the accuracy gate cannot read feedback: {e:#}"));
                 }
             }
         }

@@ -49,7 +49,7 @@ impl App {
             parse_cases(&text).map_err(|e| DeployError::Validation(format!("cases file: {e}")))?;
         // Models of their own (the same shared graphs): the version's monitors and cache
         // never see validation traffic.
-        let models = Arc::new(self.runtime.models().version_models(nn));
+        let models = Arc::new(self.runtime.models().version_models(nn).without_monitors());
         let outbound = match crate::runtime::parse_patterns(&by.outbound) {
             Ok(allow) => Outbound::new(
                 allow,
@@ -82,7 +82,7 @@ impl App {
                     let said = parts
                         .headers
                         .remove(crate::server::PREDICTION_HEADER)
-                        .and_then(|v| v.to_str().ok().map(|s| s.trim().to_string()));
+                        .and_then(|v| crate::server::prediction_of(&v));
                     match body.collect().await {
                         Ok(_) => (
                             Some(parts.status.as_u16()),

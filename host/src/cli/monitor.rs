@@ -138,12 +138,13 @@ pub fn quality(
         };
         let number = |v: &Value| v.as_f64().map_or("-".to_string(), |x| format!("{x:.4}"));
         println!(
-            "{name} version {version}, last {}: {} predictions, {} labelled, accuracy {} ({} right), mae {}, rmse {}",
+            "{name} version {version}, last {}: {} predictions, {} labelled, accuracy {} ({} right), {} valued, mae {}, rmse {}",
             q["window"].as_str().unwrap_or_default(),
             q["predictions"],
             q["labelled"],
             share(&q["accuracy"]),
             q["correct"],
+            q["valued"],
             number(&q["mae"]),
             number(&q["rmse"]),
         );

@@ -40,7 +40,8 @@ pub struct Gates {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub max_drift: Option<f64>,
     /// Labelled requests (feedback) each version needs since the rollout started before
-    /// their accuracies are compared (default 50 when `max_accuracy_drop` is set).
+    /// their accuracies are compared (default 50 when `max_accuracy_drop` is set); the step
+    /// waits for them.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub min_labels: Option<u64>,
     /// Largest accuracy the candidate may lose against the stable version (0.05: five
@@ -244,6 +245,9 @@ pub struct ModelCheck {
     pub stable_accuracy: Option<f64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub stable_labelled: Option<u64>,
+    /// Why the accuracy gate cannot judge yet (too few labels): the step waits.
+    #[serde(skip)]
+    pub waiting: Option<String>,
 }
 
 impl Rollout {

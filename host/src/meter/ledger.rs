@@ -46,6 +46,8 @@ const MAX_BATCH: usize = 8_192;
 
 enum Msg {
     Record(UsageRecord, Option<tokio::sync::oneshot::Sender<()>>),
+    /// Commit what is queued now, then answer.
+    Flush(tokio::sync::oneshot::Sender<()>),
     Close,
 }
 
@@ -291,6 +293,26 @@ impl Ledger {
         done
     }
 
+    /// Waits until every record queued before this call is committed (what feedback needs
+    /// before it can find a request answered a moment ago). Returns at once if the writer
+    /// is gone.
+    pub async fn flush(&self) {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let sent = match self.tx.try_send(Msg::Flush(tx)) {
+            Ok(()) => true,
+            Err(TrySendError::Full(msg)) => {
+                let queue = self.tx.clone();
+                tokio::task::spawn_blocking(move || queue.send(msg).is_ok())
+                    .await
+                    .unwrap_or(false)
+            }
+            Err(TrySendError::Disconnected(_)) => false,
+        };
+        if sent {
+            let _ = rx.await;
+        }
+    }
+
     /// Commits everything queued and stops the writer (graceful shutdown).
     pub fn close(&self) {
         let _ = self.tx.send(Msg::Close);
@@ -427,15 +449,25 @@ fn write_loop(mut sink: Box<dyn Sink>, rx: Receiver<Msg>, interval: Duration, me
     while !closing {
         let mut batch = Vec::new();
         let mut acks = Vec::new();
-        let take = |msg: Msg, batch: &mut Vec<_>, acks: &mut Vec<_>, closing: &mut bool| match msg {
+        // A flush commits at once what is queued: no waiting for the commit window.
+        let mut flushing = false;
+        let take = |msg: Msg,
+                    batch: &mut Vec<_>,
+                    acks: &mut Vec<_>,
+                    closing: &mut bool,
+                    flushing: &mut bool| match msg {
             Msg::Record(r, ack) => {
                 batch.push(r);
                 acks.extend(ack);
             }
+            Msg::Flush(ack) => {
+                acks.push(ack);
+                *flushing = true;
+            }
             Msg::Close => *closing = true,
         };
         match rx.recv_timeout(spool::RETRY_EVERY) {
-            Ok(m) => take(m, &mut batch, &mut acks, &mut closing),
+            Ok(m) => take(m, &mut batch, &mut acks, &mut closing, &mut flushing),
             Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
                 sink.idle();
                 continue;
@@ -447,6 +479,7 @@ fn write_loop(mut sink: Box<dyn Sink>, rx: Receiver<Msg>, interval: Duration, me
         // wake this thread one record at a time.
         if !closing
             && !backlog
+            && !flushing
             && let Some(left) = (last + interval).checked_duration_since(Instant::now())
         {
             std::thread::sleep(left);
@@ -455,12 +488,15 @@ fn write_loop(mut sink: Box<dyn Sink>, rx: Receiver<Msg>, interval: Duration, me
         // that is still queued at all.
         while batch.len() < MAX_BATCH || closing {
             match rx.try_recv() {
-                Ok(m) => take(m, &mut batch, &mut acks, &mut closing),
+                Ok(m) => take(m, &mut batch, &mut acks, &mut closing, &mut flushing),
                 Err(_) => break,
             }
         }
         backlog = batch.len() >= MAX_BATCH;
         if batch.is_empty() {
+            for ack in acks {
+                let _ = ack.send(());
+            }
             continue;
         }
         let started = Instant::now();

@@ -13,6 +13,16 @@ use super::profile::{FeatureMode, OTHER_CLASS, PredictionSource, Profile, ROW_FE
 /// Rows a window needs before any of its scores can count as drift.
 pub const MIN_SAMPLES: u64 = 100;
 
+/// The PSI two samples of `n` and `m` rows from one distribution show on average, over
+/// `bins` bins: about (bins - 1)(1/n + 1/m). Scores are what a window shows beyond it, so a
+/// small window of unchanged traffic does not pass a threshold by sampling noise alone.
+pub fn psi_noise(bins: usize, n: u64, m: u64) -> f64 {
+    if n == 0 || m == 0 {
+        return 0.0;
+    }
+    bins.saturating_sub(1) as f64 * (1.0 / n as f64 + 1.0 / m as f64)
+}
+
 /// PSI of `live` counts against `reference` counts over the same bins. Both are smoothed
 /// (half a count per bin) so that an empty bin on either side stays finite.
 pub fn psi(reference: &[u64], live: &[u64]) -> f64 {
@@ -75,6 +85,7 @@ pub struct FeatureDrift {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub name: Option<&'static str>,
     pub statistic: &'static str,
+    /// The PSI beyond what sampling alone shows at this many rows ([`psi_noise`]).
     pub score: f64,
     /// Jensen–Shannon distance over the same bins, for a second opinion.
     pub js: f64,
@@ -143,7 +154,9 @@ pub fn score(model: &str, profile: &Profile, window: &Counts, threshold: f64) ->
         for (index, f) in input.features.iter().enumerate() {
             let live = &window.bins[at..at + f.reference.len()];
             at += f.reference.len();
-            let score = psi(&f.reference, live);
+            let n: u64 = live.iter().sum();
+            let m: u64 = f.reference.iter().sum();
+            let score = (psi(&f.reference, live) - psi_noise(f.reference.len(), n, m)).max(0.0);
             let feature_drifted = enough && score > threshold;
             max_score = max_score.max(score);
             drifted |= feature_drifted;
@@ -223,6 +236,7 @@ mod tests {
         let disjoint_js = js(&[10, 0], &[0, 10]);
         assert!((disjoint_js - 1.0).abs() < 1e-9, "{disjoint_js}");
         assert_eq!(psi(&r, &[0, 0, 0, 0]), 0.0);
+        assert!((psi_noise(10, 100, 900) - 9.0 * (0.01 + 1.0 / 900.0)).abs() < 1e-12);
         // An empty reference bin that live traffic fills is a large, finite score.
         let new_bin = psi(&[500, 0], &[0, 200]);
         assert!(new_bin.is_finite() && new_bin > 5.0, "{new_bin}");

@@ -5,10 +5,10 @@
 //! Feedback lives beside the usage ledger (SQLite `usage.db`, or the cluster's PostgreSQL
 //! database, so every node's requests and feedback count), one row per request: posting the
 //! same request's truth again counts as a duplicate, never twice. Only the tenant billed
-//! for the request (or an admin) may post it; anyone else's is answered as unknown, so a
-//! request id reveals nothing across tenants.
-
-use std::time::Duration;
+//! for the request, when it also owns the function (or an admin), may post it: another
+//! tenant calling a public function cannot grade its owner's model. Anything else is
+//! answered as unknown, after the same wait as a request not found, so a request id reveals
+//! nothing across tenants.
 
 use serde::Serialize;
 
@@ -43,26 +43,35 @@ pub struct Counts {
     pub unknown: u64,
 }
 
-/// Records `items` for the caller's `tenant` (`None`: an admin, any request). A request
-/// not in the ledger yet (answered within the last commit window) is looked up again once
-/// after `settle`.
+/// Who posts feedback: an admin (any request), or a tenant (requests it was billed for, of
+/// functions it owns; `owner_of` names a function's owner).
+pub enum Poster<'a> {
+    Admin,
+    Tenant {
+        tenant: &'a str,
+        owner_of: &'a (dyn Fn(&str) -> Option<String> + Sync),
+    },
+}
+
+/// Records `items` for `poster`. An item whose request is not found (or not the poster's)
+/// is looked up again once every record queued so far is committed (a request answered
+/// within the ledger's last commit window), then counted unknown.
 pub async fn record(
     ledger: &Ledger,
     items: &[Feedback],
-    tenant: Option<&str>,
-    settle: Duration,
+    poster: &Poster<'_>,
 ) -> anyhow::Result<Counts> {
     let mut counts = Counts::default();
     let mut missing = Vec::new();
     for item in items {
-        if !record_one(ledger, item, tenant, &mut counts).await? {
+        if !record_one(ledger, item, poster, &mut counts).await? {
             missing.push(item);
         }
     }
     if !missing.is_empty() {
-        tokio::time::sleep(settle).await;
+        ledger.flush().await;
         for item in missing {
-            if !record_one(ledger, item, tenant, &mut counts).await? {
+            if !record_one(ledger, item, poster, &mut counts).await? {
                 counts.unknown += 1;
             }
         }
@@ -70,11 +79,12 @@ pub async fn record(
     Ok(counts)
 }
 
-/// Records one item; false when its request is not (yet) in the ledger.
+/// Records one item; false when its request is not (yet) in the ledger, or not the
+/// poster's to judge.
 async fn record_one(
     ledger: &Ledger,
     item: &Feedback,
-    tenant: Option<&str>,
+    poster: &Poster<'_>,
     counts: &mut Counts,
 ) -> anyhow::Result<bool> {
     let m = ledger.marker();
@@ -91,12 +101,14 @@ async fn record_one(
     let Some(row) = found.first() else {
         return Ok(false);
     };
-    let owner = row[0].text();
-    if tenant.is_some_and(|t| t != owner) {
-        // Another tenant's request: as if it did not exist.
-        counts.unknown += 1;
-        return Ok(true);
+    let (billed, function) = (row[0].text(), row[1].text());
+    if let Poster::Tenant { tenant, owner_of } = poster
+        && (billed != *tenant || owner_of(function).as_deref() != Some(*tenant))
+    {
+        // Not the poster's: as if it did not exist (and answered after the same wait).
+        return Ok(false);
     }
+    let owner = billed;
     let (label, value) = match &item.truth {
         Truth::Label(l) => (Arg::Text(l.clone()), Arg::Null),
         Truth::Value(v) => (Arg::Null, Arg::Text(v.to_string())),
@@ -140,19 +152,25 @@ async fn record_one(
 pub struct Quality {
     /// Requests that recorded a prediction.
     pub predictions: u64,
-    /// Of those, the ones with feedback (a label or a value).
+    /// Of those, the ones given a class label.
     pub labelled: u64,
-    /// Labelled with a class, and predicted right.
+    /// Labelled, and predicted right.
     pub correct: u64,
-    /// `correct` over the requests labelled with a class (`None` without any).
+    /// `correct` over `labelled` (`None` without labels).
     pub accuracy: Option<f64>,
-    /// Mean absolute error over the requests given a value whose prediction is a number.
+    /// Of the predictions, the ones given a value (whose prediction is a number).
+    pub valued: u64,
+    /// Mean absolute error over the valued requests.
     pub mae: Option<f64>,
     /// Root mean squared error over the same requests.
     pub rmse: Option<f64>,
 }
 
-/// The quality of `function`'s `version` over requests that started at `since_ms` or later.
+/// Most value rows one quality answer reads (regression feedback is aggregated in memory).
+const MAX_VALUE_ROWS: i64 = 100_000;
+
+/// The quality of `function`'s `version` over requests that started at `since_ms` or later:
+/// counts aggregated by the database, errors over at most [`MAX_VALUE_ROWS`] values.
 pub async fn quality(
     ledger: &Ledger,
     function: &str,
@@ -167,6 +185,12 @@ pub async fn quality(
             Arg::Int(since_ms),
         ]
     };
+    let first = |rows: Vec<Vec<Cell>>, i: usize| {
+        rows.first()
+            .and_then(|r| r.get(i))
+            .map_or(0, Cell::int)
+            .max(0) as u64
+    };
     let predictions = ledger
         .rows(
             format!(
@@ -178,17 +202,30 @@ pub async fn quality(
             ),
             args(),
         )
-        .await?
-        .first()
-        .and_then(|r| r.first())
-        .map_or(0, Cell::int);
-    let judged = ledger
+        .await?;
+    let joined = "FROM feedback f
+                 JOIN usage u ON u.start_ms = f.start_ms AND u.request_id = f.request_id";
+    let labels = ledger
         .rows(
             format!(
-                "SELECT u.prediction, f.label, f.value FROM feedback f
-                 JOIN usage u ON u.start_ms = f.start_ms AND u.request_id = f.request_id
+                "SELECT COUNT(*), SUM(CASE WHEN u.prediction = f.label THEN 1 ELSE 0 END)
+                 {joined}
                  WHERE f.function = {} AND f.version = {} AND f.start_ms >= {}
-                 AND u.prediction IS NOT NULL",
+                 AND f.label IS NOT NULL AND u.prediction IS NOT NULL",
+                m(1),
+                m(2),
+                m(3)
+            ),
+            args(),
+        )
+        .await?;
+    let values = ledger
+        .rows(
+            format!(
+                "SELECT u.prediction, f.value {joined}
+                 WHERE f.function = {} AND f.version = {} AND f.start_ms >= {}
+                 AND f.value IS NOT NULL AND u.prediction IS NOT NULL
+                 LIMIT {MAX_VALUE_ROWS}",
                 m(1),
                 m(2),
                 m(3)
@@ -197,32 +234,27 @@ pub async fn quality(
         )
         .await?;
     let mut q = Quality {
-        predictions: predictions.max(0) as u64,
+        predictions: first(predictions, 0),
+        labelled: labels
+            .first()
+            .and_then(|r| r.first())
+            .map_or(0, Cell::int)
+            .max(0) as u64,
+        correct: first(labels, 1),
         ..Quality::default()
     };
-    let (mut classed, mut valued, mut abs, mut sq) = (0u64, 0u64, 0.0f64, 0.0f64);
-    for row in &judged {
-        q.labelled += 1;
-        let predicted = row[0].text();
-        match (&row[1], &row[2]) {
-            (Cell::Text(label), _) => {
-                classed += 1;
-                q.correct += u64::from(predicted == label);
-            }
-            (_, Cell::Text(value)) => {
-                if let (Ok(p), Ok(v)) = (predicted.parse::<f64>(), value.parse::<f64>()) {
-                    valued += 1;
-                    abs += (p - v).abs();
-                    sq += (p - v) * (p - v);
-                }
-            }
-            _ => {}
+    q.accuracy = (q.labelled > 0).then(|| q.correct as f64 / q.labelled as f64);
+    let (mut abs, mut sq) = (0.0f64, 0.0f64);
+    for row in &values {
+        if let (Ok(p), Ok(v)) = (row[0].text().parse::<f64>(), row[1].text().parse::<f64>()) {
+            q.valued += 1;
+            abs += (p - v).abs();
+            sq += (p - v) * (p - v);
         }
     }
-    q.accuracy = (classed > 0).then(|| q.correct as f64 / classed as f64);
-    if valued > 0 {
-        q.mae = Some(abs / valued as f64);
-        q.rmse = Some((sq / valued as f64).sqrt());
+    if q.valued > 0 {
+        q.mae = Some(abs / q.valued as f64);
+        q.rmse = Some((sq / q.valued as f64).sqrt());
     }
     Ok(q)
 }

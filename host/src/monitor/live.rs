@@ -95,6 +95,16 @@ impl Ring {
         }
     }
 
+    /// Frees the buckets older than the ring keeps.
+    fn trim(&mut self, now_ms: u64) {
+        let oldest = (now_ms / self.span_ms).saturating_sub(self.slots.len() as u64 - 1);
+        for slot in &mut self.slots {
+            if slot.as_ref().is_some_and(|(at, _)| *at < oldest) {
+                *slot = None;
+            }
+        }
+    }
+
     /// Merges the buckets from `since_ms` on.
     fn merge_since(&self, since_ms: u64, into: &mut Counts) {
         let first = since_ms / self.span_ms;
@@ -158,6 +168,13 @@ impl Live {
                 }
             }
         }
+    }
+
+    /// Frees the buckets of times the rings no longer keep (a version whose traffic
+    /// stopped holds no counts for long).
+    pub fn trim(&mut self, now_ms: u64) {
+        self.minutes.trim(now_ms);
+        self.hours.trim(now_ms);
     }
 
     /// The counts of the `window_ms` before `now_ms`: whole minutes for windows up to

@@ -37,8 +37,10 @@ use profile::{FeatureMode, Profile};
 pub const MAX_REFERENCE_VALUES: usize = 1 << 24;
 /// Reference rows the model is run on for the reference predictions.
 const MAX_REFERENCE_PREDICTIONS: usize = 10_000;
-/// Most features per input (`max_features`).
-pub const MAX_FEATURES: u32 = 1024;
+/// Most features per input (`max_features`): with [`profile::BINS`] bins (and an underflow
+/// and an overflow bin) each, a bucket of one input is at most about 23 KiB, and the 168
+/// buckets a model keeps at most about 3.8 MiB (freed once their time has passed).
+pub const MAX_FEATURES: u32 = 256;
 
 /// `[models.<name>.monitor]` as a version records it: the reference blob and how to watch.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -112,11 +114,17 @@ struct Ready {
     live: Mutex<Live>,
 }
 
+/// How long after a failed preparation (the reference blob unreachable, say) the next
+/// compute tries again.
+const RETRY_PREPARE: std::time::Duration = std::time::Duration::from_secs(30);
+
 /// The monitor of one model of one version.
 pub struct ModelMonitor {
     name: String,
     spec: MonitorSpec,
-    ready: OnceLock<Result<Ready, String>>,
+    ready: OnceLock<Ready>,
+    /// The last failure to prepare, and when: retried after [`RETRY_PREPARE`].
+    failed: Mutex<Option<(String, std::time::Instant)>>,
     preparing: AtomicBool,
     computes: AtomicU64,
 }
@@ -142,6 +150,7 @@ impl ModelMonitor {
             name: name.to_string(),
             spec,
             ready: OnceLock::new(),
+            failed: Mutex::new(None),
             preparing: AtomicBool::new(false),
             computes: AtomicU64::new(0),
         }
@@ -153,24 +162,35 @@ impl ModelMonitor {
     }
 
     /// Reads the reference, profiles it for `graph`, and runs the model on it for the
-    /// reference predictions. Once prepared (or failed), later calls answer the same.
+    /// reference predictions. Once prepared, later calls answer at once; a failure is
+    /// remembered (and shown) until a later call succeeds.
     pub async fn prepare(
         &self,
         graph: &Arc<LoadedGraph>,
         blobs: &dyn BlobSource,
     ) -> Result<(), String> {
-        if let Some(r) = self.ready.get() {
-            return r.as_ref().map(|_| ()).map_err(Clone::clone);
+        if self.ready.get().is_some() {
+            return Ok(());
         }
-        let result = self.profile(graph, blobs).await.map(|profile| Ready {
-            live: Mutex::new(Live::new(profile.inputs.len(), profile.total_bins)),
-            profile: Arc::new(profile),
-        });
-        if let Err(e) = &result {
-            tracing::warn!(model = %self.name, "model monitor off: {e}");
+        match self.profile(graph, blobs).await {
+            Ok(profile) => {
+                let _ = self.ready.set(Ready {
+                    live: Mutex::new(Live::new(profile.inputs.len(), profile.total_bins)),
+                    profile: Arc::new(profile),
+                });
+                *self.failed() = None;
+                Ok(())
+            }
+            Err(e) => {
+                tracing::warn!(model = %self.name, "model monitor not ready: {e}");
+                *self.failed() = Some((e.clone(), std::time::Instant::now()));
+                Err(e)
+            }
         }
-        let r = self.ready.get_or_init(|| result);
-        r.as_ref().map(|_| ()).map_err(Clone::clone)
+    }
+
+    fn failed(&self) -> std::sync::MutexGuard<'_, Option<(String, std::time::Instant)>> {
+        self.failed.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     async fn profile(
@@ -185,14 +205,17 @@ impl ModelMonitor {
         let graph = graph.clone();
         let max_features = self.spec.max_features as usize;
         tokio::task::spawn_blocking(move || {
-            let bytes = std::fs::read(&path).map_err(|e| format!("reading the reference: {e}"))?;
-            let arrays = npy::read_reference(&bytes)?;
-            let values: usize = arrays.values().map(|a| a.values.len()).sum();
-            if values > MAX_REFERENCE_VALUES {
+            let size = std::fs::metadata(&path)
+                .map_err(|e| format!("reading the reference: {e}"))?
+                .len();
+            // Eight bytes a value at most, plus headers.
+            if size > (MAX_REFERENCE_VALUES as u64) * 8 + (1 << 20) {
                 return Err(format!(
-                    "the reference holds {values} values; at most {MAX_REFERENCE_VALUES} are read (sample it down)"
+                    "the reference is {size} bytes; at most {MAX_REFERENCE_VALUES} values are read (sample it down)"
                 ));
             }
+            let bytes = std::fs::read(&path).map_err(|e| format!("reading the reference: {e}"))?;
+            let arrays = npy::read_reference(&bytes, MAX_REFERENCE_VALUES)?;
             let (inputs, outputs) = (graph.graph.inputs(), graph.graph.outputs());
             let mut profile = Profile::build(&arrays, inputs, outputs, max_features)?;
             if let Some(source) = profile.prediction.clone() {
@@ -230,18 +253,19 @@ impl ModelMonitor {
     /// Before the monitor is prepared, starts preparing it in the background and answers
     /// no.
     pub fn sample(self: &Arc<Self>, graph: &Arc<LoadedGraph>, blobs: &Arc<dyn BlobSource>) -> bool {
-        match self.ready.get() {
-            Some(Ok(_)) => {}
-            Some(Err(_)) => return false,
-            None => {
-                if !self.preparing.swap(true, Ordering::AcqRel) {
-                    let (me, graph, blobs) = (self.clone(), graph.clone(), blobs.clone());
-                    tokio::spawn(async move {
-                        let _ = me.prepare(&graph, blobs.as_ref()).await;
-                    });
-                }
-                return false;
+        if self.ready.get().is_none() {
+            let due = self
+                .failed()
+                .as_ref()
+                .is_none_or(|(_, at)| at.elapsed() >= RETRY_PREPARE);
+            if due && !self.preparing.swap(true, Ordering::AcqRel) {
+                let (me, graph, blobs) = (self.clone(), graph.clone(), blobs.clone());
+                tokio::spawn(async move {
+                    let _ = me.prepare(&graph, blobs.as_ref()).await;
+                    me.preparing.store(false, Ordering::Release);
+                });
             }
+            return false;
         }
         let pct = self.spec.sample_percent as u64;
         let n = self.computes.fetch_add(1, Ordering::Relaxed);
@@ -249,7 +273,7 @@ impl ModelMonitor {
     }
 
     fn ready(&self) -> Option<&Ready> {
-        self.ready.get().and_then(|r| r.as_ref().ok())
+        self.ready.get()
     }
 
     /// Folds a sampled compute's inputs (in the model's input order) into the buckets.
@@ -260,7 +284,7 @@ impl ModelMonitor {
             let Some(t) = inputs.get(input.position) else {
                 continue;
             };
-            let (rows, width) = profile::rows_of(t);
+            let (rows, width) = profile::rows_of(t, input.width);
             if width != input.width || t.data.len() != rows * width * t.ty.size() {
                 lock(&ready.live).fold(now, &Fold::Mismatched(rows as u64));
                 continue;
@@ -311,17 +335,21 @@ impl ModelMonitor {
 
     /// Drift over the `window_ms` before now.
     pub fn drift(&self, window_ms: u64) -> DriftState {
-        match self.ready.get() {
-            Some(Ok(ready)) => {
-                let counts = lock(&ready.live).window(now_ms(), window_ms);
-                DriftState::Ready(Box::new(drift::score(
-                    &self.name,
-                    &ready.profile,
-                    &counts,
-                    self.spec.drift_threshold,
-                )))
-            }
-            Some(Err(e)) => DriftState::NotReady {
+        if let Some(ready) = self.ready.get() {
+            let counts = {
+                let mut live = lock(&ready.live);
+                live.trim(now_ms());
+                live.window(now_ms(), window_ms)
+            };
+            return DriftState::Ready(Box::new(drift::score(
+                &self.name,
+                &ready.profile,
+                &counts,
+                self.spec.drift_threshold,
+            )));
+        }
+        match self.failed().as_ref() {
+            Some((e, _)) => DriftState::NotReady {
                 model: self.name.clone(),
                 state: "failed",
                 error: Some(e.clone()),

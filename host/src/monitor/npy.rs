@@ -21,19 +21,24 @@ impl Array {
     }
 }
 
-/// Reads a reference file: one unnamed array (`.npy`) or arrays by name (`.npz`).
-pub fn read_reference(bytes: &[u8]) -> Result<BTreeMap<String, Array>, String> {
+/// Reads a reference file: one unnamed array (`.npy`) or arrays by name (`.npz`), of at
+/// most `max_values` values in all (checked before any is decoded).
+pub fn read_reference(bytes: &[u8], max_values: usize) -> Result<BTreeMap<String, Array>, String> {
+    let mut budget = max_values;
     if bytes.starts_with(b"\x93NUMPY") {
-        return Ok(BTreeMap::from([(String::new(), parse(bytes)?)]));
+        return Ok(BTreeMap::from([(
+            String::new(),
+            parse(bytes, &mut budget)?,
+        )]));
     }
     if bytes.starts_with(b"PK\x03\x04") {
-        return read_npz(bytes);
+        return read_npz(bytes, &mut budget);
     }
     Err("not a .npy or .npz file (no NumPy or zip magic at its start)".into())
 }
 
-/// Parses one `.npy` file.
-pub fn parse(bytes: &[u8]) -> Result<Array, String> {
+/// Parses one `.npy` file of at most `budget` values (what it holds is taken from it).
+pub fn parse(bytes: &[u8], budget: &mut usize) -> Result<Array, String> {
     let rest = bytes
         .strip_prefix(b"\x93NUMPY")
         .ok_or("not a .npy file (no \\x93NUMPY magic)")?;
@@ -111,6 +116,12 @@ pub fn parse(bytes: &[u8]) -> Result<Array, String> {
             ));
         }
     };
+    if count > *budget {
+        return Err(format!(
+            "the reference holds too many values (an array of {count} with room for {budget} more); sample it down"
+        ));
+    }
+    *budget -= count;
     let need = count.checked_mul(size).ok_or(".npy shape overflows")?;
     if data.len() != need {
         return Err(format!(
@@ -134,7 +145,7 @@ fn field<'a>(header: &'a str, key: &str) -> Option<&'a str> {
 }
 
 /// Reads the `.npy` members of a zip written without compression (`numpy.savez`).
-fn read_npz(bytes: &[u8]) -> Result<BTreeMap<String, Array>, String> {
+fn read_npz(bytes: &[u8], budget: &mut usize) -> Result<BTreeMap<String, Array>, String> {
     let mut out = BTreeMap::new();
     let mut at = 0usize;
     let u16_at = |i: usize| -> Result<usize, String> {
@@ -179,7 +190,7 @@ fn read_npz(bytes: &[u8]) -> Result<BTreeMap<String, Array>, String> {
         let start = at + 30 + name_len + extra_len;
         let data = bytes.get(start..start + size).ok_or("truncated .npz")?;
         let key = name.strip_suffix(".npy").unwrap_or(&name).to_string();
-        let array = parse(data).map_err(|e| format!("{name}: {e}"))?;
+        let array = parse(data, budget).map_err(|e| format!("{name}: {e}"))?;
         out.insert(key, array);
         at = start + size;
         if flags & 0x08 != 0 {
@@ -216,6 +227,10 @@ fn zip64_size(extra: &[u8]) -> Option<usize> {
 mod tests {
     use super::*;
 
+    fn parse_all(bytes: &[u8]) -> Result<Array, String> {
+        parse(bytes, &mut usize::MAX.clone())
+    }
+
     fn npy(descr: &str, shape: &str, data: &[u8]) -> Vec<u8> {
         let mut header =
             format!("{{'descr': '{descr}', 'fortran_order': False, 'shape': {shape}, }}");
@@ -236,31 +251,33 @@ mod tests {
             .iter()
             .flat_map(|v| v.to_le_bytes())
             .collect();
-        let a = parse(&npy("<f4", "(2, 2)", &data)).expect("f4");
+        let a = parse_all(&npy("<f4", "(2, 2)", &data)).expect("f4");
         assert_eq!(a.shape, [2, 2]);
         assert_eq!(a.values, [1.5, -2.0, 3.0, 4.25]);
         assert_eq!(a.rows(), (2, 2));
         let data: Vec<u8> = [7i64, -1].iter().flat_map(|v| v.to_le_bytes()).collect();
         assert_eq!(
-            parse(&npy("<i8", "(2,)", &data)).expect("i8").values,
+            parse_all(&npy("<i8", "(2,)", &data)).expect("i8").values,
             [7.0, -1.0]
         );
         assert_eq!(
-            parse(&npy("|u1", "(3,)", &[0, 9, 255])).expect("u1").values,
+            parse_all(&npy("|u1", "(3,)", &[0, 9, 255]))
+                .expect("u1")
+                .values,
             [0.0, 9.0, 255.0]
         );
     }
 
     #[test]
     fn npy_refuses_what_it_cannot_read_with_the_reason() {
-        let wrong = parse(&npy("<f4", "(2, 2)", &[0; 12])).expect_err("short data");
+        let wrong = parse_all(&npy("<f4", "(2, 2)", &[0; 12])).expect_err("short data");
         assert!(wrong.contains("needs 16"), "{wrong}");
-        let big = parse(&npy(">f4", "(1,)", &[0; 4])).expect_err("big-endian");
+        let big = parse_all(&npy(">f4", "(1,)", &[0; 4])).expect_err("big-endian");
         assert!(big.contains(">f4"), "{big}");
-        assert!(read_reference(b"hello").is_err());
+        assert!(read_reference(b"hello", 10).is_err());
         let fortran = npy("<f4", "(1,)", &[0; 4]);
         let fortran = String::from_utf8_lossy(&fortran).replace("False", "True ");
-        assert!(parse(fortran.as_bytes()).is_err());
+        assert!(parse_all(fortran.as_bytes()).is_err());
     }
 
     #[test]
@@ -279,7 +296,11 @@ mod tests {
         let mut zip = member("a.npy", &npy("|u1", "(2,)", &[1, 2]));
         zip.extend(member("b.npy", &npy("|u1", "(1,)", &[3])));
         zip.extend(b"PK\x01\x02 central directory follows");
-        let arrays = read_reference(&zip).expect("npz");
+        let arrays = read_reference(&zip, 10).expect("npz");
+        assert!(
+            read_reference(&zip, 2).is_err(),
+            "three values over a budget of two"
+        );
         assert_eq!(arrays["a"].values, [1.0, 2.0]);
         assert_eq!(arrays["b"].values, [3.0]);
     }

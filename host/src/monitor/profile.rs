@@ -30,10 +30,13 @@ pub enum FeatureMode {
 /// The names of the per-row features, by index.
 pub const ROW_FEATURES: [&str; 4] = ["mean", "std", "min", "max"];
 
-/// One feature: its bin edges (bin `i` holds `edges[i-1] < v <= edges[i]`) and the
-/// reference's count per bin.
+/// One feature: its bin edges and the reference's count per bin. Bin 0 holds values below
+/// the reference's minimum (`lower`); bin `i + 1` holds `edges[i-1] < v <= edges[i]`; the
+/// last, values above the last edge. So a shift below the reference's range shows as much
+/// as one above it, even for a feature the reference held constant.
 #[derive(Debug, Clone)]
 pub struct Feature {
+    pub lower: f64,
     pub edges: Vec<f64>,
     pub reference: Vec<u64>,
     /// Where its first bin sits in a bucket's flat counts.
@@ -44,9 +47,12 @@ impl Feature {
     /// The bin of `v` (NaN counts in the last bin).
     pub fn bin(&self, v: f64) -> usize {
         if v.is_nan() {
-            return self.edges.len();
+            return self.edges.len() + 1;
         }
-        self.edges.partition_point(|&e| e < v)
+        if v < self.lower {
+            return 0;
+        }
+        1 + self.edges.partition_point(|&e| e < v)
     }
 }
 
@@ -228,12 +234,14 @@ fn f16_to_f64(h: u16) -> f64 {
     }
 }
 
-/// Rows of `t` (its leading axis; one row for a scalar or a vector) and values per row.
-pub fn rows_of(t: &Tensor) -> (usize, usize) {
+/// Rows of `t` (its leading axis) and values per row. A vector is rows of one value when
+/// the reference's rows are (`width` 1: a `(n,)` reference), else one row.
+pub fn rows_of(t: &Tensor, width: usize) -> (usize, usize) {
     match t.dims.split_first() {
         Some((&rows, rest)) if !rest.is_empty() => {
             (rows as usize, rest.iter().map(|&d| d as usize).product())
         }
+        Some((&n, _)) if width == 1 => (n as usize, 1),
         _ => (1, t.dims.first().map_or(1, |&d| d as usize)),
     }
 }
@@ -344,12 +352,23 @@ impl Profile {
             let mut features = Vec::with_capacity(count);
             let start = offset;
             for column in &mut columns {
+                let edges = edges(column);
+                let lower = column
+                    .iter()
+                    .copied()
+                    .filter(|v| v.is_finite())
+                    .fold(f64::INFINITY, f64::min);
                 let mut feature = Feature {
-                    edges: edges(column),
+                    lower: if lower.is_finite() {
+                        lower
+                    } else {
+                        f64::NEG_INFINITY
+                    },
+                    edges,
                     reference: Vec::new(),
                     start: offset,
                 };
-                feature.reference = vec![0; feature.edges.len() + 1];
+                feature.reference = vec![0; feature.edges.len() + 2];
                 for &v in column.iter() {
                     let bin = feature.bin(v);
                     feature.reference[bin] += 1;
@@ -450,13 +469,14 @@ mod tests {
         let mut zeros = vec![0.0; 50];
         assert_eq!(edges(&mut zeros), [0.0]);
         let f = Feature {
+            lower: 0.0,
             edges: vec![0.0, 3.0],
-            reference: vec![0; 3],
+            reference: vec![0; 4],
             start: 0,
         };
         assert_eq!(
             (f.bin(-1.0), f.bin(0.0), f.bin(2.0), f.bin(3.0), f.bin(9.0)),
-            (0, 0, 1, 1, 2)
+            (0, 1, 2, 2, 3)
         );
     }
 

@@ -143,6 +143,12 @@ impl VersionModels {
             .map_or(BatchSpec::Off, |(r, _)| r.batch)
     }
 
+    /// The same models without their monitors (validation runs that must not count).
+    pub fn without_monitors(mut self) -> Self {
+        self.monitors.clear();
+        self
+    }
+
     /// The drift monitor of model `name`, if it has one.
     pub fn monitor(&self, name: &str) -> Option<&Arc<ModelMonitor>> {
         self.monitors.get(name)

@@ -86,6 +86,16 @@ pub const PREDICTION_HEADER: &str = "x-kiln-prediction";
 /// Longest prediction kept (a longer header is dropped, not cut).
 const MAX_PREDICTION_BYTES: usize = 256;
 
+/// The prediction an `x-kiln-prediction` header states: its trimmed text, unless empty,
+/// longer than 256 bytes or not text.
+pub fn prediction_of(v: &HeaderValue) -> Option<String> {
+    v.to_str()
+        .ok()
+        .map(str::trim)
+        .filter(|p| !p.is_empty() && p.len() <= MAX_PREDICTION_BYTES)
+        .map(str::to_string)
+}
+
 /// A response and the concurrency permit its body holds (none for a cache hit).
 pub(super) type Served = (Response<Body>, Option<Admitted>);
 
@@ -419,12 +429,7 @@ where
     let mut resp = outcome?;
     // The guest's own statement of what it predicted is the platform's, not the client's.
     if let Some(p) = resp.headers_mut().remove(PREDICTION_HEADER) {
-        usage.prediction = p
-            .to_str()
-            .ok()
-            .map(str::trim)
-            .filter(|p| !p.is_empty() && p.len() <= MAX_PREDICTION_BYTES)
-            .map(str::to_string);
+        usage.prediction = prediction_of(&p);
     }
     Ok((resp, admitted, timings))
 }

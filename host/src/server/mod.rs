@@ -13,7 +13,7 @@ mod usage;
 mod whole;
 
 pub use body::{Body, BodyError, DRAIN_CAP, LimitedBody, drain, empty, full};
-pub use data_plane::PREDICTION_HEADER;
+pub use data_plane::{PREDICTION_HEADER, prediction_of};
 pub use listener::serve;
 pub use pace::{MinRate, paced, too_slow, too_slow_message};
 pub use router::{handle, json_response};
