@@ -20,6 +20,7 @@ pub mod pg;
 pub mod proxy;
 pub mod s3;
 mod usage;
+pub mod webhook;
 pub use usage::{Record, USAGE_COLUMNS, parse_csv, usage, usage_csv};
 
 /// The admin key every [`TestServer`] is started with (`KILN_ADMIN_KEY`).

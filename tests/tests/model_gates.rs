@@ -7,6 +7,7 @@
 
 use std::time::{Duration, Instant};
 
+use kiln_tests::webhook::Webhook;
 use kiln_tests::{TestServer, Value, example, json, root};
 
 fn heldout() -> Value {
@@ -99,7 +100,11 @@ fn drive(server: &TestServer, label: bool) -> Value {
 
 #[test]
 fn a_less_accurate_candidate_is_rolled_back_by_the_accuracy_gate() {
-    let server = TestServer::start();
+    let hook = Webhook::start(0);
+    let server = TestServer::start_with_config(&format!(
+        "[alerts]\nwebhook = {:?}\nsecret = \"0123456789abcdef0123\"\n",
+        hook.url
+    ));
     let reference = server
         .put_blob(&std::fs::read(root().join("examples/digits/model/reference.npy")).unwrap());
     let (good, zero) = (
@@ -123,6 +128,17 @@ fn a_less_accurate_candidate_is_rolled_back_by_the_accuracy_gate() {
     // Everything is back on the stable version.
     let w = server.get("/v1/functions/classify/traffic").json()["policy"]["weights"].clone();
     assert_eq!(w, json!({"1": 100, "2": 0}), "{w}");
+    // Alerts: the accuracy drop and the rollback, with the numbers.
+    let dropped = hook.wait_for("accuracy.dropped", Duration::from_secs(10));
+    assert_eq!(dropped["data"]["candidate"], 2, "{dropped}");
+    let rolled = hook.wait_for("rollout.rolled_back", Duration::from_secs(10));
+    assert!(
+        rolled["data"]["check"]["models"]["candidate_accuracy"]
+            .as_f64()
+            .unwrap()
+            < 0.3,
+        "{rolled}"
+    );
 }
 
 #[test]

@@ -57,7 +57,11 @@ fn features(report: &Value) -> Vec<Value> {
 
 #[test]
 fn held_out_traffic_is_quiet_and_inverted_images_drift_on_the_features_they_change() {
-    let mut server = TestServer::start();
+    let hook = kiln_tests::webhook::Webhook::start(0);
+    let mut server = TestServer::start_with_config(&format!(
+        "[alerts]\nwebhook = {:?}\nsecret = \"0123456789abcdef0123\"\n",
+        hook.url
+    ));
     example("digits");
     for _ in 0..2 {
         server.cli_ok(&["deploy", "examples/digits", "--name", "watched"]);
@@ -167,6 +171,17 @@ fn held_out_traffic_is_quiet_and_inverted_images_drift_on_the_features_they_chan
         );
         std::thread::sleep(std::time::Duration::from_millis(500));
     }
+
+    // The same refresh raises drift.detected for version 2 (and only for it).
+    let alert = hook.wait_for("drift.detected", std::time::Duration::from_secs(30));
+    assert_eq!(
+        (
+            alert["data"]["function"].as_str(),
+            alert["data"]["version"].as_u64()
+        ),
+        (Some("watched"), Some(2)),
+        "{alert}"
+    );
 
     // After a restart the monitor prepares again from the stored reference, in the
     // background, on the first compute.

@@ -84,6 +84,8 @@ pub struct App {
     pub breakers: Arc<crate::runtime::Breakers>,
     /// Wakes the model gauges' task to refresh the accuracy gauges now (feedback came).
     accuracy_stale: Arc<tokio::sync::Notify>,
+    /// Alert events to the `[alerts]` webhook.
+    pub alerts: crate::monitor::alerts::Alerts,
 }
 
 /// Breaker changes into `/metrics`.
@@ -273,6 +275,7 @@ impl App {
                 .await
                 .context("reading the sticky-hash secret")?,
         );
+        let alerts = crate::monitor::alerts::Alerts::start(&config.alerts, &node_id);
         let app = App {
             config,
             process: format!("{node_id}#{started_at_ms}"),
@@ -297,6 +300,7 @@ impl App {
             body_budget,
             sticky: std::sync::RwLock::new(sticky),
             accuracy_stale: Default::default(),
+            alerts,
         };
         // The registry is built from the database as changes from other nodes are applied.
         app.apply_stored(false).await?;
@@ -599,6 +603,19 @@ impl App {
                     .await?;
                 if !result.passed {
                     tracing::info!(function, reasons = ?result.reasons, "version refused by its validation");
+                    self.alerts.send(
+                        "validation.failed",
+                        serde_json::json!({
+                            "function": function,
+                            "tenant": by.tenant,
+                            "dry_run": by.dry_run,
+                            "reasons": result.reasons,
+                            "cases": result.cases,
+                            "failed": result.failed,
+                            "accuracy": result.accuracy,
+                            "p99_ms": result.p99_ms,
+                        }),
+                    );
                     return Err(DeployError::ValidationFailed(Box::new(result)));
                 }
                 Some(crate::monitor::validate::Validation {

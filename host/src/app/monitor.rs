@@ -30,6 +30,7 @@ pub(super) fn spawn_drift_gauges(app: &Arc<App>) {
         let mut tick = tokio::time::interval(EVERY);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut shown: HashSet<ModelLabels> = HashSet::new();
+        let mut drifted: HashSet<ModelLabels> = HashSet::new();
         let mut accuracies: HashSet<VersionLabels> = HashSet::new();
         let mut n = 0u32;
         loop {
@@ -39,7 +40,7 @@ pub(super) fn spawn_drift_gauges(app: &Arc<App>) {
             };
             let Some(app) = weak.upgrade() else { return };
             if !woken {
-                shown = app.refresh_drift_gauges(&shown);
+                (shown, drifted) = app.refresh_drift_gauges(&shown, &drifted);
                 n = n.wrapping_add(1);
             }
             if woken || n % ACCURACY_EVERY == 1 {
@@ -59,9 +60,15 @@ impl App {
     }
 
     /// Sets the gauge of every ready monitor, removes those in `before` not set now, and
-    /// returns the ones set.
-    fn refresh_drift_gauges(&self, before: &HashSet<ModelLabels>) -> HashSet<ModelLabels> {
+    /// returns the ones set and the ones drifted now; a model that drifted since
+    /// `was_drifted` raises `drift.detected`.
+    fn refresh_drift_gauges(
+        &self,
+        before: &HashSet<ModelLabels>,
+        was_drifted: &HashSet<ModelLabels>,
+    ) -> (HashSet<ModelLabels>, HashSet<ModelLabels>) {
         let mut now = HashSet::new();
+        let mut drifted = HashSet::new();
         for f in self.registry.functions() {
             for (version, entry) in &f.versions {
                 for (model, monitor) in entry.models.monitors() {
@@ -72,6 +79,23 @@ impl App {
                             model: model.to_string(),
                         };
                         self.metrics.models.drift(&labels, Some(d.max_score));
+                        if d.drifted {
+                            if !was_drifted.contains(&labels) {
+                                self.alerts.send(
+                                    "drift.detected",
+                                    serde_json::json!({
+                                        "function": f.name,
+                                        "version": version,
+                                        "model": model,
+                                        "window": "15m",
+                                        "samples": d.samples,
+                                        "max_score": d.max_score,
+                                        "threshold": monitor.spec().drift_threshold,
+                                    }),
+                                );
+                            }
+                            drifted.insert(labels.clone());
+                        }
                         now.insert(labels);
                     }
                 }
@@ -80,7 +104,7 @@ impl App {
         for gone in before.difference(&now) {
             self.metrics.models.drift(gone, None);
         }
-        now
+        (now, drifted)
     }
 
     /// Sets the accuracy gauge of every version with labelled predictions in the last

@@ -454,10 +454,12 @@ impl App {
             .await?;
         let (mut verdict, mut why) = r.judge(&cs, &ss);
         let models = self.model_check(&r, (candidate, stable), now).await;
+        let mut model_alert = None;
         if verdict != Verdict::Fail
-            && let Some(failed) = models.as_ref().and_then(|m| r.judge_models(m))
+            && let Some((alert, failed)) = models.as_ref().and_then(|m| r.judge_models(m))
         {
             (verdict, why) = (Verdict::Fail, failed);
+            model_alert = Some(alert);
         }
         // The accuracy gate holds a step until both versions have their labels.
         if verdict == Verdict::Pass
@@ -486,6 +488,19 @@ impl App {
             Verdict::Fail => {
                 let reason =
                     format!("automatic rollback at step {step}/{steps} ({percent}%): {why}");
+                let event = serde_json::json!({
+                    "function": name,
+                    "candidate": r.candidate,
+                    "stable": r.stable,
+                    "step": step,
+                    "percent": percent,
+                    "reason": reason,
+                    "check": check,
+                });
+                if let Some(alert) = model_alert {
+                    self.alerts.send(alert, event.clone());
+                }
+                self.alerts.send("rollout.rolled_back", event);
                 let actor = r.actor.clone();
                 self.end_rollout(
                     name,

@@ -103,6 +103,8 @@ pub struct ServerConfig {
     pub store: StoreConfig,
     /// This node's id; `None`: the one kept in the data dir.
     pub node_id: Option<String>,
+    /// Where alert events go (`[alerts]`).
+    pub alerts: crate::monitor::alerts::AlertsConfig,
 }
 
 /// Storage settings (`[store]`, `--blobs`).
@@ -396,6 +398,8 @@ pub struct ConfigFile {
     pub rollout: crate::deploy::Gates,
     #[serde(default)]
     pub store: StoreConfig,
+    #[serde(default)]
+    pub alerts: crate::monitor::alerts::AlertsConfig,
 }
 
 /// The `[runtime]` table of the configuration file.
@@ -530,6 +534,7 @@ impl ServerConfig {
             rollout: file.rollout,
             store,
             node_id,
+            alerts: file.alerts,
         };
         config.validate()?;
         Ok(config)
@@ -537,6 +542,7 @@ impl ServerConfig {
 
     /// Checks every value once, so that subsystems can trust their part.
     pub fn validate(&self) -> anyhow::Result<()> {
+        self.alerts.validate().map_err(anyhow::Error::msg)?;
         let r = &self.runtime;
         if r.loaded_versions == 0 {
             bail!("runtime.loaded_versions must be at least 1");

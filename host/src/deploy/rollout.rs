@@ -251,30 +251,37 @@ pub struct ModelCheck {
 }
 
 impl Rollout {
-    /// Judges the model gates on `m`: the failure, if one fails.
-    pub fn judge_models(&self, m: &ModelCheck) -> Option<String> {
+    /// Judges the model gates on `m`: the failure, if one fails, with the alert it raises
+    /// (`drift.detected` or `accuracy.dropped`).
+    pub fn judge_models(&self, m: &ModelCheck) -> Option<(&'static str, String)> {
         let g = &self.gates;
         if let (Some(max), Some(d)) = (g.max_drift, m.drift)
             && d > max
         {
-            return Some(format!(
-                "candidate v{} drifted from stable v{}: score {d:.3} on {} (max {max})",
-                self.candidate,
-                self.stable,
-                m.drift_on.as_deref().unwrap_or("its inputs")
+            return Some((
+                "drift.detected",
+                format!(
+                    "candidate v{} drifted from stable v{}: score {d:.3} on {} (max {max})",
+                    self.candidate,
+                    self.stable,
+                    m.drift_on.as_deref().unwrap_or("its inputs")
+                ),
             ));
         }
         if let (Some(max), Some(c), Some(s)) =
             (g.max_accuracy_drop, m.candidate_accuracy, m.stable_accuracy)
             && s - c > max
         {
-            return Some(format!(
-                "candidate v{} accuracy {c:.3} on {} labelled requests is {:.3} below stable v{}'s {s:.3} on {} (max drop {max})",
-                self.candidate,
-                m.candidate_labelled.unwrap_or(0),
-                s - c,
-                self.stable,
-                m.stable_labelled.unwrap_or(0)
+            return Some((
+                "accuracy.dropped",
+                format!(
+                    "candidate v{} accuracy {c:.3} on {} labelled requests is {:.3} below stable v{}'s {s:.3} on {} (max drop {max})",
+                    self.candidate,
+                    m.candidate_labelled.unwrap_or(0),
+                    s - c,
+                    self.stable,
+                    m.stable_labelled.unwrap_or(0)
+                ),
             ));
         }
         None

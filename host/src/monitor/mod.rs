@@ -12,6 +12,7 @@
 //! version is deployed (or, after a restart, on its first sampled compute, in the
 //! background).
 
+pub mod alerts;
 pub mod drift;
 pub mod feedback;
 pub mod live;
