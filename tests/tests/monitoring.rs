@@ -182,6 +182,10 @@ fn held_out_traffic_is_quiet_and_inverted_images_drift_on_the_features_they_chan
         (Some("watched"), Some(2)),
         "{alert}"
     );
+    for (_, body) in hook.deliveries() {
+        let v: Value = serde_json::from_slice(&body).unwrap();
+        assert!(v["data"]["version"] != 1, "version 1 did not drift: {v}");
+    }
 
     // After a restart the monitor prepares again from the stored reference, in the
     // background, on the first compute.

@@ -71,6 +71,9 @@ pub enum ApiError {
     /// every case's result).
     #[error("{}", validation_message(.0))]
     ValidationFailed(Box<crate::monitor::validate::ValidationResult>),
+    /// The tenant billed has spent its hard monthly budget (429 `budget.exhausted`).
+    #[error("{0}")]
+    BudgetExhausted(String),
     /// A store this node needs (the database, the blob store) cannot be reached.
     #[error("{0}")]
     Unavailable(String),
@@ -110,7 +113,9 @@ impl ApiError {
             }
             Auth(AuthError::Forbidden(_)) => StatusCode::FORBIDDEN,
             Auth(AuthError::Hidden(_)) => StatusCode::NOT_FOUND,
-            Auth(AuthError::RateLimited { .. }) => StatusCode::TOO_MANY_REQUESTS,
+            Auth(AuthError::RateLimited { .. }) | BudgetExhausted(_) => {
+                StatusCode::TOO_MANY_REQUESTS
+            }
             Sign(SignError::Unsigned(_) | SignError::Untrusted(..)) => StatusCode::FORBIDDEN,
             Sign(_) | Tampered(_) => StatusCode::BAD_REQUEST,
             Overloaded(_) | Unavailable(_) | Busy(_) => StatusCode::SERVICE_UNAVAILABLE,
@@ -148,6 +153,7 @@ impl ApiError {
             Compile(CompileError::Internal(_)) => "internal",
             Model(_, code) => code,
             ValidationFailed(_) => "version.validation_failed",
+            BudgetExhausted(_) => "budget.exhausted",
             Blob(BlobError::DigestMismatch { .. }) => "blob.digest_mismatch",
             Blob(BlobError::Io(_)) => "internal",
             Blob(BlobError::Corrupt { .. }) => "blob.corrupt",

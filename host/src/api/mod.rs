@@ -19,6 +19,8 @@
 //! | `GET` | `/v1/functions/{name}/versions/{v}/drift` | input and prediction drift of its monitored models | owner |
 //! | `GET` | `/v1/functions/{name}/versions/{v}/quality` | predictions, labelled ones, accuracy (mae, rmse) | owner |
 //! | `POST` | `/v1/feedback` | ground truth for requests by id (JSON or NDJSON) | the request's tenant |
+//! | `GET` | `/v1/budgets` | tenants' monthly budgets with the month's spend | admin |
+//! | `PUT`, `DELETE` | `/v1/budgets/{tenant}` | set / remove a tenant's budget | admin |
 //! | `DELETE` | `/v1/functions/{name}/cache` | drop the function's cached responses and inference results | deploy |
 //! | `GET`, `PUT` | `/v1/functions/{name}/traffic` | read / replace the traffic policy | owner / deploy |
 //! | `GET`, `PUT`, `DELETE` | `/v1/functions/{name}/aliases/{alias}` | a named policy (`/fn/{name}:{alias}/`) | owner / deploy |
@@ -35,6 +37,7 @@
 
 mod audit;
 mod blobs;
+mod budgets;
 mod error;
 pub mod functions;
 mod idempotency;
@@ -80,6 +83,9 @@ enum Op<'a> {
     VersionDrift(&'a str, &'a str),
     VersionQuality(&'a str, &'a str),
     Feedback,
+    ListBudgets,
+    PutBudget(&'a str),
+    DeleteBudget(&'a str),
     ClearCache(&'a str),
     GetTraffic(&'a str),
     PutTraffic(&'a str),
@@ -116,6 +122,8 @@ pub(crate) const ROUTES: &[(&str, &str)] = &[
         "GET, HEAD",
     ),
     ("/v1/feedback", "POST"),
+    ("/v1/budgets", "GET, HEAD"),
+    ("/v1/budgets/{tenant}", "PUT, DELETE"),
     ("/v1/functions/{name}/cache", "DELETE"),
     ("/v1/functions/{name}/traffic", "GET, HEAD, PUT"),
     (
@@ -174,6 +182,9 @@ impl<'a> Op<'a> {
             (["functions", n, "versions", v, "drift"], &Method::GET) => Op::VersionDrift(n, v),
             (["functions", n, "versions", v, "quality"], &Method::GET) => Op::VersionQuality(n, v),
             (["feedback"], &Method::POST) => Op::Feedback,
+            (["budgets"], &Method::GET) => Op::ListBudgets,
+            (["budgets", t], &Method::PUT) => Op::PutBudget(t),
+            (["budgets", t], &Method::DELETE) => Op::DeleteBudget(t),
             (["functions", n, "cache"], &Method::DELETE) => Op::ClearCache(n),
             (["functions", n, "traffic"], &Method::GET) => Op::GetTraffic(n),
             (["functions", n, "traffic"], &Method::PUT) => Op::PutTraffic(n),
@@ -212,6 +223,9 @@ impl<'a> Op<'a> {
             Op::VersionDrift(n, _) => ("version.drift", n),
             Op::VersionQuality(n, _) => ("version.quality", n),
             Op::Feedback => ("feedback.post", ""),
+            Op::ListBudgets => ("budget.list", ""),
+            Op::PutBudget(t) => ("budget.set", t),
+            Op::DeleteBudget(t) => ("budget.delete", t),
             Op::ClearCache(n) => ("cache.clear", n),
             Op::GetTraffic(n) => ("traffic.show", n),
             Op::PutTraffic(n) => ("traffic.set", n),
@@ -257,6 +271,7 @@ impl<'a> Op<'a> {
             | Op::StartRollout(n)
             | Op::ControlRollout(n, _) => app.registry.function(n).map(|f| f.owner.to_string()),
             Op::RevokeKey(id) => app.auth.tenant_of_key(id).map(|t| t.to_string()),
+            Op::PutBudget(t) | Op::DeleteBudget(t) => Some(t.to_string()),
             _ => None,
         }
     }
@@ -297,9 +312,13 @@ impl<'a> Op<'a> {
             }
             Op::CreateVersion(n) => caller.may_deploy(n, owner(n).as_deref(), true)?,
             Op::Usage => caller.need(&Scope::UsageRead)?,
-            Op::CreateKey | Op::ListKeys | Op::RevokeKey(_) | Op::Cluster => {
-                caller.need(&Scope::Admin)?
-            }
+            Op::CreateKey
+            | Op::ListKeys
+            | Op::RevokeKey(_)
+            | Op::Cluster
+            | Op::ListBudgets
+            | Op::PutBudget(_)
+            | Op::DeleteBudget(_) => caller.need(&Scope::Admin)?,
             Op::Audit => caller.need(&Scope::AuditRead)?,
         }
         Ok(())
@@ -412,6 +431,9 @@ async fn dispatch(
         Op::VersionDrift(n, v) => monitor::drift(app, n, v, query),
         Op::VersionQuality(n, v) => monitor::quality(app, n, v, query).await,
         Op::Feedback => monitor::feedback(app, req, caller).await,
+        Op::ListBudgets => budgets::list(app).await,
+        Op::PutBudget(t) => budgets::put(app, t, req).await,
+        Op::DeleteBudget(t) => budgets::delete(app, t).await,
         Op::ClearCache(n) => functions::clear_cache(app, n),
         Op::GetTraffic(n) => traffic::get(app, n, None),
         Op::PutTraffic(n) => traffic::put(app, n, None, req, caller).await,

@@ -194,7 +194,14 @@ pub(super) async fn feedback(
         },
         (false, None) => return Err(crate::auth::AuthError::Missing.into()),
     };
-    let counts = feedback::record(ledger, &items, &poster).await?;
+    // Other nodes' records reach a shared ledger within their commit window.
+    let settle = match &app.config.store.database {
+        crate::store::DatabaseUrl::Postgres(_) => {
+            Duration::from_millis(app.config.metering.commit_interval_ms + 50)
+        }
+        _ => Duration::ZERO,
+    };
+    let counts = feedback::record(ledger, &items, &poster, settle).await?;
     if counts.accepted > 0 {
         app.accuracy_changed();
     }

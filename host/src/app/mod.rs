@@ -3,6 +3,7 @@
 //! touch several of them (deploy a version, delete a function, clear its caches; traffic
 //! changes and rollouts are in [`traffic`]).
 
+mod budgets;
 mod cluster;
 mod monitor;
 mod ready;
@@ -86,6 +87,8 @@ pub struct App {
     accuracy_stale: Arc<tokio::sync::Notify>,
     /// Alert events to the `[alerts]` webhook.
     pub alerts: crate::monitor::alerts::Alerts,
+    /// Tenants whose hard budget is spent this month: their requests are refused.
+    pub budgets_exhausted: crate::meter::budgets::Exhausted,
 }
 
 /// Breaker changes into `/metrics`.
@@ -301,6 +304,7 @@ impl App {
             sticky: std::sync::RwLock::new(sticky),
             accuracy_stale: Default::default(),
             alerts,
+            budgets_exhausted: Default::default(),
         };
         // The registry is built from the database as changes from other nodes are applied.
         app.apply_stored(false).await?;
@@ -313,6 +317,7 @@ impl App {
             cluster::spawn_heartbeat(&app);
             rollout::spawn_rollout_driver(&app);
             monitor::spawn_drift_gauges(&app);
+            budgets::spawn_budgets(&app);
             ready::start_blob_prober(&app).await;
             if let DatabaseUrl::Postgres(url) = &app.config.store.database {
                 sync::spawn_store_sync(&app, url)?;
@@ -603,19 +608,21 @@ impl App {
                     .await?;
                 if !result.passed {
                     tracing::info!(function, reasons = ?result.reasons, "version refused by its validation");
-                    self.alerts.send(
-                        "validation.failed",
-                        serde_json::json!({
-                            "function": function,
-                            "tenant": by.tenant,
-                            "dry_run": by.dry_run,
-                            "reasons": result.reasons,
-                            "cases": result.cases,
-                            "failed": result.failed,
-                            "accuracy": result.accuracy,
-                            "p99_ms": result.p99_ms,
-                        }),
-                    );
+                    // A dry run is someone trying: only a refused deploy is an event.
+                    if !by.dry_run {
+                        self.alerts.send(
+                            "validation.failed",
+                            serde_json::json!({
+                                "function": function,
+                                "tenant": by.tenant,
+                                "reasons": result.reasons,
+                                "cases": result.cases,
+                                "failed": result.failed,
+                                "accuracy": result.accuracy,
+                                "p99_ms": result.p99_ms,
+                            }),
+                        );
+                    }
                     return Err(DeployError::ValidationFailed(Box::new(result)));
                 }
                 Some(crate::monitor::validate::Validation {

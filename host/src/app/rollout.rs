@@ -497,10 +497,6 @@ impl App {
                     "reason": reason,
                     "check": check,
                 });
-                if let Some(alert) = model_alert {
-                    self.alerts.send(alert, event.clone());
-                }
-                self.alerts.send("rollout.rolled_back", event);
                 let actor = r.actor.clone();
                 self.end_rollout(
                     name,
@@ -513,6 +509,11 @@ impl App {
                 )
                 .await?;
                 self.metrics.rollout_rolled_back(name);
+                // Only once the rollback is stored: a fenced-off write raises nothing.
+                if let Some(alert) = model_alert {
+                    self.alerts.send(alert, event.clone());
+                }
+                self.alerts.send("rollout.rolled_back", event);
             }
             Verdict::Pass if step == steps => {
                 // The last step held below 100% and passed: the rollout is done there.
@@ -612,8 +613,18 @@ impl App {
                 let Some(sm) = stable.models.monitor(name) else {
                     continue;
                 };
-                let Some(d) = crate::monitor::compare(cm, sm, window_ms) else {
-                    continue;
+                let d = match crate::monitor::compare(cm, sm, window_ms) {
+                    None => continue,
+                    Some(Ok(d)) => d,
+                    Some(Err((c, s))) => {
+                        m.waiting = Some(format!(
+                            "waiting for {} rows of model {name} on both versions in the step (candidate v{} has {c}, stable v{} has {s})",
+                            crate::monitor::MIN_SAMPLES,
+                            r.candidate,
+                            r.stable
+                        ));
+                        continue;
+                    }
                 };
                 let mut worst = (0.0f64, String::new());
                 for input in &d.inputs {

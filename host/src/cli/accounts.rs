@@ -212,3 +212,49 @@ pub fn keygen(out: &Path, output: Output) -> anyhow::Result<()> {
     println!("{public}");
     Ok(())
 }
+
+/// `kiln budgets set TENANT --monthly N [--alert-at 50,80,100] [--hard]`.
+pub fn budgets_set(
+    client: &Client,
+    tenant: &str,
+    body: Value,
+    output: Output,
+) -> anyhow::Result<()> {
+    let v = client.put_json(&format!("/v1/budgets/{}", percent_encode(tenant)), &body)?;
+    output.show(&v, || {
+        println!(
+            "budget of {tenant}: {} a month, alerts at {}%{}",
+            v["monthly"],
+            v["alert_at"]
+                .as_array()
+                .map(|a| a.iter().map(Value::to_string).collect::<Vec<_>>().join(","))
+                .unwrap_or_default(),
+            if v["hard"] == true {
+                ", requests refused once spent"
+            } else {
+                ""
+            }
+        );
+        Ok(())
+    })
+}
+
+/// `kiln budgets list`.
+pub fn budgets_list(client: &Client, output: Output) -> anyhow::Result<()> {
+    let v = client.get_json("/v1/budgets")?;
+    print_table(
+        &v,
+        output,
+        "budgets",
+        &["tenant", "month", "spent", "monthly", "hard", "exhausted"],
+    )
+}
+
+/// `kiln budgets delete TENANT`.
+pub fn budgets_delete(client: &Client, tenant: &str, output: Output) -> anyhow::Result<()> {
+    let v = client.delete(&format!("/v1/budgets/{}", percent_encode(tenant)))?;
+    output.show(&v, || {
+        println!("budget of {tenant} removed");
+        Ok(())
+    })
+}

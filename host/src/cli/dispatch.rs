@@ -1,8 +1,8 @@
 //! From a parsed command line to the command that runs it.
 
 use super::{
-    Cli, Command, KeysCommand, Output, StoreCommand, accounts, cluster, commands, monitor, serve,
-    traffic,
+    BudgetsCommand, Cli, Command, KeysCommand, Output, StoreCommand, accounts, cluster, commands,
+    monitor, serve, traffic,
 };
 
 /// Runs a parsed command line.
@@ -145,6 +145,24 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             ];
             accounts::audit(&server.client()?, &filters, output)
         }
+        Command::Budgets { command } => match command {
+            BudgetsCommand::Set {
+                tenant,
+                monthly,
+                alert_at,
+                hard,
+                server,
+            } => accounts::budgets_set(
+                &server.client()?,
+                &tenant,
+                serde_json::json!({"monthly": monthly, "alert_at": alert_at, "hard": hard}),
+                output,
+            ),
+            BudgetsCommand::List { server } => accounts::budgets_list(&server.client()?, output),
+            BudgetsCommand::Delete { tenant, server } => {
+                accounts::budgets_delete(&server.client()?, &tenant, output)
+            }
+        },
         Command::Keygen { out } => accounts::keygen(&out, output),
         Command::Completions { shell } => {
             use clap::CommandFactory;

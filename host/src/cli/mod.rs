@@ -131,6 +131,37 @@ pub enum StoreCommand {
     },
 }
 
+/// `kiln budgets ...`.
+#[derive(Debug, Subcommand)]
+pub enum BudgetsCommand {
+    /// Set a tenant's monthly budget (micro-units of the price plan's currency).
+    Set {
+        tenant: String,
+        /// The budget per calendar month (UTC), in micro-units.
+        #[arg(long)]
+        monthly: u64,
+        /// Percentages of the budget whose crossing raises a `budget.threshold` alert.
+        #[arg(long, value_delimiter = ',', default_value = "50,80,100")]
+        alert_at: Vec<u8>,
+        /// Refuse the tenant's requests (429 budget.exhausted) once the budget is spent.
+        #[arg(long)]
+        hard: bool,
+        #[command(flatten)]
+        server: ServerArg,
+    },
+    /// List the budgets with the month's spend.
+    List {
+        #[command(flatten)]
+        server: ServerArg,
+    },
+    /// Remove a tenant's budget.
+    Delete {
+        tenant: String,
+        #[command(flatten)]
+        server: ServerArg,
+    },
+}
+
 /// `kiln keys ...`.
 #[derive(Debug, Subcommand)]
 pub enum KeysCommand {
@@ -417,6 +448,11 @@ pub enum Command {
     Keys {
         #[command(subcommand)]
         command: KeysCommand,
+    },
+    /// Tenants' monthly cost budgets: alerts at thresholds, and a hard stop.
+    Budgets {
+        #[command(subcommand)]
+        command: BudgetsCommand,
     },
     /// Read the audit log of control-plane actions, newest first.
     Audit {

@@ -35,8 +35,9 @@ pub struct Gates {
     /// Highest ratio of candidate p99 to stable p99 (both from a 1 ms floor).
     pub max_p99_ratio: f64,
     /// Highest drift of the candidate's model inputs and predictions from the stable
-    /// version's over the step (PSI per feature, L-infinity on class shares); label-free,
-    /// judged once both have enough rows, and it can only fail a step. Unset: not judged.
+    /// version's over the step (PSI per feature, L-infinity on class shares); label-free:
+    /// the step waits until both have enough rows of each model they monitor alike.
+    /// Unset: not judged.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub max_drift: Option<f64>,
     /// Labelled requests (feedback) each version needs since the rollout started before
@@ -245,7 +246,7 @@ pub struct ModelCheck {
     pub stable_accuracy: Option<f64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub stable_labelled: Option<u64>,
-    /// Why the accuracy gate cannot judge yet (too few labels): the step waits.
+    /// Why a model gate cannot judge yet (too few labels, or too few rows): the step waits.
     #[serde(skip)]
     pub waiting: Option<String>,
 }

@@ -161,7 +161,8 @@ CREATE TABLE IF NOT EXISTS usage (
 ";
 
 /// What [`SCHEMA`] adds once the usage table has its newest columns: the request-id index
-/// (feedback finds its request by it) and the ground truth posted for requests.
+/// (feedback finds its request by it), the ground truth posted for requests, and the
+/// tenants' budgets with the thresholds each crossed per month.
 const FEEDBACK_SCHEMA: &str = "
 CREATE INDEX IF NOT EXISTS usage_request_id ON usage (request_id);
 CREATE TABLE IF NOT EXISTS feedback (
@@ -176,6 +177,20 @@ CREATE TABLE IF NOT EXISTS feedback (
     received_ms INTEGER NOT NULL
 );
 CREATE INDEX IF NOT EXISTS feedback_version ON feedback (function, version, start_ms);
+CREATE TABLE IF NOT EXISTS budgets (
+    tenant      TEXT PRIMARY KEY,
+    monthly     INTEGER NOT NULL,
+    alert_at    TEXT NOT NULL,
+    hard        INTEGER NOT NULL,
+    updated_ms  INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS budget_alerts (
+    tenant      TEXT NOT NULL,
+    month       TEXT NOT NULL,
+    percent     INTEGER NOT NULL,
+    at_ms       INTEGER NOT NULL,
+    PRIMARY KEY (tenant, month, percent)
+);
 ";
 
 fn open(path: &std::path::Path) -> anyhow::Result<Connection> {
@@ -449,25 +464,17 @@ fn write_loop(mut sink: Box<dyn Sink>, rx: Receiver<Msg>, interval: Duration, me
     while !closing {
         let mut batch = Vec::new();
         let mut acks = Vec::new();
-        // A flush commits at once what is queued: no waiting for the commit window.
-        let mut flushing = false;
-        let take = |msg: Msg,
-                    batch: &mut Vec<_>,
-                    acks: &mut Vec<_>,
-                    closing: &mut bool,
-                    flushing: &mut bool| match msg {
+        let take = |msg: Msg, batch: &mut Vec<_>, acks: &mut Vec<_>, closing: &mut bool| match msg {
             Msg::Record(r, ack) => {
                 batch.push(r);
                 acks.extend(ack);
             }
-            Msg::Flush(ack) => {
-                acks.push(ack);
-                *flushing = true;
-            }
+            // Answered with the records taken before it (the queue keeps their order).
+            Msg::Flush(ack) => acks.push(ack),
             Msg::Close => *closing = true,
         };
         match rx.recv_timeout(spool::RETRY_EVERY) {
-            Ok(m) => take(m, &mut batch, &mut acks, &mut closing, &mut flushing),
+            Ok(m) => take(m, &mut batch, &mut acks, &mut closing),
             Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
                 sink.idle();
                 continue;
@@ -477,9 +484,10 @@ fn write_loop(mut sink: Box<dyn Sink>, rx: Receiver<Msg>, interval: Duration, me
         // Batched: let the rest of this commit window queue up (unless the last commit
         // left a backlog). Sleeping rather than waiting on the channel means senders never
         // wake this thread one record at a time.
+        // A flush waits for the window like any record (at most one window): posting
+        // flushes cannot defeat group commit.
         if !closing
             && !backlog
-            && !flushing
             && let Some(left) = (last + interval).checked_duration_since(Instant::now())
         {
             std::thread::sleep(left);
@@ -488,7 +496,7 @@ fn write_loop(mut sink: Box<dyn Sink>, rx: Receiver<Msg>, interval: Duration, me
         // that is still queued at all.
         while batch.len() < MAX_BATCH || closing {
             match rx.try_recv() {
-                Ok(m) => take(m, &mut batch, &mut acks, &mut closing, &mut flushing),
+                Ok(m) => take(m, &mut batch, &mut acks, &mut closing),
                 Err(_) => break,
             }
         }

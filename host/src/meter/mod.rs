@@ -2,6 +2,7 @@
 //! plan go to the durable [`Ledger`] (SQLite or PostgreSQL, group commit); [`query`] answers usage
 //! totals and exports; [`Metrics`] serves `GET /metrics`.
 
+pub mod budgets;
 pub mod ledger;
 mod metric_labels;
 pub mod metrics;

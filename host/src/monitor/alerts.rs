@@ -1,5 +1,5 @@
 //! Alerts: events (`drift.detected`, `accuracy.dropped`, `rollout.rolled_back`,
-//! `validation.failed`) POSTed as JSON to the webhook of `[alerts]` in the server config,
+//! `validation.failed`, `budget.threshold`) POSTed as JSON to the webhook of `[alerts]` in the server config,
 //! signed with HMAC-SHA256 (`x-kiln-signature: sha256=<hex>` over the body, keyed by the
 //! configured secret), retried with exponential backoff. Events wait in a bounded queue and
 //! are sent by a task of their own: never on a request's path. A full queue drops the new
@@ -31,7 +31,7 @@ const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(10);
 pub const SIGNATURE_HEADER: &str = "x-kiln-signature";
 
 /// `[alerts]` in the server config.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AlertsConfig {
     /// Where events are POSTed (`http://` or `https://`); unset: no alerts.
@@ -40,6 +40,15 @@ pub struct AlertsConfig {
     /// The HMAC-SHA256 key of `x-kiln-signature`; required with a webhook.
     #[serde(default)]
     pub secret: Option<String>,
+}
+
+impl std::fmt::Debug for AlertsConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AlertsConfig")
+            .field("webhook", &self.webhook)
+            .field("secret", &self.secret.as_ref().map(|_| "<redacted>"))
+            .finish()
+    }
 }
 
 impl AlertsConfig {
@@ -63,10 +72,11 @@ impl AlertsConfig {
     }
 }
 
-/// One event.
+/// One event, stamped when it happened.
 #[derive(Debug, Clone)]
 struct Event {
     kind: &'static str,
+    at: String,
     data: serde_json::Value,
 }
 
@@ -90,7 +100,10 @@ impl Alerts {
         let (tx, mut rx) = tokio::sync::mpsc::channel::<Event>(QUEUE);
         let node = node.to_string();
         tokio::spawn(async move {
+            // No redirects: a 3xx would turn the POST into a bodiless GET elsewhere, with
+            // the signature, and count as delivered.
             let agent: ureq::Agent = ureq::Agent::config_builder()
+                .max_redirects(0)
                 .timeout_global(Some(ATTEMPT_TIMEOUT))
                 .http_status_as_error(false)
                 .tls_config(
@@ -118,7 +131,8 @@ impl Alerts {
     /// Queues event `kind` with `data`; never waits.
     pub fn send(&self, kind: &'static str, data: serde_json::Value) {
         let Some(tx) = &self.tx else { return };
-        if tx.try_send(Event { kind, data }).is_err() {
+        let at = jiff::Timestamp::now().to_string();
+        if tx.try_send(Event { kind, at, data }).is_err() {
             let n = self.dropped.fetch_add(1, Ordering::Relaxed) + 1;
             tracing::warn!(kind, dropped = n, "alert queue full: an event was dropped");
         }
@@ -138,7 +152,7 @@ fn envelope(event: &Event, node: &str) -> Vec<u8> {
     serde_json::to_vec(&serde_json::json!({
         "id": hex::encode(id),
         "type": event.kind,
-        "at": jiff::Timestamp::now().to_string(),
+        "at": event.at,
         "node": node,
         "data": event.data,
     }))
@@ -189,6 +203,14 @@ async fn deliver(agent: &ureq::Agent, url: &str, event: &Event, body: Vec<u8>, s
         };
         match status {
             200..=299 => return,
+            300..=399 => {
+                tracing::warn!(
+                    kind = event.kind,
+                    status,
+                    "alert webhook redirects; events are not sent on (set its final URL)"
+                );
+                return;
+            }
             400..=499 if status != 408 && status != 429 => {
                 tracing::warn!(kind = event.kind, status, "alert webhook refused an event");
                 return;

@@ -54,12 +54,13 @@ pub enum Poster<'a> {
 }
 
 /// Records `items` for `poster`. An item whose request is not found (or not the poster's)
-/// is looked up again once every record queued so far is committed (a request answered
-/// within the ledger's last commit window), then counted unknown.
+/// is looked up again once every record this node queued so far is committed and `settle`
+/// has passed (other nodes' commit windows, in a cluster), then counted unknown.
 pub async fn record(
     ledger: &Ledger,
     items: &[Feedback],
     poster: &Poster<'_>,
+    settle: std::time::Duration,
 ) -> anyhow::Result<Counts> {
     let mut counts = Counts::default();
     let mut missing = Vec::new();
@@ -70,6 +71,7 @@ pub async fn record(
     }
     if !missing.is_empty() {
         ledger.flush().await;
+        tokio::time::sleep(settle).await;
         for item in missing {
             if !record_one(ledger, item, poster, &mut counts).await? {
                 counts.unknown += 1;

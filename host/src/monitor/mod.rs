@@ -365,13 +365,14 @@ impl ModelMonitor {
 }
 
 /// The candidate's drift from the stable version over the same `window_ms`: what `stable`
-/// saw stands in for the reference. `None` unless both are ready, watch the same
-/// reference the same way (their bins line up), and each saw [`MIN_SAMPLES`] rows.
+/// saw stands in for the reference. `None` unless both are ready and watch the same
+/// reference the same way (their bins line up); `Some(Err((candidate rows, stable rows)))`
+/// while either saw fewer than [`MIN_SAMPLES`] rows.
 pub fn compare(
     candidate: &ModelMonitor,
     stable: &ModelMonitor,
     window_ms: u64,
-) -> Option<ModelDrift> {
+) -> Option<Result<ModelDrift, (u64, u64)>> {
     let (c, s) = (candidate.ready()?, stable.ready()?);
     if candidate.spec.reference != stable.spec.reference
         || candidate.spec.max_features != stable.spec.max_features
@@ -382,9 +383,9 @@ pub fn compare(
     let now = now_ms();
     let cw = lock(&c.live).window(now, window_ms);
     let sw = lock(&s.live).window(now, window_ms);
-    let enough = |w: &live::Counts| w.rows.iter().copied().max().unwrap_or(0) >= MIN_SAMPLES;
-    if !enough(&cw) || !enough(&sw) {
-        return None;
+    let rows = |w: &live::Counts| w.rows.iter().copied().max().unwrap_or(0);
+    if rows(&cw) < MIN_SAMPLES || rows(&sw) < MIN_SAMPLES {
+        return Some(Err((rows(&cw), rows(&sw))));
     }
     let mut base = (*s.profile).clone();
     for input in &mut base.inputs {
@@ -394,12 +395,12 @@ pub fn compare(
         }
     }
     base.reference_classes = sw.classes.clone();
-    Some(drift::score(
+    Some(Ok(drift::score(
         &candidate.name,
         &base,
         &cw,
         candidate.spec.drift_threshold,
-    ))
+    )))
 }
 
 fn now_ms() -> u64 {

@@ -272,6 +272,11 @@ fn admit(app: &App, req: &Request<Incoming>, target: FnTarget<'_>) -> Result<Adm
         Caller::Key(k) => k.tenant.clone(),
         Caller::Open | Caller::Anonymous => f.owner.clone(),
     };
+    if app.budgets_exhausted.contains(&tenant) {
+        return Err(ApiError::BudgetExhausted(format!(
+            "tenant {tenant:?} has spent its hard budget for this month; raise it with kiln budgets set"
+        )));
+    }
     // A forced version is someone looking at one version: not shadowed.
     let drawn = match (forced, routing) {
         (None, Some(r)) => r

@@ -237,6 +237,31 @@ const TABLES: &[Table] = &[
         serial: None,
         replace_on: None,
     },
+    Table {
+        file: "usage.db",
+        name: "budgets",
+        columns: &[
+            ("tenant", Text),
+            ("monthly", Int),
+            ("alert_at", Text),
+            ("hard", Int),
+            ("updated_ms", Int),
+        ],
+        serial: None,
+        replace_on: None,
+    },
+    Table {
+        file: "usage.db",
+        name: "budget_alerts",
+        columns: &[
+            ("tenant", Text),
+            ("month", Text),
+            ("percent", Int),
+            ("at_ms", Int),
+        ],
+        serial: None,
+        replace_on: None,
+    },
 ];
 
 /// What one table's copy did.
