@@ -11,18 +11,9 @@ use crate::app::App;
 use crate::meter::budgets::{self, Budget};
 use crate::server::{Body, json_response};
 
-fn ledger(app: &App) -> Result<&crate::meter::Ledger, ApiError> {
-    app.ledger.as_ref().ok_or_else(|| {
-        ApiError::Conflict(
-            "metering is off on this server ([metering] enabled = false): budgets are computed from its usage ledger".into(),
-            "metering.off",
-        )
-    })
-}
-
 /// `GET /v1/budgets`.
 pub(super) async fn list(app: &Arc<App>) -> Result<Response<Body>, ApiError> {
-    let standings = budgets::standings(ledger(app)?, crate::unix_ms()).await?;
+    let standings = budgets::standings(super::ledger(app, "budgets")?, crate::unix_ms()).await?;
     Ok(json_response(
         StatusCode::OK,
         &serde_json::json!({
@@ -38,7 +29,7 @@ pub(super) async fn put(
     tenant: &str,
     req: Request<Body>,
 ) -> Result<Response<Body>, ApiError> {
-    let ledger = ledger(app)?;
+    let ledger = super::ledger(app, "budgets")?;
     let mut b: Budget = super::read_json(req.into_body(), 16 << 10, "budget").await?;
     if tenant.is_empty() || tenant.len() > 128 {
         return Err(ApiError::InvalidRequest(
@@ -66,7 +57,7 @@ pub(super) async fn put(
 
 /// `DELETE /v1/budgets/{tenant}`.
 pub(super) async fn delete(app: &Arc<App>, tenant: &str) -> Result<Response<Body>, ApiError> {
-    if !budgets::delete(ledger(app)?, tenant).await? {
+    if !budgets::delete(super::ledger(app, "budgets")?, tenant).await? {
         return Err(ApiError::NotFound(
             format!("tenant {tenant:?} has no budget"),
             "budget.not_found",

@@ -553,6 +553,56 @@ pub(crate) async fn read_optional_json<T: serde::de::DeserializeOwned + Default>
         .map_err(|e| ApiError::InvalidRequest(format!("invalid {what}: {e}")))
 }
 
+/// A version number from a path segment.
+pub(crate) fn version_number(version: &str) -> Result<u32, ApiError> {
+    version.parse().map_err(|_| {
+        ApiError::InvalidRequest(format!("invalid version {version:?}: expected a number"))
+    })
+}
+
+/// The `window=` of a query that takes only it (`15m`, `1h`): `default` when absent, else
+/// within `range`; `hint` says the range to a client (`from 1s to 10m, e.g. 60s or 5m`).
+pub(crate) fn window_param(
+    query: &str,
+    default: std::time::Duration,
+    range: std::ops::RangeInclusive<std::time::Duration>,
+    hint: &str,
+) -> Result<std::time::Duration, ApiError> {
+    let mut window = default;
+    for pair in query.split('&').filter(|p| !p.is_empty()) {
+        match pair.split_once('=') {
+            Some(("window", w)) => {
+                let w = percent_decode(w).map_err(ApiError::InvalidRequest)?;
+                window = humantime::parse_duration(&w)
+                    .ok()
+                    .filter(|d| range.contains(d))
+                    .ok_or_else(|| {
+                        ApiError::InvalidRequest(format!("window={w:?}: a duration {hint}"))
+                    })?;
+            }
+            _ => {
+                return Err(ApiError::InvalidRequest(format!(
+                    "unknown parameter {pair:?} (known: window)"
+                )));
+            }
+        }
+    }
+    Ok(window)
+}
+
+/// The usage ledger, which monitoring and budgets read (metering must be on); `what`
+/// names what needs it.
+pub(crate) fn ledger<'a>(app: &'a App, what: &str) -> Result<&'a crate::meter::Ledger, ApiError> {
+    app.ledger.as_ref().ok_or_else(|| {
+        ApiError::Conflict(
+            format!(
+                "metering is off on this server ([metering] enabled = false): {what} live in its usage ledger"
+            ),
+            "metering.off",
+        )
+    })
+}
+
 /// Decodes a query parameter value: `%XX` escapes and `+` (times carry `+01:00` offsets
 /// and `:`; header lists carry `,`).
 pub(crate) fn percent_decode(s: &str) -> Result<String, String> {

@@ -18,33 +18,6 @@ use crate::server::{Body, json_response};
 /// The window a drift answer covers unless `window=` says otherwise.
 const DEFAULT_WINDOW: Duration = Duration::from_secs(15 * 60);
 
-/// Parses `window=` (`15m`, `1h`, `24h`): from a minute to the hour buckets kept.
-fn window_of(query: &str) -> Result<Duration, ApiError> {
-    let mut window = DEFAULT_WINDOW;
-    for pair in query.split('&').filter(|p| !p.is_empty()) {
-        match pair.split_once('=') {
-            Some(("window", w)) => {
-                let w = super::percent_decode(w).map_err(ApiError::InvalidRequest)?;
-                window = humantime::parse_duration(&w)
-                    .ok()
-                    .filter(|d| (60..=live::HOURS * 3600).contains(&d.as_secs()))
-                    .ok_or_else(|| {
-                        ApiError::InvalidRequest(format!(
-                            "window={w:?}: a duration from 1m to {}h, e.g. 15m or 24h",
-                            live::HOURS
-                        ))
-                    })?;
-            }
-            _ => {
-                return Err(ApiError::InvalidRequest(format!(
-                    "unknown parameter {pair:?} (known: window)"
-                )));
-            }
-        }
-    }
-    Ok(window)
-}
-
 /// `GET /v1/functions/{name}/versions/{v}/drift[?window=15m]`: per monitored model, each
 /// feature's score against the reference and the prediction's class shares; `drifted` when
 /// any passes its threshold on at least [`MIN_SAMPLES`] rows.
@@ -54,10 +27,13 @@ pub(super) fn drift(
     version: &str,
     query: &str,
 ) -> Result<Response<Body>, ApiError> {
-    let n: u32 = version.parse().map_err(|_| {
-        ApiError::InvalidRequest(format!("invalid version {version:?}: expected a number"))
-    })?;
-    let window = window_of(query)?;
+    let n = super::version_number(version)?;
+    let window = super::window_param(
+        query,
+        DEFAULT_WINDOW,
+        Duration::from_secs(60)..=Duration::from_secs(live::HOURS * 3600),
+        &format!("from 1m to {}h, e.g. 15m or 24h", live::HOURS),
+    )?;
     let entry = app.registry.route(name, Some(n))?;
     let monitors: Vec<_> = entry.models.monitors().collect();
     if monitors.is_empty() {
@@ -92,16 +68,6 @@ pub(super) fn drift(
 const MAX_FEEDBACK_ITEMS: usize = 10_000;
 /// Largest feedback body, in bytes.
 const MAX_FEEDBACK_BYTES: usize = 4 << 20;
-
-/// The usage ledger, which feedback and quality need (metering must be on).
-fn ledger(app: &App) -> Result<&crate::meter::Ledger, ApiError> {
-    app.ledger.as_ref().ok_or_else(|| {
-        ApiError::Conflict(
-            "metering is off on this server ([metering] enabled = false): predictions and feedback live in its usage ledger".into(),
-            "metering.off",
-        )
-    })
-}
 
 /// One feedback object: `{"request_id", "label"}` or `{"request_id", "value"}`.
 fn feedback_item(v: serde_json::Value, line: usize) -> Result<Feedback, ApiError> {
@@ -154,7 +120,7 @@ pub(super) async fn feedback(
     req: http::Request<Body>,
     caller: &Caller,
 ) -> Result<Response<Body>, ApiError> {
-    let ledger = ledger(app)?;
+    let ledger = super::ledger(app, "predictions and feedback")?;
     let bytes = super::read_small_body(req.into_body(), MAX_FEEDBACK_BYTES, "feedback").await?;
     let text = std::str::from_utf8(&bytes)
         .map_err(|_| ApiError::InvalidRequest("feedback is not UTF-8 text".into()))?;
@@ -234,33 +200,22 @@ pub(super) async fn quality(
     version: &str,
     query: &str,
 ) -> Result<Response<Body>, ApiError> {
-    let n: u32 = version.parse().map_err(|_| {
-        ApiError::InvalidRequest(format!("invalid version {version:?}: expected a number"))
-    })?;
-    let mut window = Duration::from_secs(24 * 3600);
-    for pair in query.split('&').filter(|p| !p.is_empty()) {
-        match pair.split_once('=') {
-            Some(("window", w)) => {
-                let w = super::percent_decode(w).map_err(ApiError::InvalidRequest)?;
-                window = humantime::parse_duration(&w)
-                    .ok()
-                    .filter(|d| d.as_secs() >= 60 && *d <= MAX_QUALITY_WINDOW)
-                    .ok_or_else(|| {
-                        ApiError::InvalidRequest(format!(
-                            "window={w:?}: a duration from 1m to 90d, e.g. 1h or 24h"
-                        ))
-                    })?;
-            }
-            _ => {
-                return Err(ApiError::InvalidRequest(format!(
-                    "unknown parameter {pair:?} (known: window)"
-                )));
-            }
-        }
-    }
+    let n = super::version_number(version)?;
+    let window = super::window_param(
+        query,
+        Duration::from_secs(24 * 3600),
+        Duration::from_secs(60)..=MAX_QUALITY_WINDOW,
+        "from 1m to 90d, e.g. 1h or 24h",
+    )?;
     app.registry.route(name, Some(n))?;
     let since = crate::unix_ms() - window.as_millis() as i64;
-    let q = feedback::quality(ledger(app)?, name, n, since).await?;
+    let q = feedback::quality(
+        super::ledger(app, "predictions and feedback")?,
+        name,
+        n,
+        since,
+    )
+    .await?;
     let mut json = serde_json::to_value(q).unwrap_or_default();
     json["function"] = name.into();
     json["version"] = n.into();

@@ -232,31 +232,13 @@ pub(super) fn stats(
     version: &str,
     query: &str,
 ) -> Result<Response<Body>, ApiError> {
-    let n: u32 = version.parse().map_err(|_| {
-        ApiError::InvalidRequest(format!("invalid version {version:?}: expected a number"))
-    })?;
-    let mut window = std::time::Duration::from_secs(60);
-    for pair in query.split('&').filter(|p| !p.is_empty()) {
-        match pair.split_once('=') {
-            Some(("window", w)) => {
-                window = humantime::parse_duration(
-                    &super::percent_decode(w).map_err(ApiError::InvalidRequest)?,
-                )
-                .ok()
-                .filter(|w| (1..=600).contains(&w.as_secs()))
-                .ok_or_else(|| {
-                    ApiError::InvalidRequest(format!(
-                        "window={w:?}: a duration from 1s to 10m, e.g. 60s or 5m"
-                    ))
-                })?;
-            }
-            _ => {
-                return Err(ApiError::InvalidRequest(format!(
-                    "unknown parameter {pair:?} (known: window)"
-                )));
-            }
-        }
-    }
+    let n = super::version_number(version)?;
+    let window = super::window_param(
+        query,
+        std::time::Duration::from_secs(60),
+        std::time::Duration::from_secs(1)..=std::time::Duration::from_secs(600),
+        "from 1s to 10m, e.g. 60s or 5m",
+    )?;
     let entry = app.registry.route(name, Some(n))?;
     let stats = crate::meter::Window::combined(&[&entry.routed, &entry.other], window);
     let mut json = serde_json::to_value(stats).unwrap_or_default();

@@ -326,6 +326,17 @@ impl App {
         Ok((app, admin_secret))
     }
 
+    /// Where guests allowed `patterns` may send HTTP requests, each exchange within the
+    /// server's outbound timeout and the version's own `timeout_ms`.
+    fn outbound(&self, patterns: &[String], timeout_ms: u64) -> Result<Outbound, String> {
+        let allow = crate::runtime::parse_patterns(patterns)?;
+        Ok(Outbound::new(
+            allow,
+            Duration::from_millis(self.config.runtime.outbound_timeout_ms.min(timeout_ms)),
+            self.config.runtime.allow_private_outbound,
+        ))
+    }
+
     /// Makes a stored version servable: its models tied to the inference cache (unless it
     /// opted out), its response cache placement and its metric series, all made once here
     /// rather than per request.
@@ -357,18 +368,8 @@ impl App {
             });
         let metrics = self.metrics.version(&rec.function, rec.version);
         // Checked at deploy; a stored entry that no longer parses allows nothing.
-        let outbound = match crate::runtime::parse_patterns(&rec.outbound) {
-            Ok(allow) => Outbound::new(
-                allow,
-                Duration::from_millis(
-                    self.config
-                        .runtime
-                        .outbound_timeout_ms
-                        .min(rec.limits.timeout_ms),
-                ),
-                self.config.runtime.allow_private_outbound,
-            )
-            .with_breakers(owner.clone(), self.breakers.clone()),
+        let outbound = match self.outbound(&rec.outbound, rec.limits.timeout_ms) {
+            Ok(o) => o.with_breakers(owner.clone(), self.breakers.clone()),
             Err(e) => {
                 tracing::error!(function = %rec.function, version = rec.version, "{e}");
                 Outbound::deny_all()

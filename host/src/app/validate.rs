@@ -4,7 +4,7 @@
 //! record, no metrics, no drift summaries, no inference cache.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use http_body_util::BodyExt;
 
@@ -13,7 +13,7 @@ use crate::monitor::validate::{
     CaseResult, MAX_CASES_BYTES, ValidateSpec, ValidationResult, parse_cases,
 };
 use crate::nn::NnSpec;
-use crate::runtime::{LoadedVersion, Outbound, Timings};
+use crate::runtime::{LoadedVersion, Timings};
 
 impl App {
     /// Runs `spec`'s cases against `loaded` (with the models of `nn`, answering within
@@ -50,14 +50,9 @@ impl App {
         // Models of their own (the same shared graphs): the version's monitors and cache
         // never see validation traffic.
         let models = Arc::new(self.runtime.models().version_models(nn).without_monitors());
-        let outbound = match crate::runtime::parse_patterns(&by.outbound) {
-            Ok(allow) => Outbound::new(
-                allow,
-                Duration::from_millis(self.config.runtime.outbound_timeout_ms.min(timeout_ms)),
-                self.config.runtime.allow_private_outbound,
-            ),
-            Err(e) => return Err(DeployError::Validation(e)),
-        };
+        let outbound = self
+            .outbound(&by.outbound, timeout_ms)
+            .map_err(DeployError::Validation)?;
         let mut results = Vec::with_capacity(cases.len());
         for case in &cases {
             let mut req = http::Request::builder()

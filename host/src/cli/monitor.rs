@@ -19,12 +19,7 @@ pub fn drift(
     window: Option<&str>,
     output: Output,
 ) -> anyhow::Result<()> {
-    let version = version_or_latest(client, name, version)?;
-    let mut path = format!("/v1/functions/{name}/versions/{version}/drift");
-    if let Some(w) = window {
-        path.push_str(&format!("?window={}", super::accounts::percent_encode(w)));
-    }
-    let report = client.get_json(&path)?;
+    let (_, report) = version_report(client, name, version, "drift", window)?;
     output.show(&report, || {
         print_report(&report);
         Ok(())
@@ -125,12 +120,7 @@ pub fn quality(
     window: Option<&str>,
     output: Output,
 ) -> anyhow::Result<()> {
-    let version = version_or_latest(client, name, version)?;
-    let mut path = format!("/v1/functions/{name}/versions/{version}/quality");
-    if let Some(w) = window {
-        path.push_str(&format!("?window={}", super::accounts::percent_encode(w)));
-    }
-    let q = client.get_json(&path)?;
+    let (version, q) = version_report(client, name, version, "quality", window)?;
     output.show(&q, || {
         let share = |v: &Value| {
             v.as_f64()
@@ -152,13 +142,25 @@ pub fn quality(
     })
 }
 
-/// `version`, or the function's latest.
-fn version_or_latest(client: &Client, name: &str, version: Option<u32>) -> anyhow::Result<u32> {
-    match version {
-        Some(v) => Ok(v),
+/// `GET .../versions/{v}/{report}[?window=W]` of `version`, or of the function's latest;
+/// returns the version asked about and the answer.
+fn version_report(
+    client: &Client,
+    name: &str,
+    version: Option<u32>,
+    report: &str,
+    window: Option<&str>,
+) -> anyhow::Result<(u32, Value)> {
+    let version = match version {
+        Some(v) => v,
         None => client.get_json(&format!("/v1/functions/{name}"))?["latest_version"]
             .as_u64()
             .map(|v| v as u32)
-            .with_context(|| format!("function {name} has no versions")),
+            .with_context(|| format!("function {name} has no versions"))?,
+    };
+    let mut path = format!("/v1/functions/{name}/versions/{version}/{report}");
+    if let Some(w) = window {
+        path.push_str(&format!("?window={}", super::accounts::percent_encode(w)));
     }
+    Ok((version, client.get_json(&path)?))
 }

@@ -292,13 +292,13 @@ impl ModelMonitor {
             }
             let mut bins = Vec::with_capacity(rows * input.features.len());
             match input.mode {
-                FeatureMode::Elements => profile::for_each_value(t, |k, v| {
+                FeatureMode::Elements => profile::for_each_value(t.ty, &t.data, |k, v| {
                     let f = &input.features[k % width];
                     bins.push((f.start + f.bin(v)) as u32);
                 }),
                 FeatureMode::Rows => {
                     let mut row = Vec::with_capacity(width);
-                    profile::for_each_value(t, |_, v| {
+                    profile::for_each_value(t.ty, &t.data, |_, v| {
                         row.push(v);
                         if row.len() == width {
                             profile::row_features(FeatureMode::Rows, &row, |k, v| {

@@ -144,17 +144,14 @@ impl PredictionSource {
         let Some(t) = outputs.get(self.position) else {
             return;
         };
+        let classes = t.dims.get(1).copied().unwrap_or(0) as usize;
         let row = match self.kind {
             PredictionKind::Label => 1,
-            PredictionKind::Argmax => t.dims.get(1).copied().unwrap_or(0) as usize,
+            PredictionKind::Argmax => classes,
         };
-        let first = Tensor {
-            dims: vec![1, row as u32],
-            ty: t.ty,
-            data: t.data.get(..row * t.ty.size()).unwrap_or_default().to_vec(),
-        };
+        let first = t.data.get(..row * t.ty.size()).unwrap_or_default();
         let mut f = Some(f);
-        self.classes_in(&first, |c| {
+        self.classes_in(t.ty, first, classes, |c| {
             if let Some(f) = f.take() {
                 f(c)
             }
@@ -164,21 +161,22 @@ impl PredictionSource {
     /// Calls `f` with each row's class from the model's `outputs`.
     pub fn classes(&self, outputs: &[Tensor], f: impl FnMut(i64)) {
         if let Some(t) = outputs.get(self.position) {
-            self.classes_in(t, f);
+            let classes = t.dims.get(1).copied().unwrap_or(0) as usize;
+            self.classes_in(t.ty, &t.data, classes, f);
         }
     }
 
-    /// Calls `f` with each row's class in `t`, the prediction output.
-    fn classes_in(&self, t: &Tensor, mut f: impl FnMut(i64)) {
+    /// Calls `f` with each row's class in `data` (values of `ty`, rows of `classes` scores
+    /// for an argmax output), the prediction output's bytes.
+    fn classes_in(&self, ty: ElementType, data: &[u8], classes: usize, mut f: impl FnMut(i64)) {
         match self.kind {
-            PredictionKind::Label => for_each_value(t, |_, v| f(v as i64)),
+            PredictionKind::Label => for_each_value(ty, data, |_, v| f(v as i64)),
             PredictionKind::Argmax => {
-                let classes = t.dims.get(1).copied().unwrap_or(0) as usize;
                 if classes == 0 {
                     return;
                 }
                 let mut best = (0usize, f64::NEG_INFINITY);
-                for_each_value(t, |i, v| {
+                for_each_value(ty, data, |i, v| {
                     let c = i % classes;
                     if c == 0 || v > best.1 {
                         best = (c, v);
@@ -192,16 +190,17 @@ impl PredictionSource {
     }
 }
 
-/// Calls `f(index, value)` for every element of `t`, as `f64`.
-pub fn for_each_value(t: &Tensor, mut f: impl FnMut(usize, f64)) {
+/// Calls `f(index, value)` for every element of `data` (little-endian values of `ty`),
+/// as `f64`.
+pub fn for_each_value(ty: ElementType, data: &[u8], mut f: impl FnMut(usize, f64)) {
     macro_rules! each {
         ($n:expr, $conv:expr) => {
-            for (i, b) in t.data.chunks_exact($n).enumerate() {
+            for (i, b) in data.chunks_exact($n).enumerate() {
                 f(i, $conv(b));
             }
         };
     }
-    match t.ty {
+    match ty {
         ElementType::F32 => each!(4, |b: &[u8]| f32::from_le_bytes([b[0], b[1], b[2], b[3]])
             as f64),
         ElementType::F64 => each!(8, |b: &[u8]| f64::from_le_bytes(
