@@ -105,13 +105,16 @@ pub struct ModelSpec {
     pub monitor: Option<MonitorTable>,
 }
 
-/// One `[models.<name>.monitor]` table: the reference file and how to watch the model.
+/// One `[models.<name>.monitor]` table: the reference file (if any) and how to watch the
+/// model.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct MonitorTable {
     /// Reference rows in the model's input layout (`.npy`, or `.npz` with one array per
-    /// input name), relative to the manifest.
-    pub reference: PathBuf,
+    /// input name), relative to the manifest. Without one, the bins come from the first
+    /// rows the version sees, and a window can be made the reference later.
+    #[serde(default)]
+    pub reference: Option<PathBuf>,
     /// Share of requests whose tensors are summarised (default 100).
     #[serde(default)]
     pub sample_percent: Option<u8>,
@@ -124,8 +127,8 @@ pub struct MonitorTable {
 }
 
 impl MonitorTable {
-    /// The version's monitor settings, with the reference uploaded as `reference`.
-    pub fn spec(&self, reference: crate::common::Digest) -> crate::monitor::MonitorSpec {
+    /// The version's monitor settings, with the reference (if any) uploaded as `reference`.
+    pub fn spec(&self, reference: Option<crate::common::Digest>) -> crate::monitor::MonitorSpec {
         let defaults = crate::monitor::MonitorSpec::new(reference);
         crate::monitor::MonitorSpec {
             reference,
@@ -202,7 +205,7 @@ impl Manifest {
         }
         for (name, model) in &m.models {
             if let Some(t) = &model.monitor {
-                t.spec(crate::common::Digest::of(b""))
+                t.spec(None)
                     .check()
                     .map_err(|e| anyhow::anyhow!("models.{name}.{e}"))?;
             }

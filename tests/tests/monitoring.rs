@@ -2,7 +2,8 @@
 //! committed reference (the training split); the held-out split is not drifted, the same
 //! images inverted drift on the features they change and move the predicted classes, a
 //! handful of requests is never called drift, and a reference that does not fit the model
-//! fails the deploy with the reason.
+//! fails the deploy with the reason. A window can be made the reference, and a cluster's
+//! drift adds up every node's traffic.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use kiln_tests::{TestServer, Value, example, json, metric_sample, root};
@@ -187,8 +188,9 @@ fn held_out_traffic_is_quiet_and_inverted_images_drift_on_the_features_they_chan
         assert!(v["data"]["version"] != 1, "version 1 did not drift: {v}");
     }
 
-    // After a restart the monitor prepares again from the stored reference, in the
-    // background, on the first compute.
+    // After a restart the monitor prepares again from the stored reference (on the first
+    // compute, or the first drift question), and what it saw before the restart still
+    // counts: each process publishes its buckets, the last ones as it stops.
     server.restart();
     classify(&server, "watched@2", &inverted[..1], 1);
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
@@ -205,9 +207,202 @@ fn held_out_traffic_is_quiet_and_inverted_images_drift_on_the_features_they_chan
     let again = drift(&server, "watched", 2);
     assert_eq!(
         (again["samples"].as_u64(), again["drifted"].as_bool()),
-        (Some(150), Some(true)),
+        (Some(held_out.len() as u64 + 150), Some(true)),
         "{again}"
     );
+}
+
+#[test]
+fn a_window_made_the_reference_rebases_drift_on_every_restart() {
+    let mut server = TestServer::start();
+    example("digits");
+    server.cli_ok(&["deploy", "examples/digits", "--name", "rebased"]);
+    let reference = |body: &str| {
+        server.request(
+            "POST",
+            "/v1/functions/rebased/versions/1/reference",
+            &[("content-type", "application/json")],
+            body.as_bytes(),
+        )
+    };
+
+    // Too little traffic to make a reference of: refused, nothing changes.
+    let inverted: Vec<Vec<f64>> = images()
+        .iter()
+        .map(|r| r.iter().map(|v| 16.0 - v).collect())
+        .collect();
+    classify(&server, "rebased", &inverted[..50], 50);
+    let a = reference(r#"{"window": "15m"}"#);
+    assert_eq!(a.status, 409, "{}", a.text());
+    assert_eq!(a.error_code(), "monitor.not_enough_samples");
+    assert!(a.text().contains("saw 50 rows"), "{}", a.text());
+    for bad in [
+        r#"{"window": "1s"}"#,
+        r#"{}"#,
+        r#"{"window": "1h", "x": 1}"#,
+        "nope",
+    ] {
+        assert_eq!(reference(bad).status, 400, "{bad}");
+    }
+
+    // The shifted traffic drifts from the reference file...
+    classify(&server, "rebased", &inverted[50..], 50);
+    let before = drift(&server, "rebased", 1);
+    assert_eq!(before["drifted"], true, "{before}");
+    assert_eq!(before["models"][0]["reference"]["source"], "file");
+
+    // ...until the last 15 minutes become the reference: the same window scores zero
+    // against itself, features and classes alike.
+    let a = reference(r#"{"window": "15m"}"#);
+    assert_eq!(a.status, 200, "{}", a.text());
+    let made = a.json();
+    assert_eq!(made["models"][0]["rows"], inverted.len(), "{made}");
+    assert_eq!(made["models"][0]["predictions"], inverted.len(), "{made}");
+    let check = |server: &TestServer| {
+        let after = drift(server, "rebased", 1);
+        let model = &after["models"][0];
+        assert_eq!(after["drifted"], false, "{after}");
+        assert_eq!(model["reference"]["source"], "window", "{model}");
+        assert_eq!(model["reference"]["window"], "15m", "{model}");
+        assert_eq!(model["reference_rows"], inverted.len(), "{model}");
+        assert_eq!(model["max_score"].as_f64(), Some(0.0), "{model}");
+        assert_eq!(model["predictions"]["score"].as_f64(), Some(0.0), "{model}");
+    };
+    check(&server);
+    // It is stored: a restarted server scores against it too (and, having kept its
+    // buckets, over the same rows).
+    server.restart();
+    check(&server);
+    // Now the traffic the model was trained on is what stands out.
+    classify(&server, "rebased", &images(), 50);
+    let back = drift(&server, "rebased", 1);
+    assert_eq!(back["drifted"], true, "{back}");
+
+    // The CLI sets it as well, and the audit log names who did.
+    let out = server.cli_ok(&["drift", "rebased", "--set-reference", "15m"]);
+    assert!(out.contains("reference: the last 15m"), "{out}");
+    let audit = server.get("/v1/audit?action=version.reference.set").json();
+    let set: Vec<&Value> = audit["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["status"] == 200)
+        .collect();
+    assert_eq!(set.len(), 2, "{audit}");
+    assert!(
+        set.iter()
+            .all(|e| e["detail"] == "reference from the last 15m"),
+        "{audit}"
+    );
+}
+
+#[test]
+fn a_model_shipped_without_a_reference_takes_its_bins_from_its_first_rows() {
+    let server = TestServer::start();
+    server.deploy_digits(
+        "bare",
+        json!({"models": {"digits": {
+            "digest": server.put_blob(
+                &std::fs::read(root().join("examples/digits/model/digits.onnx")).unwrap()
+            ),
+            "backend": "tract",
+            "monitor": {},
+        }}}),
+    );
+    let warming = drift(&server, "bare", 1);
+    assert_eq!(warming["models"][0]["state"], "warming_up", "{warming}");
+    assert_eq!(warming["models"][0]["rows"], 0, "{warming}");
+
+    // The first 500 rows set the bins (in the background, within a publication).
+    let held_out = images();
+    let first: Vec<Vec<f64>> = held_out.iter().cycle().take(500).cloned().collect();
+    classify(&server, "bare", &first, 50);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+    let quiet = loop {
+        let r = drift(&server, "bare", 1);
+        if r["models"][0]["state"].is_null() {
+            break r;
+        }
+        assert_eq!(r["models"][0]["rows"], 500, "{r}");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "never set its bins: {r}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    };
+    // Those rows are the reference, and they were counted too: nothing drifted.
+    let model = &quiet["models"][0];
+    assert_eq!(model["reference"]["source"], "first_rows", "{model}");
+    assert_eq!(model["reference_rows"], 500, "{model}");
+    assert_eq!(quiet["samples"], 500, "{quiet}");
+    assert_eq!(quiet["drifted"], false, "{quiet}");
+
+    // Inverted images stand out against them; made the reference, they no longer do.
+    let inverted: Vec<Vec<f64>> = held_out
+        .iter()
+        .map(|r| r.iter().map(|v| 16.0 - v).collect())
+        .collect();
+    classify(&server, "bare", &inverted, 50);
+    let loud = drift(&server, "bare", 1);
+    assert_eq!(loud["drifted"], true, "{loud}");
+    let a = server.request(
+        "POST",
+        "/v1/functions/bare/versions/1/reference",
+        &[("content-type", "application/json")],
+        br#"{"window": "15m"}"#,
+    );
+    assert_eq!(a.status, 200, "{}", a.text());
+    let rebased = drift(&server, "bare", 1);
+    assert_eq!(rebased["models"][0]["reference"]["source"], "window");
+    assert_eq!(
+        rebased["models"][0]["max_score"].as_f64(),
+        Some(0.0),
+        "{rebased}"
+    );
+}
+
+#[test]
+fn drift_adds_up_every_node_of_a_cluster() {
+    let Some(cluster) = kiln_tests::cluster::Cluster::start("monitoring::cluster", 2, false) else {
+        return;
+    };
+    let [a, b] = &cluster.nodes[..] else {
+        unreachable!()
+    };
+    example("digits");
+    a.cli_ok(&["deploy", "examples/digits", "--name", "shared"]);
+    let inverted: Vec<Vec<f64>> = images()
+        .iter()
+        .map(|r| r.iter().map(|v| 16.0 - v).collect())
+        .collect();
+    // Sixty rows on each node: too few for either to call drift alone.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while b.get("/v1/functions/shared").status != 200 {
+        assert!(std::time::Instant::now() < deadline, "never reached node b");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    // A drift question prepares node b's monitor (node a's was prepared by the deploy);
+    // otherwise b's first computes would pass while it prepares.
+    assert_eq!(drift(b, "shared", 1)["samples"], 0);
+    classify(a, "shared", &inverted[..60], 30);
+    classify(b, "shared", &inverted[60..120], 30);
+    // Each node publishes its buckets every 5 s; both then answer for all 120 rows.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    for node in [a, b] {
+        loop {
+            let r = drift(node, "shared", 1);
+            if r["samples"] == 120 {
+                assert_eq!(r["drifted"], true, "{r}");
+                assert_eq!(r["partial"], false, "{r}");
+                break;
+            }
+            assert!(
+                r["samples"].as_u64().unwrap() < 120 && std::time::Instant::now() < deadline,
+                "{r}"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(250));
+        }
+    }
 }
 
 #[test]

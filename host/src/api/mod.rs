@@ -82,6 +82,7 @@ enum Op<'a> {
     VersionStats(&'a str, &'a str),
     VersionDrift(&'a str, &'a str),
     VersionQuality(&'a str, &'a str),
+    SetReference(&'a str, &'a str),
     Feedback,
     ListBudgets,
     PutBudget(&'a str),
@@ -121,6 +122,7 @@ pub(crate) const ROUTES: &[(&str, &str)] = &[
         "/v1/functions/{name}/versions/{version}/quality",
         "GET, HEAD",
     ),
+    ("/v1/functions/{name}/versions/{version}/reference", "POST"),
     ("/v1/feedback", "POST"),
     ("/v1/budgets", "GET, HEAD"),
     ("/v1/budgets/{tenant}", "PUT, DELETE"),
@@ -181,6 +183,7 @@ impl<'a> Op<'a> {
             (["functions", n, "versions", v, "stats"], &Method::GET) => Op::VersionStats(n, v),
             (["functions", n, "versions", v, "drift"], &Method::GET) => Op::VersionDrift(n, v),
             (["functions", n, "versions", v, "quality"], &Method::GET) => Op::VersionQuality(n, v),
+            (["functions", n, "versions", v, "reference"], &Method::POST) => Op::SetReference(n, v),
             (["feedback"], &Method::POST) => Op::Feedback,
             (["budgets"], &Method::GET) => Op::ListBudgets,
             (["budgets", t], &Method::PUT) => Op::PutBudget(t),
@@ -222,6 +225,7 @@ impl<'a> Op<'a> {
             Op::VersionStats(n, _) => ("version.stats", n),
             Op::VersionDrift(n, _) => ("version.drift", n),
             Op::VersionQuality(n, _) => ("version.quality", n),
+            Op::SetReference(n, _) => ("version.reference.set", n),
             Op::Feedback => ("feedback.post", ""),
             Op::ListBudgets => ("budget.list", ""),
             Op::PutBudget(t) => ("budget.set", t),
@@ -258,6 +262,7 @@ impl<'a> Op<'a> {
             | Op::VersionStats(n, _)
             | Op::VersionDrift(n, _)
             | Op::VersionQuality(n, _)
+            | Op::SetReference(n, _)
             | Op::ClearCache(n)
             | Op::GetTraffic(n)
             | Op::PutTraffic(n)
@@ -300,6 +305,7 @@ impl<'a> Op<'a> {
                 }
             }
             Op::DeleteFunction(n)
+            | Op::SetReference(n, _)
             | Op::ClearCache(n)
             | Op::PutTraffic(n)
             | Op::PutAlias(n, _)
@@ -428,7 +434,8 @@ async fn dispatch(
         Op::CreateVersion(n) => functions::create_version(app, n, req, caller).await,
         Op::ShowVersion(n, v) => functions::version(app, n, v, &req),
         Op::VersionStats(n, v) => traffic::stats(app, n, v, query),
-        Op::VersionDrift(n, v) => monitor::drift(app, n, v, query),
+        Op::VersionDrift(n, v) => monitor::drift(app, n, v, query).await,
+        Op::SetReference(n, v) => monitor::set_reference(app, caller, n, v, req).await,
         Op::VersionQuality(n, v) => monitor::quality(app, n, v, query).await,
         Op::Feedback => monitor::feedback(app, req, caller).await,
         Op::ListBudgets => budgets::list(app).await,

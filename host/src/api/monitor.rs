@@ -9,7 +9,7 @@ use std::time::Duration;
 use http::{Response, StatusCode};
 
 use super::ApiError;
-use crate::app::App;
+use crate::app::{App, ReferenceError};
 use crate::auth::Caller;
 use crate::monitor::feedback::{self, Feedback, MAX_LABEL_BYTES, Poster, Truth};
 use crate::monitor::{DriftState, MIN_SAMPLES, live};
@@ -19,33 +19,32 @@ use crate::server::{Body, json_response};
 const DEFAULT_WINDOW: Duration = Duration::from_secs(15 * 60);
 
 /// `GET /v1/functions/{name}/versions/{v}/drift[?window=15m]`: per monitored model, each
-/// feature's score against the reference and the prediction's class shares; `drifted` when
-/// any passes its threshold on at least [`MIN_SAMPLES`] rows.
-pub(super) fn drift(
+/// feature's score against the reference and the prediction's class shares, over every
+/// node's traffic; `drifted` when any passes its threshold on at least [`MIN_SAMPLES`]
+/// rows. `partial` says another node's part could not be read.
+pub(super) async fn drift(
     app: &Arc<App>,
     name: &str,
     version: &str,
     query: &str,
 ) -> Result<Response<Body>, ApiError> {
     let n = super::version_number(version)?;
-    let window = super::window_param(
-        query,
-        DEFAULT_WINDOW,
-        Duration::from_secs(60)..=Duration::from_secs(live::HOURS * 3600),
-        &format!("from 1m to {}h, e.g. 15m or 24h", live::HOURS),
-    )?;
+    let window = window_param(query, DEFAULT_WINDOW)?;
     let entry = app.registry.route(name, Some(n))?;
     let monitors: Vec<_> = entry.models.monitors().collect();
     if monitors.is_empty() {
-        return Err(ApiError::NotFound(
-            format!(
-                "version {n} of {name} monitors no model: deploy it with [models.<name>.monitor] and a reference"
-            ),
-            "monitor.not_configured",
-        ));
+        return Err(not_configured(name, n));
     }
     let window_ms = window.as_millis() as u64;
-    let models: Vec<DriftState> = monitors.iter().map(|(_, m)| m.drift(window_ms)).collect();
+    let mut models = Vec::with_capacity(monitors.len());
+    let mut partial = false;
+    for (_, m) in monitors {
+        let (state, p) = app
+            .model_drift((name, n), &entry.models, m, window_ms)
+            .await;
+        partial |= p;
+        models.push(state);
+    }
     let (samples, drifted) = models.iter().fold((0, false), |(s, d), m| match m {
         DriftState::Ready(r) => (s + r.samples, d || r.drifted),
         DriftState::NotReady { .. } => (s, d),
@@ -59,9 +58,100 @@ pub(super) fn drift(
             "samples": samples,
             "min_samples": MIN_SAMPLES,
             "drifted": drifted,
+            "partial": partial,
             "models": models,
         }),
     ))
+}
+
+/// `window=` of a drift question or a reference: from a minute to the 48 hours kept.
+fn window_param(query: &str, default: Duration) -> Result<Duration, ApiError> {
+    super::window_param(
+        query,
+        default,
+        Duration::from_secs(60)..=Duration::from_secs(live::HOURS * 3600),
+        &format!("from 1m to {}h, e.g. 15m or 24h", live::HOURS),
+    )
+}
+
+fn not_configured(name: &str, n: u32) -> ApiError {
+    ApiError::NotFound(
+        format!(
+            "version {n} of {name} monitors no model: deploy it with [models.<name>.monitor] and a reference"
+        ),
+        "monitor.not_configured",
+    )
+}
+
+/// `POST /v1/functions/{name}/versions/{v}/reference` with `{"window": "1h"}`: what the
+/// version's monitored models saw in that window (on every node) becomes their reference.
+pub(super) async fn set_reference(
+    app: &Arc<App>,
+    caller: &Caller,
+    name: &str,
+    version: &str,
+    req: http::Request<Body>,
+) -> Result<Response<Body>, ApiError> {
+    let n = super::version_number(version)?;
+    let body: serde_json::Value =
+        super::read_json(req.into_body(), 4096, "reference request").await?;
+    let window = match body.get("window") {
+        Some(serde_json::Value::String(w)) => window_param(&format!("window={w}"), DEFAULT_WINDOW)?,
+        _ => {
+            return Err(ApiError::InvalidRequest(
+                "give the window whose traffic becomes the reference: {\"window\": \"1h\"}".into(),
+            ));
+        }
+    };
+    if let Some(k) = body
+        .as_object()
+        .and_then(|o| o.keys().find(|k| *k != "window"))
+    {
+        return Err(ApiError::InvalidRequest(format!(
+            "unknown field {k:?} (known: window)"
+        )));
+    }
+    let made = app
+        .set_reference(name, n, window, &set_by(caller))
+        .await
+        .map_err(|e| match e {
+            ReferenceError::Route(e) => e.into(),
+            ReferenceError::NotConfigured => not_configured(name, n),
+            ReferenceError::Store(e) => ApiError::Unavailable(format!("{e:#}")),
+            e @ (ReferenceError::NotReady(_) | ReferenceError::TooFew { .. }) => {
+                ApiError::Conflict(e.to_string(), "monitor.not_enough_samples")
+            }
+        })?;
+    let models: Vec<_> = made
+        .iter()
+        .map(|(model, rows, predictions)| {
+            serde_json::json!({"model": model, "rows": rows, "predictions": predictions})
+        })
+        .collect();
+    let window = humantime::format_duration(window).to_string();
+    let mut resp = json_response(
+        StatusCode::OK,
+        &serde_json::json!({
+            "function": name,
+            "version": n,
+            "window": window,
+            "models": models,
+        }),
+    );
+    resp.extensions_mut().insert(super::AuditDetail {
+        detail: format!("reference from the last {window}"),
+        subject: None,
+    });
+    Ok(resp)
+}
+
+/// Who set a reference, as its drift answers show it: the key's id, else the tenant.
+fn set_by(caller: &Caller) -> String {
+    match (caller.key_id(), caller.tenant()) {
+        (Some(k), _) => k.to_string(),
+        (None, Some(t)) => t.to_string(),
+        (None, None) => "admin".to_string(),
+    }
 }
 
 /// Most items one `POST /v1/feedback` takes.

@@ -5,6 +5,7 @@
 
 mod budgets;
 mod cluster;
+mod drift;
 mod monitor;
 mod ready;
 mod rollout;
@@ -33,6 +34,7 @@ use crate::store::{
     VersionRecord,
 };
 pub use cluster::{HEARTBEAT_EVERY, LEASE, LIVE_WITHIN};
+pub use drift::{MergedWindow, ReferenceError};
 pub use ready::node_id;
 pub use rollout::Control;
 pub use traffic::{Actor, TrafficError};
@@ -317,6 +319,7 @@ impl App {
             cluster::spawn_heartbeat(&app);
             rollout::spawn_rollout_driver(&app);
             monitor::spawn_drift_gauges(&app);
+            drift::spawn_monitor_publisher(&app);
             budgets::spawn_budgets(&app);
             ready::start_blob_prober(&app).await;
             if let DatabaseUrl::Postgres(url) = &app.config.store.database {
@@ -511,13 +514,14 @@ impl App {
                 monitor
                     .check()
                     .map_err(|e| DeployError::Models(format!("model {:?}: {e}", m.name)))?;
-                let reference = monitor.reference;
-                if self.blobs.size(&reference).await?.is_none() {
-                    return Err(DeployError::MissingBlob(reference));
-                }
-                self.check_blob(&reference, by).await?;
-                if by.signer.is_some() {
-                    self.verify_blob(&reference).await?;
+                if let Some(reference) = monitor.reference {
+                    if self.blobs.size(&reference).await?.is_none() {
+                        return Err(DeployError::MissingBlob(reference));
+                    }
+                    self.check_blob(&reference, by).await?;
+                    if by.signer.is_some() {
+                        self.verify_blob(&reference).await?;
+                    }
                 }
             }
         }

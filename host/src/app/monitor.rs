@@ -1,5 +1,6 @@
 //! Keeps the model gauges current: every [`EVERY`], `kiln_model_drift_score` of each
-//! monitored model of each version (its largest feature score over the last [`WINDOW`]);
+//! monitored model of each version (its largest feature score over the last [`WINDOW`], on
+//! every node's traffic);
 //! every [`ACCURACY_EVERY`] ticks (and soon after feedback is accepted),
 //! `kiln_model_accuracy` of each version with labelled predictions in the last
 //! [`ACCURACY_WINDOW`] (one grouped query on the ledger). Series of versions that are gone
@@ -40,7 +41,7 @@ pub(super) fn spawn_drift_gauges(app: &Arc<App>) {
             };
             let Some(app) = weak.upgrade() else { return };
             if !woken {
-                (shown, drifted) = app.refresh_drift_gauges(&shown, &drifted);
+                (shown, drifted) = app.refresh_drift_gauges(&shown, &drifted).await;
                 n = n.wrapping_add(1);
             }
             if woken || n % ACCURACY_EVERY == 1 {
@@ -59,45 +60,60 @@ impl App {
         self.accuracy_stale.notify_one();
     }
 
-    /// Sets the gauge of every ready monitor, removes those in `before` not set now, and
-    /// returns the ones set and the ones drifted now; a model that drifted since
-    /// `was_drifted` raises `drift.detected`.
-    fn refresh_drift_gauges(
+    /// Sets the gauge of every ready monitor (on every node's traffic), removes those in
+    /// `before` not set now, and returns the ones set and the ones drifted now; a model
+    /// that drifted since `was_drifted` raises `drift.detected`, from one node of a
+    /// cluster only (the live node with the smallest id: they all see the same numbers).
+    async fn refresh_drift_gauges(
         &self,
         before: &HashSet<ModelLabels>,
         was_drifted: &HashSet<ModelLabels>,
     ) -> (HashSet<ModelLabels>, HashSet<ModelLabels>) {
         let mut now = HashSet::new();
         let mut drifted = HashSet::new();
+        let alerting = self.alerts.enabled() && self.alerts_drift().await;
         for f in self.registry.functions() {
             for (version, entry) in &f.versions {
                 for (model, monitor) in entry.models.monitors() {
-                    if let DriftState::Ready(d) = monitor.drift(WINDOW.as_millis() as u64) {
-                        let labels = ModelLabels {
-                            function: f.name.clone(),
-                            version: version.to_string(),
-                            model: model.to_string(),
-                        };
-                        self.metrics.models.drift(&labels, Some(d.max_score));
-                        if d.drifted {
-                            if !was_drifted.contains(&labels) {
-                                self.alerts.send(
-                                    "drift.detected",
-                                    serde_json::json!({
-                                        "function": f.name,
-                                        "version": version,
-                                        "model": model,
-                                        "window": "15m",
-                                        "samples": d.samples,
-                                        "max_score": d.max_score,
-                                        "threshold": monitor.spec().drift_threshold,
-                                    }),
-                                );
-                            }
-                            drifted.insert(labels.clone());
-                        }
-                        now.insert(labels);
+                    // Only monitors this node prepared: the gauges never load a model.
+                    if !monitor.is_ready() {
+                        continue;
                     }
+                    let (state, _) = self
+                        .model_drift(
+                            (&f.name, *version),
+                            &entry.models,
+                            monitor,
+                            WINDOW.as_millis() as u64,
+                        )
+                        .await;
+                    let DriftState::Ready(d) = state else {
+                        continue;
+                    };
+                    let labels = ModelLabels {
+                        function: f.name.clone(),
+                        version: version.to_string(),
+                        model: model.to_string(),
+                    };
+                    self.metrics.models.drift(&labels, Some(d.max_score));
+                    if d.drifted {
+                        if alerting && !was_drifted.contains(&labels) {
+                            self.alerts.send(
+                                "drift.detected",
+                                serde_json::json!({
+                                    "function": f.name,
+                                    "version": version,
+                                    "model": model,
+                                    "window": "15m",
+                                    "samples": d.samples,
+                                    "max_score": d.max_score,
+                                    "threshold": monitor.spec().drift_threshold,
+                                }),
+                            );
+                        }
+                        drifted.insert(labels.clone());
+                    }
+                    now.insert(labels);
                 }
             }
         }
@@ -105,6 +121,19 @@ impl App {
             self.metrics.models.drift(gone, None);
         }
         (now, drifted)
+    }
+
+    /// Whether this node raises the cluster's `drift.detected` alerts: the live node with
+    /// the smallest id (always, on a single node or when the nodes cannot be read).
+    async fn alerts_drift(&self) -> bool {
+        match self.nodes().await {
+            Ok(nodes) => nodes
+                .iter()
+                .map(|n| n.id.as_str())
+                .min()
+                .is_none_or(|first| first >= self.node_id.as_str()),
+            Err(_) => true,
+        }
     }
 
     /// Sets the accuracy gauge of every version with labelled predictions in the last

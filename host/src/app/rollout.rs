@@ -593,7 +593,7 @@ impl App {
     }
 
     /// The model gates' numbers, for the gates the rollout has: the candidate's drift from
-    /// the stable version over the step (on this node's summaries), and both versions'
+    /// the stable version over the step (on every node's summaries), and both versions'
     /// accuracy on the feedback since the rollout started (from the ledger: every node's
     /// requests). `None` when it has no model gate.
     async fn model_check(
@@ -613,7 +613,26 @@ impl App {
                 let Some(sm) = stable.models.monitor(name) else {
                     continue;
                 };
-                let d = match crate::monitor::compare(cm, sm, window_ms) {
+                // Reading the windows prepares monitors this node has not yet.
+                let key_c = (r.function.as_str(), r.candidate);
+                let key_s = (r.function.as_str(), r.stable);
+                let (cw, sw) = (
+                    self.model_window(key_c, &candidate.models, cm, window_ms)
+                        .await,
+                    self.model_window(key_s, &stable.models, sm, window_ms)
+                        .await,
+                );
+                let (Some(cw), Some(sw)) = (cw, sw) else {
+                    m.waiting = Some(format!("the monitors of model {name} are not ready"));
+                    continue;
+                };
+                if cw.partial || sw.partial {
+                    m.waiting = Some(format!(
+                        "other nodes' monitor buckets of model {name} could not be read"
+                    ));
+                    continue;
+                }
+                let d = match crate::monitor::compare(cm, sm, &cw.counts, &sw.counts) {
                     None => continue,
                     Some(Ok(d)) => d,
                     Some(Err((c, s))) => {

@@ -243,9 +243,13 @@ fn model_decls(client: &Client, m: &Manifest, component: &Path) -> anyhow::Resul
         upload_bytes(client, bytes, digest)?;
         let monitor = match &spec.monitor {
             Some(t) => {
-                let path = m.dir.join(&t.reference);
-                let reference = upload(client, &path)
-                    .with_context(|| format!("the monitor reference of model {name:?}"))?;
+                let reference = match &t.reference {
+                    Some(r) => Some(
+                        upload(client, &m.dir.join(r))
+                            .with_context(|| format!("the monitor reference of model {name:?}"))?,
+                    ),
+                    None => None,
+                };
                 Some(t.spec(reference))
             }
             None => None,

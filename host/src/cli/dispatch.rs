@@ -243,8 +243,16 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             name,
             version,
             window,
+            set_reference,
             server,
-        } => monitor::drift(&server.client()?, &name, version, window.as_deref(), output),
+        } => monitor::drift(
+            &server.client()?,
+            &name,
+            version,
+            window.as_deref(),
+            set_reference.as_deref(),
+            output,
+        ),
         Command::Quality {
             name,
             version,

@@ -410,6 +410,10 @@ pub enum Command {
         /// How far back: 1m to 48h (default 15m).
         #[arg(long)]
         window: Option<String>,
+        /// First make what the version saw over this window (1m to 48h, on every node)
+        /// its reference: for a model shipped without one, or after accepting a shift.
+        #[arg(long, value_name = "WINDOW")]
+        set_reference: Option<String>,
         #[command(flatten)]
         server: ServerArg,
     },

@@ -10,15 +10,43 @@ use super::client::Client;
 /// Features a table shows per model (the highest scores); `--output json` has all.
 const TOP_FEATURES: usize = 10;
 
-/// `kiln drift NAME [--version V] [--window W]`: the version's drift report (default: the
-/// function's latest version, the last 15 minutes).
+/// `kiln drift NAME [--version V] [--window W] [--set-reference R]`: the version's drift
+/// report (default: the function's latest version, the last 15 minutes); with
+/// `--set-reference`, what the version saw over the last R becomes its reference first.
 pub fn drift(
     client: &Client,
     name: &str,
     version: Option<u32>,
     window: Option<&str>,
+    set_reference: Option<&str>,
     output: Output,
 ) -> anyhow::Result<()> {
+    let version = match (version, set_reference) {
+        (Some(v), _) => Some(v),
+        (None, None) => None,
+        (None, Some(_)) => Some(latest_version(client, name)?),
+    };
+    if let (Some(v), Some(r)) = (version, set_reference) {
+        let made = client.post_json(
+            &format!("/v1/functions/{name}/versions/{v}/reference"),
+            &serde_json::json!({ "window": r }),
+        )?;
+        if output == Output::Table {
+            for m in made["models"]
+                .as_array()
+                .map(Vec::as_slice)
+                .unwrap_or_default()
+            {
+                eprintln!(
+                    "model {}: reference set from the last {} ({} rows, {} predictions)",
+                    m["model"].as_str().unwrap_or_default(),
+                    made["window"].as_str().unwrap_or_default(),
+                    m["rows"],
+                    m["predictions"]
+                );
+            }
+        }
+    }
     let (_, report) = version_report(client, name, version, "drift", window)?;
     output.show(&report, || {
         print_report(&report);
@@ -40,6 +68,9 @@ fn print_report(r: &Value) {
             ""
         }
     );
+    if r["partial"] == true {
+        println!("(some nodes' summaries could not be read: this is part of the traffic)");
+    }
     for m in r["models"]
         .as_array()
         .map(Vec::as_slice)
@@ -53,10 +84,20 @@ fn print_report(r: &Value) {
             );
             continue;
         }
+        let reference = match m["reference"]["source"].as_str() {
+            Some("window") => format!(
+                "reference: the last {} as of {}, {} rows",
+                m["reference"]["window"].as_str().unwrap_or_default(),
+                jiff::Timestamp::from_millisecond(m["reference"]["set_ms"].as_i64().unwrap_or(0))
+                    .map(|t| t.to_string())
+                    .unwrap_or_default(),
+                m["reference_rows"]
+            ),
+            _ => format!("reference file: {} rows", m["reference_rows"]),
+        };
         println!(
-            "\nmodel {model}: {} rows (reference {}), largest feature score {:.3}{}",
+            "\nmodel {model}: {} rows ({reference}), largest feature score {:.3}{}",
             m["samples"],
-            m["reference_rows"],
             m["max_score"].as_f64().unwrap_or(0.0),
             if m["drifted"] == true {
                 ", drifted"
@@ -153,14 +194,19 @@ fn version_report(
 ) -> anyhow::Result<(u32, Value)> {
     let version = match version {
         Some(v) => v,
-        None => client.get_json(&format!("/v1/functions/{name}"))?["latest_version"]
-            .as_u64()
-            .map(|v| v as u32)
-            .with_context(|| format!("function {name} has no versions"))?,
+        None => latest_version(client, name)?,
     };
     let mut path = format!("/v1/functions/{name}/versions/{version}/{report}");
     if let Some(w) = window {
         path.push_str(&format!("?window={}", super::accounts::percent_encode(w)));
     }
     Ok((version, client.get_json(&path)?))
+}
+
+/// The function's latest version.
+fn latest_version(client: &Client, name: &str) -> anyhow::Result<u32> {
+    client.get_json(&format!("/v1/functions/{name}"))?["latest_version"]
+        .as_u64()
+        .map(|v| v as u32)
+        .with_context(|| format!("function {name} has no versions"))
 }

@@ -61,6 +61,8 @@ pub fn run(flags: Overrides, config: Option<PathBuf>, insecure: bool) -> anyhow:
             stopping.release_leases().await;
         };
         let served = crate::server::serve(app.clone(), listener, tls, signal).await;
+        // What the monitors saw since their last publication outlives the process.
+        app.publish_monitors().await;
         // Every drained request has submitted its usage record: commit them all.
         let closing = app.clone();
         tokio::task::spawn_blocking(move || closing.close())

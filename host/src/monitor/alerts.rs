@@ -128,6 +128,11 @@ impl Alerts {
         }
     }
 
+    /// Whether events go anywhere (`[alerts] webhook` is set).
+    pub fn enabled(&self) -> bool {
+        self.tx.is_some()
+    }
+
     /// Queues event `kind` with `data`; never waits.
     pub fn send(&self, kind: &'static str, data: serde_json::Value) {
         let Some(tx) = &self.tx else { return };

@@ -116,10 +116,29 @@ pub struct PredictionDrift {
     pub current: BTreeMap<String, f64>,
 }
 
+/// What a model's window is scored against.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(tag = "source", rename_all = "snake_case")]
+pub enum ReferenceSource {
+    /// The reference sample deployed with the version.
+    File,
+    /// The first rows the version saw (it was deployed without a reference file); their
+    /// deciles are the bins.
+    FirstRows,
+    /// What the version saw in a window (`POST .../reference`), set at `set_ms` by
+    /// `set_by`.
+    Window {
+        window: String,
+        set_ms: i64,
+        set_by: String,
+    },
+}
+
 /// One model's drift in a window.
 #[derive(Debug, Clone, Serialize)]
 pub struct ModelDrift {
     pub model: String,
+    pub reference: ReferenceSource,
     /// Rows summarised in the window (the most of any input).
     pub samples: u64,
     /// Rows whose inputs did not have the reference's layout.
@@ -212,6 +231,7 @@ pub fn score(model: &str, profile: &Profile, window: &Counts, threshold: f64) ->
         });
     ModelDrift {
         model: model.to_string(),
+        reference: ReferenceSource::File,
         samples: window.rows.iter().copied().max().unwrap_or(0),
         mismatched: window.mismatched,
         reference_rows: profile.rows,

@@ -6,6 +6,8 @@
 
 use std::collections::BTreeMap;
 
+use serde::{Deserialize, Serialize};
+
 use super::profile::{MAX_CLASSES, OTHER_CLASS};
 
 /// One-minute buckets kept (windows up to this many minutes read them).
@@ -13,8 +15,9 @@ pub const MINUTES: u64 = 120;
 /// One-hour buckets kept (longer windows read them, at hour granularity).
 pub const HOURS: u64 = 48;
 
-/// Counts over one bucket of time (or a merged window).
-#[derive(Debug, Clone, Default)]
+/// Counts over one bucket of time (or a merged window); JSON when published for the other
+/// nodes (see [`Live::take_dirty`]).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct Counts {
     /// Rows summarised per monitored input (by the profile's input order).
     pub rows: Vec<u64>,
@@ -36,7 +39,12 @@ impl Counts {
         }
     }
 
-    fn merge(&mut self, other: &Counts) {
+    /// Adds `other`'s counts; counts of another shape (another profile) are skipped and
+    /// answered `false`.
+    pub fn merge(&mut self, other: &Counts) -> bool {
+        if other.rows.len() != self.rows.len() || other.bins.len() != self.bins.len() {
+            return false;
+        }
         for (a, b) in self.rows.iter_mut().zip(&other.rows) {
             *a += b;
         }
@@ -47,6 +55,12 @@ impl Counts {
             *self.classes.entry(*c).or_default() += n;
         }
         self.mismatched += other.mismatched;
+        true
+    }
+
+    /// Rows seen: the most of any monitored input.
+    pub fn max_rows(&self) -> u64 {
+        self.rows.iter().copied().max().unwrap_or(0)
     }
 
     /// Rows predicted, over all classes.
@@ -69,9 +83,17 @@ pub enum Fold<'a> {
     Classes(&'a [i64]),
 }
 
+/// A bucket: its index (time / span), its counts, and whether they changed since they
+/// were last published.
+struct Slot {
+    at: u64,
+    counts: Counts,
+    dirty: bool,
+}
+
 struct Ring {
     span_ms: u64,
-    slots: Vec<Option<(u64, Counts)>>,
+    slots: Vec<Option<Slot>>,
 }
 
 impl Ring {
@@ -86,11 +108,18 @@ impl Ring {
         let at = now_ms / self.span_ms;
         let len = self.slots.len() as u64;
         let slot = &mut self.slots[(at % len) as usize];
-        if slot.as_ref().is_none_or(|(t, _)| *t != at) {
-            *slot = Some((at, Counts::new(inputs, bins)));
+        if slot.as_ref().is_none_or(|s| s.at != at) {
+            *slot = Some(Slot {
+                at,
+                counts: Counts::new(inputs, bins),
+                dirty: false,
+            });
         }
         match slot {
-            Some((_, c)) => c,
+            Some(s) => {
+                s.dirty = true;
+                &mut s.counts
+            }
             None => unreachable!("the slot was just filled"),
         }
     }
@@ -99,7 +128,7 @@ impl Ring {
     fn trim(&mut self, now_ms: u64) {
         let oldest = (now_ms / self.span_ms).saturating_sub(self.slots.len() as u64 - 1);
         for slot in &mut self.slots {
-            if slot.as_ref().is_some_and(|(at, _)| *at < oldest) {
+            if slot.as_ref().is_some_and(|s| s.at < oldest) {
                 *slot = None;
             }
         }
@@ -108,12 +137,53 @@ impl Ring {
     /// Merges the buckets from `since_ms` on.
     fn merge_since(&self, since_ms: u64, into: &mut Counts) {
         let first = since_ms / self.span_ms;
-        for (at, c) in self.slots.iter().flatten() {
-            if *at >= first {
-                into.merge(c);
+        for s in self.slots.iter().flatten() {
+            if s.at >= first {
+                into.merge(&s.counts);
             }
         }
     }
+
+    fn take_dirty(&mut self, out: &mut Vec<Bucket>) {
+        for s in self.slots.iter_mut().flatten() {
+            if std::mem::take(&mut s.dirty) {
+                out.push(Bucket {
+                    span_ms: self.span_ms,
+                    at: s.at,
+                    counts: s.counts.clone(),
+                });
+            }
+        }
+    }
+
+    fn mark_dirty(&mut self, at: u64) {
+        let len = self.slots.len() as u64;
+        if let Some(s) = &mut self.slots[(at % len) as usize]
+            && s.at == at
+        {
+            s.dirty = true;
+        }
+    }
+}
+
+/// A bucket's counts as of now, to publish: `at` is its start divided by `span_ms`.
+#[derive(Debug, Clone)]
+pub struct Bucket {
+    pub span_ms: u64,
+    pub at: u64,
+    pub counts: Counts,
+}
+
+/// Which buckets a window reads (`span_ms`) and the first of them (`from`): whole minutes
+/// for windows up to [`MINUTES`] minutes, whole hours beyond (at most [`HOURS`]).
+pub fn window_buckets(now_ms: u64, window_ms: u64) -> (u64, u64) {
+    let since = now_ms.saturating_sub(window_ms.saturating_sub(1));
+    let span_ms = if window_ms <= MINUTES * 60_000 {
+        60_000
+    } else {
+        3_600_000
+    };
+    (span_ms, since / span_ms)
 }
 
 /// A model's buckets.
@@ -177,17 +247,42 @@ impl Live {
         self.hours.trim(now_ms);
     }
 
-    /// The counts of the `window_ms` before `now_ms`: whole minutes for windows up to
-    /// [`MINUTES`] minutes, whole hours beyond (at most [`HOURS`]).
+    /// The counts of the `window_ms` before `now_ms` (the buckets [`window_buckets`]
+    /// names).
     pub fn window(&self, now_ms: u64, window_ms: u64) -> Counts {
-        let mut out = Counts::new(self.inputs, self.bins);
-        let since = now_ms.saturating_sub(window_ms.saturating_sub(1));
-        if window_ms <= MINUTES * 60_000 {
-            self.minutes.merge_since(since, &mut out);
+        let mut out = self.empty();
+        let (span_ms, from) = window_buckets(now_ms, window_ms);
+        let ring = if span_ms == self.minutes.span_ms {
+            &self.minutes
         } else {
-            self.hours.merge_since(since, &mut out);
-        }
+            &self.hours
+        };
+        ring.merge_since(from * span_ms, &mut out);
         out
+    }
+
+    /// Zero counts of this shape.
+    pub fn empty(&self) -> Counts {
+        Counts::new(self.inputs, self.bins)
+    }
+
+    /// The buckets that changed since the last call, to publish.
+    pub fn take_dirty(&mut self) -> Vec<Bucket> {
+        let mut out = Vec::new();
+        self.minutes.take_dirty(&mut out);
+        self.hours.take_dirty(&mut out);
+        out
+    }
+
+    /// Marks buckets taken by [`Live::take_dirty`] as changed again (publishing failed).
+    pub fn mark_dirty(&mut self, buckets: &[Bucket]) {
+        for b in buckets {
+            if b.span_ms == self.minutes.span_ms {
+                self.minutes.mark_dirty(b.at);
+            } else {
+                self.hours.mark_dirty(b.at);
+            }
+        }
     }
 }
 
@@ -236,6 +331,34 @@ mod tests {
         );
         let later = live.window(t0 + MINUTES * minute, minute);
         assert_eq!(later.bins, [0, 0, 1, 0]);
+    }
+
+    #[test]
+    fn changed_buckets_are_taken_once_and_given_back_when_publishing_fails() {
+        let mut live = Live::new(1, 2);
+        let minute = 60_000;
+        live.fold(
+            7 * minute,
+            &Fold::Bins {
+                input: 0,
+                rows: 1,
+                bins: &[1],
+            },
+        );
+        let taken = live.take_dirty();
+        let spans: Vec<(u64, u64)> = taken.iter().map(|b| (b.span_ms, b.at)).collect();
+        assert_eq!(spans, [(minute, 7), (3_600_000, 0)]);
+        assert_eq!(taken[0].counts.bins, [0, 1]);
+        assert!(live.take_dirty().is_empty(), "nothing changed since");
+        live.mark_dirty(&taken[..1]);
+        assert_eq!(live.take_dirty().len(), 1);
+        // Counts serialise and merge back only into counts of the same shape.
+        let json = serde_json::to_string(&taken[0].counts).unwrap();
+        let back: Counts = serde_json::from_str(&json).unwrap();
+        let mut sum = live.empty();
+        assert!(sum.merge(&back) && sum.merge(&back));
+        assert_eq!(sum.bins, [0, 2]);
+        assert!(!sum.merge(&Counts::new(1, 3)));
     }
 
     #[test]

@@ -19,6 +19,7 @@ pub mod live;
 pub mod npy;
 pub mod profile;
 pub mod validate;
+mod warmup;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
@@ -30,9 +31,12 @@ use crate::nn::Tensor;
 use crate::nn::backend::Cancel;
 use crate::nn::graph::LoadedGraph;
 
-pub use drift::{MIN_SAMPLES, ModelDrift};
+pub use drift::{MIN_SAMPLES, ModelDrift, ReferenceSource};
+pub use live::{Bucket, Counts};
 use live::{Fold, Live};
 use profile::{FeatureMode, Profile};
+pub use warmup::WARMUP_ROWS;
+use warmup::{Warmup, warmup_arrays};
 
 /// Most values a reference may hold (16 Mi: 128 MiB while it is read); sample it down.
 pub const MAX_REFERENCE_VALUES: usize = 1 << 24;
@@ -47,8 +51,11 @@ pub const MAX_FEATURES: u32 = 256;
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct MonitorSpec {
-    /// Digest of the reference sample (`.npy` or `.npz`), uploaded like a model.
-    pub reference: Digest,
+    /// Digest of the reference sample (`.npy` or `.npz`), uploaded like a model; `None`:
+    /// the bins come from the first [`WARMUP_ROWS`] rows the version sees, and a window
+    /// can be made the reference later (`POST .../reference`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reference: Option<Digest>,
     /// Share of computes whose tensors are summarised, 0 to 100.
     #[serde(default = "default_sample_percent")]
     pub sample_percent: u8,
@@ -75,8 +82,8 @@ fn default_drift_threshold() -> f64 {
 }
 
 impl MonitorSpec {
-    /// The defaults for a reference: every compute, 64 features, PSI 0.2.
-    pub fn new(reference: Digest) -> Self {
+    /// The defaults for a reference (or none): every compute, 64 features, PSI 0.2.
+    pub fn new(reference: Option<Digest>) -> Self {
         MonitorSpec {
             reference,
             sample_percent: default_sample_percent(),
@@ -128,6 +135,8 @@ pub struct ModelMonitor {
     failed: Mutex<Option<(String, std::time::Instant)>>,
     preparing: AtomicBool,
     computes: AtomicU64,
+    /// Without a reference file: the rows held until the bins are set.
+    warmup: Mutex<Warmup>,
 }
 
 /// What a monitor's drift answer says about its state.
@@ -141,6 +150,9 @@ pub enum DriftState {
         state: &'static str,
         #[serde(skip_serializing_if = "Option::is_none")]
         error: Option<String>,
+        /// Warming up: the rows held so far (the bins are set at [`WARMUP_ROWS`]).
+        #[serde(skip_serializing_if = "Option::is_none")]
+        rows: Option<u64>,
     },
 }
 
@@ -154,6 +166,7 @@ impl ModelMonitor {
             failed: Mutex::new(None),
             preparing: AtomicBool::new(false),
             computes: AtomicU64::new(0),
+            warmup: Mutex::new(Warmup::default()),
         }
     }
 
@@ -170,10 +183,14 @@ impl ModelMonitor {
         graph: &Arc<LoadedGraph>,
         blobs: &dyn BlobSource,
     ) -> Result<(), String> {
+        let Some(reference) = self.spec.reference else {
+            // Its bins come from its first rows (see `adopt`).
+            return Ok(());
+        };
         if self.ready.get().is_some() {
             return Ok(());
         }
-        match self.profile(graph, blobs).await {
+        match self.profile(reference, graph, blobs).await {
             Ok(profile) => {
                 let _ = self.ready.set(Ready {
                     live: Mutex::new(Live::new(profile.inputs.len(), profile.total_bins)),
@@ -196,13 +213,14 @@ impl ModelMonitor {
 
     async fn profile(
         &self,
+        reference: Digest,
         graph: &Arc<LoadedGraph>,
         blobs: &dyn BlobSource,
     ) -> Result<Profile, String> {
         let path = blobs
-            .local(self.spec.reference)
+            .local(reference)
             .await
-            .map_err(|e| format!("fetching the reference {}: {e:#}", self.spec.reference))?;
+            .map_err(|e| format!("fetching the reference {reference}: {e:#}"))?;
         let graph = graph.clone();
         let max_features = self.spec.max_features as usize;
         tokio::task::spawn_blocking(move || {
@@ -217,34 +235,7 @@ impl ModelMonitor {
             }
             let bytes = std::fs::read(&path).map_err(|e| format!("reading the reference: {e}"))?;
             let arrays = npy::read_reference(&bytes, MAX_REFERENCE_VALUES)?;
-            let (inputs, outputs) = (graph.graph.inputs(), graph.graph.outputs());
-            let mut profile = Profile::build(&arrays, inputs, outputs, max_features)?;
-            if let Some(source) = profile.prediction.clone() {
-                let chunk = match inputs.first().and_then(|i| i.dims.first()) {
-                    Some(Some(fixed)) => *fixed as usize,
-                    _ => 64,
-                };
-                let batches = Profile::reference_batches(&arrays, inputs, chunk.max(1))
-                    .unwrap_or_default();
-                let mut rows = 0;
-                for batch in batches {
-                    if rows >= MAX_REFERENCE_PREDICTIONS {
-                        break;
-                    }
-                    rows += batch.first().map_or(0, |t| t.dims[0] as usize);
-                    match graph.graph.run(batch, &Cancel::default()) {
-                        Ok(out) => source.classes(&out, |c| {
-                            *profile.reference_classes.entry(c).or_default() += 1
-                        }),
-                        Err(e) => {
-                            tracing::warn!("running the model on its reference: {}", e.message);
-                            profile.reference_classes.clear();
-                            break;
-                        }
-                    }
-                }
-            }
-            Ok(profile)
+            profile_arrays(&arrays, &graph, max_features)
         })
         .await
         .map_err(|e| format!("profiling the reference: {e}"))?
@@ -252,9 +243,14 @@ impl ModelMonitor {
 
     /// Whether this compute is summarised (`sample_percent` of them, evenly spread).
     /// Before the monitor is prepared, starts preparing it in the background and answers
-    /// no.
+    /// no; a monitor without a reference file samples into its warm-up until it is full.
     pub fn sample(self: &Arc<Self>, graph: &Arc<LoadedGraph>, blobs: &Arc<dyn BlobSource>) -> bool {
-        if self.ready.get().is_none() {
+        if self.ready.get().is_none() && self.spec.reference.is_none() {
+            // Warming up: sampled computes are held until there are enough rows.
+            if lock(&self.warmup).full() {
+                return false;
+            }
+        } else if self.ready.get().is_none() {
             let due = self
                 .failed()
                 .as_ref()
@@ -279,7 +275,12 @@ impl ModelMonitor {
 
     /// Folds a sampled compute's inputs (in the model's input order) into the buckets.
     pub fn observe_inputs(&self, inputs: &[Tensor]) {
-        let Some(ready) = self.ready() else { return };
+        let Some(ready) = self.ready() else {
+            if self.spec.reference.is_none() {
+                self.hold(inputs);
+            }
+            return;
+        };
         let now = now_ms();
         for (i, input) in ready.profile.inputs.iter().enumerate() {
             let Some(t) = inputs.get(input.position) else {
@@ -334,80 +335,240 @@ impl ModelMonitor {
         }
     }
 
-    /// Drift over the `window_ms` before now.
-    pub fn drift(&self, window_ms: u64) -> DriftState {
-        if let Some(ready) = self.ready.get() {
-            let counts = {
-                let mut live = lock(&ready.live);
-                live.trim(now_ms());
-                live.window(now_ms(), window_ms)
+    /// Whether its reference is profiled (it summarises and scores).
+    pub fn is_ready(&self) -> bool {
+        self.ready.get().is_some()
+    }
+
+    /// Holds a compute's inputs for the warm-up, while it is not full.
+    fn hold(&self, inputs: &[Tensor]) {
+        let mut w = lock(&self.warmup);
+        if w.full() || self.ready().is_some() {
+            return;
+        }
+        let rows = inputs
+            .first()
+            .and_then(|t| t.dims.first())
+            .map_or(1, |d| (*d as usize).max(1));
+        w.rows += rows;
+        w.bytes += inputs.iter().map(|t| t.data.len()).sum::<usize>();
+        w.computes.push(inputs.to_vec());
+    }
+
+    /// Rows held for the warm-up (a monitor without a reference file, not ready yet).
+    pub fn warmup_rows(&self) -> usize {
+        lock(&self.warmup).rows
+    }
+
+    /// Whether the warm-up holds enough rows to set the bins from.
+    pub fn warmup_full(&self) -> bool {
+        lock(&self.warmup).full()
+    }
+
+    /// The profile the warm-up rows make for `graph`: bins at their deciles, and the
+    /// model's classes on them.
+    pub async fn warmup_profile(&self, graph: &Arc<LoadedGraph>) -> Result<Profile, String> {
+        let computes = lock(&self.warmup).computes.clone();
+        let graph = graph.clone();
+        let max_features = self.spec.max_features as usize;
+        tokio::task::spawn_blocking(move || {
+            let arrays = warmup_arrays(&computes, graph.graph.inputs())?;
+            profile_arrays(&arrays, &graph, max_features)
+        })
+        .await
+        .map_err(|e| format!("profiling the first rows: {e}"))?
+    }
+
+    /// Becomes ready on `profile` (a stored profile every node of the cluster adopts, so
+    /// that their buckets line up), after checking it fits `graph`; folds in the warm-up
+    /// rows held, and drops them.
+    pub fn adopt(&self, mut profile: Profile, graph: &LoadedGraph) -> Result<(), String> {
+        let inputs = graph.graph.inputs();
+        if !profile.fits(inputs) {
+            return Err("the stored profile does not fit the model's inputs".into());
+        }
+        profile.prediction = profile::prediction_source(graph.graph.outputs());
+        let _ = self.ready.set(Ready {
+            live: Mutex::new(Live::new(profile.inputs.len(), profile.total_bins)),
+            profile: Arc::new(profile),
+        });
+        let held = std::mem::take(&mut *lock(&self.warmup));
+        for inputs in &held.computes {
+            self.observe_inputs(inputs);
+        }
+        Ok(())
+    }
+
+    /// Its model's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// What this process saw over the `window_ms` before now (`None` until prepared).
+    pub fn window(&self, window_ms: u64) -> Option<Counts> {
+        let ready = self.ready()?;
+        let mut live = lock(&ready.live);
+        let now = now_ms();
+        live.trim(now);
+        Some(live.window(now, window_ms))
+    }
+
+    /// The buckets that changed since the last call, for the other nodes to read (and for
+    /// this version's history to outlive the process).
+    pub fn take_dirty(&self) -> Vec<Bucket> {
+        self.ready()
+            .map(|r| lock(&r.live).take_dirty())
+            .unwrap_or_default()
+    }
+
+    /// Marks `buckets` changed again: publishing them failed.
+    pub fn mark_dirty(&self, buckets: &[Bucket]) {
+        if let Some(r) = self.ready() {
+            lock(&r.live).mark_dirty(buckets);
+        }
+    }
+
+    /// Scores `counts` (a window's, merged over the nodes) against the reference file's
+    /// profile, or against `reference` (counts a window made the reference) when given.
+    pub fn score(&self, counts: &Counts, reference: Option<&Counts>) -> DriftState {
+        let Some(ready) = self.ready() else {
+            return self.not_ready();
+        };
+        let rebased;
+        let profile = match reference {
+            Some(r) if r.bins.len() == ready.profile.total_bins => {
+                rebased = rebase(&ready.profile, r);
+                &rebased
+            }
+            _ => &*ready.profile,
+        };
+        let mut d = drift::score(&self.name, profile, counts, self.spec.drift_threshold);
+        if self.spec.reference.is_none() {
+            d.reference = ReferenceSource::FirstRows;
+        }
+        DriftState::Ready(Box::new(d))
+    }
+
+    /// Why it has no answer: preparing, or failed (with the reason).
+    pub fn not_ready(&self) -> DriftState {
+        if self.spec.reference.is_none() {
+            return DriftState::NotReady {
+                model: self.name.clone(),
+                state: "warming_up",
+                error: None,
+                rows: Some(self.warmup_rows() as u64),
             };
-            return DriftState::Ready(Box::new(drift::score(
-                &self.name,
-                &ready.profile,
-                &counts,
-                self.spec.drift_threshold,
-            )));
         }
         match self.failed().as_ref() {
             Some((e, _)) => DriftState::NotReady {
                 model: self.name.clone(),
                 state: "failed",
                 error: Some(e.clone()),
+                rows: None,
             },
             None => DriftState::NotReady {
                 model: self.name.clone(),
                 state: "preparing",
                 error: None,
+                rows: None,
             },
+        }
+    }
+
+    /// Whether `other`'s counts line up with this one's: both ready, with the same bins
+    /// (the same reference file watched the same way, or the same stored profile).
+    pub fn comparable(&self, other: &ModelMonitor) -> bool {
+        match (self.ready(), other.ready()) {
+            (Some(a), Some(b)) => a.profile.same_bins(&b.profile),
+            _ => false,
         }
     }
 }
 
-/// The candidate's drift from the stable version over the same `window_ms`: what `stable`
-/// saw stands in for the reference. `None` unless both are ready and watch the same
-/// reference the same way (their bins line up); `Some(Err((candidate rows, stable rows)))`
-/// while either saw fewer than [`MIN_SAMPLES`] rows.
-pub fn compare(
-    candidate: &ModelMonitor,
-    stable: &ModelMonitor,
-    window_ms: u64,
-) -> Option<Result<ModelDrift, (u64, u64)>> {
-    let (c, s) = (candidate.ready()?, stable.ready()?);
-    if candidate.spec.reference != stable.spec.reference
-        || candidate.spec.max_features != stable.spec.max_features
-        || c.profile.total_bins != s.profile.total_bins
-    {
-        return None;
-    }
-    let now = now_ms();
-    let cw = lock(&c.live).window(now, window_ms);
-    let sw = lock(&s.live).window(now, window_ms);
-    let rows = |w: &live::Counts| w.rows.iter().copied().max().unwrap_or(0);
-    if rows(&cw) < MIN_SAMPLES || rows(&sw) < MIN_SAMPLES {
-        return Some(Err((rows(&cw), rows(&sw))));
-    }
-    let mut base = (*s.profile).clone();
+/// `profile` with `counts` in place of the reference's own: the reference a window made,
+/// or the stable version's counts standing in for it.
+fn rebase(profile: &Profile, counts: &Counts) -> Profile {
+    let mut base = profile.clone();
     for input in &mut base.inputs {
         for f in &mut input.features {
             let n = f.reference.len();
-            f.reference.copy_from_slice(&sw.bins[f.start..f.start + n]);
+            f.reference
+                .copy_from_slice(&counts.bins[f.start..f.start + n]);
         }
     }
-    base.reference_classes = sw.classes.clone();
+    base.rows = counts.max_rows();
+    base.reference_classes = counts.classes.clone();
+    base
+}
+
+/// The candidate's drift from the stable version over the same window, from each one's
+/// counts (`cw`, `sw`, merged over the nodes): what stable saw stands in for the
+/// reference. `None` unless the two are [`ModelMonitor::comparable`];
+/// `Some(Err((candidate rows, stable rows)))` while either saw fewer than
+/// [`MIN_SAMPLES`] rows.
+pub fn compare(
+    candidate: &ModelMonitor,
+    stable: &ModelMonitor,
+    cw: &Counts,
+    sw: &Counts,
+) -> Option<Result<ModelDrift, (u64, u64)>> {
+    if !candidate.comparable(stable) {
+        return None;
+    }
+    let s = stable.ready()?;
+    if cw.max_rows() < MIN_SAMPLES || sw.max_rows() < MIN_SAMPLES {
+        return Some(Err((cw.max_rows(), sw.max_rows())));
+    }
     Some(Ok(drift::score(
         &candidate.name,
-        &base,
-        &cw,
+        &rebase(&s.profile, sw),
+        cw,
         candidate.spec.drift_threshold,
     )))
+}
+
+/// Profiles reference `arrays` for `graph` (blocking: it runs the model on the rows for
+/// the reference's class shares, at most [`MAX_REFERENCE_PREDICTIONS`] of them).
+fn profile_arrays(
+    arrays: &std::collections::BTreeMap<String, npy::Array>,
+    graph: &LoadedGraph,
+    max_features: usize,
+) -> Result<Profile, String> {
+    let (inputs, outputs) = (graph.graph.inputs(), graph.graph.outputs());
+    let mut profile = Profile::build(arrays, inputs, outputs, max_features)?;
+    if let Some(source) = profile.prediction.clone() {
+        let chunk = match inputs.first().and_then(|i| i.dims.first()) {
+            Some(Some(fixed)) => *fixed as usize,
+            _ => 64,
+        };
+        let batches = Profile::reference_batches(arrays, inputs, chunk.max(1)).unwrap_or_default();
+        let mut rows = 0;
+        for batch in batches {
+            if rows >= MAX_REFERENCE_PREDICTIONS {
+                break;
+            }
+            rows += batch.first().map_or(0, |t| t.dims[0] as usize);
+            match graph.graph.run(batch, &Cancel::default()) {
+                Ok(out) => source.classes(&out, |c| {
+                    *profile.reference_classes.entry(c).or_default() += 1
+                }),
+                Err(e) => {
+                    tracing::warn!("running the model on its reference: {}", e.message);
+                    profile.reference_classes.clear();
+                    break;
+                }
+            }
+        }
+    }
+    Ok(profile)
 }
 
 fn now_ms() -> u64 {
     crate::unix_ms().max(0) as u64
 }
 
-fn lock(live: &Mutex<Live>) -> std::sync::MutexGuard<'_, Live> {
-    // Every fold is a few counter increments: a poisoned lock holds consistent counts.
-    live.lock().unwrap_or_else(|p| p.into_inner())
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // Every fold is a few counter increments, every hold a push: a poisoned lock holds
+    // consistent state.
+    m.lock().unwrap_or_else(|p| p.into_inner())
 }

@@ -5,7 +5,7 @@
 
 use std::collections::BTreeMap;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use super::npy::Array;
 use crate::nn::{ElementType, Tensor, TensorInfo};
@@ -18,7 +18,7 @@ pub const MAX_CLASSES: usize = 1000;
 pub const OTHER_CLASS: i64 = i64::MIN;
 
 /// How an input's rows become features.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum FeatureMode {
     /// One feature per value of a row (rows of at most `max_features` values).
@@ -34,8 +34,10 @@ pub const ROW_FEATURES: [&str; 4] = ["mean", "std", "min", "max"];
 /// the reference's minimum (`lower`); bin `i + 1` holds `edges[i-1] < v <= edges[i]`; the
 /// last, values above the last edge. So a shift below the reference's range shows as much
 /// as one above it, even for a feature the reference held constant.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Feature {
+    /// The reference's minimum; `null` in JSON when the reference held no finite value.
+    #[serde(with = "lower_bound")]
     pub lower: f64,
     pub edges: Vec<f64>,
     pub reference: Vec<u64>,
@@ -57,7 +59,7 @@ impl Feature {
 }
 
 /// One monitored input.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct InputProfile {
     pub name: String,
     /// Its position among the model's inputs.
@@ -89,14 +91,16 @@ pub struct PredictionSource {
     pub kind: PredictionKind,
 }
 
-/// A model's reference profile.
-#[derive(Debug, Clone)]
+/// A model's reference profile. Stored as JSON when it comes from a version's first rows
+/// (every node adopts the same bins); the prediction source is found again from the model.
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Profile {
     pub inputs: Vec<InputProfile>,
     /// Rows in the reference.
     pub rows: u64,
     /// Bins over all features of all inputs.
     pub total_bins: usize,
+    #[serde(skip)]
     pub prediction: Option<PredictionSource>,
     /// Class counts the model predicted on the reference (empty without a prediction).
     pub reference_classes: BTreeMap<i64, u64>,
@@ -285,6 +289,52 @@ fn edges(values: &mut [f64]) -> Vec<f64> {
 }
 
 impl Profile {
+    /// Whether its inputs are positions and widths `inputs` has, and its bins add up (a
+    /// stored profile is checked before it is used).
+    pub fn fits(&self, inputs: &[TensorInfo]) -> bool {
+        let mut at = 0;
+        for p in &self.inputs {
+            let declared = inputs.get(p.position).map(|i| {
+                i.dims
+                    .get(1..)
+                    .unwrap_or_default()
+                    .iter()
+                    .try_fold(1u64, |a, d| d.map(|d| a * d))
+            });
+            match declared {
+                None => return false,
+                Some(Some(w)) if w as usize != p.width => return false,
+                Some(_) => {}
+            }
+            if p.offset != at {
+                return false;
+            }
+            for f in &p.features {
+                if f.start != at || f.reference.len() != f.edges.len() + 2 {
+                    return false;
+                }
+                at += f.reference.len();
+            }
+        }
+        at == self.total_bins
+    }
+
+    /// Whether counts binned with `other` line up with counts binned with this one.
+    pub fn same_bins(&self, other: &Profile) -> bool {
+        self.total_bins == other.total_bins
+            && self.inputs.len() == other.inputs.len()
+            && self.inputs.iter().zip(&other.inputs).all(|(a, b)| {
+                a.position == b.position
+                    && a.width == b.width
+                    && a.mode == b.mode
+                    && a.features.len() == b.features.len()
+                    && a.features
+                        .iter()
+                        .zip(&b.features)
+                        .all(|(f, g)| f.lower.to_bits() == g.lower.to_bits() && f.edges == g.edges)
+            })
+    }
+
     /// Builds a profile from reference `arrays` (by input name; an unnamed array stands for
     /// the model's first input) for a model with `inputs` and `outputs`.
     pub fn build(
@@ -445,6 +495,24 @@ fn encode(ty: ElementType, dims: Vec<u32>, values: &[f64]) -> Option<Tensor> {
         }
     }
     Some(Tensor { dims, ty, data })
+}
+
+/// A feature's lower bound in JSON: a number, or `null` for minus infinity (JSON has no
+/// infinities).
+mod lower_bound {
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(v: &f64, s: S) -> Result<S::Ok, S::Error> {
+        if v.is_finite() {
+            s.serialize_f64(*v)
+        } else {
+            s.serialize_none()
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<f64, D::Error> {
+        Ok(Option::<f64>::deserialize(d)?.unwrap_or(f64::NEG_INFINITY))
+    }
 }
 
 #[cfg(test)]

@@ -328,6 +328,16 @@ impl ModelManager {
         Ok(())
     }
 
+    /// Prepares model `name`'s monitor in `models` now, loading the graph first if need
+    /// be: a drift question reaching a node that has not served the version yet.
+    pub async fn prepare_monitor(&self, models: &VersionModels, name: &str) -> Result<(), String> {
+        let (Some(slot), Some(monitor)) = (models.get(name), models.monitor(name)) else {
+            return Err(format!("model {name:?} has no monitor"));
+        };
+        let graph = self.graph(slot).await.map_err(|e| e.message)?;
+        monitor.prepare(&graph, self.blobs.as_ref()).await
+    }
+
     /// Where model and reference bytes come from.
     pub fn blobs(&self) -> &Arc<dyn BlobSource> {
         &self.blobs

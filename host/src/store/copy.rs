@@ -1,9 +1,9 @@
 //! `kiln store copy`: a single-node installation (the data dir's SQLite files and blob
 //! folder) moved into a cluster's PostgreSQL database and bucket, with nothing lost:
-//! functions, versions (their ids and numbers), policies, aliases, history, rollouts, blob
-//! owners, the sticky-hash secret, API keys, the audit log and the usage ledger, row for
-//! row, and every blob. (Not the answers kept for `Idempotency-Key` retries: they live a
-//! day, and a retry across the move starts afresh.)
+//! functions, versions (their ids and numbers), policies, aliases, history, rollouts, model
+//! monitors' buckets, references and bins, blob owners, the sticky-hash secret, API keys, the
+//! audit log and the usage ledger, row for row, and every blob. (Not the answers kept for
+//! `Idempotency-Key` retries: they live a day, and a retry across the move starts afresh.)
 //!
 //! Running it again changes nothing: a row the target already holds exactly is skipped. A
 //! row whose key the target holds with other values (the target is another installation)
@@ -140,6 +140,50 @@ const TABLES: &[Table] = &[
             ("active", Bool),
             ("updated_at", Int),
             ("epoch", Int),
+        ],
+        serial: None,
+        replace_on: None,
+    },
+    Table {
+        file: "kiln.db",
+        name: "monitor_buckets",
+        columns: &[
+            ("function", Text),
+            ("version", Int),
+            ("model", Text),
+            ("span_ms", Int),
+            ("at", Int),
+            ("process", Text),
+            ("counts", Text),
+            ("updated_at", Int),
+        ],
+        serial: None,
+        replace_on: None,
+    },
+    Table {
+        file: "kiln.db",
+        name: "monitor_references",
+        columns: &[
+            ("function", Text),
+            ("version", Int),
+            ("model", Text),
+            ("counts", Text),
+            ("window_ms", Int),
+            ("set_ms", Int),
+            ("set_by", Text),
+        ],
+        serial: None,
+        replace_on: None,
+    },
+    Table {
+        file: "kiln.db",
+        name: "monitor_profiles",
+        columns: &[
+            ("function", Text),
+            ("version", Int),
+            ("model", Text),
+            ("profile", Text),
+            ("made_ms", Int),
         ],
         serial: None,
         replace_on: None,

@@ -111,7 +111,7 @@ pub fn open_sqlite(
     Ok(conn)
 }
 pub use meta::{
-    Claim, Expect, FunctionInfo, MetaStore, NewVersion, NodeReport, NotOwner, PgMeta,
-    PublishedStats, Replayed, RolloutMoved, SqliteMeta, StaleRevision, Stored, StoredAnswer,
-    StoredState, TrafficChange, VersionRecord,
+    Claim, Expect, FunctionInfo, KEEP_BUCKETS_MS, MetaStore, ModelKey, NewVersion, NodeReport,
+    NotOwner, PgMeta, PublishedStats, Replayed, RolloutMoved, SqliteMeta, StaleRevision, Stored,
+    StoredAnswer, StoredBucket, StoredReference, StoredState, TrafficChange, VersionRecord,
 };

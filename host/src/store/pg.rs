@@ -29,6 +29,7 @@ pub const MIGRATIONS: &[&str] = &[
     include_str!("schema/postgres_5.sql"),
     include_str!("schema/postgres_6.sql"),
     include_str!("schema/postgres_7.sql"),
+    include_str!("schema/postgres_8.sql"),
 ];
 
 /// Opens a pool on `url` (`postgres://user[:password]@host[:port]/dbname`) and brings the

@@ -23,11 +23,14 @@ macro_rules! on_backend {
 
 mod cluster;
 mod idempotency;
+mod monitor;
 mod postgres;
 mod postgres_cluster;
+mod postgres_monitor;
 mod rollouts;
 mod sqlite;
 mod sqlite_cluster;
+mod sqlite_monitor;
 mod sqlite_traffic;
 
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -37,6 +40,7 @@ use serde::Serialize;
 
 pub use cluster::{NodeReport, PublishedStats};
 pub use idempotency::{Claim, StoredAnswer};
+pub use monitor::{KEEP_BUCKETS_MS, ModelKey, StoredBucket, StoredReference};
 pub use postgres::PgMeta;
 pub use rollouts::{Expect, RolloutMoved};
 pub use sqlite::SqliteMeta;

@@ -220,6 +220,9 @@ impl PgMeta {
             "traffic",
             "rollouts",
             "rollout_stats",
+            "monitor_buckets",
+            "monitor_references",
+            "monitor_profiles",
             "aliases",
             "versions",
         ] {

@@ -83,6 +83,38 @@ CREATE TABLE IF NOT EXISTS rollout_stats (
     updated_at   INTEGER NOT NULL,
     PRIMARY KEY (function, process, version)
 );
+-- Model monitors' buckets as each process published them, and references windows made
+-- (store/meta/monitor.rs).
+CREATE TABLE IF NOT EXISTS monitor_buckets (
+    function    TEXT NOT NULL,
+    version     INTEGER NOT NULL,
+    model       TEXT NOT NULL,
+    span_ms     INTEGER NOT NULL,
+    at          INTEGER NOT NULL,
+    process     TEXT NOT NULL,
+    counts      TEXT NOT NULL,
+    updated_at  INTEGER NOT NULL,
+    PRIMARY KEY (function, version, model, span_ms, at, process)
+);
+CREATE INDEX IF NOT EXISTS monitor_buckets_updated ON monitor_buckets (updated_at);
+CREATE TABLE IF NOT EXISTS monitor_references (
+    function    TEXT NOT NULL,
+    version     INTEGER NOT NULL,
+    model       TEXT NOT NULL,
+    counts      TEXT NOT NULL,
+    window_ms   INTEGER NOT NULL,
+    set_ms      INTEGER NOT NULL,
+    set_by      TEXT NOT NULL,
+    PRIMARY KEY (function, version, model)
+);
+CREATE TABLE IF NOT EXISTS monitor_profiles (
+    function    TEXT NOT NULL,
+    version     INTEGER NOT NULL,
+    model       TEXT NOT NULL,
+    profile     TEXT NOT NULL,
+    made_ms     INTEGER NOT NULL,
+    PRIMARY KEY (function, version, model)
+);
 -- Which tenants uploaded each blob: a manifest may only name blobs its tenant holds.
 CREATE TABLE IF NOT EXISTS blob_owners (
     digest      TEXT NOT NULL,
@@ -350,6 +382,9 @@ impl SqliteMeta {
         tx.execute("DELETE FROM traffic WHERE function = ?1", [name])?;
         tx.execute("DELETE FROM rollouts WHERE function = ?1", [name])?;
         tx.execute("DELETE FROM rollout_stats WHERE function = ?1", [name])?;
+        tx.execute("DELETE FROM monitor_buckets WHERE function = ?1", [name])?;
+        tx.execute("DELETE FROM monitor_references WHERE function = ?1", [name])?;
+        tx.execute("DELETE FROM monitor_profiles WHERE function = ?1", [name])?;
         tx.execute("DELETE FROM aliases WHERE function = ?1", [name])?;
         tx.execute("DELETE FROM versions WHERE function = ?1", [name])?;
         let n = tx.execute("DELETE FROM functions WHERE name = ?1", [name])?;

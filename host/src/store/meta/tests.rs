@@ -498,3 +498,104 @@ async fn an_idempotency_key_runs_once_replays_its_answer_and_expires_on_every_ba
         }
     }
 }
+
+#[tokio::test]
+async fn monitor_buckets_merge_over_processes_and_references_replace_on_every_backend() {
+    for (meta, _db, dir) in backends("monitor").await {
+        let b = meta.describe();
+        version(&meta, new("m")).await;
+        let bucket = |at: i64, counts: &str| StoredBucket {
+            model: "digits".into(),
+            span_ms: 60_000,
+            at,
+            counts: counts.into(),
+        };
+        let key = ModelKey {
+            function: "m",
+            version: 1,
+            model: "digits",
+        };
+        meta.publish_monitor_buckets("m", 1, "p1", &[bucket(10, "a"), bucket(11, "b")])
+            .await
+            .expect("publish");
+        meta.publish_monitor_buckets("m", 1, "p2", &[bucket(11, "c")])
+            .await
+            .expect("publish");
+        // A later publication of the same bucket replaces it.
+        meta.publish_monitor_buckets("m", 1, "p1", &[bucket(11, "b2")])
+            .await
+            .expect("republish");
+        let mut seen = meta
+            .monitor_buckets(key, 60_000, 11, "p2")
+            .await
+            .expect("read");
+        seen.sort();
+        assert_eq!(seen, ["b2"], "{b}");
+        let mut seen = meta
+            .monitor_buckets(key, 60_000, 0, "p3")
+            .await
+            .expect("read");
+        seen.sort();
+        assert_eq!(seen, ["a", "b2", "c"], "{b}");
+        assert!(
+            meta.monitor_buckets(key, 3_600_000, 0, "p3")
+                .await
+                .expect("read")
+                .is_empty(),
+            "{b}"
+        );
+
+        assert_eq!(
+            meta.monitor_reference(key).await.expect("read"),
+            None,
+            "{b}"
+        );
+        let reference = |counts: &str| StoredReference {
+            counts: counts.into(),
+            window_ms: 3_600_000,
+            set_ms: 5,
+            set_by: "k".into(),
+        };
+        meta.set_monitor_reference(key, &reference("r1"))
+            .await
+            .expect("set");
+        meta.set_monitor_reference(key, &reference("r2"))
+            .await
+            .expect("set");
+        assert_eq!(
+            meta.monitor_reference(key).await.expect("read"),
+            Some(reference("r2")),
+            "{b}"
+        );
+
+        // Old buckets are forgotten; a deleted function takes the rest with it.
+        assert_eq!(
+            meta.forget_monitor_buckets(0).await.expect("forget"),
+            0,
+            "{b}"
+        );
+        assert_eq!(
+            meta.forget_monitor_buckets(crate::unix_ms() + 1)
+                .await
+                .expect("forget"),
+            3,
+            "{b}"
+        );
+        meta.publish_monitor_buckets("m", 1, "p1", &[bucket(12, "d")])
+            .await
+            .expect("publish");
+        assert!(meta.delete_function("m").await.expect("delete"), "{b}");
+        assert!(
+            meta.monitor_buckets(key, 60_000, 0, "x")
+                .await
+                .expect("read")
+                .is_empty()
+        );
+        assert_eq!(
+            meta.monitor_reference(key).await.expect("read"),
+            None,
+            "{b}"
+        );
+        let _ = std::fs::remove_dir_all(dir);
+    }
+}
