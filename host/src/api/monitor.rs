@@ -76,9 +76,7 @@ fn window_param(query: &str, default: Duration) -> Result<Duration, ApiError> {
 
 fn not_configured(name: &str, n: u32) -> ApiError {
     ApiError::NotFound(
-        format!(
-            "version {n} of {name} monitors no model: deploy it with [models.<name>.monitor] and a reference"
-        ),
+        format!("version {n} of {name} monitors no model: deploy it with [models.<name>.monitor]"),
         "monitor.not_configured",
     )
 }
@@ -96,7 +94,11 @@ pub(super) async fn set_reference(
     let body: serde_json::Value =
         super::read_json(req.into_body(), 4096, "reference request").await?;
     let window = match body.get("window") {
-        Some(serde_json::Value::String(w)) => window_param(&format!("window={w}"), DEFAULT_WINDOW)?,
+        Some(serde_json::Value::String(w))
+            if w.chars().all(|c| c.is_ascii_alphanumeric() || c == ' ') =>
+        {
+            window_param(&format!("window={w}"), DEFAULT_WINDOW)?
+        }
         _ => {
             return Err(ApiError::InvalidRequest(
                 "give the window whose traffic becomes the reference: {\"window\": \"1h\"}".into(),

@@ -59,6 +59,8 @@ impl App {
     /// the process stops, after the drain). Buckets that could not be stored are kept
     /// for the next call.
     pub async fn publish_monitors(&self) {
+        // One publication at a time: an older snapshot must not land after a newer one.
+        let _one = self.monitor_publishing.lock().await;
         for f in self.registry.functions() {
             for (version, entry) in &f.versions {
                 let mut rows = Vec::new();
@@ -101,7 +103,7 @@ impl App {
         for f in self.registry.functions() {
             for (version, entry) in &f.versions {
                 for (model, m) in entry.models.monitors() {
-                    if m.is_ready() || m.spec().reference.is_some() || m.warmup_rows() == 0 {
+                    if !m.prepare_due() || m.spec().reference.is_some() || m.warmup_rows() == 0 {
                         continue;
                     }
                     if let Err(e) = self
@@ -109,6 +111,7 @@ impl App {
                         .await
                     {
                         tracing::warn!(function = %f.name, version, model, "setting a monitor's bins: {e}");
+                        m.set_failed(&e);
                     }
                 }
             }
@@ -174,7 +177,7 @@ impl App {
         monitor: &ModelMonitor,
         window_ms: u64,
     ) -> Option<MergedWindow> {
-        if !monitor.is_ready() {
+        if monitor.prepare_due() {
             if monitor.spec().reference.is_some() {
                 let _ = self
                     .runtime
@@ -188,6 +191,7 @@ impl App {
                     model = monitor.name(),
                     "setting a monitor's bins: {e}"
                 );
+                monitor.set_failed(&e);
             }
         }
         let mut counts = monitor.window(window_ms)?;
@@ -268,15 +272,16 @@ impl App {
                 None
             }
         });
-        let mut state = monitor.score(&w.counts, decoded.as_ref().map(|(_, c)| c));
-        if let (DriftState::Ready(d), Some((r, _))) = (&mut state, decoded) {
-            d.reference = ReferenceSource::Window {
+        let reference = decoded.map(|(r, c)| {
+            let source = ReferenceSource::Window {
                 window: humantime::format_duration(Duration::from_millis(r.window_ms as u64))
                     .to_string(),
                 set_ms: r.set_ms,
                 set_by: r.set_by,
             };
-        }
+            (c, source)
+        });
+        let state = monitor.score(&w.counts, reference.as_ref().map(|(c, s)| (c, s.clone())));
         (state, partial)
     }
 

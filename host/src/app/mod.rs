@@ -67,6 +67,8 @@ pub struct App {
     /// Held while a version is published (database, then registry) or a function deleted,
     /// so the registry never brings back a function deleted in between.
     publishing: tokio::sync::Mutex<()>,
+    /// Held while the monitors' buckets are published (see `drift::publish_monitors`).
+    monitor_publishing: tokio::sync::Mutex<()>,
     /// Rollouts running or paused, by function (stored in the database too).
     rollouts: rollout::ActiveRollouts,
     /// The rollouts this node drives.
@@ -297,6 +299,7 @@ impl App {
             ledger,
             auth,
             publishing: tokio::sync::Mutex::new(()),
+            monitor_publishing: tokio::sync::Mutex::new(()),
             rollouts: Default::default(),
             leases: Default::default(),
             stopping: Default::default(),

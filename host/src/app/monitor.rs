@@ -75,11 +75,12 @@ impl App {
         for f in self.registry.functions() {
             for (version, entry) in &f.versions {
                 for (model, monitor) in entry.models.monitors() {
-                    // Only monitors this node prepared: the gauges never load a model.
-                    if !monitor.is_ready() {
+                    // Only monitors this node prepared (the gauges load no model), but the
+                    // node that alerts prepares every one: it must see them all.
+                    if !monitor.is_ready() && !alerting {
                         continue;
                     }
-                    let (state, _) = self
+                    let (state, partial) = self
                         .model_drift(
                             (&f.name, *version),
                             &entry.models,
@@ -87,9 +88,14 @@ impl App {
                             WINDOW.as_millis() as u64,
                         )
                         .await;
+                    // Part of the picture (the stored reference or another node's buckets
+                    // unreadable) moves no gauge and raises no alert.
                     let DriftState::Ready(d) = state else {
                         continue;
                     };
+                    if partial {
+                        continue;
+                    }
                     let labels = ModelLabels {
                         function: f.name.clone(),
                         version: version.to_string(),

@@ -93,6 +93,7 @@ fn print_report(r: &Value) {
                     .unwrap_or_default(),
                 m["reference_rows"]
             ),
+            Some("first_rows") => format!("reference: its first {} rows", m["reference_rows"]),
             _ => format!("reference file: {} rows", m["reference_rows"]),
         };
         println!(

@@ -178,12 +178,14 @@ pub struct Bucket {
 /// for windows up to [`MINUTES`] minutes, whole hours beyond (at most [`HOURS`]).
 pub fn window_buckets(now_ms: u64, window_ms: u64) -> (u64, u64) {
     let since = now_ms.saturating_sub(window_ms.saturating_sub(1));
-    let span_ms = if window_ms <= MINUTES * 60_000 {
-        60_000
+    let (span_ms, kept) = if window_ms <= MINUTES * 60_000 {
+        (60_000, MINUTES)
     } else {
-        3_600_000
+        (3_600_000, HOURS)
     };
-    (span_ms, since / span_ms)
+    // No older than the ring keeps: another node's stored buckets cover the same times.
+    let oldest = (now_ms / span_ms).saturating_sub(kept - 1);
+    (span_ms, (since / span_ms).max(oldest))
 }
 
 /// A model's buckets.

@@ -340,6 +340,23 @@ impl ModelMonitor {
         self.ready.get().is_some()
     }
 
+    /// Whether preparing (or setting the bins of) this monitor may be tried now: not
+    /// ready, not being prepared, and the last failure (if any) older than the retry
+    /// delay.
+    pub fn prepare_due(&self) -> bool {
+        self.ready().is_none()
+            && !self.preparing.load(Ordering::Acquire)
+            && self
+                .failed()
+                .as_ref()
+                .is_none_or(|(_, at)| at.elapsed() >= RETRY_PREPARE)
+    }
+
+    /// Remembers why the bins could not be set (shown, and retried after a delay).
+    pub fn set_failed(&self, e: &str) {
+        *self.failed() = Some((e.to_string(), std::time::Instant::now()));
+    }
+
     /// Holds a compute's inputs for the warm-up, while it is not full.
     fn hold(&self, inputs: &[Tensor]) {
         let mut w = lock(&self.warmup);
@@ -350,8 +367,12 @@ impl ModelMonitor {
             .first()
             .and_then(|t| t.dims.first())
             .map_or(1, |d| (*d as usize).max(1));
+        let bytes = inputs.iter().map(|t| t.data.len()).sum::<usize>();
+        if w.bytes + bytes > warmup::WARMUP_BYTES {
+            return;
+        }
         w.rows += rows;
-        w.bytes += inputs.iter().map(|t| t.data.len()).sum::<usize>();
+        w.bytes += bytes;
         w.computes.push(inputs.to_vec());
     }
 
@@ -430,28 +451,33 @@ impl ModelMonitor {
 
     /// Scores `counts` (a window's, merged over the nodes) against the reference file's
     /// profile, or against `reference` (counts a window made the reference) when given.
-    pub fn score(&self, counts: &Counts, reference: Option<&Counts>) -> DriftState {
+    pub fn score(
+        &self,
+        counts: &Counts,
+        reference: Option<(&Counts, ReferenceSource)>,
+    ) -> DriftState {
         let Some(ready) = self.ready() else {
             return self.not_ready();
         };
-        let rebased;
-        let profile = match reference {
-            Some(r) if r.bins.len() == ready.profile.total_bins => {
-                rebased = rebase(&ready.profile, r);
-                &rebased
-            }
-            _ => &*ready.profile,
+        let own = if self.spec.reference.is_none() {
+            ReferenceSource::FirstRows
+        } else {
+            ReferenceSource::File
         };
-        let mut d = drift::score(&self.name, profile, counts, self.spec.drift_threshold);
-        if self.spec.reference.is_none() {
-            d.reference = ReferenceSource::FirstRows;
-        }
+        let (profile, source) = match reference {
+            Some((r, source)) if r.bins.len() == ready.profile.total_bins => {
+                (rebase(&ready.profile, r), source)
+            }
+            _ => ((*ready.profile).clone(), own),
+        };
+        let mut d = drift::score(&self.name, &profile, counts, self.spec.drift_threshold);
+        d.reference = source;
         DriftState::Ready(Box::new(d))
     }
 
     /// Why it has no answer: preparing, or failed (with the reason).
     pub fn not_ready(&self) -> DriftState {
-        if self.spec.reference.is_none() {
+        if self.spec.reference.is_none() && self.failed().is_none() {
             return DriftState::NotReady {
                 model: self.name.clone(),
                 state: "warming_up",

@@ -306,11 +306,20 @@ impl Profile {
                 Some(Some(w)) if w as usize != p.width => return false,
                 Some(_) => {}
             }
-            if p.offset != at {
+            let features = match p.mode {
+                FeatureMode::Elements => p.width,
+                FeatureMode::Rows => ROW_FEATURES.len(),
+            };
+            if p.offset != at
+                || p.width == 0
+                || p.features.len() != features
+                || features > super::MAX_FEATURES as usize
+            {
                 return false;
             }
             for f in &p.features {
-                if f.start != at || f.reference.len() != f.edges.len() + 2 {
+                if f.start != at || f.edges.len() >= BINS || f.reference.len() != f.edges.len() + 2
+                {
                     return false;
                 }
                 at += f.reference.len();

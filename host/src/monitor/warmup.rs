@@ -13,7 +13,7 @@ use crate::nn::{Tensor, TensorInfo};
 /// are set from them.
 pub const WARMUP_ROWS: usize = 500;
 /// Most bytes of input those rows may take; wider rows make fewer of them.
-const WARMUP_BYTES: usize = 16 << 20;
+pub(super) const WARMUP_BYTES: usize = 16 << 20;
 
 /// The first rows a monitor without a reference file sees, held until they set its bins.
 #[derive(Default)]
