@@ -21,6 +21,7 @@ pub mod profile;
 pub mod validate;
 mod warmup;
 
+use std::borrow::Cow;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 
@@ -466,9 +467,9 @@ impl ModelMonitor {
         };
         let (profile, source) = match reference {
             Some((r, source)) if r.bins.len() == ready.profile.total_bins => {
-                (rebase(&ready.profile, r), source)
+                (Cow::Owned(rebase(&ready.profile, r)), source)
             }
-            _ => ((*ready.profile).clone(), own),
+            _ => (Cow::Borrowed(&*ready.profile), own),
         };
         let mut d = drift::score(&self.name, &profile, counts, self.spec.drift_threshold);
         d.reference = source;
