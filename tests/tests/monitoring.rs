@@ -359,6 +359,25 @@ fn a_model_shipped_without_a_reference_takes_its_bins_from_its_first_rows() {
         Some(0.0),
         "{rebased}"
     );
+
+    // A second version of the model starts from the first one's bins instead of warming
+    // up: its first rows are scored at once, on counts a rollout can compare.
+    server.deploy_digits(
+        "bare",
+        json!({"models": {"digits": {
+            "digest": server.put_blob(
+                &std::fs::read(root().join("examples/digits/model/digits.onnx")).unwrap()
+            ),
+            "backend": "tract",
+            "monitor": {},
+        }}}),
+    );
+    classify(&server, "bare@2", &held_out[..100], 50);
+    let second = drift(&server, "bare", 2);
+    let model = &second["models"][0];
+    assert_eq!(model["reference"]["source"], "first_rows", "{second}");
+    assert_eq!(model["reference_rows"], 500, "{second}");
+    assert_eq!(second["samples"], 100, "{second}");
 }
 
 #[test]

@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use super::App;
 use crate::monitor::live::window_buckets;
+use crate::monitor::profile::Profile;
 use crate::monitor::{Counts, DriftState, MIN_SAMPLES, ModelMonitor, ReferenceSource};
 use crate::nn::VersionModels;
 use crate::store::{KEEP_BUCKETS_MS, ModelKey, StoredBucket, StoredReference};
@@ -119,9 +120,11 @@ impl App {
     }
 
     /// Makes a monitor without a reference file ready on the bins every node shares: the
-    /// stored ones if a node stored them, else, once this node holds enough warm-up rows,
-    /// the ones those rows make, stored unless another node got there first (then its
-    /// are used). Nothing happens while neither is there.
+    /// stored ones if a node stored them; else the bins of the function's newest earlier
+    /// version with some for this model, when they fit its inputs (so the versions' counts
+    /// line up and a rollout's drift gate compares them); else, once this node holds
+    /// enough warm-up rows, the ones those rows make. What it stores is kept unless
+    /// another node stored first (then that is used). Nothing happens while none is there.
     async fn settle_bins(
         &self,
         (function, version): (&str, u32),
@@ -138,7 +141,15 @@ impl App {
             .monitor_profile(key)
             .await
             .map_err(|e| format!("reading the stored bins: {e:#}"))?;
-        if stored.is_none() && !monitor.warmup_full() {
+        let earlier = match stored {
+            Some(_) => None,
+            None => self
+                .meta
+                .earlier_monitor_profile(key)
+                .await
+                .map_err(|e| format!("reading the earlier version's bins: {e:#}"))?,
+        };
+        if stored.is_none() && earlier.is_none() && !monitor.warmup_full() {
             return Ok(());
         }
         let slot = models
@@ -150,20 +161,32 @@ impl App {
             .graph(slot)
             .await
             .map_err(|e| e.message)?;
-        let json = match stored {
-            Some(json) => json,
-            None => {
+        // The earlier version's bins when they fit this model's inputs.
+        let earlier = earlier.filter(|json| {
+            serde_json::from_str::<Profile>(json).is_ok_and(|p| p.fits(graph.graph.inputs()))
+        });
+        let json = match (stored, earlier) {
+            (Some(json), _) => json,
+            (None, Some(earlier)) => self.agree_bins(key, &earlier).await?,
+            (None, None) if monitor.warmup_full() => {
                 let mine = monitor.warmup_profile(&graph).await?;
                 let mine = serde_json::to_string(&mine).map_err(|e| e.to_string())?;
-                self.meta
-                    .agree_monitor_profile(key, &mine)
-                    .await
-                    .map_err(|e| format!("storing the bins: {e:#}"))?
+                self.agree_bins(key, &mine).await?
             }
+            (None, None) => return Ok(()),
         };
         let profile =
             serde_json::from_str(&json).map_err(|e| format!("stored bins unreadable: {e}"))?;
         monitor.adopt(profile, &graph)
+    }
+
+    /// Stores `profile` as `key`'s bins unless a node stored some first; returns the
+    /// stored ones.
+    async fn agree_bins(&self, key: ModelKey<'_>, profile: &str) -> Result<String, String> {
+        self.meta
+            .agree_monitor_profile(key, profile)
+            .await
+            .map_err(|e| format!("storing the bins: {e:#}"))
     }
 
     /// What `monitor` (of model `monitor.name()` in `models`, of `function`'s version

@@ -94,6 +94,16 @@ impl MetaStore {
         on_backend!(self.monitor_profile(key))
     }
 
+    /// The bins stored for model `key.model` of the newest version of `key.function` before
+    /// `key.version`, if any: a new version without a reference file starts from them, so
+    /// its counts line up with the version it replaces (and a rollout can compare them).
+    pub async fn earlier_monitor_profile(
+        &self,
+        key: ModelKey<'_>,
+    ) -> anyhow::Result<Option<String>> {
+        on_backend!(self.earlier_monitor_profile(key))
+    }
+
     /// The reference a window made for `key`, if any.
     pub async fn monitor_reference(
         &self,

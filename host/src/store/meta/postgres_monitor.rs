@@ -148,6 +148,22 @@ impl PgMeta {
         Ok(row.get(0))
     }
 
+    pub async fn earlier_monitor_profile(
+        &self,
+        key: ModelKey<'_>,
+    ) -> anyhow::Result<Option<String>> {
+        let row = self
+            .client()
+            .await?
+            .query_opt(
+                "SELECT profile FROM monitor_profiles WHERE function = $1 AND version < $2 AND model = $3
+                 ORDER BY version DESC LIMIT 1",
+                &[&key.function, &i64::from(key.version), &key.model],
+            )
+            .await?;
+        Ok(row.map(|r| r.get(0)))
+    }
+
     pub async fn monitor_profile(&self, key: ModelKey<'_>) -> anyhow::Result<Option<String>> {
         let row = self
             .client()

@@ -125,6 +125,18 @@ impl SqliteMeta {
         )?)
     }
 
+    pub fn earlier_monitor_profile(&self, key: ModelKey<'_>) -> anyhow::Result<Option<String>> {
+        Ok(self
+            .conn()
+            .query_row(
+                "SELECT profile FROM monitor_profiles WHERE function = ?1 AND version < ?2 AND model = ?3
+                 ORDER BY version DESC LIMIT 1",
+                params![key.function, key.version, key.model],
+                |r| r.get(0),
+            )
+            .optional()?)
+    }
+
     pub fn monitor_profile(&self, key: ModelKey<'_>) -> anyhow::Result<Option<String>> {
         Ok(self
             .conn()

@@ -568,6 +568,41 @@ async fn monitor_buckets_merge_over_processes_and_references_replace_on_every_ba
             "{b}"
         );
 
+        // The first bins stored for a model are everyone's; a later version finds them.
+        assert_eq!(
+            meta.agree_monitor_profile(key, "b1").await.expect("agree"),
+            "b1",
+            "{b}"
+        );
+        assert_eq!(
+            meta.agree_monitor_profile(key, "b2").await.expect("agree"),
+            "b1",
+            "{b}"
+        );
+        assert_eq!(
+            meta.monitor_profile(key).await.expect("read").as_deref(),
+            Some("b1")
+        );
+        let later = ModelKey { version: 3, ..key };
+        assert_eq!(
+            meta.monitor_profile(later).await.expect("read"),
+            None,
+            "{b}"
+        );
+        assert_eq!(
+            meta.earlier_monitor_profile(later)
+                .await
+                .expect("read")
+                .as_deref(),
+            Some("b1"),
+            "{b}"
+        );
+        assert_eq!(
+            meta.earlier_monitor_profile(key).await.expect("read"),
+            None,
+            "{b}"
+        );
+
         // Old buckets are forgotten; a deleted function takes the rest with it.
         assert_eq!(
             meta.forget_monitor_buckets(0).await.expect("forget"),
@@ -596,6 +631,7 @@ async fn monitor_buckets_merge_over_processes_and_references_replace_on_every_ba
             None,
             "{b}"
         );
+        assert_eq!(meta.monitor_profile(key).await.expect("read"), None, "{b}");
         let _ = std::fs::remove_dir_all(dir);
     }
 }
