@@ -64,8 +64,22 @@ fn auto_batches_a_model_with_a_large_fixed_cost_and_not_one_whose_rows_dominate(
             fixed["max_rows"].as_u64().unwrap() >= 2,
             "{backend}: {fixed}"
         );
-        assert!(fixed["fixed_us"].as_f64().unwrap() > fixed["per_row_us"].as_f64().unwrap());
         let rows = decided("rows");
+        // The fitted fixed share of a one-row run: far larger for the model whose cost is
+        // fixed per run than for the one whose rows dominate. Compared between the two
+        // rather than to a bound: under load (the CI's PostgreSQL pass once) the matmul's
+        // fixed part alone can fit below its per-row part.
+        let share = |fit: &Value| {
+            let (f, r) = (
+                fit["fixed_us"].as_f64().unwrap(),
+                fit["per_row_us"].as_f64().unwrap(),
+            );
+            f / (f + r).max(f64::MIN_POSITIVE)
+        };
+        assert!(
+            share(&fixed) > share(&rows) + 0.2,
+            "{backend}: {fixed} vs {rows}"
+        );
         assert_eq!(rows["on"], false, "{backend}: {rows}");
         assert!(
             rows["reason"]
