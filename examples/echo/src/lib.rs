@@ -1,10 +1,17 @@
 //! Echoes the request: the body back as the body, and the method, the path (with query)
 //! and the `x-test` header as response headers; an `x-echo-prediction` header comes back
-//! as the guest's `x-kiln-prediction` (what Kiln records as the request's prediction).
+//! as the guest's `x-kiln-prediction` (what Kiln records as the request's prediction); an
+//! `x-echo-log` header is printed to stdout, and to stderr prefixed with `stderr: ` (what
+//! `kiln logs` shows).
 use kiln_guest::{Request, Response};
 
 fn echo(req: Request) -> Response {
     let (parts, body) = req.into_parts();
+    if let Some(v) = parts.headers.get("x-echo-log") {
+        let text = String::from_utf8_lossy(v.as_bytes());
+        println!("{text}");
+        eprintln!("stderr: {text}");
+    }
     let mut resp = Response::new(body);
     let h = resp.headers_mut();
     h.insert(

@@ -18,6 +18,7 @@
 //! | `GET` | `/v1/functions/{name}/versions/{v}/stats` | recent requests, errors, latency, cold starts, cache hits | owner |
 //! | `GET` | `/v1/functions/{name}/versions/{v}/drift` | input and prediction drift of its monitored models | owner |
 //! | `POST` | `/v1/functions/{name}/versions/{v}/reference` | make a window's traffic its monitors' reference | deploy |
+//! | `GET` | `/v1/functions/{name}/logs` | what its guests printed: by version, request id, since; `follow=true` streams (SSE) | owner |
 //! | `GET` | `/v1/functions/{name}/versions/{v}/quality` | predictions, labelled ones, accuracy (mae, rmse) | owner |
 //! | `POST` | `/v1/feedback` | ground truth for requests by id (JSON or NDJSON) | the request's tenant |
 //! | `GET` | `/v1/budgets` | tenants' monthly budgets with the month's spend | admin |
@@ -43,6 +44,7 @@ mod error;
 pub mod functions;
 mod idempotency;
 mod keys;
+mod logs;
 mod monitor;
 mod ops;
 mod page;
@@ -175,6 +177,7 @@ async fn dispatch(
         Op::VersionStats(n, v) => traffic::stats(app, n, v, query),
         Op::VersionDrift(n, v) => monitor::drift(app, n, v, query).await,
         Op::SetReference(n, v) => monitor::set_reference(app, caller, n, v, req).await,
+        Op::Logs(n) => logs::get(app, n, query),
         Op::VersionQuality(n, v) => monitor::quality(app, n, v, query).await,
         Op::Feedback => monitor::feedback(app, req, caller).await,
         Op::ListBudgets => budgets::list(app).await,

@@ -23,6 +23,7 @@ pub(super) enum Op<'a> {
     VersionDrift(&'a str, &'a str),
     VersionQuality(&'a str, &'a str),
     SetReference(&'a str, &'a str),
+    Logs(&'a str),
     Feedback,
     ListBudgets,
     PutBudget(&'a str),
@@ -63,6 +64,7 @@ pub(super) const ROUTES: &[(&str, &str)] = &[
         "GET, HEAD",
     ),
     ("/v1/functions/{name}/versions/{version}/reference", "POST"),
+    ("/v1/functions/{name}/logs", "GET, HEAD"),
     ("/v1/feedback", "POST"),
     ("/v1/budgets", "GET, HEAD"),
     ("/v1/budgets/{tenant}", "PUT, DELETE"),
@@ -127,6 +129,7 @@ impl<'a> Op<'a> {
             (["functions", n, "versions", v, "stats"], &Method::GET) => Op::VersionStats(n, v),
             (["functions", n, "versions", v, "drift"], &Method::GET) => Op::VersionDrift(n, v),
             (["functions", n, "versions", v, "quality"], &Method::GET) => Op::VersionQuality(n, v),
+            (["functions", n, "logs"], &Method::GET) => Op::Logs(n),
             (["functions", n, "versions", v, "reference"], &Method::POST) => Op::SetReference(n, v),
             (["feedback"], &Method::POST) => Op::Feedback,
             (["budgets"], &Method::GET) => Op::ListBudgets,
@@ -170,6 +173,7 @@ impl<'a> Op<'a> {
             Op::VersionDrift(n, _) => ("version.drift", n),
             Op::VersionQuality(n, _) => ("version.quality", n),
             Op::SetReference(n, _) => ("version.reference.set", n),
+            Op::Logs(n) => ("logs.read", n),
             Op::Feedback => ("feedback.post", ""),
             Op::ListBudgets => ("budget.list", ""),
             Op::PutBudget(t) => ("budget.set", t),
@@ -207,6 +211,7 @@ impl<'a> Op<'a> {
             | Op::VersionDrift(n, _)
             | Op::VersionQuality(n, _)
             | Op::SetReference(n, _)
+            | Op::Logs(n)
             | Op::ClearCache(n)
             | Op::GetTraffic(n)
             | Op::PutTraffic(n)
@@ -240,6 +245,7 @@ impl<'a> Op<'a> {
             | Op::VersionStats(n, _)
             | Op::VersionDrift(n, _)
             | Op::VersionQuality(n, _)
+            | Op::Logs(n)
             | Op::GetTraffic(n)
             | Op::GetAlias(n, _)
             | Op::History(n)

@@ -92,6 +92,8 @@ pub struct App {
     pub alerts: crate::monitor::alerts::Alerts,
     /// Tenants whose hard budget is spent this month: their requests are refused.
     pub budgets_exhausted: crate::meter::budgets::Exhausted,
+    /// What guests printed, per function (`GET /v1/functions/{name}/logs`).
+    pub logs: Arc<crate::runtime::logs::LogBook>,
 }
 
 /// Breaker changes into `/metrics`.
@@ -241,6 +243,7 @@ impl App {
             accuracy_stale: Default::default(),
             alerts,
             budgets_exhausted: Default::default(),
+            logs: Default::default(),
         };
         // The registry is built from the database as changes from other nodes are applied.
         app.apply_stored(false).await?;

@@ -138,6 +138,8 @@ impl App {
     pub(super) fn forget_function(&self, name: &str) {
         self.forget_rollout(name);
         self.clear_caches(name);
+        // A function made again under the name must not show the old one's output.
+        self.logs.remove(name);
         self.runtime.keep_loaded(name, &[]);
         if let Some(f) = self.registry.remove(name) {
             for v in f.versions.values() {

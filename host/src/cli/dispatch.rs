@@ -2,7 +2,7 @@
 
 use super::{
     BudgetsCommand, Cli, Command, KeysCommand, Output, StoreCommand, accounts, cluster, commands,
-    monitor, serve, traffic,
+    logs, monitor, serve, traffic,
 };
 
 /// Runs a parsed command line.
@@ -251,6 +251,24 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             version,
             window.as_deref(),
             set_reference.as_deref(),
+            output,
+        ),
+        Command::Logs {
+            name,
+            version,
+            since,
+            request_id,
+            follow,
+            server,
+        } => logs::logs(
+            &server.client()?,
+            &name,
+            &logs::LogsArgs {
+                version,
+                since: since.as_deref(),
+                request_id: request_id.as_deref(),
+                follow,
+            },
             output,
         ),
         Command::Quality {

@@ -6,6 +6,7 @@ mod client;
 mod cluster;
 mod commands;
 mod dispatch;
+mod logs;
 mod monitor;
 mod serve;
 mod traffic;
@@ -414,6 +415,25 @@ pub enum Command {
         /// its reference: for a model shipped without one, or after accepting a shift.
         #[arg(long, value_name = "WINDOW")]
         set_reference: Option<String>,
+        #[command(flatten)]
+        server: ServerArg,
+    },
+    /// What the function's guests printed (stdout and stderr), with time, request id,
+    /// version and stream; `--follow` streams new lines as they come.
+    Logs {
+        name: String,
+        /// Only this version's lines.
+        #[arg(long)]
+        version: Option<u32>,
+        /// From this long ago (e.g. 10m) or this time (RFC 3339); default: all kept.
+        #[arg(long)]
+        since: Option<String>,
+        /// Only the lines of the request that answered with this `x-kiln-request-id`.
+        #[arg(long)]
+        request_id: Option<String>,
+        /// Keep streaming new lines until interrupted.
+        #[arg(long, short)]
+        follow: bool,
         #[command(flatten)]
         server: ServerArg,
     },

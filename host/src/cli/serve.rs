@@ -59,6 +59,8 @@ pub fn run(flags: Overrides, config: Option<PathBuf>, insecure: bool) -> anyhow:
             // Another node drives this node's rollouts from its next heartbeat, while
             // this one drains its requests.
             stopping.release_leases().await;
+            // Followed logs end, or their streams would hold the drain open.
+            stopping.logs.close();
         };
         let served = crate::server::serve(app.clone(), listener, tls, signal).await;
         // What the monitors saw since their last publication outlives the process.

@@ -150,6 +150,7 @@ impl Runtime {
                 nn,
                 Arc::default(),
                 super::Outbound::deny_all(),
+                None,
             ),
         );
         store.limiter(|s| &mut s.limits);

@@ -1,6 +1,8 @@
 //! Guest stdout/stderr: forwarded line by line to the host log (`kiln::guest` target) with
-//! the function's name, capped per request so a chatty guest cannot flood the log or the
-//! host's memory. Bytes past the cap are counted and dropped, never an error for the guest.
+//! the function's name, and kept in the function's log book ([`super::logs`]) with the
+//! request's id and version, capped per request so a chatty guest cannot flood the log or
+//! the host's memory. Bytes past the cap are counted and dropped, never an error for the
+//! guest.
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -10,6 +12,8 @@ use bytes::Bytes;
 use wasmtime_wasi::cli::{IsTerminal, StdoutStream};
 use wasmtime_wasi::p2::{OutputStream, Pollable, StreamResult};
 
+use super::logs::RequestLog;
+
 /// Bytes of output kept per stream and request.
 pub const GUEST_LOG_CAP: usize = 64 * 1024;
 
@@ -18,11 +22,18 @@ pub const GUEST_LOG_CAP: usize = 64 * 1024;
 pub struct GuestLog {
     function: Arc<str>,
     stream: &'static str,
+    /// The request's place in the log book; `None` (compile checks, validation runs): the
+    /// host log only.
+    book: Option<RequestLog>,
 }
 
 impl GuestLog {
-    pub fn new(function: Arc<str>, stream: &'static str) -> Self {
-        GuestLog { function, stream }
+    pub fn new(function: Arc<str>, stream: &'static str, book: Option<RequestLog>) -> Self {
+        GuestLog {
+            function,
+            stream,
+            book,
+        }
     }
 }
 
@@ -80,6 +91,9 @@ impl LineWriter {
         }
         let text = String::from_utf8_lossy(&self.line);
         tracing::info!(target: "kiln::guest", function = %self.log.function, stream = self.log.stream, "{text}");
+        if let Some(book) = &self.log.book {
+            book.line(&self.log.function, self.log.stream, &text);
+        }
         self.line.clear();
     }
 }

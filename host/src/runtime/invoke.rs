@@ -45,6 +45,8 @@ pub struct Timings {
     pub usage: Arc<GuestUsage>,
     /// Inference per device, final once the guest has finished.
     pub inference: Arc<InferenceTime>,
+    /// Where the guest's output is kept for the function's authors (`None`: host log only).
+    pub log: Option<super::logs::RequestLog>,
 }
 
 /// A guest's answer, or why there is none.
@@ -103,6 +105,7 @@ impl Runtime {
                 nn,
                 timings.usage.clone(),
                 outbound.clone(),
+                timings.log.clone(),
             ),
         );
         store.limiter(|s| &mut s.limits);

@@ -18,6 +18,7 @@ mod guest_log;
 mod invoke;
 mod limits;
 mod loaded;
+pub mod logs;
 mod outbound;
 mod state;
 

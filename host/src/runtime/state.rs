@@ -12,6 +12,7 @@ use wasmtime_wasi_http::{WasiHttpCtx, WasiHttpCtxView, WasiHttpView};
 use super::outbound::{Outbound, OutboundHooks};
 
 use super::guest_log::GuestLog;
+use super::logs::RequestLog;
 use crate::common::Limits;
 use crate::nn::{NnCtx, host::NnView};
 
@@ -118,17 +119,18 @@ impl ResourceLimiter for MeteredLimits {
 impl HostState {
     /// A sandbox with no filesystem, no environment, no sockets, and outbound HTTP only
     /// where `outbound` allows it. `nn` gives the guest its version's models; `usage`
-    /// receives what it used.
+    /// receives what it used; `log` keeps what it prints for the function's authors.
     pub fn new(
         function: &Arc<str>,
         limits: &Limits,
         nn: NnCtx,
         usage: Arc<GuestUsage>,
         outbound: Outbound,
+        log: Option<RequestLog>,
     ) -> Self {
         let wasi = WasiCtx::builder()
-            .stdout(GuestLog::new(function.clone(), "stdout"))
-            .stderr(GuestLog::new(function.clone(), "stderr"))
+            .stdout(GuestLog::new(function.clone(), "stdout", log.clone()))
+            .stderr(GuestLog::new(function.clone(), "stderr", log))
             .allow_tcp(false)
             .allow_udp(false)
             .allow_ip_name_lookup(false)

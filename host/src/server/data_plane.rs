@@ -401,6 +401,11 @@ where
 
     let mut timings = Timings {
         cold,
+        log: Some(crate::runtime::logs::RequestLog {
+            book: app.logs.clone(),
+            version: record.version,
+            request_id: usage.request_id().into(),
+        }),
         ..Timings::default()
     };
     usage.cold = cold.is_some();

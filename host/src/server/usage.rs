@@ -52,6 +52,11 @@ impl Usage {
         &self.tenant
     }
 
+    /// The request's `x-kiln-request-id`.
+    pub(super) fn request_id(&self) -> &str {
+        &self.request_id
+    }
+
     pub(super) fn new(
         app: &Arc<App>,
         entry: &Arc<VersionEntry>,

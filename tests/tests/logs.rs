@@ -1,0 +1,149 @@
+//! Guest logs end to end: what the echo example prints (its `x-echo-log` header, to stdout
+//! and to stderr) is found by the request's `x-kiln-request-id`, by version, through the API
+//! and `kiln logs`, and streamed by `kiln logs --follow`; another tenant sees none of it.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use kiln_tests::{TestServer, Value, kiln_bin, root};
+
+/// Calls `talker` as `key`, asking it to print `text`; returns the request id.
+fn say(server: &TestServer, key: &str, text: &str) -> String {
+    let a = server.request(
+        "POST",
+        "/fn/talker/",
+        &[
+            ("authorization", &format!("Bearer {key}")),
+            ("x-echo-log", text),
+        ],
+        b"",
+    );
+    assert_eq!(a.status, 200, "{}", a.text());
+    a.header("x-kiln-request-id").unwrap().to_string()
+}
+
+fn lines(server: &TestServer, key: &str, query: &str) -> (u16, Value) {
+    let a = server.call_as(
+        key,
+        "GET",
+        &format!("/v1/functions/talker/logs{query}"),
+        b"",
+    );
+    let status = a.status;
+    (status, if status == 200 { a.json() } else { Value::Null })
+}
+
+#[test]
+fn a_request_s_output_is_found_by_its_id_streamed_and_kept_from_other_tenants() {
+    let server = TestServer::start();
+    let (a_key, _) = server.create_key("tenant-a", &["deploy:*", "invoke:*"], None);
+    let (b_key, _) = server.create_key("tenant-b", &["deploy:*", "invoke:*"], None);
+    let a = server.deploy_as(&a_key, "talker", "echo", "");
+    assert_eq!(a.status, 201, "{}", a.text());
+
+    let first = say(&server, &a_key, "hello one");
+    let second = say(&server, &a_key, "hello two");
+
+    // Both requests' lines, oldest first, each stream with its own line.
+    let (status, all) = lines(&server, &a_key, "");
+    assert_eq!(status, 200);
+    let texts: Vec<&str> = all["lines"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| l["text"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        texts,
+        [
+            "hello one",
+            "stderr: hello one",
+            "hello two",
+            "stderr: hello two"
+        ],
+        "{all}"
+    );
+    // One request's lines by its id, with their version and stream.
+    let (_, one) = lines(&server, &a_key, &format!("?request_id={first}"));
+    let found = one["lines"].as_array().unwrap();
+    assert_eq!(found.len(), 2, "{one}");
+    assert!(
+        found
+            .iter()
+            .all(|l| l["request_id"] == first.as_str() && l["version"] == 1)
+    );
+    assert_eq!(
+        (found[0]["stream"].as_str(), found[1]["stream"].as_str()),
+        (Some("stdout"), Some("stderr"))
+    );
+    assert_eq!(
+        lines(&server, &a_key, "?version=2").1["lines"],
+        Value::Array(vec![])
+    );
+    assert_eq!(
+        lines(&server, &a_key, "?limit=1").1["lines"][0]["text"],
+        "stderr: hello two"
+    );
+    assert_eq!(lines(&server, &a_key, "?tail=3").0, 400);
+
+    // Another tenant is told the function is not there; nothing of it shows.
+    let (status, _) = lines(&server, &b_key, "");
+    assert_eq!(status, 404);
+
+    // The CLI finds the same request's lines.
+    let out = server.cli_ok(&["logs", "talker", "--request-id", &second]);
+    assert!(out.contains("hello two") && out.contains(&second), "{out}");
+    assert!(!out.contains("hello one"), "{out}");
+
+    // --follow prints the lines so far, then each new one as it is printed.
+    let mut follow = Command::new(kiln_bin())
+        .args(["-o", "json", "logs", "talker", "--follow", "--since", "1h"])
+        .env("KILN_SERVER", &server.url)
+        .env("KILN_API_KEY", &a_key)
+        .env_remove("KILN_TIMEOUT")
+        .current_dir(root())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (tx, rx) = std::sync::mpsc::channel::<Value>();
+    let stdout = follow.stdout.take().unwrap();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines() {
+            let Ok(line) = line else { return };
+            if tx.send(serde_json::from_str(&line).unwrap()).is_err() {
+                return;
+            }
+        }
+    });
+    let next = || {
+        rx.recv_timeout(Duration::from_secs(10))
+            .expect("a followed line")
+    };
+    for expected in [
+        "hello one",
+        "stderr: hello one",
+        "hello two",
+        "stderr: hello two",
+    ] {
+        assert_eq!(next()["text"], expected);
+    }
+    let started = Instant::now();
+    let third = say(&server, &a_key, "hello three");
+    let live = next();
+    assert_eq!(
+        (live["text"].as_str(), live["request_id"].as_str()),
+        (Some("hello three"), Some(third.as_str())),
+        "{live}"
+    );
+    assert!(started.elapsed() < Duration::from_secs(10));
+    follow.kill().unwrap();
+    follow.wait().unwrap();
+
+    // Deleted and deployed again under the name, the function starts with no lines.
+    let d = server.call_as(&a_key, "DELETE", "/v1/functions/talker", b"");
+    assert_eq!(d.status, 200, "{}", d.text());
+    assert_eq!(server.deploy_as(&a_key, "talker", "echo", "").status, 201);
+    assert_eq!(lines(&server, &a_key, "").1["lines"], Value::Array(vec![]));
+}
