@@ -4,7 +4,8 @@
 //! back from now like `10m`; default: all kept), `limit` (the newest N, default 1000, at
 //! most 10000), and `follow=true`: the lines so far and then each new one as it comes, as
 //! server-sent events (`event: line`, JSON data), with a comment every 15 s to keep the
-//! connection open. Only the function's tenant (and admins) may read them.
+//! connection open, for at most an hour (then the client asks again). Only the function's
+//! tenant (and admins) may read them.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -18,15 +19,17 @@ use tokio::sync::broadcast::error::RecvError;
 use super::{ApiError, percent_decode};
 use crate::app::App;
 use crate::common::time::parse_time;
-use crate::runtime::logs::{LogLine, LogQuery};
+use crate::runtime::logs::{LogKey, LogLine, LogQuery};
 use crate::server::{Body, BodyError, json_response};
 
 /// Lines answered unless `limit` says otherwise.
 const DEFAULT_LIMIT: usize = 1000;
 /// Most lines one answer holds.
 const MAX_LIMIT: usize = 10_000;
-/// How often a followed stream sends a comment when no line comes.
+/// How often a followed stream sends a comment when it sent nothing else.
 const KEEP_ALIVE: Duration = Duration::from_secs(15);
+/// How long one follow lasts; the client asks again (and is authorized again) after.
+const MAX_FOLLOW: Duration = Duration::from_secs(3600);
 
 #[derive(Debug)]
 struct Params {
@@ -51,7 +54,7 @@ fn parse(query: &str) -> Result<Params, String> {
                         .map_err(|_| format!("version: expected a number, not {v:?}"))?,
                 )
             }
-            "request_id" if !v.is_empty() => p.query.request_id = Some(v),
+            "request_id" => p.query.request_id = Some(v).filter(|v| !v.is_empty()),
             "since" => p.query.since_ms = parse_time(&v).map_err(|e| format!("since: {e}"))?,
             "limit" => {
                 p.limit = v
@@ -80,16 +83,20 @@ fn parse(query: &str) -> Result<Params, String> {
 pub(super) fn get(app: &Arc<App>, name: &str, query: &str) -> Result<Response<Body>, ApiError> {
     let p = parse(query).map_err(ApiError::InvalidRequest)?;
     // A function that does not exist (or is another tenant's) is a 404 like everywhere.
-    app.registry.route(name, None)?;
+    let f = app
+        .registry
+        .function(name)
+        .ok_or_else(|| crate::deploy::RouteError::NoFunction(name.to_string()))?;
+    let key = LogKey::new(name, &f.owner, f.created_at);
     if !p.follow {
-        let lines = app.logs.lines(name, &p.query, p.limit);
+        let lines = app.logs.lines(&key, &p.query, p.limit);
         let lines: Vec<&LogLine> = lines.iter().map(|l| &**l).collect();
         return Ok(json_response(
             StatusCode::OK,
             &serde_json::json!({"function": name, "lines": lines}),
         ));
     }
-    let (lines, rx) = app.logs.follow(name, &p.query, p.limit);
+    let (lines, rx) = app.logs.follow(&key, &p.query, p.limit);
     let mut resp = Response::new(follow_body(lines, rx, p.query, app.logs.closed()));
     let h = resp.headers_mut();
     h.insert(
@@ -106,8 +113,20 @@ fn event(line: &LogLine) -> Bytes {
     Bytes::from(format!("event: line\ndata: {data}\n\n"))
 }
 
+/// A followed stream's state: what it still has to send first, where new lines come
+/// from, which it wants, when it stops, and when it last sent something.
+struct Follow {
+    head: Option<Bytes>,
+    rx: tokio::sync::broadcast::Receiver<Arc<LogLine>>,
+    q: LogQuery,
+    closed: tokio::sync::watch::Receiver<bool>,
+    until: tokio::time::Instant,
+    quiet_since: tokio::time::Instant,
+}
+
 /// The lines so far, then each new one `q` wants as it arrives, until the function is
-/// deleted or the server stops.
+/// deleted, the server stops or [`MAX_FOLLOW`] has passed; a comment every [`KEEP_ALIVE`]
+/// that sent nothing else.
 fn follow_body(
     first: Vec<Arc<LogLine>>,
     rx: tokio::sync::broadcast::Receiver<Arc<LogLine>>,
@@ -118,34 +137,38 @@ fn follow_body(
     for l in &first {
         head.push_str(&String::from_utf8_lossy(&event(l)));
     }
-    let state = (Some(Bytes::from(head)), rx, q, closed);
-    let stream = futures::stream::unfold(state, |(head, mut rx, q, mut closed)| async move {
-        if let Some(h) = head {
-            return Some((Ok(Frame::data(h)), (None, rx, q, closed)));
+    let now = tokio::time::Instant::now();
+    let state = Follow {
+        head: Some(Bytes::from(head)),
+        rx,
+        q,
+        closed,
+        until: now + MAX_FOLLOW,
+        quiet_since: now,
+    };
+    let stream = futures::stream::unfold(state, |mut s| async move {
+        if let Some(h) = s.head.take() {
+            return Some((Ok::<_, BodyError>(Frame::data(h)), s));
         }
         loop {
-            if *closed.borrow() {
+            if *s.closed.borrow() || tokio::time::Instant::now() >= s.until {
                 return None;
             }
-            let next = tokio::select! {
-                r = rx.recv() => r,
-                _ = closed.changed() => return None,
-                () = tokio::time::sleep(KEEP_ALIVE) => {
-                    return Some((Ok(Frame::data(Bytes::from_static(b": keep-alive\n\n"))), (None, rx, q, closed)));
-                }
+            let keep_alive = (s.quiet_since + KEEP_ALIVE).min(s.until);
+            let bytes = tokio::select! {
+                r = s.rx.recv() => match r {
+                    Ok(l) if s.q.matches(&l) => event(&l),
+                    Ok(_) => continue,
+                    Err(RecvError::Lagged(n)) => {
+                        Bytes::from(format!("event: missed\ndata: {{\"lines\": {n}}}\n\n"))
+                    }
+                    Err(RecvError::Closed) => return None,
+                },
+                _ = s.closed.changed() => return None,
+                () = tokio::time::sleep_until(keep_alive) => Bytes::from_static(b": keep-alive\n\n"),
             };
-            let bytes = match next {
-                Ok(l) if q.matches(&l) => event(&l),
-                Ok(_) => continue,
-                Err(RecvError::Lagged(n)) => {
-                    Bytes::from(format!("event: missed\ndata: {{\"lines\": {n}}}\n\n"))
-                }
-                Err(RecvError::Closed) => return None,
-            };
-            return Some((
-                Ok::<_, BodyError>(Frame::data(bytes)),
-                (None, rx, q, closed),
-            ));
+            s.quiet_since = tokio::time::Instant::now();
+            return Some((Ok(Frame::data(bytes)), s));
         }
     });
     http_body_util::StreamBody::new(stream).boxed_unsync()

@@ -328,6 +328,11 @@ impl App {
                 routed: crate::meter::Window::default(),
                 other: crate::meter::Window::default(),
                 shadow: crate::meter::ShadowWindow::default(),
+                log_key: crate::runtime::logs::LogKey::new(
+                    &info.name,
+                    &info.tenant,
+                    info.created_at,
+                ),
             },
             info,
         );

@@ -44,7 +44,14 @@ pub fn logs(client: &Client, name: &str, a: &LogsArgs<'_>, output: Output) -> an
         });
     }
     path.push_str("follow=true");
-    let mut req = client.agent().get(format!("{}{path}", client.base()));
+    // Lines may be far apart: the stream's keep-alive comments come every 15 s, and no
+    // read of it times out.
+    let mut req = client
+        .agent()
+        .get(format!("{}{path}", client.base()))
+        .config()
+        .timeout_per_read(None)
+        .build();
     if let Some(b) = client.bearer() {
         req = req.header("authorization", b);
     }
@@ -59,7 +66,9 @@ pub fn logs(client: &Client, name: &str, a: &LogsArgs<'_>, output: Output) -> an
     let mut event = String::new();
     for line in reader.lines() {
         let line = line.context("reading the log stream")?;
-        if let Some(kind) = line.strip_prefix("event: ") {
+        if line.is_empty() {
+            event.clear();
+        } else if let Some(kind) = line.strip_prefix("event: ") {
             event = kind.to_string();
         } else if let Some(data) = line.strip_prefix("data: ") {
             let v: Value = serde_json::from_str(data).context("a log event")?;
@@ -73,6 +82,9 @@ pub fn logs(client: &Client, name: &str, a: &LogsArgs<'_>, output: Output) -> an
             }
         }
     }
+    eprintln!(
+        "(the server ended the stream: the function was deleted, the server stopped, or an hour passed)"
+    );
     Ok(())
 }
 
@@ -85,6 +97,18 @@ fn print_line(l: &Value) {
         l["request_id"].as_str().unwrap_or_default(),
         l["version"],
         l["stream"].as_str().unwrap_or_default(),
-        l["text"].as_str().unwrap_or_default()
+        printable(l["text"].as_str().unwrap_or_default())
     );
+}
+
+/// A guest's text with its control characters (but tabs) escaped: a line must not move
+/// the cursor, retitle or clear the reader's terminal.
+fn printable(text: &str) -> String {
+    text.chars()
+        .flat_map(|c| match c {
+            '\t' => vec![c],
+            c if c.is_control() => c.escape_default().collect(),
+            c => vec![c],
+        })
+        .collect()
 }

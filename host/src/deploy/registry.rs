@@ -41,6 +41,8 @@ pub struct VersionEntry {
     pub other: Window,
     /// How its answers compared with the primaries', when it served as a shadow.
     pub shadow: ShadowWindow,
+    /// Whose guest output its requests add to: this function, made by this tenant then.
+    pub log_key: crate::runtime::logs::LogKey,
 }
 
 impl std::fmt::Debug for VersionEntry {
@@ -317,6 +319,7 @@ mod tests {
             routed: Window::default(),
             other: Window::default(),
             shadow: ShadowWindow::default(),
+            log_key: crate::runtime::logs::LogKey::new(function, "t", 0),
         }
     }
 

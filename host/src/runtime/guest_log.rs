@@ -85,6 +85,10 @@ impl LineWriter {
     }
 
     fn emit(&mut self) {
+        // A CRLF line ends here too.
+        if self.line.last() == Some(&b'\r') {
+            self.line.pop();
+        }
         if self.line.iter().all(u8::is_ascii_whitespace) {
             self.line.clear();
             return;
@@ -92,7 +96,7 @@ impl LineWriter {
         let text = String::from_utf8_lossy(&self.line);
         tracing::info!(target: "kiln::guest", function = %self.log.function, stream = self.log.stream, "{text}");
         if let Some(book) = &self.log.book {
-            book.line(&self.log.function, self.log.stream, &text);
+            book.line(self.log.stream, &text);
         }
         self.line.clear();
     }

@@ -36,8 +36,29 @@ pub struct LogLine {
 }
 
 impl LogLine {
+    /// What keeping it costs: the line, its strings, and its slot and reference count.
     fn bytes(&self) -> usize {
-        self.text.len() + self.request_id.len() + 64
+        std::mem::size_of::<LogLine>() + self.text.len() + self.request_id.len() + 48
+    }
+}
+
+/// Whose lines: a function, by name, as made by a tenant at a time. A function deleted and
+/// made again (by anyone) is another key, so nobody reads the output of the one before,
+/// not even from its requests that were still running.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct LogKey {
+    function: Arc<str>,
+    tenant: Arc<str>,
+    created_at: i64,
+}
+
+impl LogKey {
+    pub fn new(function: &str, tenant: &str, created_at: i64) -> Self {
+        LogKey {
+            function: function.into(),
+            tenant: tenant.into(),
+            created_at,
+        }
     }
 }
 
@@ -63,7 +84,8 @@ struct FunctionLog {
     /// bound drops first).
     lines: VecDeque<(u64, Arc<LogLine>)>,
     bytes: usize,
-    live: broadcast::Sender<Arc<LogLine>>,
+    /// Followers' channel, made by the first and dropped once none is left.
+    live: Option<broadcast::Sender<Arc<LogLine>>>,
 }
 
 impl FunctionLog {
@@ -71,7 +93,7 @@ impl FunctionLog {
         FunctionLog {
             lines: VecDeque::new(),
             bytes: 0,
-            live: broadcast::channel(FOLLOW_BACKLOG).0,
+            live: None,
         }
     }
 
@@ -114,7 +136,7 @@ impl FunctionLog {
 /// Every function's lines and their bytes in all.
 #[derive(Default)]
 struct Inner {
-    functions: HashMap<Arc<str>, FunctionLog>,
+    functions: HashMap<LogKey, FunctionLog>,
     total: usize,
     /// The next line's place in the order of all lines.
     next: u64,
@@ -122,13 +144,14 @@ struct Inner {
 
 impl Inner {
     /// Drops `function`'s lines older than [`MAX_AGE`] (or past its bound).
-    fn expire(&mut self, function: &str) {
+    fn expire(&mut self, function: &LogKey) {
         if let Some(log) = self.functions.get_mut(function) {
             self.total -= log.trim(crate::unix_ms() - MAX_AGE.as_millis() as i64);
         }
     }
 
-    /// Drops the oldest lines anywhere until the total is within [`TOTAL_BYTES`].
+    /// Drops the oldest lines anywhere until the total is within [`TOTAL_BYTES`] (a scan
+    /// of the functions per line dropped: only once the total is full).
     fn bound(&mut self) {
         while self.total > TOTAL_BYTES {
             let oldest = self
@@ -167,7 +190,7 @@ impl LogBook {
     }
 
     /// Keeps `line` as `function`'s newest and hands it to its followers.
-    pub fn push(&self, function: &Arc<str>, line: LogLine) {
+    pub fn push(&self, function: &LogKey, line: LogLine) {
         let line = Arc::new(line);
         let mut inner = self.inner();
         let n = inner.next;
@@ -178,15 +201,19 @@ impl LogBook {
             .or_insert_with(FunctionLog::new);
         log.bytes += line.bytes();
         log.lines.push_back((n, line.clone()));
-        // No follower is not an error.
-        let _ = log.live.send(line.clone());
+        if let Some(live) = &log.live
+            && live.send(line.clone()).is_err()
+        {
+            // The last follower left.
+            log.live = None;
+        }
         inner.total += line.bytes();
         inner.expire(function);
         inner.bound();
     }
 
     /// `function`'s kept lines that `q` wants, oldest first, the newest `limit` of them.
-    pub fn lines(&self, function: &str, q: &LogQuery, limit: usize) -> Vec<Arc<LogLine>> {
+    pub fn lines(&self, function: &LogKey, q: &LogQuery, limit: usize) -> Vec<Arc<LogLine>> {
         let mut inner = self.inner();
         inner.expire(function);
         match inner.functions.get(function) {
@@ -199,7 +226,7 @@ impl LogBook {
     /// together, so no line is missed or seen twice.
     pub fn follow(
         &self,
-        function: &str,
+        function: &LogKey,
         q: &LogQuery,
         limit: usize,
     ) -> (Vec<Arc<LogLine>>, broadcast::Receiver<Arc<LogLine>>) {
@@ -207,16 +234,29 @@ impl LogBook {
         inner.expire(function);
         let log = inner
             .functions
-            .entry(Arc::from(function))
+            .entry(function.clone())
             .or_insert_with(FunctionLog::new);
-        (log.matching(q, limit), log.live.subscribe())
+        let live = log
+            .live
+            .get_or_insert_with(|| broadcast::channel(FOLLOW_BACKLOG).0);
+        let rx = live.subscribe();
+        (log.matching(q, limit), rx)
     }
 
-    /// Forgets `function`'s lines (it was deleted); its followers end.
-    pub fn remove(&self, function: &str) {
+    /// Forgets the lines of every function called `name` (it was deleted); their
+    /// followers end.
+    pub fn remove(&self, name: &str) {
         let mut inner = self.inner();
-        if let Some(log) = inner.functions.remove(function) {
-            inner.total -= log.bytes;
+        let gone: Vec<LogKey> = inner
+            .functions
+            .keys()
+            .filter(|k| &*k.function == name)
+            .cloned()
+            .collect();
+        for k in gone {
+            if let Some(log) = inner.functions.remove(&k) {
+                inner.total -= log.bytes;
+            }
         }
     }
 
@@ -236,6 +276,7 @@ impl LogBook {
 #[derive(Clone)]
 pub struct RequestLog {
     pub book: Arc<LogBook>,
+    pub key: LogKey,
     pub version: u32,
     pub request_id: Arc<str>,
 }
@@ -250,8 +291,8 @@ impl std::fmt::Debug for RequestLog {
 }
 
 impl RequestLog {
-    /// Keeps a line `function`'s guest printed on `stream`, cut at [`MAX_LINE_BYTES`].
-    pub fn line(&self, function: &Arc<str>, stream: &'static str, text: &str) {
+    /// Keeps a line the guest printed on `stream`, cut at [`MAX_LINE_BYTES`].
+    pub fn line(&self, stream: &'static str, text: &str) {
         let text = if text.len() > MAX_LINE_BYTES {
             let mut end = MAX_LINE_BYTES;
             while !text.is_char_boundary(end) {
@@ -262,7 +303,7 @@ impl RequestLog {
             text.to_string()
         };
         self.book.push(
-            function,
+            &self.key,
             LogLine {
                 at_ms: crate::unix_ms(),
                 request_id: self.request_id.to_string(),
@@ -278,7 +319,11 @@ impl RequestLog {
 mod tests {
     use super::*;
 
-    fn line(book: &LogBook, f: &Arc<str>, request: &str, version: u32, text: &str) {
+    fn key(f: &str) -> LogKey {
+        LogKey::new(f, "t", 1)
+    }
+
+    fn line(book: &LogBook, f: &LogKey, request: &str, version: u32, text: &str) {
         book.push(
             f,
             LogLine {
@@ -291,10 +336,25 @@ mod tests {
         );
     }
 
+    /// The total matches what the functions hold, and every bound holds.
+    fn check(book: &LogBook) -> usize {
+        let inner = book.inner();
+        let mut sum = 0;
+        for log in inner.functions.values() {
+            let held: usize = log.lines.iter().map(|(_, l)| l.bytes()).sum();
+            assert_eq!(held, log.bytes);
+            assert!(log.bytes <= PER_FUNCTION_BYTES);
+            sum += held;
+        }
+        assert_eq!(sum, inner.total);
+        assert!(sum <= TOTAL_BYTES);
+        sum
+    }
+
     #[test]
     fn lines_are_found_by_request_and_version_and_bounded_by_bytes() {
         let book = LogBook::default();
-        let f: Arc<str> = "f".into();
+        let f = key("f");
         line(&book, &f, "r1", 1, "one");
         line(&book, &f, "r2", 2, "two");
         line(&book, &f, "r2", 2, "three");
@@ -303,53 +363,52 @@ mod tests {
             ..LogQuery::default()
         };
         let texts = |v: Vec<Arc<LogLine>>| v.iter().map(|l| l.text.clone()).collect::<Vec<_>>();
-        assert_eq!(texts(book.lines("f", &by_request, 10)), ["two", "three"]);
-        assert_eq!(texts(book.lines("f", &by_request, 1)), ["three"]);
+        assert_eq!(texts(book.lines(&f, &by_request, 10)), ["two", "three"]);
+        assert_eq!(texts(book.lines(&f, &by_request, 1)), ["three"]);
         let v1 = LogQuery {
             version: Some(1),
             ..LogQuery::default()
         };
-        assert_eq!(texts(book.lines("f", &v1, 10)), ["one"]);
-        assert!(book.lines("g", &LogQuery::default(), 10).is_empty());
+        assert_eq!(texts(book.lines(&f, &v1, 10)), ["one"]);
+        assert!(book.lines(&key("g"), &LogQuery::default(), 10).is_empty());
+        // The same name made again (or by another tenant) is another function.
+        assert!(
+            book.lines(&LogKey::new("f", "t", 2), &LogQuery::default(), 10)
+                .is_empty()
+        );
+        assert!(
+            book.lines(&LogKey::new("f", "u", 1), &LogQuery::default(), 10)
+                .is_empty()
+        );
 
         // Past the byte bound the oldest lines go.
         let big = "x".repeat(MAX_LINE_BYTES);
         for _ in 0..(PER_FUNCTION_BYTES / MAX_LINE_BYTES + 10) {
             line(&book, &f, "r3", 1, &big);
         }
-        let all = book.lines("f", &LogQuery::default(), usize::MAX);
+        let all = book.lines(&f, &LogQuery::default(), usize::MAX);
         assert!(all.iter().all(|l| l.text == big));
-        let kept: usize = all.iter().map(|l| l.bytes()).sum();
-        assert!(kept <= PER_FUNCTION_BYTES, "{kept}");
+        assert!(check(&book) > PER_FUNCTION_BYTES / 2);
         book.remove("f");
-        assert!(book.lines("f", &LogQuery::default(), 10).is_empty());
+        assert!(book.lines(&f, &LogQuery::default(), 10).is_empty());
+        assert_eq!(check(&book), 0);
     }
 
     #[test]
     fn all_functions_together_keep_at_most_the_total_and_lose_the_oldest_lines_first() {
         let book = LogBook::default();
         let big = "x".repeat(MAX_LINE_BYTES);
-        let per_function = PER_FUNCTION_BYTES / (MAX_LINE_BYTES + 64);
+        let per_function = PER_FUNCTION_BYTES / (MAX_LINE_BYTES + 200);
         let functions = TOTAL_BYTES / PER_FUNCTION_BYTES + 8;
         for i in 0..functions {
-            let f: Arc<str> = format!("f{i}").into();
             for _ in 0..per_function {
-                line(&book, &f, "r", 1, &big);
+                line(&book, &key(&format!("f{i}")), "r", 1, &big);
             }
         }
-        let total: usize = (0..functions)
-            .map(|i| {
-                book.lines(&format!("f{i}"), &LogQuery::default(), usize::MAX)
-                    .iter()
-                    .map(|l| l.bytes())
-                    .sum::<usize>()
-            })
-            .sum();
-        assert!(total <= TOTAL_BYTES, "{total}");
-        assert!(total > TOTAL_BYTES - PER_FUNCTION_BYTES, "{total}");
+        assert!(check(&book) > TOTAL_BYTES - PER_FUNCTION_BYTES);
         // The first functions' lines were the oldest: they went first.
-        assert!(book.lines("f0", &LogQuery::default(), 1).is_empty());
-        let last = format!("f{}", functions - 1);
+        assert!(book.lines(&key("f0"), &LogQuery::default(), 1).is_empty());
+        let last = key(&format!("f{}", functions - 1));
         assert_eq!(
             book.lines(&last, &LogQuery::default(), usize::MAX).len(),
             per_function
@@ -357,18 +416,36 @@ mod tests {
     }
 
     #[test]
+    fn followers_get_new_lines_and_the_channel_goes_with_the_last_of_them() {
+        let book = LogBook::default();
+        let f = key("f");
+        line(&book, &f, "r", 1, "before");
+        let (first, mut rx) = book.follow(&f, &LogQuery::default(), 10);
+        assert_eq!(first.len(), 1);
+        line(&book, &f, "r", 1, "after");
+        assert_eq!(rx.try_recv().expect("a line").text, "after");
+        drop(rx);
+        line(&book, &f, "r", 1, "unheard");
+        assert!(book.inner().functions[&f].live.is_none());
+    }
+
+    #[test]
     fn long_lines_are_cut_on_a_character_boundary() {
         let book = Arc::new(LogBook::default());
         let log = RequestLog {
             book: book.clone(),
+            key: key("f"),
             version: 1,
             request_id: "r".into(),
         };
-        let f: Arc<str> = "f".into();
-        log.line(&f, "stderr", &"é".repeat(MAX_LINE_BYTES));
-        let got = book.lines("f", &LogQuery::default(), 1);
-        assert!(got[0].text.ends_with("[line cut at 4096 bytes]"));
-        assert!(got[0].text.len() < MAX_LINE_BYTES + 40);
+        // Byte 4096 falls inside an "é": the cut moves back to its start.
+        log.line("stderr", &format!("a{}", "é".repeat(MAX_LINE_BYTES)));
+        let got = book.lines(&key("f"), &LogQuery::default(), 1);
+        let kept = got[0]
+            .text
+            .strip_suffix("… [line cut at 4096 bytes]")
+            .expect("cut");
+        assert_eq!(kept.len(), MAX_LINE_BYTES - 1);
         assert_eq!(got[0].stream, "stderr");
     }
 }

@@ -403,6 +403,7 @@ where
         cold,
         log: Some(crate::runtime::logs::RequestLog {
             book: app.logs.clone(),
+            key: entry.log_key.clone(),
             version: record.version,
             request_id: usage.request_id().into(),
         }),
