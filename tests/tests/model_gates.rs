@@ -43,7 +43,10 @@ fn start(server: &TestServer, gates: Value) {
         json!({"weights": {"1": 100}}).to_string().as_bytes(),
     );
     assert_eq!(a.status, 200, "{}", a.text());
-    let mut body = json!({"to": 2, "steps": [50, 100], "interval": "3s", "min_requests": 10});
+    // Latency is not what these tests judge: on a loaded machine a 3-second step's p99 can
+    // differ threefold between two copies of one version (seen in CI).
+    let mut body = json!({"to": 2, "steps": [50, 100], "interval": "3s", "min_requests": 10,
+                          "max_p99_ratio": 100.0});
     for (k, v) in gates.as_object().unwrap() {
         body[k] = v.clone();
     }
