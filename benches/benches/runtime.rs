@@ -64,6 +64,7 @@ fn runtime_benches(c: &mut Criterion) {
                         loaded,
                         Arc::default(),
                         &kiln_host::runtime::Outbound::deny_all(),
+                        &[],
                         req,
                         &mut timings,
                     )

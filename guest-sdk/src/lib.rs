@@ -12,13 +12,17 @@
 //! holds no state and adds no policy: limits, retries and caching live in the host.
 //!
 //! [`nn`] runs the models a function version was deployed with (`wasi:nn`): see
-//! `examples/digits` for a classifier in a few dozen lines.
+//! `examples/digits` for a classifier in a few dozen lines. [`variable`] reads the
+//! function's settings and secrets (`kiln vars set`).
 
 pub use http;
 
 #[doc(hidden)]
 pub mod __private;
+mod config;
 pub mod nn;
+
+pub use config::{variable, variables};
 
 /// An incoming request with its whole body.
 pub type Request = http::Request<Vec<u8>>;

@@ -79,6 +79,10 @@ pub struct Manifest {
     /// Cases every version must pass before it takes traffic.
     #[serde(default)]
     pub validate: Option<ValidateTable>,
+    /// Settings guests read (`wasi:config/store`, and environment variables): a default, or
+    /// `secret = true` for a value set with `kiln vars set --secret`.
+    #[serde(default)]
+    pub variables: crate::deploy::variables::Declared,
     /// The directory holding the manifest (not part of the file).
     #[serde(skip)]
     pub dir: PathBuf,
@@ -211,6 +215,8 @@ impl Manifest {
             }
         }
         crate::runtime::parse_patterns(&m.allowed_outbound_hosts).map_err(anyhow::Error::msg)?;
+        crate::deploy::variables::validate_declared(&m.variables)
+            .map_err(|e| anyhow::anyhow!("variables: {e}"))?;
         Ok(m)
     }
 

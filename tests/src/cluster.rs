@@ -44,6 +44,11 @@ pub fn node(db: &str, blobs: &str, id: Option<&str>) -> TestServer {
         None,
         Launch {
             args,
+            // Every node of a cluster shares one secrets key.
+            env: vec![(
+                "KILN_SECRETS_KEY".to_string(),
+                crate::SUITE_SECRETS_KEY.to_string(),
+            )],
             ..Launch::default()
         },
     )

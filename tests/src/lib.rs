@@ -28,6 +28,10 @@ pub const ADMIN_KEY: &str = "kiln-test-admin-key-0123456789abcdef";
 /// `authorization` header value of [`ADMIN_KEY`].
 pub const ADMIN_BEARER: &str = "Bearer kiln-test-admin-key-0123456789abcdef";
 
+/// The secrets key of the servers the suite puts on PostgreSQL (64 hex digits).
+pub const SUITE_SECRETS_KEY: &str =
+    "6b696c6e2d746573742d73756974652d736563726574732d6b65792d30303031";
+
 /// How a [`TestServer`] is started.
 #[derive(Debug, Clone)]
 pub struct Launch {
@@ -70,10 +74,13 @@ fn try_spawn(
         cmd.args(["--blobs", &url]);
     }
     // ...and its metadata, keys and audit log in a PostgreSQL database of its own.
+    // A node on a shared database keeps secrets only with a key it is given.
+    cmd.env_remove("KILN_SECRETS_KEY");
     if !launch.args.iter().any(|a| a == "--database")
         && let Some(url) = pg::suite_database_url(data_dir)
     {
         cmd.args(["--database", &url]);
+        cmd.env("KILN_SECRETS_KEY", SUITE_SECRETS_KEY);
     }
     for (k, v) in [
         ("AWS_ACCESS_KEY_ID", s3::ACCESS_KEY),

@@ -82,6 +82,9 @@ pub enum ApiError {
     Busy(String),
     #[error("internal error: {0:#}")]
     Internal(#[from] anyhow::Error),
+    /// A secret variable of the request's version does not open on this node (500).
+    #[error(transparent)]
+    Variable(#[from] crate::deploy::variables::Unreadable),
 }
 
 impl ApiError {
@@ -122,7 +125,7 @@ impl ApiError {
             Internal(e) if crate::store::unreachable(e) => StatusCode::SERVICE_UNAVAILABLE,
             Invoke(InvokeError::Timeout(_)) => StatusCode::GATEWAY_TIMEOUT,
             Invoke(_) => StatusCode::INTERNAL_SERVER_ERROR,
-            Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            Internal(_) | Variable(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
 
@@ -181,6 +184,7 @@ impl ApiError {
             Invoke(InvokeError::GuestError(_)) => "function.error",
             Invoke(InvokeError::Internal(_)) => "internal",
             Internal(_) => "internal",
+            Variable(_) => "function.variable_unreadable",
         }
     }
 
@@ -203,6 +207,20 @@ fn validation_message(v: &crate::monitor::validate::ValidationResult) -> String 
         v.cases,
         v.reasons.join("; ")
     )
+}
+
+impl From<crate::app::VariablesError> for ApiError {
+    fn from(e: crate::app::VariablesError) -> Self {
+        use crate::app::VariablesError;
+        match e {
+            VariablesError::NoFunction(n) => ApiError::Route(RouteError::NoFunction(n)),
+            VariablesError::Invalid(_) => ApiError::InvalidRequest(e.to_string()),
+            VariablesError::NoSecretsKey => {
+                ApiError::Conflict(e.to_string(), "variables.no_secrets_key")
+            }
+            VariablesError::Internal(e) => ApiError::Internal(e),
+        }
+    }
 }
 
 impl From<crate::app::TrafficError> for ApiError {

@@ -60,6 +60,10 @@ pub struct CreateVersion {
     /// "min_accuracy", "max_p99_ms"}`, the cases blob uploaded beforehand.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub validate: Option<crate::monitor::validate::ValidateSpec>,
+    /// Variables guests may read: `{"key": {"default": "x"}}` or `{"key": {"secret": true}}`;
+    /// values are set with `PATCH /v1/functions/{name}/variables`.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub variables: crate::deploy::variables::Declared,
 }
 
 /// One model in a version manifest.
@@ -167,6 +171,9 @@ fn version_json(rec: &VersionRecord, base: &str) -> serde_json::Value {
     }
     if let Some(v) = &rec.validation {
         json["validation"] = serde_json::to_value(v).unwrap_or_default();
+    }
+    if !rec.variables.is_empty() {
+        json["variables"] = serde_json::to_value(&rec.variables).unwrap_or_default();
     }
     json
 }
@@ -404,6 +411,7 @@ pub(super) async fn create_version(
     // What the request asked for, for the idempotency key's fingerprint.
     let request: Vec<Vec<u8>>;
     let mut validate = None;
+    let mut variables = BTreeMap::new();
     let mut dry_run = false;
     let (component, limits, nn, cache, public) = match upload {
         Upload::Wasm(spec, cache, public) => {
@@ -452,6 +460,9 @@ pub(super) async fn create_version(
                 .map_err(ApiError::InvalidRequest)?;
             outbound = manifest.allowed_outbound_hosts;
             validate = manifest.validate;
+            crate::deploy::variables::validate_declared(&manifest.variables)
+                .map_err(ApiError::InvalidRequest)?;
+            variables = manifest.variables;
             (
                 manifest.component,
                 manifest.limits,
@@ -472,6 +483,7 @@ pub(super) async fn create_version(
         outbound,
         validate,
         dry_run,
+        variables,
     };
     // Claimed once the request is known to be well-formed, just before anything is made.
     let request: Vec<&[u8]> = request.iter().map(Vec::as_slice).collect();

@@ -51,6 +51,7 @@ mod page;
 mod rollout;
 mod traffic;
 pub mod usage;
+mod variables;
 
 use std::sync::Arc;
 
@@ -178,6 +179,8 @@ async fn dispatch(
         Op::VersionDrift(n, v) => monitor::drift(app, n, v, query).await,
         Op::SetReference(n, v) => monitor::set_reference(app, caller, n, v, req).await,
         Op::Logs(n) => logs::get(app, n, query),
+        Op::GetVariables(n) => variables::get(app, n, query),
+        Op::ChangeVariables(n) => variables::change(app, n, req, caller).await,
         Op::VersionQuality(n, v) => monitor::quality(app, n, v, query).await,
         Op::Feedback => monitor::feedback(app, req, caller).await,
         Op::ListBudgets => budgets::list(app).await,

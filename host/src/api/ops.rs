@@ -24,6 +24,8 @@ pub(super) enum Op<'a> {
     VersionQuality(&'a str, &'a str),
     SetReference(&'a str, &'a str),
     Logs(&'a str),
+    GetVariables(&'a str),
+    ChangeVariables(&'a str),
     Feedback,
     ListBudgets,
     PutBudget(&'a str),
@@ -65,6 +67,7 @@ pub(super) const ROUTES: &[(&str, &str)] = &[
     ),
     ("/v1/functions/{name}/versions/{version}/reference", "POST"),
     ("/v1/functions/{name}/logs", "GET, HEAD"),
+    ("/v1/functions/{name}/variables", "GET, HEAD, POST"),
     ("/v1/feedback", "POST"),
     ("/v1/budgets", "GET, HEAD"),
     ("/v1/budgets/{tenant}", "PUT, DELETE"),
@@ -130,6 +133,8 @@ impl<'a> Op<'a> {
             (["functions", n, "versions", v, "drift"], &Method::GET) => Op::VersionDrift(n, v),
             (["functions", n, "versions", v, "quality"], &Method::GET) => Op::VersionQuality(n, v),
             (["functions", n, "logs"], &Method::GET) => Op::Logs(n),
+            (["functions", n, "variables"], &Method::GET) => Op::GetVariables(n),
+            (["functions", n, "variables"], &Method::POST) => Op::ChangeVariables(n),
             (["functions", n, "versions", v, "reference"], &Method::POST) => Op::SetReference(n, v),
             (["feedback"], &Method::POST) => Op::Feedback,
             (["budgets"], &Method::GET) => Op::ListBudgets,
@@ -174,6 +179,8 @@ impl<'a> Op<'a> {
             Op::VersionQuality(n, _) => ("version.quality", n),
             Op::SetReference(n, _) => ("version.reference.set", n),
             Op::Logs(n) => ("logs.read", n),
+            Op::GetVariables(n) => ("variables.show", n),
+            Op::ChangeVariables(n) => ("variables.set", n),
             Op::Feedback => ("feedback.post", ""),
             Op::ListBudgets => ("budget.list", ""),
             Op::PutBudget(t) => ("budget.set", t),
@@ -212,6 +219,8 @@ impl<'a> Op<'a> {
             | Op::VersionQuality(n, _)
             | Op::SetReference(n, _)
             | Op::Logs(n)
+            | Op::GetVariables(n)
+            | Op::ChangeVariables(n)
             | Op::ClearCache(n)
             | Op::GetTraffic(n)
             | Op::PutTraffic(n)
@@ -246,6 +255,7 @@ impl<'a> Op<'a> {
             | Op::VersionDrift(n, _)
             | Op::VersionQuality(n, _)
             | Op::Logs(n)
+            | Op::GetVariables(n)
             | Op::GetTraffic(n)
             | Op::GetAlias(n, _)
             | Op::History(n)
@@ -256,6 +266,7 @@ impl<'a> Op<'a> {
             }
             Op::DeleteFunction(n)
             | Op::SetReference(n, _)
+            | Op::ChangeVariables(n)
             | Op::ClearCache(n)
             | Op::PutTraffic(n)
             | Op::PutAlias(n, _)

@@ -31,6 +31,8 @@ pub struct Deployer {
     pub validate: Option<crate::monitor::validate::ValidateSpec>,
     /// Validate only: compile, load the models and run the cases, then make nothing.
     pub dry_run: bool,
+    /// The variables the version declares (checked by the caller).
+    pub variables: crate::deploy::variables::Declared,
 }
 
 /// What a deploy made.
@@ -314,6 +316,7 @@ impl App {
                 enforce_owner: !by.admin,
                 public: by.public,
                 validation,
+                variables: by.variables.clone(),
             })
             .await
             .map_err(|e| match e.downcast::<crate::store::NotOwner>() {

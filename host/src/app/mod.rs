@@ -13,6 +13,7 @@ mod rollout;
 mod sync;
 mod traffic;
 mod validate;
+mod variables;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -37,6 +38,7 @@ pub use drift::{MergedWindow, ReferenceError};
 pub use ready::node_id;
 pub use rollout::Control;
 pub use traffic::{Actor, TrafficError};
+pub use variables::{SetValue, VariablesError};
 
 /// Everything a running server shares between requests.
 pub struct App {
@@ -94,6 +96,9 @@ pub struct App {
     pub budgets_exhausted: crate::meter::budgets::Exhausted,
     /// What guests printed, per function (`GET /v1/functions/{name}/logs`).
     pub logs: Arc<crate::runtime::logs::LogBook>,
+    /// What secret variables are sealed with (`KILN_SECRETS_KEY`, or the data dir's key
+    /// file on a node of its own); `None`: secrets can be neither set nor read.
+    pub secrets_key: Option<crate::deploy::variables::SecretsKey>,
 }
 
 /// Breaker changes into `/metrics`.
@@ -216,6 +221,20 @@ impl App {
                 .context("reading the sticky-hash secret")?,
         );
         let alerts = crate::monitor::alerts::Alerts::start(&config.alerts, &node_id);
+        let secrets_key = crate::deploy::variables::SecretsKey::load(
+            std::env::var(crate::deploy::variables::SECRETS_KEY_ENV)
+                .ok()
+                .filter(|k| !k.is_empty())
+                .as_deref(),
+            &config.data_dir,
+            shared_db.is_none(),
+        )?;
+        if secrets_key.is_none() {
+            tracing::warn!(
+                "{} is not set: secret variables can be neither set nor read on this node",
+                crate::deploy::variables::SECRETS_KEY_ENV
+            );
+        }
         let app = App {
             config,
             process: format!("{node_id}#{started_at_ms}"),
@@ -244,6 +263,7 @@ impl App {
             alerts,
             budgets_exhausted: Default::default(),
             logs: Default::default(),
+            secrets_key,
         };
         // The registry is built from the database as changes from other nodes are applied.
         app.apply_stored(false).await?;

@@ -125,6 +125,7 @@ impl App {
             self.keep_loaded(&name);
         }
         self.apply_rollouts(state.rollouts);
+        self.apply_variables(state.variables);
         drop(_publishing);
         if !from_other_nodes {
             return Ok(());

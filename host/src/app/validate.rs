@@ -53,6 +53,15 @@ impl App {
         let outbound = self
             .outbound(&by.outbound, timeout_ms)
             .map_err(DeployError::Validation)?;
+        // The cases see what requests on the main route will: the function's values (it is
+        // the deployer's: ownership was checked first), else the defaults.
+        let vars = self
+            .registry
+            .function(loaded.function())
+            .map(|f| f.variables.clone())
+            .unwrap_or_default()
+            .resolve(&by.variables, None)
+            .map_err(|e| DeployError::Validation(e.to_string()))?;
         let mut results = Vec::with_capacity(cases.len());
         for case in &cases {
             let mut req = http::Request::builder()
@@ -69,7 +78,14 @@ impl App {
             let started = Instant::now();
             let outcome = self
                 .runtime
-                .invoke(loaded.clone(), models.clone(), &outbound, req, &mut timings)
+                .invoke(
+                    loaded.clone(),
+                    models.clone(),
+                    &outbound,
+                    &vars,
+                    req,
+                    &mut timings,
+                )
                 .await;
             let (status, prediction, error) = match outcome {
                 Ok(resp) => {

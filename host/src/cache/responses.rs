@@ -86,10 +86,13 @@ pub fn storable(status: StatusCode, headers: &HeaderMap) -> bool {
         && !has_directive(headers, header::CACHE_CONTROL, &["no-store", "private"])
 }
 
-/// The key of a request to version `scope` (component `digest`).
+/// The key of a request to version `scope` (component `digest`) whose guest sees the
+/// variables `vars` (an alias's values answer apart from another's).
+#[allow(clippy::too_many_arguments)]
 pub fn key(
     scope: u64,
     digest: &Digest,
+    vars: &[(String, String)],
     method: &Method,
     path_and_query: &str,
     vary: &[String],
@@ -97,8 +100,11 @@ pub fn key(
     body: &[u8],
 ) -> Key {
     let mut h = KeyHasher::new(b"kiln.response.v1", scope);
-    h.field(&digest.0)
-        .field(method.as_str().as_bytes())
+    h.field(&digest.0).field(&(vars.len() as u64).to_le_bytes());
+    for (k, v) in vars {
+        h.field(k.as_bytes()).field(v.as_bytes());
+    }
+    h.field(method.as_str().as_bytes())
         .field(path_and_query.as_bytes());
     for name in vary {
         let values = headers.get_all(name.as_str());
@@ -121,19 +127,39 @@ mod tests {
         let mut hs = HeaderMap::new();
         hs.insert("x-user", "a".parse().expect("hv"));
         let vary = vec!["x-user".to_string()];
-        let base = key(1, &d, &Method::GET, "/a?b", &vary, &hs, b"");
-        assert_eq!(base, key(1, &d, &Method::GET, "/a?b", &vary, &hs, b""));
-        assert_ne!(base, key(2, &d, &Method::GET, "/a?b", &vary, &hs, b""));
-        assert_ne!(base, key(1, &d, &Method::POST, "/a?b", &vary, &hs, b""));
-        assert_ne!(base, key(1, &d, &Method::GET, "/a?c", &vary, &hs, b""));
-        assert_ne!(base, key(1, &d, &Method::GET, "/a?b", &vary, &hs, b"x"));
+        let base = key(1, &d, &[], &Method::GET, "/a?b", &vary, &hs, b"");
+        assert_eq!(base, key(1, &d, &[], &Method::GET, "/a?b", &vary, &hs, b""));
+        assert_ne!(base, key(2, &d, &[], &Method::GET, "/a?b", &vary, &hs, b""));
+        assert_ne!(
+            base,
+            key(1, &d, &[], &Method::POST, "/a?b", &vary, &hs, b"")
+        );
+        assert_ne!(base, key(1, &d, &[], &Method::GET, "/a?c", &vary, &hs, b""));
+        assert_ne!(
+            base,
+            key(1, &d, &[], &Method::GET, "/a?b", &vary, &hs, b"x")
+        );
         let mut other = HeaderMap::new();
         other.insert("x-user", "b".parse().expect("hv"));
-        assert_ne!(base, key(1, &d, &Method::GET, "/a?b", &vary, &other, b""));
+        assert_ne!(
+            base,
+            key(1, &d, &[], &Method::GET, "/a?b", &vary, &other, b"")
+        );
         // A header not in `vary` does not split the key.
         other.insert("x-user", "a".parse().expect("hv"));
         other.insert("x-other", "z".parse().expect("hv"));
-        assert_eq!(base, key(1, &d, &Method::GET, "/a?b", &vary, &other, b""));
+        assert_eq!(
+            base,
+            key(1, &d, &[], &Method::GET, "/a?b", &vary, &other, b"")
+        );
+        let vars = [("greeting".to_string(), "hi".to_string())];
+        let staged = [("greeting".to_string(), "staged".to_string())];
+        let with = key(1, &d, &vars, &Method::GET, "/a?b", &vary, &hs, b"");
+        assert_ne!(base, with);
+        assert_ne!(
+            with,
+            key(1, &d, &staged, &Method::GET, "/a?b", &vary, &hs, b"")
+        );
 
         let mut h = HeaderMap::new();
         assert!(!bypass(&Method::GET, &h));

@@ -155,6 +155,9 @@ pub fn deploy(
         if !m.allowed_outbound_hosts.is_empty() {
             body["allowed_outbound_hosts"] = json!(m.allowed_outbound_hosts);
         }
+        if !m.variables.is_empty() {
+            body["variables"] = serde_json::to_value(&m.variables)?;
+        }
         if let Some(v) = &m.validate {
             let path = m.dir.join(&v.cases);
             let cases = upload(client, &path).context("the [validate] cases file")?;

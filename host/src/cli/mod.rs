@@ -10,6 +10,7 @@ mod logs;
 mod monitor;
 mod serve;
 mod traffic;
+mod vars;
 
 use std::path::PathBuf;
 
@@ -462,7 +463,13 @@ pub enum Command {
         #[command(flatten)]
         server: ServerArg,
     },
-    /// Traffic changes of a function, newest first.
+    /// A function's variables and secrets: what its guests read through wasi:config
+    /// and as environment variables, per alias.
+    Vars {
+        #[command(subcommand)]
+        command: vars::VarsCommand,
+    },
+    /// Traffic and variable changes, rollout steps and rollbacks of a function, newest first.
     History {
         name: String,
         #[command(flatten)]

@@ -7,6 +7,7 @@ mod admission;
 mod registry;
 pub mod rollout;
 pub mod traffic;
+pub mod variables;
 
 pub use admission::{Admission, Admitted, Rejected};
 pub use registry::{DEFAULT_ALIAS, FunctionEntry, Registry, RouteError, VersionEntry};

@@ -9,6 +9,7 @@ use std::sync::{Arc, RwLock};
 
 use super::admission::Admission;
 use super::traffic::Routing;
+use super::variables::FunctionVariables;
 use crate::auth::Limiter;
 use crate::cache::Placement;
 use crate::meter::{ShadowWindow, VersionMetrics, Window};
@@ -73,6 +74,8 @@ pub struct FunctionEntry {
     /// By policy (`""`: the main one, else the alias), the versions its previous policy
     /// sent traffic to: the instant switch-back target, kept loaded.
     pub standby: BTreeMap<String, BTreeSet<u32>>,
+    /// Its variable values (`kiln vars`), opened.
+    pub variables: Arc<FunctionVariables>,
 }
 
 impl FunctionEntry {
@@ -199,6 +202,7 @@ impl Registry {
                 routing: None,
                 aliases: BTreeMap::new(),
                 standby: BTreeMap::new(),
+                variables: Arc::default(),
             });
         f.public = info.public;
         f.versions.insert(entry.record.version, entry);
@@ -254,6 +258,18 @@ impl Registry {
         true
     }
 
+    /// Replaces a function's variable values at once; false when there is no such function.
+    pub fn set_variables(&self, name: &str, variables: Arc<FunctionVariables>) -> bool {
+        let mut map = self.functions.write().unwrap_or_else(|p| p.into_inner());
+        let Some(f) = map.get(name) else {
+            return false;
+        };
+        let mut f = (**f).clone();
+        f.variables = variables;
+        map.insert(name.to_string(), Arc::new(f));
+        true
+    }
+
     /// Removes a function; returns it so its versions can be unloaded.
     pub fn remove(&self, name: &str) -> Option<Arc<FunctionEntry>> {
         let mut map = self.functions.write().unwrap_or_else(|p| p.into_inner());
@@ -303,6 +319,7 @@ mod tests {
             outbound: Vec::new(),
             created_at: 0,
             validation: None,
+            variables: Default::default(),
         }
     }
 

@@ -151,6 +151,7 @@ impl Runtime {
                 Arc::default(),
                 super::Outbound::deny_all(),
                 None,
+                &[],
             ),
         );
         store.limiter(|s| &mut s.limits);

@@ -66,6 +66,9 @@ impl Runtime {
         crate::nn::host::add_to_linker(&mut linker, super::state::nn_view)
             .map_err(anyhow::Error::from)
             .context("linking wasi:nn")?;
+        wasmtime_wasi_config::add_to_linker(&mut linker, super::state::config_view)
+            .map_err(anyhow::Error::from)
+            .context("linking wasi:config")?;
 
         let mut hasher = std::collections::hash_map::DefaultHasher::new();
         engine.precompile_compatibility_hash().hash(&mut hasher);

@@ -73,12 +73,13 @@ pub enum InvokeError {
 }
 
 impl Runtime {
-    /// Runs one request on a fresh instance of `loaded`.
+    /// Runs one request on a fresh instance of `loaded`, its guest seeing `vars`.
     pub async fn invoke<B>(
         &self,
         loaded: Arc<LoadedVersion>,
         models: Arc<VersionModels>,
         outbound: &Outbound,
+        vars: &[(String, String)],
         req: http::Request<B>,
         timings: &mut Timings,
     ) -> InvokeOutcome
@@ -106,6 +107,7 @@ impl Runtime {
                 timings.usage.clone(),
                 outbound.clone(),
                 timings.log.clone(),
+                vars,
             ),
         );
         store.limiter(|s| &mut s.limits);

@@ -63,6 +63,13 @@ pub struct LoadedVersion {
     pub(super) limits: Limits,
 }
 
+impl LoadedVersion {
+    /// The function it is a version of.
+    pub fn function(&self) -> &str {
+        &self.function
+    }
+}
+
 type Slot = Arc<OnceCell<Arc<LoadedVersion>>>;
 
 /// The LRU of loaded versions, and the kept ones.

@@ -1,5 +1,6 @@
-//! `HostState`: the data of one request's `Store` — WASI, wasi-http and wasi-nn contexts,
-//! the resource table they share, and the store limits. Built fresh for every request.
+//! `HostState`: the data of one request's `Store` — WASI, wasi-http, wasi-nn and
+//! wasi-config contexts, the resource table they share, and the store limits. Built fresh
+//! for every request.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -7,6 +8,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use wasmtime::component::ResourceTable;
 use wasmtime::{ResourceLimiter, StoreLimits, StoreLimitsBuilder};
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
+use wasmtime_wasi_config::{WasiConfig, WasiConfigVariables};
 use wasmtime_wasi_http::{WasiHttpCtx, WasiHttpCtxView, WasiHttpView};
 
 use super::outbound::{Outbound, OutboundHooks};
@@ -32,6 +34,8 @@ pub struct HostState {
     table: ResourceTable,
     hooks: OutboundHooks,
     nn: NnCtx,
+    /// The version's variables as this request resolved them (`wasi:config/store`).
+    config: WasiConfigVariables,
     pub(crate) limits: MeteredLimits,
 }
 
@@ -117,9 +121,12 @@ impl ResourceLimiter for MeteredLimits {
 }
 
 impl HostState {
-    /// A sandbox with no filesystem, no environment, no sockets, and outbound HTTP only
-    /// where `outbound` allows it. `nn` gives the guest its version's models; `usage`
-    /// receives what it used; `log` keeps what it prints for the function's authors.
+    /// A sandbox with no filesystem, no sockets, and outbound HTTP only where `outbound`
+    /// allows it. `nn` gives the guest its version's models; `vars` its variables, through
+    /// `wasi:config/store` and as environment variables (`api_key` as `API_KEY`), the only
+    /// environment it sees; `usage` receives what it used; `log` keeps what it prints for
+    /// the function's authors.
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         function: &Arc<str>,
         limits: &Limits,
@@ -127,15 +134,19 @@ impl HostState {
         usage: Arc<GuestUsage>,
         outbound: Outbound,
         log: Option<RequestLog>,
+        vars: &[(String, String)],
     ) -> Self {
-        let wasi = WasiCtx::builder()
-            .stdout(GuestLog::new(function.clone(), "stdout", log.clone()))
+        let mut wasi = WasiCtx::builder();
+        wasi.stdout(GuestLog::new(function.clone(), "stdout", log.clone()))
             .stderr(GuestLog::new(function.clone(), "stderr", log))
             .allow_tcp(false)
             .allow_udp(false)
             .allow_ip_name_lookup(false)
-            .max_random_size(MAX_RANDOM_BYTES)
-            .build();
+            .max_random_size(MAX_RANDOM_BYTES);
+        for (key, value) in vars {
+            wasi.env(crate::deploy::variables::env_name(key), value);
+        }
+        let wasi = wasi.build();
         let mut http = WasiHttpCtx::new();
         http.set_field_size_limit(MAX_FIELDS_BYTES);
         let mut table = ResourceTable::new();
@@ -146,6 +157,7 @@ impl HostState {
             table,
             hooks: OutboundHooks(outbound),
             nn,
+            config: WasiConfigVariables::from_iter(vars.iter().cloned()),
             limits: MeteredLimits {
                 inner: StoreLimitsBuilder::new()
                     .memory_size((limits.memory_mb as usize) << 20)
@@ -157,6 +169,11 @@ impl HostState {
             },
         }
     }
+}
+
+/// The `wasi:config` view of a request's state (the linker's accessor).
+pub(super) fn config_view(s: &mut HostState) -> WasiConfig<'_> {
+    WasiConfig::from(&s.config)
 }
 
 /// The `wasi:nn` view of a request's state (the linker's accessor).

@@ -106,6 +106,7 @@ pub async fn handle(
     id: &HeaderValue,
 ) -> Result<Response<Body>, ApiError> {
     let (target, rest) = parse_fn_path(req.uri().path())?;
+    let alias = target.alias.map(Arc::<str>::from);
     let Admit {
         entry,
         tenant,
@@ -117,6 +118,7 @@ pub async fn handle(
     let head = req.method() == http::Method::HEAD;
     let mut usage = Usage::new(app, &entry, tenant, id, placement.is_some(), head);
     usage.routed = routed;
+    usage.alias = alias;
     let rest = rest.to_string();
     let req = req.map(|b| paced(b, MinRate::of(&app.config.server)));
     let cacheable = placement.is_some() && !responses::bypass(req.method(), req.headers());
@@ -142,9 +144,15 @@ pub async fn handle(
         false => Input::Stream(req),
     };
     let copy = match (&input, shadowed) {
-        (Input::Whole(w), Some(to)) => {
-            Some(shadow::copy_of(&w.parts, &w.body, &rest, id, owner, to))
-        }
+        (Input::Whole(w), Some(to)) => Some(shadow::copy_of(
+            &w.parts,
+            &w.body,
+            &rest,
+            id,
+            owner,
+            to,
+            usage.alias.clone(),
+        )),
         _ => None,
     };
     let served = match (placement, input) {
@@ -411,6 +419,7 @@ where
     };
     usage.cold = cold.is_some();
     usage.guest = Some((timings.usage.clone(), timings.inference.clone()));
+    let vars = guest_vars(app, entry, usage.alias.as_deref())?;
     let instance = app.metrics.instance();
     let outcome = app
         .runtime
@@ -418,6 +427,7 @@ where
             loaded,
             entry.models.clone(),
             &entry.outbound,
+            &vars,
             Request::from_parts(parts, body),
             &mut timings,
         )
@@ -443,6 +453,22 @@ where
         usage.prediction = prediction_of(&p);
     }
     Ok((resp, admitted, timings))
+}
+
+/// The variables `entry`'s guest sees on a request through `alias`: none unless its
+/// version declares some.
+pub(super) fn guest_vars(
+    app: &App,
+    entry: &VersionEntry,
+    alias: Option<&str>,
+) -> Result<Vec<(String, String)>, ApiError> {
+    if entry.record.variables.is_empty() {
+        return Ok(Vec::new());
+    }
+    let Some(f) = app.registry.function(&entry.record.function) else {
+        return Ok(Vec::new());
+    };
+    Ok(f.variables.resolve(&entry.record.variables, alias)?)
 }
 
 pub(super) fn content_length<B>(req: &Request<B>) -> Option<u64> {

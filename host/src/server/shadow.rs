@@ -41,6 +41,8 @@ pub(super) struct ShadowCopy {
     body: Bytes,
     rest: String,
     request_id: HeaderValue,
+    /// The alias the primary came through: the copy sees that alias's variables.
+    alias: Option<Arc<str>>,
 }
 
 /// Whether a request drawn for the shadow can be copied: not `HEAD` (its body is never
@@ -62,6 +64,7 @@ pub(super) fn copy_of(
     request_id: &HeaderValue,
     owner: Arc<str>,
     to: Arc<VersionEntry>,
+    alias: Option<Arc<str>>,
 ) -> ShadowCopy {
     let mut copy = Request::new(()).into_parts().0;
     copy.method = parts.method.clone();
@@ -75,6 +78,7 @@ pub(super) fn copy_of(
         body: body.clone(),
         rest: rest.to_string(),
         request_id: request_id.clone(),
+        alias,
     }
 }
 
@@ -181,6 +185,7 @@ async fn compare(
     let head = copy.parts.method == http::Method::HEAD;
     let mut usage = Usage::new(app, &to, copy.tenant.clone(), &id, false, head);
     usage.shadow = true;
+    usage.alias = copy.alias;
     let mut parts = copy.parts;
     // Like the primary's, the caller's key never reaches a guest (`run` strips it too).
     parts.headers.remove(header::AUTHORIZATION);

@@ -32,6 +32,8 @@ pub(super) struct Usage {
     pub(super) shadow: bool,
     /// Routed by the main policy: counted in what rollout gates judge.
     pub(super) routed: bool,
+    /// The alias the request came through (`/fn/{name}:{alias}/`): picks its variables.
+    pub(super) alias: Option<Arc<str>>,
     request_id: String,
     start_ms: i64,
     pub(super) started: Instant,
@@ -72,6 +74,7 @@ impl Usage {
             written: false,
             shadow: false,
             routed: false,
+            alias: None,
             request_id: request_id.to_str().unwrap_or_default().to_string(),
             start_ms: crate::unix_ms(),
             started: Instant::now(),

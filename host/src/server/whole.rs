@@ -112,9 +112,11 @@ pub(super) async fn cached(
         Some(q) => format!("{rest}?{q}"),
         None => rest.to_string(),
     };
+    let vars = super::data_plane::guest_vars(app, entry, usage.alias.as_deref())?;
     let key = responses::key(
         at.scope,
         &record.digest,
+        &vars,
         &parts.method,
         &path_and_query,
         vary,

@@ -1,7 +1,8 @@
 //! `kiln store copy`: a single-node installation (the data dir's SQLite files and blob
 //! folder) moved into a cluster's PostgreSQL database and bucket, with nothing lost:
 //! functions, versions (their ids and numbers), policies, aliases, history, rollouts, model
-//! monitors' buckets, references and bins, blob owners, the sticky-hash secret, API keys, the
+//! monitors' buckets, references and bins, variables (secrets still sealed: give the
+//! cluster's nodes the data dir's `secrets.key` as `KILN_SECRETS_KEY`), blob owners, the sticky-hash secret, API keys, the
 //! audit log and the usage ledger, row for row, and every blob. (Not the answers kept for
 //! `Idempotency-Key` retries: they live a day, and a retry across the move starts afresh.)
 //!
@@ -85,8 +86,24 @@ const TABLES: &[Table] = &[
             ("signer", Text),
             ("outbound", Text),
             ("validation", Text),
+            ("variables", Text),
         ],
         serial: Some("id"),
+        replace_on: None,
+    },
+    Table {
+        file: "kiln.db",
+        name: "variables",
+        columns: &[
+            ("function", Text),
+            ("scope", Text),
+            ("key", Text),
+            ("value", Bytes),
+            ("secret", Bool),
+            ("updated_ms", Int),
+            ("updated_by", Text),
+        ],
+        serial: None,
         replace_on: None,
     },
     Table {

@@ -113,5 +113,6 @@ pub fn open_sqlite(
 pub use meta::{
     Claim, Expect, FunctionInfo, KEEP_BUCKETS_MS, MetaStore, ModelKey, NewVersion, NodeReport,
     NotOwner, PgMeta, PublishedStats, Replayed, RolloutMoved, SqliteMeta, StaleRevision, Stored,
-    StoredAnswer, StoredBucket, StoredReference, StoredState, TrafficChange, VersionRecord,
+    StoredAnswer, StoredBucket, StoredReference, StoredState, TrafficChange, VariablesChange,
+    VersionRecord,
 };

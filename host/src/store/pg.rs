@@ -30,6 +30,7 @@ pub const MIGRATIONS: &[&str] = &[
     include_str!("schema/postgres_6.sql"),
     include_str!("schema/postgres_7.sql"),
     include_str!("schema/postgres_8.sql"),
+    include_str!("schema/postgres_9.sql"),
 ];
 
 /// Opens a pool on `url` (`postgres://user[:password]@host[:port]/dbname`) and brings the

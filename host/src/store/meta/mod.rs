@@ -32,6 +32,7 @@ mod sqlite;
 mod sqlite_cluster;
 mod sqlite_monitor;
 mod sqlite_traffic;
+mod variables;
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -44,6 +45,7 @@ pub use monitor::{KEEP_BUCKETS_MS, ModelKey, StoredBucket, StoredReference};
 pub use postgres::PgMeta;
 pub use rollouts::{Expect, RolloutMoved};
 pub use sqlite::SqliteMeta;
+pub use variables::VariablesChange;
 
 use crate::cache::CacheSpec;
 use crate::common::{Digest, Limits};
@@ -78,6 +80,9 @@ pub struct VersionRecord {
     /// Its `[validate]` settings and what the cases got at deploy.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub validation: Option<crate::monitor::validate::Validation>,
+    /// The variables its guests may read (`[variables]`).
+    #[serde(skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub variables: crate::deploy::variables::Declared,
 }
 
 /// Who owns a function and who may call it.
@@ -131,6 +136,8 @@ pub struct NewVersion {
     pub public: Option<bool>,
     /// The validation it passed at deploy.
     pub validation: Option<crate::monitor::validate::Validation>,
+    /// The variables its guests may read.
+    pub variables: crate::deploy::variables::Declared,
 }
 
 impl NewVersion {
@@ -149,6 +156,7 @@ impl NewVersion {
             outbound: self.outbound.clone(),
             created_at,
             validation: self.validation.clone(),
+            variables: self.variables.clone(),
         }
     }
 }
@@ -224,6 +232,8 @@ pub struct StoredState {
     pub aliases: Vec<(String, String, String, u64)>,
     /// The rollouts running or paused.
     pub rollouts: Vec<Rollout>,
+    /// Every function's variable values.
+    pub variables: Vec<crate::deploy::variables::StoredValue>,
 }
 
 /// The metadata store, on whichever backend the server was started with.
@@ -340,6 +350,7 @@ impl MetaStore {
                 traffic: s.traffic()?,
                 aliases: s.aliases()?,
                 rollouts: s.active_rollouts()?,
+                variables: s.variables(None)?,
             }),
             MetaStore::Postgres(p) => p.state().await,
         }
@@ -383,6 +394,7 @@ struct RawVersion {
     signer: Option<String>,
     outbound: String,
     validation: Option<String>,
+    variables: String,
 }
 
 impl RawVersion {
@@ -416,6 +428,8 @@ impl RawVersion {
                 .map(|v| serde_json::from_str(&v))
                 .transpose()
                 .with_context(|| corrupt("validation"))?,
+            variables: serde_json::from_str(&self.variables)
+                .with_context(|| corrupt("variables"))?,
         })
     }
 }
@@ -428,6 +442,7 @@ struct VersionFields {
     rate: Option<String>,
     outbound: String,
     validation: Option<String>,
+    variables: String,
 }
 
 impl VersionFields {
@@ -443,6 +458,7 @@ impl VersionFields {
                 .as_ref()
                 .map(serde_json::to_string)
                 .transpose()?,
+            variables: serde_json::to_string(&new.variables)?,
         })
     }
 }

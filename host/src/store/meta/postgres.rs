@@ -19,7 +19,7 @@ pub struct PgMeta {
 }
 
 const VERSION_COLUMNS: &str = "id, function, version, digest, size, timeout_ms, memory_mb,
-    max_concurrency, created_at, nn, cache, rate, signer, outbound, validation";
+    max_concurrency, created_at, nn, cache, rate, signer, outbound, validation, variables";
 
 fn raw_version(r: &tokio_postgres::Row) -> RawVersion {
     RawVersion {
@@ -38,6 +38,7 @@ fn raw_version(r: &tokio_postgres::Row) -> RawVersion {
         signer: r.get(12),
         outbound: r.get(13),
         validation: r.get(14),
+        variables: r.get(15),
     }
 }
 
@@ -135,8 +136,8 @@ impl PgMeta {
             .query_one(
                 "INSERT INTO versions (function, version, digest, size, timeout_ms, memory_mb,
                                        max_concurrency, created_at, nn, cache, rate, signer,
-                                       outbound, validation)
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)
+                                       outbound, validation, variables)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15)
                  RETURNING id",
                 &[
                     &new.function,
@@ -153,6 +154,7 @@ impl PgMeta {
                     &new.signer,
                     &fields.outbound,
                     &fields.validation,
+                    &fields.variables,
                 ],
             )
             .await?
@@ -185,6 +187,7 @@ impl PgMeta {
             traffic: traffic_on(&tx).await?,
             aliases: aliases_on(&tx).await?,
             rollouts: active_rollouts_on(&tx).await?,
+            variables: super::variables::variables_on(&tx, None).await?,
         };
         tx.commit().await?;
         Ok(state)
@@ -487,7 +490,7 @@ async fn aliases_on(c: &impl GenericClient) -> anyhow::Result<Vec<(String, Strin
         .collect())
 }
 
-async fn insert_history(
+pub(super) async fn insert_history(
     tx: &impl GenericClient,
     function: &str,
     at_ms: i64,

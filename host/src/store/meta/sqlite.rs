@@ -115,6 +115,18 @@ CREATE TABLE IF NOT EXISTS monitor_profiles (
     made_ms     INTEGER NOT NULL,
     PRIMARY KEY (function, version, model)
 );
+-- Variable values of functions (store/meta/variables.rs): scope '' for every request, else
+-- the alias whose requests they are for; a secret's value sealed.
+CREATE TABLE IF NOT EXISTS variables (
+    function    TEXT NOT NULL REFERENCES functions(name) ON DELETE CASCADE,
+    scope       TEXT NOT NULL,
+    key         TEXT NOT NULL,
+    value       BLOB NOT NULL,
+    secret      INTEGER NOT NULL,
+    updated_ms  INTEGER NOT NULL,
+    updated_by  TEXT,
+    PRIMARY KEY (function, scope, key)
+);
 -- Which tenants uploaded each blob: a manifest may only name blobs its tenant holds.
 CREATE TABLE IF NOT EXISTS blob_owners (
     digest      TEXT NOT NULL,
@@ -162,6 +174,7 @@ CREATE TABLE IF NOT EXISTS versions (
     signer          TEXT,                        -- publisher key of a signed bundle
     outbound        TEXT NOT NULL DEFAULT '[]',  -- JSON allowed_outbound_hosts
     validation      TEXT,                        -- JSON Validation: [validate] and its result
+    variables       TEXT NOT NULL DEFAULT '{}',  -- JSON [variables]: keys, defaults, secret
     UNIQUE (function, version)
 );
 ";
@@ -180,6 +193,7 @@ impl SqliteMeta {
             ("versions", "signer", "TEXT"),
             ("versions", "outbound", "TEXT NOT NULL DEFAULT '[]'"),
             ("versions", "validation", "TEXT"),
+            ("versions", "variables", "TEXT NOT NULL DEFAULT '{}'"),
             ("version_seq", "last_signed_at", "INTEGER"),
             ("functions", "tenant", "TEXT NOT NULL DEFAULT 'default'"),
             ("functions", "public", "INTEGER NOT NULL DEFAULT 0"),
@@ -291,8 +305,8 @@ impl SqliteMeta {
         tx.execute(
             "INSERT INTO versions (function, version, digest, size, timeout_ms, memory_mb,
                                    max_concurrency, created_at, nn, cache, rate, signer,
-                                   outbound, validation)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)",
+                                   outbound, validation, variables)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)",
             params![
                 new.function,
                 version,
@@ -307,7 +321,8 @@ impl SqliteMeta {
                 fields.rate,
                 new.signer,
                 fields.outbound,
-                fields.validation
+                fields.validation,
+                fields.variables
             ],
         )?;
         let id = tx.last_insert_rowid();
@@ -325,7 +340,7 @@ impl SqliteMeta {
         let mut stmt = conn.prepare(
             "SELECT id, function, version, digest, size, timeout_ms, memory_mb,
                     max_concurrency, created_at, nn, cache, rate, signer, outbound,
-                    validation
+                    validation, variables
              FROM versions ORDER BY id",
         )?;
         let rows = stmt.query_map([], |r| {
@@ -345,6 +360,7 @@ impl SqliteMeta {
                 signer: r.get(12)?,
                 outbound: r.get(13)?,
                 validation: r.get(14)?,
+                variables: r.get(15)?,
             })
         })?;
         let mut out = Vec::new();

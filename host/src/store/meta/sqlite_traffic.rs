@@ -208,7 +208,7 @@ impl SqliteMeta {
     }
 }
 
-fn insert_history(
+pub(super) fn insert_history(
     tx: &rusqlite::Transaction<'_>,
     function: &str,
     at_ms: i64,

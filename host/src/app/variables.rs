@@ -1,0 +1,170 @@
+//! Setting and removing a function's variable values: checked, secrets sealed with this
+//! node's key, stored with a history entry, then applied to the registry at once, so the
+//! next request sees them (other nodes as soon as they see the change).
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use super::{Actor, App};
+use crate::deploy::FunctionEntry;
+use crate::deploy::variables::{
+    self, FunctionVariables, MAX_VARIABLES, SECRETS_KEY_ENV, StoredValue,
+};
+use crate::store::VariablesChange;
+
+/// Most values one function may hold, over every alias.
+pub const MAX_VALUES: usize = 1024;
+
+/// Why a change of variables was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum VariablesError {
+    #[error("function {0:?} does not exist")]
+    NoFunction(String),
+    #[error("{0}")]
+    Invalid(String),
+    /// A secret without a key to seal it with.
+    #[error(
+        "this server has no secrets key, so it cannot keep secrets: start every node with {SECRETS_KEY_ENV} set to the same 32-byte key (64 hex digits)"
+    )]
+    NoSecretsKey,
+    #[error(transparent)]
+    Internal(#[from] anyhow::Error),
+}
+
+/// One value to set.
+#[derive(Debug, Clone)]
+pub struct SetValue {
+    pub key: String,
+    pub value: String,
+    /// Asked to be secret; a key declared secret, or already holding a secret, is one anyway.
+    pub secret: bool,
+}
+
+impl App {
+    /// Sets `set` and removes `unset` in one change of `name`'s values for the requests
+    /// through `alias` (`None` or `default`: every request without an alias of its own).
+    pub async fn change_variables(
+        &self,
+        name: &str,
+        alias: Option<&str>,
+        set: Vec<SetValue>,
+        unset: Vec<String>,
+        by: &Actor,
+    ) -> Result<(), VariablesError> {
+        let _publishing = self.publishing().await;
+        let f = self
+            .owned(name, by)
+            .map_err(|_| VariablesError::NoFunction(name.to_string()))?;
+        let scope = match alias {
+            None | Some(crate::deploy::DEFAULT_ALIAS) => "",
+            Some(a) => {
+                crate::deploy::validate_name(a)
+                    .map_err(|e| VariablesError::Invalid(format!("alias: {e}")))?;
+                a
+            }
+        };
+        if set.is_empty() && unset.is_empty() {
+            return Err(VariablesError::Invalid("nothing to set or unset".into()));
+        }
+        if set.len() + unset.len() > MAX_VARIABLES {
+            return Err(VariablesError::Invalid(format!(
+                "{} changes at once; at most {MAX_VARIABLES}",
+                set.len() + unset.len()
+            )));
+        }
+        let mut sealed = Vec::with_capacity(set.len());
+        for v in &set {
+            variables::validate_key(&v.key).map_err(VariablesError::Invalid)?;
+            variables::validate_value(&v.key, &v.value).map_err(VariablesError::Invalid)?;
+            if unset.contains(&v.key) || set.iter().filter(|o| o.key == v.key).count() > 1 {
+                return Err(VariablesError::Invalid(format!(
+                    "variable {:?} is named twice in one change",
+                    v.key
+                )));
+            }
+            let secret = v.secret || is_secret(&f, scope, &v.key);
+            let bytes = match secret {
+                true => self
+                    .secrets_key
+                    .as_ref()
+                    .ok_or(VariablesError::NoSecretsKey)?
+                    .seal(name, scope, &v.key, &v.value)?,
+                false => v.value.clone().into_bytes(),
+            };
+            sealed.push((v.key.as_str(), bytes, secret));
+        }
+        for key in &unset {
+            variables::validate_key(key).map_err(VariablesError::Invalid)?;
+        }
+        let held = f.variables.iter().count();
+        let new = set
+            .iter()
+            .filter(|v| !f.variables.iter().any(|(s, k, _)| s == scope && k == v.key))
+            .count();
+        if held + new > MAX_VALUES {
+            return Err(VariablesError::Invalid(format!(
+                "function {name:?} would hold {} values; at most {MAX_VALUES}",
+                held + new
+            )));
+        }
+        let change = VariablesChange {
+            scope,
+            set: sealed,
+            unset: unset.iter().map(String::as_str).collect(),
+            actor: by.key_id.as_deref(),
+            created_at: f.created_at,
+        };
+        if !self.meta.change_variables(name, &change).await? {
+            return Err(VariablesError::NoFunction(name.to_string()));
+        }
+        let rows = self.meta.variables(Some(name)).await?;
+        let opened = FunctionVariables::open(&rows, self.secrets_key.as_ref());
+        self.registry.set_variables(name, Arc::new(opened));
+        tracing::info!(
+            function = name,
+            alias = scope,
+            set = set.len(),
+            unset = unset.len(),
+            "variables changed"
+        );
+        Ok(())
+    }
+
+    /// Applies the stored values of every function this node holds (at start, and when
+    /// another node changed something); the caller holds the publishing lock.
+    pub(super) fn apply_variables(&self, rows: Vec<StoredValue>) {
+        let mut by_function: HashMap<String, Vec<StoredValue>> = HashMap::new();
+        for row in rows {
+            by_function
+                .entry(row.function.clone())
+                .or_default()
+                .push(row);
+        }
+        for f in self.registry.functions() {
+            let rows = by_function.remove(&f.name).unwrap_or_default();
+            let opened = FunctionVariables::open(&rows, self.secrets_key.as_ref());
+            if opened != *f.variables {
+                let unreadable = opened.unreadable();
+                if !unreadable.is_empty() {
+                    tracing::warn!(
+                        function = f.name,
+                        ?unreadable,
+                        "secret variables do not open with this node's secrets key: requests to versions that declare them fail"
+                    );
+                }
+                self.registry.set_variables(&f.name, Arc::new(opened));
+            }
+        }
+    }
+}
+
+/// Whether `key` must be kept secret: a version of `f` declares it so, or the value in
+/// `scope` is one already (a secret is never turned into plain text by a careless set).
+fn is_secret(f: &FunctionEntry, scope: &str, key: &str) -> bool {
+    f.versions
+        .values()
+        .any(|v| v.record.variables.get(key).is_some_and(|d| d.secret))
+        || f.variables
+            .iter()
+            .any(|(s, k, v)| s == scope && k == key && v.secret)
+}
