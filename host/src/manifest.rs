@@ -48,10 +48,16 @@ pub const MANIFEST_FILE: &str = "kiln.toml";
 pub const DEFAULT_RUST_BUILD: &str = "cargo build --release --target wasm32-wasip2";
 
 /// A parsed `kiln.toml`.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
+#[schemars(
+    title = "kiln.toml",
+    description = "A Kiln function: its component, models, limits, caching, variables and validation. Unknown keys are an error."
+)]
 pub struct Manifest {
-    /// Function name (what `/fn/{name}/` serves).
+    /// Function name (what `/fn/{name}/` serves): 1-63 of a-z, 0-9, '-' and '_', starting
+    /// with a letter or digit.
+    #[schemars(pattern(r"^[a-z0-9][a-z0-9_-]{0,62}$"))]
     pub name: String,
     /// Path of the built component, relative to the manifest.
     pub component: PathBuf,
@@ -63,6 +69,7 @@ pub struct Manifest {
     pub limits: LimitsSpec,
     /// Models by the name guests load them with.
     #[serde(default)]
+    #[schemars(extend("propertyNames" = {"pattern": r"^[a-z0-9][a-z0-9_-]{0,62}$"}))]
     pub models: BTreeMap<String, ModelSpec>,
     /// `wasi:nn` options.
     #[serde(default)]
@@ -82,6 +89,10 @@ pub struct Manifest {
     /// Settings guests read (`wasi:config/store`, and environment variables): a default, or
     /// `secret = true` for a value set with `kiln vars set --secret`.
     #[serde(default)]
+    #[schemars(extend(
+        "propertyNames" = {"pattern": "^[a-z][a-z0-9_]{0,63}$"},
+        "maxProperties" = crate::deploy::variables::MAX_VARIABLES,
+    ))]
     pub variables: crate::deploy::variables::Declared,
     /// The directory holding the manifest (not part of the file).
     #[serde(skip)]
@@ -89,7 +100,7 @@ pub struct Manifest {
 }
 
 /// One `[models.<name>]` table.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ModelSpec {
     /// Model file, relative to the manifest.
@@ -111,7 +122,7 @@ pub struct ModelSpec {
 
 /// One `[models.<name>.monitor]` table: the reference file (if any) and how to watch the
 /// model.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct MonitorTable {
     /// Reference rows in the model's input layout (`.npy`, or `.npz` with one array per
@@ -121,12 +132,15 @@ pub struct MonitorTable {
     pub reference: Option<PathBuf>,
     /// Share of requests whose tensors are summarised (default 100).
     #[serde(default)]
+    #[schemars(range(max = 100))]
     pub sample_percent: Option<u8>,
     /// Per input: rows of up to this many values get a feature per value (default 64).
     #[serde(default)]
+    #[schemars(range(min = 1, max = crate::monitor::MAX_FEATURES))]
     pub max_features: Option<u32>,
     /// Per-feature score above which a feature counts as drifted (default 0.2).
     #[serde(default)]
+    #[schemars(extend("exclusiveMinimum" = 0))]
     pub drift_threshold: Option<f64>,
 }
 
@@ -144,7 +158,7 @@ impl MonitorTable {
 }
 
 /// The `[validate]` table: a cases file and what a version must score on it.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ValidateTable {
     /// One request per line (JSON): `body` (or `body_base64`), optional `method`, `path`,
@@ -152,9 +166,11 @@ pub struct ValidateTable {
     pub cases: PathBuf,
     /// Share of the labelled cases that must be predicted right (default 1).
     #[serde(default)]
+    #[schemars(range(min = 0, max = 1))]
     pub min_accuracy: Option<f64>,
     /// Highest p99 latency of the cases in milliseconds (default: not judged).
     #[serde(default)]
+    #[schemars(range(min = 1))]
     pub max_p99_ms: Option<u64>,
 }
 
@@ -170,7 +186,7 @@ impl ValidateTable {
 }
 
 /// The `[build]` table.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct BuildSpec {
     /// Shell command run in the manifest's directory.

@@ -238,6 +238,40 @@ fn values_reach_the_next_request_per_alias_and_secrets_never_come_back() {
     );
     assert!(!history.to_string().contains(SECRET) && !audit.to_string().contains(SECRET));
 
+    // A version that declares a variable secret seals the value it had in clear: the
+    // guest still reads it; the API shows it as a secret from then on.
+    let digest = server.get("/v1/functions/vars/versions/1").json()["digest"].clone();
+    let v2 = server.deploy_manifest(
+        "vars",
+        &json!({
+            "component": digest,
+            "variables": {
+                "greeting": {"default": "hello"},
+                "api_key": {"secret": true},
+                "region": {"secret": true}
+            }
+        }),
+    );
+    assert_eq!(v2.status, 201, "{}", v2.text());
+    assert_eq!(read(&server, "vars", "region"), some("eu"));
+    let listed = server.get("/v1/functions/vars/variables").json();
+    let region = listed["variables"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|v| v["key"] == "region")
+        .unwrap();
+    assert_eq!(region["secret"], true, "{listed}");
+    assert!(region.get("value").is_none(), "{listed}");
+    let history = server.get("/v1/functions/vars/history").json();
+    let sealed = &history["history"][0];
+    assert_eq!(sealed["kind"], "variables", "{history}");
+    assert_eq!(
+        sealed["detail"]["set"],
+        json!([{"key": "region", "secret": true}]),
+        "{history}"
+    );
+
     // Another tenant sees none of it and changes nothing.
     let (other, _) = server.create_key("tenant-b", &["deploy:*", "invoke:*"], None);
     let a = server.call_as(&other, "GET", "/v1/functions/vars/variables", b"");
@@ -257,7 +291,7 @@ fn values_reach_the_next_request_per_alias_and_secrets_never_come_back() {
     assert_eq!(read(&server, "vars", "api_key"), some(SECRET));
     assert_eq!(read(&server, "vars:staging", "greeting"), some("staged"));
     server.terminate();
-    // The secret is nowhere in clear: not in the databases, not in the server's log.
+    // The secrets are nowhere in clear: not in the databases, not in the server's log.
     nowhere_in_files(&server.data_dir, SECRET);
 
     // Under another key the secret does not open: its requests fail with a clear error,

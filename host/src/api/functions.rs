@@ -61,7 +61,7 @@ pub struct CreateVersion {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub validate: Option<crate::monitor::validate::ValidateSpec>,
     /// Variables guests may read: `{"key": {"default": "x"}}` or `{"key": {"secret": true}}`;
-    /// values are set with `PATCH /v1/functions/{name}/variables`.
+    /// values are set with `POST /v1/functions/{name}/variables`.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub variables: crate::deploy::variables::Declared,
 }
@@ -88,7 +88,7 @@ pub struct ModelDecl {
 }
 
 /// The `[nn]` options of a version.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct NnOptions {
     /// Lets guests pass models of up to this many MiB to `graph.load`; unset: refused.

@@ -18,8 +18,9 @@ use crate::server::{Body, json_response};
 /// Largest change accepted, in bytes (64 values of 16 KiB, and their names).
 const MAX_CHANGE_BYTES: usize = 1100 << 10;
 
-/// One value of a change: the text, or `{"value", "secret"}`.
-#[derive(Debug, Deserialize)]
+/// One value of a change: the text, or `{"value", "secret"}` (no `Debug`: it may be a
+/// secret).
+#[derive(Deserialize)]
 #[serde(untagged)]
 enum NewValue {
     Text(String),
@@ -31,7 +32,7 @@ enum NewValue {
 }
 
 /// The body of `POST /v1/functions/{name}/variables`.
-#[derive(Debug, Deserialize)]
+#[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct Change {
     /// The alias whose requests the values are for; none (or `default`): every request.
@@ -71,15 +72,18 @@ pub(super) fn get(app: &Arc<App>, name: &str, query: &str) -> Result<Response<Bo
         .iter()
         .filter(|(s, _, _)| alias.is_none() || Some(*s) == scope.or(Some("")))
         .map(|(s, key, v)| {
+            // A value set in clear before a version declared its key secret is shown as
+            // the secret it has become.
+            let secret = v.secret || crate::app::is_secret(&f, key);
             let mut json = serde_json::json!({
                 "key": key,
-                "secret": v.secret,
+                "secret": secret,
                 "updated_at": format_time(v.updated_ms),
             });
             if !s.is_empty() {
                 json["alias"] = s.into();
             }
-            match (&v.text, v.secret) {
+            match (&v.text, secret) {
                 (Some(text), false) => json["value"] = (**text).into(),
                 (None, true) => json["unreadable"] = true.into(),
                 _ => {}

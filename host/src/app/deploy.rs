@@ -329,6 +329,9 @@ impl App {
         self.runtime.insert_loaded(record.id, loaded);
         self.register(record.clone(), &info, models);
         drop(publishing);
+        if record.variables.values().any(|d| d.secret) {
+            self.seal_declared(function, &record.variables).await;
+        }
         tracing::info!(function, version = record.version, %component, models = record.nn.models.len(), "deployed");
         Ok(Deployed::Version(Box::new(record)))
     }

@@ -38,7 +38,7 @@ pub use drift::{MergedWindow, ReferenceError};
 pub use ready::node_id;
 pub use rollout::Control;
 pub use traffic::{Actor, TrafficError};
-pub use variables::{SetValue, VariablesError};
+pub use variables::{SetValue, VariablesError, is_secret};
 
 /// Everything a running server shares between requests.
 pub struct App {

@@ -53,15 +53,15 @@ impl App {
         let outbound = self
             .outbound(&by.outbound, timeout_ms)
             .map_err(DeployError::Validation)?;
-        // The cases see what requests on the main route will: the function's values (it is
-        // the deployer's: ownership was checked first), else the defaults.
-        let vars = self
-            .registry
-            .function(loaded.function())
-            .map(|f| f.variables.clone())
-            .unwrap_or_default()
-            .resolve(&by.variables, None)
-            .map_err(|e| DeployError::Validation(e.to_string()))?;
+        // The cases see what requests on the main route will: the function's values if it
+        // is still the deployer's (it may have been deleted and made again by someone else
+        // while this version compiled), else the defaults.
+        let vars = match self.registry.function(loaded.function()) {
+            Some(f) if by.admin || *f.owner == *by.tenant => f.variables.clone(),
+            _ => Arc::default(),
+        }
+        .resolve(&by.variables, None)
+        .map_err(|e| DeployError::Validation(e.to_string()))?;
         let mut results = Vec::with_capacity(cases.len());
         for case in &cases {
             let mut req = http::Request::builder()

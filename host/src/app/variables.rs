@@ -32,12 +32,22 @@ pub enum VariablesError {
 }
 
 /// One value to set.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct SetValue {
     pub key: String,
     pub value: String,
     /// Asked to be secret; a key declared secret, or already holding a secret, is one anyway.
     pub secret: bool,
+}
+
+/// Never prints the value.
+impl std::fmt::Debug for SetValue {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SetValue")
+            .field("key", &self.key)
+            .field("secret", &self.secret)
+            .finish_non_exhaustive()
+    }
 }
 
 impl App {
@@ -82,7 +92,7 @@ impl App {
                     v.key
                 )));
             }
-            let secret = v.secret || is_secret(&f, scope, &v.key);
+            let secret = v.secret || is_secret(&f, &v.key);
             let bytes = match secret {
                 true => self
                     .secrets_key
@@ -107,27 +117,77 @@ impl App {
                 held + new
             )));
         }
+        let at_ms = crate::unix_ms();
+        let unset: Vec<&str> = unset.iter().map(String::as_str).collect();
+        // What memory holds next: the change as made, applied to the values as held (read
+        // back from the store, a failed read would leave a stored change unapplied here).
+        let in_clear: Vec<(&str, &str, bool)> = set
+            .iter()
+            .zip(&sealed)
+            .map(|(v, (_, _, secret))| (v.key.as_str(), v.value.as_str(), *secret))
+            .collect();
+        let next = f
+            .variables
+            .changed(scope, &in_clear, &unset, at_ms, by.key_id.as_deref());
         let change = VariablesChange {
             scope,
             set: sealed,
-            unset: unset.iter().map(String::as_str).collect(),
+            unset,
             actor: by.key_id.as_deref(),
             created_at: f.created_at,
+            owner: &f.owner,
+            at_ms,
         };
         if !self.meta.change_variables(name, &change).await? {
             return Err(VariablesError::NoFunction(name.to_string()));
         }
-        let rows = self.meta.variables(Some(name)).await?;
-        let opened = FunctionVariables::open(&rows, self.secrets_key.as_ref());
-        self.registry.set_variables(name, Arc::new(opened));
+        self.registry.set_variables(name, Arc::new(next));
         tracing::info!(
             function = name,
             alias = scope,
             set = set.len(),
-            unset = unset.len(),
+            unset = change.unset.len(),
             "variables changed"
         );
         Ok(())
+    }
+
+    /// Seals the values `name` holds in clear for the keys a version just deployed declares
+    /// secret (set before that version existed): from now on they are kept and shown as
+    /// secrets. Without a secrets key they stay as they are, and the log says so.
+    pub(super) async fn seal_declared(&self, name: &str, declared: &variables::Declared) {
+        let Some(f) = self.registry.function(name) else {
+            return;
+        };
+        let mut by_scope: HashMap<&str, Vec<SetValue>> = HashMap::new();
+        for (scope, key, v) in f.variables.iter() {
+            if let (Some(text), false, Some(d)) = (&v.text, v.secret, declared.get(key))
+                && d.secret
+            {
+                by_scope.entry(scope).or_default().push(SetValue {
+                    key: key.to_string(),
+                    value: text.to_string(),
+                    secret: true,
+                });
+            }
+        }
+        let owner = Actor {
+            key_id: None,
+            tenant: Some(f.owner.to_string()),
+        };
+        for (scope, set) in by_scope {
+            let alias = (!scope.is_empty()).then_some(scope);
+            if let Err(e) = self
+                .change_variables(name, alias, set, Vec::new(), &owner)
+                .await
+            {
+                tracing::warn!(
+                    function = name,
+                    alias = scope,
+                    "sealing the values a new version declares secret: {e:#}"
+                );
+            }
+        }
     }
 
     /// Applies the stored values of every function this node holds (at start, and when
@@ -158,13 +218,12 @@ impl App {
     }
 }
 
-/// Whether `key` must be kept secret: a version of `f` declares it so, or the value in
-/// `scope` is one already (a secret is never turned into plain text by a careless set).
-fn is_secret(f: &FunctionEntry, scope: &str, key: &str) -> bool {
+/// Whether `key` must be kept secret: a version of `f` declares it so, or one of its
+/// values (for any alias) is one already (a secret is never turned into plain text by a
+/// careless set).
+pub fn is_secret(f: &FunctionEntry, key: &str) -> bool {
     f.versions
         .values()
         .any(|v| v.record.variables.get(key).is_some_and(|d| d.secret))
-        || f.variables
-            .iter()
-            .any(|(s, k, v)| s == scope && k == key && v.secret)
+        || f.variables.iter().any(|(_, k, v)| k == key && v.secret)
 }

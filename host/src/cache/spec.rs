@@ -12,7 +12,7 @@ use std::time::Duration;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 /// A version's caching: inference results (on by default) and whole responses (opt-in).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CacheSpec {
     /// Cache `wasi:nn` compute results of identical inputs.
@@ -37,13 +37,14 @@ impl Default for CacheSpec {
 }
 
 /// The `responses = { ... }` policy.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ResponsePolicy {
     /// How long a stored response is served (`"60s"`, `"5m"`, `"1h 30m"`).
     pub ttl: Ttl,
     /// Most responses kept for one version (least recently used beyond).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
     pub max_entries: Option<u64>,
     /// Request headers that are part of the key (lower-cased).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -72,6 +73,20 @@ impl Ttl {
 impl Serialize for Ttl {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         s.serialize_str(&humantime::format_duration(self.0).to_string())
+    }
+}
+
+impl schemars::JsonSchema for Ttl {
+    fn schema_name() -> std::borrow::Cow<'static, str> {
+        "Ttl".into()
+    }
+
+    fn json_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+        schemars::json_schema!({
+            "type": "string",
+            "description": "A duration from 1ms to 7 days: \"60s\", \"500ms\", \"2m 30s\".",
+            "pattern": r"^\s*[0-9]+\s*[a-zµ]+(\s*[0-9]+\s*[a-zµ]+)*\s*$"
+        })
     }
 }
 

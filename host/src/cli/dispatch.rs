@@ -2,7 +2,7 @@
 
 use super::{
     BudgetsCommand, Cli, Command, KeysCommand, Output, StoreCommand, accounts, cluster, commands,
-    logs, monitor, serve, traffic, vars,
+    logs, monitor, schema, serve, traffic, vars,
 };
 
 /// Runs a parsed command line.
@@ -278,6 +278,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             server,
         } => monitor::quality(&server.client()?, &name, version, window.as_deref(), output),
         Command::Vars { command } => vars::run(command, output),
+        Command::Schema { command } => schema::run(command, output),
         Command::History { name, server } => traffic::history(&server.client()?, &name, output),
         Command::Rollback {
             name,

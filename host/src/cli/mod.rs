@@ -8,6 +8,7 @@ mod commands;
 mod dispatch;
 mod logs;
 mod monitor;
+mod schema;
 mod serve;
 mod traffic;
 mod vars;
@@ -523,6 +524,11 @@ pub enum Command {
         /// Where to write the secret key.
         #[arg(long, default_value = "kiln-signing.key")]
         out: PathBuf,
+    },
+    /// JSON Schemas of Kiln's files: `kiln schema manifest > kiln.schema.json`, for editors.
+    Schema {
+        #[command(subcommand)]
+        command: schema::SchemaCommand,
     },
     /// Print a shell completion script: `kiln completions bash > /etc/bash_completion.d/kiln`.
     Completions { shell: clap_complete::Shell },

@@ -75,6 +75,20 @@ impl Serialize for Rate {
     }
 }
 
+impl schemars::JsonSchema for Rate {
+    fn schema_name() -> std::borrow::Cow<'static, str> {
+        "Rate".into()
+    }
+
+    fn json_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+        schemars::json_schema!({
+            "type": "string",
+            "description": "Requests per second, minute or hour: \"100/s\", \"600/m\", \"1000/h\".",
+            "pattern": r"^\s*0*[1-9][0-9]{0,9}\s*/\s*(s|sec|second|m|min|minute|h|hour)\s*$"
+        })
+    }
+}
+
 impl<'de> Deserialize<'de> for Rate {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let s = String::deserialize(d)?;

@@ -30,11 +30,16 @@ pub const SECRETS_KEY_ENV: &str = "KILN_SECRETS_KEY";
 pub const SECRETS_KEY_FILE: &str = "secrets.key";
 
 /// One variable a version declares.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
+#[schemars(extend("not" = {
+    "required": ["secret", "default"],
+    "properties": {"secret": {"const": true}}
+}))]
 pub struct VariableDecl {
     /// The value when none is set; never allowed for a secret (kiln.toml is not secret).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = MAX_VALUE_BYTES))]
     pub default: Option<String>,
     /// Sealed at rest and never shown once set.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
@@ -201,7 +206,7 @@ fn read_or_make_key_file(path: &Path) -> anyhow::Result<[u8; 32]> {
 }
 
 /// One value as a node holds it.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Clone, PartialEq, Eq)]
 pub struct Value {
     /// The value in clear; `None`: a secret this node could not open (no key, or another).
     pub text: Option<Arc<str>>,
@@ -210,6 +215,17 @@ pub struct Value {
     pub updated_ms: i64,
     /// The key id that set it.
     pub updated_by: Option<String>,
+}
+
+/// Never prints the value: a secret must not reach a log through a `{:?}`.
+impl std::fmt::Debug for Value {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Value")
+            .field("set", &self.text.is_some())
+            .field("secret", &self.secret)
+            .field("updated_ms", &self.updated_ms)
+            .finish_non_exhaustive()
+    }
 }
 
 /// One stored value, as the database keeps it (a secret sealed).
@@ -229,9 +245,10 @@ pub struct StoredValue {
 /// A request's variable that cannot be given to its guest.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error(
-    "secret variable {key:?} cannot be opened on this node: its {SECRETS_KEY_ENV} is not the key the value was sealed with (or it has none); set the same key on every node, or set the value again"
+    "a secret variable of this function cannot be opened on this node: its {SECRETS_KEY_ENV} is not the key the value was sealed with (or it has none); the operator sets the same key on every node, or the value is set again"
 )]
 pub struct Unreadable {
+    /// The variable (kept out of the message: callers of a public function see it).
     pub key: String,
 }
 
@@ -280,6 +297,38 @@ impl FunctionVariables {
                 s => format!("{s}/{k}"),
             })
             .collect()
+    }
+
+    /// These values after one change in `scope`: `set` (key, text, secret) replacing what
+    /// was there, `unset` removed, stamped `at_ms` and `by`.
+    pub fn changed(
+        &self,
+        scope: &str,
+        set: &[(&str, &str, bool)],
+        unset: &[&str],
+        at_ms: i64,
+        by: Option<&str>,
+    ) -> FunctionVariables {
+        let mut next = self.clone();
+        let keys = next.scopes.entry(scope.to_string()).or_default();
+        for (key, text, secret) in set {
+            keys.insert(
+                key.to_string(),
+                Value {
+                    text: Some(Arc::from(*text)),
+                    secret: *secret,
+                    updated_ms: at_ms,
+                    updated_by: by.map(str::to_string),
+                },
+            );
+        }
+        for key in unset {
+            keys.remove(*key);
+        }
+        if keys.is_empty() {
+            next.scopes.remove(scope);
+        }
+        next
     }
 
     /// Every value: (scope, key, value), by scope then key.

@@ -42,11 +42,13 @@ pub enum BatchSpec {
 }
 
 /// How far one run may grow: rows at most, and the longest a batch waits to fill.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Limits {
+    #[schemars(range(min = 1, max = MAX_ROWS))]
     pub max_rows: u32,
     #[serde(default)]
+    #[schemars(range(max = MAX_WAIT_US))]
     pub max_wait_us: u64,
 }
 
@@ -89,6 +91,20 @@ impl Serialize for BatchSpec {
             BatchSpec::Auto => s.serialize_str("auto"),
             BatchSpec::Fixed(l) => l.serialize(s),
         }
+    }
+}
+
+impl schemars::JsonSchema for BatchSpec {
+    fn schema_name() -> std::borrow::Cow<'static, str> {
+        "BatchSpec".into()
+    }
+
+    fn json_schema(generator: &mut schemars::SchemaGenerator) -> schemars::Schema {
+        let limits = generator.subschema_for::<Limits>();
+        schemars::json_schema!({
+            "description": "How the model's computes merge: \"off\" (default), \"auto\" (measured at load), or { max_rows, max_wait_us }.",
+            "oneOf": [{"enum": ["off", "auto"]}, limits]
+        })
     }
 }
 

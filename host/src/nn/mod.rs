@@ -132,7 +132,9 @@ pub fn open(
 pub const WASI_NN_PACKAGE: &str = "wasi:nn@0.2.0-rc-2024-10-28";
 
 /// Where a model asks to run.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, Default)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, Default, schemars::JsonSchema,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum Target {
     /// Always the CPU.
@@ -153,7 +155,7 @@ pub enum Device {
 }
 
 /// An inference engine.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum BackendKind {
     /// tract: pure Rust, CPU.
@@ -205,7 +207,9 @@ impl fmt::Display for Target {
 }
 
 /// Model file formats. Only ONNX today; the field exists so manifests say what they carry.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, Default)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, Default, schemars::JsonSchema,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum Encoding {
     #[default]

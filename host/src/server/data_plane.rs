@@ -113,12 +113,14 @@ pub async fn handle(
         owner,
         routed,
         shadow: shadowed,
+        variables,
     } = admit(app, &req, target)?;
     let placement = &entry.responses;
     let head = req.method() == http::Method::HEAD;
     let mut usage = Usage::new(app, &entry, tenant, id, placement.is_some(), head);
     usage.routed = routed;
     usage.alias = alias;
+    usage.variables = variables;
     let rest = rest.to_string();
     let req = req.map(|b| paced(b, MinRate::of(&app.config.server)));
     let cacheable = placement.is_some() && !responses::bypass(req.method(), req.headers());
@@ -151,7 +153,7 @@ pub async fn handle(
             id,
             owner,
             to,
-            usage.alias.clone(),
+            (usage.alias.clone(), usage.variables.clone()),
         )),
         _ => None,
     };
@@ -211,6 +213,9 @@ struct Admit {
     routed: bool,
     /// The shadow version the request is to be copied to, if drawn and eligible.
     shadow: Option<Arc<VersionEntry>>,
+    /// The function's variable values as admitted: what its guests read, even if the
+    /// function is deleted and made again (by anyone) while the request waits.
+    variables: Arc<crate::deploy::variables::FunctionVariables>,
 }
 
 /// Checks who calls (a key of the owning tenant with an invoke scope, or anyone for a
@@ -305,6 +310,7 @@ fn admit(app: &App, req: &Request<Incoming>, target: FnTarget<'_>) -> Result<Adm
         owner: f.owner.clone(),
         routed: forced.is_none() && alias.is_none_or(|a| a == crate::deploy::DEFAULT_ALIAS),
         shadow,
+        variables: f.variables.clone(),
     })
 }
 
@@ -419,7 +425,7 @@ where
     };
     usage.cold = cold.is_some();
     usage.guest = Some((timings.usage.clone(), timings.inference.clone()));
-    let vars = guest_vars(app, entry, usage.alias.as_deref())?;
+    let vars = guest_vars(entry, usage)?;
     let instance = app.metrics.instance();
     let outcome = app
         .runtime
@@ -455,20 +461,18 @@ where
     Ok((resp, admitted, timings))
 }
 
-/// The variables `entry`'s guest sees on a request through `alias`: none unless its
-/// version declares some.
+/// The variables `entry`'s guest sees on `usage`'s request: its function's values as
+/// admitted, for the alias it came through; none unless the version declares some.
 pub(super) fn guest_vars(
-    app: &App,
     entry: &VersionEntry,
-    alias: Option<&str>,
+    usage: &Usage,
 ) -> Result<Vec<(String, String)>, ApiError> {
     if entry.record.variables.is_empty() {
         return Ok(Vec::new());
     }
-    let Some(f) = app.registry.function(&entry.record.function) else {
-        return Ok(Vec::new());
-    };
-    Ok(f.variables.resolve(&entry.record.variables, alias)?)
+    Ok(usage
+        .variables
+        .resolve(&entry.record.variables, usage.alias.as_deref())?)
 }
 
 pub(super) fn content_length<B>(req: &Request<B>) -> Option<u64> {

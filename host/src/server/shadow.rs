@@ -26,6 +26,7 @@ use super::body::full;
 use super::data_plane;
 use super::usage::Usage;
 use crate::app::App;
+use crate::deploy::variables::FunctionVariables;
 use crate::deploy::{Admitted, VersionEntry};
 use crate::meter::Outcome;
 
@@ -41,8 +42,9 @@ pub(super) struct ShadowCopy {
     body: Bytes,
     rest: String,
     request_id: HeaderValue,
-    /// The alias the primary came through: the copy sees that alias's variables.
-    alias: Option<Arc<str>>,
+    /// The alias the primary came through and the values it was admitted with: the copy
+    /// sees that alias's variables.
+    vars: (Option<Arc<str>>, Arc<FunctionVariables>),
 }
 
 /// Whether a request drawn for the shadow can be copied: not `HEAD` (its body is never
@@ -64,7 +66,7 @@ pub(super) fn copy_of(
     request_id: &HeaderValue,
     owner: Arc<str>,
     to: Arc<VersionEntry>,
-    alias: Option<Arc<str>>,
+    vars: (Option<Arc<str>>, Arc<FunctionVariables>),
 ) -> ShadowCopy {
     let mut copy = Request::new(()).into_parts().0;
     copy.method = parts.method.clone();
@@ -78,7 +80,7 @@ pub(super) fn copy_of(
         body: body.clone(),
         rest: rest.to_string(),
         request_id: request_id.clone(),
-        alias,
+        vars,
     }
 }
 
@@ -185,7 +187,7 @@ async fn compare(
     let head = copy.parts.method == http::Method::HEAD;
     let mut usage = Usage::new(app, &to, copy.tenant.clone(), &id, false, head);
     usage.shadow = true;
-    usage.alias = copy.alias;
+    (usage.alias, usage.variables) = copy.vars;
     let mut parts = copy.parts;
     // Like the primary's, the caller's key never reaches a guest (`run` strips it too).
     parts.headers.remove(header::AUTHORIZATION);

@@ -112,7 +112,7 @@ pub(super) async fn cached(
         Some(q) => format!("{rest}?{q}"),
         None => rest.to_string(),
     };
-    let vars = super::data_plane::guest_vars(app, entry, usage.alias.as_deref())?;
+    let vars = super::data_plane::guest_vars(entry, usage)?;
     let key = responses::key(
         at.scope,
         &record.digest,

@@ -662,6 +662,8 @@ async fn variables_change_in_one_go_with_history_and_go_with_their_function_on_e
             unset,
             actor: Some("key1"),
             created_at: info.created_at,
+            owner: "t",
+            at_ms: 1_800_000_000_000,
         };
         let made = change(
             "",
@@ -674,6 +676,10 @@ async fn variables_change_in_one_go_with_history_and_go_with_their_function_on_e
             meta.change_variables("v", &staging).await.expect("alias"),
             "{b}"
         );
+        let rows = meta.variables(Some("v")).await.expect("read");
+        let flags: Vec<_> = rows.iter().map(|r| (r.key.as_str(), r.secret)).collect();
+        assert_eq!(flags, vec![("a", false), ("s", true), ("a", false)], "{b}");
+        assert_eq!(rows[1].value, b"\x00sealed", "{b}: the bytes as given");
         let unset = change("", vec![("a", b"3", false)], vec!["s", "absent"]);
         assert!(
             meta.change_variables("v", &unset).await.expect("unset"),
@@ -700,6 +706,7 @@ async fn variables_change_in_one_go_with_history_and_go_with_their_function_on_e
             "{b}"
         );
         assert_eq!(rows[0].updated_by.as_deref(), Some("key1"), "{b}");
+        assert_eq!(rows[0].updated_ms, 1_800_000_000_000, "{b}");
         assert_eq!(meta.state().await.expect("state").variables, rows, "{b}");
         // The history names keys, never values.
         let history = meta.history("v", 10, None, None).await.expect("history");
@@ -721,6 +728,15 @@ async fn variables_change_in_one_go_with_history_and_go_with_their_function_on_e
         stale.created_at -= 1;
         assert!(
             !meta.change_variables("v", &stale).await.expect("stale"),
+            "{b}"
+        );
+        let mut other_owner = change("", vec![("b", b"x", false)], vec![]);
+        other_owner.owner = "u";
+        assert!(
+            !meta
+                .change_variables("v", &other_owner)
+                .await
+                .expect("owner"),
             "{b}"
         );
         assert!(

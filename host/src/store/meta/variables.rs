@@ -22,9 +22,12 @@ pub struct VariablesChange<'a> {
     pub unset: Vec<&'a str>,
     /// The key id that made the change.
     pub actor: Option<&'a str>,
-    /// When the function was made (unix seconds): a function deleted and made again since
-    /// the caller looked is not changed.
+    /// When the function was made (unix seconds) and by which tenant: a function deleted
+    /// and made again since the caller looked is not changed.
     pub created_at: i64,
+    pub owner: &'a str,
+    /// When the change is made (unix ms): the values' `updated_ms`.
+    pub at_ms: i64,
 }
 
 impl VariablesChange<'_> {
@@ -45,8 +48,8 @@ impl VariablesChange<'_> {
 
 impl MetaStore {
     /// Applies `change` to `function`'s values with its history entry, in one transaction;
-    /// false (and nothing changed) when the function is not the one made at
-    /// `change.created_at`.
+    /// false (and nothing changed) when the function is not the one `change.owner` made
+    /// at `change.created_at`.
     pub async fn change_variables(
         &self,
         function: &str,
@@ -72,17 +75,17 @@ impl SqliteMeta {
     ) -> anyhow::Result<bool> {
         let mut conn = self.conn();
         let tx = conn.transaction()?;
-        let made: Option<i64> = tx
+        let made: Option<(i64, String)> = tx
             .query_row(
-                "SELECT created_at FROM functions WHERE name = ?1",
+                "SELECT created_at, tenant FROM functions WHERE name = ?1",
                 [function],
-                |r| r.get(0),
+                |r| Ok((r.get(0)?, r.get(1)?)),
             )
             .optional()?;
-        if made != Some(change.created_at) {
+        if made != Some((change.created_at, change.owner.to_string())) {
             return Ok(false);
         }
-        let now = crate::unix_ms();
+        let now = change.at_ms;
         for (key, value, secret) in &change.set {
             tx.execute(
                 "INSERT INTO variables (function, scope, key, value, secret, updated_ms, updated_by)
@@ -141,17 +144,17 @@ impl PgMeta {
         let mut client = self.client().await?;
         let tx = client.transaction().await?;
         // The function's row lock orders this change with deletes and deploys.
-        let made: Option<i64> = tx
+        let made: Option<(i64, String)> = tx
             .query_opt(
-                "SELECT created_at FROM functions WHERE name = $1 FOR UPDATE",
+                "SELECT created_at, tenant FROM functions WHERE name = $1 FOR UPDATE",
                 &[&function],
             )
             .await?
-            .map(|r| r.get(0));
-        if made != Some(change.created_at) {
+            .map(|r| (r.get(0), r.get(1)));
+        if made != Some((change.created_at, change.owner.to_string())) {
             return Ok(false);
         }
-        let now = crate::unix_ms();
+        let now = change.at_ms;
         for (key, value, secret) in &change.set {
             tx.execute(
                 "INSERT INTO variables (function, scope, key, value, secret, updated_ms, updated_by)
