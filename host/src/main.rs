@@ -9,14 +9,18 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> std::process::ExitCode {
     quiet_library_backtraces();
-    tracing_subscriber::fmt()
+    let cli = kiln_host::cli::Cli::parse();
+    let logs = tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("KILN_LOG")
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
-        .with_writer(std::io::stderr)
-        .init();
-    let cli = kiln_host::cli::Cli::parse();
+        .with_writer(std::io::stderr);
+    match cli.log_format {
+        kiln_host::cli::LogFormat::Text => logs.init(),
+        // One object per line, the event's fields beside time, level and target.
+        kiln_host::cli::LogFormat::Json => logs.json().flatten_event(true).init(),
+    }
     let output = cli.output;
     match kiln_host::cli::run(cli) {
         Ok(()) => std::process::ExitCode::SUCCESS,

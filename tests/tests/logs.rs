@@ -153,3 +153,91 @@ fn a_request_s_output_is_found_by_its_id_streamed_and_kept_from_other_tenants() 
     assert_eq!(server.deploy_as(&a_key, "talker", "echo", "").status, 201);
     assert_eq!(lines(&server, &a_key, "").1["lines"], Value::Array(vec![]));
 }
+
+/// The server's own log as JSON lines: every line one object.
+fn json_log(server: &TestServer) -> Vec<Value> {
+    server
+        .log()
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+        .collect()
+}
+
+#[test]
+fn the_access_log_has_a_json_line_per_request_with_its_id() {
+    let server = TestServer::launch(
+        kiln_tests::temp_dir("access-log"),
+        None,
+        kiln_tests::Launch {
+            args: vec!["--access-log".into()],
+            env: vec![("KILN_LOG_FORMAT".into(), "json".into())],
+            ..kiln_tests::Launch::default()
+        },
+    )
+    .unwrap_or_else(|log| panic!("kiln serve exited before serving:\n{log}"));
+    server.deploy_example("hello", "hello", "");
+    let a = server.request("GET", "/fn/hello/", &[], b"");
+    assert_eq!(a.status, 200, "{}", a.text());
+    let id = a.header("x-kiln-request-id").unwrap().to_string();
+    let missing = server.request("GET", "/fn/nothing/", &[], b"");
+    assert_eq!(missing.status, 404);
+    let listed = server.get("/v1/functions");
+    let listed_id = listed.header("x-kiln-request-id").unwrap().to_string();
+
+    // The data plane's line is written as its body ends: wait for it.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let line = loop {
+        let found = json_log(&server)
+            .into_iter()
+            .find(|l| l["target"] == "kiln::access" && l["request_id"] == id.as_str());
+        if let Some(l) = found {
+            break l;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no access line for {id}:\n{}",
+            server.log()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(
+        (
+            &line["function"],
+            &line["version"],
+            &line["status"],
+            &line["outcome"]
+        ),
+        (
+            &Value::from("hello"),
+            &Value::from(1),
+            &Value::from(200),
+            &Value::from("ok")
+        ),
+        "{line}"
+    );
+    assert_eq!(line["tenant"], "default", "{line}");
+    assert!(line["duration_ms"].as_f64().unwrap() > 0.0, "{line}");
+    assert_eq!(line["level"], "INFO", "{line}");
+    // The control plane's requests too, by method and path.
+    let log = json_log(&server);
+    let api = log
+        .iter()
+        .find(|l| l["target"] == "kiln::access" && l["request_id"] == listed_id.as_str())
+        .unwrap_or_else(|| panic!("no access line for GET /v1/functions:\n{}", server.log()));
+    assert_eq!(
+        (&api["method"], &api["path"], &api["status"]),
+        (
+            &Value::from("GET"),
+            &Value::from("/v1/functions"),
+            &Value::from(200)
+        )
+    );
+    // A request for no function is answered before any function is named: the front door's line.
+    assert!(
+        log.iter()
+            .any(|l| l["target"] == "kiln::access" && l["status"] == 404),
+        "{}",
+        server.log()
+    );
+}

@@ -22,6 +22,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             tls_key,
             config,
             insecure,
+            access_log,
         } => serve::run(
             crate::config::Overrides {
                 listen,
@@ -34,6 +35,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             },
             config,
             insecure,
+            access_log,
         ),
         Command::Build { dir, embed_models } => commands::build(&dir, embed_models, output),
         Command::Deploy {

@@ -30,8 +30,28 @@ pub struct Cli {
     /// How client commands print their answers, errors included.
     #[arg(long, short = 'o', global = true, value_enum, default_value_t)]
     pub output: Output,
+    /// How log lines are written to stderr: text, or JSON lines (one object per event,
+    /// its fields at the top level: request_id, function, version, status, ...).
+    #[arg(
+        long,
+        global = true,
+        value_enum,
+        default_value_t,
+        env = "KILN_LOG_FORMAT"
+    )]
+    pub log_format: LogFormat,
     #[command(subcommand)]
     pub command: Command,
+}
+
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    /// For people: time, level, target, message and fields on one line.
+    #[default]
+    Text,
+    /// For collectors: one JSON object per line.
+    Json,
 }
 
 /// How a client command prints what it got.
@@ -233,6 +253,9 @@ pub enum Command {
         /// (any address) or making an admin key (loopback).
         #[arg(long)]
         insecure: bool,
+        /// Log one line per request (target kiln::access) [config: server.access_log].
+        #[arg(long, env = "KILN_ACCESS_LOG")]
+        access_log: bool,
     },
     /// Build the function in DIR with the command its kiln.toml names.
     Build {

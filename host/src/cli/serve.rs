@@ -8,7 +8,12 @@ use anyhow::Context;
 use crate::app::App;
 use crate::config::{ConfigFile, Overrides, ServerConfig};
 
-pub fn run(flags: Overrides, config: Option<PathBuf>, insecure: bool) -> anyhow::Result<()> {
+pub fn run(
+    flags: Overrides,
+    config: Option<PathBuf>,
+    insecure: bool,
+    access_log: bool,
+) -> anyhow::Result<()> {
     let file = match &config {
         Some(path) => ConfigFile::load(path)?,
         None => ConfigFile::default(),
@@ -18,6 +23,7 @@ pub fn run(flags: Overrides, config: Option<PathBuf>, insecure: bool) -> anyhow:
         .ok()
         .filter(|k| !k.is_empty());
     config.auth.insecure = insecure;
+    config.server.access_log |= access_log;
     raise_open_files_limit(config.server.max_connections);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

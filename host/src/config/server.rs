@@ -68,6 +68,9 @@ pub struct ServerLimits {
     /// The URL clients reach this server at (behind a proxy or a load balancer), used in
     /// the URLs the API returns; unset: the request's `Host` with this server's scheme.
     pub public_url: Option<String>,
+    /// One log line per request (target `kiln::access`): request id, tenant, function,
+    /// version, status, outcome, duration... (`--access-log`, `KILN_ACCESS_LOG`).
+    pub access_log: bool,
 }
 
 /// The certificate chain and private key files of the listener.
@@ -94,6 +97,7 @@ impl Default for ServerLimits {
             tls_cert: None,
             tls_key: None,
             public_url: None,
+            access_log: false,
         }
     }
 }

@@ -105,8 +105,21 @@ pub async fn handle(
     req: Request<Incoming>,
     id: &HeaderValue,
 ) -> Result<Response<Body>, ApiError> {
-    let (target, rest) = parse_fn_path(req.uri().path())?;
-    let alias = target.alias.map(Arc::<str>::from);
+    let started = app.config.server.access_log.then(Instant::now);
+    let admitted = parse_fn_path(req.uri().path())
+        .and_then(|(target, rest)| Ok((admit(app, &req, target)?, target.alias, rest)));
+    let (admitted, alias, rest) = match admitted {
+        Ok(a) => a,
+        // Refused before a version was chosen: no usage record, so the line is the front
+        // door's (those of admitted requests are written with their record).
+        Err(e) => {
+            if let Some(started) = started {
+                super::router::access_line(id, req.method(), req.uri().path(), e.status(), started);
+            }
+            return Err(e);
+        }
+    };
+    let alias = alias.map(Arc::<str>::from);
     let Admit {
         entry,
         tenant,
@@ -114,7 +127,7 @@ pub async fn handle(
         routed,
         shadow: shadowed,
         variables,
-    } = admit(app, &req, target)?;
+    } = admitted;
     let placement = &entry.responses;
     let head = req.method() == http::Method::HEAD;
     let mut usage = Usage::new(app, &entry, tenant, id, placement.is_some(), head);

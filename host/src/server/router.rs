@@ -36,6 +36,16 @@ fn request_id(node: &str) -> HeaderValue {
 /// Handles one request from any connection.
 pub async fn handle(app: Arc<App>, req: Request<Incoming>) -> Response<Body> {
     let id = request_id(&app.node_id);
+    // The data plane's requests are logged as they end (their body may stream on), with
+    // their function and outcome; the others here, when their answer is ready.
+    let access =
+        (app.config.server.access_log && !req.uri().path().starts_with("/fn/")).then(|| {
+            (
+                std::time::Instant::now(),
+                req.method().clone(),
+                req.uri().path().to_string(),
+            )
+        });
     let path = req.uri().path();
     let mut resp = if path.starts_with("/fn/") {
         let _counted = app.metrics.request();
@@ -77,10 +87,50 @@ pub async fn handle(app: Arc<App>, req: Request<Incoming>) -> Response<Body> {
         if let ApiError::Auth(a) = &e {
             app.metrics.refused(a.reason());
         }
+        log_error(&e, &id);
         error_response(&e)
     });
+    if let Some((started, method, path)) = access {
+        access_line(&id, &method, &path, resp.status(), started);
+    }
     resp.headers_mut().insert(REQUEST_ID, id);
     resp
+}
+
+/// One access-log line of a request that names no function version (`[server] access_log`).
+pub(super) fn access_line(
+    id: &HeaderValue,
+    method: &http::Method,
+    path: &str,
+    status: StatusCode,
+    started: std::time::Instant,
+) {
+    let status = status.as_u16();
+    tracing::info!(
+        target: "kiln::access",
+        request_id = id.to_str().unwrap_or_default(),
+        method = method.as_str(),
+        path,
+        status,
+        duration_ms = started.elapsed().as_secs_f64() * 1000.0,
+        "{status} {method} {path}"
+    );
+}
+
+/// Logs a 5xx once, with the request's id (a 4xx is the client's business).
+fn log_error(e: &ApiError, id: &HeaderValue) {
+    if !e.status().is_server_error() {
+        return;
+    }
+    let request_id = id.to_str().unwrap_or_default();
+    match e {
+        ApiError::Invoke(_) | ApiError::Overloaded(_) => {
+            tracing::info!(request_id, code = e.code(), "{e:#}")
+        }
+        // A flood answered fast must not become a flood of log lines.
+        ApiError::Busy(_) => tracing::debug!(request_id, code = e.code(), "{e:#}"),
+        _ => tracing::error!(request_id, code = e.code(), "{e:#}"),
+    }
 }
 
 /// A JSON response with `status`.
@@ -94,19 +144,10 @@ pub fn json_response(status: StatusCode, value: &serde_json::Value) -> Response<
     resp
 }
 
-/// The one conversion of an [`ApiError`] into a response; 5xx are logged here, once.
+/// The one conversion of an [`ApiError`] into a response (5xx are logged by the caller,
+/// with the request's id).
 pub fn error_response(e: &ApiError) -> Response<Body> {
     let status = e.status();
-    if status.is_server_error() {
-        match e {
-            ApiError::Invoke(_) | ApiError::Overloaded(_) => {
-                tracing::info!(code = e.code(), "{e:#}")
-            }
-            // A flood answered fast must not become a flood of log lines.
-            ApiError::Busy(_) => tracing::debug!(code = e.code(), "{e:#}"),
-            _ => tracing::error!(code = e.code(), "{e:#}"),
-        }
-    }
     let mut resp = json_response(status, &e.to_json());
     match e {
         ApiError::Overloaded(_) | ApiError::Busy(_) => {

@@ -125,6 +125,9 @@ impl Usage {
             };
             window.record(wall, error, self.cold, hit);
         }
+        if self.app.config.server.access_log {
+            self.access_log(outcome, status, bytes_out, wall);
+        }
         let ledger = self.app.ledger.as_ref()?;
         let us = |d: Duration| d.as_micros() as u64;
         let bytes_in = self
@@ -167,6 +170,28 @@ impl Usage {
         };
         r.cost = self.app.config.pricing.cost(&r);
         ledger.submit(r)
+    }
+
+    /// One access-log line of a data-plane request, as it ends (`[server] access_log`).
+    fn access_log(&self, outcome: Outcome, status: u16, bytes_out: u64, wall: Duration) {
+        tracing::info!(
+            target: "kiln::access",
+            request_id = self.request_id,
+            tenant = &*self.tenant,
+            function = &*self.entry.function,
+            version = self.entry.record.version,
+            alias = self.alias.as_deref(),
+            shadow = self.shadow,
+            status,
+            outcome = outcome.as_str(),
+            duration_ms = wall.as_secs_f64() * 1000.0,
+            cold = self.cold,
+            cache = self.cache,
+            bytes_out,
+            "{status} {} v{}",
+            self.entry.function,
+            self.entry.record.version
+        );
     }
 
     fn strict(&self) -> bool {
