@@ -5,8 +5,15 @@
 //! Kiln (and any other `wasi:http/proxy` host, such as `wasmtime serve`) calls.
 //!
 //! ```no_run
-#![doc = include_str!("../../examples/hello/src/lib.rs")]
+//! // The smallest Kiln function (examples/hello): answers `hello` to every request.
+//! fn hello(_req: kiln_guest::Request) -> &'static str {
+//!     "hello\n"
+//! }
+//! kiln_guest::export!(hello);
 //! ```
+//!
+//! The crate reads nothing outside its own folder but `../wit/`, so `kiln new` can copy it
+//! (with the WIT files) into a function's directory that builds anywhere.
 //!
 //! Build with `cargo build --release --target wasm32-wasip2` (or `kiln build`). The SDK
 //! holds no state and adds no policy: limits, retries and caching live in the host.

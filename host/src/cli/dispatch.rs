@@ -2,7 +2,7 @@
 
 use super::{
     BudgetsCommand, Cli, Command, KeysCommand, Output, StoreCommand, accounts, cluster, commands,
-    logs, monitor, schema, serve, traffic, vars,
+    logs, monitor, new, schema, serve, traffic, vars,
 };
 
 /// Runs a parsed command line.
@@ -37,6 +37,11 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             insecure,
             access_log,
         ),
+        Command::New {
+            name,
+            template,
+            dir,
+        } => new::new(&name, template, dir.as_deref(), output),
         Command::Build { dir, embed_models } => commands::build(&dir, embed_models, output),
         Command::Deploy {
             path,

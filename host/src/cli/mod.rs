@@ -8,6 +8,7 @@ mod commands;
 mod dispatch;
 mod logs;
 mod monitor;
+mod new;
 mod schema;
 mod serve;
 mod traffic;
@@ -256,6 +257,17 @@ pub enum Command {
         /// Log one line per request (target kiln::access) [config: server.access_log].
         #[arg(long, env = "KILN_ACCESS_LOG")]
         access_log: bool,
+    },
+    /// Make a new function directory from a template: sources, kiln.toml, Cargo.toml, the
+    /// SDK and a test (tests/cases.jsonl, run by every deploy); `kiln build` works on it.
+    New {
+        /// The function's name (also its Rust crate's).
+        name: String,
+        #[arg(long, value_enum, default_value_t)]
+        template: new::Template,
+        /// Where to make it [default: ./NAME]; must not exist, or be empty.
+        #[arg(long)]
+        dir: Option<PathBuf>,
     },
     /// Build the function in DIR with the command its kiln.toml names.
     Build {

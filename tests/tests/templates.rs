@@ -1,0 +1,128 @@
+//! `kiln new` end to end: each template makes a directory outside this repository that
+//! `kiln build` builds (its copied SDK and WIT included), whose kiln.toml the parser and
+//! the schema take, and that `kiln deploy` deploys after its own tests/cases.jsonl pass;
+//! the deployed functions answer (the http one reads its variable and logs).
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use kiln_tests::{TestServer, root, temp_dir};
+
+/// `kiln new NAME --template T --dir DIR/NAME`, its target dir shared with the other
+/// templates' (one build of the common dependencies), then `kiln build`.
+fn make(dir: &Path, name: &str, template: &str) -> PathBuf {
+    let out = dir.join(name);
+    let made = Command::new(kiln_tests::kiln_bin())
+        .args(["new", name, "--template", template, "--dir"])
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert!(
+        made.status.success(),
+        "{}",
+        String::from_utf8_lossy(&made.stderr)
+    );
+    std::fs::create_dir_all(dir.join("target")).unwrap();
+    std::os::unix::fs::symlink(dir.join("target"), out.join("target")).unwrap();
+    // Not a path into this repository: the copied SDK is what it builds with.
+    let cargo = std::fs::read_to_string(out.join("Cargo.toml")).unwrap();
+    assert!(
+        cargo.contains("kiln-guest = { path = \"kiln-guest\" }"),
+        "{cargo}"
+    );
+    let built = Command::new(kiln_tests::kiln_bin())
+        .arg("build")
+        .arg(&out)
+        .current_dir(dir)
+        .output()
+        .unwrap();
+    assert!(
+        built.status.success(),
+        "kiln build of the {template} template: {}",
+        String::from_utf8_lossy(&built.stderr)
+    );
+    let checked = Command::new(kiln_tests::kiln_bin())
+        .args(["schema", "manifest", "--check"])
+        .arg(out.join("kiln.toml"))
+        .output()
+        .unwrap();
+    assert!(
+        checked.status.success(),
+        "{}",
+        String::from_utf8_lossy(&checked.stdout)
+    );
+    out
+}
+
+fn deploy(server: &TestServer, dir: &Path) -> String {
+    let out = server.cli(&["deploy", dir.to_str().unwrap()]);
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        out.status.success(),
+        "kiln deploy {}: {said}",
+        dir.display()
+    );
+    said
+}
+
+#[test]
+fn every_template_builds_outside_the_repository_passes_its_tests_and_serves() {
+    let dir = temp_dir("templates");
+    assert!(!dir.starts_with(root()), "{}", dir.display());
+    let server = TestServer::start();
+
+    let greeter = make(&dir, "greeter", "http");
+    deploy(&server, &greeter);
+    let a = server.request("GET", "/fn/greeter/?name=kiln", &[], b"");
+    assert_eq!((a.status, a.text()), (200, "Hello, kiln!\n".to_string()));
+    server.cli_ok(&["vars", "set", "greeter", "greeting=Hi"]);
+    let a = server.request("GET", "/fn/greeter/?name=kiln", &[], b"");
+    assert_eq!(a.text(), "Hi, kiln!\n");
+    let logs = server.cli_ok(&["logs", "greeter"]);
+    assert!(logs.contains("greeted kiln"), "{logs}");
+
+    let digits = make(&dir, "digits-new", "classifier");
+    deploy(&server, &digits);
+    let version = server.get("/v1/functions/digits-new/versions/1").json();
+    assert_eq!(version["validation"]["result"]["passed"], true, "{version}");
+    let pixels: Vec<u32> = vec![
+        0, 0, 7, 16, 14, 3, 0, 0, 0, 0, 9, 14, 11, 15, 0, 0, 0, 0, 1, 5, 0, 15, 5, 0, 0, 0, 0, 0,
+        0, 16, 5, 0, 0, 0, 0, 0, 3, 16, 4, 0, 0, 0, 0, 1, 12, 14, 1, 0, 0, 0, 5, 12, 16, 16, 14, 1,
+        0, 0, 8, 16, 14, 10, 13, 3,
+    ];
+    let body = serde_json::json!({"pixels": pixels}).to_string();
+    let a = server.request("POST", "/fn/digits-new/", &[], body.as_bytes());
+    assert_eq!(a.status, 200, "{}", a.text());
+    assert_eq!(a.json()["digit"], 2, "{}", a.text());
+
+    // The embedding template needs the exported model (scripts/test fetches it for the
+    // example; the template's is the same file).
+    let embed = make(&dir, "embedder", "embed");
+    let model = root().join("examples/embed/model/minilm.onnx");
+    if model.is_file() {
+        std::fs::copy(&model, embed.join("model/minilm.onnx")).unwrap();
+        deploy(&server, &embed);
+        let a = server.request(
+            "POST",
+            "/fn/embedder/embed",
+            &[("content-type", "application/json")],
+            br#"{"text": "A man is eating food."}"#,
+        );
+        assert_eq!(a.status, 200, "{}", a.text());
+    } else {
+        assert!(
+            std::env::var("CI").as_deref() != Ok("true"),
+            "CI=true but examples/embed/model/minilm.onnx is missing"
+        );
+        kiln_tests::skip(
+            "templates (embed deploy)",
+            "examples/embed/model/minilm.onnx not fetched",
+        );
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
