@@ -126,3 +126,121 @@ fn every_template_builds_outside_the_repository_passes_its_tests_and_serves() {
     }
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Lines a child prints, as they come.
+fn lines_of(child: &mut std::process::Child) -> std::sync::mpsc::Receiver<String> {
+    use std::io::BufRead;
+    let (tx, rx) = std::sync::mpsc::channel();
+    let stdout = child.stdout.take().unwrap();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+        {
+            if tx.send(line).is_err() {
+                return;
+            }
+        }
+    });
+    rx
+}
+
+/// The first line `rx` gives that `pred` takes, within a few minutes (a first build
+/// compiles the SDK's dependencies); every line seen goes into `seen`.
+fn wait_for(
+    rx: &std::sync::mpsc::Receiver<String>,
+    seen: &mut Vec<String>,
+    pred: impl Fn(&str) -> bool,
+) -> String {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(300);
+    loop {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        match rx.recv_timeout(left) {
+            Ok(line) => {
+                seen.push(line.clone());
+                if pred(&line) {
+                    return line;
+                }
+            }
+            Err(_) => panic!(
+                "kiln dev never printed the line; it printed:\n{}",
+                seen.join("\n")
+            ),
+        }
+    }
+}
+
+#[test]
+fn kiln_dev_serves_redeploys_on_a_change_and_streams_logs() {
+    let dir = temp_dir("dev");
+    let made = Command::new(kiln_tests::kiln_bin())
+        .args(["new", "devloop", "--dir"])
+        .arg(dir.join("devloop"))
+        .output()
+        .unwrap();
+    assert!(
+        made.status.success(),
+        "{}",
+        String::from_utf8_lossy(&made.stderr)
+    );
+    let fdir = dir.join("devloop");
+    // No KILN_SERVER: kiln dev starts a server of its own.
+    let mut dev = Command::new(kiln_tests::kiln_bin())
+        .arg("dev")
+        .arg(&fdir)
+        .env_remove("KILN_SERVER")
+        .env_remove("KILN_API_KEY")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let rx = lines_of(&mut dev);
+    let mut seen = Vec::new();
+    let serving = wait_for(&rx, &mut seen, |l| l.starts_with("kiln dev: serving"));
+    let url = serving
+        .split_whitespace()
+        .find(|w| w.starts_with("http://"))
+        .unwrap()
+        .to_string();
+    wait_for(&rx, &mut seen, |l| l.starts_with("kiln dev: deployed"));
+    let get = |who: &str| {
+        let resp = kiln_tests::agent()
+            .get(format!("{url}?name={who}"))
+            .call()
+            .unwrap();
+        resp.into_body().read_to_string().unwrap()
+    };
+    assert_eq!(get("a"), "Hello, a!\n");
+    wait_for(&rx, &mut seen, |l| l.ends_with("stdout: greeted a"));
+
+    // A change to a source file: built and deployed again, and served at once.
+    let src = fdir.join("src/lib.rs");
+    let text = std::fs::read_to_string(&src).unwrap();
+    std::fs::write(
+        &src,
+        text.replace("{greeting}, {who}!", "{greeting} again, {who}!"),
+    )
+    .unwrap();
+    wait_for(&rx, &mut seen, |l| l.contains("deployed devloop version 2"));
+    wait_for(&rx, &mut seen, |l| l.starts_with("kiln dev: deployed"));
+    assert_eq!(get("b"), "Hello again, b!\n");
+    wait_for(&rx, &mut seen, |l| l.contains(" v2 stdout: greeted b"));
+
+    // A broken change is reported; the last good version keeps serving.
+    std::fs::write(&src, "this is not rust").unwrap();
+    wait_for(&rx, &mut seen, |l| l == "kiln dev: waiting for a change");
+    assert_eq!(get("c"), "Hello again, c!\n");
+
+    // Its server goes with it.
+    dev.kill().unwrap();
+    dev.wait().unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while kiln_tests::agent().get(&url).call().is_ok() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the dev server outlived kiln dev"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}

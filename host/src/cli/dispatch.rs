@@ -2,7 +2,7 @@
 
 use super::{
     BudgetsCommand, Cli, Command, KeysCommand, Output, StoreCommand, accounts, cluster, commands,
-    logs, monitor, new, schema, serve, traffic, vars,
+    dev, logs, monitor, new, schema, serve, traffic, vars,
 };
 
 /// Runs a parsed command line.
@@ -42,6 +42,17 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             template,
             dir,
         } => new::new(&name, template, dir.as_deref(), output),
+        Command::Dev {
+            dir,
+            server,
+            api_key,
+            listen,
+        } => dev::dev(dev::DevArgs {
+            dir,
+            server,
+            api_key,
+            listen,
+        }),
         Command::Build { dir, embed_models } => commands::build(&dir, embed_models, output),
         Command::Deploy {
             path,

@@ -5,6 +5,7 @@ mod accounts;
 mod client;
 mod cluster;
 mod commands;
+mod dev;
 mod dispatch;
 mod logs;
 mod monitor;
@@ -268,6 +269,23 @@ pub enum Command {
         /// Where to make it [default: ./NAME]; must not exist, or be empty.
         #[arg(long)]
         dir: Option<PathBuf>,
+    },
+    /// Build and deploy the function in DIR, stream its logs, and build and deploy again on
+    /// every source change. Uses KILN_SERVER when set, else starts a server of its own
+    /// (loopback, no keys, data in DIR/.kiln-dev) for as long as it runs.
+    Dev {
+        /// Function directory (holding kiln.toml).
+        #[arg(default_value = ".")]
+        dir: PathBuf,
+        /// The server to deploy to (default: one started for the session).
+        #[arg(long, env = "KILN_SERVER")]
+        server: Option<String>,
+        /// API key for --server.
+        #[arg(long, env = "KILN_API_KEY", hide_env_values = true)]
+        api_key: Option<String>,
+        /// Where a server of its own listens (loopback; port 0: any free one).
+        #[arg(long, default_value = "127.0.0.1:0")]
+        listen: String,
     },
     /// Build the function in DIR with the command its kiln.toml names.
     Build {

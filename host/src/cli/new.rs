@@ -77,7 +77,7 @@ fn files(template: Template, name: &str) -> Vec<File> {
          [build]\n\
          command = \"cargo build --release --target wasm32-wasip2\"\n"
     );
-    let gitignore = "/target\n".to_string();
+    let gitignore = "/target\n/.kiln-dev\n".to_string();
     match template {
         Template::Http => vec![
             ("Cargo.toml", cargo_toml(name, "").into_bytes()),
@@ -203,7 +203,7 @@ fn files(template: Template, name: &str) -> Vec<File> {
             ),
             (
                 ".gitignore",
-                "/target\n/model/minilm.onnx\n/model/minilm.onnx.*\n"
+                "/target\n/.kiln-dev\n/model/minilm.onnx\n/model/minilm.onnx.*\n"
                     .to_string()
                     .into_bytes(),
             ),
