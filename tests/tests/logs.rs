@@ -152,6 +152,8 @@ fn a_request_s_output_is_found_by_its_id_streamed_and_kept_from_other_tenants() 
     }
     assert_eq!(server.deploy_as(&a_key, "talker", "echo", "").status, 201);
     assert_eq!(lines(&server, &a_key, "").1["lines"], Value::Array(vec![]));
+    // Without --access-log, requests leave no line of their own.
+    assert!(!server.log().contains("kiln::access"), "{}", server.log());
 }
 
 /// The server's own log as JSON lines: every line one object.
@@ -182,6 +184,7 @@ fn the_access_log_has_a_json_line_per_request_with_its_id() {
     let id = a.header("x-kiln-request-id").unwrap().to_string();
     let missing = server.request("GET", "/fn/nothing/", &[], b"");
     assert_eq!(missing.status, 404);
+    let missing_id = missing.header("x-kiln-request-id").unwrap().to_string();
     let listed = server.get("/v1/functions");
     let listed_id = listed.header("x-kiln-request-id").unwrap().to_string();
 
@@ -234,10 +237,13 @@ fn the_access_log_has_a_json_line_per_request_with_its_id() {
         )
     );
     // A request for no function is answered before any function is named: the front door's line.
-    assert!(
-        log.iter()
-            .any(|l| l["target"] == "kiln::access" && l["status"] == 404),
-        "{}",
-        server.log()
+    let refused = log
+        .iter()
+        .find(|l| l["target"] == "kiln::access" && l["request_id"] == missing_id.as_str())
+        .unwrap_or_else(|| panic!("no access line for the 404:\n{}", server.log()));
+    assert_eq!(
+        (&refused["status"], &refused["path"]),
+        (&Value::from(404), &Value::from("/fn/nothing/")),
+        "{refused}"
     );
 }

@@ -9,13 +9,11 @@ use std::process::Command;
 
 use kiln_tests::{TestServer, root, temp_dir};
 
-/// `kiln new NAME --template T --dir DIR/NAME`, its target dir shared with the other
-/// templates' (one build of the common dependencies), then `kiln build`.
-fn make(dir: &Path, name: &str, template: &str) -> PathBuf {
-    let out = dir.join(name);
+/// `kiln new NAME --template T --dir OUT`.
+fn kiln_new(name: &str, template: &str, out: &Path) {
     let made = Command::new(kiln_tests::kiln_bin())
         .args(["new", name, "--template", template, "--dir"])
-        .arg(&out)
+        .arg(out)
         .output()
         .unwrap();
     assert!(
@@ -23,6 +21,13 @@ fn make(dir: &Path, name: &str, template: &str) -> PathBuf {
         "{}",
         String::from_utf8_lossy(&made.stderr)
     );
+}
+
+/// `kiln new NAME --template T --dir DIR/NAME`, its target dir shared with the other
+/// templates' (one build of the common dependencies), then `kiln build`.
+fn make(dir: &Path, name: &str, template: &str) -> PathBuf {
+    let out = dir.join(name);
+    kiln_new(name, template, &out);
     std::fs::create_dir_all(dir.join("target")).unwrap();
     std::os::unix::fs::symlink(dir.join("target"), out.join("target")).unwrap();
     // Not a path into this repository: the copied SDK is what it builds with.
@@ -173,17 +178,8 @@ fn wait_for(
 #[test]
 fn kiln_dev_serves_redeploys_on_a_change_and_streams_logs() {
     let dir = temp_dir("dev");
-    let made = Command::new(kiln_tests::kiln_bin())
-        .args(["new", "devloop", "--dir"])
-        .arg(dir.join("devloop"))
-        .output()
-        .unwrap();
-    assert!(
-        made.status.success(),
-        "{}",
-        String::from_utf8_lossy(&made.stderr)
-    );
     let fdir = dir.join("devloop");
+    kiln_new("devloop", "http", &fdir);
     // No KILN_SERVER: kiln dev starts a server of its own.
     let mut dev = Command::new(kiln_tests::kiln_bin())
         .arg("dev")
@@ -202,10 +198,16 @@ fn kiln_dev_serves_redeploys_on_a_change_and_streams_logs() {
         .find(|w| w.starts_with("http://"))
         .unwrap()
         .to_string();
+    let key_line = wait_for(&rx, &mut seen, |l| l.contains("export KILN_API_KEY="));
+    let key = key_line.rsplit('=').next().unwrap().to_string();
     wait_for(&rx, &mut seen, |l| l.starts_with("kiln dev: deployed"));
+    // Its server keeps keys like any other: without one, nothing.
+    let anonymous = kiln_tests::agent().get(&url).call().unwrap();
+    assert_eq!(anonymous.status(), 401);
     let get = |who: &str| {
         let resp = kiln_tests::agent()
             .get(format!("{url}?name={who}"))
+            .header("authorization", format!("Bearer {key}"))
             .call()
             .unwrap();
         resp.into_body().read_to_string().unwrap()
@@ -235,6 +237,7 @@ fn kiln_dev_serves_redeploys_on_a_change_and_streams_logs() {
     dev.kill().unwrap();
     dev.wait().unwrap();
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    // Any answer, even a 401, means it still serves.
     while kiln_tests::agent().get(&url).call().is_ok() {
         assert!(
             std::time::Instant::now() < deadline,

@@ -282,6 +282,7 @@ impl From<DeployError> for ApiError {
             DeployError::Validation(_) => ApiError::InvalidRequest(e.to_string()),
             DeployError::ValidationFailed(v) => ApiError::ValidationFailed(v),
             DeployError::Blob(b) => ApiError::Blob(b),
+            DeployError::Variables(v) => v.into(),
             DeployError::Internal(e) => ApiError::Internal(e),
         }
     }

@@ -484,6 +484,7 @@ pub(super) async fn create_version(
         validate,
         dry_run,
         variables,
+        key_id: caller.key_id().map(str::to_string),
     };
     // Claimed once the request is known to be well-formed, just before anything is made.
     let request: Vec<&[u8]> = request.iter().map(Vec::as_slice).collect();

@@ -33,6 +33,8 @@ pub struct Deployer {
     pub dry_run: bool,
     /// The variables the version declares (checked by the caller).
     pub variables: crate::deploy::variables::Declared,
+    /// The API key deploying it (the actor of what the deploy changes besides).
+    pub key_id: Option<String>,
 }
 
 /// What a deploy made.
@@ -57,6 +59,10 @@ pub enum DeployError {
     NotOwner(#[from] crate::store::NotOwner),
     #[error(transparent)]
     Replayed(#[from] crate::store::Replayed),
+    /// The version declares secret a variable that holds a clear value, and this node
+    /// has no key to seal it with.
+    #[error(transparent)]
+    Variables(super::VariablesError),
     /// A signed bundle's blob is not what its digest says.
     #[error("blob {0} does not match its digest: the stored bytes changed")]
     Tampered(Digest),
@@ -219,6 +225,9 @@ impl App {
         by: &Deployer,
     ) -> Result<Deployed, DeployError> {
         limits.check(&self.config.runtime)?;
+        if self.cannot_seal(function, &by.variables) {
+            return Err(DeployError::Variables(super::VariablesError::NoSecretsKey));
+        }
         if let Some(f) = self.registry.function(function)
             && !by.admin
             && *f.owner != *by.tenant
@@ -329,8 +338,17 @@ impl App {
         self.runtime.insert_loaded(record.id, loaded);
         self.register(record.clone(), &info, models);
         drop(publishing);
-        if record.variables.values().any(|d| d.secret) {
-            self.seal_declared(function, &record.variables).await;
+        if record.variables.values().any(|d| d.secret)
+            && let Err(e) = self
+                .seal_declared(function, record.id, &record.variables, by.key_id.as_deref())
+                .await
+        {
+            // The version is deployed; its secrets' clear values stay until set again.
+            tracing::error!(
+                function,
+                version = record.version,
+                "sealing the values it declares secret: {e:#}"
+            );
         }
         tracing::info!(function, version = record.version, %component, models = record.nn.models.len(), "deployed");
         Ok(Deployed::Version(Box::new(record)))

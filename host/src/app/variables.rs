@@ -65,6 +65,21 @@ impl App {
         let f = self
             .owned(name, by)
             .map_err(|_| VariablesError::NoFunction(name.to_string()))?;
+        self.store_variables(&f, alias, set, unset, by.key_id.as_deref())
+            .await
+    }
+
+    /// [`App::change_variables`] on function `f` as held now; the caller holds the
+    /// publishing lock.
+    async fn store_variables(
+        &self,
+        f: &FunctionEntry,
+        alias: Option<&str>,
+        set: Vec<SetValue>,
+        unset: Vec<String>,
+        key_id: Option<&str>,
+    ) -> Result<(), VariablesError> {
+        let name = f.name.as_str();
         let scope = match alias {
             None | Some(crate::deploy::DEFAULT_ALIAS) => "",
             Some(a) => {
@@ -92,7 +107,7 @@ impl App {
                     v.key
                 )));
             }
-            let secret = v.secret || is_secret(&f, &v.key);
+            let secret = v.secret || is_secret(f, &v.key);
             let bytes = match secret {
                 true => self
                     .secrets_key
@@ -126,14 +141,12 @@ impl App {
             .zip(&sealed)
             .map(|(v, (_, _, secret))| (v.key.as_str(), v.value.as_str(), *secret))
             .collect();
-        let next = f
-            .variables
-            .changed(scope, &in_clear, &unset, at_ms, by.key_id.as_deref());
+        let next = f.variables.changed(scope, &in_clear, &unset, at_ms, key_id);
         let change = VariablesChange {
             scope,
             set: sealed,
             unset,
-            actor: by.key_id.as_deref(),
+            actor: key_id,
             created_at: f.created_at,
             owner: &f.owner,
             at_ms,
@@ -152,42 +165,59 @@ impl App {
         Ok(())
     }
 
-    /// Seals the values `name` holds in clear for the keys a version just deployed declares
-    /// secret (set before that version existed): from now on they are kept and shown as
-    /// secrets. Without a secrets key they stay as they are, and the log says so.
-    pub(super) async fn seal_declared(&self, name: &str, declared: &variables::Declared) {
-        let Some(f) = self.registry.function(name) else {
-            return;
+    /// Whether deploying a version that declares `declared` onto `name` needs a secrets
+    /// key this node lacks: a key it declares secret holds a value in clear, which the
+    /// deploy would have to seal.
+    pub(super) fn cannot_seal(&self, name: &str, declared: &variables::Declared) -> bool {
+        self.secrets_key.is_none()
+            && self.registry.function(name).is_some_and(|f| {
+                f.variables
+                    .iter()
+                    .any(|(_, key, v)| !v.secret && declared.get(key).is_some_and(|d| d.secret))
+            })
+    }
+
+    /// Seals the values function `name` holds in clear for the keys version `id`, just
+    /// deployed by `key_id`, declares secret (set before that version existed): from now
+    /// on they are kept and shown as secrets. Under the publishing lock, on the function
+    /// as it is then (it is left alone if that version is no longer its own).
+    pub(super) async fn seal_declared(
+        &self,
+        name: &str,
+        id: i64,
+        declared: &variables::Declared,
+        key_id: Option<&str>,
+    ) -> Result<(), VariablesError> {
+        let _publishing = self.publishing().await;
+        let Some(f) = self
+            .registry
+            .function(name)
+            .filter(|f| f.versions.values().any(|v| v.record.id == id))
+        else {
+            return Ok(());
         };
-        let mut by_scope: HashMap<&str, Vec<SetValue>> = HashMap::new();
+        let mut by_scope: HashMap<String, Vec<SetValue>> = HashMap::new();
         for (scope, key, v) in f.variables.iter() {
             if let (Some(text), false, Some(d)) = (&v.text, v.secret, declared.get(key))
                 && d.secret
             {
-                by_scope.entry(scope).or_default().push(SetValue {
-                    key: key.to_string(),
-                    value: text.to_string(),
-                    secret: true,
-                });
+                by_scope
+                    .entry(scope.to_string())
+                    .or_default()
+                    .push(SetValue {
+                        key: key.to_string(),
+                        value: text.to_string(),
+                        secret: true,
+                    });
             }
         }
-        let owner = Actor {
-            key_id: None,
-            tenant: Some(f.owner.to_string()),
-        };
         for (scope, set) in by_scope {
-            let alias = (!scope.is_empty()).then_some(scope);
-            if let Err(e) = self
-                .change_variables(name, alias, set, Vec::new(), &owner)
-                .await
-            {
-                tracing::warn!(
-                    function = name,
-                    alias = scope,
-                    "sealing the values a new version declares secret: {e:#}"
-                );
-            }
+            let f = self.registry.function(name).unwrap_or_else(|| f.clone());
+            let alias = (!scope.is_empty()).then_some(scope.as_str());
+            self.store_variables(&f, alias, set, Vec::new(), key_id)
+                .await?;
         }
+        Ok(())
     }
 
     /// Applies the stored values of every function this node holds (at start, and when

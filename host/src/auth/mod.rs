@@ -634,7 +634,7 @@ impl Auth {
             detail: detail.to_string(),
         };
         if let Err(e) = self.audit.append(&entry).await {
-            tracing::error!(action, target, "writing the audit log: {e}");
+            tracing::error!(action, subject = target, "writing the audit log: {e}");
         }
     }
 

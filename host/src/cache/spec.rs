@@ -85,7 +85,7 @@ impl schemars::JsonSchema for Ttl {
         schemars::json_schema!({
             "type": "string",
             "description": "A duration from 1ms to 7 days: \"60s\", \"500ms\", \"2m 30s\".",
-            "pattern": r"^\s*[0-9]+\s*[a-zµ]+(\s*[0-9]+\s*[a-zµ]+)*\s*$"
+            "pattern": r"^\s*[0-9]+(\.[0-9]+)?\s*[a-zµ]+(\s*[0-9]+(\.[0-9]+)?\s*[a-zµ]+)*\s*$"
         })
     }
 }

@@ -1,8 +1,8 @@
-//! `kiln dev [DIR]`: the inner loop. Uses the server `KILN_SERVER` names, or starts one of
-//! its own (loopback, no keys, data in `DIR/.kiln-dev`, stopped with `kiln dev`); builds and
-//! deploys the function, prints its URL, streams what its guests print, and builds and
-//! deploys again whenever a source file changes. A failed build or deploy is printed and
-//! the loop waits for the next change.
+//! `kiln dev [DIR]`: the inner loop. Starts a server of its own (loopback only, data in
+//! `DIR/.kiln-dev` with an admin key kept there, stopped with `kiln dev`) unless `--server`
+//! names one; builds and deploys the function, prints its URL, streams what its guests
+//! print, and builds and deploys again whenever a source file changes. A failed build or
+//! deploy is printed and the loop waits for the next change.
 
 use std::collections::BTreeMap;
 use std::io::BufRead;
@@ -46,8 +46,8 @@ pub fn dev(a: DevArgs) -> anyhow::Result<()> {
     let (base, key, mut local) = match a.server {
         Some(url) => (url, a.api_key, None),
         None => {
-            let (child, url) = start_server(&manifest.dir, &a.listen)?;
-            (url, None, Some(child))
+            let (child, url, key) = start_server(&manifest.dir, &a.listen)?;
+            (url, Some(key), Some(child))
         }
     };
     let connect = Connect {
@@ -57,6 +57,10 @@ pub fn dev(a: DevArgs) -> anyhow::Result<()> {
     };
     let client = Client::new(&base, key.as_deref(), &connect)?;
     println!("kiln dev: serving {name} at {base}/fn/{name}/ (ctrl-c to stop)");
+    if local.is_some() {
+        let key = key.as_deref().unwrap_or_default();
+        println!("kiln dev: its API key (kept in .kiln-dev/admin.key): export KILN_API_KEY={key}");
+    }
     follow_logs(Client::new(&base, key.as_deref(), &connect)?, name.clone());
     let mut seen = None;
     loop {
@@ -68,7 +72,7 @@ pub fn dev(a: DevArgs) -> anyhow::Result<()> {
                 manifest.dir.join(".kiln-dev/server.log").display()
             );
         }
-        let now = sources(&manifest.dir);
+        let now = sources(&manifest.dir, &manifest.component_path());
         if seen.as_ref() != Some(&now) {
             seen = Some(now);
             match commands::build(&manifest.dir, false, Output::Table).and_then(|()| {
@@ -97,9 +101,10 @@ pub fn dev(a: DevArgs) -> anyhow::Result<()> {
 }
 
 /// Every source file under `dir` with its size and time of change: what a rebuild is
-/// decided on. Build output, the dev server's data, version control and the lock file
-/// (which the build itself writes) are not sources.
-fn sources(dir: &Path) -> BTreeMap<PathBuf, (u64, Option<SystemTime>)> {
+/// decided on. What the build writes (`target/`, the lock file, the component wherever it
+/// is), the dev server's data, hidden files and `node_modules` are not sources.
+fn sources(dir: &Path, component: &Path) -> BTreeMap<PathBuf, (u64, Option<SystemTime>)> {
+    let component = component.canonicalize().ok();
     let mut out = BTreeMap::new();
     let mut stack = vec![dir.to_path_buf()];
     while let Some(d) = stack.pop() {
@@ -110,7 +115,10 @@ fn sources(dir: &Path) -> BTreeMap<PathBuf, (u64, Option<SystemTime>)> {
             let path = e.path();
             let file = e.file_name();
             let file = file.to_string_lossy();
-            if file.starts_with('.') || file == "target" || file == "Cargo.lock" {
+            if file.starts_with('.')
+                || matches!(&*file, "target" | "Cargo.lock" | "node_modules")
+                || (component.is_some() && path.canonicalize().ok() == component)
+            {
                 continue;
             }
             let Ok(meta) = e.metadata() else { continue };
@@ -125,10 +133,11 @@ fn sources(dir: &Path) -> BTreeMap<PathBuf, (u64, Option<SystemTime>)> {
 }
 
 /// Streams the function's new log lines from now on, in the background; waits and tries
-/// again while the function is not deployed yet, or the stream ends.
+/// again while the function is not deployed yet, and when a stream ends (the server ends
+/// one after an hour) follows on from then, so no line is printed twice.
 fn follow_logs(client: Client, name: String) {
-    let since = jiff::Timestamp::now().to_string();
     std::thread::spawn(move || {
+        let mut since = jiff::Timestamp::now().to_string();
         loop {
             let args = logs::LogsArgs {
                 version: None,
@@ -136,15 +145,17 @@ fn follow_logs(client: Client, name: String) {
                 request_id: None,
                 follow: true,
             };
-            let _ = logs::logs(&client, &name, &args, Output::Table);
+            if logs::logs(&client, &name, &args, Output::Table).is_ok() {
+                since = jiff::Timestamp::now().to_string();
+            }
             std::thread::sleep(Duration::from_secs(1));
         }
     });
 }
 
-/// Starts `kiln serve` on `listen` with its data in `dir/.kiln-dev`, open without keys
-/// (loopback only); returns it and its URL once it serves.
-fn start_server(dir: &Path, listen: &str) -> anyhow::Result<(LocalServer, String)> {
+/// Starts `kiln serve` on `listen` (loopback only) with its data in `dir/.kiln-dev` and the
+/// admin key kept there; returns it, its URL once it serves, and the key.
+fn start_server(dir: &Path, listen: &str) -> anyhow::Result<(LocalServer, String, String)> {
     let addr: std::net::SocketAddr = listen
         .parse()
         .with_context(|| format!("--listen {listen:?} is not an address"))?;
@@ -153,15 +164,20 @@ fn start_server(dir: &Path, listen: &str) -> anyhow::Result<(LocalServer, String
     }
     let data = dir.join(".kiln-dev");
     std::fs::create_dir_all(&data).with_context(|| format!("creating {}", data.display()))?;
+    // The server's database, secrets key and admin key: never committed by accident.
+    std::fs::write(data.join(".gitignore"), "*\n")?;
+    let key = admin_key(&data.join("admin.key"))?;
     let log = std::fs::File::create(data.join("server.log"))?;
     let mut cmd = Command::new(std::env::current_exe()?);
-    cmd.args(["serve", "--insecure", "--listen", listen, "--data-dir"])
-        .arg(&data)
-        .env_remove("KILN_ADMIN_KEY")
-        .env_remove("KILN_DATABASE_URL")
-        .env_remove("KILN_BLOBS_URL")
-        .env_remove("KILN_DATA_DIR")
-        .env_remove("KILN_LISTEN")
+    cmd.args(["serve", "--listen", listen, "--data-dir"])
+        .arg(&data);
+    // Nothing of the shell's server settings: this one is local and on its own.
+    for (var, _) in std::env::vars_os() {
+        if var.to_string_lossy().starts_with("KILN_") && var != "KILN_LOG" {
+            cmd.env_remove(var);
+        }
+    }
+    cmd.env("KILN_ADMIN_KEY", &key)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(log);
@@ -184,19 +200,52 @@ fn start_server(dir: &Path, listen: &str) -> anyhow::Result<(LocalServer, String
     };
     // Keep reading so the server never blocks on a full pipe.
     std::thread::spawn(move || for _ in lines {});
-    Ok((child, url))
+    Ok((child, url, key))
 }
 
-/// The child gets SIGTERM when this process dies, even by a signal that runs no `Drop`.
+/// The dev server's admin key: kept in `path` (mode 0600), made on first use.
+fn admin_key(path: &Path) -> anyhow::Result<String> {
+    if let Ok(key) = std::fs::read_to_string(path)
+        && key.trim().len() >= 32
+    {
+        return Ok(key.trim().to_string());
+    }
+    let mut bytes = [0u8; 24];
+    getrandom::fill(&mut bytes).map_err(|e| anyhow::anyhow!("drawing a key: {e}"))?;
+    let key = format!("kiln_dev_{}", hex::encode(bytes));
+    use std::io::Write as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+        .and_then(|mut f| f.write_all(key.as_bytes()))
+        .with_context(|| format!("writing {}", path.display()))?;
+    Ok(key)
+}
+
+/// The child gets SIGTERM when this process dies, even by a signal that runs no `Drop`
+/// (Linux; elsewhere only an orderly exit stops it).
+#[cfg(target_os = "linux")]
 fn stop_with_parent(cmd: &mut Command) {
     use std::os::unix::process::CommandExt as _;
-    // SAFETY: prctl is async-signal-safe, touches only the calling (child) process, and
-    // allocates nothing between fork and exec.
+    let parent = std::process::id() as libc::pid_t;
+    // SAFETY: prctl and getppid are async-signal-safe, touch only the calling (child)
+    // process, and allocate nothing between fork and exec.
     #[allow(unsafe_code)]
     unsafe {
-        cmd.pre_exec(|| {
+        cmd.pre_exec(move || {
             libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM);
+            // The parent died before the line above: nobody would stop this server.
+            if libc::getppid() != parent {
+                return Err(std::io::Error::other("kiln dev exited"));
+            }
             Ok(())
         });
     }
 }
+
+#[cfg(not(target_os = "linux"))]
+fn stop_with_parent(_: &mut Command) {}

@@ -271,14 +271,15 @@ pub enum Command {
         dir: Option<PathBuf>,
     },
     /// Build and deploy the function in DIR, stream its logs, and build and deploy again on
-    /// every source change. Uses KILN_SERVER when set, else starts a server of its own
-    /// (loopback, no keys, data in DIR/.kiln-dev) for as long as it runs.
+    /// every source change. Starts a server of its own (loopback, data in DIR/.kiln-dev) for
+    /// as long as it runs, unless --server names one.
     Dev {
         /// Function directory (holding kiln.toml).
         #[arg(default_value = ".")]
         dir: PathBuf,
-        /// The server to deploy to (default: one started for the session).
-        #[arg(long, env = "KILN_SERVER")]
+        /// Deploy every change to this server instead (never taken from KILN_SERVER: a
+        /// shell set up for production must not get a version per saved file).
+        #[arg(long)]
         server: Option<String>,
         /// API key for --server.
         #[arg(long, env = "KILN_API_KEY", hide_env_values = true)]

@@ -15,6 +15,76 @@ use serde_json::json;
 
 use super::Output;
 
+/// Names a function's crate cannot take: Rust keywords, the standard crates, and the
+/// crates the templates depend on (written with `_`).
+const RESERVED: &[&str] = &[
+    "abstract",
+    "as",
+    "async",
+    "await",
+    "become",
+    "box",
+    "break",
+    "build",
+    "const",
+    "continue",
+    "core",
+    "alloc",
+    "crate",
+    "do",
+    "dyn",
+    "else",
+    "enum",
+    "extern",
+    "false",
+    "final",
+    "fn",
+    "for",
+    "gen",
+    "if",
+    "impl",
+    "in",
+    "let",
+    "loop",
+    "macro",
+    "match",
+    "mod",
+    "move",
+    "mut",
+    "override",
+    "priv",
+    "proc_macro",
+    "pub",
+    "ref",
+    "return",
+    "self",
+    "static",
+    "std",
+    "struct",
+    "super",
+    "test",
+    "trait",
+    "true",
+    "try",
+    "type",
+    "typeof",
+    "unsafe",
+    "unsized",
+    "use",
+    "virtual",
+    "where",
+    "while",
+    "yield",
+    "kiln_guest",
+    "http",
+    "wasip2",
+    "wit_bindgen",
+    "serde",
+    "serde_json",
+    "unicode_normalization",
+    "unicode_properties",
+];
+
 /// What `kiln new` starts from.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, ValueEnum)]
 pub enum Template {
@@ -32,37 +102,24 @@ pub enum Template {
 /// One file of a new function: its path in the directory, and its bytes.
 type File = (&'static str, Vec<u8>);
 
+/// A file of a new function (`to`) that is a file of this repository (`from`), read when
+/// `kiln` is built.
+macro_rules! embed {
+    ($to:literal, $from:literal) => {
+        ($to, include_bytes!(concat!("../../../", $from)).to_vec())
+    };
+}
+
 /// The SDK and the WIT it binds, as every template carries them.
 fn sdk() -> Vec<File> {
     vec![
-        (
-            "kiln-guest/Cargo.toml",
-            include_bytes!("../../templates/kiln-guest.toml").to_vec(),
-        ),
-        (
-            "kiln-guest/src/lib.rs",
-            include_bytes!("../../../guest-sdk/src/lib.rs").to_vec(),
-        ),
-        (
-            "kiln-guest/src/__private.rs",
-            include_bytes!("../../../guest-sdk/src/__private.rs").to_vec(),
-        ),
-        (
-            "kiln-guest/src/nn.rs",
-            include_bytes!("../../../guest-sdk/src/nn.rs").to_vec(),
-        ),
-        (
-            "kiln-guest/src/config.rs",
-            include_bytes!("../../../guest-sdk/src/config.rs").to_vec(),
-        ),
-        (
-            "wit/wasi-nn.wit",
-            include_bytes!("../../../wit/wasi-nn.wit").to_vec(),
-        ),
-        (
-            "wit/wasi-config.wit",
-            include_bytes!("../../../wit/wasi-config.wit").to_vec(),
-        ),
+        embed!("kiln-guest/Cargo.toml", "host/templates/kiln-guest.toml"),
+        embed!("kiln-guest/src/lib.rs", "guest-sdk/src/lib.rs"),
+        embed!("kiln-guest/src/__private.rs", "guest-sdk/src/__private.rs"),
+        embed!("kiln-guest/src/nn.rs", "guest-sdk/src/nn.rs"),
+        embed!("kiln-guest/src/config.rs", "guest-sdk/src/config.rs"),
+        embed!("wit/wasi-nn.wit", "wit/wasi-nn.wit"),
+        embed!("wit/wasi-config.wit", "wit/wasi-config.wit"),
     ]
 }
 
@@ -103,10 +160,7 @@ fn files(template: Template, name: &str) -> Vec<File> {
                     .replace("{{name}}", name)
                     .into_bytes(),
             ),
-            (
-                "tests/cases.jsonl",
-                include_bytes!("../../templates/http/cases.jsonl").to_vec(),
-            ),
+            embed!("tests/cases.jsonl", "host/templates/http/cases.jsonl"),
             (".gitignore", gitignore.into_bytes()),
         ],
         Template::Classifier => vec![
@@ -136,18 +190,9 @@ fn files(template: Template, name: &str) -> Vec<File> {
                 )
                 .into_bytes(),
             ),
-            (
-                "src/lib.rs",
-                include_bytes!("../../../examples/digits/src/lib.rs").to_vec(),
-            ),
-            (
-                "model/digits.onnx",
-                include_bytes!("../../../examples/digits/model/digits.onnx").to_vec(),
-            ),
-            (
-                "tests/cases.jsonl",
-                include_bytes!("../../templates/classifier/cases.jsonl").to_vec(),
-            ),
+            embed!("src/lib.rs", "examples/digits/src/lib.rs"),
+            embed!("model/digits.onnx", "examples/digits/model/digits.onnx"),
+            embed!("tests/cases.jsonl", "host/templates/classifier/cases.jsonl"),
             (".gitignore", gitignore.into_bytes()),
         ],
         Template::Embed => vec![
@@ -179,28 +224,13 @@ fn files(template: Template, name: &str) -> Vec<File> {
                 )
                 .into_bytes(),
             ),
-            ("build.rs", include_bytes!("../../../examples/embed/build.rs").to_vec()),
-            ("src/lib.rs", include_bytes!("../../../examples/embed/src/lib.rs").to_vec()),
-            (
-                "src/tokenizer.rs",
-                include_bytes!("../../../examples/embed/src/tokenizer.rs").to_vec(),
-            ),
-            (
-                "model/fetch.sh",
-                include_bytes!("../../../examples/embed/model/fetch.sh").to_vec(),
-            ),
-            (
-                "model/export.py",
-                include_bytes!("../../../examples/embed/model/export.py").to_vec(),
-            ),
-            (
-                "model/vocab.txt",
-                include_bytes!("../../../examples/embed/model/vocab.txt").to_vec(),
-            ),
-            (
-                "tests/cases.jsonl",
-                include_bytes!("../../templates/embed/cases.jsonl").to_vec(),
-            ),
+            embed!("build.rs", "examples/embed/build.rs"),
+            embed!("src/lib.rs", "examples/embed/src/lib.rs"),
+            embed!("src/tokenizer.rs", "examples/embed/src/tokenizer.rs"),
+            embed!("model/fetch.sh", "examples/embed/model/fetch.sh"),
+            embed!("model/export.py", "examples/embed/model/export.py"),
+            embed!("model/vocab.txt", "examples/embed/model/vocab.txt"),
+            embed!("tests/cases.jsonl", "host/templates/embed/cases.jsonl"),
             (
                 ".gitignore",
                 "/target\n/.kiln-dev\n/model/minilm.onnx\n/model/minilm.onnx.*\n"
@@ -243,6 +273,11 @@ pub fn new(
     crate::deploy::validate_name(name).map_err(anyhow::Error::msg)?;
     if !name.as_bytes()[0].is_ascii_lowercase() {
         bail!("a new function's name must start with a letter (it is also its Rust crate's name)");
+    }
+    if RESERVED.contains(&name.replace('-', "_").as_str()) {
+        bail!(
+            "{name:?} cannot name a new function's crate: it is a Rust keyword, a standard crate or one the template depends on"
+        );
     }
     let dir: PathBuf = dir.map_or_else(|| PathBuf::from(name), Path::to_path_buf);
     if dir.exists()
@@ -291,4 +326,37 @@ pub fn new(
         println!("  kiln deploy {}           # runs tests/cases.jsonl first", dir.display());
         Ok(())
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The copied SDK's Cargo.toml names the dependencies the SDK itself has.
+    #[test]
+    fn the_copied_sdk_depends_on_what_the_sdk_does() {
+        let deps = |text: &str| -> toml::Table {
+            let doc: toml::Table = toml::from_str(text).expect("a Cargo.toml");
+            doc["dependencies"]
+                .as_table()
+                .expect("dependencies")
+                .clone()
+        };
+        assert_eq!(
+            deps(include_str!("../../templates/kiln-guest.toml")),
+            deps(include_str!("../../../guest-sdk/Cargo.toml"))
+        );
+    }
+
+    #[test]
+    fn reserved_names_are_refused_before_anything_is_written() {
+        let dir = std::env::temp_dir().join(format!("kiln-new-{}", std::process::id()));
+        for name in ["fn", "test", "kiln-guest", "serde_json", "9lives"] {
+            assert!(
+                new(name, Template::Http, Some(&dir), Output::Table).is_err(),
+                "{name}"
+            );
+        }
+        assert!(!dir.exists());
+    }
 }

@@ -84,7 +84,7 @@ impl schemars::JsonSchema for Rate {
         schemars::json_schema!({
             "type": "string",
             "description": "Requests per second, minute or hour: \"100/s\", \"600/m\", \"1000/h\".",
-            "pattern": r"^\s*0*[1-9][0-9]{0,9}\s*/\s*(s|sec|second|m|min|minute|h|hour)\s*$"
+            "pattern": r"^\s*\+?0*[1-9][0-9]{0,9}\s*/\s*(s|sec|second|m|min|minute|h|hour)\s*$"
         })
     }
 }

@@ -226,9 +226,10 @@ struct Admit {
     routed: bool,
     /// The shadow version the request is to be copied to, if drawn and eligible.
     shadow: Option<Arc<VersionEntry>>,
-    /// The function's variable values as admitted: what its guests read, even if the
-    /// function is deleted and made again (by anyone) while the request waits.
-    variables: Arc<crate::deploy::variables::FunctionVariables>,
+    /// The function's variable values as admitted, when its version (or its shadow's)
+    /// declares any: what its guests read, even if the function is deleted and made again
+    /// (by anyone) while the request waits.
+    variables: Option<Arc<crate::deploy::variables::FunctionVariables>>,
 }
 
 /// Checks who calls (a key of the owning tenant with an invoke scope, or anyone for a
@@ -317,13 +318,19 @@ fn admit(app: &App, req: &Request<Incoming>, target: FnTarget<'_>) -> Result<Adm
         }
         eligible
     });
+    // Taken only when a guest will read them: most versions declare none.
+    let variables = (!entry.record.variables.is_empty()
+        || shadow
+            .as_ref()
+            .is_some_and(|s| !s.record.variables.is_empty()))
+    .then(|| f.variables.clone());
     Ok(Admit {
         entry,
         tenant,
         owner: f.owner.clone(),
         routed: forced.is_none() && alias.is_none_or(|a| a == crate::deploy::DEFAULT_ALIAS),
         shadow,
-        variables: f.variables.clone(),
+        variables,
     })
 }
 
@@ -480,12 +487,12 @@ pub(super) fn guest_vars(
     entry: &VersionEntry,
     usage: &Usage,
 ) -> Result<Vec<(String, String)>, ApiError> {
-    if entry.record.variables.is_empty() {
-        return Ok(Vec::new());
+    match &usage.variables {
+        Some(values) if !entry.record.variables.is_empty() => {
+            Ok(values.resolve(&entry.record.variables, usage.alias.as_deref())?)
+        }
+        _ => Ok(Vec::new()),
     }
-    Ok(usage
-        .variables
-        .resolve(&entry.record.variables, usage.alias.as_deref())?)
 }
 
 pub(super) fn content_length<B>(req: &Request<B>) -> Option<u64> {

@@ -44,7 +44,7 @@ pub(super) struct ShadowCopy {
     request_id: HeaderValue,
     /// The alias the primary came through and the values it was admitted with: the copy
     /// sees that alias's variables.
-    vars: (Option<Arc<str>>, Arc<FunctionVariables>),
+    vars: (Option<Arc<str>>, Option<Arc<FunctionVariables>>),
 }
 
 /// Whether a request drawn for the shadow can be copied: not `HEAD` (its body is never
@@ -66,7 +66,7 @@ pub(super) fn copy_of(
     request_id: &HeaderValue,
     owner: Arc<str>,
     to: Arc<VersionEntry>,
-    vars: (Option<Arc<str>>, Arc<FunctionVariables>),
+    vars: (Option<Arc<str>>, Option<Arc<FunctionVariables>>),
 ) -> ShadowCopy {
     let mut copy = Request::new(()).into_parts().0;
     copy.method = parts.method.clone();

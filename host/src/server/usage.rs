@@ -34,8 +34,9 @@ pub(super) struct Usage {
     pub(super) routed: bool,
     /// The alias the request came through (`/fn/{name}:{alias}/`): picks its variables.
     pub(super) alias: Option<Arc<str>>,
-    /// Its function's variable values, as admission saw them.
-    pub(super) variables: Arc<crate::deploy::variables::FunctionVariables>,
+    /// Its function's variable values as admission saw them (`None`: its version declares
+    /// none, so nothing was taken).
+    pub(super) variables: Option<Arc<crate::deploy::variables::FunctionVariables>>,
     request_id: String,
     start_ms: i64,
     pub(super) started: Instant,
@@ -77,7 +78,7 @@ impl Usage {
             shadow: false,
             routed: false,
             alias: None,
-            variables: Arc::default(),
+            variables: None,
             request_id: request_id.to_str().unwrap_or_default().to_string(),
             start_ms: crate::unix_ms(),
             started: Instant::now(),
