@@ -385,4 +385,18 @@ fn a_cluster_node_reads_what_another_set_and_a_node_without_a_key_keeps_no_secre
         "{}",
         a.text()
     );
+    // Nor can it deploy a version that makes a clear value secret: it could not seal it.
+    let digest = keyless.get("/v1/functions/vars/versions/1").json()["digest"].clone();
+    let refused = keyless.deploy_manifest(
+        "vars",
+        &json!({"component": digest, "variables": {"greeting": {"secret": true}}}),
+    );
+    assert_eq!(refused.status, 409, "{}", refused.text());
+    assert_eq!(refused.error_code(), "variables.no_secrets_key");
+    let versions = keyless.get("/v1/functions/vars/versions").json();
+    assert_eq!(
+        versions["versions"].as_array().map(Vec::len),
+        Some(1),
+        "{versions}"
+    );
 }
