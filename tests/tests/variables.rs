@@ -88,6 +88,16 @@ fn set_from_stdin(server: &TestServer, value: &str) {
     assert!(printed.contains("(secret)"), "{printed}");
 }
 
+/// The entry of `key` (for every request, not an alias) in a `GET .../variables` answer.
+fn entry<'a>(answer: &'a Value, key: &str) -> &'a Value {
+    answer["variables"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|v| v["key"] == key && v.get("alias").is_none())
+        .unwrap_or_else(|| panic!("{key} in {answer}"))
+}
+
 /// Every file under `dir` holds none of `needle`'s bytes.
 fn nowhere_in_files(dir: &std::path::Path, needle: &str) {
     for entry in std::fs::read_dir(dir).unwrap() {
@@ -160,12 +170,7 @@ fn values_reach_the_next_request_per_alias_and_secrets_never_come_back() {
     let json_list = server.cli_ok(&["vars", "list", "vars", "-o", "json"]);
     assert!(!json_list.contains(SECRET), "{json_list}");
     let listed = server.get("/v1/functions/vars/variables").json();
-    let api_key = listed["variables"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|v| v["key"] == "api_key")
-        .unwrap();
+    let api_key = entry(&listed, "api_key");
     assert_eq!(api_key["secret"], true, "{listed}");
     assert!(api_key.get("value").is_none(), "{listed}");
     let staging = server
@@ -255,12 +260,7 @@ fn values_reach_the_next_request_per_alias_and_secrets_never_come_back() {
     assert_eq!(v2.status, 201, "{}", v2.text());
     assert_eq!(read(&server, "vars", "region"), some("eu"));
     let listed = server.get("/v1/functions/vars/variables").json();
-    let region = listed["variables"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|v| v["key"] == "region")
-        .unwrap();
+    let region = entry(&listed, "region");
     assert_eq!(region["secret"], true, "{listed}");
     assert!(region.get("value").is_none(), "{listed}");
     let history = server.get("/v1/functions/vars/history").json();
@@ -318,12 +318,7 @@ fn values_reach_the_next_request_per_alias_and_secrets_never_come_back() {
     let listed = wrong.get("/v1/functions/vars/variables").json();
     // Every secret is sealed in the store, the one sealed at version 2's deploy included.
     for key in ["api_key", "region"] {
-        let v = listed["variables"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|v| v["key"] == key && v.get("alias").is_none())
-            .unwrap_or_else(|| panic!("{key} in {listed}"));
+        let v = entry(&listed, key);
         assert_eq!(v["unreadable"], true, "{key}: {listed}");
     }
     wrong.deploy_example("plain", "hello", "");

@@ -213,16 +213,7 @@ fn admin_key(path: &Path) -> anyhow::Result<String> {
     let mut bytes = [0u8; 24];
     getrandom::fill(&mut bytes).map_err(|e| anyhow::anyhow!("drawing a key: {e}"))?;
     let key = format!("kiln_dev_{}", hex::encode(bytes));
-    use std::io::Write as _;
-    use std::os::unix::fs::OpenOptionsExt as _;
-    std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(path)
-        .and_then(|mut f| f.write_all(key.as_bytes()))
-        .with_context(|| format!("writing {}", path.display()))?;
+    crate::common::seal::write_private(path, key.as_bytes())?;
     Ok(key)
 }
 

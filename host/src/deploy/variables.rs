@@ -185,23 +185,8 @@ fn read_or_make_key_file(path: &Path) -> anyhow::Result<[u8; 32]> {
     }
     let mut key = [0u8; 32];
     getrandom::fill(&mut key).map_err(|e| anyhow::anyhow!("drawing a secrets key: {e}"))?;
-    // Written whole under another name, readable by the owner only, then renamed: a
-    // crash never leaves a half key that would seal secrets nobody can open.
-    let tmp = path.with_extension("key.tmp");
-    {
-        use std::io::Write as _;
-        use std::os::unix::fs::OpenOptionsExt as _;
-        let mut f = std::fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(&tmp)
-            .with_context(|| format!("creating {}", tmp.display()))?;
-        f.write_all(hex::encode(key).as_bytes())?;
-        f.sync_all()?;
-    }
-    std::fs::rename(&tmp, path).with_context(|| format!("creating {}", path.display()))?;
+    // A half-written key would seal secrets nobody can open.
+    seal::write_private(path, hex::encode(key).as_bytes())?;
     Ok(key)
 }
 

@@ -6,7 +6,9 @@ use cluster::SECRET_LEN;
 
 /// The store on each backend: SQLite in a temp dir, and PostgreSQL in a database of
 /// its own when one answers.
-async fn backends(test: &str) -> Vec<(MetaStore, Option<ScratchDb>, std::path::PathBuf)> {
+pub(super) async fn backends(
+    test: &str,
+) -> Vec<(MetaStore, Option<ScratchDb>, std::path::PathBuf)> {
     let dir = std::env::temp_dir().join(format!("kiln-meta-{test}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).expect("mkdir");
@@ -19,7 +21,7 @@ async fn backends(test: &str) -> Vec<(MetaStore, Option<ScratchDb>, std::path::P
     all
 }
 
-fn new(function: &str) -> NewVersion {
+pub(super) fn new(function: &str) -> NewVersion {
     NewVersion {
         function: function.into(),
         digest: Digest::of(b"x"),
@@ -634,117 +636,5 @@ async fn monitor_buckets_merge_over_processes_and_references_replace_on_every_ba
         );
         assert_eq!(meta.monitor_profile(key).await.expect("read"), None, "{b}");
         let _ = std::fs::remove_dir_all(dir);
-    }
-}
-
-#[tokio::test]
-async fn variables_change_in_one_go_with_history_and_go_with_their_function_on_every_backend() {
-    for (meta, _db, dir) in backends("variables").await {
-        let b = meta.describe();
-        let mut declares = new("v");
-        declares.variables.insert(
-            "greeting".into(),
-            crate::deploy::variables::VariableDecl {
-                default: Some("hi".into()),
-                secret: false,
-            },
-        );
-        let (rec, info) = meta.create_version(&declares).await.expect("create");
-        assert_eq!(rec.variables, declares.variables, "{b}");
-        let stored = meta.state().await.expect("state").versions;
-        assert_eq!(stored[0].variables, declares.variables, "{b}: round trip");
-        let change = |scope, set: Vec<(&'static str, &[u8], bool)>, unset| VariablesChange {
-            scope,
-            set: set
-                .into_iter()
-                .map(|(k, v, s)| (k, v.to_vec(), s))
-                .collect(),
-            unset,
-            actor: Some("key1"),
-            created_at: info.created_at,
-            owner: "t",
-            at_ms: 1_800_000_000_000,
-        };
-        let made = change(
-            "",
-            vec![("a", b"1", false), ("s", b"\x00sealed", true)],
-            vec![],
-        );
-        assert!(meta.change_variables("v", &made).await.expect("set"), "{b}");
-        let staging = change("staging", vec![("a", b"2", false)], vec![]);
-        assert!(
-            meta.change_variables("v", &staging).await.expect("alias"),
-            "{b}"
-        );
-        let rows = meta.variables(Some("v")).await.expect("read");
-        let flags: Vec<_> = rows.iter().map(|r| (r.key.as_str(), r.secret)).collect();
-        assert_eq!(flags, vec![("a", false), ("s", true), ("a", false)], "{b}");
-        assert_eq!(rows[1].value, b"\x00sealed", "{b}: the bytes as given");
-        let unset = change("", vec![("a", b"3", false)], vec!["s", "absent"]);
-        assert!(
-            meta.change_variables("v", &unset).await.expect("unset"),
-            "{b}"
-        );
-        let rows = meta.variables(Some("v")).await.expect("read");
-        let seen: Vec<_> = rows
-            .iter()
-            .map(|r| {
-                (
-                    r.scope.as_str(),
-                    r.key.as_str(),
-                    r.value.as_slice(),
-                    r.secret,
-                )
-            })
-            .collect();
-        assert_eq!(
-            seen,
-            vec![
-                ("", "a", &b"3"[..], false),
-                ("staging", "a", &b"2"[..], false)
-            ],
-            "{b}"
-        );
-        assert_eq!(rows[0].updated_by.as_deref(), Some("key1"), "{b}");
-        assert_eq!(rows[0].updated_ms, 1_800_000_000_000, "{b}");
-        assert_eq!(meta.state().await.expect("state").variables, rows, "{b}");
-        // The history names keys, never values.
-        let history = meta.history("v", 10, None, None).await.expect("history");
-        assert_eq!(history.len(), 3, "{b}");
-        assert_eq!(history[0]["kind"], "variables", "{b}");
-        assert_eq!(
-            history[0]["detail"]["unset"],
-            serde_json::json!(["s", "absent"]),
-            "{b}"
-        );
-        assert_eq!(history[1]["detail"]["alias"], "staging", "{b}");
-        assert!(
-            !history.iter().any(|h| h.to_string().contains("sealed")),
-            "{b}"
-        );
-        // A function made again since the caller looked is not changed; a deleted one
-        // takes its values with it.
-        let mut stale = change("", vec![("b", b"x", false)], vec![]);
-        stale.created_at -= 1;
-        assert!(
-            !meta.change_variables("v", &stale).await.expect("stale"),
-            "{b}"
-        );
-        let mut other_owner = change("", vec![("b", b"x", false)], vec![]);
-        other_owner.owner = "u";
-        assert!(
-            !meta
-                .change_variables("v", &other_owner)
-                .await
-                .expect("owner"),
-            "{b}"
-        );
-        assert!(
-            !meta.change_variables("nope", &made).await.expect("absent"),
-            "{b}"
-        );
-        meta.delete_function("v").await.expect("delete");
-        assert!(meta.variables(None).await.expect("read").is_empty(), "{b}");
-        let _ = std::fs::remove_dir_all(&dir);
     }
 }
